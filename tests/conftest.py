@@ -1,0 +1,226 @@
+"""Shared fixtures: the running stack, a database connection, the object store.
+
+Tests marked `stack` talk to the real PostgreSQL and MinIO that `make test`
+starts; the stack script exports their coordinates (see `STACK_VARS`).  When
+those variables are missing the `stack_env` fixture fails the test, naming
+them: a stack test that silently skips would report green for a feature that
+was never exercised.
+
+Fixtures stay generic so every test file can use them: `stack_env`, `config`,
+`db` (an autocommit psycopg connection on a migrated schema), `objects` (an
+`S3ObjectStore` on the configured bucket), `make_org` (a uniquely named
+organisation with its own domain, so tests never collide with each other or
+with earlier runs) and `store_message` (content written as the capture path
+writes it, zstd frames in S3, plus the rows from `record_capture`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+import zstandard
+
+from postkeep import config as config_mod
+from postkeep.storage import directory, messages, migrate
+from postkeep.storage.db import connect
+from postkeep.storage.objects import S3ObjectStore, message_key
+
+STACK_VARS = (
+    "POSTKEEP_CONFIG",
+    "PGHOST",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "POSTKEEP_S3_ENDPOINT",
+    "POSTKEEP_S3_BUCKET",
+    "POSTKEEP_S3_ACCESS_KEY",
+    "POSTKEEP_S3_SECRET_KEY",
+    "POSTKEEP_SMTP_HOST",
+    "POSTKEEP_SMTP_PORT",
+    "POSTKEEP_SINK_DIR",
+)
+
+
+@dataclass(frozen=True)
+class StackEnv:
+    """Where the running stack's services are (from `.stack-test/env`)."""
+
+    config_path: str
+    pg_host: str
+    pg_port: int
+    pg_database: str
+    pg_user: str
+    s3_endpoint: str
+    s3_bucket: str
+    s3_access_key: str
+    s3_secret_key: str
+    smtp_host: str
+    smtp_port: int
+    sink_dir: str
+
+
+@dataclass(frozen=True)
+class TestOrg:
+    """An organisation created for one test, with one sender domain."""
+
+    __test__ = False  # not a test class, despite the name
+
+    id: uuid.UUID
+    name: str
+    tier: str
+    domain: str
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> StackEnv:
+    """The stack's coordinates; fails (never skips) when any variable is missing."""
+    missing = [name for name in STACK_VARS if not os.environ.get(name)]
+    if missing:
+        pytest.fail(
+            "stack test without a running stack: missing " + ", ".join(missing)
+            + " (run `make test`, or source .stack-test/env)",
+            pytrace=False,
+        )
+    env = os.environ
+    return StackEnv(
+        config_path=env["POSTKEEP_CONFIG"],
+        pg_host=env["PGHOST"],
+        pg_port=int(env["PGPORT"]),
+        pg_database=env["PGDATABASE"],
+        pg_user=env["PGUSER"],
+        s3_endpoint=env["POSTKEEP_S3_ENDPOINT"],
+        s3_bucket=env["POSTKEEP_S3_BUCKET"],
+        s3_access_key=env["POSTKEEP_S3_ACCESS_KEY"],
+        s3_secret_key=env["POSTKEEP_S3_SECRET_KEY"],
+        smtp_host=env["POSTKEEP_SMTP_HOST"],
+        smtp_port=int(env["POSTKEEP_SMTP_PORT"]),
+        sink_dir=env["POSTKEEP_SINK_DIR"],
+    )
+
+
+@pytest.fixture(scope="session")
+def config(stack_env: StackEnv) -> config_mod.Config:
+    """The stack's postkeep.toml, loaded as the daemons load it."""
+    return config_mod.load(stack_env.config_path)
+
+
+@pytest.fixture(scope="session")
+def _migrated(config: config_mod.Config) -> None:
+    """Apply migrations and partitions once per session (both idempotent)."""
+    with connect(config.postgres) as conn:
+        migrate.apply_migrations(conn)
+        migrate.ensure_partitions(conn)
+
+
+@pytest.fixture
+def db(config: config_mod.Config, _migrated: None) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the stack's database, as the table owner."""
+    conn = connect(config.postgres)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def objects(config: config_mod.Config) -> S3ObjectStore:
+    """The stack's object store, bucket created if needed."""
+    store = S3ObjectStore(config.s3)
+    store.ensure_bucket()
+    return store
+
+
+def unique_name(prefix: str = "t") -> str:
+    """A name no other test or earlier run uses: PREFIX-<12 hex digits>."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_org(db: psycopg.Connection) -> Callable[..., TestOrg]:
+    """A factory: make_org(tier='free', content_days=None, metadata_days=None)."""
+
+    def _make(
+        tier: str = "free",
+        *,
+        content_days: int | None = None,
+        metadata_days: int | None = None,
+    ) -> TestOrg:
+        name = unique_name("org")
+        oid = directory.add_organisation(
+            db, name, tier, content_days=content_days, metadata_days=metadata_days
+        )
+        domain = f"{name}.example.test"
+        directory.add_domain(db, oid, domain)
+        if metadata_days is not None:
+            migrate.ensure_partitions(db)
+        return TestOrg(oid, name, tier, domain)
+
+    return _make
+
+
+def zstd_frames(parts: Sequence[bytes]) -> bytes:
+    """PARTS compressed as one zstd frame each, concatenated (as the milter may)."""
+    cctx = zstandard.ZstdCompressor(level=3)
+    return b"".join(cctx.compress(part) for part in parts)
+
+
+StoreMessage = Callable[..., messages.CapturedMessage]
+
+
+@pytest.fixture
+def store_message(db: psycopg.Connection, objects: S3ObjectStore) -> StoreMessage:
+    """A factory storing a message as the capture path does; returns what it recorded.
+
+    store_message(org, parts=(headers, body), recipients=(...), created=now,
+    content_days=org's, metadata_days=org's, envelope_from=..., subject=...)
+    """
+
+    def _store(
+        org: TestOrg,
+        parts: Sequence[bytes] = (b"Subject: hi\r\n\r\n", b"hello\r\n"),
+        recipients: Sequence[str] = ("rcpt@example.net",),
+        *,
+        created: datetime | None = None,
+        content_days: int = 7,
+        metadata_days: int | None = 30,
+        envelope_from: str | None = None,
+        subject: str | None = "hi",
+    ) -> messages.CapturedMessage:
+        created = created or datetime.now(UTC)
+        mid = uuid.uuid4()
+        raw = b"".join(parts)
+        blob = zstd_frames(parts)
+        key = message_key(str(org.id), str(mid), created)
+        objects.put(key, io.BytesIO(blob), len(blob))
+        content_at, metadata_at = messages.expiry_dates(created, content_days, metadata_days)
+        m = messages.CapturedMessage(
+            id=mid,
+            org_id=org.id,
+            domain=org.domain,
+            queue_id=uuid.uuid4().hex[:10].upper(),
+            envelope_from=envelope_from or f"sender@{org.domain}",
+            recipients=tuple(recipients),
+            size=len(raw),
+            sha256=hashlib.sha256(raw).digest(),
+            object_key=key,
+            compressed_size=len(blob),
+            created_at=created,
+            content_expires_at=content_at,
+            metadata_expires_at=metadata_at,
+            message_id_header=f"<{mid}@{org.domain}>",
+            header_from=envelope_from or f"sender@{org.domain}",
+            subject=subject,
+        )
+        with db.transaction():
+            messages.record_capture(db, m)
+        return m
+
+    return _store
