@@ -1,0 +1,94 @@
+"""pymilter glue: Postfix's milter callbacks mapped onto `CaptureService`.
+
+Thin on purpose: every callback hands plain data to the service and turns the
+service's verdict into milter actions.  Callbacks the MTA need not wait for
+are declared `noreply`, the ones never used are not overridden (so Postfix is
+never asked), and header values arrive as raw bytes with their leading space
+(`header_leading_space`), which the byte-exact capture needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import Milter
+
+from postkeep.milter.service import CaptureService, Transaction
+
+log = logging.getLogger("postkeep.milter")
+
+
+@Milter.header_leading_space
+class CaptureMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (one libmilter thread)."""
+
+    service: CaptureService  # set on the class by the daemon before it runs
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tx: Transaction | None = None
+
+    def _reset(self) -> None:
+        if self.tx is not None:
+            self.tx.capture.discard()
+            self.tx = None
+
+    @Milter.noreply
+    def envfrom(self, mailfrom: str, *params: str) -> Any:
+        self._reset()
+        self.tx = self.service.begin(mailfrom, self.getsymval("{auth_authen}"))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def envrcpt(self, to: str, *params: str) -> Any:
+        if self.tx is not None:
+            self.tx.recipients.append(to.strip().removeprefix("<").removesuffix(">"))
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    @Milter.decode("bytes")
+    def header(self, name: str | bytes, value: bytes) -> Any:
+        if self.tx is not None:
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "surrogateescape")
+            self.service.header(self.tx, name, value)
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def eoh(self) -> Any:
+        if self.tx is not None:
+            self.tx.capture.end_of_headers()
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def body(self, chunk: bytes) -> Any:
+        if self.tx is not None:
+            self.tx.capture.add_body(chunk)
+        return Milter.CONTINUE
+
+    def eom(self) -> Any:
+        tx, self.tx = self.tx, None
+        if tx is None:  # MAIL FROM never reached us: nothing to capture
+            return Milter.CONTINUE
+        queue_id = self.getsymval("i") or "-"
+        verdict = self.service.end_of_message(tx, queue_id)
+        if verdict.reply is not None:
+            r = verdict.reply
+            self.setreply(r.code, r.enhanced, r.text)
+            return Milter.REJECT if verdict.reject else Milter.TEMPFAIL
+        # Client-sent copies of our id header are removed: only ours counts.
+        # Last first, so earlier indexes stay valid.
+        for index in range(tx.own_headers_removed, 0, -1):
+            self.chgheader(self.service.cfg.id_header, index, "")
+        for name, value in verdict.add_headers:
+            self.addheader(name, value)
+        return Milter.CONTINUE
+
+    def abort(self) -> Any:
+        self._reset()
+        return Milter.CONTINUE
+
+    def close(self) -> Any:
+        self._reset()
+        return Milter.CONTINUE

@@ -1,0 +1,163 @@
+"""Rebuilding the accepted message from milter events, compressed as it streams.
+
+Postfix hands the milter the header fields one by one (name and value, with the
+value's leading space kept because the milter negotiates P_HDR_LEADSPC) and
+the body in chunks of at most 64 KiB with CRLF line ends.  `MessageCapture`
+turns those back into the message's bytes and compresses them on the fly:
+
+- The header block (every header as the client sent it, then postkeep's own
+  added headers, then the empty line) becomes one zstd frame.
+- The body is fed chunk by chunk into a second zstd frame written to a
+  SpooledTemporaryFile, which stays in memory for small messages and spills to
+  disk past `spill_bytes`.  Memory therefore stays bounded whatever the size.
+- Concatenated zstd frames decompress as one stream, so the stored object is
+  header frame + body frame and restores the message byte for byte.
+- sha256 and size are of the uncompressed message, computed while streaming.
+
+Nothing here talks to Postfix, S3 or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+
+def header_line(name: str | bytes, value: bytes) -> bytes:
+    """One header field as it appears in the message, CRLF line ends throughout.
+
+    Postfix passes folded values with bare LF between the lines; the message on
+    the wire (and in the store) uses CRLF.
+    """
+    raw_name = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+    value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return raw_name + b":" + value + b"\r\n"
+
+
+@dataclass
+class StoredContent:
+    """A finished capture: the object to upload and what describes it."""
+
+    stream: BinaryIO  # the whole object: header frame then body frame
+    compressed_size: int
+    size: int  # uncompressed message size
+    sha256: bytes
+    body_size: int
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class _Concat(io.RawIOBase):
+    """A read-only file over a bytes prefix followed by a file's contents."""
+
+    def __init__(self, prefix: bytes, rest: BinaryIO) -> None:
+        self._prefix = memoryview(prefix)
+        self._pos = 0
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = len(buf)
+        if self._pos < len(self._prefix):
+            part = self._prefix[self._pos : self._pos + n]
+            buf[: len(part)] = part
+            self._pos += len(part)
+            return len(part)
+        data = self._rest.read(n)
+        buf[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
+
+
+class MessageCapture:
+    """Accumulates one message's headers and body, compressing as it goes."""
+
+    def __init__(self, *, level: int = 3, spill_bytes: int = 1 << 20,
+                 spool_dir: str | None = None) -> None:
+        self._level = level
+        self._headers: list[bytes] = []
+        self._added: list[bytes] = []
+        self._body = tempfile.SpooledTemporaryFile(max_size=spill_bytes, dir=spool_dir)
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._body_writer: zstandard.ZstdCompressionObj | None = None
+        self._hash: hashlib._Hash | None = None
+        self._header_block: bytes | None = None
+        self.body_size = 0
+
+    # -- headers -----------------------------------------------------------
+    def add_header(self, name: str | bytes, value: bytes) -> None:
+        """A header field from the client, in order."""
+        if self._header_block is not None:
+            raise RuntimeError("header after end of headers")
+        self._headers.append(header_line(name, value))
+
+    def add_own_header(self, name: str, value: str) -> None:
+        """A header postkeep adds (placed after the client's, as Postfix does)."""
+        if self._header_block is not None:
+            raise RuntimeError("header after end of headers")
+        self._added.append(header_line(name, b" " + value.encode("ascii")))
+
+    def end_of_headers(self) -> None:
+        """Freeze the header block; the body follows."""
+        if self._header_block is None:
+            self._header_block = b"".join(self._headers) + b"".join(self._added) + b"\r\n"
+            self._hash = hashlib.sha256(self._header_block)
+            self._body_writer = self._cctx.compressobj()
+
+    @property
+    def header_block(self) -> bytes:
+        self.end_of_headers()
+        assert self._header_block is not None
+        return self._header_block
+
+    # -- body --------------------------------------------------------------
+    def add_body(self, chunk: bytes) -> None:
+        """A body chunk, compressed and hashed on arrival, never kept whole."""
+        self.end_of_headers()
+        assert self._body_writer is not None and self._hash is not None
+        self._hash.update(chunk)
+        self.body_size += len(chunk)
+        out = self._body_writer.compress(chunk)
+        if out:
+            self._body.write(out)
+
+    # -- finish ------------------------------------------------------------
+    def finish(self) -> StoredContent:
+        """Close both frames and return the object to upload."""
+        self.end_of_headers()
+        assert self._body_writer is not None and self._hash is not None
+        header_block = self.header_block
+        self._body.write(self._body_writer.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+        body_compressed = self._body.tell()
+        self._body.seek(0)
+        header_frame = self._cctx.compress(header_block)
+        return StoredContent(
+            stream=io.BufferedReader(_Concat(header_frame, self._body)),  # type: ignore[arg-type]
+            compressed_size=len(header_frame) + body_compressed,
+            size=len(header_block) + self.body_size,
+            sha256=self._hash.digest(),
+            body_size=self.body_size,
+        )
+
+    def discard(self) -> None:
+        """Drop everything (abort, refusal, or after upload)."""
+        self._body.close()
+
+
+def restore(chunks: list[bytes] | BinaryIO) -> bytes:
+    """Decompress a stored object (all its frames) back to message bytes."""
+    data = b"".join(chunks) if isinstance(chunks, list) else chunks.read()
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+    return reader.read()
+

@@ -1,0 +1,119 @@
+"""postkeep-milter: the process.
+
+Loads and checks the configuration (refusing bad values with the key),
+opens the PostgreSQL pool and the S3 client, serves /metrics, tells systemd
+it is ready and hands the socket to libmilter.  libmilter runs one thread per
+Postfix connection and handles SIGTERM itself: it stops accepting, lets the
+main loop return, and we close the pool after in-flight callbacks finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+import click
+
+from postkeep.config import ConfigError, load
+
+
+def _notify_systemd(state: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(path)
+        sock.sendall(state.encode())
+
+
+def _split_hostport(key: str, value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} = {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9361")
+    return host, int(port)
+
+
+def _check_listen(value: str) -> None:
+    if not (value.startswith("inet:") or value.startswith("inet6:")
+            or value.startswith("unix:") or value.startswith("local:")):
+        raise ConfigError(
+            f"milter.listen = {value!r}: expected inet:PORT@HOST, inet6:PORT@HOST or unix:PATH"
+        )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
+              metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
+              "else /etc/postkeep/postkeep.toml).")
+@click.option("--check-config", is_flag=True,
+              help="Load and check the configuration, print a summary and exit.")
+def main(config_path: str | None, check_config: bool) -> None:
+    """Run postkeep-milter: capture every message Postfix passes it.
+
+    Wire it in Postfix as smtpd_milters and non_smtpd_milters (listed last);
+    `postkeep postfix apply` does that.
+    """
+    try:
+        cfg = load(config_path)
+        mcfg = cfg.milter
+        _check_listen(mcfg.listen)
+        metrics_host, metrics_port = _split_hostport("milter.metrics_listen", mcfg.metrics_listen)
+        if not os.path.isdir(mcfg.spool_directory) or not os.access(mcfg.spool_directory, os.W_OK):
+            raise ConfigError(
+                f"milter.spool_directory = {mcfg.spool_directory!r}: "
+                "expected an existing directory this user can write"
+            )
+    except ConfigError as exc:
+        click.echo(f"postkeep-milter: configuration error: {exc}", err=True)
+        sys.exit(2)
+
+    logging.basicConfig(
+        level=mcfg.log_level.upper(),
+        format="%(asctime)s postkeep-milter[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("postkeep.milter")
+    if check_config:
+        click.echo(f"configuration {cfg.source}: ok; listen {mcfg.listen}, "
+                   f"metrics {mcfg.metrics_listen}, unknown_sender {mcfg.unknown_sender}")
+        return
+
+    # Imported here so --help and config errors work without the C extension.
+    import Milter
+    from prometheus_client import start_http_server
+
+    from postkeep.milter.adapter import CaptureMilter
+    from postkeep.milter.service import CaptureService
+    from postkeep.milter.store import Directory
+    from postkeep.storage.db import BackendError, Database
+    from postkeep.storage.objects import S3ObjectStore
+
+    db = Database(cfg.postgres)
+    objects = S3ObjectStore(cfg.s3)
+    try:
+        objects.ensure_bucket()
+    except BackendError as exc:  # not fatal: messages tempfail until it is back
+        log.warning("object store not ready at start: %s", exc)
+    db.open()
+    start_http_server(metrics_port, addr=metrics_host)
+    CaptureMilter.service = CaptureService(mcfg, db, objects,
+                                           Directory(db, mcfg.directory_cache_seconds))
+    Milter.factory = CaptureMilter
+    log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
+             mcfg.metrics_listen, cfg.source)
+    _notify_systemd("READY=1")
+    try:
+        Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
+    finally:
+        _notify_systemd("STOPPING=1")
+        db.close()
+        log.info("postkeep-milter stopped")
+
+
+if __name__ == "__main__":
+    main()

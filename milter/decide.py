@@ -1,0 +1,129 @@
+"""What to do with a message: pure decisions, no I/O.
+
+`classify` decides from the envelope (SASL user, senders) and a directory
+lookup function whether a message is captured for an organisation, refused,
+or passed through uncaptured.  `tempfail_reply` and friends turn outcomes into
+the SMTP replies Postfix gives the client, each naming its cause with an
+enhanced status code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import getaddresses
+from enum import Enum
+
+from postkeep.storage.directory import Organisation
+
+
+class Action(Enum):
+    CAPTURE = "capture"
+    REJECT = "reject"
+    PASS = "pass"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    org: Organisation | None = None
+    domain: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply for Postfix to give the client."""
+
+    code: str
+    enhanced: str
+    text: str
+
+
+_DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}\.)*[a-z0-9-]{1,63}$")
+
+
+def strip_brackets(address: str) -> str:
+    """`<a@b>` → `a@b`; Postfix passes envelope addresses in angle brackets."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
+
+
+def address_domain(address: str) -> str:
+    """The lower-cased domain of an address, or '' if it has none usable."""
+    address = strip_brackets(address)
+    _, at, domain = address.rpartition("@")
+    domain = domain.strip().rstrip(".").lower()
+    if not at or not _DOMAIN.match(domain):
+        return ""
+    return domain
+
+
+def header_from_address(value: str | None) -> str:
+    """The first address of a From: header value, or ''."""
+    if not value:
+        return ""
+    try:
+        pairs = getaddresses([value])
+    except (ValueError, IndexError):  # the email package chokes on some garbage
+        return ""
+    for _, addr in pairs:
+        if "@" in addr:
+            return addr
+    return ""
+
+
+def classify(
+    *,
+    auth_user: str | None,
+    envelope_from: str,
+    header_from: str | None,
+    by_submitter: Callable[[str], Organisation | None],
+    by_domain: Callable[[str], Organisation | None],
+    unknown_sender: str,
+) -> Decision:
+    """Resolve the organisation: SASL user, else the envelope sender's domain.
+
+    A null envelope sender (<>) falls back to the From: header's domain.
+    Mail from a domain of no organisation is refused or passed uncaptured,
+    as [milter].unknown_sender says.  Lookups may raise BackendError.
+    """
+    domain = address_domain(envelope_from) or address_domain(
+        header_from_address(header_from)
+    )
+    if auth_user:
+        org = by_submitter(auth_user)
+        if org is not None:
+            return Decision(Action.CAPTURE, org, domain or "-")
+    if domain:
+        org = by_domain(domain)
+        if org is not None:
+            return Decision(Action.CAPTURE, org, domain)
+    shown = domain or strip_brackets(envelope_from) or "<>"
+    reason = f"sender domain {shown} belongs to no organisation"
+    if auth_user:
+        reason = f"SASL user {auth_user} and {reason}"
+    if unknown_sender == "pass":
+        return Decision(Action.PASS, None, domain, reason)
+    return Decision(Action.REJECT, None, domain, reason)
+
+
+def refusal_reply(decision: Decision) -> Reply:
+    """550 5.7.1 for mail that no organisation sends."""
+    return Reply("550", "5.7.1", f"postkeep: {decision.reason}")
+
+
+def tempfail_reply(backend: str) -> Reply:
+    """451 4.3.0 when a backend cannot make the message durable right now."""
+    what = {"s3": "content store", "postgres": "metadata database"}.get(backend, backend)
+    return Reply(
+        "451", "4.3.0", f"postkeep: {what} ({backend}) unavailable, message not accepted; "
+        "try again later",
+    )
+
+
+def internal_error_reply() -> Reply:
+    return Reply("451", "4.3.0", "postkeep: internal error, message not accepted; try again later")

@@ -1,0 +1,32 @@
+"""Prometheus metrics of postkeep-milter (served on [milter].metrics_listen)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MESSAGES = Counter(
+    "postkeep_milter_messages_total",
+    "Messages by outcome: captured, passed (uncaptured), refused (5xx), tempfailed (4xx).",
+    ["outcome"],
+)
+RECEIVED_BYTES = Counter(
+    "postkeep_milter_received_bytes_total", "Uncompressed bytes of captured messages."
+)
+STORED_BYTES = Counter(
+    "postkeep_milter_stored_bytes_total", "Compressed bytes written to object storage."
+)
+BACKEND_ERRORS = Counter(
+    "postkeep_milter_backend_errors_total",
+    "Backend failures that tempfailed a message, by backend (s3, postgres).",
+    ["backend"],
+)
+EOM_SECONDS = Histogram(
+    "postkeep_milter_eom_duration_seconds",
+    "Time from end of message to the milter's reply (store + rows).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+for _outcome in ("captured", "passed", "refused", "tempfailed"):
+    MESSAGES.labels(_outcome)
+for _backend in ("s3", "postgres"):
+    BACKEND_ERRORS.labels(_backend)

@@ -1,0 +1,234 @@
+"""postkeep.toml: every configuration key, its default and what it allows.
+
+Each key is declared once, here, as a dataclass field with its default; the
+loader walks these declarations, so an unknown key, a wrong type or a value
+outside what is allowed is refused at start with the key, the value and what
+is allowed (`ConfigError`).  Secrets may come from the environment or from a
+file (`*_file` keys) instead of the TOML file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/etc/postkeep/postkeep.toml"
+
+
+class ConfigError(Exception):
+    """A configuration value that postkeep refuses, naming the key."""
+
+
+def _choice(*allowed: str) -> dict[str, Any]:
+    return {"choices": allowed}
+
+
+def _positive() -> dict[str, Any]:
+    return {"min": 0, "exclusive": True}
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """[postgres]: the metadata database (libpq connection parameters)."""
+
+    host: str = "/var/run/postgresql"
+    port: int = field(default=5432, metadata={"min": 1, "max": 65535})
+    dbname: str = "postkeep"
+    user: str = "postkeep"
+    password: str = field(default="", metadata={"secret": True, "env": "PGPASSWORD"})
+    password_file: str = ""
+    connect_timeout_seconds: float = field(default=3.0, metadata=_positive())
+    statement_timeout_ms: int = field(default=5000, metadata=_positive())
+    pool_min: int = field(default=2, metadata={"min": 1})
+    pool_max: int = field(default=20, metadata={"min": 1})
+
+    def conninfo(self) -> str:
+        """libpq keyword/value string for psycopg (no secret in it: see kwargs)."""
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.dbname,
+            user=self.user,
+            password=self.password or None,
+            connect_timeout=max(1, round(self.connect_timeout_seconds)),
+            application_name="postkeep",
+            options=f"-c statement_timeout={self.statement_timeout_ms}",
+        )
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """[s3]: the object store holding message content (any S3 API)."""
+
+    endpoint: str = "127.0.0.1:9000"
+    secure: bool = False
+    region: str = "us-east-1"
+    bucket: str = field(default="postkeep", metadata={"min_len": 3})
+    access_key: str = field(default="", metadata={"env": "POSTKEEP_S3_ACCESS_KEY"})
+    secret_key: str = field(default="", metadata={"secret": True, "env": "POSTKEEP_S3_SECRET_KEY"})
+    secret_key_file: str = ""
+    timeout_seconds: float = field(default=5.0, metadata=_positive())
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """[milter]: postkeep-milter, the capture milter."""
+
+    # libmilter socket spec: inet:PORT@HOST or unix:/path (under Postfix's queue
+    # directory when smtpd is chrooted).
+    listen: str = "inet:8891@127.0.0.1"
+    # What to do with mail whose sender domain belongs to no organisation.
+    unknown_sender: str = field(default="reject", metadata=_choice("reject", "pass"))
+    metrics_listen: str = "127.0.0.1:9361"
+    # Compressed content stays in memory up to this size, then spills to disk.
+    spill_bytes: int = field(default=1 << 20, metadata={"min": 0})
+    spool_directory: str = "/var/tmp"
+    zstd_level: int = field(default=3, metadata={"min": 1, "max": 22})
+    # How long an organisation lookup is trusted before asking PostgreSQL again.
+    directory_cache_seconds: float = field(default=30.0, metadata={"min": 0})
+    # Header added to every captured message, carrying postkeep's message id.
+    id_header: str = "X-Postkeep-Id"
+    # libmilter's own timeout for talking to Postfix.
+    mta_timeout_seconds: int = field(default=600, metadata=_positive())
+    log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class PostfixConfig:
+    """[postfix]: where `postkeep postfix apply/check` finds the instance."""
+
+    config_directory: str = "/etc/postfix"
+    # How Postfix reaches the milter (Postfix syntax: inet:HOST:PORT or unix:PATH).
+    milter_address: str = "inet:127.0.0.1:8891"
+
+
+@dataclass(frozen=True)
+class Config:
+    postgres: PostgresConfig = PostgresConfig()
+    s3: S3Config = S3Config()
+    milter: MilterConfig = MilterConfig()
+    postfix: PostfixConfig = PostfixConfig()
+    source: str = "<defaults>"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "postgres": PostgresConfig,
+    "s3": S3Config,
+    "milter": MilterConfig,
+    "postfix": PostfixConfig,
+}
+
+
+def _describe(meta: Any, ftype: str) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    bounds = []
+    if "min" in meta:
+        bounds.append((">" if meta.get("exclusive") else ">=") + f" {meta['min']}")
+    if "max" in meta:
+        bounds.append(f"<= {meta['max']}")
+    if "min_len" in meta:
+        bounds.append(f"at least {meta['min_len']} characters")
+    return f"a {ftype}" + (" " + " and ".join(bounds) if bounds else "")
+
+
+def _check(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    key = f"{section}.{f.name}"
+    ftype = str(f.type)
+    meta = f.metadata
+    shown = "<secret>" if meta.get("secret") else repr(value)
+    want = _describe(meta, ftype)
+    ok_type = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+    }[ftype]
+    if not ok_type:
+        raise ConfigError(f"{key} = {shown}: expected {want}")
+    if ftype == "float":
+        value = float(value)
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key} = {shown}: expected {want}")
+    if "min" in meta and (
+        value <= meta["min"] if meta.get("exclusive") else value < meta["min"]
+    ):
+        raise ConfigError(f"{key} = {shown}: expected {want}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key} = {shown}: expected {want}")
+    if "min_len" in meta and len(value) < meta["min_len"]:
+        raise ConfigError(f"{key} = {shown}: expected {want}")
+    return value
+
+
+def _read_secret_file(key: str, path: str) -> str:
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key} = {path!r}: cannot read the file ({exc.strerror})") from exc
+    if mode & 0o077:
+        raise ConfigError(
+            f"{key} = {path!r}: the file is readable by other users (mode {mode & 0o777:o});"
+            " allowed: 0600 or 0400"
+        )
+    return text
+
+
+def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}]: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{section}.{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}"
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _check(section, f, raw[name])
+        env = f.metadata.get("env")
+        if env and os.environ.get(env) and name not in raw:
+            values[name] = os.environ[env]
+    for name in fields:
+        if name.endswith("_file") and values.get(name):
+            target = name.removesuffix("_file")
+            values[target] = _read_secret_file(f"{section}.{name}", values[name])
+    cfg = cls(**values)
+    if section == "postgres" and cfg.pool_min > cfg.pool_max:
+        raise ConfigError(
+            f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"
+        )
+    return cfg
+
+
+def parse(data: dict[str, Any], source: str = "<string>") -> Config:
+    """Build a Config from parsed TOML, refusing anything not declared above."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"[{unknown[0]}]: unknown section; allowed: {', '.join(sorted(_SECTIONS))}"
+        )
+    built = {name: _build(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
+    return Config(**built, source=source)
+
+
+def load(path: str | None = None) -> Config:
+    """Load the TOML file named by PATH, $POSTKEEP_CONFIG or the default path."""
+    path = path or os.environ.get("POSTKEEP_CONFIG") or DEFAULT_PATH
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such configuration file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse(data, source=path)

@@ -1,0 +1,83 @@
+"""PostgreSQL connections: one psycopg 3 pool per process.
+
+The milter calls from many libmilter threads at once, so writers borrow a
+connection for one transaction and give it back.  Failures surface as
+`BackendError` with the backend named, so callers can tempfail with a reason
+instead of guessing from driver exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from postkeep.config import PostgresConfig
+
+
+class BackendError(Exception):
+    """A backend (postgres or s3) failed or timed out; `backend` names which."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"{backend}: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+class Database:
+    """A lazily opened connection pool for one PostgreSQL database."""
+
+    def __init__(self, cfg: PostgresConfig, *, min_size: int | None = None) -> None:
+        self.cfg = cfg
+        self._pool = ConnectionPool(
+            cfg.conninfo(),
+            min_size=min_size if min_size is not None else cfg.pool_min,
+            max_size=max(cfg.pool_max, min_size or 0),
+            timeout=cfg.connect_timeout_seconds,
+            open=False,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": False},
+            name="postkeep",
+        )
+        self._opened = False
+
+    def open(self) -> None:
+        if not self._opened:
+            self._pool.open(wait=False)
+            self._opened = True
+
+    def close(self) -> None:
+        if self._opened:
+            self._pool.close()
+            self._opened = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """A connection inside one transaction; committed on success.
+
+        Any driver or pool failure is re-raised as BackendError('postgres').
+        """
+        self.open()
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except PoolTimeout as exc:
+            raise BackendError("postgres", f"no connection within "
+                               f"{self.cfg.connect_timeout_seconds:g}s") from exc
+        except psycopg.OperationalError as exc:
+            raise BackendError("postgres", _first_line(exc)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def connect(cfg: PostgresConfig) -> psycopg.Connection:
+    """One plain autocommit connection, for the CLI and migrations."""
+    try:
+        return psycopg.connect(cfg.conninfo(), autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise BackendError("postgres", _first_line(exc)) from exc

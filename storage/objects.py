@@ -1,0 +1,122 @@
+"""Object storage for message content, behind a small interface.
+
+postkeep speaks S3 only through the `minio` client, so any S3 server works
+(MinIO, Ceph RGW, SeaweedFS, AWS).  `ObjectStore` is what the rest of the code
+sees; `S3ObjectStore` is the one implementation that does network I/O, with
+short timeouts and almost no retries: the milter would rather tempfail a
+message quickly than hold an SMTP session while a dead server is retried.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error
+
+from postkeep.config import S3Config
+from postkeep.storage.db import BackendError
+
+
+def message_key(org_id: str, message_id: str, created: datetime) -> str:
+    """messages/{org_id}/{yyyy}/{mm}/{dd}/{message_id}.eml.zst (UTC date)."""
+    return f"messages/{org_id}/{created:%Y/%m/%d}/{message_id}.eml.zst"
+
+
+class ObjectStore(Protocol):
+    def put(self, key: str, data: BinaryIO, length: int) -> None: ...
+    def get(self, key: str) -> Iterator[bytes]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class S3ObjectStore:
+    """ObjectStore on an S3 bucket through the minio client."""
+
+    # Parts above this size are uploaded with multipart; minio buffers one part
+    # in memory, so this bounds the upload's memory whatever the message size.
+    PART_SIZE = 5 * 1024 * 1024
+
+    def __init__(self, cfg: S3Config) -> None:
+        self.cfg = cfg
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=cfg.timeout_seconds, read=cfg.timeout_seconds),
+            maxsize=32,
+            retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[503]),
+        )
+        self.client = Minio(
+            cfg.endpoint,
+            access_key=cfg.access_key,
+            secret_key=cfg.secret_key,
+            secure=cfg.secure,
+            region=cfg.region,
+            http_client=http,
+        )
+        self.bucket = cfg.bucket
+
+    def ensure_bucket(self) -> None:
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendError("s3", f"bucket {self.bucket!r}: {exc}") from exc
+
+    def put(self, key: str, data: BinaryIO, length: int) -> None:
+        try:
+            self.client.put_object(
+                self.bucket, key, data, length,
+                content_type="application/zstd", part_size=self.PART_SIZE,
+                num_parallel_uploads=1,
+            )
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise BackendError("s3", f"put {key}: {exc}") from exc
+
+    def get(self, key: str) -> Iterator[bytes]:
+        try:
+            resp = self.client.get_object(self.bucket, key)
+        except S3Error as exc:
+            raise BackendError("s3", f"get {key}: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendError("s3", f"get {key}: {exc}") from exc
+        try:
+            yield from resp.stream(256 * 1024)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, key)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendError("s3", f"delete {key}: {exc}") from exc
+
+
+class MemoryObjectStore:
+    """ObjectStore in a dict: for unit tests of code above the store."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: BinaryIO, length: int) -> None:
+        body = data.read(length)
+        if len(body) != length:
+            raise BackendError("s3", f"put {key}: short read {len(body)} of {length}")
+        self.objects[key] = body
+
+    def get(self, key: str) -> Iterator[bytes]:
+        if key not in self.objects:
+            raise BackendError("s3", f"get {key}: NoSuchKey")
+        yield self.objects[key]
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def read_all(store: ObjectStore, key: str) -> bytes:
+    buf = io.BytesIO()
+    for chunk in store.get(key):
+        buf.write(chunk)
+    return buf.getvalue()

@@ -1,0 +1,99 @@
+"""Access to the running test stack (.stack-test/env, sourced by `make test`).
+
+A stack test must never skip: if the stack's variables are missing the test
+fails and says how to run it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from postkeep.config import Config, load
+from postkeep.storage import directory
+from postkeep.storage.objects import S3ObjectStore, read_all
+
+REQUIRED = ("POSTKEEP_CONFIG", "POSTKEEP_SMTP_HOST", "POSTKEEP_SMTP_PORT", "POSTKEEP_SINK_DIR")
+
+
+def require_env() -> dict[str, str]:
+    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    if missing:
+        raise RuntimeError(
+            f"stack test without a stack: {', '.join(missing)} unset; run `make test` "
+            "(it starts Postfix, PostgreSQL and MinIO and exports .stack-test/env)"
+        )
+    return dict(os.environ)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    config: Config
+
+    @property
+    def smtp(self) -> tuple[str, int]:
+        return self.env["POSTKEEP_SMTP_HOST"], int(self.env["POSTKEEP_SMTP_PORT"])
+
+    @property
+    def sink_dir(self) -> Path:
+        return Path(self.env["POSTKEEP_SINK_DIR"])
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.config.postgres.conninfo(), autocommit=True)
+
+    def objects(self) -> S3ObjectStore:
+        return S3ObjectStore(self.config.s3)
+
+    def new_org(self, tier: str = "free") -> tuple[uuid.UUID, str]:
+        """A fresh organisation owning a fresh domain; returns (id, domain)."""
+        tag = uuid.uuid4().hex[:12]
+        domain = f"o{tag}.example"
+        with self.connect() as conn:
+            oid = directory.add_organisation(conn, f"test-{tag}", tier)
+            directory.add_domain(conn, oid, domain)
+        return oid, domain
+
+    def sink_copy(self, token: str, timeout: float = 60.0) -> bytes:
+        """The bytes the sink received for the message carrying TOKEN."""
+        needle = b"X-Test-Token: " + token.encode() + b"\r\n"
+        deadline = time.monotonic() + timeout
+        seen: set[Path] = set()
+        while time.monotonic() < deadline:
+            for path in sorted(self.sink_dir.glob("*.eml")):
+                if path in seen:
+                    continue
+                data = path.read_bytes()
+                if needle in data:
+                    return data
+                seen.add(path)
+            time.sleep(0.2)
+        raise AssertionError(f"sink never received the message with token {token}")
+
+    def stored(self, key: str) -> bytes:
+        return read_all(self.objects(), key)
+
+    def stack_ctl(self, action: str, service: str) -> None:
+        """Stop or start one real service of the stack (devstack/stack.sh)."""
+        script = Path(__file__).resolve().parents[2] / "devstack" / "stack.sh"
+        subprocess.run(["bash", str(script), action, self.env["POSTKEEP_STACK_DIR"], service],
+                       check=True, timeout=120)
+
+
+def load_stack() -> Stack:
+    env = require_env()
+    return Stack(env, load(env["POSTKEEP_CONFIG"]))
+
+
+def strip_received(message: bytes) -> bytes:
+    """The message without its first header field if that is Postfix's Received:."""
+    m = re.match(rb"Received:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", message)
+    assert m, "the delivered copy does not start with Postfix's Received: header"
+    return message[m.end():]

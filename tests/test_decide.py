@@ -1,0 +1,79 @@
+"""Unit tests of the milter's pure decisions (organisation, replies)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from postkeep.milter.decide import (
+    Action,
+    address_domain,
+    classify,
+    header_from_address,
+    refusal_reply,
+    tempfail_reply,
+)
+from postkeep.storage.directory import Organisation
+
+pytestmark = pytest.mark.unit
+
+ACME = Organisation(uuid.uuid4(), "acme", "pro", 90, 365)
+BETA = Organisation(uuid.uuid4(), "beta", "free", 7, 30)
+
+
+def _classify(auth: str | None, env_from: str, header_from: str | None = None,
+              unknown: str = "reject"):  # type: ignore[no-untyped-def]
+    return classify(
+        auth_user=auth, envelope_from=env_from, header_from=header_from,
+        by_submitter={"beta-app": BETA}.get, by_domain={"acme.example": ACME}.get,
+        unknown_sender=unknown,
+    )
+
+
+@pytest.mark.parametrize("addr,domain", [
+    ("<a@Acme.Example>", "acme.example"),
+    ("a@acme.example.", "acme.example"),
+    ("<>", ""),
+    ("no-at-sign", ""),
+    ("a@bad_domain!", ""),
+    ('"odd@local"@acme.example', "acme.example"),
+    ("a@\udcff.example", ""),
+])
+def test_address_domain(addr: str, domain: str) -> None:
+    assert address_domain(addr) == domain
+
+
+def test_sasl_user_wins_over_sender_domain() -> None:
+    d = _classify("beta-app", "<x@acme.example>")
+    assert d.action is Action.CAPTURE and d.org is BETA
+
+
+def test_unknown_sasl_user_falls_back_to_domain() -> None:
+    d = _classify("stranger", "<x@acme.example>")
+    assert d.action is Action.CAPTURE and d.org is ACME
+
+
+def test_null_sender_uses_header_from() -> None:
+    d = _classify(None, "<>", "Bounce Robot <robot@acme.example>")
+    assert d.action is Action.CAPTURE and d.org is ACME
+
+
+def test_unknown_domain_rejected_or_passed_by_configuration() -> None:
+    d = _classify(None, "<x@other.example>")
+    assert d.action is Action.REJECT
+    r = refusal_reply(d)
+    assert (r.code, r.enhanced) == ("550", "5.7.1") and "other.example" in r.text
+    assert _classify(None, "<x@other.example>", unknown="pass").action is Action.PASS
+
+
+def test_garbage_from_header_never_raises() -> None:
+    for value in ["", "<<<>>>", "\x00\x01", "a@", "=?x?q?broken", "a" * 5000, "@@@,,,;;"]:
+        header_from_address(value)
+        assert _classify(None, "<>", value).action is Action.REJECT
+
+
+def test_tempfail_reply_names_backend() -> None:
+    r = tempfail_reply("s3")
+    assert (r.code, r.enhanced) == ("451", "4.3.0") and "s3" in r.text
+    assert "postgres" in tempfail_reply("postgres").text
