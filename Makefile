@@ -1,0 +1,53 @@
+# postkeep developer entry points.  `make run` for a live stack, `make test` for CI.
+SHELL := /bin/bash
+STACK := devstack/stack.sh
+VENV := $(CURDIR)/.venv
+RUN_DIR := $(CURDIR)/.stack
+RUN_PORT := 10025
+TEST_DIR := $(CURDIR)/.stack-test
+TEST_PORT := 11025
+PYTEST_ARGS ?=
+
+.PHONY: install run stop test lint bench
+
+install:
+	$(STACK) install
+
+run: install
+	$(STACK) up $(RUN_DIR) $(RUN_PORT)
+	set -a && . $(RUN_DIR)/env && set +a && $(VENV)/bin/python devstack/show-landing.py
+	@echo
+	@echo "The stack keeps running (settings: $(RUN_DIR)/env, source it to use psql/postkeep)."
+	@echo "Stop it with: make stop"
+
+stop:
+	$(STACK) down $(RUN_DIR)
+
+# Always tears the test stack down, and exits with pytest's status.
+test: install
+	@rc=0; \
+	$(STACK) up $(TEST_DIR) $(TEST_PORT) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		( set -a && . $(TEST_DIR)/env && set +a && cd $(CURDIR) && \
+		  $(VENV)/bin/pytest $(PYTEST_ARGS) ) || rc=$$?; \
+	else \
+		echo "make test: the test stack did not start (exit $$rc)" >&2; \
+	fi; \
+	$(STACK) down $(TEST_DIR) || echo "make test: stack down failed" >&2; \
+	exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+	@# mypy has no package-dir mapping: check a tree of symlinks shaped like the
+	@# installed package (postkeep/, postkeep/milter -> milter/, ...), run from
+	@# inside it so the repository root never shadows pymilter's `milter`.
+	rm -rf build/mypy && mkdir -p build/mypy/postkeep
+	for f in postkeep/*.py; do ln -s $(CURDIR)/$$f build/mypy/$$f; done
+	for d in milter storage policyd; do \
+		[ -d $$d ] && ln -s $(CURDIR)/$$d build/mypy/postkeep/$$d || true; done
+	cd build/mypy && $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p postkeep
+
+bench: install
+	@if [ -x bench/run.sh ]; then bench/run.sh; \
+	elif [ -f bench/run.sh ]; then bash bench/run.sh; \
+	else echo "bench/run.sh not present yet" >&2; exit 1; fi

@@ -1,0 +1,561 @@
+#!/bin/bash
+# stack.sh - install and run postkeep's local stack on loopback.
+#
+# Usage:
+#   stack.sh install                 packages, MinIO (built from source), venv
+#   stack.sh up DIR PORTBASE         start everything under DIR (absolute path)
+#   stack.sh down DIR                stop everything started under DIR
+#   stack.sh stop DIR SERVICE        stop one service  (postgres|minio|milter|postfix|sink)
+#   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
+#   stack.sh status DIR              one line per service
+#
+# Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
+# +4 MinIO console, +5 milter, +6 milter metrics.  `up` records PORTBASE in DIR so
+# that `start`/`stop` reuse it.  DIR/env is a shell file with everything tests need.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE=/var/cache/postkeep
+# MinIO's community edition is source-only (archived 2026): pin the last source.
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+MINIO_DIR="$CACHE/minio-$(echo "$MINIO_VERSION" | cut -d- -f2 | cut -c1-8)"
+MINIO_BIN="$MINIO_DIR/minio"
+PG_BIN=/usr/lib/postgresql/15/bin
+APT_PACKAGES=(postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
+              opendkim opendkim-tools postfwd)
+SERVICES=(postgres minio sink milter postfix)
+
+log() { printf 'stack: %s\n' "$*" >&2; }
+die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
+warn() { printf 'stack: WARNING: %s\n' "$*" >&2; }
+
+venv_dir() {
+    local h
+    h="$(sha256sum "$REPO/pyproject.toml" | cut -c1-12)"
+    echo "$CACHE/venv-$h"
+}
+
+# ---------------------------------------------------------------- install
+install_apt() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || die "apt-get update failed"
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || die "apt-get install ${missing[*]} failed"
+}
+
+install_minio() {
+    [ -x "$MINIO_BIN" ] && return 0
+    command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "go is needed to build MinIO"
+    local go; go="$(command -v go || echo /usr/local/go/bin/go)"
+    log "building MinIO $MINIO_VERSION from source into $MINIO_DIR (a few minutes)"
+    mkdir -p "$MINIO_DIR" "$CACHE/gopath"
+    GOBIN="$MINIO_DIR" GOPATH="$CACHE/gopath" GOFLAGS=-modcacherw \
+        "$go" install "github.com/minio/minio@$MINIO_VERSION" \
+        || die "building MinIO failed"
+    [ -x "$MINIO_BIN" ] || die "MinIO build produced no $MINIO_BIN"
+}
+
+install_venv() {
+    local venv; venv="$(venv_dir)"
+    if [ ! -f "$venv/.postkeep-complete" ]; then
+        log "creating venv $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv" || die "python3 -m venv $venv failed"
+        "$venv/bin/pip" install -q --upgrade pip "setuptools>=68" wheel \
+            || die "installing pip, setuptools and wheel into $venv failed"
+        (cd "$REPO" && "$venv/bin/pip" install -q -e '.[dev]') \
+            || die "pip install -e '.[dev]' failed in $venv"
+        touch "$venv/.postkeep-complete"
+    fi
+    # Cheap, and points the editable install at this clone (a new clone path).
+    if ! (cd "$REPO" && "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .) \
+            >"$venv/.editable.log" 2>&1; then
+        cat "$venv/.editable.log" >&2
+        die "pip install --no-deps -e . failed in $venv"
+    fi
+    ln -sfn "$venv" "$REPO/.venv"
+    # pymilter's C extension must win over the repository's milter/ folder.
+    local where
+    where="$(cd / && "$venv/bin/python" -c 'import milter, Milter; print(milter.__file__)')" \
+        || die "import milter, Milter fails in $venv"
+    case "$where" in
+        *.so) ;;
+        *) die "'milter' resolves to $where, not pymilter's C extension" ;;
+    esac
+}
+
+cmd_install() {
+    install_apt
+    install_minio
+    install_venv
+    log "install complete (venv $(venv_dir))"
+}
+
+# ---------------------------------------------------------------- helpers
+load_state() {
+    DIR="$1"
+    case "$DIR" in /*) ;; *) die "DIR must be an absolute path, got '$DIR'" ;; esac
+    if [ -z "${PORTBASE:-}" ]; then
+        [ -f "$DIR/portbase" ] || die "$DIR/portbase missing: run 'stack.sh up $DIR PORTBASE' first"
+        PORTBASE="$(cat "$DIR/portbase")"
+    fi
+    SMTP_PORT=$PORTBASE
+    SINK_PORT=$((PORTBASE + 1))
+    PG_PORT=$((PORTBASE + 2))
+    S3_PORT=$((PORTBASE + 3))
+    S3_CONSOLE_PORT=$((PORTBASE + 4))
+    MILTER_PORT=$((PORTBASE + 5))
+    METRICS_PORT=$((PORTBASE + 6))
+    VENV="$(venv_dir)"
+    PY="$VENV/bin/python"
+    PFDIR="$DIR/postfix/etc"
+    # One log per stack directory; /var/log is in maillog_file_prefixes by default.
+    PFLOG="/var/log/postkeep-$(echo -n "$DIR" | sha256sum | cut -c1-10).log"
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+smtp_banner() {  # PORT: print the server's first line, if any
+    timeout 6 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 0
+        read -r -t 5 line <&3 || true; printf "QUIT\r\n" >&3 || true; echo "$line"' _ "$1" \
+        2>/dev/null || true
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {  # PORT SECONDS [PIDFILE]: until PORT accepts, SECONDS pass or PIDFILE's process dies
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        port_open "$1" && return 0
+        if [ -n "${3:-}" ] && ! pid_alive "$3"; then return 1; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+stop_pid() {  # PIDFILE NAME
+    local pidfile="$1" pid i
+    [ -f "$pidfile" ] || return 0
+    pid="$(cat "$pidfile")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        if kill -0 "$pid" 2>/dev/null; then
+            warn "$2 (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
+# Every parent of DIR needs o+x so that postgres and postfix can reach their dirs.
+open_parents() {
+    local d="$1"
+    while [ "$d" != "/" ]; do
+        d="$(dirname "$d")"
+        [ -d "$d" ] || continue
+        if [ "$(( $(stat -c '%#a' "$d") & 1 ))" -eq 0 ]; then
+            log "chmod o+x $d (postgres/postfix must traverse it)"
+            chmod o+x "$d"
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- postgres
+start_postgres() {
+    local data="$DIR/pg/data" run="$DIR/pg/run"
+    mkdir -p "$DIR/pg" "$run"
+    chown postgres:postgres "$DIR/pg" "$run"
+    chmod 700 "$DIR/pg"
+    chmod o+x "$DIR/pg"
+    if [ ! -f "$data/PG_VERSION" ]; then
+        log "initdb $data"
+        rm -rf "$data"
+        runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust \
+            -E UTF8 --locale=C.UTF-8 >"$DIR/pg/initdb.log" 2>&1 \
+            || die "initdb failed, see $DIR/pg/initdb.log"
+        cat >"$data/pg_hba.conf" <<EOF
+# postkeep dev stack: trust on the socket and loopback only.
+local all all trust
+host  all all 127.0.0.1/32 trust
+host  all all ::1/128 trust
+EOF
+        chown postgres:postgres "$data/pg_hba.conf"
+    fi
+    # Unix socket paths are limited to 107 bytes: long DIRs get TCP only.
+    local sockdir="$run"
+    if [ "${#run}" -gt 90 ]; then
+        warn "$run is too long for a Unix socket; PostgreSQL listens on TCP only"
+        sockdir=""
+    fi
+    if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        log "postgres already running"
+    else
+        rm -f "$data/postmaster.pid"
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg/postgres.log" -w -t 60 \
+            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off" start >/dev/null \
+            || die "postgres failed to start on 127.0.0.1:$PG_PORT, see $DIR/pg/postgres.log"
+    fi
+    local psql=("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qAtX)
+    if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname='postkeep'")" != 1 ]; then
+        "${psql[@]}" -c "create role postkeep login superuser" || die "creating role postkeep failed"
+    fi
+    if [ "$("${psql[@]}" -c "select 1 from pg_database where datname='postkeep'")" != 1 ]; then
+        "${psql[@]}" -c "create database postkeep owner postkeep" || die "creating database postkeep failed"
+    fi
+}
+
+stop_postgres() {
+    local data="$DIR/pg/data"
+    [ -f "$data/postmaster.pid" ] || return 0
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null 2>&1 \
+        || warn "pg_ctl stop failed for $data"
+}
+
+# ---------------------------------------------------------------- minio
+minio_keys() {
+    local f="$DIR/minio/credentials"
+    mkdir -p "$DIR/minio"
+    if [ ! -f "$f" ]; then
+        (umask 077
+         printf 'MINIO_ROOT_USER=postkeep%s\nMINIO_ROOT_PASSWORD=%s\n' \
+             "$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+             "$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$f")
+    fi
+    # shellcheck disable=SC1090
+    . "$f"
+}
+
+start_minio() {
+    minio_keys
+    mkdir -p "$DIR/minio/data"
+    if pid_alive "$DIR/minio/minio.pid"; then
+        log "minio already running"
+    else
+        [ -x "$MINIO_BIN" ] || die "$MINIO_BIN missing: run 'stack.sh install'"
+        MINIO_ROOT_USER="$MINIO_ROOT_USER" MINIO_ROOT_PASSWORD="$MINIO_ROOT_PASSWORD" \
+            MINIO_BROWSER=off MINIO_UPDATE=off \
+            setsid "$MINIO_BIN" server "$DIR/minio/data" --quiet \
+            --address "127.0.0.1:$S3_PORT" --console-address "127.0.0.1:$S3_CONSOLE_PORT" \
+            >>"$DIR/minio/minio.log" 2>&1 </dev/null &
+        echo $! >"$DIR/minio/minio.pid"
+    fi
+    local i
+    for ((i = 0; i < 300; i++)); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$S3_PORT/minio/health/live" 2>/dev/null && break
+        pid_alive "$DIR/minio/minio.pid" || die "minio exited at start, see $DIR/minio/minio.log"
+        sleep 0.1
+    done
+    [ "$i" -lt 300 ] || die "minio not ready on 127.0.0.1:$S3_PORT after 30 s, see $DIR/minio/minio.log"
+    "$PY" - "127.0.0.1:$S3_PORT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
+        || die "creating bucket postkeep failed"
+import sys
+from minio import Minio
+c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
+if not c.bucket_exists("postkeep"):
+    c.make_bucket("postkeep")
+EOF
+}
+
+stop_minio() { stop_pid "$DIR/minio/minio.pid" minio; }
+
+# ---------------------------------------------------------------- sink
+start_sink() {
+    mkdir -p "$DIR/sink"
+    if pid_alive "$DIR/sink.pid"; then
+        log "sink already running"
+        return 0
+    fi
+    setsid "$PY" "$REPO/devstack/sink.py" --host 127.0.0.1 --port "$SINK_PORT" --dir "$DIR/sink" \
+        >>"$DIR/sink.log" 2>&1 </dev/null &
+    echo $! >"$DIR/sink.pid"
+    wait_port "$SINK_PORT" 30 "$DIR/sink.pid" \
+        || die "sink not listening on 127.0.0.1:$SINK_PORT, see $DIR/sink.log"
+}
+
+stop_sink() { stop_pid "$DIR/sink.pid" sink; }
+
+# ---------------------------------------------------------------- milter
+milter_importable() { (cd / && "$PY" -c 'import postkeep.milter.daemon') >/dev/null 2>&1; }
+
+start_milter() {
+    mkdir -p "$DIR/milter/tmp"
+    if pid_alive "$DIR/milter/milter.pid"; then
+        log "milter already running"
+        return 0
+    fi
+    if ! milter_importable; then
+        # TEMPORARY: the milter is being written by another engineer.
+        warn "postkeep.milter.daemon does not import yet: milter NOT started"
+        return 0
+    fi
+    setsid "$VENV/bin/postkeep-milter" --config "$DIR/postkeep.toml" \
+        >>"$DIR/milter/milter.log" 2>&1 </dev/null &
+    echo $! >"$DIR/milter/milter.pid"
+    wait_port "$MILTER_PORT" 30 "$DIR/milter/milter.pid" \
+        || die "postkeep-milter not listening on 127.0.0.1:$MILTER_PORT, see $DIR/milter/milter.log"
+}
+
+stop_milter() { stop_pid "$DIR/milter/milter.pid" postkeep-milter; }
+
+# ---------------------------------------------------------------- postkeep config
+write_config() {
+    minio_keys
+    cat >"$DIR/postkeep.toml" <<EOF
+# Written by devstack/stack.sh for the stack in $DIR.
+[postgres]
+host = "127.0.0.1"
+port = $PG_PORT
+dbname = "postkeep"
+user = "postkeep"
+
+[s3]
+endpoint = "127.0.0.1:$S3_PORT"
+secure = false
+bucket = "postkeep"
+access_key = "$MINIO_ROOT_USER"
+secret_key = "$MINIO_ROOT_PASSWORD"
+
+[milter]
+listen = "inet:$MILTER_PORT@127.0.0.1"
+metrics_listen = "127.0.0.1:$METRICS_PORT"
+spool_directory = "$DIR/milter/tmp"
+
+[postfix]
+config_directory = "$PFDIR"
+milter_address = "inet:127.0.0.1:$MILTER_PORT"
+EOF
+    chmod 600 "$DIR/postkeep.toml"
+}
+
+postkeep_cli() {  # the `postkeep` CLI
+    (cd / && "$VENV/bin/postkeep" --config "$DIR/postkeep.toml" "$@")
+}
+
+migrate_db() {
+    if ! postkeep_cli db --help >/dev/null 2>&1; then
+        # TEMPORARY: `postkeep db migrate` is being written by another engineer.
+        warn "'postkeep db migrate' is not available yet: schema NOT migrated"
+        return 0
+    fi
+    postkeep_cli db migrate || die "'postkeep db migrate' failed"
+}
+
+# ---------------------------------------------------------------- postfix
+configure_postfix() {
+    local spool="$DIR/postfix/spool" data="$DIR/postfix/data"
+    mkdir -p "$PFDIR" "$spool" "$data"
+    chown postfix:postfix "$data"
+    chmod 755 "$DIR/postfix"
+    cp /etc/postfix/master.cf "$PFDIR/master.cf"
+    # A minimal main.cf; the product bundle is applied on top, then loopback overrides.
+    cat >"$PFDIR/main.cf" <<EOF
+# Private Postfix instance of the postkeep dev stack in $DIR.
+compatibility_level = 3.6
+queue_directory = $spool
+data_directory = $data
+mail_owner = postfix
+setgid_group = postdrop
+syslog_name = postfix-postkeep-$PORTBASE
+maillog_file = $PFLOG
+EOF
+    # 1. The product bundle, exactly as production gets it.
+    if postkeep_cli postfix --help >/dev/null 2>&1; then
+        postkeep_cli postfix apply >"$DIR/postfix/apply.log" \
+            || die "'postkeep postfix apply' failed"
+    else
+        # TEMPORARY: the CLI root imports postkeep.admin, which may not exist yet.
+        warn "'postkeep' CLI does not load yet; applying the bundle via python -m postkeep.postfix_bundle"
+        (cd / && "$PY" -m postkeep.postfix_bundle --config "$DIR/postkeep.toml" apply) \
+            >"$DIR/postfix/apply.log" || die "applying the Postfix bundle failed"
+    fi
+    # 2. Loopback/test overrides: only what a private loopback instance needs.
+    local pc=(postconf -c "$PFDIR")
+    "${pc[@]}" -e \
+        "inet_interfaces = loopback-only" \
+        "inet_protocols = ipv4" \
+        "myhostname = postkeep-stack.localdomain" \
+        "mydestination =" \
+        "mynetworks = 127.0.0.0/8" \
+        "relayhost = [127.0.0.1]:$SINK_PORT" \
+        "smtp_tls_security_level = none" \
+        "smtpd_tls_security_level = none" \
+        "alias_maps =" \
+        "alias_database =" \
+        "local_recipient_maps =" \
+        "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
+        || die "postconf overrides failed for $PFDIR"
+    "${pc[@]}" -F '*/*/chroot = n' || die "postconf -F chroot failed"
+    "${pc[@]}" -MX smtp/inet || true
+    "${pc[@]}" -M "127.0.0.1:$SMTP_PORT/inet = 127.0.0.1:$SMTP_PORT inet n - n - - smtpd" \
+        || die "postconf -M smtpd failed"
+    # Postfix starts a private instance only if the default instance lists it.
+    local alt
+    alt="$(postconf -h alternate_config_directories)"
+    case " ${alt//,/ } " in
+        *" $PFDIR "*) ;;
+        *) postconf -e "alternate_config_directories = ${alt:+$alt, }$PFDIR" \
+               || die "registering $PFDIR in /etc/postfix/main.cf failed" ;;
+    esac
+    touch "$PFLOG"
+}
+
+start_postfix() {
+    [ -f "$PFDIR/main.cf" ] || configure_postfix
+    if postfix -c "$PFDIR" status >/dev/null 2>&1; then
+        log "postfix already running"
+    else
+        postfix -c "$PFDIR" check || die "postfix -c $PFDIR check failed (see $PFLOG)"
+        postfix -c "$PFDIR" start >/dev/null 2>&1 \
+            || die "postfix -c $PFDIR start failed (see $PFLOG; is $PFDIR in /etc/postfix alternate_config_directories?)"
+    fi
+    local i banner
+    for ((i = 0; i < 300; i++)); do
+        banner="$(smtp_banner "$SMTP_PORT")"
+        case "$banner" in 220*) return 0 ;; esac
+        sleep 0.1
+    done
+    die "Postfix smtpd does not answer 220 on 127.0.0.1:$SMTP_PORT after 30 s (see $PFLOG)"
+}
+
+stop_postfix() {
+    [ -f "$PFDIR/main.cf" ] || return 0
+    if postfix -c "$PFDIR" status >/dev/null 2>&1; then
+        postfix -c "$PFDIR" stop >/dev/null 2>&1 || warn "postfix -c $PFDIR stop failed"
+        local i
+        for ((i = 0; i < 100; i++)); do
+            postfix -c "$PFDIR" status >/dev/null 2>&1 || break
+            sleep 0.1
+        done
+    fi
+}
+
+# ---------------------------------------------------------------- env
+write_env() {
+    minio_keys
+    cat >"$DIR/env.tmp" <<EOF
+# postkeep dev stack in $DIR (written by devstack/stack.sh up); source this file.
+export POSTKEEP_STACK_DIR='$DIR'
+export POSTKEEP_STACK_VENV='$VENV'
+export POSTKEEP_CONFIG='$DIR/postkeep.toml'
+export POSTKEEP_SMTP_HOST='127.0.0.1'
+export POSTKEEP_SMTP_PORT='$SMTP_PORT'
+export POSTKEEP_SINK_DIR='$DIR/sink'
+export POSTKEEP_POSTFIX_CONFIG_DIR='$PFDIR'
+export POSTKEEP_POSTFIX_LOG='$PFLOG'
+export POSTKEEP_MILTER_METRICS='http://127.0.0.1:$METRICS_PORT/metrics'
+export PGHOST='127.0.0.1'
+export PGPORT='$PG_PORT'
+export PGDATABASE='postkeep'
+export PGUSER='postkeep'
+export POSTKEEP_S3_ENDPOINT='127.0.0.1:$S3_PORT'
+export POSTKEEP_S3_BUCKET='postkeep'
+export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'
+export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'
+EOF
+    mv "$DIR/env.tmp" "$DIR/env"
+}
+
+# ---------------------------------------------------------------- commands
+start_service() {
+    case "$1" in
+        postgres) start_postgres ;;
+        minio) start_minio ;;
+        sink) start_sink ;;
+        milter) start_milter ;;
+        postfix) start_postfix ;;
+        *) die "unknown service '$1' (postgres|minio|milter|postfix|sink)" ;;
+    esac
+}
+
+stop_service() {
+    case "$1" in
+        postgres) stop_postgres ;;
+        minio) stop_minio ;;
+        sink) stop_sink ;;
+        milter) stop_milter ;;
+        postfix) stop_postfix ;;
+        *) die "unknown service '$1' (postgres|minio|milter|postfix|sink)" ;;
+    esac
+}
+
+cmd_up() {
+    [ $# -eq 2 ] || die "usage: stack.sh up DIR PORTBASE"
+    [[ "$2" =~ ^[0-9]+$ ]] || die "PORTBASE must be a number, got '$2'"
+    PORTBASE="$2"
+    load_state "$1"
+    [ -x "$PY" ] || die "venv $VENV missing: run 'stack.sh install' first"
+    mkdir -p "$DIR"
+    if [ -f "$DIR/portbase" ] && [ "$(cat "$DIR/portbase")" != "$PORTBASE" ]; then
+        log "PORTBASE changed: stopping the old stack in $DIR"
+        (PORTBASE="$(cat "$DIR/portbase")"; load_state "$DIR"; cmd_down_loaded)
+    fi
+    echo "$PORTBASE" >"$DIR/portbase"
+    open_parents "$DIR"
+    chmod o+x "$DIR"
+    start_postgres
+    start_minio
+    start_sink
+    write_config
+    migrate_db
+    # Restart the milter and Postfix so that code and bundle changes are picked up.
+    stop_milter
+    start_milter
+    stop_postfix
+    configure_postfix
+    start_postfix
+    write_env
+    log "stack up in $DIR (smtpd 127.0.0.1:$SMTP_PORT); env: $DIR/env"
+}
+
+cmd_down_loaded() {
+    stop_postfix
+    stop_milter
+    stop_sink
+    stop_minio
+    stop_postgres
+}
+
+cmd_down() {
+    [ $# -eq 1 ] || die "usage: stack.sh down DIR"
+    [ -f "$1/portbase" ] || { log "nothing to stop in $1"; return 0; }
+    load_state "$1"
+    cmd_down_loaded
+    log "stack in $DIR stopped"
+}
+
+cmd_status() {
+    load_state "$1"
+    local s
+    pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s"
+    pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
+    pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
+        && s=up || s=down; echo "postgres $s"
+    postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
+}
+
+main() {
+    local cmd="${1:-}"
+    shift || true
+    case "$cmd" in
+        install) cmd_install ;;
+        up) cmd_up "$@" ;;
+        down) cmd_down "$@" ;;
+        start) [ $# -eq 2 ] || die "usage: stack.sh start DIR SERVICE"
+               load_state "$1"; start_service "$2" ;;
+        stop) [ $# -eq 2 ] || die "usage: stack.sh stop DIR SERVICE"
+              load_state "$1"; stop_service "$2" ;;
+        status) [ $# -eq 1 ] || die "usage: stack.sh status DIR"; cmd_status "$1" ;;
+        *) die "usage: stack.sh install | up DIR PORTBASE | down DIR | start|stop DIR SERVICE | status DIR" ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,256 @@
+"""The Postfix bundle: apply postkeep's main.cf settings and check an instance.
+
+The bundle (postfix-conf/main.cf) is a list of `name = value` lines with
+placeholders such as `{milter_address}` filled from the [postfix] section of
+postkeep.toml.  The pure functions here parse and render it and compare it with
+what `postconf` reports; the `postkeep postfix apply|check` commands are a thin
+shell over them that runs `postconf -c DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from postkeep.config import PostfixConfig, load
+
+# Where the bundle is looked for, first match wins: $POSTKEEP_POSTFIX_BUNDLE, the
+# source tree (editable installs, the dev stack), the packaged location.
+BUNDLE_ENV = "POSTKEEP_POSTFIX_BUNDLE"
+BUNDLE_CANDIDATES = (
+    Path(__file__).resolve().parent.parent / "postfix-conf" / "main.cf",
+    Path("/usr/share/postkeep/postfix-conf/main.cf"),
+)
+
+_LINE = re.compile(r"^([A-Za-z0-9_]+)\s*=\s*(.*?)\s*$")
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+class BundleError(Exception):
+    """A bundle line that cannot be used, naming the file and line."""
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One parameter whose value in the instance is not the bundle's."""
+
+    name: str
+    have: str | None  # None: postconf does not know the parameter
+    want: str
+
+    def __str__(self) -> str:
+        have = "<unknown parameter>" if self.have is None else repr(self.have)
+        return f"{self.name}: have {have}, want {self.want!r}"
+
+
+def render(value: str, placeholders: Mapping[str, str]) -> str:
+    """Fill `{name}` placeholders known in PLACEHOLDERS; leave Postfix macros alone."""
+    return _PLACEHOLDER.sub(
+        lambda m: placeholders[m.group(1)] if m.group(1) in placeholders else m.group(0), value
+    )
+
+
+def parse_bundle(
+    text: str, placeholders: Mapping[str, str], source: str = "<bundle>"
+) -> list[tuple[str, str]]:
+    """Ordered (name, value) pairs of a bundle, placeholders rendered.
+
+    Comments and blank lines are skipped; an indented line continues the value
+    before it (Postfix's own rule); a parameter set twice is refused.
+    """
+    result: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if raw[0].isspace():
+            if not result:
+                raise BundleError(f"{source}:{number}: continuation line before any parameter")
+            name, value = result[-1]
+            result[-1] = (name, f"{value} {render(raw.strip(), placeholders)}".strip())
+            continue
+        m = _LINE.match(raw)
+        if not m:
+            raise BundleError(f"{source}:{number}: expected 'name = value', got {raw!r}")
+        name, value = m.group(1), m.group(2)
+        if name in seen:
+            raise BundleError(f"{source}:{number}: {name} is set twice")
+        seen.add(name)
+        result.append((name, render(value, placeholders)))
+    return result
+
+
+def normalize(value: str) -> str:
+    """A value as Postfix compares it: whitespace runs and comma spacing folded."""
+    return re.sub(r"\s*,\s*", ", ", " ".join(value.split()))
+
+
+def parse_postconf(output: str) -> dict[str, str]:
+    """`postconf NAME...` output (`name = value` lines) as a dict."""
+    values: dict[str, str] = {}
+    for line in output.splitlines():
+        name, sep, value = line.partition(" =")
+        if sep and name and " " not in name:
+            values[name] = value.strip()
+        elif values and line[:1].isspace():  # long values may wrap
+            last = next(reversed(values))
+            values[last] = f"{values[last]} {line.strip()}"
+    return values
+
+
+def diff(wanted: Sequence[tuple[str, str]], have: Mapping[str, str]) -> list[Difference]:
+    """Every bundle parameter whose current value differs, in bundle order."""
+    return [
+        Difference(name, have.get(name), want)
+        for name, want in wanted
+        if name not in have or normalize(have[name]) != normalize(want)
+    ]
+
+
+def find_bundle(explicit: str | None = None) -> Path:
+    """The bundle file to use (see BUNDLE_CANDIDATES)."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(BUNDLE_ENV):
+        return Path(os.environ[BUNDLE_ENV])
+    for candidate in BUNDLE_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise click.ClickException(
+        "Postfix bundle not found; looked in "
+        + ", ".join(str(c) for c in BUNDLE_CANDIDATES)
+        + f" (set ${BUNDLE_ENV} or --bundle)"
+    )
+
+
+def load_bundle(path: Path, postfix_cfg: PostfixConfig) -> list[tuple[str, str]]:
+    """Read and render the bundle at PATH for this [postfix] configuration."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read the bundle ({exc.strerror})") from exc
+    try:
+        return parse_bundle(text, asdict(postfix_cfg), source=str(path))
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _postconf(config_directory: str, args: Iterable[str]) -> str:
+    cmd = ["postconf", "-c", config_directory, *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise click.ClickException("postconf not found: is Postfix installed?") from exc
+    if proc.returncode != 0:
+        raise click.ClickException(
+            f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}): {proc.stderr.strip()}"
+        )
+    for line in proc.stderr.splitlines():
+        if "unknown parameter" not in line:  # reported as a difference instead
+            click.echo(line, err=True)
+    return proc.stdout
+
+
+def current_values(config_directory: str, names: Iterable[str]) -> dict[str, str]:
+    """Effective values of NAMES in the instance at CONFIG_DIRECTORY."""
+    return parse_postconf(_postconf(config_directory, names))
+
+
+@dataclass
+class _Target:
+    config_directory: str
+    wanted: list[tuple[str, str]]
+
+
+def _target(ctx: click.Context, config_directory: str | None, bundle: str | None) -> _Target:
+    cfg = load((ctx.find_root().obj or {}).get("config_path"))
+    directory = config_directory or cfg.postfix.config_directory
+    if not Path(directory, "main.cf").is_file():
+        raise click.ClickException(f"{directory}/main.cf not found (postfix.config_directory)")
+    return _Target(directory, load_bundle(find_bundle(bundle), cfg.postfix))
+
+
+_DIR_OPTION = click.option(
+    "--config-directory",
+    default=None,
+    metavar="DIR",
+    help="Postfix configuration directory (default: [postfix].config_directory).",
+)
+_BUNDLE_OPTION = click.option(
+    "--bundle", default=None, metavar="FILE", help="Bundle main.cf (default: the shipped one)."
+)
+
+
+@click.group()
+def postfix() -> None:
+    """Apply or check postkeep's Postfix settings (postconf -c DIR)."""
+
+
+@postfix.command()
+@_DIR_OPTION
+@_BUNDLE_OPTION
+@click.pass_context
+def apply(ctx: click.Context, config_directory: str | None, bundle: str | None) -> None:
+    """Set every bundle parameter with postconf -e; print what changed."""
+    target = _target(ctx, config_directory, bundle)
+    names = [name for name, _ in target.wanted]
+    changes = diff(target.wanted, current_values(target.config_directory, names))
+    if not changes:
+        click.echo(f"{target.config_directory}: all {len(names)} bundle parameters already set")
+        return
+    _postconf(target.config_directory, ["-e", *(f"{d.name} = {d.want}" for d in changes)])
+    for d in changes:
+        was = "<unset>" if d.have is None else repr(d.have)
+        click.echo(f"{d.name}: {was} -> {d.want!r}")
+    left = diff(target.wanted, current_values(target.config_directory, names))
+    if left:
+        raise click.ClickException("postconf did not take: " + "; ".join(str(d) for d in left))
+    click.echo(
+        f"{target.config_directory}: {len(changes)} parameter(s) changed; "
+        "run 'postfix reload' for a running instance"
+    )
+
+
+@postfix.command()
+@_DIR_OPTION
+@_BUNDLE_OPTION
+@click.pass_context
+def check(ctx: click.Context, config_directory: str | None, bundle: str | None) -> None:
+    """Print every parameter that differs from the bundle; exit 1 if any does."""
+    target = _target(ctx, config_directory, bundle)
+    names = [name for name, _ in target.wanted]
+    differences = diff(target.wanted, current_values(target.config_directory, names))
+    for d in differences:
+        click.echo(str(d))
+    if differences:
+        click.echo(
+            f"{target.config_directory}: {len(differences)} of {len(names)} bundle "
+            "parameters differ (fix: postkeep postfix apply)",
+            err=True,
+        )
+        # sys.exit, not ctx.exit: the CLI root runs click with standalone_mode=False,
+        # where ctx.exit's code is returned instead of becoming the exit status.
+        sys.exit(1)
+    click.echo(f"{target.config_directory}: all {len(names)} bundle parameters match")
+
+
+@click.group()
+@click.option("--config", "config_path", default=None, metavar="FILE")
+@click.pass_context
+def _standalone(ctx: click.Context, config_path: str | None) -> None:
+    """TEMPORARY stand-in for `postkeep` while the CLI root cannot load."""
+    ctx.obj = {"config_path": config_path}
+
+
+_standalone.add_command(apply)
+_standalone.add_command(check)
+
+if __name__ == "__main__":
+    _standalone()
