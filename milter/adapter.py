@@ -81,8 +81,11 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         # Last first, so earlier indexes stay valid.
         for index in range(tx.own_headers_removed, 0, -1):
             self.chgheader(self.service.cfg.id_header, index, "")
+        # With leading space negotiated, Postfix writes our value verbatim after
+        # the colon; the capture stored it as "Name: value", so match that.
+        lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""
         for name, value in verdict.add_headers:
-            self.addheader(name, value)
+            self.addheader(name, lead + value)
         return Milter.CONTINUE
 
     def abort(self) -> Any:

@@ -2,9 +2,9 @@
 
 `persist` uploads the object, then writes the message row and its recipient
 rows in one transaction.  Until that transaction commits, nothing is visible:
-readers reach objects only through rows.  If the rows cannot be written, the
-object is deleted (best effort; an orphan object without a row is invisible
-and harmless).  Only after `persist` returns does the milter let Postfix
+readers reach objects only through rows.  If the rows cannot be confirmed, the
+object is left in place: an object without a row is invisible to readers, while
+deleting it could strand a row whose COMMIT succeeded just before the error.  Only after `persist` returns does the milter let Postfix
 accept the message.
 
 `Directory` caches organisation lookups for a short time so the hot path
@@ -89,9 +89,9 @@ def persist(db: Database, objects: ObjectStore, message: CapturedMessage,
 
     try:
         _with_one_retry(db, write_rows)
-    except BaseException:
-        try:
-            objects.delete(message.object_key)
-        except BackendError as exc:
-            log.warning("orphan object %s left in store: %s", message.object_key, exc)
+    except BackendError:
+        # The object stays: if the COMMIT reached PostgreSQL before the error,
+        # the row points at it.  An object without a row is invisible to every
+        # reader and is swept by retention.
+        log.warning("object %s written but its rows were not confirmed", message.object_key)
         raise
