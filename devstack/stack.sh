@@ -292,9 +292,8 @@ start_milter() {
         return 0
     fi
     if ! milter_importable; then
-        # TEMPORARY: the milter is being written by another engineer.
-        warn "postkeep.milter.daemon does not import yet: milter NOT started"
-        return 0
+        (cd / && "$PY" -c 'import postkeep.milter.daemon') || true
+        die "postkeep.milter.daemon does not import in $VENV (see above)"
     fi
     setsid "$VENV/bin/postkeep-milter" --config "$DIR/postkeep.toml" \
         >>"$DIR/milter/milter.log" 2>&1 </dev/null &
@@ -340,12 +339,8 @@ postkeep_cli() {  # the `postkeep` CLI
 }
 
 migrate_db() {
-    if ! postkeep_cli db --help >/dev/null 2>&1; then
-        # TEMPORARY: `postkeep db migrate` is being written by another engineer.
-        warn "'postkeep db migrate' is not available yet: schema NOT migrated"
-        return 0
-    fi
-    postkeep_cli db migrate || die "'postkeep db migrate' failed"
+    postkeep_cli db migrate >"$DIR/migrate.log" 2>&1 \
+        || { cat "$DIR/migrate.log" >&2; die "'postkeep db migrate' failed"; }
 }
 
 # ---------------------------------------------------------------- postfix
@@ -367,15 +362,8 @@ syslog_name = postfix-postkeep-$PORTBASE
 maillog_file = $PFLOG
 EOF
     # 1. The product bundle, exactly as production gets it.
-    if postkeep_cli postfix --help >/dev/null 2>&1; then
-        postkeep_cli postfix apply >"$DIR/postfix/apply.log" \
-            || die "'postkeep postfix apply' failed"
-    else
-        # TEMPORARY: the CLI root imports postkeep.admin, which may not exist yet.
-        warn "'postkeep' CLI does not load yet; applying the bundle via python -m postkeep.postfix_bundle"
-        (cd / && "$PY" -m postkeep.postfix_bundle --config "$DIR/postkeep.toml" apply) \
-            >"$DIR/postfix/apply.log" || die "applying the Postfix bundle failed"
-    fi
+    postkeep_cli postfix apply >"$DIR/postfix/apply.log" 2>&1 \
+        || { cat "$DIR/postfix/apply.log" >&2; die "'postkeep postfix apply' failed"; }
     # 2. Loopback/test overrides: only what a private loopback instance needs.
     local pc=(postconf -c "$PFDIR")
     "${pc[@]}" -e \

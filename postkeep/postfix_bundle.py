@@ -240,17 +240,3 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None) 
         sys.exit(1)
     click.echo(f"{target.config_directory}: all {len(names)} bundle parameters match")
 
-
-@click.group()
-@click.option("--config", "config_path", default=None, metavar="FILE")
-@click.pass_context
-def _standalone(ctx: click.Context, config_path: str | None) -> None:
-    """TEMPORARY stand-in for `postkeep` while the CLI root cannot load."""
-    ctx.obj = {"config_path": config_path}
-
-
-_standalone.add_command(apply)
-_standalone.add_command(check)
-
-if __name__ == "__main__":
-    _standalone()
