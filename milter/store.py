@@ -4,8 +4,8 @@
 rows in one transaction.  Until that transaction commits, nothing is visible:
 readers reach objects only through rows.  If the rows cannot be confirmed, the
 object is left in place: an object without a row is invisible to readers, while
-deleting it could strand a row whose COMMIT succeeded just before the error.  Only after `persist` returns does the milter let Postfix
-accept the message.
+deleting it could strand a row whose COMMIT succeeded just before the error.
+Only after `persist` returns does the milter let Postfix accept the message.
 
 `Directory` caches organisation lookups for a short time so the hot path
 asks PostgreSQL once per sender every few seconds, not once per message.
