@@ -1,0 +1,127 @@
+"""Hostile input through real Postfix: clear replies, no crash, no hang.
+
+Each nasty message gets either a clean capture (byte-exact) or a clear SMTP
+reply with an enhanced status code; afterwards the milter process is still
+the same one and the next ordinary message goes through and is captured.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+import uuid
+
+import pytest
+from support import smtp
+from support.stack import Stack, load_stack, strip_received
+
+from postkeep.milter.capture import restore
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def stack() -> Stack:
+    return load_stack()
+
+
+@pytest.fixture(scope="module")
+def domain(stack: Stack) -> str:
+    return stack.new_org("free")[1]
+
+
+def _milter_pid(stack: Stack) -> int:
+    path = os.path.join(stack.env["POSTKEEP_STACK_DIR"], "milter", "milter.pid")
+    with open(path) as fh:
+        return int(fh.read().strip())
+
+
+def _healthy(stack: Stack, domain: str) -> None:
+    """An ordinary message right after still goes through and is captured."""
+    token = uuid.uuid4().hex
+    reply = smtp.send(*stack.smtp, f"ok@{domain}", ["r@sink.test"],
+                      f"From: ok@{domain}\r\nX-Test-Token: {token}\r\n\r\nfine\r\n".encode())
+    delivered = stack.sink_copy(token)
+    with stack.connect() as conn:
+        row = conn.execute("SELECT object_key FROM messages WHERE queue_id = %s",
+                           (reply.queue_id,)).fetchone()
+    assert row is not None
+    assert restore([stack.stored(row[0])]) == strip_received(delivered)
+    with urllib.request.urlopen(stack.env["POSTKEEP_MILTER_METRICS"], timeout=5) as resp:
+        assert b"postkeep_milter_messages_total" in resp.read()
+
+
+NASTY = {
+    "nul-in-header": b"Subject: nul \x00 inside\r\nX-Nul: \x00\x00\r\n",
+    "eight-bit-header": b"Subject: caf\xc3\xa9 \xff\xfe raw\r\nX-Latin1: \xe9t\xe9\r\n",
+    "no-colon-header": b"This line has no colon\r\nX-After: still a header?\r\n",
+    "bare-cr": b"Subject: bare \r carriage\r\n",
+    "huge-header": b"X-Huge: " + b"a" * 200_000 + b"\r\n",
+    "empty-name": b": empty name\r\n",
+    "long-body-line": b"X-Before-Body: yes\r\n\r\n" + b"b" * 5000,
+}
+# Lines longer than 998 octets are illegal (RFC 5322 2.1.1).  Postfix accepts
+# them, and the milter stores them as accepted; its smtp client then breaks
+# them with CRLF SPACE when relaying (smtp_line_length_limit = 998).
+OVERLONG = {"huge-header", "long-body-line"}
+
+
+@pytest.mark.parametrize("name", sorted(NASTY))
+def test_nasty_header_gets_clear_outcome(stack: Stack, domain: str, name: str) -> None:
+    pid_before = _milter_pid(stack)
+    token = uuid.uuid4().hex
+    data = (f"From: n@{domain}\r\nX-Test-Token: {token}\r\n".encode() + NASTY[name]
+            + b"\r\nbody\r\n")
+    try:
+        reply = smtp.send(*stack.smtp, f"n@{domain}", ["r@sink.test"], data)
+    except smtp.SMTPError as exc:
+        # A refusal is fine if it is clear: a code and an enhanced status.
+        assert exc.reply.code in (451, 452, 550, 552, 554), exc.reply
+        assert exc.reply.enhanced, exc.reply.text
+    else:
+        delivered = stack.sink_copy(token)
+        with stack.connect() as conn:
+            row = conn.execute("SELECT object_key FROM messages WHERE queue_id = %s",
+                               (reply.queue_id,)).fetchone()
+        assert row is not None, f"{name}: accepted but not captured"
+        relayed = strip_received(delivered)
+        if name in OVERLONG:
+            relayed = relayed.replace(b"\r\n ", b"")
+        assert restore([stack.stored(row[0])]) == relayed
+    assert _milter_pid(stack) == pid_before
+    os.kill(pid_before, 0)  # still alive
+    _healthy(stack, domain)
+
+
+def test_message_over_size_limit_is_refused_and_next_passes(stack: Stack, domain: str) -> None:
+    token = uuid.uuid4().hex
+    data = (f"From: big@{domain}\r\nX-Test-Token: {token}\r\n\r\n".encode()
+            + (b"z" * 998 + b"\r\n") * 10_600)  # ~10.6 MB > message_size_limit
+    with pytest.raises(smtp.SMTPError) as err:
+        smtp.send(*stack.smtp, f"big@{domain}", ["r@sink.test"], data)
+    assert err.value.reply.code == 552
+    assert err.value.reply.enhanced == "5.3.4"
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM messages WHERE envelope_from = %s",
+                            (f"big@{domain}",)).fetchone() == (0,)
+    _healthy(stack, domain)
+
+
+def test_garbage_to_milter_socket_does_not_kill_it(stack: Stack, domain: str) -> None:
+    """Random bytes on the milter port: libmilter drops the connection, nothing else."""
+    import socket
+
+    pid = _milter_pid(stack)
+    with stack.connect():
+        pass
+    host, port = "127.0.0.1", int(stack.config.milter.listen.split(":")[1].split("@")[0])
+    for payload in (os.urandom(4096), b"\x00\x00\x00\x05Ojunk", b"\xff\xff\xff\xff" + b"A" * 64):
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(payload)
+            s.settimeout(5)
+            try:
+                s.recv(100)
+            except (TimeoutError, ConnectionResetError):
+                pass
+    os.kill(pid, 0)
+    _healthy(stack, domain)
