@@ -79,6 +79,19 @@ def check_domain(text: str) -> str:
     return name
 
 
+def check_retention(content_days: int, metadata_days: int | None) -> None:
+    """ValueError unless metadata is kept at least as long as content.
+
+    The row is what tells a reader the content expired, and partitions are
+    created ahead for the longest metadata retention only.
+    """
+    if metadata_days is not None and content_days > metadata_days:
+        raise ValueError(
+            f"content retention {content_days} days exceeds metadata retention"
+            f" {metadata_days} days; raise --metadata-days to at least {content_days}"
+        )
+
+
 def _days(n: int | None) -> str:
     """Retention days for display: 'unlimited' for None."""
     return "unlimited" if n is None else f"{n}d"
@@ -282,6 +295,17 @@ def org_add(
             _fail(f"--tier {tier!r}: unknown tier; allowed: {', '.join(tiers)}")
         if not name.strip():
             _fail("organisation name must not be empty")
+        defaults = s.conn.execute(
+            "SELECT content_days, metadata_days FROM tiers WHERE name = %s", (tier,)
+        ).fetchone()
+        assert defaults is not None
+        try:
+            check_retention(
+                content_days or defaults[0],
+                metadata_days if metadata_days is not None else defaults[1],
+            )
+        except ValueError as exc:
+            _fail(str(exc))
         try:
             oid = directory.add_organisation(
                 s.conn, name, tier, content_days=content_days, metadata_days=metadata_days

@@ -176,6 +176,19 @@ def test_org_add_unknown_tier_names_allowed_tiers(run: Invoke, db: psycopg.Conne
 
 
 @pytest.mark.stack
+def test_org_add_refuses_content_outliving_metadata(run: Invoke, db: psycopg.Connection) -> None:
+    name = unique_name("cli")
+    result = run("org", "add", name, "--tier", "free", "--content-days", "60")
+    assert result.exit_code == 1
+    assert "content retention 60 days exceeds metadata retention 30 days" in result.stderr
+    assert directory.find_by_name(db, name) is None
+    _ok(run("org", "add", name, "--tier", "free", "--content-days", "60", "--metadata-days", "60"))
+    org = directory.find_by_name(db, name)
+    assert org is not None and (org.content_days, org.metadata_days) == (60, 60)
+    _ok(run("org", "add", unique_name("cli"), "--tier", "enterprise", "--content-days", "3650"))
+
+
+@pytest.mark.stack
 def test_domain_add_validates_and_records(
     run: Invoke, db: psycopg.Connection, make_org: Callable[..., TestOrg]
 ) -> None:
