@@ -23,9 +23,12 @@ run: install
 stop:
 	$(STACK) down $(RUN_DIR)
 
-# Always tears the test stack down, and exits with pytest's status.
+# Always tears the test stack down, and exits with pytest's status.  Runs that
+# share a work tree (and so TEST_DIR and its ports) take turns through a lock.
 test: install
-	@rc=0; \
+	@mkdir -p $(TEST_DIR); exec 9>$(TEST_DIR)/.lock; \
+	flock -n 9 || { echo "make test: waiting for another 'make test' on $(TEST_DIR)" >&2; flock 9; }; \
+	rc=0; \
 	$(STACK) up $(TEST_DIR) $(TEST_PORT) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
 		( set -a && . $(TEST_DIR)/env && set +a && cd $(CURDIR) && \

@@ -9,6 +9,7 @@
 #   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
 #   stack.sh status DIR              one line per service
 #
+# Daemons are started with fd 9 closed: `make test` holds its lock there.
 # Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
 # +4 MinIO console, +5 milter, +6 milter metrics.  `up` records PORTBASE in DIR so
 # that `start`/`stop` reuse it.  DIR/env is a shell file with everything tests need.
@@ -200,7 +201,7 @@ EOF
     else
         rm -f "$data/postmaster.pid"
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg/postgres.log" -w -t 60 \
-            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off" start >/dev/null \
+            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off" start >/dev/null 9>&- \
             || die "postgres failed to start on 127.0.0.1:$PG_PORT, see $DIR/pg/postgres.log"
     fi
     local psql=("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qAtX)
@@ -244,7 +245,7 @@ start_minio() {
             MINIO_BROWSER=off MINIO_UPDATE=off \
             setsid "$MINIO_BIN" server "$DIR/minio/data" --quiet \
             --address "127.0.0.1:$S3_PORT" --console-address "127.0.0.1:$S3_CONSOLE_PORT" \
-            >>"$DIR/minio/minio.log" 2>&1 </dev/null &
+            >>"$DIR/minio/minio.log" 2>&1 </dev/null 9>&- &
         echo $! >"$DIR/minio/minio.pid"
     fi
     local i
@@ -274,7 +275,7 @@ start_sink() {
         return 0
     fi
     setsid "$PY" "$REPO/devstack/sink.py" --host 127.0.0.1 --port "$SINK_PORT" --dir "$DIR/sink" \
-        >>"$DIR/sink.log" 2>&1 </dev/null &
+        >>"$DIR/sink.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/sink.pid"
     wait_port "$SINK_PORT" 30 "$DIR/sink.pid" \
         || die "sink not listening on 127.0.0.1:$SINK_PORT, see $DIR/sink.log"
@@ -296,7 +297,7 @@ start_milter() {
         die "postkeep.milter.daemon does not import in $VENV (see above)"
     fi
     setsid "$VENV/bin/postkeep-milter" --config "$DIR/postkeep.toml" \
-        >>"$DIR/milter/milter.log" 2>&1 </dev/null &
+        >>"$DIR/milter/milter.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/milter/milter.pid"
     wait_port "$MILTER_PORT" 30 "$DIR/milter/milter.pid" \
         || die "postkeep-milter not listening on 127.0.0.1:$MILTER_PORT, see $DIR/milter/milter.log"
@@ -401,7 +402,7 @@ start_postfix() {
         log "postfix already running"
     else
         postfix -c "$PFDIR" check || die "postfix -c $PFDIR check failed (see $PFLOG)"
-        postfix -c "$PFDIR" start >/dev/null 2>&1 \
+        postfix -c "$PFDIR" start >/dev/null 2>&1 9>&- \
             || die "postfix -c $PFDIR start failed (see $PFLOG; is $PFDIR in /etc/postfix alternate_config_directories?)"
     fi
     local i banner
