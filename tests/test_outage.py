@@ -105,3 +105,53 @@ def test_postgres_stopped_mid_run(stack: Stack) -> None:
 @pytest.fixture(scope="module")
 def stack() -> Stack:
     return load_stack()
+
+
+def _pids_of(pattern: str) -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_frozen_minio_tempfails_within_timeout(stack: Stack) -> None:
+    """MinIO alive but not answering (SIGSTOP): 451 4.3.0 after the S3 timeout."""
+    import os
+    import signal
+
+    _, domain = stack.new_org("basic")
+    pids = _pids_of(f"minio server {stack.env['POSTKEEP_STACK_DIR']}")
+    assert pids, "MinIO process of the test stack not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(smtp.SMTPError) as err:
+            smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
+                      _message(domain, uuid.uuid4().hex))
+        waited = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert err.value.reply.code == 451 and "s3" in err.value.reply.text
+    # Bounded by the configured S3 timeout (two attempts), far below Postfix's.
+    assert waited < 4 * stack.config.s3.timeout_seconds + 5
+    token = uuid.uuid4().hex
+    reply = smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"], _message(domain, token))
+    assert reply.queue_id
+
+
+def test_locked_table_tempfails_with_statement_timeout(stack: Stack) -> None:
+    """PostgreSQL alive but the insert cannot proceed: 451 after statement_timeout."""
+    _, domain = stack.new_org("basic")
+    with stack.connect() as locker:
+        locker.autocommit = False
+        locker.execute("LOCK TABLE message_recipients IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(smtp.SMTPError) as err:
+            smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
+                      _message(domain, uuid.uuid4().hex))
+        locker.rollback()
+    assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
+    reply = smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
+                      _message(domain, uuid.uuid4().hex))
+    assert reply.queue_id
