@@ -141,6 +141,12 @@ wait_port() {  # PORT SECONDS [PIDFILE]: until PORT accepts, SECONDS pass or PID
     return 1
 }
 
+require_free() {  # PORT WHAT: die naming the port if something else listens there
+    if port_open "$1"; then
+        die "127.0.0.1:$1 ($2) is already in use by another process; pick another PORTBASE"
+    fi
+}
+
 stop_pid() {  # PIDFILE NAME
     local pidfile="$1" pid i
     [ -f "$pidfile" ] || return 0
@@ -200,6 +206,7 @@ EOF
         log "postgres already running"
     else
         rm -f "$data/postmaster.pid"
+        require_free "$PG_PORT" "PostgreSQL"
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg/postgres.log" -w -t 60 \
             -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off" start >/dev/null 9>&- \
             || die "postgres failed to start on 127.0.0.1:$PG_PORT, see $DIR/pg/postgres.log"
@@ -241,6 +248,8 @@ start_minio() {
         log "minio already running"
     else
         [ -x "$MINIO_BIN" ] || die "$MINIO_BIN missing: run 'stack.sh install'"
+        require_free "$S3_PORT" "MinIO"
+        require_free "$S3_CONSOLE_PORT" "MinIO console"
         MINIO_ROOT_USER="$MINIO_ROOT_USER" MINIO_ROOT_PASSWORD="$MINIO_ROOT_PASSWORD" \
             MINIO_BROWSER=off MINIO_UPDATE=off \
             setsid "$MINIO_BIN" server "$DIR/minio/data" --quiet \
@@ -274,6 +283,7 @@ start_sink() {
         log "sink already running"
         return 0
     fi
+    require_free "$SINK_PORT" "sink"
     setsid "$PY" "$REPO/devstack/sink.py" --host 127.0.0.1 --port "$SINK_PORT" --dir "$DIR/sink" \
         >>"$DIR/sink.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/sink.pid"
@@ -296,6 +306,8 @@ start_milter() {
         (cd / && "$PY" -c 'import postkeep.milter.daemon') || true
         die "postkeep.milter.daemon does not import in $VENV (see above)"
     fi
+    require_free "$MILTER_PORT" "milter"
+    require_free "$METRICS_PORT" "milter metrics"
     setsid "$VENV/bin/postkeep-milter" --config "$DIR/postkeep.toml" \
         >>"$DIR/milter/milter.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/milter/milter.pid"
@@ -401,6 +413,7 @@ start_postfix() {
     if postfix -c "$PFDIR" status >/dev/null 2>&1; then
         log "postfix already running"
     else
+        require_free "$SMTP_PORT" "Postfix smtpd"
         postfix -c "$PFDIR" check || die "postfix -c $PFDIR check failed (see $PFLOG)"
         postfix -c "$PFDIR" start >/dev/null 2>&1 9>&- \
             || die "postfix -c $PFDIR start failed (see $PFLOG; is $PFDIR in /etc/postfix alternate_config_directories?)"
