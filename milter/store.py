@@ -1,7 +1,7 @@
 """Making a captured message durable: object first, then the rows.
 
 `persist` uploads the object, then writes the message row and its recipient
-rows in one transaction.  Until that transaction commits, nothing is visible:
+rows in one statement.  Until that statement commits, nothing is visible:
 readers reach objects only through rows.  If the rows cannot be confirmed, the
 object is left in place: an object without a row is invisible to readers, while
 deleting it could strand a row whose COMMIT succeeded just before the error.
@@ -47,7 +47,7 @@ class Directory:
             hit = self._cache.get((kind, key))
         if hit is not None and hit[0] > now:
             return hit[1]
-        with self._db.transaction() as conn:
+        with self._db.connection() as conn:
             org = query(conn, key)
         ttl = self._ttl if org is not None else self._miss_ttl
         with self._lock:
@@ -84,7 +84,7 @@ def persist(db: Database, objects: ObjectStore, message: CapturedMessage,
     objects.put(message.object_key, content, compressed_size)
 
     def write_rows() -> None:
-        with db.transaction() as conn:
+        with db.connection() as conn:
             record_capture(conn, message)
 
     try:

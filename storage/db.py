@@ -37,8 +37,9 @@ class Database:
             max_size=max(cfg.pool_max, min_size or 0),
             timeout=cfg.connect_timeout_seconds,
             open=False,
-            check=ConnectionPool.check_connection,
-            kwargs={"autocommit": False},
+            # Autocommit: single-statement writes cost one round trip, no
+            # BEGIN/COMMIT; multi-statement work uses transaction().
+            kwargs={"autocommit": True},
             name="postkeep",
         )
         self._opened = False
@@ -52,6 +53,22 @@ class Database:
         if self._opened:
             self._pool.close()
             self._opened = False
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """An autocommit connection from the pool: each statement stands alone.
+
+        Any driver or pool failure is re-raised as BackendError('postgres').
+        """
+        self.open()
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise BackendError("postgres", f"no connection within "
+                               f"{self.cfg.connect_timeout_seconds:g}s") from exc
+        except psycopg.OperationalError as exc:
+            raise BackendError("postgres", _first_line(exc)) from exc
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:

@@ -1,7 +1,7 @@
 """The `messages` and `message_recipients` tables: capture rows and readers.
 
-`record_capture` writes one message row and one row per recipient in the
-caller's transaction, so both are visible together or not at all.  Expiry
+`record_capture` writes one message row and one row per recipient in a
+single statement, so both are visible together or not at all.  Expiry
 dates are stamped here from the organisation's retention at capture time;
 "unlimited" metadata is stamped as `UNLIMITED` (9999-12-31 UTC) and lands in
 the partition kept forever.
@@ -64,45 +64,47 @@ class CapturedMessage:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-_INSERT_MESSAGE = """
-INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
-    envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
-    content_expires_at, metadata_expires_at, status, recipient_count, created_at, accepted_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'queued', %s, %s, now())
-ON CONFLICT DO NOTHING
-"""
-
-_INSERT_RECIPIENT = """
+# One statement, so one round trip and atomic even on an autocommit
+# connection: the message row and every recipient row, or nothing.
+_INSERT_CAPTURE = """
+WITH msg AS (
+    INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
+        envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
+        content_expires_at, metadata_expires_at, status, recipient_count, created_at,
+        accepted_at)
+    VALUES (%(id)s, %(org_id)s, %(domain)s, %(direction)s, %(queue_id)s, %(message_id)s,
+        %(envelope_from)s, %(header_from)s, %(subject)s, %(size)s, %(object_key)s,
+        %(compressed_size)s, %(sha256)s, %(content_exp)s, %(metadata_exp)s, 'queued',
+        %(nrcpt)s, %(created)s, now())
+    ON CONFLICT DO NOTHING
+)
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
     created_at, updated_at)
-VALUES (%s, %s, %s, 'queued', %s, %s, %s)
+SELECT %(id)s, %(org_id)s, r, 'queued', %(metadata_exp)s, %(created)s, %(created)s
+FROM unnest(%(recipients)s::text[]) AS r
 ON CONFLICT DO NOTHING
 """
 
 
 def record_capture(conn: psycopg.Connection, m: CapturedMessage) -> None:
-    """Insert the message row and its recipient rows (caller owns the transaction).
+    """Insert the message row and its recipient rows in one statement.
 
     Idempotent (ON CONFLICT DO NOTHING): a retry after a lost COMMIT reply
     neither fails nor duplicates.
     """
-    with conn.cursor() as cur:
-        cur.execute(
-            _INSERT_MESSAGE,
-            (
-                m.id, m.org_id, m.domain, m.direction, m.queue_id, m.message_id_header,
-                m.envelope_from, m.header_from, m.subject, m.size, m.object_key,
-                m.compressed_size, m.sha256, m.content_expires_at, m.metadata_expires_at,
-                len(m.recipients), m.created_at,
-            ),
-        )
-        cur.executemany(
-            _INSERT_RECIPIENT,
-            [
-                (m.id, m.org_id, rcpt, m.metadata_expires_at, m.created_at, m.created_at)
-                for rcpt in m.recipients
-            ],
-        )
+    conn.execute(
+        _INSERT_CAPTURE,
+        {
+            "id": m.id, "org_id": m.org_id, "domain": m.domain, "direction": m.direction,
+            "queue_id": m.queue_id, "message_id": m.message_id_header,
+            "envelope_from": m.envelope_from, "header_from": m.header_from,
+            "subject": m.subject, "size": m.size, "object_key": m.object_key,
+            "compressed_size": m.compressed_size, "sha256": m.sha256,
+            "content_exp": m.content_expires_at, "metadata_exp": m.metadata_expires_at,
+            "nrcpt": len(m.recipients), "created": m.created_at,
+            "recipients": list(m.recipients),
+        },
+    )
 
 
 # --- readers ---------------------------------------------------------------
