@@ -120,3 +120,40 @@ def test_sendmail_mail_is_captured(stack: Stack, org: tuple[uuid.UUID, str]) -> 
     assert row is not None, "sendmail message was not captured"
     stored = restore([stack.stored(row[1])])
     assert stored == strip_received(delivered)
+
+
+def _metric(stack: Stack, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(stack.env["POSTKEEP_MILTER_METRICS"], timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def test_metrics_count_captures_and_bytes(stack: Stack, org: tuple[uuid.UUID, str]) -> None:
+    _, domain = org
+    captured = 'postkeep_milter_messages_total{outcome="captured"}'
+    refused = 'postkeep_milter_messages_total{outcome="refused"}'
+    before = {n: _metric(stack, n) for n in (
+        captured, refused, "postkeep_milter_received_bytes_total",
+        "postkeep_milter_stored_bytes_total", "postkeep_milter_eom_duration_seconds_count")}
+    token = uuid.uuid4().hex
+    reply = smtp.send(*stack.smtp, f"m@{domain}", ["r@sink.test"],
+                      f"From: m@{domain}\r\nX-Test-Token: {token}\r\n\r\n".encode()
+                      + b"metrics body\r\n" * 100)
+    with pytest.raises(smtp.SMTPError):
+        smtp.send(*stack.smtp, "m@unknown-org.example", ["r@sink.test"], b"Subject: x\r\n\r\n")
+    with stack.connect() as conn:
+        size, stored = conn.execute("SELECT size, compressed_size FROM messages"
+                                    " WHERE queue_id = %s", (reply.queue_id,)).fetchone()
+    assert _metric(stack, captured) == before[captured] + 1
+    assert _metric(stack, refused) == before[refused] + 1
+    assert (_metric(stack, "postkeep_milter_received_bytes_total")
+            == before["postkeep_milter_received_bytes_total"] + size)
+    assert (_metric(stack, "postkeep_milter_stored_bytes_total")
+            == before["postkeep_milter_stored_bytes_total"] + stored)
+    assert (_metric(stack, "postkeep_milter_eom_duration_seconds_count")
+            >= before["postkeep_milter_eom_duration_seconds_count"] + 2)
