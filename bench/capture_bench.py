@@ -1,0 +1,470 @@
+"""Capture benchmark driver: paired, alternated runs through a real Postfix.
+
+Called by bench/run.sh once the bench stack, OpenDKIM, the null milter and
+smtp-sink are up.  For each message size it runs the configurations in turn
+(A B C D A B C D ...) so that a noisy neighbour hurts every configuration
+alike, and reports medians and paired ratios rather than single runs:
+
+  A  bare Postfix            smtpd_milters empty
+  B  Postfix + OpenDKIM      RSA-2048 relaxed/relaxed signing (the usual peer)
+  C  Postfix + postkeep      the stack's postkeep-milter, capturing
+  D  Postfix + null milter   a do-nothing pymilter (floor for a Python milter)
+
+Throughput is end to end: from smtp-source's start until smtp-sink (the relay
+target) has counted all N messages.  The queue is drained before every run.
+For C it also reads the milter's CPU time from /proc/PID/stat and its
+end-of-message histogram from /metrics (bucket deltas), and afterwards samples
+VmRSS every 50 ms while large and small messages go through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SESSIONS = 20
+SIZES = {"5 KB": 5 * 1024, "100 KB": 100 * 1024}
+QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
+RUN_TIMEOUT = 300.0
+EOM_METRIC = "postkeep_milter_eom_duration_seconds"
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def read_env(path: str) -> dict[str, str]:
+    """DIR/env (`export K='V'` lines) as a dict."""
+    env: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+# ---------------------------------------------------------------- probes
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of PID (all threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of PID every `interval` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join()
+        return self.peak
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text exposition → {'name{labels}': value}."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def eom_buckets(metrics: dict[str, float]) -> list[tuple[float, float]]:
+    """[(upper bound, cumulative count)] of the end-of-message histogram."""
+    buckets = []
+    for key, value in metrics.items():
+        m = re.fullmatch(EOM_METRIC + r'_bucket\{le="([^"]+)"\}', key)
+        if m:
+            buckets.append((float(m.group(1)), value))
+    return sorted(buckets)
+
+
+def histogram_quantile(q: float, before: list[tuple[float, float]],
+                       after: list[tuple[float, float]]) -> float:
+    """Quantile of the observations between two scrapes, linearly interpolated
+    inside the bucket it falls in (as Prometheus' histogram_quantile does)."""
+    deltas = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = deltas[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    lower, prev = 0.0, 0.0
+    for le, cum in deltas:
+        if cum >= rank:
+            if le == float("inf"):
+                return lower  # beyond the last finite bucket: report its bound
+            return lower + (le - lower) * (rank - prev) / max(cum - prev, 1e-12)
+        lower, prev = le, cum
+    return lower
+
+
+# ---------------------------------------------------------------- the harness
+@dataclass
+class Run:
+    config: str
+    size: str
+    rep: int
+    n: int
+    seconds: float
+    rate: float
+    milter_cpu: float | None = None  # seconds for the run (C, D: the milter; B: opendkim)
+    p50: float | None = None
+    p99: float | None = None
+    captured: int | None = None
+
+
+@dataclass
+class Bench:
+    env: dict[str, str]
+    sink_out: Path
+    sink_port: int
+    milter_pid: int
+    dkim_pid: int
+    null_pid: int
+    milters: dict[str, str]
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def pfdir(self) -> str:
+        return self.env["POSTKEEP_POSTFIX_CONFIG_DIR"]
+
+    @property
+    def smtp(self) -> str:
+        return f"{self.env['POSTKEEP_SMTP_HOST']}:{self.env['POSTKEEP_SMTP_PORT']}"
+
+    def postconf(self, *settings: str) -> None:
+        subprocess.run(["postconf", "-c", self.pfdir, "-e", *settings], check=True)
+
+    def reload(self) -> None:
+        subprocess.run(["postfix", "-c", self.pfdir, "reload"], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let master replace idle smtpd/cleanup processes
+
+    def use(self, config: str) -> None:
+        milter = self.milters[config]
+        self.postconf(f"smtpd_milters = {milter}", f"non_smtpd_milters = {milter}")
+        self.reload()
+
+    def queued(self) -> int:
+        spool = Path(subprocess.run(["postconf", "-c", self.pfdir, "-h", "queue_directory"],
+                                    check=True, capture_output=True, text=True).stdout.strip())
+        return sum(1 for q in QUEUES for _, _, files in os.walk(spool / q) for _ in files)
+
+    def drain(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.queued():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: queue not drained after {timeout:.0f} s "
+                                 f"(postqueue -c {self.pfdir} -p)")
+            time.sleep(0.2)
+
+    def sink_count(self) -> int:
+        with open(self.sink_out, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 200))
+            tail = f.read().decode(errors="replace")
+        counts = re.findall(r"mesg=(\d+)", tail)
+        return int(counts[-1]) if counts else 0
+
+    def send(self, n: int, size: int, sessions: int = SESSIONS,
+             message_file: str | None = None) -> float:
+        """smtp-source N messages; return seconds until smtp-sink has them all."""
+        self.drain()
+        start_count = self.sink_count()
+        payload = ["-F", message_file] if message_file else ["-l", str(size)]
+        cmd = ["smtp-source", "-s", str(sessions), "-m", str(n), *payload,
+               "-f", "sender@bench.example", "-t", "rcpt@sink.example", self.smtp]
+        t0 = time.monotonic()
+        src = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        idle_since: float | None = None
+        while True:
+            if self.sink_count() - start_count >= n:
+                elapsed = time.monotonic() - t0
+                break
+            now = time.monotonic()
+            if now - t0 > RUN_TIMEOUT:
+                src.kill()
+                raise SystemExit(f"bench: {n} messages not delivered in {RUN_TIMEOUT:.0f} s")
+            if src.poll() is not None and self.queued() == 0:
+                idle_since = idle_since or now
+                if now - idle_since > 3.0:
+                    raise SystemExit(
+                        f"bench: smtp-source finished (exit {src.returncode}) but the sink "
+                        f"counted {self.sink_count() - start_count} of {n}: "
+                        f"{(src.stderr.read() if src.stderr else '')[-800:]}")
+            time.sleep(0.02)
+        src.wait()
+        if src.returncode != 0:
+            log(f"smtp-source exit {src.returncode}: {(src.stderr.read() if src.stderr else '')[-400:]}")
+        return elapsed
+
+    def measured_run(self, config: str, size_name: str, rep: int, n: int) -> Run:
+        size = SIZES[size_name]
+        self.drain()
+        pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid}.get(config)
+        metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
+        before = scrape(metrics_url) if config == "C" else {}
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        seconds = self.send(n, size)
+        run = Run(config, size_name, rep, n, seconds, n / seconds)
+        if pid:
+            run.milter_cpu = cpu_seconds(pid) - cpu0
+        if config == "C":
+            after = scrape(metrics_url)
+            b, a = eom_buckets(before), eom_buckets(after)
+            run.p50 = histogram_quantile(0.50, b, a)
+            run.p99 = histogram_quantile(0.99, b, a)
+            key = 'postkeep_milter_messages_total{outcome="captured"}'
+            run.captured = int(after.get(key, 0) - before.get(key, 0))
+            if run.captured != n:
+                raise SystemExit(f"bench: C delivered {n} but the milter captured "
+                                 f"{run.captured}: is bench.example an organisation's domain?")
+        self.runs.append(run)
+        extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
+        if run.p50 is not None and run.p99 is not None:
+            extra += f" eom p50 {run.p50 * 1000:.1f}ms p99 {run.p99 * 1000:.1f}ms"
+        log(f"{config} {size_name:>6} rep {rep}: {n} msgs in {seconds:.2f}s = "
+            f"{run.rate:.0f} msg/s{extra}")
+        return run
+
+    def rss_run(self, label: str, n: int, size: int, sessions: int,
+                message_file: str | None = None) -> tuple[int, int, int]:
+        """(baseline KiB, peak KiB, samples) of the capture milter over one run."""
+        self.drain()
+        base = rss_kib(self.milter_pid)
+        sampler = RssSampler(self.milter_pid)
+        sampler.start()
+        seconds = self.send(n, size, sessions=sessions, message_file=message_file)
+        time.sleep(0.3)
+        peak = sampler.stop()
+        log(f"RSS {label}: {n} msgs/{sessions} sessions in {seconds:.1f}s, "
+            f"baseline {base / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB "
+            f"({sampler.samples} samples)")
+        return base, peak, sampler.samples
+
+
+# ---------------------------------------------------------------- reporting
+def fmt(v: float, digits: int = 0) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    osr = "?"
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("PRETTY_NAME="):
+            osr = line.split("=", 1)[1].strip('"')
+    postfix = subprocess.run(["postconf", "-dh", "mail_version"], capture_output=True,
+                             text=True).stdout.strip()
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return (f"{osr}; {os.cpu_count()} x {cpu}; {int(mem) // 1024} MiB RAM; "
+            f"Postfix {postfix}; Python {sys.version.split()[0]}; "
+            f"load average at start {' '.join(load)}")
+
+
+def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
+           started: float, header: str) -> str:
+    names = {"A": "A bare Postfix", "B": "B + OpenDKIM (RSA-2048)",
+             "C": "C + postkeep-milter", "D": "D + null pymilter"}
+    lines = [header, ""]
+    lines += ["## Throughput (messages/s end to end, 20 smtp-source sessions)", "",
+              "| size | configuration | median | min | max | reps | N |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for size in SIZES:
+        for c in configs:
+            rates = [r.rate for r in bench.runs if r.size == size and r.config == c]
+            if rates:
+                n = next(r.n for r in bench.runs if r.size == size and r.config == c)
+                lines.append(f"| {size} | {names[c]} | {fmt(statistics.median(rates))} | "
+                             f"{fmt(min(rates))} | {fmt(max(rates))} | {len(rates)} | {n} |")
+    lines += ["", "## Paired ratios (median over reps of the ratio within each rep)", "",
+              "| size | C/B | C/A | B/A | C/D | target C/B >= 1.0 |",
+              "|---|---:|---:|---:|---:|---|"]
+    for size in SIZES:
+        by = {(r.config, r.rep): r.rate for r in bench.runs if r.size == size}
+        reps = sorted({rep for (_, rep) in by})
+
+        def ratio(x: str, y: str, by: dict[tuple[str, int], float] = by,
+                  reps: list[int] = reps) -> float | None:
+            vals = [by[(x, k)] / by[(y, k)] for k in reps if (x, k) in by and (y, k) in by]
+            return statistics.median(vals) if vals else None
+
+        cb, ca, ba, cd = ratio("C", "B"), ratio("C", "A"), ratio("B", "A"), ratio("C", "D")
+        show = [f"{v:.2f}" if v is not None else "-" for v in (cb, ca, ba, cd)]
+        verdict = "-" if cb is None else ("met" if cb >= 1.0 else "NOT met")
+        lines.append(f"| {size} | {' | '.join(show)} | {verdict} |")
+    lines += ["", "## CPU per 1,000 messages (utime+stime from /proc/PID/stat, median over reps)",
+              "", "| size | OpenDKIM (B) | null pymilter (D) | postkeep-milter (C) | "
+              "postkeep minus null |", "|---|---:|---:|---:|---:|"]
+    for size in SIZES:
+        per = {}
+        for c in "BCD":
+            vals = [r.milter_cpu / r.n * 1000 for r in bench.runs
+                    if r.size == size and r.config == c and r.milter_cpu is not None]
+            per[c] = statistics.median(vals) if vals else None
+        cells = [f"{per[c]:.2f} s" if per[c] is not None else "-" for c in "BDC"]
+        diff = (f"{per['C'] - per['D']:.2f} s" if per["C"] is not None and per["D"] is not None
+                else "-")
+        lines.append(f"| {size} | {' | '.join(cells)} | {diff} |")
+    lines += ["", "## postkeep-milter end-of-message latency (C runs)", "",
+              f"From `{EOM_METRIC}` bucket deltas before/after each C run, linearly "
+              "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "
+              "so the figures are only as fine as the buckets; median over reps.", "",
+              "| size | p50 | p99 |", "|---|---:|---:|"]
+    for size in SIZES:
+        p50 = [r.p50 for r in bench.runs if r.size == size and r.p50 is not None]
+        p99 = [r.p99 for r in bench.runs if r.size == size and r.p99 is not None]
+        if p50 and p99:
+            lines.append(f"| {size} | {statistics.median(p50) * 1000:.1f} ms | "
+                         f"{statistics.median(p99) * 1000:.1f} ms |")
+    if rss:
+        lines += ["", "## postkeep-milter memory (VmRSS sampled every 50 ms during the run)", "",
+                  "| messages | baseline | peak | peak - baseline | samples |",
+                  "|---|---:|---:|---:|---:|"]
+        for label, base, peak, samples in rss:
+            lines.append(f"| {label} | {base / 1024:.0f} MiB | {peak / 1024:.0f} MiB | "
+                         f"{(peak - base) / 1024:.0f} MiB | {samples} |")
+    lines += ["", "## Every run", "", "| size | config | rep | N | seconds | msg/s | "
+              "milter CPU s | eom p50 ms | eom p99 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in bench.runs:
+        cpu = f"{r.milter_cpu:.2f}" if r.milter_cpu is not None else "-"
+        p50 = f"{r.p50 * 1000:.1f}" if r.p50 is not None else "-"
+        p99 = f"{r.p99 * 1000:.1f}" if r.p99 is not None else "-"
+        lines.append(f"| {r.size} | {r.config} | {r.rep} | {r.n} | {r.seconds:.2f} | "
+                     f"{r.rate:.0f} | {cpu} | {p50} | {p99} |")
+    lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min.",
+              ""]
+    return "\n".join(lines)
+
+
+def base64_message(path: Path, total: int) -> None:
+    """A message of about TOTAL bytes whose body is base64 of random bytes
+    (an incompressible attachment, unlike smtp-source's repeated 'X' lines)."""
+    import base64
+    head = (b"From: <sender@bench.example>\nTo: <rcpt@sink.example>\n"
+            b"Subject: bench attachment\nMIME-Version: 1.0\n"
+            b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n")
+    raw = os.urandom((total - len(head)) * 76 // 78 * 3 // 4)
+    b64 = base64.b64encode(raw)
+    body = b"\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))
+    path.write_bytes(head + body + b"\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--env", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sink-out", required=True)
+    ap.add_argument("--sink-port", type=int, required=True)
+    ap.add_argument("--milter-pidfile", required=True)
+    ap.add_argument("--dkim-milter", required=True)
+    ap.add_argument("--dkim-pid", type=int, required=True)
+    ap.add_argument("--null-milter", required=True)
+    ap.add_argument("--null-milter-pidfile", required=True)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--n-small", type=int, default=2500)
+    ap.add_argument("--n-large", type=int, default=1500)
+    ap.add_argument("--configs", default="ABCD")
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+
+    env = read_env(args.env)
+    milter_pid = int(Path(args.milter_pidfile).read_text().split()[0])
+    null_pid = int(Path(args.null_milter_pidfile).read_text().split()[0])
+    capture_milter = subprocess.run(
+        ["postconf", "-c", env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-h", "smtpd_milters"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    if not capture_milter:
+        raise SystemExit("bench: the stack's smtpd_milters is empty: no postkeep-milter wired")
+    bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
+                  {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter})
+    header = "\n".join([
+        f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+        "",
+        f"- Machine: {machine()}",
+        "- Command: `make bench` (bench/run.sh)",
+        f"- Load: `smtp-source -s {SESSIONS} -m N -l SIZE -f sender@bench.example "
+        f"-t rcpt@sink.example 127.0.0.1:{env['POSTKEEP_SMTP_PORT']}` into the bench stack's "
+        f"Postfix, relaying to `smtp-sink -c` on 127.0.0.1:{args.sink_port}.",
+        f"- Alternation: {' '.join(args.configs)} repeated {args.reps} times per size; "
+        "queue drained before every run; throughput = N / (start of smtp-source until "
+        "smtp-sink has counted N).",
+        "- smtp-source bodies are repeated 'X' lines: zstd compresses them ~100x, so "
+        "compression cost here is a lower bound for real mail.",
+    ])
+    started = time.monotonic()
+
+    # Warm-up: every configuration once, small, unmeasured (connections, caches).
+    for c in args.configs:
+        bench.use(c)
+        bench.send(200, SIZES["5 KB"])
+    bench.runs.clear()
+
+    for size_name, n in (("5 KB", args.n_small), ("100 KB", args.n_large)):
+        for rep in range(1, args.reps + 1):
+            for c in args.configs:
+                bench.use(c)
+                bench.measured_run(c, size_name, rep, n)
+
+    rss: list[tuple[str, int, int, int]] = []
+    if not args.skip_rss:
+        bench.use("C")
+        big = 9_500_000
+        rss.append(("300 x 10 KB, 5 sessions", *bench.rss_run("10 KB", 300, 10 * 1024, 5)))
+        rss.append(("30 x 9.5 MB smtp-source 'X' body, 5 sessions",
+                    *bench.rss_run("9.5 MB X", 30, big, 5)))
+        msg = Path(args.out).with_suffix(".b64.eml")
+        base64_message(msg, big)
+        try:
+            rss.append(("30 x 9.5 MB base64 random body (incompressible), 5 sessions",
+                        *bench.rss_run("9.5 MB b64", 30, big, 5, message_file=str(msg))))
+        finally:
+            msg.unlink()
+    bench.use("C")  # leave the stack as `stack.sh up` wired it
+
+    text = report(bench, args.configs, rss, started, header)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+#!/bin/bash
+# run.sh - the capture benchmark behind `make bench`.
+#
+# Brings up a private stack in $REPO/.stack-bench (port base 12025, never the
+# dev or test stacks), adds an OpenDKIM signer and an smtp-sink relay target,
+# then lets bench/capture_bench.py alternate three configurations run by run:
+#   A  bare Postfix (no milter)
+#   B  Postfix + OpenDKIM signing (RSA-2048, relaxed/relaxed), the usual peer
+#   C  Postfix + postkeep-milter capturing (zstd + MinIO PUT + PostgreSQL rows)
+# and measure throughput end to end, milter CPU, end-of-message latency and
+# peak RSS.  bench/profile_capture.py then times the capture path's parts
+# (compress, S3 PUT, PostgreSQL insert) in-process.  The stack is torn down on
+# exit, whatever happens.
+#
+# Environment knobs (defaults give a ~10-minute run on 2 cores):
+#   BENCH_REPS=5  BENCH_N_SMALL=2500  BENCH_N_LARGE=1500  BENCH_SKIP_RSS=0
+#   BENCH_SKIP_PROFILE=0  BENCH_KEEP_STACK=0 (leave the stack up to poke at it)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK="$REPO/devstack/stack.sh"
+DIR="$REPO/.stack-bench"
+PORTBASE=12025
+# Past the stack's own PORTBASE..PORTBASE+6.
+SINK_PORT=$((PORTBASE + 10))
+DKIM_PORT=$((PORTBASE + 11))
+NULL_MILTER_PORT=$((PORTBASE + 12))
+RESULTS="$REPO/bench/results"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="$RESULTS/$STAMP.md"
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { printf 'bench: ERROR: %s\n' "$*" >&2; exit 1; }
+
+BENCH_PIDS=()
+cleanup() {
+    local rc=$? pid
+    for pid in "${BENCH_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    if [ "${BENCH_KEEP_STACK:-0}" = 1 ]; then
+        log "BENCH_KEEP_STACK=1: stack left running in $DIR (stop: devstack/stack.sh down $DIR)"
+    else
+        "$STACK" down "$DIR" >/dev/null 2>&1 || log "stack down failed for $DIR"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for tool in smtp-source smtp-sink opendkim opendkim-genkey; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || die "$tool missing (stack.sh install)"
+done
+export PATH="$PATH:/usr/sbin"
+
+# ---------------------------------------------------------------- stack
+log "bringing up the bench stack in $DIR (port base $PORTBASE)"
+"$STACK" up "$DIR" "$PORTBASE"
+# shellcheck disable=SC1091
+. "$DIR/env"
+PY="$POSTKEEP_STACK_VENV/bin/python"
+postkeep() { (cd / && "$POSTKEEP_STACK_VENV/bin/postkeep" --config "$POSTKEEP_CONFIG" "$@"); }
+
+# The sender domain must belong to an organisation, or C refuses the mail.
+if ! postkeep org list 2>/dev/null | grep -qw bench; then
+    postkeep org add bench --tier enterprise >/dev/null || die "postkeep org add bench failed"
+fi
+postkeep domain add bench bench.example >/dev/null 2>&1 \
+    || postkeep org list | grep -qw bench || die "postkeep domain add bench bench.example failed"
+
+# ---------------------------------------------------------------- opendkim
+DKIM="$DIR/opendkim"
+mkdir -p "$DKIM"
+if [ ! -f "$DKIM/bench.private" ]; then
+    opendkim-genkey -b 2048 -d bench.example -s bench -D "$DKIM" \
+        || die "opendkim-genkey failed"
+fi
+chown -R opendkim:opendkim "$DKIM"
+chmod 700 "$DKIM"
+chmod 600 "$DKIM/bench.private"
+cat >"$DKIM/opendkim.conf" <<EOF
+# OpenDKIM for the postkeep benchmark: sign bench.example like an admin would.
+Mode                    s
+Canonicalization        relaxed/relaxed
+SignatureAlgorithm      rsa-sha256
+Domain                  bench.example
+Selector                bench
+KeyFile                 $DKIM/bench.private
+Socket                  inet:$DKIM_PORT@127.0.0.1
+InternalHosts           127.0.0.1
+UserID                  opendkim:opendkim
+Background              no
+Syslog                  no
+RequireSafeKeys         no
+EOF
+opendkim -f -x "$DKIM/opendkim.conf" >"$DKIM/opendkim.log" 2>&1 &
+DKIM_PID=$!
+BENCH_PIDS+=("$DKIM_PID")
+
+# ---------------------------------------------------------------- relay sink
+# smtp-sink -c prints a running "mesg=N" counter: the driver reads it to know
+# when every message has been delivered.
+SINK_OUT="$DIR/smtp-sink.out"
+: >"$SINK_OUT"
+smtp-sink -c -u postfix "127.0.0.1:$SINK_PORT" 1000 >"$SINK_OUT" 2>&1 &
+BENCH_PIDS+=($!)
+
+# A do-nothing pymilter (same callbacks, no work): the floor for any Python milter.
+"$PY" "$REPO/bench/null_milter.py" "inet:$NULL_MILTER_PORT@127.0.0.1" "$DIR/null-milter.pid" \
+    >"$DIR/null-milter.log" 2>&1 &
+BENCH_PIDS+=($!)
+
+for port in "$SINK_PORT" "$DKIM_PORT" "$NULL_MILTER_PORT"; do
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || die "nothing listens on 127.0.0.1:$port"
+done
+
+postconf -c "$POSTKEEP_POSTFIX_CONFIG_DIR" -e "relayhost = [127.0.0.1]:$SINK_PORT" \
+    || die "postconf relayhost failed"
+postfix -c "$POSTKEEP_POSTFIX_CONFIG_DIR" reload >/dev/null 2>&1 || die "postfix reload failed"
+
+# ---------------------------------------------------------------- measure
+mkdir -p "$RESULTS"
+log "running; results go to $OUT"
+(cd / && "$PY" "$REPO/bench/capture_bench.py" \
+    --env "$DIR/env" --out "$OUT" \
+    --sink-out "$SINK_OUT" --sink-port "$SINK_PORT" \
+    --milter-pidfile "$DIR/milter/milter.pid" \
+    --dkim-milter "inet:127.0.0.1:$DKIM_PORT" \
+    --dkim-pid "$DKIM_PID" \
+    --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
+    --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
+    --n-large "${BENCH_N_LARGE:-1500}" \
+    $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
+
+if [ "${BENCH_SKIP_PROFILE:-0}" != 1 ]; then
+    log "profiling the capture path in-process (bench/profile_capture.py)"
+    (cd / && "$PY" "$REPO/bench/profile_capture.py" --config "$POSTKEEP_CONFIG") >>"$OUT"
+fi
+
+cat "$OUT"
+log "results written to $OUT"
