@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import smtplib
 import subprocess
 import sys
 import uuid
@@ -345,3 +346,26 @@ def test_messages_raw_detects_a_truncated_object(
     result = run("messages", "raw", str(m.id))
     assert result.exit_code == 1
     assert "do not match the recorded" in result.stderr and m.object_key in result.stderr
+
+
+@pytest.mark.stack
+def test_mail_through_postfix_is_listed_shown_and_restored(
+    run: Invoke, stack_env: StackEnv, make_org: Callable[..., TestOrg]
+) -> None:
+    org = make_org("pro")
+    token = uuid.uuid4().hex
+    sender = f"app@{org.domain}"
+    body = f"token {token}\r\n".encode() + b"x" * 200_000 + b"\r\n"
+    data = f"From: {sender}\r\nTo: r@sink.test\r\nSubject: cli {token}\r\n\r\n".encode() + body
+    with smtplib.SMTP(stack_env.smtp_host, stack_env.smtp_port, timeout=30) as smtp:
+        smtp.sendmail(sender, ["r@sink.test"], data)  # accepted only once stored
+    listed = json.loads(_ok(run("messages", "list", "--org", org.name, "--json")).stdout)
+    assert len(listed) == 1
+    assert (listed[0]["envelope_from"], listed[0]["subject"]) == (sender, f"cli {token}")
+    mid = listed[0]["id"]
+    shown = json.loads(_ok(run("messages", "show", mid, "--json")).stdout)
+    assert [r["recipient"] for r in shown["recipients"]] == ["r@sink.test"]
+    assert shown["content_available"] is True
+    raw = _ok(run("messages", "raw", mid)).stdout_bytes  # size and sha256 verified
+    assert raw.endswith(body)
+    assert f"Subject: cli {token}\r\n".encode() in raw
