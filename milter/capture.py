@@ -88,7 +88,10 @@ class MessageCapture:
         self._level = level
         self._headers: list[bytes] = []
         self._added: list[bytes] = []
-        self._body = tempfile.SpooledTemporaryFile(max_size=spill_bytes, dir=spool_dir)
+        # Closed by discard() or by the uploaded stream: lives across callbacks.
+        self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=spill_bytes, dir=spool_dir
+        )
         self._cctx = zstandard.ZstdCompressor(level=level)
         self._body_writer: zstandard.ZstdCompressionObj | None = None
         self._hash: hashlib._Hash | None = None

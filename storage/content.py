@@ -16,6 +16,7 @@ import io
 from collections.abc import Iterable, Iterator
 
 import zstandard
+
 from postkeep.storage.db import BackendError
 from postkeep.storage.objects import ObjectStore
 

@@ -61,10 +61,12 @@ def apply_migrations(conn: psycopg.Connection) -> list[Migration]:
 
 def ensure_partitions(conn: psycopg.Connection) -> int:
     """Create metadata partitions up to the longest retention plus a margin."""
+    # Metadata never expires before content (expiry_dates), so the longest
+    # content retention bounds the stamped metadata expiry too.
     row = conn.execute(
         "SELECT greatest("
-        " (SELECT max(metadata_days) FROM tiers),"
-        " (SELECT max(metadata_days) FROM organisations), 0)"
+        " (SELECT max(greatest(metadata_days, content_days)) FROM tiers),"
+        " (SELECT max(greatest(metadata_days, content_days)) FROM organisations), 0)"
     ).fetchone()
     longest = int(row[0]) if row and row[0] is not None else 0
     created = conn.execute(

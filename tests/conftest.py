@@ -27,11 +27,11 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 import zstandard
+
+from postkeep import config as config_mod
 from postkeep.storage import directory, messages, migrate
 from postkeep.storage.db import connect
 from postkeep.storage.objects import S3ObjectStore, message_key
-
-from postkeep import config as config_mod
 
 STACK_VARS = (
     "POSTKEEP_CONFIG",

@@ -23,11 +23,11 @@ import psycopg
 import pytest
 from click.testing import CliRunner, Result
 from conftest import StackEnv, StoreMessage, TestOrg, unique_name, zstd_frames
-from postkeep.storage import directory
-from postkeep.storage.objects import S3ObjectStore
 
 from postkeep import cli
 from postkeep.admin import check_domain, parse_since
+from postkeep.storage import directory
+from postkeep.storage.objects import S3ObjectStore
 
 Invoke = Callable[..., Result]
 

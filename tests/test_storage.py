@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from conftest import StoreMessage, TestOrg, unique_name, zstd_frames
+
 from postkeep.storage import content, messages, migrate
 from postkeep.storage.db import BackendError
 from postkeep.storage.objects import MemoryObjectStore, S3ObjectStore, read_all
