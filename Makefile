@@ -3,9 +3,9 @@ SHELL := /bin/bash
 STACK := devstack/stack.sh
 VENV := $(CURDIR)/.venv
 RUN_DIR := $(CURDIR)/.stack
-RUN_PORT := 10025
+RUN_PORT ?= 10025
 TEST_DIR := $(CURDIR)/.stack-test
-TEST_PORT := 11025
+TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
 .PHONY: install run stop test lint bench
