@@ -40,6 +40,9 @@ def apply_migrations(conn: psycopg.Connection) -> list[Migration]:
     """Apply pending migrations; return the ones applied now."""
     applied_now: list[Migration] = []
     with conn.transaction():
+        # Maintenance may wait for locks held by live traffic: no statement
+        # timeout here (the daemons' own statements keep theirs).
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('postkeep.migrate'))")
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -63,14 +66,16 @@ def ensure_partitions(conn: psycopg.Connection) -> int:
     """Create metadata partitions up to the longest retention plus a margin."""
     # Metadata never expires before content (expiry_dates), so the longest
     # content retention bounds the stamped metadata expiry too.
-    row = conn.execute(
-        "SELECT greatest("
-        " (SELECT max(greatest(metadata_days, content_days)) FROM tiers),"
-        " (SELECT max(greatest(metadata_days, content_days)) FROM organisations), 0)"
-    ).fetchone()
-    longest = int(row[0]) if row and row[0] is not None else 0
-    created = conn.execute(
-        "SELECT ensure_partitions(now() + make_interval(days => %s))",
-        (longest + PARTITION_MARGIN_DAYS,),
-    ).fetchone()
+    with conn.transaction():
+        conn.execute("SET LOCAL statement_timeout = 0")
+        row = conn.execute(
+            "SELECT greatest("
+            " (SELECT max(greatest(metadata_days, content_days)) FROM tiers),"
+            " (SELECT max(greatest(metadata_days, content_days)) FROM organisations), 0)"
+        ).fetchone()
+        longest = int(row[0]) if row and row[0] is not None else 0
+        created = conn.execute(
+            "SELECT ensure_partitions(now() + make_interval(days => %s))",
+            (longest + PARTITION_MARGIN_DAYS,),
+        ).fetchone()
     return int(created[0]) if created else 0
