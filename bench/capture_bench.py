@@ -26,9 +26,12 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU of ROOT and its live children, including their reaped children
+    (PostgreSQL: the postmaster and its backends)."""
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(entry.name) == root or int(fields[1]) == root:
+            total += sum(int(f) for f in fields[11:15])
+    return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all cores spent not idle since boot (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLK_TCK
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -78,16 +105,16 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.peak = 0
         self.samples = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak = max(self.peak, rss_kib(self.pid))
             self.samples += 1
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 
@@ -146,6 +173,7 @@ class Run:
     p50: float | None = None
     p99: float | None = None
     captured: int | None = None
+    cpu: dict[str, float] = field(default_factory=dict)  # machine, minio, postgres
 
 
 @dataclass
@@ -157,6 +185,8 @@ class Bench:
     dkim_pid: int
     null_pid: int
     milters: dict[str, str]
+    minio_pid: int
+    postgres_pid: int
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -210,7 +240,14 @@ class Bench:
         cmd = ["smtp-source", "-s", str(sessions), "-m", str(n), *payload,
                "-f", "sender@bench.example", "-t", "rcpt@sink.example", self.smtp]
         t0 = time.monotonic()
-        src = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # A file, not a pipe: a full pipe would stall smtp-source.
+        errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        src = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+
+        def stderr_tail(limit: int) -> str:
+            errors.seek(0)
+            return errors.read()[-limit:]
+
         idle_since: float | None = None
         while True:
             if self.sink_count() - start_count >= n:
@@ -226,12 +263,17 @@ class Bench:
                     raise SystemExit(
                         f"bench: smtp-source finished (exit {src.returncode}) but the sink "
                         f"counted {self.sink_count() - start_count} of {n}: "
-                        f"{(src.stderr.read() if src.stderr else '')[-800:]}")
+                        f"{stderr_tail(800)}")
             time.sleep(0.02)
         src.wait()
         if src.returncode != 0:
-            log(f"smtp-source exit {src.returncode}: {(src.stderr.read() if src.stderr else '')[-400:]}")
+            log(f"smtp-source exit {src.returncode}: {stderr_tail(400)}")
+        errors.close()
         return elapsed
+
+    def component_cpu(self) -> dict[str, float]:
+        return {"machine": machine_busy_seconds(), "minio": cpu_seconds(self.minio_pid),
+                "postgres": tree_cpu_seconds(self.postgres_pid)}
 
     def measured_run(self, config: str, size_name: str, rep: int, n: int) -> Run:
         size = SIZES[size_name]
@@ -240,8 +282,10 @@ class Bench:
         metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
         before = scrape(metrics_url) if config == "C" else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
+        comp0 = self.component_cpu()
         seconds = self.send(n, size)
         run = Run(config, size_name, rep, n, seconds, n / seconds)
+        run.cpu = {k: v - comp0[k] for k, v in self.component_cpu().items()}
         if pid:
             run.milter_cpu = cpu_seconds(pid) - cpu0
         if config == "C":
@@ -303,7 +347,7 @@ def machine() -> str:
 
 
 def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
-           started: float, header: str) -> str:
+           started: float, header: str, profile: list[str]) -> str:
     names = {"A": "A bare Postfix", "B": "B + OpenDKIM (RSA-2048)",
              "C": "C + postkeep-milter", "D": "D + null pymilter"}
     lines = [header, ""]
@@ -346,6 +390,30 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
         diff = (f"{per['C'] - per['D']:.2f} s" if per["C"] is not None and per["D"] is not None
                 else "-")
         lines.append(f"| {size} | {' | '.join(cells)} | {diff} |")
+    lines += ["", "## Where the CPU goes, whole machine (ms of CPU per message, median over reps)",
+              "", "From /proc/stat (all cores busy time) and /proc/PID/stat of each component "
+              "over each run. 'machine' also counts anything else running on this shared VM; "
+              "'rest' is machine minus the named components: Postfix (smtpd, cleanup, qmgr, "
+              "smtp), smtp-source, smtp-sink and the kernel's share.", "",
+              "| size | config | machine | milter | MinIO | PostgreSQL | rest | msg/s at 2 cores "
+              "if CPU-bound |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for size in SIZES:
+        for c in configs:
+            rs = [r for r in bench.runs if r.size == size and r.config == c and r.cpu]
+            if not rs:
+                continue
+
+            def med(f: Callable[[Run], float], rs: list[Run] = rs) -> float:
+                return statistics.median(f(r) for r in rs) * 1000
+
+            mach = med(lambda r: r.cpu["machine"] / r.n)
+            mil = med(lambda r: (r.milter_cpu or 0.0) / r.n)
+            mio = med(lambda r: r.cpu["minio"] / r.n)
+            pg = med(lambda r: r.cpu["postgres"] / r.n)
+            rest = med(lambda r: (r.cpu["machine"] - (r.milter_cpu or 0.0) - r.cpu["minio"]
+                                  - r.cpu["postgres"]) / r.n)
+            lines.append(f"| {size} | {c} | {mach:.2f} | {mil:.2f} | {mio:.2f} | {pg:.2f} | "
+                         f"{rest:.2f} | {2000 / mach:.0f} |")
     lines += ["", "## postkeep-milter end-of-message latency (C runs)", "",
               f"From `{EOM_METRIC}` bucket deltas before/after each C run, linearly "
               "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "
@@ -365,16 +433,93 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             lines.append(f"| {label} | {base / 1024:.0f} MiB | {peak / 1024:.0f} MiB | "
                          f"{(peak - base) / 1024:.0f} MiB | {samples} |")
     lines += ["", "## Every run", "", "| size | config | rep | N | seconds | msg/s | "
-              "milter CPU s | eom p50 ms | eom p99 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "milter CPU s | eom p50 ms | eom p99 ms |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bench.runs:
         cpu = f"{r.milter_cpu:.2f}" if r.milter_cpu is not None else "-"
         p50 = f"{r.p50 * 1000:.1f}" if r.p50 is not None else "-"
         p99 = f"{r.p99 * 1000:.1f}" if r.p99 is not None else "-"
         lines.append(f"| {r.size} | {r.config} | {r.rep} | {r.n} | {r.seconds:.2f} | "
                      f"{r.rate:.0f} | {cpu} | {p50} | {p99} |")
+    lines += profile
     lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min.",
               ""]
     return "\n".join(lines)
+
+
+# Leaf-first: the first frame (from the innermost out) that matches names the category.
+CATEGORIES = (
+    ("S3 PUT: minio-py, urllib3, http.client, socket send/recv", (
+        "minio/", "urllib3/", "http/client.py", "certifi/", "(socket.py", "(ssl.py")),
+    ("PostgreSQL: psycopg, psycopg_pool", ("psycopg/", "psycopg_pool/", "(messages.py")),
+    ("capture: zstd, sha256, spool file", ("(capture.py", "(tempfile.py", "zstandard")),
+    ("logging", ("logging/",)),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("ids, classify, directory cache, persist glue", (
+        "(ids.py", "(decide.py", "(store.py", "(directory.py", "email/utils.py",
+        "email/_parseaddr.py", "(uuid.py")),
+    ("service / adapter glue", ("(service.py", "(adapter.py")),
+    ("pymilter dispatch (Milter/__init__.py)", ("Milter/",)),
+)
+NO_FRAME = "no Python frame (GIL held in C: pymilter's callback glue, thread hand-offs)"
+
+
+def categorise(stack: list[str]) -> str:
+    if not any(f.strip() for f in stack):
+        return NO_FRAME
+    for frame in reversed(stack):
+        for name, needles in CATEGORIES:
+            if any(n in frame for n in needles):
+                return name
+    return "other"
+
+
+def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path) -> list[str]:
+    """py-spy (GIL-holding samples only) over one C run of N 5 KB messages."""
+    bench.use("C")
+    bench.drain()
+    raw = out.with_suffix(".pyspy.txt")
+    spy = subprocess.Popen([pyspy, "record", "--gil", "--nonblocking", "-r", "250", "-f", "raw",
+                            "-o", str(raw), "-p", str(bench.milter_pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    seconds = bench.send(n, SIZES["5 KB"])
+    spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+    if not raw.exists():
+        err = spy.stderr.read() if spy.stderr else ""
+        return ["", f"py-spy produced no profile: {err[-300:]}"]
+    cats: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack_text.split(";")
+        k = int(count)
+        total += k
+        cats[categorise(frames)] += k
+        leaves[frames[-1].strip() or NO_FRAME] += k
+    raw.unlink()
+    if not total:
+        return ["", "py-spy recorded no samples."]
+    lines = ["", "## py-spy profile of postkeep-milter (one C run, 5 KB)", "",
+             f"`py-spy record --gil --nonblocking -r 250` over {n} messages "
+             f"({n / seconds:.0f} msg/s): only samples of the thread holding the GIL, i.e. "
+             "what occupies the milter's one usable core. Samples are grouped by the innermost "
+             "frame that belongs to a known part. libmilter's C threads and time waiting on "
+             f"sockets are not in here. {total} samples.", "",
+             "| part | share of GIL-held samples |", "|---|---:|"]
+    for name, k in cats.most_common():
+        lines.append(f"| {name} | {100 * k / total:.0f}% |")
+    lines += ["", "Top functions by own samples:", "", "| function | share |", "|---|---:|"]
+    for frame, k in leaves.most_common(12):
+        lines.append(f"| `{frame.replace('|', '/')}` | {100 * k / total:.1f}% |")
+    return lines
 
 
 def base64_message(path: Path, total: int) -> None:
@@ -406,9 +551,14 @@ def main() -> None:
     ap.add_argument("--n-large", type=int, default=1500)
     ap.add_argument("--configs", default="ABCD")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--code", default="?", help="which tree the milter runs (for the record)")
+    ap.add_argument("--py-spy", default="", help="py-spy binary; profile one C run if given")
     args = ap.parse_args()
 
     env = read_env(args.env)
+    stack = Path(env["POSTKEEP_STACK_DIR"])
+    minio_pid = int((stack / "minio" / "minio.pid").read_text().split()[0])
+    postgres_pid = int((stack / "pg" / "data" / "postmaster.pid").read_text().split()[0])
     milter_pid = int(Path(args.milter_pidfile).read_text().split()[0])
     null_pid = int(Path(args.null_milter_pidfile).read_text().split()[0])
     capture_milter = subprocess.run(
@@ -417,12 +567,14 @@ def main() -> None:
     if not capture_milter:
         raise SystemExit("bench: the stack's smtpd_milters is empty: no postkeep-milter wired")
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
-                  {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter})
+                  {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter},
+                  minio_pid, postgres_pid)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",
         f"- Machine: {machine()}",
         "- Command: `make bench` (bench/run.sh)",
+        f"- postkeep code under test: {args.code}",
         f"- Load: `smtp-source -s {SESSIONS} -m N -l SIZE -f sender@bench.example "
         f"-t rcpt@sink.example 127.0.0.1:{env['POSTKEEP_SMTP_PORT']}` into the bench stack's "
         f"Postfix, relaying to `smtp-sink -c` on 127.0.0.1:{args.sink_port}.",
@@ -460,9 +612,12 @@ def main() -> None:
                         *bench.rss_run("9.5 MB b64", 30, big, 5, message_file=str(msg))))
         finally:
             msg.unlink()
+    profile: list[str] = []
+    if args.py_spy:
+        profile = pyspy_profile(bench, args.py_spy, args.n_small, Path(args.out))
     bench.use("C")  # leave the stack as `stack.sh up` wired it
 
-    text = report(bench, args.configs, rss, started, header)
+    text = report(bench, args.configs, rss, started, header, profile)
     Path(args.out).write_text(text)
 
 

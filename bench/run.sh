@@ -122,6 +122,22 @@ postconf -c "$POSTKEEP_POSTFIX_CONFIG_DIR" -e "relayhost = [127.0.0.1]:$SINK_POR
     || die "postconf relayhost failed"
 postfix -c "$POSTKEEP_POSTFIX_CONFIG_DIR" reload >/dev/null 2>&1 || die "postfix reload failed"
 
+# py-spy (PyPI) samples the running milter; kept in its own venv, not the project's.
+PYSPY=/var/cache/postkeep/bench-tools/bin/py-spy
+if [ "${BENCH_SKIP_PROFILE:-0}" != 1 ] && [ ! -x "$PYSPY" ]; then
+    log "installing py-spy into /var/cache/postkeep/bench-tools (profile only)"
+    { python3 -m venv /var/cache/postkeep/bench-tools \
+        && /var/cache/postkeep/bench-tools/bin/pip install -q py-spy; } >&2 \
+        || log "py-spy not installable: the profile falls back to bench/profile_capture.py only"
+fi
+[ -x "$PYSPY" ] && [ "${BENCH_SKIP_PROFILE:-0}" != 1 ] || PYSPY=""
+
+# The venv is shared by every clone (stack.sh re-points its editable install):
+# record which tree the milter actually runs.
+CODE="$(cd / && "$PY" -c 'import os, postkeep.milter as m; print(os.path.dirname(os.path.dirname(os.path.realpath(m.__file__))))')"
+REV="$(git -C "$CODE" rev-parse --short HEAD 2>/dev/null || echo '?')"
+DIRTY="$(git -C "$CODE" status --porcelain -- milter storage postkeep 2>/dev/null | wc -l)"
+
 # ---------------------------------------------------------------- measure
 mkdir -p "$RESULTS"
 log "running; results go to $OUT"
@@ -133,7 +149,8 @@ log "running; results go to $OUT"
     --dkim-pid "$DKIM_PID" \
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
     --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
-    --n-large "${BENCH_N_LARGE:-1500}" \
+    --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
+    --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
 
 if [ "${BENCH_SKIP_PROFILE:-0}" != 1 ]; then
