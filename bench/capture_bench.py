@@ -513,9 +513,12 @@ def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path) -> list[str]:
              "what occupies the milter's one usable core. Samples are grouped by the innermost "
              "frame that belongs to a known part. libmilter's C threads and time waiting on "
              f"sockets are not in here. {total} samples.", "",
-             "| part | share of GIL-held samples |", "|---|---:|"]
+             "| part | share of GIL-held samples | share of those with a Python frame |",
+             "|---|---:|---:|"]
+    framed = max(total - cats.get(NO_FRAME, 0), 1)
     for name, k in cats.most_common():
-        lines.append(f"| {name} | {100 * k / total:.0f}% |")
+        second = "-" if name == NO_FRAME else f"{100 * k / framed:.0f}%"
+        lines.append(f"| {name} | {100 * k / total:.0f}% | {second} |")
     lines += ["", "Top functions by own samples:", "", "| function | share |", "|---|---:|"]
     for frame, k in leaves.most_common(12):
         lines.append(f"| `{frame.replace('|', '/')}` | {100 * k / total:.1f}% |")
