@@ -109,11 +109,34 @@ class PostfixConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """[dkim]: signing keys.  Customer keys live encrypted in PostgreSQL under
+    the master key; the platform's system key never touches the database."""
+
+    # base64 of 32 random bytes (`head -c32 /dev/urandom | base64`); decrypts
+    # the private keys stored in dkim_keys.
+    master_key: str = field(
+        default="", metadata={"secret": True, "env": "POSTKEEP_DKIM_MASTER_KEY"}
+    )
+    master_key_file: str = ""
+    # Mail from these domains is system mail: signed with the system key,
+    # never stored or counted.
+    system_domains: tuple[str, ...] = ()
+    system_selector: str = ""
+    # PEM private key (RSA or Ed25519) for system mail.
+    system_key: str = field(
+        default="", metadata={"secret": True, "env": "POSTKEEP_SYSTEM_DKIM_KEY"}
+    )
+    system_key_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
     s3: S3Config = S3Config()
     milter: MilterConfig = MilterConfig()
     postfix: PostfixConfig = PostfixConfig()
+    dkim: DkimConfig = DkimConfig()
     source: str = "<defaults>"
 
 
@@ -122,7 +145,13 @@ _SECTIONS: dict[str, type[Any]] = {
     "s3": S3Config,
     "milter": MilterConfig,
     "postfix": PostfixConfig,
+    "dkim": DkimConfig,
 }
+
+# Field types as declared (the annotations are strings), and how each is named
+# in a refusal.
+_LIST_OF_STR = "tuple[str, ...]"
+_TYPE_NAMES = {_LIST_OF_STR: "list of strings"}
 
 
 def _describe(meta: Any, ftype: str) -> str:
@@ -135,7 +164,7 @@ def _describe(meta: Any, ftype: str) -> str:
         bounds.append(f"<= {meta['max']}")
     if "min_len" in meta:
         bounds.append(f"at least {meta['min_len']} characters")
-    return f"a {ftype}" + (" " + " and ".join(bounds) if bounds else "")
+    return f"a {_TYPE_NAMES.get(ftype, ftype)}" + (" " + " and ".join(bounds) if bounds else "")
 
 
 def _check(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
@@ -149,11 +178,14 @@ def _check(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
+        _LIST_OF_STR: isinstance(value, list) and all(isinstance(v, str) for v in value),
     }[ftype]
     if not ok_type:
         raise ConfigError(f"{key} = {shown}: expected {want}")
     if ftype == "float":
         value = float(value)
+    if ftype == _LIST_OF_STR:
+        value = tuple(value)  # frozen configuration: lists become tuples
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key} = {shown}: expected {want}")
     if "min" in meta and (
@@ -206,6 +238,11 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     if section == "postgres" and cfg.pool_min > cfg.pool_max:
         raise ConfigError(
             f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"
+        )
+    if section == "dkim" and cfg.system_domains and not (cfg.system_selector and cfg.system_key):
+        raise ConfigError(
+            f"dkim.system_domains = {list(cfg.system_domains)!r}: system mail needs"
+            " dkim.system_selector and a key (dkim.system_key_file or $POSTKEEP_SYSTEM_DKIM_KEY)"
         )
     return cfg
 

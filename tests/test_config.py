@@ -17,7 +17,13 @@ from postkeep.config import ConfigError
 
 pytestmark = pytest.mark.unit
 
-SECRET_ENV = ("PGPASSWORD", "POSTKEEP_S3_ACCESS_KEY", "POSTKEEP_S3_SECRET_KEY")
+SECRET_ENV = (
+    "PGPASSWORD",
+    "POSTKEEP_S3_ACCESS_KEY",
+    "POSTKEEP_S3_SECRET_KEY",
+    "POSTKEEP_DKIM_MASTER_KEY",
+    "POSTKEEP_SYSTEM_DKIM_KEY",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +47,7 @@ def test_empty_file_gives_declared_defaults() -> None:
     assert cfg.milter.unknown_sender == "reject"
     assert cfg.milter.zstd_level == 3
     assert cfg.s3.bucket == "postkeep"
+    assert cfg.dkim.master_key == "" and cfg.dkim.system_domains == ()
 
 
 def test_values_given_override_defaults_and_int_widens_to_float() -> None:
@@ -57,7 +64,7 @@ def test_unknown_key_is_named_with_allowed_keys() -> None:
 
 def test_unknown_section_is_named_with_allowed_sections() -> None:
     assert _refusal({"postgress": {}}) == (
-        "[postgress]: unknown section; allowed: milter, postfix, postgres, s3"
+        "[postgress]: unknown section; allowed: dkim, milter, postfix, postgres, s3"
     )
 
 
@@ -185,3 +192,43 @@ def test_load_missing_and_invalid_files_name_the_path(tmp_path: Path) -> None:
     bad.write_text("[postgres\n")
     with pytest.raises(ConfigError, match=f"{bad}: not valid TOML"):
         config.load(str(bad))
+
+
+def test_list_of_strings_is_read_as_a_tuple() -> None:
+    cfg = config.parse(
+        {"dkim": {"system_domains": ["platform.example", "mail.platform.example"],
+                  "system_selector": "sys1", "system_key": "PEM"}}
+    )
+    assert cfg.dkim.system_domains == ("platform.example", "mail.platform.example")
+
+
+@pytest.mark.parametrize("value", ["platform.example", ["ok.example", 3]])
+def test_list_of_strings_refuses_anything_else(value: object) -> None:
+    assert _refusal({"dkim": {"system_domains": value}}) == (
+        f"dkim.system_domains = {value!r}: expected a list of strings"
+    )
+
+
+def test_system_domains_need_a_selector_and_a_key() -> None:
+    text = _refusal({"dkim": {"system_domains": ["platform.example"]}})
+    assert text.startswith("dkim.system_domains = ['platform.example']: system mail needs")
+    assert "dkim.system_selector" in text and "POSTKEEP_SYSTEM_DKIM_KEY" in text
+
+
+def test_dkim_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTKEEP_DKIM_MASTER_KEY", "bWFzdGVy")
+    monkeypatch.setenv("POSTKEEP_SYSTEM_DKIM_KEY", "-----BEGIN PRIVATE KEY-----")
+    cfg = config.parse({})
+    assert cfg.dkim.master_key == "bWFzdGVy"
+    assert cfg.dkim.system_key == "-----BEGIN PRIVATE KEY-----"
+
+
+def test_dkim_master_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = _secret_file(tmp_path, 0o644, "bWFzdGVyLWtleS1tYXRlcmlhbA==")
+    text = _refusal({"dkim": {"master_key_file": str(path)}})
+    assert text.startswith(f"dkim.master_key_file = {str(path)!r}:")
+    assert "mode 644" in text and "bWFzdGVy" not in text
+    path.chmod(0o400)
+    assert config.parse({"dkim": {"master_key_file": str(path)}}).dkim.master_key == (
+        "bWFzdGVyLWtleS1tYXRlcmlhbA=="
+    )
