@@ -32,9 +32,9 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 def _register() -> None:
-    from postkeep import admin, postfix_bundle
+    from postkeep import admin, dkim_cli, postfix_bundle
 
-    for group in (*admin.COMMANDS, postfix_bundle.postfix):
+    for group in (*admin.COMMANDS, *dkim_cli.COMMANDS, postfix_bundle.postfix):
         cli.add_command(group)
 
 
@@ -42,7 +42,9 @@ def main() -> None:
     """Entry point: configuration errors are one line naming the key, exit 2."""
     _register()
     try:
-        cli.main(standalone_mode=False)
+        # Outside standalone mode click returns (not raises) the status of an
+        # explicit Exit, e.g. a command's one-line refusal: pass it on.
+        status = cli.main(standalone_mode=False)
     except ConfigError as exc:
         click.echo(f"postkeep: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -53,3 +55,5 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    if isinstance(status, int) and status != 0:
+        sys.exit(status)
