@@ -121,6 +121,8 @@ done
 postconf -c "$POSTKEEP_POSTFIX_CONFIG_DIR" -e "relayhost = [127.0.0.1]:$SINK_PORT" \
     || die "postconf relayhost failed"
 postfix -c "$POSTKEEP_POSTFIX_CONFIG_DIR" reload >/dev/null 2>&1 || die "postfix reload failed"
+# Leftovers of an interrupted run would sit deferred and stall every drain.
+postsuper -c "$POSTKEEP_POSTFIX_CONFIG_DIR" -d ALL 2>/dev/null || true
 
 # py-spy (PyPI) samples the running milter; kept in its own venv, not the project's.
 PYSPY=/var/cache/postkeep/bench-tools/bin/py-spy
