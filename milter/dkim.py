@@ -57,12 +57,24 @@ OVERSIGNED: Final[tuple[bytes, ...]] = (
 )
 
 _RELAXED: Final = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-_WSP_RUN: Final = re.compile(rb"[\t ]+")
+_TAB_TO_SPACE: Final = bytes.maketrans(b"\t", b" ")
 _CRLF: Final = b"\r\n"
 
 
 class DkimError(Exception):
     """The message or key cannot be signed; the text says why (no key material)."""
+
+
+def _squeeze(data: bytes) -> bytes:
+    """Every run of spaces and tabs as one space.
+
+    Faster than a regex substitution when runs are common (indented HTML):
+    each pass halves every run, so a 64 KiB run takes 16 passes at most.
+    """
+    data = data.translate(_TAB_TO_SPACE)
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
 
 
 class BodyHasher:
@@ -103,13 +115,27 @@ class BodyHasher:
 
     def _complete_lines(self, block: bytes, out: bytearray) -> None:
         """BLOCK ends in LF: canonicalize its lines, holding back trailing empty ones."""
-        lines = _WSP_RUN.sub(b" ", block.replace(b"\r\n", b"\n")).replace(b" \n", b"\n")
-        content = lines.rstrip(b"\n")
-        trailing = len(lines) - len(content)  # line ends after the last content
+        if (
+            b"\t" not in block
+            and b"  " not in block
+            and b" \r\n" not in block
+            and block.count(b"\n") == block.count(b"\r\n") == block.count(b"\r")
+        ):
+            # Already canonical (CRLF only, no bare CR, no whitespace to
+            # fold): the common case, hashed without copying it around.
+            content = block.rstrip(b"\r\n")
+            trailing = (len(block) - len(content)) // 2
+        else:
+            # Work with bare LF as the line end (a CR left over is content),
+            # so stripping and counting trailing empty lines is exact.
+            lines = _squeeze(block.replace(b"\r\n", b"\n")).replace(b" \n", b"\n")
+            content = lines.rstrip(b"\n")
+            trailing = len(lines) - len(content)  # line ends after the last content
+            content = content.replace(b"\n", _CRLF)
         if content:
             if not self._in_content:
                 out += _CRLF * self._pending_empty
-            out += content.replace(b"\n", _CRLF)
+            out += content
             out += _CRLF
             self._pending_empty = trailing - 1
         elif self._in_content:
@@ -123,7 +149,7 @@ class BodyHasher:
         """TAIL has no LF: emit its content now, keep trailing whitespace as a flag."""
         if not tail:
             return
-        tail = _WSP_RUN.sub(b" ", tail)
+        tail = _squeeze(tail)
         if tail.endswith(b" "):
             self._pending_wsp = True
             tail = tail[:-1]
