@@ -511,9 +511,29 @@ def load_keyring(conn: psycopg.Connection, master: MasterKey, at: datetime) -> K
         " WHERE retire_after IS NULL OR retire_after > %s",
         (at,),
     ).fetchall()
+    return _ring(master, version, rows)
+
+
+def _ring(master: MasterKey, version: int, rows: list[tuple[object, ...]]) -> KeyRing:
+    """A KeyRing over rows of _COLUMNS followed by private_key_enc, nonce, master_key_id."""
     keys, sealed = [], {}
     for r in rows:
         k = _row(r[:10])
         keys.append(k)
-        sealed[k.id] = SealedKey(bytes(r[10]), bytes(r[11]), str(r[12]))
+        enc, nonce, key_id = r[10:]
+        assert isinstance(enc, bytes) and isinstance(nonce, bytes)
+        sealed[k.id] = SealedKey(enc, nonce, str(key_id))
     return KeyRing(master, version, keys, sealed)
+
+
+def active_keys(
+    conn: psycopg.Connection, master: MasterKey, domain: str, at: datetime
+) -> list[SigningKey]:
+    """DOMAIN's signing keys at AT straight from the database (one-off use; the
+    milter keeps a `KeyRing` instead of querying per message)."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS}, private_key_enc, nonce, master_key_id FROM dkim_keys"
+        " WHERE domain = %s AND active_from <= %s AND (retire_after IS NULL OR retire_after > %s)",
+        (domain.lower(), at, at),
+    ).fetchall()
+    return _ring(master, 0, rows).signing_keys(domain, at)

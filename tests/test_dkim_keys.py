@@ -90,6 +90,38 @@ def test_stored_key_round_trips_and_signs_verifiably(
     assert "PRIVATE" not in repr(rsa) and "private_key=" not in repr(signing[0])
 
 
+def test_active_keys_reads_one_domain_at_a_time(
+    db: psycopg.Connection, make_org: MakeOrg, master: MasterKey
+) -> None:
+    org = make_org()
+    dkim_keys.create_key(db, master, org.domain, "old", active_from=T0 - timedelta(days=1))
+    dkim_keys.create_key(db, master, org.domain, "new", active_from=T0)
+    dkim_keys.create_key(db, master, org.domain, "later")
+    assert [k.selector for k in dkim_keys.active_keys(db, master, org.domain, T0)] == ["new"]
+    earlier = T0 - timedelta(hours=1)
+    assert [k.selector for k in dkim_keys.active_keys(db, master, org.domain, earlier)] == ["old"]
+
+
+def test_row_level_security_shows_a_dashboard_role_only_its_organisation(
+    db: psycopg.Connection, make_org: MakeOrg, master: MasterKey
+) -> None:
+    mine, theirs = make_org(), make_org()
+    dkim_keys.create_key(db, master, mine.domain, "s1", "ed25519-sha256")
+    dkim_keys.create_key(db, master, theirs.domain, "s1", "ed25519-sha256")
+    db.execute(
+        "DO $$ BEGIN CREATE ROLE postkeep_rls_probe NOLOGIN;"
+        " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    db.execute("GRANT SELECT ON dkim_keys TO postkeep_rls_probe")
+    with db.transaction():
+        db.execute("SET LOCAL ROLE postkeep_rls_probe")
+        db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(mine.id),))
+        seen = db.execute(
+            "SELECT domain FROM dkim_keys WHERE domain IN (%s, %s)", (mine.domain, theirs.domain)
+        ).fetchall()
+    assert seen == [(mine.domain,)]
+
+
 def test_ciphertext_moved_to_another_selector_does_not_decrypt(
     db: psycopg.Connection, make_org: MakeOrg, master: MasterKey
 ) -> None:
