@@ -9,6 +9,7 @@ main loop return, and we close the pool after in-flight callbacks finish.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
@@ -78,12 +79,19 @@ def main(config_path: str | None, check_config: bool) -> None:
         stream=sys.stderr,
     )
     log = logging.getLogger("postkeep.milter")
+    # A crash inside a C extension (libmilter, pymilter) otherwise leaves no
+    # trace: dump every thread's Python stack to stderr on a fatal signal.
+    faulthandler.enable()
+    # urllib3 warns on every retry; the tempfail line already names the cause.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     if check_config:
         click.echo(f"configuration {cfg.source}: ok; listen {mcfg.listen}, "
                    f"metrics {mcfg.metrics_listen}, unknown_sender {mcfg.unknown_sender}")
         return
 
     # Imported here so --help and config errors work without the C extension.
+    from concurrent.futures import ThreadPoolExecutor
+
     import Milter
     from prometheus_client import start_http_server
 
@@ -103,6 +111,8 @@ def main(config_path: str | None, check_config: bool) -> None:
     start_http_server(metrics_port, addr=metrics_host)
     CaptureMilter.service = CaptureService(mcfg, db, objects,
                                            Directory(db, mcfg.directory_cache_seconds))
+    CaptureMilter.backend_pool = ThreadPoolExecutor(mcfg.backend_threads,
+                                                    thread_name_prefix="backend")
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
              mcfg.metrics_listen, cfg.source)
@@ -111,6 +121,7 @@ def main(config_path: str | None, check_config: bool) -> None:
         Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
     finally:
         _notify_systemd("STOPPING=1")
+        CaptureMilter.backend_pool.shutdown(wait=True)
         db.close()
         log.info("postkeep-milter stopped")
 

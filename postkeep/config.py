@@ -94,6 +94,9 @@ class MilterConfig:
     directory_cache_seconds: float = field(default=30.0, metadata={"min": 0})
     # Header added to every captured message, carrying postkeep's message id.
     id_header: str = "X-Postkeep-Id"
+    # Threads that run end of message (S3 upload, PostgreSQL rows): at most
+    # this many messages are being stored at once; more wait their turn.
+    backend_threads: int = field(default=16, metadata={"min": 1, "max": 256})
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
