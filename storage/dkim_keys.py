@@ -35,8 +35,9 @@ import binascii
 import hashlib
 import os
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -49,6 +50,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from postkeep.config import ConfigError, DkimConfig
 from postkeep.milter.dkim import ALGORITHMS, Algorithm, PrivateKey, algorithm_of
+from postkeep.storage.db import BackendError, Database
 
 State = Literal["staged", "active", "grace", "retired"]
 MASTER_KEY_ENV = "POSTKEEP_DKIM_MASTER_KEY"
@@ -537,3 +539,51 @@ def active_keys(
         (domain.lower(), at, at),
     ).fetchall()
     return _ring(master, 0, rows).signing_keys(domain, at)
+
+
+class KeyRingSource:
+    """A KeyRing kept fresh for a long-running daemon, safe to share between threads.
+
+    `current(now)` returns the ring, first reloading it when `change_marker`
+    has moved; the marker is read at most once per POLL_SECONDS.
+    `invalidate()` (e.g. on SIGHUP) forces the check on the next call.  If
+    PostgreSQL is unreachable the last ring keeps serving; without one the
+    BackendError propagates.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        master: MasterKey,
+        poll_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._master = master
+        self._poll = poll_seconds
+        self._clock = clock
+        self._ring: KeyRing | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        self._checked = float("-inf")
+
+    def current(self, now: datetime) -> KeyRing:
+        ring = self._ring
+        if ring is not None and self._clock() - self._checked < self._poll:
+            return ring
+        with self._lock:
+            ring = self._ring
+            if ring is not None and self._clock() - self._checked < self._poll:
+                return ring  # another thread refreshed it meanwhile
+            try:
+                with self._db.connection() as conn:
+                    if ring is None or change_marker(conn) != ring.version:
+                        ring = load_keyring(conn, self._master, now)
+            except BackendError:
+                if ring is None:
+                    raise
+            self._ring = ring
+            self._checked = self._clock()
+            return ring

@@ -10,6 +10,7 @@ change marker moves on every write, so a running milter notices.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from postkeep import cli, config
 from postkeep.config import ConfigError
 from postkeep.milter import dkim as pkdkim
 from postkeep.storage import dkim_keys
+from postkeep.storage.db import BackendError, Database
 from postkeep.storage.dkim_keys import DkimKeyError, MasterKey
 
 pytestmark = pytest.mark.stack
@@ -236,6 +238,43 @@ def test_change_marker_moves_on_every_write(
     m3 = dkim_keys.change_marker(db)
     assert m0 < m1 < m2 < m3
     assert dkim_keys.list_keys(db, org.domain) == []
+
+
+def test_key_ring_source_reloads_when_keys_change_and_survives_an_outage(
+    db: psycopg.Connection, make_org: MakeOrg, master: MasterKey, config: config.Config
+) -> None:
+    org = make_org()
+    dkim_keys.create_key(db, master, org.domain, "s1", "ed25519-sha256", active_from=T0)
+    clock = [0.0]
+    database = Database(config.postgres, min_size=1)
+    try:
+        source = dkim_keys.KeyRingSource(database, master, poll_seconds=5, clock=lambda: clock[0])
+        ring = source.current(T0)
+        assert [k.selector for k in ring.signing_keys(org.domain, T0)] == ["s1"]
+        dkim_keys.create_key(db, master, org.domain, "s2", "ed25519-sha256")
+        dkim_keys.activate(db, org.domain, "s2", T0 + timedelta(hours=1), timedelta(days=1))
+        clock[0] = 4.0
+        assert source.current(T0) is ring  # within the poll interval: no query
+        clock[0] = 5.0
+        fresh = source.current(T0)
+        assert fresh is not ring
+        assert [k.selector for k in fresh.signing_keys(org.domain, T0 + timedelta(hours=2))] == [
+            "s2"
+        ]
+        clock[0] = 6.0
+        source.invalidate()
+        assert source.current(T0) is fresh  # checked again, nothing changed
+    finally:
+        database.close()
+    # With the pool closed and PostgreSQL unreachable, the last ring keeps serving.
+    broken = Database(dataclasses.replace(config.postgres, port=1, connect_timeout_seconds=1))
+    source = dkim_keys.KeyRingSource(broken, master, clock=lambda: clock[0])
+    with pytest.raises(BackendError):
+        source.current(T0)
+    source._ring = fresh  # as if loaded before the outage
+    clock[0] = 100.0
+    assert source.current(T0) is fresh
+    broken.close()
 
 
 def test_missing_key_policy_defaults_to_tempfail(db: psycopg.Connection, make_org: MakeOrg) -> None:
