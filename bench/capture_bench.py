@@ -442,8 +442,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
         lines.append(f"| {r.size} | {r.config} | {r.rep} | {r.n} | {r.seconds:.2f} | "
                      f"{r.rate:.0f} | {cpu} | {p50} | {p99} |")
     lines += profile
-    lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min.",
-              ""]
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min; "
+              f"load average at the end {load} (other work on this VM shows up here).", ""]
     return "\n".join(lines)
 
 
