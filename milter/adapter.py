@@ -6,19 +6,18 @@ are declared `noreply`, the ones never used are not overridden (so Postfix is
 never asked), and header values arrive as raw bytes with their leading space
 (`header_leading_space`), which the byte-exact capture needs.
 
-End of message runs on `backend_pool`, a pool of threads Python created,
-never on libmilter's own thread.  Debian's libmilter hands one connection's
+Every PostgreSQL and S3 call runs on threads Python created (the group
+committer's workers, the directory's lookup pool), never on libmilter's own
+threads.  Debian's libmilter hands one connection's
 callbacks to whichever worker thread is free, while pymilter binds the
 connection to one Python thread state; C extensions that re-enter Python from
 a callback (psycopg's notice receiver takes the GIL through PyGILState) would
-then find another connection's thread state.  Keeping every PostgreSQL and S3
-call on Python-owned threads rules that out.
+then find another connection's thread state.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import Milter
@@ -33,7 +32,6 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection (one libmilter thread)."""
 
     service: CaptureService  # set on the class by the daemon before it runs
-    backend_pool: ThreadPoolExecutor  # likewise
 
     def __init__(self) -> None:
         super().__init__()
@@ -82,7 +80,7 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         if tx is None:  # MAIL FROM never reached us: nothing to capture
             return Milter.CONTINUE
         queue_id = self.getsymval("i") or "-"
-        verdict = self.backend_pool.submit(self.service.end_of_message, tx, queue_id).result()
+        verdict = self.service.end_of_message(tx, queue_id)
         if verdict.reply is not None:
             r = verdict.reply
             self.setreply(r.code, r.enhanced, r.text)

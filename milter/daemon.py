@@ -96,8 +96,9 @@ def main(config_path: str | None, check_config: bool) -> None:
     from prometheus_client import start_http_server
 
     from postkeep.milter.adapter import CaptureMilter
+    from postkeep.milter.committer import GroupCommitter
+    from postkeep.milter.directory import Directory
     from postkeep.milter.service import CaptureService
-    from postkeep.milter.store import Directory
     from postkeep.storage.db import BackendError, Database
     from postkeep.storage.objects import S3ObjectStore
 
@@ -105,14 +106,16 @@ def main(config_path: str | None, check_config: bool) -> None:
     objects = S3ObjectStore(cfg.s3)
     try:
         objects.ensure_bucket()
+        objects.can_batch()  # probe now rather than on the first message
     except BackendError as exc:  # not fatal: messages tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
     db.open()
     start_http_server(metrics_port, addr=metrics_host)
-    CaptureMilter.service = CaptureService(mcfg, db, objects,
-                                           Directory(db, mcfg.directory_cache_seconds))
-    CaptureMilter.backend_pool = ThreadPoolExecutor(mcfg.backend_threads,
-                                                    thread_name_prefix="backend")
+    lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
+    committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
+                               max_batch=mcfg.commit_batch_max)
+    CaptureMilter.service = CaptureService(
+        mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups))
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
              mcfg.metrics_listen, cfg.source)
@@ -121,7 +124,8 @@ def main(config_path: str | None, check_config: bool) -> None:
         Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
     finally:
         _notify_systemd("STOPPING=1")
-        CaptureMilter.backend_pool.shutdown(wait=True)
+        committer.close()
+        lookups.shutdown(wait=True)
         db.close()
         log.info("postkeep-milter stopped")
 

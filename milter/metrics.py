@@ -26,6 +26,12 @@ EOM_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+COMMIT_BATCH = Histogram(
+    "postkeep_milter_commit_batch_messages",
+    "Messages made durable together by one group commit (one upload, one INSERT).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
 for _outcome in ("captured", "passed", "refused", "tempfailed"):
     MESSAGES.labels(_outcome)
 for _backend in ("s3", "postgres"):

@@ -20,6 +20,7 @@ from postkeep.config import MilterConfig
 from postkeep.ids import uuid7
 from postkeep.milter import metrics
 from postkeep.milter.capture import MessageCapture
+from postkeep.milter.committer import GroupCommitter
 from postkeep.milter.decide import (
     Action,
     Decision,
@@ -31,10 +32,10 @@ from postkeep.milter.decide import (
     strip_brackets,
     tempfail_reply,
 )
-from postkeep.milter.store import Directory, persist
-from postkeep.storage.db import BackendError, Database
+from postkeep.milter.directory import Directory
+from postkeep.storage.db import BackendError
 from postkeep.storage.messages import CapturedMessage, expiry_dates
-from postkeep.storage.objects import ObjectStore, message_key
+from postkeep.storage.objects import message_key
 
 log = logging.getLogger("postkeep.milter")
 
@@ -77,11 +78,10 @@ def _text(value: bytes, limit: int = METADATA_TEXT_MAX) -> str:
 class CaptureService:
     """Shared by every milter connection of the process (thread-safe)."""
 
-    def __init__(self, cfg: MilterConfig, db: Database, objects: ObjectStore,
+    def __init__(self, cfg: MilterConfig, committer: GroupCommitter,
                  directory: Directory) -> None:
         self.cfg = cfg
-        self.db = db
-        self.objects = objects
+        self.committer = committer
         self.directory = directory
 
     def begin(self, envelope_from: str, auth_user: str | None) -> Transaction:
@@ -169,7 +169,7 @@ class CaptureService:
             subject=tx.subject,
         )
         try:
-            persist(self.db, self.objects, message, content.stream, content.compressed_size)
+            self.committer.commit(message, content)
         except BackendError as exc:
             return self._tempfail(tx, queue_id, exc)
         finally:

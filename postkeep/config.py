@@ -74,6 +74,9 @@ class S3Config:
     secret_key: str = field(default="", metadata={"secret": True, "env": "POSTKEEP_S3_SECRET_KEY"})
     secret_key_file: str = ""
     timeout_seconds: float = field(default=5.0, metadata=_positive())
+    # "auto": store many small objects in one request where the server can
+    # (MinIO's snowball auto-extract; probed at start), else one PUT each.
+    batch_uploads: str = field(default="auto", metadata=_choice("auto", "off"))
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,12 @@ class MilterConfig:
     directory_cache_seconds: float = field(default=30.0, metadata={"min": 0})
     # Header added to every captured message, carrying postkeep's message id.
     id_header: str = "X-Postkeep-Id"
-    # Threads that run end of message (S3 upload, PostgreSQL rows): at most
-    # this many messages are being stored at once; more wait their turn.
-    backend_threads: int = field(default=16, metadata={"min": 1, "max": 256})
+    # Threads for organisation lookups that miss the cache (PostgreSQL).
+    backend_threads: int = field(default=4, metadata={"min": 1, "max": 256})
+    # Threads that make messages durable in batches (one upload, one INSERT
+    # for whatever queued up meanwhile), and the largest batch.
+    commit_threads: int = field(default=2, metadata={"min": 1, "max": 64})
+    commit_batch_max: int = field(default=64, metadata={"min": 1, "max": 1000})
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))

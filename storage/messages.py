@@ -1,7 +1,7 @@
 """The `messages` and `message_recipients` tables: capture rows and readers.
 
-`record_capture` writes one message row and one row per recipient in a
-single statement, so both are visible together or not at all.  Expiry
+`record_captures` writes the message rows and one row per recipient of a
+whole batch in a single statement, so they are visible together or not at all.  Expiry
 dates are stamped here from the organisation's retention at capture time;
 "unlimited" metadata is stamped as `UNLIMITED` (9999-12-31 UTC) and lands in
 the partition kept forever.
@@ -65,46 +65,73 @@ class CapturedMessage:
 
 
 # One statement, so one round trip and atomic even on an autocommit
-# connection: the message row and every recipient row, or nothing.
-_INSERT_CAPTURE = """
+# connection: every message row and every recipient row of a batch, or
+# nothing.  Columns travel as arrays and are unnested server-side.
+_INSERT_CAPTURES = """
 WITH msg AS (
     INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
         envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, status, recipient_count, created_at,
         accepted_at)
-    VALUES (%(id)s, %(org_id)s, %(domain)s, %(direction)s, %(queue_id)s, %(message_id)s,
-        %(envelope_from)s, %(header_from)s, %(subject)s, %(size)s, %(object_key)s,
-        %(compressed_size)s, %(sha256)s, %(content_exp)s, %(metadata_exp)s, 'queued',
-        %(nrcpt)s, %(created)s, now())
+    SELECT id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
+        header_from, subject, size, object_key, compressed_size, sha256,
+        content_expires_at, metadata_expires_at, 'queued', recipient_count, created_at, now()
+    FROM unnest(%(id)s::uuid[], %(org_id)s::uuid[], %(domain)s::text[], %(direction)s::text[],
+        %(queue_id)s::text[], %(message_id)s::text[], %(envelope_from)s::text[],
+        %(header_from)s::text[], %(subject)s::text[], %(size)s::bigint[],
+        %(object_key)s::text[], %(compressed_size)s::bigint[], %(sha256)s::bytea[],
+        %(content_exp)s::timestamptz[], %(metadata_exp)s::timestamptz[], %(nrcpt)s::int[],
+        %(created)s::timestamptz[])
+        AS m(id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
+             header_from, subject, size, object_key, compressed_size, sha256,
+             content_expires_at, metadata_expires_at, recipient_count, created_at)
     ON CONFLICT DO NOTHING
 )
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
     created_at, updated_at)
-SELECT %(id)s, %(org_id)s, r, 'queued', %(metadata_exp)s, %(created)s, %(created)s
-FROM unnest(%(recipients)s::text[]) AS r
+SELECT r.message_id, r.org_id, r.recipient, 'queued', r.metadata_exp, r.created, r.created
+FROM unnest(%(r_message)s::uuid[], %(r_org)s::uuid[], %(r_rcpt)s::text[],
+            %(r_metadata_exp)s::timestamptz[], %(r_created)s::timestamptz[])
+    AS r(message_id, org_id, recipient, metadata_exp, created)
 ON CONFLICT DO NOTHING
 """
 
 
-def record_capture(conn: psycopg.Connection, m: CapturedMessage) -> None:
-    """Insert the message row and its recipient rows in one statement.
+def record_captures(conn: psycopg.Connection, batch: Sequence[CapturedMessage]) -> None:
+    """Insert the rows of every message in BATCH in one statement.
 
     Idempotent (ON CONFLICT DO NOTHING): a retry after a lost COMMIT reply
     neither fails nor duplicates.
     """
+    rcpts = [(m, r) for m in batch for r in m.recipients]
     conn.execute(
-        _INSERT_CAPTURE,
+        _INSERT_CAPTURES,
         {
-            "id": m.id, "org_id": m.org_id, "domain": m.domain, "direction": m.direction,
-            "queue_id": m.queue_id, "message_id": m.message_id_header,
-            "envelope_from": m.envelope_from, "header_from": m.header_from,
-            "subject": m.subject, "size": m.size, "object_key": m.object_key,
-            "compressed_size": m.compressed_size, "sha256": m.sha256,
-            "content_exp": m.content_expires_at, "metadata_exp": m.metadata_expires_at,
-            "nrcpt": len(m.recipients), "created": m.created_at,
-            "recipients": list(m.recipients),
+            "id": [m.id for m in batch], "org_id": [m.org_id for m in batch],
+            "domain": [m.domain for m in batch], "direction": [m.direction for m in batch],
+            "queue_id": [m.queue_id for m in batch],
+            "message_id": [m.message_id_header for m in batch],
+            "envelope_from": [m.envelope_from for m in batch],
+            "header_from": [m.header_from for m in batch],
+            "subject": [m.subject for m in batch], "size": [m.size for m in batch],
+            "object_key": [m.object_key for m in batch],
+            "compressed_size": [m.compressed_size for m in batch],
+            "sha256": [m.sha256 for m in batch],
+            "content_exp": [m.content_expires_at for m in batch],
+            "metadata_exp": [m.metadata_expires_at for m in batch],
+            "nrcpt": [len(m.recipients) for m in batch],
+            "created": [m.created_at for m in batch],
+            "r_message": [m.id for m, _ in rcpts], "r_org": [m.org_id for m, _ in rcpts],
+            "r_rcpt": [r for _, r in rcpts],
+            "r_metadata_exp": [m.metadata_expires_at for m, _ in rcpts],
+            "r_created": [m.created_at for m, _ in rcpts],
         },
     )
+
+
+def record_capture(conn: psycopg.Connection, m: CapturedMessage) -> None:
+    """Insert one message's rows (see record_captures)."""
+    record_captures(conn, [m])
 
 
 # --- readers ---------------------------------------------------------------

@@ -9,13 +9,19 @@ message quickly than hold an SMTP session while a dead server is retried.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import SnowballObject
 from minio.error import MinioException, S3Error
 
 from postkeep.config import S3Config
@@ -31,6 +37,11 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: BinaryIO, length: int) -> None: ...
     def get(self, key: str) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
+    def can_batch(self) -> bool: ...
+    def put_many(self, items: list[tuple[str, bytes]]) -> None: ...
+
+
+log = logging.getLogger("postkeep.storage")
 
 
 class S3ObjectStore:
@@ -56,6 +67,9 @@ class S3ObjectStore:
             http_client=http,
         )
         self.bucket = cfg.bucket
+        self._batch_ok: bool | None = None if cfg.batch_uploads == "auto" else False
+        self._next_probe = 0.0
+        self._probe_lock = threading.Lock()
 
     def ensure_bucket(self) -> None:
         try:
@@ -73,6 +87,53 @@ class S3ObjectStore:
             )
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise BackendError("s3", f"put {key}: {exc}") from exc
+
+    def can_batch(self) -> bool:
+        """Whether put_many can store many objects in one call on this server.
+
+        Probed once (and again every 30 s while the server cannot be reached):
+        MinIO extracts a "snowball" tar into separate objects; other S3
+        servers would store the tar itself, so they get one PUT per object.
+        """
+        if self._batch_ok is not None:
+            return self._batch_ok
+        with self._probe_lock:
+            if self._batch_ok is None and time.monotonic() >= self._next_probe:
+                try:
+                    self._batch_ok = self._probe_batch()
+                    log.info("s3 batch uploads (snowball): %s",
+                             "supported" if self._batch_ok else "not supported")
+                except (MinioException, urllib3.exceptions.HTTPError, OSError):
+                    self._next_probe = time.monotonic() + 30
+        return bool(self._batch_ok)
+
+    def _probe_batch(self) -> bool:
+        key = f"postkeep-probe/{uuid.uuid4()}"
+        try:
+            result = self.client.upload_snowball_objects(
+                self.bucket, [SnowballObject(key, data=io.BytesIO(b"probe"), length=5)]
+            )
+        except S3Error:
+            return False
+        try:
+            self.client.stat_object(self.bucket, key)
+            supported = True
+        except S3Error:
+            supported = False
+        for name in (key, result.object_name):
+            with contextlib.suppress(S3Error):
+                self.client.remove_object(self.bucket, name)
+        return supported
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store several small objects in one request (see can_batch)."""
+        try:
+            self.client.upload_snowball_objects(
+                self.bucket,
+                [SnowballObject(k, data=io.BytesIO(b), length=len(b)) for k, b in items],
+            )
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise BackendError("s3", f"batch put of {len(items)} objects: {exc}") from exc
 
     def get(self, key: str) -> Iterator[bytes]:
         try:
@@ -113,6 +174,12 @@ class MemoryObjectStore:
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
+
+    def can_batch(self) -> bool:
+        return True
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        self.objects.update(items)
 
 
 def read_all(store: ObjectStore, key: str) -> bytes:
