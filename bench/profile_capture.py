@@ -231,7 +231,7 @@ def main() -> None:
            f"Code imported from {tree}.", "",
            f"One thread, one message at a time, {args.n} messages per row, against the bench "
            "stack's MinIO and PostgreSQL (loopback). Wall ms includes waiting on the server; "
-           "CPU ms is this thread's CPU, all threads (committer threads included).", "",
+           "CPU ms is the process's CPU, all threads (committer threads included).", "",
            "| step | wall mean ms | wall p50 ms | wall p99 ms | CPU mean ms |",
            "|---|---:|---:|---:|---:|"]
     for label, body in (("5 KB X-lines", x_body(5 * 1024)),
