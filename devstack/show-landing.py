@@ -41,8 +41,9 @@ def postkeep(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def ensure_demo_org() -> None:
-    """Create the demo organisation and domain once; ignore 'already exists'."""
-    for args in (("org", "add", ORG, "--tier", "free"), ("domain", "add", ORG, DOMAIN)):
+    """Create the demo organisation, domain and DKIM key once; ignore 'already exists'."""
+    for args in (("org", "add", ORG, "--tier", "free"), ("domain", "add", ORG, DOMAIN),
+                 ("dkim", "keygen", DOMAIN, "--selector", "demo", "--active-from", "now")):
         done = postkeep(*args)
         if done.returncode != 0 and "exist" not in (done.stderr + done.stdout).lower():
             print(f"  (postkeep {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()})")

@@ -22,7 +22,7 @@ MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO_DIR="$CACHE/minio-$(echo "$MINIO_VERSION" | cut -d- -f2 | cut -c1-8)"
 MINIO_BIN="$MINIO_DIR/minio"
 PG_BIN=/usr/lib/postgresql/15/bin
-APT_PACKAGES=(postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
+APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
 SERVICES=(postgres minio sink milter postfix)
 
@@ -208,7 +208,7 @@ EOF
         rm -f "$data/postmaster.pid"
         require_free "$PG_PORT" "PostgreSQL"
         runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$DIR/pg/postgres.log" -w -t 60 \
-            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir' -c fsync=off" start >/dev/null 9>&- \
+            -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir'" start >/dev/null 9>&- \
             || die "postgres failed to start on 127.0.0.1:$PG_PORT, see $DIR/pg/postgres.log"
     fi
     local psql=("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qAtX)
@@ -318,8 +318,21 @@ start_milter() {
 stop_milter() { stop_pid "$DIR/milter/milter.pid" postkeep-milter; }
 
 # ---------------------------------------------------------------- postkeep config
+dkim_keys() {  # the DKIM master key and the system-mail key, made once per stack
+    mkdir -p "$DIR/dkim"
+    chmod 700 "$DIR/dkim"
+    if [ ! -s "$DIR/dkim/master.key" ]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$DIR/dkim/master.key")
+    fi
+    if [ ! -s "$DIR/dkim/system.pem" ]; then
+        (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
+            -out "$DIR/dkim/system.pem" 2>/dev/null) || die "openssl could not make the system DKIM key"
+    fi
+}
+
 write_config() {
     minio_keys
+    dkim_keys
     cat >"$DIR/postkeep.toml" <<EOF
 # Written by devstack/stack.sh for the stack in $DIR.
 [postgres]
@@ -343,6 +356,12 @@ spool_directory = "$DIR/milter/tmp"
 [postfix]
 config_directory = "$PFDIR"
 milter_address = "inet:127.0.0.1:$MILTER_PORT"
+
+[dkim]
+master_key_file = "$DIR/dkim/master.key"
+system_domains = ["system.postkeep.test"]
+system_selector = "sys"
+system_key_file = "$DIR/dkim/system.pem"
 EOF
     chmod 600 "$DIR/postkeep.toml"
 }

@@ -36,6 +36,15 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.tx: Transaction | None = None
+        self.client_addr: str | None = None
+
+    @Milter.noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> Any:
+        # inet: (ip, port); inet6: (ip, port, flow, scope); mail from sendmail
+        # (non_smtpd_milters) arrives with no address at all.
+        if isinstance(hostaddr, tuple) and hostaddr:
+            self.client_addr = str(hostaddr[0])
+        return Milter.CONTINUE
 
     def _reset(self) -> None:
         if self.tx is not None:
@@ -45,7 +54,11 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply
     def envfrom(self, mailfrom: str, *params: str) -> Any:
         self._reset()
-        self.tx = self.service.begin(mailfrom, self.getsymval("{auth_authen}"))
+        # Postfix names the submitting service in {daemon_name}: "pickup" for
+        # local sendmail(1) submissions, which are trusted like a local user.
+        local = self.getsymval("{daemon_name}") == "pickup" or self.client_addr is None
+        self.tx = self.service.begin(mailfrom, self.getsymval("{auth_authen}"),
+                                     self.client_addr, local)
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -94,6 +107,10 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""
         for name, value in verdict.add_headers:
             self.addheader(name, lead + value)
+        # DKIM signatures go on top, just below Postfix's own Received: (index
+        # 0 would be above it); the last inserted ends up first.
+        for sig in reversed(verdict.signatures):
+            self.addheader("DKIM-Signature", lead + sig.milter_value, 1)
         return Milter.CONTINUE
 
     def abort(self) -> Any:

@@ -12,7 +12,11 @@ turns those back into the message's bytes and compresses them on the fly:
   disk past `spill_bytes`.  Memory therefore stays bounded whatever the size.
 - Concatenated zstd frames decompress as one stream, so the stored object is
   header frame + body frame and restores the message byte for byte.
-- sha256 and size are of the uncompressed message, computed while streaming.
+- sha256 and size are of the uncompressed message, computed while streaming;
+  the DKIM body hash (relaxed) is computed alongside.  Signatures are only
+  known at end of message and go on top of the header block (where Postfix
+  inserts them), so `finish(prefix=...)` re-reads the compressed body once to
+  hash the final message.
 
 Nothing here talks to Postfix, S3 or PostgreSQL.
 """
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import zstandard
+
+from postkeep.milter.dkim import BodyHasher
 
 
 def header_line(name: str | bytes, value: bytes) -> bytes:
@@ -97,6 +103,7 @@ class MessageCapture:
         self._hash: hashlib._Hash | None = None
         self._header_block: bytes | None = None
         self.body_size = 0
+        self.body_hasher = BodyHasher()
 
     # -- headers -----------------------------------------------------------
     def add_header(self, name: str | bytes, value: bytes) -> None:
@@ -130,28 +137,43 @@ class MessageCapture:
         self.end_of_headers()
         assert self._body_writer is not None and self._hash is not None
         self._hash.update(chunk)
+        self.body_hasher.update(chunk)
         self.body_size += len(chunk)
         out = self._body_writer.compress(chunk)
         if out:
             self._body.write(out)
 
     # -- finish ------------------------------------------------------------
-    def finish(self) -> StoredContent:
-        """Close both frames and return the object to upload."""
+    def finish(self, prefix: bytes = b"") -> StoredContent:
+        """Close both frames and return the object to upload.
+
+        PREFIX (complete header lines, e.g. DKIM signatures) goes before the
+        header block, as Postfix places headers a milter inserts at index 1.
+        """
         self.end_of_headers()
         assert self._body_writer is not None and self._hash is not None
-        header_block = self.header_block
+        header_block = prefix + self.header_block
         self._body.write(self._body_writer.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
         body_compressed = self._body.tell()
         self._body.seek(0)
+        digest = self._rehash(header_block) if prefix else self._hash.digest()
         header_frame = self._cctx.compress(header_block)
         return StoredContent(
             stream=io.BufferedReader(_Concat(header_frame, self._body)),  # type: ignore[arg-type]
             compressed_size=len(header_frame) + body_compressed,
             size=len(header_block) + self.body_size,
-            sha256=self._hash.digest(),
+            sha256=digest,
             body_size=self.body_size,
         )
+
+    def _rehash(self, header_block: bytes) -> bytes:
+        """sha256 of HEADER_BLOCK + body, decompressing the body frame once."""
+        digest = hashlib.sha256(header_block)
+        reader = zstandard.ZstdDecompressor().stream_reader(self._body, closefd=False)
+        while chunk := reader.read(256 * 1024):
+            digest.update(chunk)
+        self._body.seek(0)
+        return digest.digest()
 
     def discard(self) -> None:
         """Drop everything (abort, refusal, or after upload)."""

@@ -18,6 +18,9 @@ import sys
 import click
 
 from postkeep.config import ConfigError, load
+from postkeep.milter.dkim import DkimError
+from postkeep.milter.service import system_signing
+from postkeep.milter.signing import parse_networks
 
 
 def _notify_systemd(state: str) -> None:
@@ -69,6 +72,18 @@ def main(config_path: str | None, check_config: bool) -> None:
                 f"milter.spool_directory = {mcfg.spool_directory!r}: "
                 "expected an existing directory this user can write"
             )
+        try:
+            networks = parse_networks("milter.trusted_networks", mcfg.trusted_networks)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        try:
+            system = system_signing(cfg.dkim)
+        except DkimError as exc:
+            raise ConfigError(f"dkim.system_key: {exc}") from exc
+        if cfg.dkim.master_key:
+            from postkeep.storage.dkim_keys import load_master_key
+
+            load_master_key(cfg.dkim)  # refuses a malformed key now, naming its source
     except ConfigError as exc:
         click.echo(f"postkeep-milter: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -98,8 +113,10 @@ def main(config_path: str | None, check_config: bool) -> None:
     from postkeep.milter.adapter import CaptureMilter
     from postkeep.milter.committer import GroupCommitter
     from postkeep.milter.directory import Directory
+    from postkeep.milter.keys import KeyRingRefresher
     from postkeep.milter.service import CaptureService
     from postkeep.storage.db import BackendError, Database
+    from postkeep.storage.dkim_keys import KeyRingSource, load_master_key
     from postkeep.storage.objects import S3ObjectStore
 
     db = Database(cfg.postgres)
@@ -114,8 +131,14 @@ def main(config_path: str | None, check_config: bool) -> None:
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max)
+    keyring = None
+    if cfg.dkim.master_key:
+        keyring = KeyRingRefresher(
+            KeyRingSource(db, load_master_key(cfg.dkim), mcfg.dkim_reload_seconds),
+            mcfg.dkim_reload_seconds, lookups)
     CaptureMilter.service = CaptureService(
-        mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups))
+        mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
+        networks=networks, system=system, keyring=keyring)
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
              mcfg.metrics_listen, cfg.source)
@@ -125,6 +148,8 @@ def main(config_path: str | None, check_config: bool) -> None:
     finally:
         _notify_systemd("STOPPING=1")
         committer.close()
+        if keyring is not None:
+            keyring.close()
         lookups.shutdown(wait=True)
         db.close()
         log.info("postkeep-milter stopped")

@@ -6,7 +6,8 @@ from prometheus_client import Counter, Histogram
 
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
-    "Messages by outcome: captured, passed (uncaptured), refused (5xx), tempfailed (4xx).",
+    "Messages by outcome: captured, system (signed, not stored), passed (uncaptured),"
+    " refused (5xx), tempfailed (4xx).",
     ["outcome"],
 )
 RECEIVED_BYTES = Counter(
@@ -26,13 +27,31 @@ EOM_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+DKIM_SIGNATURES = Counter(
+    "postkeep_milter_dkim_signatures_total", "DKIM signatures made, by algorithm.",
+    ["algorithm"],
+)
+DKIM_FAILURES = Counter(
+    "postkeep_milter_dkim_unsigned_total",
+    "Messages not signed, by reason: untrusted_client, no_key, from_header.",
+    ["reason"],
+)
+DKIM_SECONDS = Histogram(
+    "postkeep_milter_dkim_sign_duration_seconds",
+    "Time to sign one message (every signature it gets), body hash excluded.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025),
+)
 COMMIT_BATCH = Histogram(
     "postkeep_milter_commit_batch_messages",
     "Messages made durable together by one group commit (one upload, one INSERT).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
-for _outcome in ("captured", "passed", "refused", "tempfailed"):
+for _outcome in ("captured", "system", "passed", "refused", "tempfailed"):
     MESSAGES.labels(_outcome)
 for _backend in ("s3", "postgres"):
     BACKEND_ERRORS.labels(_backend)
+for _algorithm in ("rsa-sha256", "ed25519-sha256"):
+    DKIM_SIGNATURES.labels(_algorithm)
+for _reason in ("untrusted_client", "no_key", "from_header"):
+    DKIM_FAILURES.labels(_reason)

@@ -1,11 +1,13 @@
 """The capture service: one message's way from milter events to a verdict.
 
 `Transaction` is the plain state of one SMTP transaction as the adapter saw it
-(envelope, headers of interest, the streaming `MessageCapture`).
-`CaptureService.end_of_message` classifies it, makes it durable
-(object + rows) and returns the verdict: accept (with the headers to add) or a
-reply to refuse or tempfail with.  It logs one line per message carrying both
-postkeep's id and Postfix's queue id, and counts outcomes in metrics.
+(envelope, client, headers of interest, the streaming `MessageCapture`).
+`CaptureService.end_of_message` classifies it (system mail, customer mail,
+mail of no organisation), DKIM-signs what it should, makes customer mail
+durable (object + rows, the stored object being the signed message) and
+returns the verdict: accept (with the headers to add) or a reply to refuse or
+tempfail with.  It logs one line per message carrying both postkeep's id and
+Postfix's queue id, and counts outcomes in metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from postkeep.config import MilterConfig
+from postkeep.config import DkimConfig, MilterConfig
 from postkeep.ids import uuid7
 from postkeep.milter import metrics
 from postkeep.milter.capture import MessageCapture
@@ -25,6 +27,7 @@ from postkeep.milter.decide import (
     Action,
     Decision,
     Reply,
+    address_domain,
     classify,
     header_from_address,
     internal_error_reply,
@@ -33,7 +36,17 @@ from postkeep.milter.decide import (
     tempfail_reply,
 )
 from postkeep.milter.directory import Directory
+from postkeep.milter.dkim import DkimError, PrivateKey
+from postkeep.milter.keys import KeyRingRefresher
+from postkeep.milter.signing import (
+    Network,
+    Signature,
+    customer_keys,
+    is_trusted,
+    sign_all,
+)
 from postkeep.storage.db import BackendError
+from postkeep.storage.dkim_keys import DkimKeyError
 from postkeep.storage.messages import CapturedMessage, expiry_dates
 from postkeep.storage.objects import message_key
 
@@ -57,6 +70,9 @@ class Transaction:
     subject: str | None = None
     message_id_header: str | None = None
     own_headers_removed: int = 0  # client-sent copies of our id header
+    from_count: int = 0
+    client_addr: str | None = None
+    local: bool = False  # injected with sendmail (non_smtpd_milters)
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class Verdict:
     reply: Reply | None
     add_headers: tuple[tuple[str, str], ...] = ()
     reject: bool = False  # reply is permanent (5xx) rather than temporary
+    signatures: tuple[Signature, ...] = ()  # inserted on top, in this order
 
 
 def _text(value: bytes, limit: int = METADATA_TEXT_MAX) -> str:
@@ -75,23 +92,49 @@ def _text(value: bytes, limit: int = METADATA_TEXT_MAX) -> str:
     return text[:limit]
 
 
+@dataclass(frozen=True)
+class SystemSigning:
+    """The platform's own key for system mail (never from the database)."""
+
+    domains: frozenset[str]
+    selector: str
+    key: PrivateKey
+    algorithm: str
+
+
+def system_signing(cfg: DkimConfig) -> SystemSigning | None:
+    """The system-mail signer from [dkim], or None if not configured."""
+    if not cfg.system_domains:
+        return None
+    from postkeep.milter.dkim import algorithm_of, load_private_key
+
+    key = load_private_key(cfg.system_key.encode())
+    return SystemSigning(frozenset(d.lower().rstrip(".") for d in cfg.system_domains),
+                         cfg.system_selector, key, algorithm_of(key))
+
+
 class CaptureService:
     """Shared by every milter connection of the process (thread-safe)."""
 
-    def __init__(self, cfg: MilterConfig, committer: GroupCommitter,
-                 directory: Directory) -> None:
+    def __init__(self, cfg: MilterConfig, committer: GroupCommitter, directory: Directory,
+                 *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
+                 keyring: KeyRingRefresher | None = None) -> None:
         self.cfg = cfg
         self.committer = committer
         self.directory = directory
+        self.networks = networks
+        self.system = system
+        self.keyring = keyring  # None: customer signing is off (no master key)
 
-    def begin(self, envelope_from: str, auth_user: str | None) -> Transaction:
+    def begin(self, envelope_from: str, auth_user: str | None, client_addr: str | None = None,
+              local: bool = False) -> Transaction:
         """A new transaction at MAIL FROM; its id goes in the id header."""
         tid = uuid7()
         capture = MessageCapture(level=self.cfg.zstd_level, spill_bytes=self.cfg.spill_bytes,
                                  spool_dir=self.cfg.spool_directory)
         capture.add_own_header(self.cfg.id_header, str(tid))
         return Transaction(tid, datetime.now(UTC), strip_brackets(envelope_from),
-                           auth_user or None, capture)
+                           auth_user or None, capture, client_addr=client_addr, local=local)
 
     def header(self, tx: Transaction, name: str, value: bytes) -> None:
         """Record a header field; note the ones kept as metadata."""
@@ -100,8 +143,10 @@ class CaptureService:
             tx.own_headers_removed += 1  # the adapter deletes it; not stored
             return
         tx.capture.add_header(name, value)
-        if lname == "from" and tx.header_from is None:
-            tx.header_from = _text(value)
+        if lname == "from":
+            tx.from_count += 1
+            if tx.header_from is None:
+                tx.header_from = _text(value)
         elif lname == "subject" and tx.subject is None:
             tx.subject = _text(value)
         elif lname == "message-id" and tx.message_id_header is None:
@@ -122,6 +167,12 @@ class CaptureService:
         return verdict
 
     def _finish(self, tx: Transaction, queue_id: str) -> Verdict:
+        trusted = is_trusted(tx.auth_user, tx.client_addr, tx.local, self.networks)
+        from_domain = address_domain(header_from_address(tx.header_from))
+        if self.system is not None and trusted and (
+            (from_domain or address_domain(tx.envelope_from)) in self.system.domains
+        ):
+            return self._system_mail(tx, queue_id, from_domain)
         try:
             decision = classify(
                 auth_user=tx.auth_user,
@@ -143,12 +194,96 @@ class CaptureService:
             log.info("passed uncaptured queue_id=%s from=<%s> reason=%r", queue_id,
                      tx.envelope_from, decision.reason)
             return Verdict(None)
-        return self._capture(tx, queue_id, decision)
+        signed = self._sign_customer(tx, queue_id, decision, trusted, from_domain)
+        if isinstance(signed, Verdict):
+            return signed
+        return self._capture(tx, queue_id, decision, signed)
 
-    def _capture(self, tx: Transaction, queue_id: str, decision: Decision) -> Verdict:
+    def _system_mail(self, tx: Transaction, queue_id: str, from_domain: str) -> Verdict:
+        """Sign with the platform key; store nothing; one log line."""
+        system = self.system
+        assert system is not None
+        try:
+            sigs = self._sign(tx, [(from_domain or address_domain(tx.envelope_from),
+                                    system.selector, system.algorithm, system.key)])
+        except DkimError as exc:
+            return self._unsignable(tx, queue_id, exc)
+        metrics.MESSAGES.labels("system").inc()
+        log.info("system mail queue_id=%s message_id=%s from=<%s> nrcpt=%d signed=%s",
+                 queue_id, tx.message_id_header or "-", tx.envelope_from, len(tx.recipients),
+                 system.selector)
+        return Verdict(None, signatures=tuple(sigs))
+
+    def _sign(self, tx: Transaction, keys: list[tuple[str, str, str, PrivateKey]]
+              ) -> list[Signature]:
+        started = time.perf_counter()
+        sigs = sign_all(tx.capture.header_block, tx.capture.body_hasher.digest(), keys,
+                        int(time.time()))
+        metrics.DKIM_SECONDS.observe(time.perf_counter() - started)
+        for sig in sigs:
+            metrics.DKIM_SIGNATURES.labels(sig.algorithm).inc()
+        return sigs
+
+    def _unsignable(self, tx: Transaction, queue_id: str, exc: DkimError) -> Verdict:
+        metrics.DKIM_FAILURES.labels("from_header").inc()
+        metrics.MESSAGES.labels("refused").inc()
+        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+                 tx.envelope_from, str(exc))
+        return Verdict(Reply("550", "5.6.0", f"postkeep: {exc}"), reject=True)
+
+    def _sign_customer(self, tx: Transaction, queue_id: str, decision: Decision,
+                       trusted: bool, from_domain: str) -> list[Signature] | Verdict:
+        """Signatures for customer mail, or the verdict that refuses it."""
         org = decision.org
         assert org is not None
-        content = tx.capture.finish()
+        if self.keyring is None:
+            return []
+        if not trusted:
+            metrics.DKIM_FAILURES.labels("untrusted_client").inc()
+            log.info("not signed id=%s queue_id=%s reason='client %s neither authenticated"
+                     " nor on a trusted network'", tx.id, queue_id, tx.client_addr or "-")
+            return []
+        if tx.from_count != 1:
+            return self._unsignable(tx, queue_id, DkimError(
+                f"the message has {tx.from_count} From: headers; exactly one is required"))
+        reason = ""
+        keys = []
+        try:
+            owner = self.directory.by_domain(from_domain) if from_domain else None
+            ring = self.keyring()
+            if owner is None or owner.id != org.id:
+                reason = f"From: domain {from_domain or '-'} is not one of {org.name}'s domains"
+            elif ring is None:
+                reason = "DKIM keys not loaded yet"
+            else:
+                keys = ring.signing_keys(from_domain, datetime.now(UTC))
+                if not keys:  # perhaps made a moment ago: look once more
+                    ring = self.keyring.reload_now() or ring
+                    keys = ring.signing_keys(from_domain, datetime.now(UTC))
+                if not keys:
+                    reason = f"no active DKIM key for {from_domain}"
+        except BackendError as exc:
+            return self._tempfail(tx, queue_id, exc)
+        except DkimKeyError as exc:
+            reason = f"DKIM key for {from_domain} unusable: {exc}"
+        if reason:
+            metrics.DKIM_FAILURES.labels("no_key").inc()
+            if org.dkim_missing_key == "unsigned":
+                log.info("not signed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+                return []
+            metrics.MESSAGES.labels("tempfailed").inc()
+            log.warning("tempfailed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+            return Verdict(Reply("451", "4.7.5", f"postkeep: {reason}; try again later"))
+        try:
+            return self._sign(tx, customer_keys(keys))
+        except DkimError as exc:
+            return self._unsignable(tx, queue_id, exc)
+
+    def _capture(self, tx: Transaction, queue_id: str, decision: Decision,
+                 signatures: list[Signature]) -> Verdict:
+        org = decision.org
+        assert org is not None
+        content = tx.capture.finish(prefix=b"".join(s.line for s in signatures))
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
         message = CapturedMessage(
             id=tx.id,
@@ -182,7 +317,8 @@ class CaptureService:
             tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients), content.size,
             content.compressed_size, message.object_key,
         )
-        return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),))
+        return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
+                       signatures=tuple(signatures))
 
     def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError) -> Verdict:
         metrics.BACKEND_ERRORS.labels(exc.backend).inc()

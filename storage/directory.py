@@ -15,7 +15,8 @@ import psycopg
 _ORG_COLUMNS = """
     o.id, o.name, o.tier,
     coalesce(o.content_days, t.content_days),
-    CASE WHEN o.metadata_days IS NOT NULL THEN o.metadata_days ELSE t.metadata_days END
+    CASE WHEN o.metadata_days IS NOT NULL THEN o.metadata_days ELSE t.metadata_days END,
+    o.dkim_missing_key
 """
 
 
@@ -26,16 +27,19 @@ class Organisation:
     tier: str
     content_days: int
     metadata_days: int | None  # None: kept without limit
+    # What the milter does when the From domain has no active DKIM key:
+    # 'tempfail' (451 4.7.5) or 'unsigned' (send unsigned, logged and counted).
+    dkim_missing_key: str = "tempfail"
 
 
 def _org(row: tuple[object, ...] | None) -> Organisation | None:
     if row is None:
         return None
-    oid, name, tier, content_days, metadata_days = row
+    oid, name, tier, content_days, metadata_days, missing_key = row
     assert isinstance(oid, uuid.UUID) and isinstance(name, str) and isinstance(tier, str)
-    assert isinstance(content_days, int)
+    assert isinstance(content_days, int) and isinstance(missing_key, str)
     assert metadata_days is None or isinstance(metadata_days, int)
-    return Organisation(oid, name, tier, content_days, metadata_days)
+    return Organisation(oid, name, tier, content_days, metadata_days, missing_key)
 
 
 def find_by_submitter(conn: psycopg.Connection, username: str) -> Organisation | None:

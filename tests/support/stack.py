@@ -12,12 +12,13 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 
 from postkeep.config import Config, load
-from postkeep.storage import directory
+from postkeep.storage import directory, dkim_keys
 from postkeep.storage.objects import S3ObjectStore, read_all
 
 REQUIRED = ("POSTKEEP_CONFIG", "POSTKEEP_SMTP_HOST", "POSTKEEP_SMTP_PORT", "POSTKEEP_SINK_DIR")
@@ -52,14 +53,33 @@ class Stack:
     def objects(self) -> S3ObjectStore:
         return S3ObjectStore(self.config.s3)
 
-    def new_org(self, tier: str = "free") -> tuple[uuid.UUID, str]:
-        """A fresh organisation owning a fresh domain; returns (id, domain)."""
+    def new_org(self, tier: str = "free", *, dkim: bool = True,
+                missing_key: str = "tempfail") -> tuple[uuid.UUID, str]:
+        """A fresh organisation owning a fresh domain; returns (id, domain).
+
+        With DKIM (the default) the domain gets an RSA key, selector s1,
+        active now, so its mail through the stack is signed.
+        """
         tag = uuid.uuid4().hex[:12]
         domain = f"o{tag}.example"
         with self.connect() as conn:
             oid = directory.add_organisation(conn, f"test-{tag}", tier)
             directory.add_domain(conn, oid, domain)
+            dkim_keys.set_missing_key_policy(conn, oid, missing_key)
+            if dkim:
+                dkim_keys.create_key(conn, self.master_key(), domain, "s1", "rsa-sha256",
+                                     active_from=datetime.now(UTC))
         return oid, domain
+
+    def master_key(self) -> dkim_keys.MasterKey:
+        return dkim_keys.load_master_key(self.config.dkim)
+
+    def public_keys(self) -> dict[bytes, bytes]:
+        """Every published DKIM TXT record, by DNS name (for verifier stubs)."""
+        with self.connect() as conn:
+            keys = dkim_keys.list_keys(conn)
+        return {dkim_keys.dns_name(k.domain, k.selector).encode() + b".": k.txt_value().encode()
+                for k in keys}
 
     def sink_copy(self, token: str, timeout: float = 60.0) -> bytes:
         """The bytes the sink received for the message carrying TOKEN."""
