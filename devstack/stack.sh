@@ -352,6 +352,9 @@ secret_key = "$MINIO_ROOT_PASSWORD"
 listen = "inet:$MILTER_PORT@127.0.0.1"
 metrics_listen = "127.0.0.1:$METRICS_PORT"
 spool_directory = "$DIR/milter/tmp"
+# 192.0.2.0/24 (TEST-NET-1): tests appear from there with XCLIENT as a trusted
+# client that Postfix does not treat as local (no headers added for it).
+trusted_networks = ["127.0.0.0/8", "192.0.2.0/24"]
 
 [postfix]
 config_directory = "$PFDIR"
@@ -411,7 +414,11 @@ EOF
         "alias_database =" \
         "local_recipient_maps =" \
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
+        "relay_domains = sink.test" \
+        "smtpd_authorized_xclient_hosts = 127.0.0.0/8" \
         || die "postconf overrides failed for $PFDIR"
+    # (Tests speak XCLIENT to appear as a client off the trusted networks, and
+    # mail to sink.test is relayed for such clients too.)
     "${pc[@]}" -F '*/*/chroot = n' || die "postconf -F chroot failed"
     "${pc[@]}" -MX smtp/inet || true
     "${pc[@]}" -M "127.0.0.1:$SMTP_PORT/inet = 127.0.0.1:$SMTP_PORT inet n - n - - smtpd" \

@@ -105,21 +105,8 @@ class GroupCommitter:
         stored = self._upload(batch)
         if not stored:
             return
-
-        def write_rows() -> None:
-            with self._db.connection() as conn:
-                record_captures(conn, [p.message for p in stored])
-
         try:
-            try:
-                write_rows()
-            except BackendError as exc:
-                if exc.backend != "postgres":
-                    raise
-                # After a PostgreSQL restart the pool may hand out a dead
-                # connection; the insert is idempotent, so retry once.
-                log.info("postgres write failed (%s); retrying once", exc.reason)
-                write_rows()
+            self._db.run(lambda conn: record_captures(conn, [p.message for p in stored]))
         except BackendError as exc:
             # Objects stay: if the COMMIT reached PostgreSQL before the error,
             # rows point at them; an object without a row is invisible.

@@ -35,8 +35,7 @@ class Directory:
         self._lock = threading.Lock()
 
     def _query(self, query: _Query, key: str) -> Organisation | None:
-        with self._db.connection() as conn:
-            return query(conn, key)
+        return self._db.run(lambda conn: query(conn, key))
 
     def _lookup(self, kind: str, key: str, query: _Query) -> Organisation | None:
         now = self._clock()

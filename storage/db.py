@@ -8,13 +8,18 @@ instead of guessing from driver exceptions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from postkeep.config import PostgresConfig
+
+log = logging.getLogger("postkeep.storage")
+T = TypeVar("T")
 
 
 class BackendError(Exception):
@@ -53,6 +58,31 @@ class Database:
         if self._opened:
             self._pool.close()
             self._opened = False
+
+    def recover(self) -> None:
+        """After a connection failure: drop every broken idle connection now.
+
+        A PostgreSQL restart breaks all pooled connections at once; without
+        this each of them would fail one more message before being replaced.
+        """
+        if self._opened:
+            with suppress(psycopg.Error):
+                self._pool.check()
+
+    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
+        """WORK on an autocommit connection; once more after recover() if it failed.
+
+        WORK must be idempotent: the first attempt may have committed before
+        its connection broke.
+        """
+        try:
+            with self.connection() as conn:
+                return work(conn)
+        except BackendError as exc:
+            log.info("postgres failed (%s); retrying once on a fresh connection", exc.reason)
+            self.recover()
+            with self.connection() as conn:
+                return work(conn)
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:

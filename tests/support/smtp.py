@@ -80,6 +80,11 @@ class Client:
         self.sock.sendall(dot_stuff(data) + b".\r\n")
         return self._expect("end of data", 250)
 
+    def xclient(self, addr: str, name: str = "[UNAVAILABLE]") -> None:
+        """Appear as client ADDR (Postfix XCLIENT; the stack authorizes loopback)."""
+        self.command(f"XCLIENT ADDR={addr} NAME={name}", 220)
+        self.command("EHLO test.example", 250)
+
     def reset(self) -> None:
         self.command("RSET", 250)
 

@@ -78,7 +78,7 @@ class Stack:
         """Every published DKIM TXT record, by DNS name (for verifier stubs)."""
         with self.connect() as conn:
             keys = dkim_keys.list_keys(conn)
-        return {dkim_keys.dns_name(k.domain, k.selector).encode() + b".": k.txt_value().encode()
+        return {dkim_keys.dns_name(k.domain, k.selector).encode() + b".": k.txt_value.encode()
                 for k in keys}
 
     def sink_copy(self, token: str, timeout: float = 60.0) -> bytes:
