@@ -95,6 +95,12 @@ class MilterConfig:
     zstd_level: int = field(default=3, metadata={"min": 1, "max": 22})
     # How long an organisation lookup is trusted before asking PostgreSQL again.
     directory_cache_seconds: float = field(default=30.0, metadata={"min": 0})
+    # Clients whose mail may be DKIM-signed without SASL (CIDR).  Mail from
+    # anywhere else is captured but never signed, whatever domain it claims.
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # How often the milter checks PostgreSQL for DKIM key changes (rotation
+    # needs no restart).
+    dkim_reload_seconds: float = field(default=5.0, metadata=_positive())
     # Header added to every captured message, carrying postkeep's message id.
     id_header: str = "X-Postkeep-Id"
     # Threads for organisation lookups that miss the cache (PostgreSQL).
