@@ -173,6 +173,7 @@ class Run:
     p50: float | None = None
     p99: float | None = None
     captured: int | None = None
+    signed: int | None = None  # DKIM signatures the milter made during the run
     cpu: dict[str, float] = field(default_factory=dict)  # machine, minio, postgres
 
 
@@ -295,11 +296,15 @@ class Bench:
             run.p99 = histogram_quantile(0.99, b, a)
             key = 'postkeep_milter_messages_total{outcome="captured"}'
             run.captured = int(after.get(key, 0) - before.get(key, 0))
+            run.signed = int(sum(v - before.get(k, 0) for k, v in after.items()
+                                 if k.startswith("postkeep_milter_dkim_signatures_total")))
             if run.captured != n:
                 raise SystemExit(f"bench: C delivered {n} but the milter captured "
                                  f"{run.captured}: is bench.example an organisation's domain?")
         self.runs.append(run)
         extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
+        if run.signed is not None:
+            extra += f" signed {run.signed}"
         if run.p50 is not None and run.p99 is not None:
             extra += f" eom p50 {run.p50 * 1000:.1f}ms p99 {run.p99 * 1000:.1f}ms"
         log(f"{config} {size_name:>6} rep {rep}: {n} msgs in {seconds:.2f}s = "
@@ -433,14 +438,15 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             lines.append(f"| {label} | {base / 1024:.0f} MiB | {peak / 1024:.0f} MiB | "
                          f"{(peak - base) / 1024:.0f} MiB | {samples} |")
     lines += ["", "## Every run", "", "| size | config | rep | N | seconds | msg/s | "
-              "milter CPU s | eom p50 ms | eom p99 ms |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "milter CPU s | eom p50 ms | eom p99 ms | DKIM-signed |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bench.runs:
         cpu = f"{r.milter_cpu:.2f}" if r.milter_cpu is not None else "-"
         p50 = f"{r.p50 * 1000:.1f}" if r.p50 is not None else "-"
         p99 = f"{r.p99 * 1000:.1f}" if r.p99 is not None else "-"
+        signed = str(r.signed) if r.signed is not None else "-"
         lines.append(f"| {r.size} | {r.config} | {r.rep} | {r.n} | {r.seconds:.2f} | "
-                     f"{r.rate:.0f} | {cpu} | {p50} | {p99} |")
+                     f"{r.rate:.0f} | {cpu} | {p50} | {p99} | {signed} |")
     lines += profile
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min; "

@@ -68,6 +68,15 @@ fi
 postkeep domain add bench bench.example >/dev/null 2>&1 \
     || postkeep org list | grep -qw bench || die "postkeep domain add bench bench.example failed"
 
+# C must sign like B does: an active RSA-2048 key for bench.example (if the
+# milter's CLI has DKIM keys yet; without one C captures but does not sign).
+if postkeep dkim --help >/dev/null 2>&1; then
+    if ! postkeep dkim list 2>/dev/null | grep -q 'bench.example'; then
+        postkeep dkim keygen bench.example --selector bench --algorithm rsa --active-from now \
+            >/dev/null || die "postkeep dkim keygen bench.example failed"
+    fi
+fi
+
 # ---------------------------------------------------------------- opendkim
 DKIM="$DIR/opendkim"
 mkdir -p "$DKIM"
