@@ -245,3 +245,23 @@ def test_rotation_without_restart(stack: Stack, tmp_path: Path) -> None:
                           "dkim", "dns", domain], capture_output=True, text=True, check=True,
                          env={**os.environ}).stdout
     assert "s1._domainkey" in out and "s2._domainkey" in out
+
+
+def test_dual_signed_rsa_and_ed25519_both_verify(stack: Stack, tmp_path: Path) -> None:
+    _, domain = stack.new_org("pro")
+    with stack.connect() as conn:
+        dkim_keys.create_key(conn, stack.master_key(), domain, "ed1", "ed25519-sha256",
+                             active_from=datetime.now(UTC))
+    token = uuid.uuid4().hex
+    smtp.send(*stack.smtp, f"a@{domain}", ["r@sink.test"],
+              f"From: a@{domain}\r\nSubject: dual\r\nX-Test-Token: {token}\r\n\r\nbody\r\n"
+              .encode())
+    delivered = stack.sink_copy(token)
+    assert delivered.count(b"\nDKIM-Signature:") == 2
+    assert b"a=rsa-sha256" in delivered and b"a=ed25519-sha256" in delivered
+    dns = _dns(stack)
+    # dkimpy verifies one signature per call, by index; both must hold.
+    assert dkimpy.DKIM(delivered).verify(idx=0, dnsfunc=dns)
+    assert dkimpy.DKIM(delivered).verify(idx=1, dnsfunc=dns)
+    verdict = _opendkim(stack, tmp_path, delivered)
+    assert verdict.count("succeeded") >= 1 and "failed" not in verdict, verdict
