@@ -31,8 +31,11 @@ die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
 warn() { printf 'stack: WARNING: %s\n' "$*" >&2; }
 
 venv_dir() {
+    # Keyed by the dependencies AND the clone: the project is installed
+    # editable, so two clones sharing a venv would run each other's code.
+    # Dependencies come from pip's wheel cache, so a new clone's venv is quick.
     local h
-    h="$(sha256sum "$REPO/pyproject.toml" | cut -c1-12)"
+    h="$( (cat "$REPO/pyproject.toml"; echo "$REPO") | sha256sum | cut -c1-12)"
     echo "$CACHE/venv-$h"
 }
 

@@ -116,7 +116,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     from postkeep.milter.keys import KeyRingRefresher
     from postkeep.milter.service import CaptureService
     from postkeep.storage.db import BackendError, Database
-    from postkeep.storage.dkim_keys import KeyRingSource, load_master_key
+    from postkeep.storage.dkim_keys import load_master_key
     from postkeep.storage.objects import S3ObjectStore
 
     db = Database(cfg.postgres)
@@ -133,9 +133,8 @@ def main(config_path: str | None, check_config: bool) -> None:
                                max_batch=mcfg.commit_batch_max)
     keyring = None
     if cfg.dkim.master_key:
-        keyring = KeyRingRefresher(
-            KeyRingSource(db, load_master_key(cfg.dkim), mcfg.dkim_reload_seconds),
-            mcfg.dkim_reload_seconds, lookups)
+        keyring = KeyRingRefresher(db, load_master_key(cfg.dkim), mcfg.dkim_reload_seconds,
+                                   lookups)
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
         networks=networks, system=system, keyring=keyring)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
-from postkeep.storage.db import BackendError
-from postkeep.storage.dkim_keys import DkimKeyError, KeyRing, KeyRingSource
+from postkeep.storage.db import BackendError, Database
+from postkeep.storage.dkim_keys import DkimKeyError, KeyRing, KeyRingSource, MasterKey
 
 log = logging.getLogger("postkeep.milter")
 
@@ -23,15 +22,16 @@ log = logging.getLogger("postkeep.milter")
 class KeyRingRefresher:
     """The current KeyRing, refreshed every PERIOD seconds in the background."""
 
-    # A miss (a domain with no key) may force a reload at most this often.
-    MISS_RELOAD_SECONDS = 1.0
-
-    def __init__(self, source: KeyRingSource, period: float,
+    def __init__(self, db: Database, master: MasterKey, period: float,
                  executor: Executor | None = None) -> None:
-        self._source = source
+        self._source = KeyRingSource(db, master, period)
+        # Forced reloads always ask PostgreSQL (poll 0): the background
+        # refresher may just have stamped its source fresh with an older ring.
+        self._forced = KeyRingSource(db, master, 0.0)
         self._period = period
         self._executor = executor
-        self._last_forced = 0.0
+        self._started = 0  # forced reloads begun; lets waiters share a fresh one
+        self._force_lock = threading.Lock()
         self._ring: KeyRing | None = None
         self._stop = threading.Event()
         self._refresh()
@@ -42,31 +42,41 @@ class KeyRingRefresher:
         return self._ring
 
     def reload_now(self) -> KeyRing | None:
-        """Check for new keys right away (rate-limited), e.g. on a miss.
+        """Check for new keys right away, e.g. on a miss; BackendError if it cannot.
 
-        Runs the query on the executor: never on a libmilter thread.
+        The check is one small read (the change marker).  Callers that arrive
+        while a forced reload runs wait for it and share its result, which
+        began after they asked.  The query runs on the executor, never on a
+        libmilter thread.
         """
-        now = time.monotonic()
-        if now - self._last_forced < self.MISS_RELOAD_SECONDS:
+        asked = self._started
+        with self._force_lock:
+            if self._started > asked:  # one began after we asked, and has finished
+                return self._ring
+            self._started += 1
+            if self._executor is not None:
+                error = self._executor.submit(self._refresh, self._forced).result()
+            else:
+                error = self._refresh(self._forced)
+            if error is not None:
+                raise error
             return self._ring
-        self._last_forced = now
-        self._source.invalidate()
-        if self._executor is not None:
-            self._executor.submit(self._refresh).result()
-        else:
-            self._refresh()
-        return self._ring
 
-    def _refresh(self) -> None:
+    def _refresh(self, source: KeyRingSource | None = None) -> BackendError | None:
         try:
-            ring = self._source.current(datetime.now(UTC))
+            ring = (source or self._source).current(datetime.now(UTC))
         except (BackendError, DkimKeyError) as exc:
             log.warning("DKIM keys not reloaded: %s", exc)
-            return
+            if isinstance(exc, BackendError):
+                return exc
+            return BackendError("postgres", f"DKIM keys: {exc}")
+        if self._ring is not None and ring.version < self._ring.version:
+            return None  # a slower reload finishing late: keep the newer ring
         if self._ring is None or ring.version != self._ring.version:
             log.info("DKIM keys loaded: version %s, %d domains", ring.version,
                      len(ring.domains()))
         self._ring = ring
+        return None
 
     def _run(self) -> None:
         while not self._stop.wait(self._period):

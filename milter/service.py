@@ -250,7 +250,7 @@ class CaptureService:
         keys = []
         try:
             owner = self.directory.by_domain(from_domain) if from_domain else None
-            ring = self.keyring()
+            ring = self.keyring() or self.keyring.reload_now()
             if owner is None or owner.id != org.id:
                 reason = f"From: domain {from_domain or '-'} is not one of {org.name}'s domains"
             elif ring is None:

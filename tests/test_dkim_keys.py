@@ -30,7 +30,7 @@ from conftest import StackEnv, TestOrg
 from postkeep import cli, config
 from postkeep.config import ConfigError
 from postkeep.milter import dkim as pkdkim
-from postkeep.storage import dkim_keys
+from postkeep.storage import directory, dkim_keys
 from postkeep.storage.db import BackendError, Database
 from postkeep.storage.dkim_keys import DkimKeyError, MasterKey
 
@@ -278,8 +278,9 @@ def test_key_ring_source_reloads_when_keys_change_and_survives_an_outage(
 
 
 def test_missing_key_policy_defaults_to_tempfail(db: psycopg.Connection, make_org: MakeOrg) -> None:
-    org = make_org()
-    assert dkim_keys.missing_key_policy(db, org.id) == "tempfail"
+    org = make_org()  # make_org sets 'unsigned'; a plain new organisation has the default
+    oid = directory.add_organisation(db, f"{org.name}-plain", "free")
+    assert dkim_keys.missing_key_policy(db, oid) == "tempfail"
     dkim_keys.set_missing_key_policy(db, org.id, "unsigned")
     assert dkim_keys.missing_key_policy(db, org.id) == "unsigned"
     with pytest.raises(DkimKeyError, match="'drop'"):
@@ -296,15 +297,24 @@ def root() -> click.Group:
 
 
 @pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Callable[..., Result]:
+def run(root: click.Group, stack_env: StackEnv,
+        tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Result]:
     """`postkeep --config <stack> ARGS` with a master key in the environment."""
     env = {"POSTKEEP_DKIM_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
 
+    # The stack's config names a master key file; "no master key" needs a
+    # copy of it without the [dkim] section.
+    text = Path(stack_env.config_path).read_text()
+    bare = tmp_path_factory.mktemp("cfg") / "postkeep.toml"
+    bare.write_text(text.split("\n[dkim]\n")[0] + "\n")
+    bare.chmod(0o600)
+
     def _run(*args: str, master: bool = True) -> Result:
-        return CliRunner().invoke(
-            root, ["--config", stack_env.config_path, *args],
-            env=env if master else {"POSTKEEP_DKIM_MASTER_KEY": ""},
-        )
+        if master:
+            return CliRunner().invoke(root, ["--config", stack_env.config_path, *args],
+                                      env=env)
+        return CliRunner().invoke(root, ["--config", str(bare), *args],
+                                  env={"POSTKEEP_DKIM_MASTER_KEY": ""})
 
     return _run
 

@@ -86,9 +86,10 @@ def test_nasty_header_gets_clear_outcome(stack: Stack, domain: str, name: str) -
                                (reply.queue_id,)).fetchone()
         assert row is not None, f"{name}: accepted but not captured"
         relayed = strip_received(delivered)
-        if name in OVERLONG:
-            relayed = relayed.replace(b"\r\n ", b"")
-        assert restore([stack.stored(row[0])]) == relayed
+        stored = restore([stack.stored(row[0])])
+        if name in OVERLONG:  # compare unfolded (the DKIM-Signature is folded too)
+            relayed, stored = relayed.replace(b"\r\n ", b""), stored.replace(b"\r\n ", b"")
+        assert stored == relayed
     assert _milter_pid(stack) == pid_before
     os.kill(pid_before, 0)  # still alive
     _healthy(stack, domain)
