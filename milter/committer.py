@@ -2,8 +2,9 @@
 
 Each end of message hands its object and rows to `GroupCommitter.commit` and
 waits.  A few worker threads (Python-owned, see adapter.py for why that
-matters) take whatever has queued up meanwhile, so under load a batch forms
-by itself with no added delay, and make it durable together:
+matters) form batches one at a time: the first message waits up to `linger`
+seconds for company (a few milliseconds, far less than an SMTP round trip),
+then the batch is made durable together while the next one forms:
 
 - small objects (compressed size up to `small_object_bytes`) in one S3 call
   when the store can batch (MinIO's snowball auto-extract: each tar member
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from postkeep.milter import metrics
@@ -45,8 +47,11 @@ class GroupCommitter:
     """Makes captured messages durable in batches (thread-safe)."""
 
     def __init__(self, db: Database, objects: ObjectStore, *, workers: int = 2,
-                 max_batch: int = 64, small_object_bytes: int = 256 * 1024) -> None:
+                 max_batch: int = 64, linger: float = 0.01,
+                 small_object_bytes: int = 256 * 1024) -> None:
         self._db = db
+        self._linger = linger
+        self._forming = threading.Lock()  # one worker forms a batch at a time
         self._objects = objects
         self._max_batch = max_batch
         self._small = small_object_bytes
@@ -76,19 +81,9 @@ class GroupCommitter:
     # -- worker side ---------------------------------------------------------
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:  # shutting down: let another worker see it
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
             metrics.COMMIT_BATCH.observe(len(batch))
             try:
                 self._store(batch)
@@ -100,6 +95,27 @@ class GroupCommitter:
             finally:
                 for p in batch:
                     p.done.set()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for a message, then gather more for up to `linger`; None: stop."""
+        with self._forming:
+            first = self._queue.get()
+            if first is None:
+                return None
+            batch = [first]
+            deadline = time.monotonic() + self._linger
+            while len(batch) < self._max_batch:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = (self._queue.get(timeout=remaining) if remaining > 0
+                           else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                if nxt is None:  # shutting down: let another worker see it too
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            return batch
 
     def _store(self, batch: list[_Pending]) -> None:
         stored = self._upload(batch)

@@ -130,7 +130,8 @@ def main(config_path: str | None, check_config: bool) -> None:
     start_http_server(metrics_port, addr=metrics_host)
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
-                               max_batch=mcfg.commit_batch_max)
+                               max_batch=mcfg.commit_batch_max,
+                               linger=mcfg.commit_linger_ms / 1000)
     keyring = None
     if cfg.dkim.master_key:
         keyring = KeyRingRefresher(db, load_master_key(cfg.dkim), mcfg.dkim_reload_seconds,

@@ -109,6 +109,9 @@ class MilterConfig:
     # for whatever queued up meanwhile), and the largest batch.
     commit_threads: int = field(default=2, metadata={"min": 1, "max": 64})
     commit_batch_max: int = field(default=64, metadata={"min": 1, "max": 1000})
+    # How long the first message of a batch waits for others (milliseconds):
+    # fewer, larger uploads and INSERTs for a little latency at end of message.
+    commit_linger_ms: float = field(default=10.0, metadata={"min": 0, "max": 1000})
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
