@@ -91,14 +91,8 @@ class Database:
         Any driver or pool failure is re-raised as BackendError('postgres').
         """
         self.open()
-        try:
-            with self._pool.connection() as conn:
-                yield conn
-        except PoolTimeout as exc:
-            raise BackendError("postgres", f"no connection within "
-                               f"{self.cfg.connect_timeout_seconds:g}s") from exc
-        except psycopg.OperationalError as exc:
-            raise BackendError("postgres", _first_line(exc)) from exc
+        with self._errors_named(), self._pool.connection() as conn:
+            yield conn
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
@@ -107,9 +101,14 @@ class Database:
         Any driver or pool failure is re-raised as BackendError('postgres').
         """
         self.open()
+        with self._errors_named(), self._pool.connection() as conn, conn.transaction():
+            yield conn
+
+    @contextmanager
+    def _errors_named(self) -> Iterator[None]:
+        """Pool and driver failures as BackendError('postgres', reason)."""
         try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield conn
+            yield
         except PoolTimeout as exc:
             raise BackendError("postgres", f"no connection within "
                                f"{self.cfg.connect_timeout_seconds:g}s") from exc

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 import zstandard
+from support.stack import Stack, load_stack
 
 from postkeep import config as config_mod
 from postkeep.storage import directory, dkim_keys, messages, migrate
@@ -227,3 +228,9 @@ def store_message(db: psycopg.Connection, objects: S3ObjectStore) -> StoreMessag
         return m
 
     return _store
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    """The running stack (Postfix, PostgreSQL, MinIO, sink) as `support.stack.Stack`."""
+    return load_stack()

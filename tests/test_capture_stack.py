@@ -13,16 +13,11 @@ import uuid
 
 import pytest
 from support import corpus, smtp
-from support.stack import Stack, load_stack, strip_received
+from support.stack import Stack, strip_received
 
 from postkeep.milter.capture import restore
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def stack() -> Stack:
-    return load_stack()
 
 
 @pytest.fixture(scope="module")

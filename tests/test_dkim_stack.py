@@ -24,18 +24,13 @@ import dkim as dkimpy
 import pytest
 from cryptography.hazmat.primitives import serialization
 from support import corpus, smtp
-from support.stack import Stack, load_stack, strip_received
+from support.stack import Stack, strip_received
 
 from postkeep.milter import dkim as pkdkim
 from postkeep.milter.capture import restore
 from postkeep.storage import dkim_keys
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def stack() -> Stack:
-    return load_stack()
 
 
 @pytest.fixture(scope="module")

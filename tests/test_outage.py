@@ -102,11 +102,6 @@ def test_postgres_stopped_mid_run(stack: Stack) -> None:
     _assert_nothing_lost(stack, sent, "postgres")
 
 
-@pytest.fixture(scope="module")
-def stack() -> Stack:
-    return load_stack()
-
-
 def _pids_of(pattern: str) -> list[int]:
     import subprocess
 
