@@ -1,0 +1,42 @@
+"""Prometheus metrics of postkeep-policyd (served on [policyd].metrics_listen)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "postkeep_policyd_requests_total",
+    "Policy requests answered, by protocol_state (RCPT, DATA, END-OF-MESSAGE, other)"
+    " and action (dunno, defer).",
+    ["stage", "action"],
+)
+DECISION_SECONDS = Histogram(
+    "postkeep_policyd_decision_duration_seconds",
+    "Time from a complete request to its answer (lookup + counters).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+DEFERRALS = Counter(
+    "postkeep_policyd_deferrals_total",
+    "Requests over a limit, by tier, limit kind (messages, recipients, bytes) and"
+    " whether they were deferred or only logged (shadow).",
+    ["tier", "kind", "mode"],
+)
+DEGRADED = Counter(
+    "postkeep_policyd_degraded_decisions_total",
+    "Decisions taken without PostgreSQL, by degraded mode (share, open, closed, unknown_org).",
+    ["mode"],
+)
+PROTOCOL_ERRORS = Counter(
+    "postkeep_policyd_protocol_errors_total",
+    "Connections closed for hostile or malformed input, or a stalled client.",
+)
+BACKEND_ERRORS = Counter(
+    "postkeep_policyd_backend_errors_total",
+    "PostgreSQL failures or timeouts that sent a decision to degraded mode.",
+)
+
+for _stage in ("RCPT", "DATA", "END-OF-MESSAGE", "other"):
+    for _action in ("dunno", "defer"):
+        REQUESTS.labels(_stage, _action)
+for _mode in ("share", "open", "closed", "unknown_org"):
+    DEGRADED.labels(_mode)

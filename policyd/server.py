@@ -1,0 +1,101 @@
+"""The policy protocol over asyncio TCP: framing only, decisions elsewhere.
+
+Postfix keeps a connection open and sends one request after another, waiting
+for each reply, so each connection is served in order.  Hostile input (a
+line without `=`, binary garbage, an oversized line or request, a request
+cut off by EOF, a client that stalls past `policyd.read_timeout_seconds`)
+is logged with the reason and the connection closed; nothing it sends can
+reach the other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from postkeep.policyd import metrics
+from postkeep.policyd.protocol import Limits, ProtocolError, RequestBuilder, format_reply
+
+log = logging.getLogger("postkeep.policyd")
+
+Decide = Callable[[dict[str, str]], Awaitable[str]]
+
+
+class PolicyServer:
+    def __init__(self, decide: Decide, limits: Limits, read_timeout: float) -> None:
+        self.decide = decide
+        self.limits = limits
+        self.read_timeout = read_timeout
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on HOST:PORT; returns the port (0 picks a free one)."""
+        self._server = await asyncio.start_server(
+            self._serve, host, port, limit=self.limits.max_line_bytes + 2, backlog=1024)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting; let connections finish their current request, then close."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._connections)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        builder = RequestBuilder(self.limits)
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), self.read_timeout)
+                except TimeoutError as exc:
+                    if builder.started:
+                        raise ProtocolError(
+                            f"client stalled mid-request for {self.read_timeout:g}s") from exc
+                    log.debug("idle connection from %s closed after %gs", peer,
+                              self.read_timeout)
+                    return
+                except ValueError as exc:  # StreamReader's line limit
+                    raise ProtocolError(
+                        f"line longer than {self.limits.max_line_bytes} bytes") from exc
+                if not line:
+                    if builder.started:
+                        raise ProtocolError("connection closed mid-request (no empty line)")
+                    return
+                if not line.endswith(b"\n"):
+                    raise ProtocolError("connection closed mid-line")
+                request = builder.add_line(line)
+                if request is None:
+                    continue
+                started = time.perf_counter()
+                action = await self.decide(request)
+                metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+                stage = request.get("protocol_state", "")
+                metrics.REQUESTS.labels(
+                    stage if stage in ("RCPT", "DATA", "END-OF-MESSAGE") else "other",
+                    "dunno" if action == "DUNNO" else "defer").inc()
+                writer.write(format_reply(action))
+                await writer.drain()
+        except ProtocolError as exc:
+            metrics.PROTOCOL_ERRORS.inc()
+            log.warning("policy client %s: %s; connection closed", peer, exc.reason)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            log.exception("policy client %s: unexpected error; connection closed", peer)
+        finally:
+            if task is not None:
+                self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()

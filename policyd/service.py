@@ -1,0 +1,183 @@
+"""One policy request in, one action out: plan, look up, count, answer.
+
+The counters live behind `Backend` (PostgreSQL in production: `PgBackend`).
+Every backend call is bounded by `policyd.decision_timeout_ms`; a failure or
+timeout switches this process to degraded mode for
+`policyd.degraded_retry_seconds`, after which PostgreSQL is tried again, so
+it recovers by itself and never hangs a Postfix smtpd.  Organisation lookups
+are cached for `policyd.directory_cache_seconds`; a stale entry is still used
+while PostgreSQL is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from postkeep.config import Config
+from postkeep.policyd import metrics
+from postkeep.policyd.decide import DUNNO, LocalCounters, Plan, plan, verdict
+from postkeep.storage import limits
+from postkeep.storage.limits import OrgLimits, Outcome
+
+log = logging.getLogger("postkeep.policyd")
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    async def find(self, lookup: str, key: str) -> OrgLimits | None: ...
+
+    async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
+                      size: int, ttl_seconds: int) -> Outcome: ...
+
+
+class PgBackend:
+    """Counters and organisations in PostgreSQL, through an asyncio pool."""
+
+    def __init__(self, cfg: Config) -> None:
+        pg = cfg.postgres
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            # one connection per concurrent decision: keep a few warm
+            pg.conninfo(), min_size=max(pg.pool_min, 4), max_size=max(pg.pool_max, 4),
+            timeout=pg.connect_timeout_seconds, open=False,
+            kwargs={"autocommit": True, "prepare_threshold": 0}, name="postkeep-policyd",
+        )
+
+    async def open(self) -> None:
+        """Open the pool, waiting (bounded) for its first connections.
+
+        Cold connections take tens of milliseconds each; a burst of first
+        requests against an empty pool would time out and degrade.  If
+        PostgreSQL is down the daemon starts anyway, degraded.
+        """
+        await self.pool.open(wait=False)
+        try:
+            await self.pool.wait(timeout=self.pool.timeout)
+        except PoolTimeout:
+            log.warning("postgres not reachable at start: deciding in degraded mode until"
+                        " it is")
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def recover(self) -> None:
+        """Drop broken idle connections (after PostgreSQL restarted)."""
+        with contextlib.suppress(psycopg.Error):
+            await self.pool.check()
+
+    async def find(self, lookup: str, key: str) -> OrgLimits | None:
+        async with self.pool.connection() as conn:
+            return await limits.find_limits_async(conn, lookup, key)
+
+    async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
+                      size: int, ttl_seconds: int) -> Outcome:
+        async with self.pool.connection() as conn:
+            return await limits.consume_async(conn, stage, org, instance, recipients, size,
+                                              ttl_seconds)
+
+
+class BackendDown(Exception):
+    pass
+
+
+class PolicyService:
+    """Decides one request at a time; shared by every connection of the process."""
+
+    def __init__(self, cfg: Config, backend: Backend,
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.cfg = cfg.policyd
+        self.system_domains = frozenset(d.lower() for d in cfg.dkim.system_domains)
+        self.backend = backend
+        self.clock = clock
+        self.wallclock = wallclock
+        self.local = LocalCounters(self.cfg.degraded_processes,
+                                   timedelta(seconds=self.cfg.reservation_seconds))
+        self._cache: dict[tuple[str, str], tuple[float, OrgLimits | None]] = {}
+        self._down_until = 0.0
+        self._timeout = self.cfg.decision_timeout_ms / 1000
+
+    @property
+    def degraded(self) -> bool:
+        return self.clock() < self._down_until
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """WORK within the decision timeout, else BackendDown (and degraded for a while)."""
+        if self.degraded:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise BackendDown("degraded")
+        try:
+            return await asyncio.wait_for(work, self._timeout)
+        except (TimeoutError, psycopg.Error, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0]
+            if not self.degraded:
+                log.warning("postgres unavailable (%s): degraded mode %s for %gs",
+                            reason or type(exc).__name__, self.cfg.degraded_mode,
+                            self.cfg.degraded_retry_seconds)
+            metrics.BACKEND_ERRORS.inc()
+            self._down_until = self.clock() + self.cfg.degraded_retry_seconds
+            recover = getattr(self.backend, "recover", None)
+            if recover is not None:
+                asyncio.get_running_loop().create_task(recover())
+            raise BackendDown(reason) from exc
+
+    async def _org(self, p: Plan) -> tuple[OrgLimits | None, bool]:
+        """The organisation for P, and whether it came from PostgreSQL or a fresh cache."""
+        now = self.clock()
+        hit = self._cache.get((p.lookup, p.key))
+        if hit is not None and hit[0] > now:
+            return hit[1], True
+        try:
+            org = await self._bounded(self.backend.find(p.lookup, p.key))
+        except BackendDown:
+            return (hit[1] if hit else None), False
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[(p.lookup, p.key)] = (now + self.cfg.directory_cache_seconds, org)
+        return org, True
+
+    async def decide(self, attrs: dict[str, str]) -> str:
+        """The action for one request (never raises for backend trouble)."""
+        p = plan(attrs, self.system_domains)
+        if p.stage is None:
+            return DUNNO
+        org, fresh = await self._org(p)
+        if org is None:
+            if not fresh:
+                metrics.DEGRADED.labels("unknown_org").inc()
+            return DUNNO  # unknown senders are the milter's to refuse
+        now = self.wallclock()
+        degraded = False
+        try:
+            if not fresh:
+                raise BackendDown("lookup failed")
+            outcome = await self._bounded(self.backend.consume(
+                p.stage, org, p.instance, p.recipients, p.size, self.cfg.reservation_seconds))
+        except BackendDown:
+            degraded = True
+            mode = self.cfg.degraded_mode
+            metrics.DEGRADED.labels(mode).inc()
+            if mode == "open":
+                return DUNNO
+            if mode == "closed":
+                return ("DEFER_IF_PERMIT 4.7.1 Rate limit: the limits database is unavailable;"
+                        " retry in a few minutes")
+            outcome = self.local.consume(p.stage, org, p.instance, p.recipients, p.size, now)
+        d = verdict(outcome, org, now, shadow=self.cfg.shadow, degraded=degraded)
+        if d.over:
+            mode = "shadow" if d.shadowed else "defer"
+            metrics.DEFERRALS.labels(org.tier, d.over, mode).inc()
+            log.info("%s %s instance=%s sasl=%s sender=%s: %s",
+                     "shadow (not deferred)" if d.shadowed else "deferred",
+                     attrs.get("protocol_state", "?"), p.instance,
+                     attrs.get("sasl_username", ""), attrs.get("sender", ""), d.reason)
+        return d.action

@@ -1,0 +1,268 @@
+"""postkeep-policyd's pure layer and its asyncio adapter, without services.
+
+Protocol framing with golden requests as Postfix 3.7 sends them and hostile
+input; decisions and local (degraded) counting with an injected clock across
+window roll-over; the server on loopback with a fake backend that can stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from postkeep.config import parse
+from postkeep.policyd.decide import DUNNO, LocalCounters, plan, verdict, window_end
+from postkeep.policyd.protocol import Limits, ProtocolError, RequestBuilder, format_reply
+from postkeep.policyd.server import PolicyServer
+from postkeep.policyd.service import PolicyService
+from postkeep.storage.limits import OrgLimits, Outcome
+
+pytestmark = pytest.mark.unit
+
+# A DATA request as Postfix 3.7.11 sends it (SMTPD_POLICY_README).
+GOLDEN_DATA = (
+    b"request=smtpd_access_policy\nprotocol_state=DATA\nprotocol_name=ESMTP\n"
+    b"client_address=127.0.0.1\nclient_name=localhost\nclient_port=40312\n"
+    b"reverse_client_name=localhost\nserver_address=127.0.0.1\nserver_port=25\n"
+    b"helo_name=app.example\nsender=noreply@acme.example\nrecipient=\n"
+    b"recipient_count=3\nqueue_id=4Xb2Lq1Y8Bz3\ninstance=1b2e.6755a3f1.5f1e.0\n"
+    b"size=0\netrn_domain=\nstress=\nsasl_method=\nsasl_username=\nsasl_sender=\n"
+    b"ccert_subject=\nccert_issuer=\nccert_fingerprint=\nccert_pubkey_fingerprint=\n"
+    b"encryption_protocol=\nencryption_cipher=\nencryption_keysize=0\n"
+    b"policy_context=\ncompatibility_level=3.6\nmail_version=3.7.11\n\n"
+)
+
+ORG = OrgLimits(uuid.uuid4(), "acme", "free", 100, 300, None)
+T0 = datetime(2026, 11, 25, 10, 59, 30, tzinfo=UTC)
+
+
+def feed(raw: bytes, limits: Limits | None = None) -> list[dict[str, str]]:
+    b = RequestBuilder(limits or Limits())
+    out = []
+    for line in raw.splitlines(keepends=True):
+        req = b.add_line(line)
+        if req is not None:
+            out.append(req)
+    return out
+
+
+def test_golden_request_parses_every_attribute() -> None:
+    [req] = feed(GOLDEN_DATA)
+    assert req["protocol_state"] == "DATA"
+    assert req["recipient_count"] == "3"
+    assert req["instance"] == "1b2e.6755a3f1.5f1e.0"
+    assert req["recipient"] == ""
+    assert len(req) == 31
+
+
+def test_two_requests_on_one_connection() -> None:
+    assert len(feed(GOLDEN_DATA + GOLDEN_DATA.replace(b"DATA", b"END-OF-MESSAGE"))) == 2
+
+
+def test_reply_format() -> None:
+    assert format_reply("DUNNO") == b"action=DUNNO\n\n"
+    with pytest.raises(ValueError):
+        format_reply("DUNNO\naction=OK")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"garbage without equals\n", "without '='"),
+        (b"=value\n", "bad attribute name"),
+        (b"na\xffme=x\n", "bad attribute name"),
+        (b"sender=a\x00b\n", "control byte"),
+        (b"\n", "empty request"),
+        (b"sender=" + b"a" * 5000 + b"\n", "line longer"),
+        (b"".join(b"a%d=x\n" % i for i in range(200)), "more than 128 attributes"),
+        (b"".join(b"attr=" + b"x" * 4000 + b"\n" for _ in range(5)), "request larger"),
+    ],
+)
+def test_hostile_input_is_refused_with_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        feed(raw)
+
+
+def test_utf8_addresses_kept() -> None:
+    [req] = feed("sender=jörg@bücher.example\n\n".encode())
+    assert req["sender"] == "jörg@bücher.example"
+
+
+def attrs(state: str, instance: str = "i1", **kw: str) -> dict[str, str]:
+    base = {"protocol_state": state, "sender": "a@acme.example", "instance": instance,
+            "recipient_count": "0", "size": "0", "sasl_username": ""}
+    base.update(kw)
+    return base
+
+
+def test_plan_resolution_and_system_mail() -> None:
+    p = plan(attrs("DATA", recipient_count="3"), ())
+    assert (p.stage, p.lookup, p.key, p.recipients) == ("reserve", "domain", "acme.example", 3)
+    p = plan(attrs("RCPT", sasl_username="app1"), ())
+    assert (p.stage, p.lookup, p.key) == ("check", "submitter", "app1")
+    p = plan(attrs("END-OF-MESSAGE", size="1234", sender="x@Sys.Example"), ("sys.example",))
+    assert p.stage is None and "system mail" in p.why
+    assert plan(attrs("MAIL"), ()).stage is None
+    assert plan(attrs("DATA", sender=""), ()).stage is None
+    assert plan(attrs("END-OF-MESSAGE", size="77"), ()).size == 77
+
+
+def test_verdict_names_kind_tier_limit_and_retry() -> None:
+    d = verdict(Outcome("over", "messages", 100, 100), ORG, T0)
+    assert d.action.startswith("DEFER_IF_PERMIT 4.7.1 ")
+    assert "messages per hour" in d.action and "free tier" in d.action
+    assert "100 of 100" in d.action and "2026-11-25 11:00 UTC" in d.action
+    assert verdict(Outcome("ok"), ORG, T0).action == DUNNO
+    assert verdict(Outcome("dup"), ORG, T0).action == DUNNO
+    shadow = verdict(Outcome("over", "recipients", 300, 300), ORG, T0, shadow=True)
+    assert shadow.action == DUNNO and shadow.shadowed and shadow.over == "recipients"
+    assert "2026-11-26 00:00 UTC" in shadow.reason
+
+
+def test_window_end() -> None:
+    assert window_end("messages", T0) == datetime(2026, 11, 25, 11, tzinfo=UTC)
+    assert window_end("bytes", T0) == datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def test_local_share_and_hour_roll_over() -> None:
+    org = OrgLimits(uuid.uuid4(), "o", "free", 10, 1000, None)
+    local = LocalCounters(processes=2)
+    admitted = sum(
+        local.consume("reserve", org, f"m{i}", 1, 0, T0).result == "ok" for i in range(20))
+    assert admitted == 5  # this process's share of 10 with 2 processes
+    over = local.consume("reserve", org, "late", 1, 0, T0)
+    assert (over.result, over.kind, over.used, over.limit) == ("over", "messages", 5, 5)
+    assert local.consume("check", org, "", 0, 0, T0).result == "over"
+    later = T0 + timedelta(seconds=31)  # 11:00:01, a new hour
+    assert local.consume("reserve", org, "next", 1, 0, later).result == "ok"
+
+
+def test_local_counts_a_message_once_and_expires_reservations() -> None:
+    org = OrgLimits(uuid.uuid4(), "o", "free", 2, 100, 1000)
+    local = LocalCounters(processes=1, ttl=timedelta(minutes=15))
+    assert local.consume("reserve", org, "a", 2, 0, T0).result == "ok"
+    assert local.consume("reserve", org, "a", 2, 0, T0).result == "dup"
+    assert local.consume("settle", org, "a", 2, 600, T0).result == "ok"
+    assert local.consume("settle", org, "a", 2, 600, T0).result == "dup"
+    # b reserves, never completes; its slot comes back after the ttl
+    assert local.consume("reserve", org, "b", 1, 0, T0).result == "ok"
+    assert local.consume("reserve", org, "c", 1, 0, T0).result == "over"
+    # bytes over at END-OF-MESSAGE gives back the reservation
+    t1 = T0 + timedelta(minutes=16)  # new hour; b expired
+    assert local.consume("reserve", org, "d", 1, 0, t1).result == "ok"
+    refused = local.consume("settle", org, "d", 1, 500, t1)
+    assert (refused.result, refused.kind) == ("over", "bytes")
+
+
+class FakeBackend:
+    """Counts in memory like the database; `stall` makes every call hang."""
+
+    def __init__(self) -> None:
+        self.local = LocalCounters(processes=1)
+        self.stall = False
+        self.orgs = {("domain", "acme.example"): ORG}
+
+    async def find(self, lookup: str, key: str) -> OrgLimits | None:
+        if self.stall:
+            await asyncio.sleep(3600)
+        return self.orgs.get((lookup, key))
+
+    async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
+                      size: int, ttl_seconds: int) -> Outcome:
+        if self.stall:
+            await asyncio.sleep(3600)
+        return self.local.consume(stage, org, instance, recipients, size, T0)
+
+
+def make_service(backend: FakeBackend, **policyd: object) -> PolicyService:
+    cfg = parse({"policyd": {"decision_timeout_ms": 50, **policyd}})
+    return PolicyService(cfg, backend, wallclock=lambda: T0)
+
+
+async def ask(port: int, requests: list[bytes]) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    for raw in requests:
+        writer.write(raw)
+        await writer.drain()
+        out.append(await reader.readuntil(b"\n\n"))
+    writer.close()
+    return out
+
+
+def request(state: str, instance: str, **kw: str) -> bytes:
+    return "".join(f"{k}={v}\n" for k, v in attrs(state, instance, **kw).items()
+                   ).encode() + b"\n"
+
+
+def test_server_many_requests_per_connection_and_limit() -> None:
+    async def run() -> list[bytes]:
+        server = PolicyServer(make_service(FakeBackend()).decide, Limits(), 5)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            reqs = [request("DATA", f"m{i}", recipient_count="1") for i in range(101)]
+            return await ask(port, reqs)
+        finally:
+            await server.stop()
+
+    replies = asyncio.run(run())
+    assert replies[:100] == [b"action=DUNNO\n\n"] * 100
+    assert replies[100].startswith(b"action=DEFER_IF_PERMIT 4.7.1 Rate limit: acme:")
+
+
+def test_hostile_clients_are_closed_and_others_unaffected() -> None:
+    async def run() -> tuple[list[bytes], list[bytes]]:
+        server = PolicyServer(make_service(FakeBackend()).decide,
+                              Limits(max_line_bytes=256), read_timeout=0.3)
+        port = await server.start("127.0.0.1", 0)
+        closed = []
+        try:
+            for hostile in (b"\x00\xff\xfe garbage\n", b"a" * 1000 + b"\n",
+                            b"sender=x@y\n"):  # last one stalls: no empty line
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(hostile)
+                await writer.drain()
+                closed.append(await asyncio.wait_for(reader.read(), 2))
+                writer.close()
+            good = await ask(port, [request("RCPT", "x")])
+        finally:
+            await server.stop()
+        return closed, good
+
+    closed, good = asyncio.run(run())
+    assert closed == [b"", b"", b""]  # each hostile client closed without a reply
+    assert good == [b"action=DUNNO\n\n"]
+
+
+def test_stalled_backend_degrades_within_the_timeout() -> None:
+    async def run() -> tuple[list[str], float]:
+        backend = FakeBackend()
+        service = make_service(backend, degraded_processes=4)
+        # warm the org cache, then the database stalls
+        assert await service.decide(attrs("RCPT", "w")) == DUNNO
+        backend.stall = True
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        answers = [await service.decide(attrs("DATA", f"d{i}", recipient_count="1"))
+                   for i in range(30)]
+        return answers, loop.time() - start
+
+    answers, elapsed = asyncio.run(run())
+    assert elapsed < 1.0  # one timeout (50 ms), then local decisions
+    assert answers.count(DUNNO) == 25  # 100 / 4 processes
+    assert answers[25].startswith("DEFER_IF_PERMIT 4.7.1") and "host share" in answers[25]
+
+
+def test_degraded_open_and_closed_modes() -> None:
+    async def run(mode: str) -> str:
+        backend = FakeBackend()
+        service = make_service(backend, degraded_mode=mode)
+        await service.decide(attrs("RCPT", "w"))
+        backend.stall = True
+        return await service.decide(attrs("DATA", "d", recipient_count="1"))
+
+    assert asyncio.run(run("open")) == DUNNO
+    assert asyncio.run(run("closed")).startswith("DEFER_IF_PERMIT 4.7.1")
