@@ -233,13 +233,13 @@ class Bench:
         return int(counts[-1]) if counts else 0
 
     def send(self, n: int, size: int, sessions: int = SESSIONS,
-             message_file: str | None = None) -> float:
+             message_file: str | None = None, sender: str = "sender@bench.example") -> float:
         """smtp-source N messages; return seconds until smtp-sink has them all."""
         self.drain()
         start_count = self.sink_count()
         payload = ["-F", message_file] if message_file else ["-l", str(size)]
         cmd = ["smtp-source", "-s", str(sessions), "-m", str(n), *payload,
-               "-f", "sender@bench.example", "-t", "rcpt@sink.example", self.smtp]
+               "-f", sender, "-t", "rcpt@sink.example", self.smtp]
         t0 = time.monotonic()
         # A file, not a pipe: a full pipe would stall smtp-source.
         errors = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
@@ -279,17 +279,22 @@ class Bench:
     def measured_run(self, config: str, size_name: str, rep: int, n: int) -> Run:
         size = SIZES[size_name]
         self.drain()
-        pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid}.get(config)
+        pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid,
+               "E": self.milter_pid}.get(config)
         metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
-        before = scrape(metrics_url) if config == "C" else {}
+        capturing = config in ("C", "E")
+        before = scrape(metrics_url) if capturing else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
         comp0 = self.component_cpu()
-        seconds = self.send(n, size)
+        # E: the same milter, a sender domain of an organisation with no DKIM
+        # key and the 'unsigned' policy: capture alone, no signing.
+        sender = "sender@capture.example" if config == "E" else "sender@bench.example"
+        seconds = self.send(n, size, sender=sender)
         run = Run(config, size_name, rep, n, seconds, n / seconds)
         run.cpu = {k: v - comp0[k] for k, v in self.component_cpu().items()}
         if pid:
             run.milter_cpu = cpu_seconds(pid) - cpu0
-        if config == "C":
+        if capturing:
             after = scrape(metrics_url)
             b, a = eom_buckets(before), eom_buckets(after)
             run.p50 = histogram_quantile(0.50, b, a)
@@ -299,8 +304,10 @@ class Bench:
             run.signed = int(sum(v - before.get(k, 0) for k, v in after.items()
                                  if k.startswith("postkeep_milter_dkim_signatures_total")))
             if run.captured != n:
-                raise SystemExit(f"bench: C delivered {n} but the milter captured "
-                                 f"{run.captured}: is bench.example an organisation's domain?")
+                raise SystemExit(f"bench: {config} delivered {n} but the milter captured "
+                                 f"{run.captured}: is {sender} an organisation's domain?")
+            if config == "E" and run.signed:
+                raise SystemExit(f"bench: E (capture only) made {run.signed} signatures")
         self.runs.append(run)
         extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
         if run.signed is not None:
@@ -354,7 +361,8 @@ def machine() -> str:
 def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
            started: float, header: str, profile: list[str]) -> str:
     names = {"A": "A bare Postfix", "B": "B + OpenDKIM (RSA-2048)",
-             "C": "C + postkeep-milter", "D": "D + null pymilter"}
+             "C": "C + postkeep-milter (capture + sign)", "D": "D + null pymilter",
+             "E": "E + postkeep-milter (capture only)"}
     lines = [header, ""]
     lines += ["## Throughput (messages/s end to end, 20 smtp-source sessions)", "",
               "| size | configuration | median | min | max | reps | N |",
@@ -367,8 +375,8 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                 lines.append(f"| {size} | {names[c]} | {fmt(statistics.median(rates))} | "
                              f"{fmt(min(rates))} | {fmt(max(rates))} | {len(rates)} | {n} |")
     lines += ["", "## Paired ratios (median over reps of the ratio within each rep)", "",
-              "| size | C/B | C/A | B/A | C/D | target C/B >= 1.0 |",
-              "|---|---:|---:|---:|---:|---|"]
+              "| size | C/B | C/A | B/A | C/D | E/B | E/A | target C/B and E/B >= 1.0 |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for size in SIZES:
         by = {(r.config, r.rep): r.rate for r in bench.runs if r.size == size}
         reps = sorted({rep for (_, rep) in by})
@@ -379,22 +387,25 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             return statistics.median(vals) if vals else None
 
         cb, ca, ba, cd = ratio("C", "B"), ratio("C", "A"), ratio("B", "A"), ratio("C", "D")
-        show = [f"{v:.2f}" if v is not None else "-" for v in (cb, ca, ba, cd)]
-        verdict = "-" if cb is None else ("met" if cb >= 1.0 else "NOT met")
+        eb, ea = ratio("E", "B"), ratio("E", "A")
+        show = [f"{v:.2f}" if v is not None else "-" for v in (cb, ca, ba, cd, eb, ea)]
+        verdict = "-" if cb is None else ("met" if cb >= 1.0 else "NOT met") + (
+            "" if eb is None else " / " + ("met" if eb >= 1.0 else "NOT met"))
         lines.append(f"| {size} | {' | '.join(show)} | {verdict} |")
     lines += ["", "## CPU per 1,000 messages (utime+stime from /proc/PID/stat, median over reps)",
               "", "| size | OpenDKIM (B) | null pymilter (D) | postkeep-milter (C) | "
-              "postkeep minus null |", "|---|---:|---:|---:|---:|"]
+              "postkeep minus null | postkeep capture only (E) |", "|---|---:|---:|---:|---:|---:|"]
     for size in SIZES:
         per = {}
-        for c in "BCD":
+        for c in "BCDE":
             vals = [r.milter_cpu / r.n * 1000 for r in bench.runs
                     if r.size == size and r.config == c and r.milter_cpu is not None]
             per[c] = statistics.median(vals) if vals else None
         cells = [f"{per[c]:.2f} s" if per[c] is not None else "-" for c in "BDC"]
         diff = (f"{per['C'] - per['D']:.2f} s" if per["C"] is not None and per["D"] is not None
                 else "-")
-        lines.append(f"| {size} | {' | '.join(cells)} | {diff} |")
+        only = f"{per['E']:.2f} s" if per["E"] is not None else "-"
+        lines.append(f"| {size} | {' | '.join(cells)} | {diff} | {only} |")
     lines += ["", "## Where the CPU goes, whole machine (ms of CPU per message, median over reps)",
               "", "From /proc/stat (all cores busy time) and /proc/PID/stat of each component "
               "over each run. 'machine' also counts anything else running on this shared VM; "
@@ -577,7 +588,8 @@ def main() -> None:
     if not capture_milter:
         raise SystemExit("bench: the stack's smtpd_milters is empty: no postkeep-milter wired")
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
-                  {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter},
+                  {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter,
+                   "E": capture_milter},
                   minio_pid, postgres_pid)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",

@@ -3,10 +3,12 @@
 #
 # Brings up a private stack in $REPO/.stack-bench (port base 12025, never the
 # dev or test stacks), adds an OpenDKIM signer and an smtp-sink relay target,
-# then lets bench/capture_bench.py alternate three configurations run by run:
+# then lets bench/capture_bench.py alternate the configurations run by run:
 #   A  bare Postfix (no milter)
 #   B  Postfix + OpenDKIM signing (RSA-2048, relaxed/relaxed), the usual peer
-#   C  Postfix + postkeep-milter capturing (zstd + MinIO PUT + PostgreSQL rows)
+#   C  Postfix + postkeep-milter capturing and signing (zstd, MinIO, rows, DKIM)
+#   D  Postfix + a do-nothing pymilter (the floor of any Python milter)
+#   E  Postfix + postkeep-milter capturing only (a domain without a DKIM key)
 # and measure throughput end to end, milter CPU, end-of-message latency and
 # peak RSS.  bench/profile_capture.py then times the capture path's parts
 # (compress, S3 PUT, PostgreSQL insert) in-process.  The stack is torn down on
@@ -76,6 +78,17 @@ if postkeep dkim --help >/dev/null 2>&1; then
             >/dev/null || die "postkeep dkim keygen bench.example failed"
     fi
 fi
+
+# E captures without signing: capture.example belongs to another organisation
+# that has no DKIM key and sends unsigned (the spine's "capture alone" figure).
+if ! postkeep org list 2>/dev/null | grep -qw bench-capture; then
+    postkeep org add bench-capture --tier enterprise >/dev/null \
+        || die "postkeep org add bench-capture failed"
+    postkeep domain add bench-capture capture.example >/dev/null \
+        || die "postkeep domain add bench-capture capture.example failed"
+fi
+postkeep dkim missing-key bench-capture unsigned >/dev/null \
+    || die "postkeep dkim missing-key bench-capture unsigned failed"
 
 # ---------------------------------------------------------------- opendkim
 DKIM="$DIR/opendkim"
@@ -159,7 +172,7 @@ log "running; results go to $OUT"
     --dkim-milter "inet:127.0.0.1:$DKIM_PORT" \
     --dkim-pid "$DKIM_PID" \
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
-    --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
+    --configs "${BENCH_CONFIGS:-ABCDE}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
@@ -31,6 +32,9 @@ class KeyRingRefresher:
         self._period = period
         self._executor = executor
         self._started = 0  # forced reloads begun; lets waiters share a fresh one
+        # Domains a forced reload found keyless, and when: they wait for the
+        # background poll instead of forcing a reload per message.
+        self._keyless: dict[str, float] = {}
         self._force_lock = threading.Lock()
         self._ring: KeyRing | None = None
         self._stop = threading.Event()
@@ -40,6 +44,21 @@ class KeyRingRefresher:
 
     def __call__(self) -> KeyRing | None:
         return self._ring
+
+    def reload_for(self, domain: str) -> KeyRing | None:
+        """The ring after a forced reload for DOMAIN's miss, at most once a period.
+
+        A domain with no key (sending unsigned by policy) would otherwise cost
+        one PostgreSQL read per message.
+        """
+        now = time.monotonic()
+        if now - self._keyless.get(domain, float("-inf")) < self._period:
+            return self._ring
+        ring = self.reload_now()
+        if len(self._keyless) > 100_000:
+            self._keyless.clear()
+        self._keyless[domain] = time.monotonic()
+        return ring
 
     def reload_now(self) -> KeyRing | None:
         """Check for new keys right away, e.g. on a miss; BackendError if it cannot.

@@ -258,7 +258,7 @@ class CaptureService:
             else:
                 keys = ring.signing_keys(from_domain, datetime.now(UTC))
                 if not keys:  # perhaps made a moment ago: look once more
-                    ring = self.keyring.reload_now() or ring
+                    ring = self.keyring.reload_for(from_domain) or ring
                     keys = ring.signing_keys(from_domain, datetime.now(UTC))
                 if not keys:
                     reason = f"no active DKIM key for {from_domain}"

@@ -163,6 +163,8 @@ class PostfixConfig:
     config_directory: str = "/etc/postfix"
     # How Postfix reaches the milter (Postfix syntax: inet:HOST:PORT or unix:PATH).
     milter_address: str = "inet:127.0.0.1:8891"
+    # How Postfix reaches postkeep-policyd (check_policy_service; Postfix syntax).
+    policy_address: str = "inet:127.0.0.1:10040"
 
 
 @dataclass(frozen=True)
