@@ -5,13 +5,14 @@
 #   stack.sh install                 packages, MinIO (built from source), venv
 #   stack.sh up DIR PORTBASE         start everything under DIR (absolute path)
 #   stack.sh down DIR                stop everything started under DIR
-#   stack.sh stop DIR SERVICE        stop one service  (postgres|minio|milter|postfix|sink)
+#   stack.sh stop DIR SERVICE        stop one service  (postgres|minio|milter|policyd|postfix|sink)
 #   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
 #   stack.sh status DIR              one line per service
 #
 # Daemons are started with fd 9 closed: `make test` holds its lock there.
 # Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
-# +4 MinIO console, +5 milter, +6 milter metrics.  `up` records PORTBASE in DIR so
+# +4 MinIO console, +5 milter, +6 milter metrics, +7 policyd, +8 policyd metrics.
+# `up` records PORTBASE in DIR so
 # that `start`/`stop` reuse it.  DIR/env is a shell file with everything tests need.
 set -euo pipefail
 
@@ -24,7 +25,7 @@ MINIO_BIN="$MINIO_DIR/minio"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
-SERVICES=(postgres minio sink milter postfix)
+SERVICES=(postgres minio sink milter policyd postfix)
 
 log() { printf 'stack: %s\n' "$*" >&2; }
 die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -117,6 +118,8 @@ load_state() {
     S3_CONSOLE_PORT=$((PORTBASE + 4))
     MILTER_PORT=$((PORTBASE + 5))
     METRICS_PORT=$((PORTBASE + 6))
+    POLICYD_PORT=$((PORTBASE + 7))
+    POLICYD_METRICS_PORT=$((PORTBASE + 8))
     VENV="$(venv_dir)"
     PY="$VENV/bin/python"
     PFDIR="$DIR/postfix/etc"
@@ -320,6 +323,24 @@ start_milter() {
 
 stop_milter() { stop_pid "$DIR/milter/milter.pid" postkeep-milter; }
 
+# ---------------------------------------------------------------- policyd
+start_policyd() {
+    mkdir -p "$DIR/policyd"
+    if pid_alive "$DIR/policyd/policyd.pid"; then
+        log "policyd already running"
+        return 0
+    fi
+    require_free "$POLICYD_PORT" "policyd"
+    require_free "$POLICYD_METRICS_PORT" "policyd metrics"
+    setsid "$VENV/bin/postkeep-policyd" --config "$DIR/postkeep.toml" \
+        >>"$DIR/policyd/policyd.log" 2>&1 </dev/null 9>&- &
+    echo $! >"$DIR/policyd/policyd.pid"
+    wait_port "$POLICYD_PORT" 30 "$DIR/policyd/policyd.pid" \
+        || die "postkeep-policyd not listening on 127.0.0.1:$POLICYD_PORT, see $DIR/policyd/policyd.log"
+}
+
+stop_policyd() { stop_pid "$DIR/policyd/policyd.pid" postkeep-policyd; }
+
 # ---------------------------------------------------------------- postkeep config
 dkim_keys() {  # the DKIM master key and the system-mail key, made once per stack
     mkdir -p "$DIR/dkim"
@@ -359,9 +380,15 @@ spool_directory = "$DIR/milter/tmp"
 # client that Postfix does not treat as local (no headers added for it).
 trusted_networks = ["127.0.0.0/8", "192.0.2.0/24"]
 
+[policyd]
+listen_host = "127.0.0.1"
+listen_port = $POLICYD_PORT
+metrics_listen = "127.0.0.1:$POLICYD_METRICS_PORT"
+
 [postfix]
 config_directory = "$PFDIR"
 milter_address = "inet:127.0.0.1:$MILTER_PORT"
+policy_address = "inet:127.0.0.1:$POLICYD_PORT"
 
 [dkim]
 master_key_file = "$DIR/dkim/master.key"
@@ -482,6 +509,9 @@ export POSTKEEP_SINK_DIR='$DIR/sink'
 export POSTKEEP_POSTFIX_CONFIG_DIR='$PFDIR'
 export POSTKEEP_POSTFIX_LOG='$PFLOG'
 export POSTKEEP_MILTER_METRICS='http://127.0.0.1:$METRICS_PORT/metrics'
+export POSTKEEP_POLICYD_HOST='127.0.0.1'
+export POSTKEEP_POLICYD_PORT='$POLICYD_PORT'
+export POSTKEEP_POLICYD_METRICS='http://127.0.0.1:$POLICYD_METRICS_PORT/metrics'
 export PGHOST='127.0.0.1'
 export PGPORT='$PG_PORT'
 export PGDATABASE='postkeep'
@@ -501,8 +531,9 @@ start_service() {
         minio) start_minio ;;
         sink) start_sink ;;
         milter) start_milter ;;
+        policyd) start_policyd ;;
         postfix) start_postfix ;;
-        *) die "unknown service '$1' (postgres|minio|milter|postfix|sink)" ;;
+        *) die "unknown service '$1' (postgres|minio|milter|policyd|postfix|sink)" ;;
     esac
 }
 
@@ -512,8 +543,9 @@ stop_service() {
         minio) stop_minio ;;
         sink) stop_sink ;;
         milter) stop_milter ;;
+        policyd) stop_policyd ;;
         postfix) stop_postfix ;;
-        *) die "unknown service '$1' (postgres|minio|milter|postfix|sink)" ;;
+        *) die "unknown service '$1' (postgres|minio|milter|policyd|postfix|sink)" ;;
     esac
 }
 
@@ -536,9 +568,11 @@ cmd_up() {
     start_sink
     write_config
     migrate_db
-    # Restart the milter and Postfix so that code and bundle changes are picked up.
+    # Restart the daemons and Postfix so that code and bundle changes are picked up.
     stop_milter
     start_milter
+    stop_policyd
+    start_policyd
     stop_postfix
     configure_postfix
     start_postfix
@@ -548,6 +582,7 @@ cmd_up() {
 
 cmd_down_loaded() {
     stop_postfix
+    stop_policyd
     stop_milter
     stop_sink
     stop_minio
@@ -568,6 +603,7 @@ cmd_status() {
     pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s"
     pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
+    pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
         && s=up || s=down; echo "postgres $s"
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"

@@ -104,15 +104,17 @@ class Decision:
 
 
 def verdict(outcome: Outcome, org: OrgLimits, now: datetime, *, shadow: bool = False,
-            degraded: bool = False) -> Decision:
+            degraded: bool = False, size: int = 0) -> Decision:
     """Postfix's answer for OUTCOME (pure)."""
     if outcome.result != "over" or outcome.kind is None:
         return Decision(DUNNO)
     kind = outcome.kind
     retry = window_end(kind, now)
     wait = max(1, math.ceil((retry - now).total_seconds() / 60))
+    share = " (this host share)" if degraded else ""
+    this = f", this message {size}" if kind == "bytes" and size else ""
     reason = (f"{org.name}: {WINDOW_NAMES[kind]} limit of the {org.tier} tier reached"
-              f" ({outcome.used} of {outcome.limit}{' (this host share)' if degraded else ''});"
+              f" ({outcome.used} of {outcome.limit}{share}{this});"
               f" retry after {retry:%Y-%m-%d %H:%M} UTC (in {wait} min)")
     if shadow or org.shadow:
         return Decision(DUNNO, kind, reason, shadowed=True)

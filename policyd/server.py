@@ -31,6 +31,7 @@ class PolicyServer:
         self.read_timeout = read_timeout
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[None]] = set()  # waiting for a new request
 
     async def start(self, host: str, port: int) -> int:
         """Listen on HOST:PORT; returns the port (0 picks a free one)."""
@@ -39,9 +40,11 @@ class PolicyServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting; let connections finish their current request, then close."""
+        """Stop accepting; close idle connections now, let busy ones finish their request."""
         if self._server is not None:
             self._server.close()
+        for task in list(self._idle):
+            task.cancel()
         tasks = list(self._connections)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -56,6 +59,8 @@ class PolicyServer:
         builder = RequestBuilder(self.limits)
         try:
             while True:
+                if not builder.started and task is not None:
+                    self._idle.add(task)
                 try:
                     line = await asyncio.wait_for(reader.readline(), self.read_timeout)
                 except TimeoutError as exc:
@@ -68,6 +73,9 @@ class PolicyServer:
                 except ValueError as exc:  # StreamReader's line limit
                     raise ProtocolError(
                         f"line longer than {self.limits.max_line_bytes} bytes") from exc
+                finally:
+                    if task is not None:
+                        self._idle.discard(task)
                 if not line:
                     if builder.started:
                         raise ProtocolError("connection closed mid-request (no empty line)")
@@ -89,13 +97,14 @@ class PolicyServer:
         except ProtocolError as exc:
             metrics.PROTOCOL_ERRORS.inc()
             log.warning("policy client %s: %s; connection closed", peer, exc.reason)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client went away, or we are stopping and it was idle
         except Exception:
             log.exception("policy client %s: unexpected error; connection closed", peer)
         finally:
             if task is not None:
                 self._connections.discard(task)
+                self._idle.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()

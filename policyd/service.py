@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 
 class Backend(Protocol):
+    async def recover(self) -> None: ...
+
     async def find(self, lookup: str, key: str) -> OrgLimits | None: ...
 
     async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
@@ -109,14 +111,27 @@ class PolicyService:
     def degraded(self) -> bool:
         return self.clock() < self._down_until
 
-    async def _bounded(self, work: Awaitable[T]) -> T:
+    async def _attempt(self, work: Callable[[], Awaitable[T]]) -> T:
+        """WORK; once more if its pooled connection turned out broken.
+
+        A PostgreSQL restart breaks every idle pooled connection at once; the
+        first use of each fails although the database is back.  Dropping the
+        broken ones and trying again keeps that from looking like an outage.
+        (If the failed attempt had committed, the message is counted twice:
+        an over-count, never an admission beyond the limit.)
+        """
+        try:
+            return await work()
+        except psycopg.OperationalError:
+            await self.backend.recover()
+            return await work()
+
+    async def _bounded(self, work: Callable[[], Awaitable[T]]) -> T:
         """WORK within the decision timeout, else BackendDown (and degraded for a while)."""
         if self.degraded:
-            if asyncio.iscoroutine(work):
-                work.close()
             raise BackendDown("degraded")
         try:
-            return await asyncio.wait_for(work, self._timeout)
+            return await asyncio.wait_for(self._attempt(work), self._timeout)
         except (TimeoutError, psycopg.Error, OSError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0]
             if not self.degraded:
@@ -125,9 +140,6 @@ class PolicyService:
                             self.cfg.degraded_retry_seconds)
             metrics.BACKEND_ERRORS.inc()
             self._down_until = self.clock() + self.cfg.degraded_retry_seconds
-            recover = getattr(self.backend, "recover", None)
-            if recover is not None:
-                asyncio.get_running_loop().create_task(recover())
             raise BackendDown(reason) from exc
 
     async def _org(self, p: Plan) -> tuple[OrgLimits | None, bool]:
@@ -137,7 +149,7 @@ class PolicyService:
         if hit is not None and hit[0] > now:
             return hit[1], True
         try:
-            org = await self._bounded(self.backend.find(p.lookup, p.key))
+            org = await self._bounded(lambda: self.backend.find(p.lookup, p.key))
         except BackendDown:
             return (hit[1] if hit else None), False
         if len(self._cache) > 100_000:
@@ -148,7 +160,8 @@ class PolicyService:
     async def decide(self, attrs: dict[str, str]) -> str:
         """The action for one request (never raises for backend trouble)."""
         p = plan(attrs, self.system_domains)
-        if p.stage is None:
+        stage = p.stage
+        if stage is None:
             return DUNNO
         org, fresh = await self._org(p)
         if org is None:
@@ -160,8 +173,8 @@ class PolicyService:
         try:
             if not fresh:
                 raise BackendDown("lookup failed")
-            outcome = await self._bounded(self.backend.consume(
-                p.stage, org, p.instance, p.recipients, p.size, self.cfg.reservation_seconds))
+            outcome = await self._bounded(lambda: self.backend.consume(
+                stage, org, p.instance, p.recipients, p.size, self.cfg.reservation_seconds))
         except BackendDown:
             degraded = True
             mode = self.cfg.degraded_mode
@@ -171,8 +184,9 @@ class PolicyService:
             if mode == "closed":
                 return ("DEFER_IF_PERMIT 4.7.1 Rate limit: the limits database is unavailable;"
                         " retry in a few minutes")
-            outcome = self.local.consume(p.stage, org, p.instance, p.recipients, p.size, now)
-        d = verdict(outcome, org, now, shadow=self.cfg.shadow, degraded=degraded)
+            outcome = self.local.consume(stage, org, p.instance, p.recipients, p.size, now)
+        d = verdict(outcome, org, now, shadow=self.cfg.shadow, degraded=degraded,
+                    size=p.size)
         if d.over:
             mode = "shadow" if d.shadowed else "defer"
             metrics.DEFERRALS.labels(org.tier, d.over, mode).inc()

@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
 from postkeep.config import parse
@@ -120,6 +121,8 @@ def test_verdict_names_kind_tier_limit_and_retry() -> None:
     shadow = verdict(Outcome("over", "recipients", 300, 300), ORG, T0, shadow=True)
     assert shadow.action == DUNNO and shadow.shadowed and shadow.over == "recipients"
     assert "2026-11-26 00:00 UTC" in shadow.reason
+    big = verdict(Outcome("over", "bytes", 900, 1000), ORG, T0, size=5000)
+    assert "(900 of 1000, this message 5000)" in big.action
 
 
 def test_window_end() -> None:
@@ -163,9 +166,16 @@ class FakeBackend:
     def __init__(self) -> None:
         self.local = LocalCounters(processes=1)
         self.stall = False
+        self.broken = 0  # this many calls fail as on connections a restart broke
         self.orgs = {("domain", "acme.example"): ORG}
 
+    async def recover(self) -> None:
+        self.broken = 0
+
     async def find(self, lookup: str, key: str) -> OrgLimits | None:
+        if self.broken:
+            self.broken -= 1
+            raise psycopg.OperationalError("terminating connection due to administrator command")
         if self.stall:
             await asyncio.sleep(3600)
         return self.orgs.get((lookup, key))
@@ -266,3 +276,31 @@ def test_degraded_open_and_closed_modes() -> None:
 
     assert asyncio.run(run("open")) == DUNNO
     assert asyncio.run(run("closed")).startswith("DEFER_IF_PERMIT 4.7.1")
+
+
+def test_stop_closes_idle_connections_at_once() -> None:
+    async def run() -> tuple[bytes, float]:
+        server = PolicyServer(make_service(FakeBackend()).decide, Limits(), read_timeout=300)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("RCPT", "x"))
+        await reader.readuntil(b"\n\n")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await server.stop(grace=5)
+        return await asyncio.wait_for(reader.read(), 2), loop.time() - started
+
+    rest, elapsed = asyncio.run(run())
+    assert rest == b"" and elapsed < 1
+
+
+def test_connections_broken_by_a_restart_are_not_an_outage() -> None:
+    async def run() -> tuple[str, bool]:
+        backend = FakeBackend()
+        service = make_service(backend)
+        backend.broken = 5  # every idle pooled connection
+        answer = await service.decide(attrs("DATA", "r1", recipient_count="1"))
+        return answer, service.degraded
+
+    answer, degraded = asyncio.run(run())
+    assert answer == DUNNO and not degraded

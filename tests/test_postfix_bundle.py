@@ -20,7 +20,8 @@ from postkeep.postfix_bundle import (
     render,
 )
 
-PLACEHOLDERS = {"milter_address": "inet:127.0.0.1:8891", "config_directory": "/etc/postfix"}
+PLACEHOLDERS = {"milter_address": "inet:127.0.0.1:8891", "config_directory": "/etc/postfix",
+                "policy_address": "inet:127.0.0.1:10040"}
 
 GOLDEN_BUNDLE = """\
 # a comment
@@ -103,6 +104,15 @@ def test_shipped_bundle_has_the_product_settings() -> None:
     assert values["milter_default_action"] == "tempfail"
     assert "{client_addr}" in values["milter_connect_macros"].split()
     assert {"{auth_type}", "{auth_authen}"} <= set(values["milter_mail_macros"].split())
+    # policyd at RCPT, DATA and END-OF-DATA; never before the relay checks
+    # decide, and nothing (permit_mynetworks) lets trusted clients skip it.
+    policy = "check_policy_service inet:127.0.0.1:10040"
+    assert values["smtpd_recipient_restrictions"] == policy
+    assert values["smtpd_data_restrictions"] == policy
+    assert values["smtpd_end_of_data_restrictions"] == policy
+    assert "smtpd_relay_restrictions" not in values
+    assert values["smtpd_policy_service_default_action"] == "DUNNO"
+    assert values["smtpd_policy_service_timeout"] == "10s"
 
 
 @pytest.mark.unit
