@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint bench
+.PHONY: install run stop test lint bench bench-policyd
 
 install:
 	$(STACK) install
@@ -54,3 +54,18 @@ bench: install
 	@if [ -x bench/run.sh ]; then bench/run.sh; \
 	elif [ -f bench/run.sh ]; then bash bench/run.sh; \
 	else echo "bench/run.sh not present yet" >&2; exit 1; fi
+
+# postkeep-policyd against postfwd2 over the policy protocol (bench/policyd_bench.py),
+# on a private stack of its own (never the dev, test or capture-bench stacks).
+BENCH_POLICYD_DIR := $(CURDIR)/.stack-bench-policyd
+BENCH_POLICYD_PORT ?= 13025
+BENCH_POLICYD_ARGS ?=
+bench-policyd: install
+	@rc=0; \
+	$(STACK) up $(BENCH_POLICYD_DIR) $(BENCH_POLICYD_PORT) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		( set -a && . $(BENCH_POLICYD_DIR)/env && set +a && cd /tmp && \
+		  $(VENV)/bin/python $(CURDIR)/bench/policyd_bench.py $(BENCH_POLICYD_ARGS) ) || rc=$$?; \
+	fi; \
+	$(STACK) down $(BENCH_POLICYD_DIR) || echo "make bench-policyd: stack down failed" >&2; \
+	exit $$rc

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from postkeep.config import Config
@@ -46,12 +47,19 @@ class PgBackend:
 
     def __init__(self, cfg: Config) -> None:
         pg = cfg.postgres
+        self._synchronous_commit = cfg.policyd.synchronous_commit
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             # one connection per concurrent decision: keep a few warm
             pg.conninfo(), min_size=max(pg.pool_min, 4), max_size=max(pg.pool_max, 4),
             timeout=pg.connect_timeout_seconds, open=False,
             kwargs={"autocommit": True, "prepare_threshold": 0}, name="postkeep-policyd",
+            configure=self._configure,
         )
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Per new connection: policyd.synchronous_commit (see config.py)."""
+        await conn.execute(
+            sql.SQL("SET synchronous_commit = {}").format(sql.Literal(self._synchronous_commit)))
 
     async def open(self) -> None:
         """Open the pool, waiting (bounded) for its first connections.

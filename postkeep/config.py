@@ -153,6 +153,11 @@ class PolicydConfig:
     reservation_seconds: int = field(default=900, metadata={"min": 10, "max": 86400})
     # How long an organisation and its limits are trusted before asking again.
     directory_cache_seconds: float = field(default=5.0, metadata={"min": 0})
+    # PostgreSQL synchronous_commit for policyd's sessions.  'off': a decision
+    # does not wait for its WAL flush; counters stay exact across processes
+    # (visibility and locks are unchanged), only a PostgreSQL crash may forget
+    # the last fraction of a second of counts.  'on' waits for the disk.
+    synchronous_commit: str = field(default="off", metadata=_choice("off", "local", "on"))
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
 
 

@@ -304,3 +304,15 @@ def test_connections_broken_by_a_restart_are_not_an_outage() -> None:
 
     answer, degraded = asyncio.run(run())
     assert answer == DUNNO and not degraded
+
+
+def test_policyd_config_refusals_name_key_value_and_allowed() -> None:
+    from postkeep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"policyd.degraded_mode = 'fail': expected one of"
+                                          r" 'share', 'open', 'closed'"):
+        parse({"policyd": {"degraded_mode": "fail"}})
+    with pytest.raises(ConfigError, match=r"policyd.listen_port = 0: expected a int >= 1"):
+        parse({"policyd": {"listen_port": 0}})
+    cfg = parse({"policyd": {"synchronous_commit": "on", "degraded_processes": 3}})
+    assert cfg.policyd.synchronous_commit == "on" and cfg.policyd.degraded_processes == 3

@@ -1,0 +1,174 @@
+"""Policy-protocol load generator: postkeep-policyd against postfwd2.
+
+Speaks the policy protocol directly (no Postfix): C connections, each sending
+R DATA-stage requests one after another (as a Postfix smtpd does), every
+request a new message (new `instance`), so every postkeep decision is the
+counting path: one `rate_consume()` round trip to PostgreSQL.  The peer is
+Debian's postfwd2 with the equivalent rule, a rate limit per sender domain
+(`rate(sender_domain/LIMIT/3600/...)`), kept in postfwd's own memory.
+
+Both get limits too high to trip, so what is measured is the decision
+itself.  Prints a markdown table: decisions/s, p50 and p99 latency.
+
+Usage (the stack must be up; `make bench-policyd` does all of it):
+    python bench/policyd_bench.py --config DIR/postkeep.toml [--connections 1,20]
+        [--requests 3000] [--warmup 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from postkeep.config import load
+from postkeep.storage import directory
+
+LIMIT = 2_000_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def request(domain: str) -> bytes:
+    return (f"request=smtpd_access_policy\nprotocol_state=DATA\nprotocol_name=ESMTP\n"
+            f"client_address=127.0.0.1\nclient_name=localhost\nhelo_name=bench\n"
+            f"sender=app@{domain}\nrecipient=\nrecipient_count=1\n"
+            f"queue_id={uuid.uuid4().hex[:12].upper()}\ninstance={uuid.uuid4().hex}\n"
+            f"size=0\nsasl_username=\n\n").encode()
+
+
+async def one_connection(port: int, domain: str, count: int, lat: list[float],
+                         actions: dict[str, int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(count):
+        raw = request(domain)
+        started = time.perf_counter()
+        writer.write(raw)
+        reply = await reader.readuntil(b"\n\n")
+        lat.append(time.perf_counter() - started)
+        action = reply.decode().removeprefix("action=").split(" ", 1)[0].strip()
+        actions[action] = actions.get(action, 0) + 1
+    writer.close()
+
+
+async def run_load(port: int, domain: str, connections: int, per_connection: int,
+               ) -> tuple[float, list[float], dict[str, int]]:
+    lat: list[float] = []
+    actions: dict[str, int] = {}
+    started = time.perf_counter()
+    await asyncio.gather(*(one_connection(port, domain, per_connection, lat, actions)
+                           for _ in range(connections)))
+    return time.perf_counter() - started, lat, actions
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def start_postfwd(workdir: Path) -> tuple[int, list[str]]:
+    binary = shutil.which("postfwd2") or "/usr/sbin/postfwd2"
+    port, cache_port = free_port(), free_port()
+    rules = workdir / "postfwd.cf"
+    rules.write_text(f"id=RATE; action=rate(sender_domain/{LIMIT}/3600/"
+                     "450 4.7.1 rate limit exceeded)\n")
+    os.chmod(workdir, 0o755)
+    os.chmod(rules, 0o644)
+    args = [binary, "--file", str(rules), "--server_socket", f"tcp:127.0.0.1:{port}",
+            "--cache_socket", f"tcp:127.0.0.1:{cache_port}", "--pidfile",
+            str(workdir / "postfwd.pid"), "--nodns", "--perfmon", "-u", "nobody", "-g",
+            "nogroup"]
+    subprocess.run(args, check=True, timeout=30)
+    wait_listening(port)
+    return port, [*args, "--kill"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=os.environ.get("POSTKEEP_CONFIG"))
+    ap.add_argument("--connections", default="1,20")
+    ap.add_argument("--requests", type=int, default=3000, help="per run, all connections")
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--skip-postfwd", action="store_true")
+    opts = ap.parse_args()
+    cfg = load(opts.config)
+    name = f"bench-policyd-{uuid.uuid4().hex[:8]}"
+    domain = f"{name}.bench.test"
+    with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
+        oid = directory.add_organisation(conn, name, "enterprise")
+        directory.add_domain(conn, oid, domain)
+        conn.execute("UPDATE organisations SET messages_per_hour = %s,"
+                     " recipients_per_day = %s WHERE id = %s", (LIMIT, LIMIT, oid))
+    workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    stop_postfwd: list[str] | None = None
+    try:
+        pport = free_port()
+        policyd = str(Path(sys.executable).with_name("postkeep-policyd"))
+        procs.append(subprocess.Popen(
+            [policyd, "--config", cfg.source, "--listen", f"127.0.0.1:{pport}",
+             "--metrics", f"127.0.0.1:{free_port()}"], cwd="/tmp",
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "policyd.log", "wb")))  # noqa: SIM115
+        wait_listening(pport)
+        targets = [("postkeep-policyd", pport)]
+        if not opts.skip_postfwd:
+            fport, stop_postfwd = start_postfwd(workdir)
+            targets.append(("postfwd2 1.35", fport))
+        rows = []
+        for conns in (int(c) for c in opts.connections.split(",")):
+            for label, port in targets:
+                asyncio.run(run_load(port, domain, min(conns, opts.warmup),
+                                 max(1, opts.warmup // conns)))
+                per = max(1, opts.requests // conns)
+                elapsed, lat, actions = asyncio.run(run_load(port, domain, conns, per))
+                rows.append((label, conns, len(lat), len(lat) / elapsed,
+                             statistics.median(lat) * 1000, percentile(lat, 0.99) * 1000,
+                             actions))
+        print("| server | connections | decisions | decisions/s | p50 ms | p99 ms | answers |")
+        print("|---|---|---|---|---|---|---|")
+        for label, conns, n, rate, p50, p99, actions in rows:
+            shown = ", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
+            print(f"| {label} | {conns} | {n} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {shown} |")
+        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+              f" cores: {os.cpu_count()}")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        if stop_postfwd:
+            subprocess.run(stop_postfwd, check=False, timeout=30,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
+            conn.execute("DELETE FROM rate_counters WHERE org_id = %s", (oid,))
+            conn.execute("DELETE FROM rate_reservations WHERE org_id = %s", (oid,))
+            conn.execute("DELETE FROM organisations WHERE id = %s", (oid,))
+
+
+if __name__ == "__main__":
+    main()
