@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -77,14 +79,43 @@ async def one_connection(port: int, domain: str, count: int, lat: list[float],
     writer.close()
 
 
-async def run_load(port: int, domain: str, connections: int, per_connection: int,
-               ) -> tuple[float, list[float], dict[str, int]]:
+async def run_load(port: int, domains: list[str], connections: int, per_connection: int,
+                   ) -> tuple[float, list[float], dict[str, int]]:
+    """CONNECTIONS clients, client i sending for domains[i % len(domains)]."""
     lat: list[float] = []
     actions: dict[str, int] = {}
     started = time.perf_counter()
-    await asyncio.gather(*(one_connection(port, domain, per_connection, lat, actions)
-                           for _ in range(connections)))
+    await asyncio.gather(*(one_connection(port, domains[i % len(domains)], per_connection,
+                                          lat, actions) for i in range(connections)))
     return time.perf_counter() - started, lat, actions
+
+
+def histogram(metrics_port: int) -> dict[float, float]:
+    """policyd's decision-latency histogram: cumulative count by upper bound (s)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    out = {}
+    for m in re.finditer(rb'^postkeep_policyd_decision_duration_seconds_bucket\{le="([^"]+)"\}'
+                         rb" (\S+)$", text, re.M):
+        out[float(m.group(1))] = float(m.group(2))
+    return out
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float],
+                       q: float) -> float:
+    """Q of the decisions between two scrapes, linear inside a bucket (as Prometheus)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0) for b in bounds]
+    total = counts[-1]
+    if not total:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, cum in zip(bounds, counts, strict=True):
+        if cum >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(cum - below, 1e-9)
+        lower, below = bound, cum
+    return lower
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,24 +147,30 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000, help="per run, all connections")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--skip-postfwd", action="store_true")
+    ap.add_argument("--orgs", type=int, default=1,
+                    help="organisations the connections spread over (1: all on one hot row)")
     opts = ap.parse_args()
     cfg = load(opts.config)
-    name = f"bench-policyd-{uuid.uuid4().hex[:8]}"
-    domain = f"{name}.bench.test"
+    tag = uuid.uuid4().hex[:8]
+    domains, oids = [], []
     with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
-        oid = directory.add_organisation(conn, name, "enterprise")
-        directory.add_domain(conn, oid, domain)
-        conn.execute("UPDATE organisations SET messages_per_hour = %s,"
-                     " recipients_per_day = %s WHERE id = %s", (LIMIT, LIMIT, oid))
+        for i in range(opts.orgs):
+            name = f"bench-policyd-{tag}-{i}"
+            oid = directory.add_organisation(conn, name, "enterprise")
+            directory.add_domain(conn, oid, f"{name}.bench.test")
+            conn.execute("UPDATE organisations SET messages_per_hour = %s,"
+                         " recipients_per_day = %s WHERE id = %s", (LIMIT, LIMIT, oid))
+            domains.append(f"{name}.bench.test")
+            oids.append(oid)
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     stop_postfwd: list[str] | None = None
     try:
-        pport = free_port()
+        pport, mport = free_port(), free_port()
         policyd = str(Path(sys.executable).with_name("postkeep-policyd"))
         procs.append(subprocess.Popen(
             [policyd, "--config", cfg.source, "--listen", f"127.0.0.1:{pport}",
-             "--metrics", f"127.0.0.1:{free_port()}"], cwd="/tmp",
+             "--metrics", f"127.0.0.1:{mport}"], cwd="/tmp",
             stdout=subprocess.DEVNULL, stderr=open(workdir / "policyd.log", "wb")))  # noqa: SIM115
         wait_listening(pport)
         targets = [("postkeep-policyd", pport)]
@@ -143,19 +180,28 @@ def main() -> None:
         rows = []
         for conns in (int(c) for c in opts.connections.split(",")):
             for label, port in targets:
-                asyncio.run(run_load(port, domain, min(conns, opts.warmup),
+                asyncio.run(run_load(port, domains, min(conns, opts.warmup),
                                  max(1, opts.warmup // conns)))
                 per = max(1, opts.requests // conns)
-                elapsed, lat, actions = asyncio.run(run_load(port, domain, conns, per))
+                before = histogram(mport) if port == pport else {}
+                elapsed, lat, actions = asyncio.run(run_load(port, domains, conns, per))
+                inside = "-"
+                if port == pport:
+                    after = histogram(mport)
+                    inside = (f"{histogram_quantile(before, after, 0.5) * 1000:.2f} /"
+                              f" {histogram_quantile(before, after, 0.99) * 1000:.2f}")
                 rows.append((label, conns, len(lat), len(lat) / elapsed,
                              statistics.median(lat) * 1000, percentile(lat, 0.99) * 1000,
-                             actions))
-        print("| server | connections | decisions | decisions/s | p50 ms | p99 ms | answers |")
-        print("|---|---|---|---|---|---|---|")
-        for label, conns, n, rate, p50, p99, actions in rows:
+                             inside, actions))
+        print("| server | connections | decisions | decisions/s | p50 ms | p99 ms"
+              " | in policyd p50 / p99 ms | answers |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, conns, n, rate, p50, p99, inside, actions in rows:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(actions.items()))
-            print(f"| {label} | {conns} | {n} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {shown} |")
-        print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+            print(f"| {label} | {conns} | {n} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {inside}"
+                  f" | {shown} |")
+        print(f"\norganisations: {opts.orgs};"
+              f" load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
               f" cores: {os.cpu_count()}")
     finally:
         for p in procs:
@@ -165,9 +211,9 @@ def main() -> None:
             subprocess.run(stop_postfwd, check=False, timeout=30,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
-            conn.execute("DELETE FROM rate_counters WHERE org_id = %s", (oid,))
-            conn.execute("DELETE FROM rate_reservations WHERE org_id = %s", (oid,))
-            conn.execute("DELETE FROM organisations WHERE id = %s", (oid,))
+            conn.execute("DELETE FROM rate_counters WHERE org_id = ANY(%s)", (oids,))
+            conn.execute("DELETE FROM rate_reservations WHERE org_id = ANY(%s)", (oids,))
+            conn.execute("DELETE FROM organisations WHERE id = ANY(%s)", (oids,))
 
 
 if __name__ == "__main__":
