@@ -143,7 +143,9 @@ class LocalCounters:
     processes: int
     ttl: timedelta = timedelta(minutes=15)
     _used: dict[tuple[object, str, datetime], int] = field(default_factory=dict)
+    # in order of expiry: every entry is (re)inserted with now + ttl
     _held: dict[tuple[object, str], _Held] = field(default_factory=dict)
+    _swept: datetime | None = None
 
     def share(self, limit: int | None) -> int | None:
         if limit is None:
@@ -183,6 +185,7 @@ class LocalCounters:
                 return refused
             self._add(oid, "bytes", held.day, size)
             held.settled, held.expires = True, now + self.ttl
+            self._held[(oid, instance)] = self._held.pop((oid, instance))  # keep expiry order
             return Outcome("ok")
         refused = over("messages", 1) or over("recipients", recipients) or over("bytes", size)
         if refused:
@@ -200,12 +203,17 @@ class LocalCounters:
         self._used[key] = max(0, self._used.get(key, 0) + n)
 
     def _expire(self, now: datetime) -> None:
-        for key, held in list(self._held.items()):
-            if held.expires <= now:
-                del self._held[key]
-                if not held.settled:
-                    self._add(key[0], "messages", held.hour, -1)
-                    self._add(key[0], "recipients", held.day, -held.recipients)
-        day_ago = now - timedelta(days=2)
-        for ukey in [k for k in self._used if k[2] < day_ago]:
-            del self._used[ukey]
+        """Give back expired reservations: only those at the front (cost: what expires)."""
+        while self._held:
+            key, held = next(iter(self._held.items()))
+            if held.expires > now:
+                break
+            del self._held[key]
+            if not held.settled:
+                self._add(key[0], "messages", held.hour, -1)
+                self._add(key[0], "recipients", held.day, -held.recipients)
+        if self._swept is None or now - self._swept > timedelta(hours=1):
+            self._swept = now
+            day_ago = now - timedelta(days=2)
+            for ukey in [k for k in self._used if k[2] < day_ago]:
+                del self._used[ukey]

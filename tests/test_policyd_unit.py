@@ -316,3 +316,19 @@ def test_policyd_config_refusals_name_key_value_and_allowed() -> None:
         parse({"policyd": {"listen_port": 0}})
     cfg = parse({"policyd": {"synchronous_commit": "on", "degraded_processes": 3}})
     assert cfg.policyd.synchronous_commit == "on" and cfg.policyd.degraded_processes == 3
+
+
+def test_local_expiry_gives_back_only_unsettled_reservations_in_order() -> None:
+    org = OrgLimits(uuid.uuid4(), "o", "free", 3, 100, None)
+    local = LocalCounters(processes=1, ttl=timedelta(minutes=10))
+    t = T0 - timedelta(minutes=30)  # 10:29:30
+    assert local.consume("reserve", org, "a", 1, 0, t).result == "ok"
+    assert local.consume("reserve", org, "b", 1, 0, t + timedelta(minutes=1)).result == "ok"
+    # a completes later: its expiry moves behind b's, and it stays counted
+    assert local.consume("settle", org, "a", 1, 10, t + timedelta(minutes=5)).result == "ok"
+    assert local.consume("reserve", org, "c", 1, 0, t + timedelta(minutes=6)).result == "ok"
+    assert local.consume("reserve", org, "d", 1, 0, t + timedelta(minutes=6)).result == "over"
+    # 10:41: b (unsettled, 10:40) expired and gave its slot back; a and c still count
+    later = t + timedelta(minutes=11, seconds=30)
+    assert local.consume("reserve", org, "d", 1, 0, later).result == "ok"
+    assert local.consume("reserve", org, "e", 1, 0, later).result == "over"
