@@ -52,6 +52,9 @@ class GroupCommitter:
         self._db = db
         self._linger = linger
         self._forming = threading.Lock()  # one worker forms a batch at a time
+        # minio-py holds up to one 5 MiB part of a large object in memory:
+        # one large upload at a time keeps the milter's memory bounded.
+        self._large = threading.Lock()
         self._objects = objects
         self._max_batch = max_batch
         self._small = small_object_bytes
@@ -148,8 +151,13 @@ class GroupCommitter:
             large = small + large
         for p in large:
             try:
-                self._objects.put(p.message.object_key, p.content.stream,
-                                  p.content.compressed_size)
+                if p.content.compressed_size > self._small:
+                    with self._large:
+                        self._objects.put(p.message.object_key, p.content.stream,
+                                          p.content.compressed_size)
+                else:
+                    self._objects.put(p.message.object_key, p.content.stream,
+                                      p.content.compressed_size)
                 ok.append(p)
             except BackendError as exc:
                 p.error = exc
