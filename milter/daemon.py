@@ -12,7 +12,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import socket
 import sys
 
 import click
@@ -21,18 +20,7 @@ from postkeep.config import ConfigError, load
 from postkeep.milter.dkim import DkimError
 from postkeep.milter.service import system_signing
 from postkeep.milter.signing import parse_networks
-
-
-def _notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.sendall(state.encode())
+from postkeep.process import notify_systemd, split_hostport
 
 
 def _limit_malloc_arenas(count: int = 2) -> None:
@@ -48,12 +36,6 @@ def _limit_malloc_arenas(count: int = 2) -> None:
         m_arena_max = -8  # from <malloc.h>
         ctypes.CDLL(name).mallopt(m_arena_max, count)
 
-
-def _split_hostport(key: str, value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key} = {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9361")
-    return host, int(port)
 
 
 def _check_listen(value: str) -> None:
@@ -80,7 +62,7 @@ def main(config_path: str | None, check_config: bool) -> None:
         cfg = load(config_path)
         mcfg = cfg.milter
         _check_listen(mcfg.listen)
-        metrics_host, metrics_port = _split_hostport("milter.metrics_listen", mcfg.metrics_listen)
+        metrics_host, metrics_port = split_hostport("milter.metrics_listen", mcfg.metrics_listen)
         if not os.path.isdir(mcfg.spool_directory) or not os.access(mcfg.spool_directory, os.W_OK):
             raise ConfigError(
                 f"milter.spool_directory = {mcfg.spool_directory!r}: "
@@ -157,11 +139,11 @@ def main(config_path: str | None, check_config: bool) -> None:
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
              mcfg.metrics_listen, cfg.source)
-    _notify_systemd("READY=1")
+    notify_systemd("READY=1")
     try:
         Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
     finally:
-        _notify_systemd("STOPPING=1")
+        notify_systemd("STOPPING=1")
         committer.close()
         if keyring is not None:
             keyring.close()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
-import socket
 import sys
 from typing import Any
 
@@ -23,27 +21,11 @@ from postkeep.config import Config, ConfigError, load
 from postkeep.policyd.protocol import Limits
 from postkeep.policyd.server import PolicyServer
 from postkeep.policyd.service import PgBackend, PolicyService
+from postkeep.process import notify_systemd, split_hostport
 
 log = logging.getLogger("postkeep.policyd")
 
 
-def _notify_systemd(state: str) -> None:
-    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(path)
-        sock.sendall(state.encode())
-
-
-def _split_hostport(key: str, value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key} = {value!r}: expected HOST:PORT, e.g. 127.0.0.1:9362")
-    return host, int(port)
 
 
 async def serve(cfg: Config) -> None:
@@ -57,14 +39,14 @@ async def serve(cfg: Config) -> None:
     port = await server.start(pcfg.listen_host, pcfg.listen_port)
     log.info("postkeep-policyd listening on %s:%d (degraded mode %s, shadow %s, config %s)",
              pcfg.listen_host, port, pcfg.degraded_mode, pcfg.shadow, cfg.source)
-    _notify_systemd("READY=1")
+    notify_systemd("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("postkeep-policyd stopping")
-    _notify_systemd("STOPPING=1")
+    notify_systemd("STOPPING=1")
     await server.stop()
     await backend.close()
 
@@ -86,15 +68,15 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
         cfg = load(config_path)
         overrides: dict[str, Any] = {}
         if listen:
-            overrides["listen_host"], overrides["listen_port"] = _split_hostport("--listen",
+            overrides["listen_host"], overrides["listen_port"] = split_hostport("--listen",
                                                                                  listen)
         if metrics:
-            _split_hostport("--metrics", metrics)
+            split_hostport("--metrics", metrics)
             overrides["metrics_listen"] = metrics
         if overrides:
             cfg = dataclasses.replace(cfg, policyd=dataclasses.replace(cfg.policyd,
                                                                        **overrides))
-        metrics_host, metrics_port = _split_hostport("policyd.metrics_listen",
+        metrics_host, metrics_port = split_hostport("policyd.metrics_listen",
                                                      cfg.policyd.metrics_listen)
     except ConfigError as exc:
         click.echo(f"postkeep-policyd: configuration error: {exc}", err=True)
