@@ -22,7 +22,6 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,24 +36,12 @@ import psycopg
 from postkeep.config import load
 from postkeep.storage import directory
 
+# The loopback helpers the policyd tests use (tests/, never the repository
+# root: the root's milter/ folder would shadow pymilter's `milter`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.policyd import free_port, wait_listening
+
 LIMIT = 2_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def request(domain: str) -> bytes:

@@ -302,41 +302,38 @@ stop_sink() { stop_pid "$DIR/sink.pid" sink; }
 # ---------------------------------------------------------------- milter
 milter_importable() { (cd / && "$PY" -c 'import postkeep.milter.daemon') >/dev/null 2>&1; }
 
-start_milter() {
-    mkdir -p "$DIR/milter/tmp"
-    if pid_alive "$DIR/milter/milter.pid"; then
-        log "milter already running"
+# start_daemon NAME BINARY PORT METRICS_PORT: one postkeep daemon in the
+# background, logging to DIR/NAME/NAME.log, ready once PORT answers.
+start_daemon() {
+    local name="$1" binary="$2" port="$3" mport="$4"
+    mkdir -p "$DIR/$name"
+    if pid_alive "$DIR/$name/$name.pid"; then
+        log "$name already running"
         return 0
     fi
-    if ! milter_importable; then
+    require_free "$port" "$name"
+    require_free "$mport" "$name metrics"
+    setsid "$VENV/bin/$binary" --config "$DIR/postkeep.toml" \
+        >>"$DIR/$name/$name.log" 2>&1 </dev/null 9>&- &
+    echo $! >"$DIR/$name/$name.pid"
+    wait_port "$port" 30 "$DIR/$name/$name.pid" \
+        || die "$binary not listening on 127.0.0.1:$port, see $DIR/$name/$name.log"
+}
+
+start_milter() {
+    mkdir -p "$DIR/milter/tmp"
+    if ! pid_alive "$DIR/milter/milter.pid" && ! milter_importable; then
         (cd / && "$PY" -c 'import postkeep.milter.daemon') || true
         die "postkeep.milter.daemon does not import in $VENV (see above)"
     fi
-    require_free "$MILTER_PORT" "milter"
-    require_free "$METRICS_PORT" "milter metrics"
-    setsid "$VENV/bin/postkeep-milter" --config "$DIR/postkeep.toml" \
-        >>"$DIR/milter/milter.log" 2>&1 </dev/null 9>&- &
-    echo $! >"$DIR/milter/milter.pid"
-    wait_port "$MILTER_PORT" 30 "$DIR/milter/milter.pid" \
-        || die "postkeep-milter not listening on 127.0.0.1:$MILTER_PORT, see $DIR/milter/milter.log"
+    start_daemon milter postkeep-milter "$MILTER_PORT" "$METRICS_PORT"
 }
 
 stop_milter() { stop_pid "$DIR/milter/milter.pid" postkeep-milter; }
 
 # ---------------------------------------------------------------- policyd
 start_policyd() {
-    mkdir -p "$DIR/policyd"
-    if pid_alive "$DIR/policyd/policyd.pid"; then
-        log "policyd already running"
-        return 0
-    fi
-    require_free "$POLICYD_PORT" "policyd"
-    require_free "$POLICYD_METRICS_PORT" "policyd metrics"
-    setsid "$VENV/bin/postkeep-policyd" --config "$DIR/postkeep.toml" \
-        >>"$DIR/policyd/policyd.log" 2>&1 </dev/null 9>&- &
-    echo $! >"$DIR/policyd/policyd.pid"
-    wait_port "$POLICYD_PORT" 30 "$DIR/policyd/policyd.pid" \
-        || die "postkeep-policyd not listening on 127.0.0.1:$POLICYD_PORT, see $DIR/policyd/policyd.log"
+    start_daemon policyd postkeep-policyd "$POLICYD_PORT" "$POLICYD_METRICS_PORT"
 }
 
 stop_policyd() { stop_pid "$DIR/policyd/policyd.pid" postkeep-policyd; }

@@ -20,6 +20,7 @@ message low enough for the milter to keep up with Postfix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -136,9 +137,10 @@ class GroupCommitter:
     def _upload(self, batch: list[_Pending]) -> list[_Pending]:
         """Put every object; return the items now in the store."""
         small = [p for p in batch if p.content.compressed_size <= self._small]
-        large = [p for p in batch if p.content.compressed_size > self._small]
+        singles = batch
         ok: list[_Pending] = []
         if len(small) > 1 and self._objects.can_batch():
+            singles = [p for p in batch if p.content.compressed_size > self._small]
             try:
                 self._objects.put_many(
                     [(p.message.object_key, p.content.stream.read()) for p in small]
@@ -147,15 +149,10 @@ class GroupCommitter:
             except BackendError as exc:
                 for p in small:
                     p.error = exc
-        else:
-            large = small + large
-        for p in large:
+        for p in singles:
+            large = p.content.compressed_size > self._small
             try:
-                if p.content.compressed_size > self._small:
-                    with self._large:
-                        self._objects.put(p.message.object_key, p.content.stream,
-                                          p.content.compressed_size)
-                else:
+                with self._large if large else contextlib.nullcontext():
                     self._objects.put(p.message.object_key, p.content.stream,
                                       p.content.compressed_size)
                 ok.append(p)

@@ -8,7 +8,6 @@ libmilter thread).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -17,6 +16,7 @@ import psycopg
 
 from postkeep.storage.db import Database
 from postkeep.storage.directory import Organisation, find_by_domain, find_by_submitter
+from postkeep.ttlcache import TtlCache
 
 _Query = Callable[[psycopg.Connection, str], Organisation | None]
 
@@ -31,27 +31,22 @@ class Directory:
         self._miss_ttl = min(ttl, 2.0)  # a newly added domain works within seconds
         self._executor = executor
         self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, Organisation | None]] = {}
-        self._lock = threading.Lock()
+        self._cache: TtlCache[tuple[str, str], Organisation | None] = TtlCache()
 
     def _query(self, query: _Query, key: str) -> Organisation | None:
         return self._db.run(lambda conn: query(conn, key))
 
     def _lookup(self, kind: str, key: str, query: _Query) -> Organisation | None:
         now = self._clock()
-        with self._lock:
-            hit = self._cache.get((kind, key))
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        hit = self._cache.get((kind, key))
+        if hit is not None and hit.fresh(now):
+            return hit.value
         if self._executor is not None:
             org = self._executor.submit(self._query, query, key).result()
         else:
             org = self._query(query, key)
         ttl = self._ttl if org is not None else self._miss_ttl
-        with self._lock:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
-            self._cache[(kind, key)] = (now + ttl, org)
+        self._cache.put((kind, key), org, now + ttl)
         return org
 
     def by_submitter(self, username: str) -> Organisation | None:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from postkeep.storage.db import BackendError, Database
 from postkeep.storage.dkim_keys import DkimKeyError, KeyRing, KeyRingSource, MasterKey
+from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.milter")
 
@@ -26,15 +27,12 @@ class KeyRingRefresher:
     def __init__(self, db: Database, master: MasterKey, period: float,
                  executor: Executor | None = None) -> None:
         self._source = KeyRingSource(db, master, period)
-        # Forced reloads always ask PostgreSQL (poll 0): the background
-        # refresher may just have stamped its source fresh with an older ring.
-        self._forced = KeyRingSource(db, master, 0.0)
         self._period = period
         self._executor = executor
         self._started = 0  # forced reloads begun; lets waiters share a fresh one
         # Domains a forced reload found keyless, and when: they wait for the
         # background poll instead of forcing a reload per message.
-        self._keyless: dict[str, float] = {}
+        self._keyless: TtlCache[str, None] = TtlCache()
         self._force_lock = threading.Lock()
         self._ring: KeyRing | None = None
         self._stop = threading.Event()
@@ -51,13 +49,11 @@ class KeyRingRefresher:
         A domain with no key (sending unsigned by policy) would otherwise cost
         one PostgreSQL read per message.
         """
-        now = time.monotonic()
-        if now - self._keyless.get(domain, float("-inf")) < self._period:
+        seen = self._keyless.get(domain)
+        if seen is not None and seen.fresh(time.monotonic()):
             return self._ring
         ring = self.reload_now()
-        if len(self._keyless) > 100_000:
-            self._keyless.clear()
-        self._keyless[domain] = time.monotonic()
+        self._keyless.put(domain, None, time.monotonic() + self._period)
         return ring
 
     def reload_now(self) -> KeyRing | None:
@@ -74,16 +70,16 @@ class KeyRingRefresher:
                 return self._ring
             self._started += 1
             if self._executor is not None:
-                error = self._executor.submit(self._refresh, self._forced).result()
+                error = self._executor.submit(self._refresh, True).result()
             else:
-                error = self._refresh(self._forced)
+                error = self._refresh(True)
             if error is not None:
                 raise error
             return self._ring
 
-    def _refresh(self, source: KeyRingSource | None = None) -> BackendError | None:
+    def _refresh(self, force: bool = False) -> BackendError | None:
         try:
-            ring = (source or self._source).current(datetime.now(UTC))
+            ring = self._source.current(datetime.now(UTC), force=force)
         except (BackendError, DkimKeyError) as exc:
             log.warning("DKIM keys not reloaded: %s", exc)
             if isinstance(exc, BackendError):

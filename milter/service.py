@@ -71,6 +71,7 @@ class Transaction:
     message_id_header: str | None = None
     own_headers_removed: int = 0  # client-sent copies of our id header
     from_count: int = 0
+    from_address: str = ""  # first address of From:, parsed once at end of message
     client_addr: str | None = None
     local: bool = False  # injected with sendmail (non_smtpd_milters)
 
@@ -131,7 +132,8 @@ class CaptureService:
         """A new transaction at MAIL FROM; its id goes in the id header."""
         tid = uuid7()
         capture = MessageCapture(level=self.cfg.zstd_level, spill_bytes=self.cfg.spill_bytes,
-                                 spool_dir=self.cfg.spool_directory)
+                                 spool_dir=self.cfg.spool_directory,
+                                 dkim_body_hash=self.keyring is not None or self.system is not None)
         capture.add_own_header(self.cfg.id_header, str(tid))
         return Transaction(tid, datetime.now(UTC), strip_brackets(envelope_from),
                            auth_user or None, capture, client_addr=client_addr, local=local)
@@ -168,7 +170,8 @@ class CaptureService:
 
     def _finish(self, tx: Transaction, queue_id: str) -> Verdict:
         trusted = is_trusted(tx.auth_user, tx.client_addr, tx.local, self.networks)
-        from_domain = address_domain(header_from_address(tx.header_from))
+        tx.from_address = header_from_address(tx.header_from)
+        from_domain = address_domain(tx.from_address)
         if self.system is not None and trusted and (
             (from_domain or address_domain(tx.envelope_from)) in self.system.domains
         ):
@@ -217,7 +220,9 @@ class CaptureService:
     def _sign(self, tx: Transaction, keys: list[tuple[str, str, str, PrivateKey]]
               ) -> list[Signature]:
         started = time.perf_counter()
-        sigs = sign_all(tx.capture.header_block, tx.capture.body_hasher.digest(), keys,
+        hasher = tx.capture.body_hasher
+        assert hasher is not None  # made whenever a key ring or system key exists
+        sigs = sign_all(tx.capture.header_block, hasher.digest(), keys,
                         int(time.time()))
         metrics.DKIM_SECONDS.observe(time.perf_counter() - started)
         for sig in sigs:
@@ -300,7 +305,7 @@ class CaptureService:
             content_expires_at=content_exp,
             metadata_expires_at=metadata_exp,
             message_id_header=tx.message_id_header,
-            header_from=header_from_address(tx.header_from) or tx.header_from,
+            header_from=tx.from_address or tx.header_from,
             subject=tx.subject,
         )
         try:

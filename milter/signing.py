@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from postkeep.milter.dkim import DkimError, PrivateKey, sign
+from postkeep.milter.dkim import PrivateKey, sign
 from postkeep.storage.dkim_keys import SigningKey
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,7 +65,7 @@ def sign_all(header_block: bytes, body_digest: bytes,
              keys: Sequence[tuple[str, str, str, PrivateKey]], timestamp: int) -> list[Signature]:
     """Sign with every (domain, selector, algorithm, key); top-down order.
 
-    Raises DkimError (e.g. not exactly one From: header).
+    Raises postkeep.milter.dkim.DkimError (e.g. not exactly one From: header).
     """
     out = []
     for domain, selector, algorithm, key in keys:
@@ -79,6 +79,3 @@ def sign_all(header_block: bytes, body_digest: bytes,
 def customer_keys(keys: Sequence[SigningKey]) -> list[tuple[str, str, str, PrivateKey]]:
     return [(k.domain, k.selector, k.algorithm, k.private_key) for k in keys]
 
-
-__all__ = ["DkimError", "Signature", "customer_keys", "is_trusted", "parse_networks",
-           "sign_all"]

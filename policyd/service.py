@@ -28,6 +28,7 @@ from postkeep.policyd import metrics
 from postkeep.policyd.decide import DUNNO, LocalCounters, Plan, plan, verdict
 from postkeep.storage import limits
 from postkeep.storage.limits import OrgLimits, Outcome
+from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.policyd")
 T = TypeVar("T")
@@ -111,7 +112,7 @@ class PolicyService:
         self.wallclock = wallclock
         self.local = LocalCounters(self.cfg.degraded_processes,
                                    timedelta(seconds=self.cfg.reservation_seconds))
-        self._cache: dict[tuple[str, str], tuple[float, OrgLimits | None]] = {}
+        self._cache: TtlCache[tuple[str, str], OrgLimits | None] = TtlCache()
         self._down_until = 0.0
         self._timeout = self.cfg.decision_timeout_ms / 1000
 
@@ -154,15 +155,13 @@ class PolicyService:
         """The organisation for P, and whether it came from PostgreSQL or a fresh cache."""
         now = self.clock()
         hit = self._cache.get((p.lookup, p.key))
-        if hit is not None and hit[0] > now:
-            return hit[1], True
+        if hit is not None and hit.fresh(now):
+            return hit.value, True
         try:
             org = await self._bounded(lambda: self.backend.find(p.lookup, p.key))
         except BackendDown:
-            return (hit[1] if hit else None), False
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[(p.lookup, p.key)] = (now + self.cfg.directory_cache_seconds, org)
+            return (hit.value if hit else None), False
+        self._cache.put((p.lookup, p.key), org, now + self.cfg.directory_cache_seconds)
         return org, True
 
     async def decide(self, attrs: dict[str, str]) -> str:

@@ -188,6 +188,12 @@ _BUNDLE_OPTION = click.option(
 )
 
 
+def _differences(target: _Target) -> list[Difference]:
+    """Every bundle parameter whose value in the instance differs from the bundle."""
+    names = [name for name, _ in target.wanted]
+    return diff(target.wanted, current_values(target.config_directory, names))
+
+
 @click.group()
 def postfix() -> None:
     """Apply or check postkeep's Postfix settings (postconf -c DIR)."""
@@ -201,7 +207,7 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None) 
     """Set every bundle parameter with postconf -e; print what changed."""
     target = _target(ctx, config_directory, bundle)
     names = [name for name, _ in target.wanted]
-    changes = diff(target.wanted, current_values(target.config_directory, names))
+    changes = _differences(target)
     if not changes:
         click.echo(f"{target.config_directory}: all {len(names)} bundle parameters already set")
         return
@@ -209,7 +215,7 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None) 
     for d in changes:
         was = "<unset>" if d.have is None else repr(d.have)
         click.echo(f"{d.name}: {was} -> {d.want!r}")
-    left = diff(target.wanted, current_values(target.config_directory, names))
+    left = _differences(target)
     if left:
         raise click.ClickException("postconf did not take: " + "; ".join(str(d) for d in left))
     click.echo(
@@ -226,7 +232,7 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None) 
     """Print every parameter that differs from the bundle; exit 1 if any does."""
     target = _target(ctx, config_directory, bundle)
     names = [name for name, _ in target.wanted]
-    differences = diff(target.wanted, current_values(target.config_directory, names))
+    differences = _differences(target)
     for d in differences:
         click.echo(str(d))
     if differences:

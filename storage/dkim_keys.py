@@ -569,20 +569,23 @@ class KeyRingSource:
     def invalidate(self) -> None:
         self._checked = float("-inf")
 
-    def current(self, now: datetime) -> KeyRing:
+    def current(self, now: datetime, *, force: bool = False) -> KeyRing:
+        """The ring, reloaded first if the marker moved (checked at most once per
+        poll period, or now with FORCE, which also raises BackendError rather
+        than serving the last ring)."""
         ring = self._ring
-        if ring is not None and self._clock() - self._checked < self._poll:
+        if not force and ring is not None and self._clock() - self._checked < self._poll:
             return ring
         with self._lock:
             ring = self._ring
-            if ring is not None and self._clock() - self._checked < self._poll:
+            if not force and ring is not None and self._clock() - self._checked < self._poll:
                 return ring  # another thread refreshed it meanwhile
             try:
                 with self._db.connection() as conn:
                     if ring is None or change_marker(conn) != ring.version:
                         ring = load_keyring(conn, self._master, now)
             except BackendError:
-                if ring is None:
+                if ring is None or force:
                     raise
             self._ring = ring
             self._checked = self._clock()

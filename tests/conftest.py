@@ -27,27 +27,14 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 import zstandard
-from support.stack import Stack, load_stack
+from support.stack import REQUIRED, Stack, load_stack
 
 from postkeep import config as config_mod
 from postkeep.storage import directory, dkim_keys, messages, migrate
 from postkeep.storage.db import connect
 from postkeep.storage.objects import S3ObjectStore, message_key
 
-STACK_VARS = (
-    "POSTKEEP_CONFIG",
-    "PGHOST",
-    "PGPORT",
-    "PGDATABASE",
-    "PGUSER",
-    "POSTKEEP_S3_ENDPOINT",
-    "POSTKEEP_S3_BUCKET",
-    "POSTKEEP_S3_ACCESS_KEY",
-    "POSTKEEP_S3_SECRET_KEY",
-    "POSTKEEP_SMTP_HOST",
-    "POSTKEEP_SMTP_PORT",
-    "POSTKEEP_SINK_DIR",
-)
+STACK_VARS = REQUIRED  # one list: tests/support/stack.py
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,16 @@ def test_header_after_body_is_refused() -> None:
     cap.add_body(b"x")
     with pytest.raises(RuntimeError):
         cap.add_header("From", b" late")
+
+
+def test_both_sha256_paths_hash_the_stored_bytes() -> None:
+    """Streaming (never signed) and re-read (signatures on top) agree with the bytes."""
+    for dkim, prefix in ((False, b""), (True, b""), (True, b"DKIM-Signature: v=1\r\n")):
+        cap = MessageCapture(dkim_body_hash=dkim)
+        cap.add_header("From", b" a@x")
+        cap.add_body(b"line\r\n" * 5000)
+        content = cap.finish(prefix=prefix)
+        stored = restore([content.stream.read()])
+        assert stored.startswith(prefix + b"From: a@x\r\n")
+        assert content.sha256 == hashlib.sha256(stored).digest()
+        assert content.size == len(stored)

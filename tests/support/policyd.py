@@ -13,12 +13,14 @@ from pathlib import Path
 
 
 def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def wait_listening(port: int, timeout: float = 15) -> None:
+    """Return once 127.0.0.1:PORT accepts connections; TimeoutError after TIMEOUT."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -26,7 +28,7 @@ def wait_listening(port: int, timeout: float = 15) -> None:
             return
         except OSError:
             time.sleep(0.1)
-    raise AssertionError(f"postkeep-policyd did not listen on {port} within {timeout}s")
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 @contextmanager

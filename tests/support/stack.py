@@ -21,7 +21,12 @@ from postkeep.config import Config, load
 from postkeep.storage import directory, dkim_keys
 from postkeep.storage.objects import S3ObjectStore, read_all
 
-REQUIRED = ("POSTKEEP_CONFIG", "POSTKEEP_SMTP_HOST", "POSTKEEP_SMTP_PORT", "POSTKEEP_SINK_DIR")
+# What `make test` exports from .stack-test/env and every stack test needs.
+REQUIRED = (
+    "POSTKEEP_CONFIG", "PGHOST", "PGPORT", "PGDATABASE", "PGUSER",
+    "POSTKEEP_S3_ENDPOINT", "POSTKEEP_S3_BUCKET", "POSTKEEP_S3_ACCESS_KEY",
+    "POSTKEEP_S3_SECRET_KEY", "POSTKEEP_SMTP_HOST", "POSTKEEP_SMTP_PORT", "POSTKEEP_SINK_DIR",
+)
 
 
 def require_env() -> dict[str, str]:
