@@ -5,13 +5,16 @@
 #   stack.sh install                 packages, MinIO (built from source), venv
 #   stack.sh up DIR PORTBASE         start everything under DIR (absolute path)
 #   stack.sh down DIR                stop everything started under DIR
-#   stack.sh stop DIR SERVICE        stop one service  (postgres|minio|milter|policyd|postfix|sink)
+#   stack.sh stop DIR SERVICE        stop one service  (postgres|minio|milter|policyd|storage|postfix|sink)
 #   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
 #   stack.sh status DIR              one line per service
 #
 # Daemons are started with fd 9 closed: `make test` holds its lock there.
 # Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
-# +4 MinIO console, +5 milter, +6 milter metrics, +7 policyd, +8 policyd metrics.
+# +4 MinIO console, +5 milter, +6 milter metrics, +7 policyd, +8 policyd metrics,
+# +9 postkeep-storage LMTP, +10 its metrics, +11 left free for a test's fake remote MX
+# (mail to mx.test is routed there), +12 a Postfix listener without milter or
+# policy for postkeep-storage's forwarded failure notices.
 # `up` records PORTBASE in DIR so
 # that `start`/`stop` reuse it.  DIR/env is a shell file with everything tests need.
 set -euo pipefail
@@ -25,7 +28,7 @@ MINIO_BIN="$MINIO_DIR/minio"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
-SERVICES=(postgres minio sink milter policyd postfix)
+SERVICES=(postgres minio sink milter policyd storage postfix)
 
 log() { printf 'stack: %s\n' "$*" >&2; }
 die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -120,6 +123,10 @@ load_state() {
     METRICS_PORT=$((PORTBASE + 6))
     POLICYD_PORT=$((PORTBASE + 7))
     POLICYD_METRICS_PORT=$((PORTBASE + 8))
+    STORAGE_PORT=$((PORTBASE + 9))
+    STORAGE_METRICS_PORT=$((PORTBASE + 10))
+    FAKE_MX_PORT=$((PORTBASE + 11))
+    REINJECT_PORT=$((PORTBASE + 12))
     VENV="$(venv_dir)"
     PY="$VENV/bin/python"
     PFDIR="$DIR/postfix/etc"
@@ -338,6 +345,13 @@ start_policyd() {
 
 stop_policyd() { stop_pid "$DIR/policyd/policyd.pid" postkeep-policyd; }
 
+# ---------------------------------------------------------------- storage sidecar
+start_storage() {
+    start_daemon storage postkeep-storage "$STORAGE_PORT" "$STORAGE_METRICS_PORT"
+}
+
+stop_storage() { stop_pid "$DIR/storage/storage.pid" postkeep-storage; }
+
 # ---------------------------------------------------------------- postkeep config
 dkim_keys() {  # the DKIM master key and the system-mail key, made once per stack
     mkdir -p "$DIR/dkim"
@@ -376,6 +390,7 @@ spool_directory = "$DIR/milter/tmp"
 # 192.0.2.0/24 (TEST-NET-1): tests appear from there with XCLIENT as a trusted
 # client that Postfix does not treat as local (no headers added for it).
 trusted_networks = ["127.0.0.0/8", "192.0.2.0/24"]
+bounce_domain = "bounces.postkeep.test"
 
 [policyd]
 listen_host = "127.0.0.1"
@@ -386,6 +401,13 @@ metrics_listen = "127.0.0.1:$POLICYD_METRICS_PORT"
 config_directory = "$PFDIR"
 milter_address = "inet:127.0.0.1:$MILTER_PORT"
 policy_address = "inet:127.0.0.1:$POLICYD_PORT"
+storage_lmtp_address = "inet:127.0.0.1:$STORAGE_PORT"
+
+[storage]
+lmtp_host = "127.0.0.1"
+lmtp_port = $STORAGE_PORT
+metrics_listen = "127.0.0.1:$STORAGE_METRICS_PORT"
+forward_relay = "127.0.0.1:$REINJECT_PORT"
 
 [dkim]
 master_key_file = "$DIR/dkim/master.key"
@@ -441,15 +463,21 @@ EOF
         "alias_database =" \
         "local_recipient_maps =" \
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
-        "relay_domains = sink.test" \
+        "relay_domains = sink.test, mx.test" \
+        "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/stack-transport" \
         "smtpd_authorized_xclient_hosts = 127.0.0.0/8" \
         || die "postconf overrides failed for $PFDIR"
+    # mx.test: a test's fake remote MX (answers per recipient; see tests).
+    printf 'mx.test\tsmtp:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >"$PFDIR/stack-transport"
     # (Tests speak XCLIENT to appear as a client off the trusted networks, and
     # mail to sink.test is relayed for such clients too.)
     "${pc[@]}" -F '*/*/chroot = n' || die "postconf -F chroot failed"
     "${pc[@]}" -MX smtp/inet || true
     "${pc[@]}" -M "127.0.0.1:$SMTP_PORT/inet = 127.0.0.1:$SMTP_PORT inet n - n - - smtpd" \
         || die "postconf -M smtpd failed"
+    # Forwarded failure notices re-enter here: no capture, no rate limit.
+    "${pc[@]}" -M "127.0.0.1:$REINJECT_PORT/inet = 127.0.0.1:$REINJECT_PORT inet n - n - - smtpd -o smtpd_milters= -o smtpd_command_filter= -o smtpd_recipient_restrictions= -o smtpd_data_restrictions= -o smtpd_end_of_data_restrictions=" \
+        || die "postconf -M reinjection smtpd failed"
     # Postfix starts a private instance only if the default instance lists it.
     local alt
     alt="$(postconf -h alternate_config_directories)"
@@ -509,6 +537,10 @@ export POSTKEEP_MILTER_METRICS='http://127.0.0.1:$METRICS_PORT/metrics'
 export POSTKEEP_POLICYD_HOST='127.0.0.1'
 export POSTKEEP_POLICYD_PORT='$POLICYD_PORT'
 export POSTKEEP_POLICYD_METRICS='http://127.0.0.1:$POLICYD_METRICS_PORT/metrics'
+export POSTKEEP_STORAGE_LMTP_PORT='$STORAGE_PORT'
+export POSTKEEP_STORAGE_METRICS='http://127.0.0.1:$STORAGE_METRICS_PORT/metrics'
+export POSTKEEP_FAKE_MX_PORT='$FAKE_MX_PORT'
+export POSTKEEP_BOUNCE_DOMAIN='bounces.postkeep.test'
 export PGHOST='127.0.0.1'
 export PGPORT='$PG_PORT'
 export PGDATABASE='postkeep'
@@ -529,8 +561,9 @@ start_service() {
         sink) start_sink ;;
         milter) start_milter ;;
         policyd) start_policyd ;;
+        storage) start_storage ;;
         postfix) start_postfix ;;
-        *) die "unknown service '$1' (postgres|minio|milter|policyd|postfix|sink)" ;;
+        *) die "unknown service '$1' (postgres|minio|milter|policyd|storage|postfix|sink)" ;;
     esac
 }
 
@@ -541,8 +574,9 @@ stop_service() {
         sink) stop_sink ;;
         milter) stop_milter ;;
         policyd) stop_policyd ;;
+        storage) stop_storage ;;
         postfix) stop_postfix ;;
-        *) die "unknown service '$1' (postgres|minio|milter|policyd|postfix|sink)" ;;
+        *) die "unknown service '$1' (postgres|minio|milter|policyd|storage|postfix|sink)" ;;
     esac
 }
 
@@ -570,6 +604,8 @@ cmd_up() {
     start_milter
     stop_policyd
     start_policyd
+    stop_storage
+    start_storage
     stop_postfix
     configure_postfix
     start_postfix
@@ -579,6 +615,7 @@ cmd_up() {
 
 cmd_down_loaded() {
     stop_postfix
+    stop_storage
     stop_policyd
     stop_milter
     stop_sink
@@ -601,6 +638,7 @@ cmd_status() {
     pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
+    pid_alive "$DIR/storage/storage.pid" && s=up || s=down; echo "storage $s"
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
         && s=up || s=down; echo "postgres $s"
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"

@@ -65,6 +65,7 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
     def envrcpt(self, to: str, *params: str) -> Any:
         if self.tx is not None:
             self.tx.recipients.append(to.strip().removeprefix("<").removesuffix(">"))
+            self.tx.rcpt_params.append(tuple(str(p) for p in params))
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -111,6 +112,12 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         # 0 would be above it); the last inserted ends up first.
         for sig in reversed(verdict.signatures):
             self.addheader("DKIM-Signature", lead + sig.milter_value, 1)
+        # Outcome tracking: the return path carrying our id, RET and ENVID.
+        if verdict.change_from is not None:
+            self.chgfrom(*verdict.change_from)
+        for rcpt, params in verdict.readd_recipients:
+            self.delrcpt(f"<{rcpt}>")
+            self.addrcpt(f"<{rcpt}>", params or None)
         return Milter.CONTINUE
 
     def abort(self) -> Any:

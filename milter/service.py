@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postkeep.config import DkimConfig, MilterConfig
+from postkeep.envelope import client_notify, mail_from_params, restored_params, return_path
 from postkeep.ids import uuid7
 from postkeep.milter import metrics
 from postkeep.milter.capture import MessageCapture
@@ -66,6 +67,7 @@ class Transaction:
     auth_user: str | None
     capture: MessageCapture
     recipients: list[str] = field(default_factory=list)
+    rcpt_params: list[tuple[str, ...]] = field(default_factory=list)  # ESMTP, per recipient
     header_from: str | None = None
     subject: str | None = None
     message_id_header: str | None = None
@@ -84,6 +86,23 @@ class Verdict:
     add_headers: tuple[tuple[str, str], ...] = ()
     reject: bool = False  # reply is permanent (5xx) rather than temporary
     signatures: tuple[Signature, ...] = ()  # inserted on top, in this order
+    # The rewritten envelope sender and its ESMTP parameters (outcome tracking).
+    change_from: tuple[str, str] | None = None
+    # Recipients to delete and add back with these ESMTP parameters: mail
+    # whose outcome postkeep does not track gets the client's own NOTIFY
+    # back in place of the command filter's (no success notices to senders
+    # that never asked for them).
+    readd_recipients: tuple[tuple[str, str], ...] = ()
+
+
+def _untracked(tx: Transaction) -> tuple[tuple[str, str], ...]:
+    """Recipients whose NOTIFY must go back to the client's own request."""
+    out = []
+    for rcpt, params in zip(tx.recipients, tx.rcpt_params, strict=False):
+        restored = restored_params(params)
+        if restored is not None:
+            out.append((rcpt, restored))
+    return tuple(out)
 
 
 def _text(value: bytes, limit: int = METADATA_TEXT_MAX) -> str:
@@ -196,7 +215,7 @@ class CaptureService:
             metrics.MESSAGES.labels("passed").inc()
             log.info("passed uncaptured queue_id=%s from=<%s> reason=%r", queue_id,
                      tx.envelope_from, decision.reason)
-            return Verdict(None)
+            return Verdict(None, readd_recipients=_untracked(tx))
         signed = self._sign_customer(tx, queue_id, decision, trusted, from_domain)
         if isinstance(signed, Verdict):
             return signed
@@ -215,7 +234,7 @@ class CaptureService:
         log.info("system mail queue_id=%s message_id=%s from=<%s> nrcpt=%d signed=%s",
                  queue_id, tx.message_id_header or "-", tx.envelope_from, len(tx.recipients),
                  system.selector)
-        return Verdict(None, signatures=tuple(sigs))
+        return Verdict(None, signatures=tuple(sigs), readd_recipients=_untracked(tx))
 
     def _sign(self, tx: Transaction, keys: list[tuple[str, str, str, PrivateKey]]
               ) -> list[Signature]:
@@ -290,6 +309,13 @@ class CaptureService:
         assert org is not None
         content = tx.capture.finish(prefix=b"".join(s.line for s in signatures))
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
+        rpath = None
+        if self.cfg.bounce_domain:
+            sending = tx.from_address and address_domain(tx.from_address)
+            bounce = org.bounce_domain_for(sending or decision.domain,
+                                           org.bounce_domain_for(decision.domain,
+                                                                 self.cfg.bounce_domain))
+            rpath = return_path(tx.id, metadata_exp, bounce)
         message = CapturedMessage(
             id=tx.id,
             org_id=org.id,
@@ -307,6 +333,8 @@ class CaptureService:
             message_id_header=tx.message_id_header,
             header_from=tx.from_address or tx.header_from,
             subject=tx.subject,
+            return_path=rpath,
+            notify=tuple(client_notify(p) for p in tx.rcpt_params),
         )
         try:
             self.committer.commit(message, content)
@@ -322,8 +350,12 @@ class CaptureService:
             tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients), content.size,
             content.compressed_size, message.object_key,
         )
+        if rpath is None:
+            return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
+                           signatures=tuple(signatures), readd_recipients=_untracked(tx))
         return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
-                       signatures=tuple(signatures))
+                       signatures=tuple(signatures),
+                       change_from=(rpath, mail_from_params(tx.id)))
 
     def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError) -> Verdict:
         metrics.BACKEND_ERRORS.labels(exc.backend).inc()

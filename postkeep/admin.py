@@ -19,7 +19,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,7 +30,7 @@ import psycopg
 from psycopg import errors
 
 from postkeep import config as config_mod
-from postkeep.storage import content, directory, messages, migrate
+from postkeep.storage import content, directory, messages, migrate, outcomes
 from postkeep.storage.db import BackendError, connect
 from postkeep.storage.objects import S3ObjectStore
 
@@ -162,10 +162,20 @@ def recipient_to_json(r: messages.RecipientRow) -> dict[str, Any]:
     }
 
 
-def detail_to_json(d: messages.MessageDetail, now: datetime) -> dict[str, Any]:
-    """`messages show --json`: the row plus its recipients."""
+def event_to_json(e: outcomes.Event) -> dict[str, Any]:
+    return {"status": e.status, "dsn_status": e.dsn_status, "remote_mta": e.remote_mta,
+            "diagnostic": e.diagnostic, "event_at": _iso(e.event_at),
+            "recorded_at": _iso(e.recorded_at), "report": e.report_kind, "applied": e.applied}
+
+
+def detail_to_json(d: messages.MessageDetail, now: datetime,
+                   history: Sequence[outcomes.Event] = ()) -> dict[str, Any]:
+    """`messages show --json`: the row plus its recipients and their histories."""
     out = message_to_json(d.message, now)
-    out["recipients"] = [recipient_to_json(r) for r in d.recipients]
+    out["recipients"] = [
+        recipient_to_json(r) | {"history": [event_to_json(e) for e in history
+                                            if e.recipient == r.recipient]}
+        for r in d.recipients]
     if not out["content_available"]:
         out["content_note"] = CONTENT_EXPIRED
     return out
@@ -182,8 +192,10 @@ def format_message_list(rows: list[messages.MessageRow]) -> str:
     return "\n".join(lines)
 
 
-def format_message_detail(d: messages.MessageDetail, now: datetime) -> str:
-    """`messages show`: the row as aligned key/value lines, then each recipient."""
+def format_message_detail(d: messages.MessageDetail, now: datetime,
+                          history: Sequence[outcomes.Event] = ()) -> str:
+    """`messages show`: the row as aligned key/value lines, then each recipient
+    with its outcome and the history of reports about it."""
     data = message_to_json(d.message, now)
     lines = [f"{key + ':':21}{'' if value is None else value}" for key, value in data.items()]
     if not data["content_available"]:
@@ -195,6 +207,11 @@ def format_message_detail(d: messages.MessageDetail, now: datetime) -> str:
             value = getattr(r, key)
             if value is not None:
                 lines.append(f"    {key}: {value}")
+        for e in history:
+            if e.recipient == r.recipient:
+                shown = "" if e.applied else " (superseded)"
+                lines.append(f"    {_iso(e.event_at)}  {e.status}{shown}  {e.dsn_status or '-'}"
+                             f"  {e.diagnostic or ''}  [{e.report_kind}]".rstrip())
     return "\n".join(lines)
 
 
@@ -355,6 +372,34 @@ def domain_add(ctx: click.Context, org_name: str, domain_name: str) -> None:
         click.echo(f"{name} -> {target.name}")
 
 
+@domain.command("set-bounce")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.argument("bounce_domain", metavar="BOUNCE_DOMAIN", required=False)
+@click.option("--default", "use_default", is_flag=True,
+              help="Go back to the platform's bounce domain (milter.bounce_domain).")
+@click.pass_context
+def domain_set_bounce(ctx: click.Context, domain_name: str, bounce_domain: str | None,
+                      use_default: bool) -> None:
+    """Send DOMAIN's bounces to BOUNCE_DOMAIN (its MX must be this platform's).
+
+    Mail from DOMAIN then leaves with the return path pk-...@BOUNCE_DOMAIN, so
+    a customer can point e.g. bounces.customer.example at the platform for SPF
+    alignment.  New mail only; the milter picks it up within
+    milter.directory_cache_seconds.
+    """
+    if use_default == (bounce_domain is not None):
+        _fail("give either BOUNCE_DOMAIN or --default")
+    try:
+        name = check_domain(domain_name)
+        bounce = check_domain(bounce_domain) if bounce_domain else None
+    except ValueError as exc:
+        _fail(str(exc))
+    with _session(ctx) as s:
+        if not directory.set_bounce_domain(s.conn, name, bounce):
+            _fail(f"domain {name!r} belongs to no organisation (postkeep domain add)")
+    click.echo(f"{name}: bounces to {bounce or 'the platform default (milter.bounce_domain)'}")
+
+
 @click.group()
 def submitter() -> None:
     """SASL users that submit mail for an organisation."""
@@ -425,10 +470,12 @@ def messages_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     now = datetime.now(UTC)
     with _session(ctx) as s:
         detail = _detail(s.conn, message_id)
+        history = outcomes.recipient_history(s.conn, detail.message.id,
+                                             detail.message.metadata_expires_at)
     if as_json:
-        click.echo(json.dumps(detail_to_json(detail, now), indent=2))
+        click.echo(json.dumps(detail_to_json(detail, now, history), indent=2))
     else:
-        click.echo(format_message_detail(detail, now))
+        click.echo(format_message_detail(detail, now, history))
 
 
 @messages_group.command("raw")

@@ -114,6 +114,12 @@ class MilterConfig:
     # batch is whatever queued while the previous one was being stored (the
     # bench showed end-to-end throughput bound by that latency, not by CPU).
     commit_linger_ms: float = field(default=0.0, metadata={"min": 0, "max": 1000})
+    # The platform's bounce domain: captured mail leaves with the return path
+    # pk-<message id>@<this domain> (or the sending domain's own bounce domain,
+    # `postkeep domain set-bounce`), so DSNs and bounces come back to
+    # postkeep-storage.  Empty: envelopes are left alone and no outcome is
+    # tracked.
+    bounce_domain: str = ""
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
@@ -170,6 +176,31 @@ class PostfixConfig:
     milter_address: str = "inet:127.0.0.1:8891"
     # How Postfix reaches postkeep-policyd (check_policy_service; Postfix syntax).
     policy_address: str = "inet:127.0.0.1:10040"
+    # How Postfix delivers reports to postkeep-storage over LMTP (Postfix
+    # syntax: inet:HOST:PORT or unix:PATH).
+    storage_lmtp_address: str = "inet:127.0.0.1:10027"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """[storage]: postkeep-storage, the sidecar that records delivery outcomes."""
+
+    # LMTP listener for DSNs and bounces (the bundle's transport_maps routes
+    # postkeep's return paths here).
+    lmtp_host: str = "127.0.0.1"
+    lmtp_port: int = field(default=10027, metadata={"min": 1, "max": 65535})
+    metrics_listen: str = "127.0.0.1:9363"
+    # Reports larger than this are refused (552 5.3.4): a DSN with RET=HDRS
+    # is a few kilobytes; remote bounces may quote the whole message.
+    max_report_bytes: int = field(default=12 << 20, metadata={"min": 1024})
+    # Outcomes are written in batches: whatever arrived while the previous
+    # batch was written, up to this many reports per round trip.
+    batch_max: int = field(default=200, metadata={"min": 1, "max": 10000})
+    # Where failure notices are forwarded to organisations that asked for it
+    # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no
+    # forwarding.
+    forward_relay: str = ""
+    log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
 
 
 @dataclass(frozen=True)
@@ -202,6 +233,7 @@ class Config:
     postfix: PostfixConfig = PostfixConfig()
     dkim: DkimConfig = DkimConfig()
     policyd: PolicydConfig = PolicydConfig()
+    storage: StorageConfig = StorageConfig()
     source: str = "<defaults>"
 
 
@@ -212,6 +244,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "postfix": PostfixConfig,
     "dkim": DkimConfig,
     "policyd": PolicydConfig,
+    "storage": StorageConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named

@@ -33,6 +33,15 @@ _LINE = re.compile(r"^([A-Za-z0-9_]+)\s*=\s*(.*?)\s*$")
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
+# Lookup tables shipped beside the bundle: (file in postfix-conf/, name it is
+# installed under in the Postfix configuration directory).  Placeholders are
+# filled as in main.cf.
+MAP_FILES = (
+    ("command-filter.pcre", "postkeep-command-filter.pcre"),
+    ("transport.pcre", "postkeep-transport.pcre"),
+)
+
+
 class BundleError(Exception):
     """A bundle line that cannot be used, naming the file and line."""
 
@@ -105,12 +114,35 @@ def parse_postconf(output: str) -> dict[str, str]:
     return values
 
 
+# A bundle value ending in ", ..." is a list the host may extend: the
+# bundle's entries come first, the host's own follow (transport_maps).
+OPEN_LIST = ", ..."
+
+
+def satisfies(have: str, want: str) -> bool:
+    """Does the instance's value HAVE meet the bundle's WANT?"""
+    if want.endswith(OPEN_LIST):
+        head = normalize(want.removesuffix(OPEN_LIST))
+        value = normalize(have)
+        return value == head or value.startswith(head + ", ")
+    return normalize(have) == normalize(want)
+
+
+def value_to_set(have: str | None, want: str) -> str:
+    """What apply writes: WANT, or for an open list its head before HAVE's own."""
+    if not want.endswith(OPEN_LIST):
+        return want
+    head = want.removesuffix(OPEN_LIST)
+    rest = normalize(have or "")
+    return f"{head}, {rest}" if rest else head
+
+
 def diff(wanted: Sequence[tuple[str, str]], have: Mapping[str, str]) -> list[Difference]:
     """Every bundle parameter whose current value differs, in bundle order."""
     return [
         Difference(name, have.get(name), want)
         for name, want in wanted
-        if name not in have or normalize(have[name]) != normalize(want)
+        if name not in have or not satisfies(have[name], want)
     ]
 
 
@@ -167,6 +199,35 @@ def current_values(config_directory: str, names: Iterable[str]) -> dict[str, str
 class _Target:
     config_directory: str
     wanted: list[tuple[str, str]]
+    maps: list[tuple[Path, str]]  # installed path, wanted content
+
+
+def load_maps(bundle: Path, postfix_cfg: PostfixConfig, config_directory: str
+              ) -> list[tuple[Path, str]]:
+    """The bundle's lookup tables, rendered, with where they are installed."""
+    placeholders = {**asdict(postfix_cfg), "config_directory": config_directory}
+    out = []
+    for source, installed in MAP_FILES:
+        path = bundle.parent / source
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise click.ClickException(f"{path}: cannot read ({exc.strerror})") from exc
+        out.append((Path(config_directory, installed), render(text, placeholders)))
+    return out
+
+
+def stale_maps(maps: Sequence[tuple[Path, str]]) -> list[Path]:
+    """Installed tables that are missing or differ from the bundle's."""
+    stale = []
+    for path, text in maps:
+        try:
+            same = path.read_text() == text
+        except OSError:
+            same = False
+        if not same:
+            stale.append(path)
+    return stale
 
 
 def _target(ctx: click.Context, config_directory: str | None, bundle: str | None) -> _Target:
@@ -174,7 +235,9 @@ def _target(ctx: click.Context, config_directory: str | None, bundle: str | None
     directory = config_directory or cfg.postfix.config_directory
     if not Path(directory, "main.cf").is_file():
         raise click.ClickException(f"{directory}/main.cf not found (postfix.config_directory)")
-    return _Target(directory, load_bundle(find_bundle(bundle), cfg.postfix))
+    found = find_bundle(bundle)
+    return _Target(directory, load_bundle(found, cfg.postfix),
+                   load_maps(found, cfg.postfix, directory))
 
 
 _DIR_OPTION = click.option(
@@ -207,14 +270,22 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None) 
     """Set every bundle parameter with postconf -e; print what changed."""
     target = _target(ctx, config_directory, bundle)
     names = [name for name, _ in target.wanted]
+    for path in stale_maps(target.maps):
+        text = dict(target.maps)[path]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+        click.echo(f"{path}: installed")
     changes = _differences(target)
     if not changes:
         click.echo(f"{target.config_directory}: all {len(names)} bundle parameters already set")
         return
-    _postconf(target.config_directory, ["-e", *(f"{d.name} = {d.want}" for d in changes)])
+    _postconf(target.config_directory,
+              ["-e", *(f"{d.name} = {value_to_set(d.have, d.want)}" for d in changes)])
     for d in changes:
         was = "<unset>" if d.have is None else repr(d.have)
-        click.echo(f"{d.name}: {was} -> {d.want!r}")
+        click.echo(f"{d.name}: {was} -> {value_to_set(d.have, d.want)!r}")
     left = _differences(target)
     if left:
         raise click.ClickException("postconf did not take: " + "; ".join(str(d) for d in left))
@@ -235,7 +306,10 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None) 
     differences = _differences(target)
     for d in differences:
         click.echo(str(d))
-    if differences:
+    stale = stale_maps(target.maps)
+    for path in stale:
+        click.echo(f"{path}: missing or not the bundle's (fix: postkeep postfix apply)")
+    if differences or stale:
         click.echo(
             f"{target.config_directory}: {len(differences)} of {len(names)} bundle "
             "parameters differ (fix: postkeep postfix apply)",

@@ -16,7 +16,10 @@ _ORG_COLUMNS = """
     o.id, o.name, o.tier,
     coalesce(o.content_days, t.content_days),
     CASE WHEN o.metadata_days IS NOT NULL THEN o.metadata_days ELSE t.metadata_days END,
-    o.dkim_missing_key
+    o.dkim_missing_key,
+    (SELECT coalesce(array_agg(ARRAY[bd.domain, bd.bounce_domain] ORDER BY bd.domain),
+                     ARRAY[]::text[][])
+     FROM domains bd WHERE bd.org_id = o.id AND bd.bounce_domain IS NOT NULL)
 """
 
 
@@ -30,16 +33,25 @@ class Organisation:
     # What the milter does when the From domain has no active DKIM key:
     # 'tempfail' (451 4.7.5) or 'unsigned' (send unsigned, logged and counted).
     dkim_missing_key: str = "tempfail"
+    # (sending domain, its own bounce domain) for the domains that have one;
+    # the others use the platform's bounce domain.
+    bounce_domains: tuple[tuple[str, str], ...] = ()
+
+    def bounce_domain_for(self, domain: str, default: str) -> str:
+        """The bounce domain for mail sent from DOMAIN."""
+        return dict(self.bounce_domains).get(domain.lower(), default)
 
 
 def _org(row: tuple[object, ...] | None) -> Organisation | None:
     if row is None:
         return None
-    oid, name, tier, content_days, metadata_days, missing_key = row
+    oid, name, tier, content_days, metadata_days, missing_key, bounces = row
     assert isinstance(oid, uuid.UUID) and isinstance(name, str) and isinstance(tier, str)
     assert isinstance(content_days, int) and isinstance(missing_key, str)
     assert metadata_days is None or isinstance(metadata_days, int)
-    return Organisation(oid, name, tier, content_days, metadata_days, missing_key)
+    assert isinstance(bounces, list)
+    pairs = tuple((str(d), str(b)) for d, b in bounces)
+    return Organisation(oid, name, tier, content_days, metadata_days, missing_key, pairs)
 
 
 def find_by_submitter(conn: psycopg.Connection, username: str) -> Organisation | None:
@@ -110,6 +122,15 @@ def add_domain(conn: psycopg.Connection, org_id: uuid.UUID, domain: str) -> None
     conn.execute(
         "INSERT INTO domains (domain, org_id) VALUES (%s, %s)", (domain.lower(), org_id)
     )
+
+
+def set_bounce_domain(conn: psycopg.Connection, domain: str, bounce_domain: str | None) -> bool:
+    """Point DOMAIN's bounces at BOUNCE_DOMAIN (None: the platform default)."""
+    cur = conn.execute(
+        "UPDATE domains SET bounce_domain = %s WHERE domain = %s",
+        (bounce_domain.lower().rstrip(".") if bounce_domain else None, domain.lower()),
+    )
+    return cur.rowcount == 1
 
 
 def add_submitter(conn: psycopg.Connection, org_id: uuid.UUID, username: str) -> None:

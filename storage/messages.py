@@ -61,6 +61,9 @@ class CapturedMessage:
     header_from: str | None = None
     subject: str | None = None
     direction: str = "outbound"
+    return_path: str | None = None  # the rewritten envelope sender, if any
+    # The client's own NOTIFY per recipient (None: none given), same order.
+    notify: tuple[str | None, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -72,27 +75,30 @@ WITH msg AS (
     INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
         envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, status, recipient_count, created_at,
-        accepted_at)
+        accepted_at, return_path)
     SELECT id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
         header_from, subject, size, object_key, compressed_size, sha256,
-        content_expires_at, metadata_expires_at, 'queued', recipient_count, created_at, now()
+        content_expires_at, metadata_expires_at, 'queued', recipient_count, created_at, now(),
+        return_path
     FROM unnest(%(id)s::uuid[], %(org_id)s::uuid[], %(domain)s::text[], %(direction)s::text[],
         %(queue_id)s::text[], %(message_id)s::text[], %(envelope_from)s::text[],
         %(header_from)s::text[], %(subject)s::text[], %(size)s::bigint[],
         %(object_key)s::text[], %(compressed_size)s::bigint[], %(sha256)s::bytea[],
         %(content_exp)s::timestamptz[], %(metadata_exp)s::timestamptz[], %(nrcpt)s::int[],
-        %(created)s::timestamptz[])
+        %(created)s::timestamptz[], %(return_path)s::text[])
         AS m(id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
              header_from, subject, size, object_key, compressed_size, sha256,
-             content_expires_at, metadata_expires_at, recipient_count, created_at)
+             content_expires_at, metadata_expires_at, recipient_count, created_at, return_path)
     ON CONFLICT DO NOTHING
 )
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
-    created_at, updated_at)
-SELECT r.message_id, r.org_id, r.recipient, 'queued', r.metadata_exp, r.created, r.created
+    created_at, updated_at, notify)
+SELECT r.message_id, r.org_id, r.recipient, 'queued', r.metadata_exp, r.created, r.created,
+    r.notify
 FROM unnest(%(r_message)s::uuid[], %(r_org)s::uuid[], %(r_rcpt)s::text[],
-            %(r_metadata_exp)s::timestamptz[], %(r_created)s::timestamptz[])
-    AS r(message_id, org_id, recipient, metadata_exp, created)
+            %(r_metadata_exp)s::timestamptz[], %(r_created)s::timestamptz[],
+            %(r_notify)s::text[])
+    AS r(message_id, org_id, recipient, metadata_exp, created, notify)
 ON CONFLICT DO NOTHING
 """
 
@@ -104,6 +110,8 @@ def record_captures(conn: psycopg.Connection, batch: Sequence[CapturedMessage]) 
     neither fails nor duplicates.
     """
     rcpts = [(m, r) for m in batch for r in m.recipients]
+    notify = [n for m in batch
+              for n in (m.notify + (None,) * len(m.recipients))[:len(m.recipients)]]
     conn.execute(
         _INSERT_CAPTURES,
         {
@@ -121,10 +129,12 @@ def record_captures(conn: psycopg.Connection, batch: Sequence[CapturedMessage]) 
             "metadata_exp": [m.metadata_expires_at for m in batch],
             "nrcpt": [len(m.recipients) for m in batch],
             "created": [m.created_at for m in batch],
+            "return_path": [m.return_path for m in batch],
             "r_message": [m.id for m, _ in rcpts], "r_org": [m.org_id for m, _ in rcpts],
             "r_rcpt": [r for _, r in rcpts],
             "r_metadata_exp": [m.metadata_expires_at for m, _ in rcpts],
             "r_created": [m.created_at for m, _ in rcpts],
+            "r_notify": notify,
         },
     )
 

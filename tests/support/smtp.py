@@ -71,11 +71,15 @@ class Client:
         return self._expect(line.split(" ", 1)[0], code)
 
     def send(self, mail_from: str, rcpts: list[str], data: bytes,
-             mail_params: str = "") -> Reply:
-        """One transaction; returns the final reply or raises SMTPError."""
+             mail_params: str = "", rcpt_params: dict[str, str] | None = None) -> Reply:
+        """One transaction; returns the final reply or raises SMTPError.
+
+        RCPT_PARAMS: ESMTP parameters per recipient (e.g. "NOTIFY=NEVER").
+        """
         self.command(f"MAIL FROM:<{mail_from}>{' ' + mail_params if mail_params else ''}", 250)
         for rcpt in rcpts:
-            self.command(f"RCPT TO:<{rcpt}>", 250)
+            extra = (rcpt_params or {}).get(rcpt)
+            self.command(f"RCPT TO:<{rcpt}>{' ' + extra if extra else ''}", 250)
         self.command("DATA", 354)
         self.sock.sendall(dot_stuff(data) + b".\r\n")
         return self._expect("end of data", 250)
@@ -99,9 +103,9 @@ class Client:
 
 
 def send(host: str, port: int, mail_from: str, rcpts: list[str], data: bytes,
-         mail_params: str = "") -> Reply:
+         mail_params: str = "", rcpt_params: dict[str, str] | None = None) -> Reply:
     client = Client(host, port)
     try:
-        return client.send(mail_from, rcpts, data, mail_params)
+        return client.send(mail_from, rcpts, data, mail_params, rcpt_params)
     finally:
         client.close()

@@ -1,0 +1,122 @@
+"""The envelope postkeep gives captured mail, so outcomes come back to it.
+
+A captured message leaves with
+- the return path `pk-<message id, 32 hex digits>-<metadata expiry, Unix
+  seconds in hex>@<bounce domain>`, so a DSN or a remote server's late bounce
+  names the message it is about, and the partition its rows are in (the
+  tables are partitioned by metadata expiry: a lookup by id alone would
+  plan over every partition);
+- `RET=HDRS ENVID=<message id>` on MAIL FROM, so Postfix's DSNs carry the id
+  in `Original-Envelope-Id` and only the headers of the message;
+- `NOTIFY=SUCCESS,DELAY,FAILURE` on every recipient, set at SMTP time by the
+  bundle's `smtpd_command_filter` (postfix-conf/command-filter.pcre): a NOTIFY
+  added by a milter is recorded but never yields a success notice
+  (FIELD-NOTES).
+
+The command filter also tells the milter what the client itself asked for,
+in the case of the three keywords it writes: upper case for a keyword the
+client asked for, lower case for one it did not (all lower case: the client
+said NEVER), and the order FAILURE,DELAY,SUCCESS when the client gave no
+NOTIFY at all.  Postfix reads keywords in any case and order, so the
+encoding costs nothing on the wire.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+RETURN_PATH_PREFIX = "pk-"
+_RETURN_PATH = re.compile(r"^pk-([0-9a-f]{32})(?:-([0-9a-f]{1,12}))?@", re.IGNORECASE)
+_KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
+
+
+def return_path(message_id: uuid.UUID, metadata_expires_at: datetime,
+                bounce_domain: str) -> str:
+    """The return path that carries MESSAGE_ID (and its partition) back in bounces."""
+    expiry = int(metadata_expires_at.timestamp())
+    return f"{RETURN_PATH_PREFIX}{message_id.hex}-{expiry:x}@{bounce_domain}"
+
+
+@dataclass(frozen=True)
+class ReturnPath:
+    """What a postkeep return path carries."""
+
+    message_id: uuid.UUID
+    # The message's metadata expiry to the second (floor), if the path has it.
+    expires_at: datetime | None
+
+
+def parse_return_path(address: str) -> ReturnPath | None:
+    """The message id (and expiry) carried by a postkeep return path, or None."""
+    m = _RETURN_PATH.match(address.strip().strip("<>"))
+    if not m:
+        return None
+    expires = None
+    if m.group(2):
+        try:
+            expires = datetime.fromtimestamp(int(m.group(2), 16), UTC)
+        except (OverflowError, ValueError, OSError):
+            expires = None
+    return ReturnPath(uuid.UUID(m.group(1)), expires)
+
+
+def mail_from_params(message_id: uuid.UUID) -> str:
+    """ESMTP parameters of the rewritten MAIL FROM."""
+    return f"RET=HDRS ENVID={message_id}"
+
+
+def client_notify(params: Iterable[str]) -> str | None:
+    """What the client asked for in NOTIFY, from a RCPT's ESMTP parameters.
+
+    Returns None when the client gave no NOTIFY (or nothing is known, as for
+    mail from sendmail without -N), "NEVER", or the keywords asked for in
+    canonical order ("SUCCESS,FAILURE").  A NOTIFY that is not the command
+    filter's encoding is taken as the client's own (filter not installed, or
+    sendmail -N).
+    """
+    value = None
+    for param in params:
+        name, sep, v = param.partition("=")
+        if sep and name.upper() == "NOTIFY":
+            value = v
+    if value is None:
+        return None
+    words = value.split(",")
+    if sorted(w.upper() for w in words) == sorted(_KEYWORDS):
+        if [w.upper() for w in words] == list(reversed(_KEYWORDS)):
+            return None  # the filter's mark for "no NOTIFY given"
+        asked = [w.upper() for w in words if w.isupper()]
+        return ",".join(k for k in _KEYWORDS if k in asked) or "NEVER"
+    upper = {w.upper() for w in words}
+    if upper == {"NEVER"}:
+        return "NEVER"
+    return ",".join(k for k in _KEYWORDS if k in upper) or value.upper()
+
+
+def restored_params(params: Iterable[str]) -> str | None:
+    """ESMTP parameters that give a recipient back the client's own NOTIFY.
+
+    For mail whose outcome postkeep does not track (system mail, mail passed
+    uncaptured): returns the parameters to add the recipient back with (its
+    ORCPT kept, NOTIFY as the client asked, or none), or None when nothing
+    needs changing (the client asked for success notices itself, or the
+    command filter did not touch this recipient).
+    """
+    params = list(params)
+    values = [p.partition("=")[2] for p in params if p.partition("=")[0].upper() == "NOTIFY"]
+    if not values:
+        return None
+    words = values[-1].split(",")
+    if sorted(w.upper() for w in words) != sorted(_KEYWORDS):
+        return None  # not the command filter's encoding: the client's own
+    if words == list(_KEYWORDS):
+        return None  # the client asked for all three itself
+    asked = client_notify(params)
+    kept = [p for p in params if p.partition("=")[0].upper() != "NOTIFY"]
+    if asked is not None:
+        kept.append(f"NOTIFY={asked}")
+    return " ".join(kept)

@@ -1,0 +1,310 @@
+"""Delivery outcomes without Postfix: the envelope encoding, report parsing,
+and recording in real PostgreSQL (duplicates, ordering, unmatched reports)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from support.stack import Stack
+
+from postkeep.envelope import (
+    client_notify,
+    mail_from_params,
+    parse_return_path,
+    restored_params,
+    return_path,
+)
+from postkeep.storage.outcomes import (
+    DUPLICATE,
+    DUPLICATE_UNMATCHED,
+    UNMATCHED,
+    record_batch,
+)
+from postkeep.storage.reports import parse_report, status_of
+
+T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+
+
+# --------------------------------------------------------------- envelope
+
+
+def test_return_path_round_trips_id_and_expiry() -> None:
+    mid = uuid.uuid4()
+    expires = datetime(2027, 2, 23, 10, 0, 0, 123456, tzinfo=UTC)
+    path = return_path(mid, expires, "bounces.example")
+    assert path.startswith(f"pk-{mid.hex}-") and path.endswith("@bounces.example")
+    parsed = parse_return_path(f"<{path.upper()}>")
+    assert parsed is not None and parsed.message_id == mid
+    assert parsed.expires_at == expires.replace(microsecond=0)
+    unlimited = parse_return_path(return_path(mid, datetime(9999, 12, 31, tzinfo=UTC), "b.x"))
+    assert unlimited is not None and unlimited.expires_at == datetime(9999, 12, 31, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("address", [
+    "pk-1234@b.example", "someone@b.example", "", "pk-" + "g" * 32 + "@b.example",
+    "xpk-" + "a" * 32 + "@b.example",
+])
+def test_not_a_return_path(address: str) -> None:
+    assert parse_return_path(address) is None
+
+
+def test_return_path_without_expiry_still_names_the_message() -> None:
+    mid = uuid.uuid4()
+    parsed = parse_return_path(f"pk-{mid.hex}@b.example")
+    assert parsed is not None and parsed.message_id == mid and parsed.expires_at is None
+
+
+def test_mail_from_params() -> None:
+    mid = uuid.uuid4()
+    assert mail_from_params(mid) == f"RET=HDRS ENVID={mid}"
+
+
+@pytest.mark.parametrize(("params", "asked"), [
+    (("NOTIFY=FAILURE,DELAY,SUCCESS",), None),             # the filter's "none given"
+    (("NOTIFY=success,delay,failure",), "NEVER"),
+    (("NOTIFY=SUCCESS,DELAY,FAILURE",), "SUCCESS,DELAY,FAILURE"),
+    (("NOTIFY=success,delay,FAILURE", "ORCPT=rfc822;a@b"), "FAILURE"),
+    (("ORCPT=rfc822;a@b", "NOTIFY=SUCCESS,DELAY,failure"), "SUCCESS,DELAY"),
+    ((), None),                                              # sendmail without -N
+    (("NOTIFY=delay,success",), "SUCCESS,DELAY"),            # no filter: the client's own
+    (("NOTIFY=NEVER",), "NEVER"),
+])
+def test_client_notify_decodes_the_command_filter(params: tuple[str, ...],
+                                                  asked: str | None) -> None:
+    assert client_notify(params) == asked
+
+
+@pytest.mark.parametrize(("params", "restored"), [
+    (("NOTIFY=FAILURE,DELAY,SUCCESS",), ""),                 # none given: re-add bare
+    (("NOTIFY=success,delay,failure",), "NOTIFY=NEVER"),
+    (("NOTIFY=success,delay,FAILURE", "ORCPT=rfc822;a@b"), "ORCPT=rfc822;a@b NOTIFY=FAILURE"),
+    (("NOTIFY=SUCCESS,DELAY,FAILURE",), None),               # asked for all: leave it
+    ((), None),
+    (("NOTIFY=FAILURE",), None),                             # not the filter's: leave it
+])
+def test_untracked_mail_gets_the_clients_notify_back(params: tuple[str, ...],
+                                                     restored: str | None) -> None:
+    assert restored_params(params) == restored
+
+
+# --------------------------------------------------------------- parsing
+
+
+def dsn(mid: uuid.UUID | None, blocks: list[dict[str, str]], *, envid: bool = True,
+        date: str = "Wed, 25 Nov 2026 10:00:00 +0000") -> bytes:
+    """A Postfix-style DSN (multipart/report) for MID with per-recipient BLOCKS."""
+    per_msg = "Reporting-MTA: dns; mta.example\r\nX-Postfix-Queue-ID: 4ABC\r\n"
+    if envid and mid is not None:
+        per_msg += f"Original-Envelope-Id: {mid}\r\n"
+    per_msg += "Arrival-Date: Wed, 25 Nov 2026 09:59:59 +0000\r\n"
+    rcpt = "".join(
+        "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in b.items()) for b in blocks)
+    headers = (f"X-Postkeep-Id: {mid}\r\n" if mid else "") + "Subject: hello\r\n"
+    return (
+        f"From: MAILER-DAEMON@mta.example\r\nDate: {date}\r\n"
+        "Subject: Delivery Status Notification\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nThe mail system\r\n\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"{per_msg}{rcpt}\r\n"
+        f"--B\r\nContent-Type: text/rfc822-headers\r\n\r\n{headers}\r\n--B--\r\n"
+    ).encode()
+
+
+def block(rcpt: str, action: str, status: str, diag: str | None = None,
+          original: str | None = None) -> dict[str, str]:
+    b = {"Final-Recipient": f"rfc822; {rcpt}"}
+    if original:
+        b["Original-Recipient"] = f"rfc822;{original}"
+    b |= {"Action": action, "Status": status, "Remote-MTA": "dns; mx.remote.example"}
+    if diag:
+        b["Diagnostic-Code"] = f"smtp; {diag}"
+    return b
+
+
+@pytest.mark.parametrize(("action", "status", "want"), [
+    ("relayed", "2.0.0", "relayed"), ("delivered", "2.0.0", "delivered"),
+    ("expanded", "2.0.0", "delivered"), ("delayed", "4.4.1", "deferred"),
+    ("failed", "5.1.1", "bounced"), ("failed", "4.4.7", "expired"),
+    ("FAILED", "5.0.0", "bounced"), ("nonsense", "2.0.0", None),
+])
+def test_status_of(action: str, status: str, want: str | None) -> None:
+    assert status_of(action, status) == want
+
+
+def test_postfix_dsn_is_parsed_per_recipient() -> None:
+    mid = uuid.uuid4()
+    raw = dsn(mid, [
+        block("a@x.example", "relayed", "2.0.0", "250 2.0.0 Ok: queued as 123"),
+        block("b@x.example", "failed", "5.1.1 (user unknown)",
+              "550 5.1.1 <b@x.example>: Recipient address\r\n    rejected"),
+        block("c@x.example", "delayed", "4.3.0", "451 4.3.0 try later", original="C@X.example"),
+    ])
+    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    assert (r.kind, r.message_id, r.reason) == ("dsn", mid, None)
+    got = {o.recipient: (o.status, o.dsn_status, o.remote_mta, o.diagnostic, o.original)
+           for o in r.outcomes}
+    assert got == {
+        "a@x.example": ("relayed", "2.0.0", "mx.remote.example", "250 2.0.0 Ok: queued as 123",
+                        None),
+        "b@x.example": ("bounced", "5.1.1", "mx.remote.example",
+                        "550 5.1.1 <b@x.example>: Recipient address rejected", None),
+        "c@x.example": ("deferred", "4.3.0", "mx.remote.example", "451 4.3.0 try later",
+                        "C@X.example"),
+    }
+    assert all(o.event_at == datetime(2026, 11, 25, 10, 0, tzinfo=UTC) for o in r.outcomes)
+    assert r.failure
+
+
+def test_message_found_by_envid_or_returned_headers() -> None:
+    mid = uuid.uuid4()
+    by_envid = parse_report(dsn(mid, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0)
+    assert by_envid.message_id == mid
+    by_header = parse_report(dsn(mid, [block("a@x", "relayed", "2.0.0")], envid=False), "",
+                             ["x@y"], T0)
+    assert by_header.message_id == mid
+    nothing = parse_report(dsn(None, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0)
+    assert nothing.message_id is None and nothing.reason and "message id" in nothing.reason
+
+
+def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
+    mid = uuid.uuid4()
+    raw = (
+        "From: Mail Delivery System <Mailer-Daemon@mx.remote.example>\r\n"
+        "To: pk-x@b.example\r\nSubject: Mail delivery failed: returning message to sender\r\n"
+        "Date: Wed, 25 Nov 2026 11:00:00 +0000\r\n\r\n"
+        "This message was created automatically by mail delivery software.\r\n\r\n"
+        "A message that you sent could not be delivered to one or more of its\r\n"
+        "recipients. This is a permanent error. The following address(es) failed:\r\n\r\n"
+        "  gone@remote.example\r\n    mailbox is full\r\n\r\n"
+        "------ This is a copy of the message, including all the headers. ------\r\n\r\n"
+        f"X-Postkeep-Id: {mid}\r\nSubject: hi\r\n\r\nbody\r\n"
+    ).encode()
+    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    assert (r.kind, r.message_id, r.reason) == ("async_bounce", mid, None)
+    assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
+    assert r.outcomes[0].event_at == datetime(2026, 11, 25, 11, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\x00\xff\xfe garbage", b"Subject: hi\r\n\r\nno bounce here",
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n--x\r\n",
+    b"Content-Type: message/delivery-status\r\n\r\nFinal-Recipient: rfc822;\r\nAction:\r\n",
+    b"From: a\r\n" * 5000,
+    b"Content-Type: multipart/mixed; boundary=\"" + b"a" * 5000 + b"\"\r\n\r\n--a",
+])
+def test_nasty_reports_become_reports_with_a_reason(raw: bytes) -> None:
+    mid = uuid.uuid4()
+    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    assert r.reason, r
+    assert not r.outcomes
+    assert r.size == len(raw)
+
+
+# --------------------------------------------------------------- recording
+
+
+@pytest.fixture
+def conn(stack: Stack) -> Iterator[psycopg.Connection]:
+    with stack.connect() as c:
+        yield c
+
+
+def _message(conn: psycopg.Connection, stack: Stack, rcpts: list[str]) -> tuple[uuid.UUID,
+                                                                                datetime]:
+    """A captured message's rows (as the milter writes them); returns (id, expiry)."""
+    from postkeep.storage.messages import CapturedMessage, record_captures
+
+    org, domain = stack.new_org("basic", dkim=False)
+    mid = uuid.uuid4()
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=90, microseconds=7)
+    record_captures(conn, [CapturedMessage(
+        id=mid, org_id=org, domain=domain, queue_id="Q1", envelope_from=f"a@{domain}",
+        recipients=tuple(rcpts), size=10, sha256=b"\0" * 32, object_key="k",
+        compressed_size=5, created_at=datetime.now(UTC), content_expires_at=expires,
+        metadata_expires_at=expires)])
+    return mid, expires
+
+
+def _statuses(conn: psycopg.Connection, mid: uuid.UUID) -> dict[str, tuple[object, ...]]:
+    rows = conn.execute("SELECT recipient, status, dsn_status, diagnostic FROM"
+                        " message_recipients WHERE message_id = %s", (mid,)).fetchall()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def _rollup(conn: psycopg.Connection, mid: uuid.UUID) -> str:
+    row = conn.execute("SELECT status FROM messages WHERE id = %s", (mid,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection) -> None:
+    mid, expires = _message(conn, stack, ["a@x.example", "B@x.example"])
+    path = return_path(mid, expires, "b.example")
+    first = parse_report(dsn(mid, [block("a@x.example", "relayed", "2.0.0", "250 ok"),
+                                   block("b@x.example", "delayed", "4.2.0", "451 busy")]),
+                         "", [path], T0)
+    assert record_batch(conn, [first]) == [2]
+    assert _statuses(conn, mid) == {"a@x.example": ("relayed", "2.0.0", "250 ok"),
+                                    "B@x.example": ("deferred", "4.2.0", "451 busy")}
+    assert _rollup(conn, mid) == "deferred"
+    # The same bytes again change nothing.
+    assert record_batch(conn, [first]) == [DUPLICATE]
+    later = parse_report(dsn(mid, [block("b@x.example", "failed", "5.1.1", "550 gone")],
+                             date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0)
+    assert record_batch(conn, [later]) == [1]
+    assert _statuses(conn, mid)["B@x.example"] == ("bounced", "5.1.1", "550 gone")
+    assert _rollup(conn, mid) == "partial"
+    events = conn.execute("SELECT recipient, status, applied FROM recipient_events"
+                          " WHERE message_id = %s ORDER BY event_at, recipient",
+                          (mid,)).fetchall()
+    assert events == [("B@x.example", "deferred", True), ("a@x.example", "relayed", True),
+                      ("B@x.example", "bounced", True)]
+
+
+def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Connection) -> None:
+    mid, expires = _message(conn, stack, ["a@x.example"])
+    path = return_path(mid, expires, "b.example")
+    relayed = parse_report(dsn(mid, [block("a@x.example", "relayed", "2.0.0", "250 ok")],
+                               date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0)
+    # An older delay notice arriving late, in the same batch, and after it.
+    delayed = parse_report(dsn(mid, [block("a@x.example", "delayed", "4.2.0", "451 x")],
+                               date="Wed, 25 Nov 2026 10:00:00 +0000"), "", [path], T0)
+    assert record_batch(conn, [relayed, delayed]) == [1, 0]
+    assert _statuses(conn, mid)["a@x.example"][0] == "relayed"
+    assert _rollup(conn, mid) == "relayed"
+    applied = conn.execute("SELECT status, applied FROM recipient_events WHERE message_id = %s"
+                           " ORDER BY event_at", (mid,)).fetchall()
+    assert applied == [("deferred", False), ("relayed", True)]
+
+
+def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
+                                                          conn: psycopg.Connection) -> None:
+    ghost = uuid.uuid4()
+    r = parse_report(dsn(ghost, [block("a@x", "relayed", "2.0.0")]), "",
+                     [return_path(ghost, T0, "b.example")], T0)
+    assert record_batch(conn, [r]) == [UNMATCHED]
+    assert record_batch(conn, [r]) == [DUPLICATE_UNMATCHED]
+    reason = conn.execute("SELECT reason FROM unmatched_reports WHERE sha256 = %s",
+                          (r.sha256,)).fetchone()
+    assert reason is not None and "not found" in reason[0]
+
+    mid, expires = _message(conn, stack, ["a@x.example"])
+    stranger = parse_report(dsn(mid, [block("z@elsewhere", "failed", "5.1.1")]), "",
+                            [return_path(mid, expires, "b.example")], T0)
+    assert record_batch(conn, [stranger]) == [UNMATCHED]
+    assert _statuses(conn, mid)["a@x.example"][0] == "queued"
+    row = conn.execute("SELECT reason FROM unmatched_reports WHERE sha256 = %s",
+                       (stranger.sha256,)).fetchone()
+    assert row is not None and "z@elsewhere" in row[0]
+
+
+def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Connection) -> None:
+    r = parse_report(b"\x00garbage " + uuid.uuid4().bytes, "", ["nobody@b.example"], T0)
+    assert record_batch(conn, [r]) == [UNMATCHED]
+    kind = conn.execute("SELECT kind FROM reports WHERE sha256 = %s", (r.sha256,)).fetchone()
+    assert kind is not None and kind[0] in ("async_bounce", "unparsable")

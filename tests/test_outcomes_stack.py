@@ -1,0 +1,416 @@
+"""Delivery outcomes through the real stack: Postfix delivers to a fake remote
+MX that answers per recipient, its DSNs come back to postkeep-storage over
+LMTP, and PostgreSQL ends up with each recipient's true status, DSN code and
+the remote server's own reply.
+
+Postfix's retry and lifetime settings are shortened for this module (and put
+back afterwards) so that deferred -> expired happens in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import smtp
+from support.stack import Stack
+
+from postkeep.envelope import return_path
+
+# Postfix settings for this module: retry every few seconds, give up after 25.
+FAST_QUEUE = {
+    "maximal_queue_lifetime": "25s",
+    "bounce_queue_lifetime": "25s",
+    "minimal_backoff_time": "2s",
+    "maximal_backoff_time": "4s",
+    "queue_run_delay": "2s",
+}
+
+
+@dataclass
+class FakeMX:
+    """A remote MX on loopback that answers by the recipient's local part.
+
+    ok-*: 250; retry-*: 451 on the first attempt, then 250; unknown-*: 550
+    5.1.1; full-*: 552 5.2.2; defer-*: always 451; later-*: 250, then an
+    asynchronous (Exim-style, non-DSN) bounce to the return path.
+    """
+
+    postfix: tuple[str, int]
+    attempts: dict[str, int] = field(default_factory=dict)
+    accepted: list[tuple[str, list[str]]] = field(default_factory=list)
+    queue_ids: int = 0
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        local = address.split("@")[0].lower()
+        n = self.attempts[address] = self.attempts.get(address, 0) + 1
+        if local.startswith("unknown-"):
+            return f"550 5.1.1 <{address}>: user unknown here"
+        if local.startswith("full-"):
+            return f"552 5.2.2 <{address}>: mailbox full"
+        if local.startswith("defer-") or (local.startswith("retry-") and n == 1):
+            return f"451 4.3.0 <{address}>: greylisted, try again (attempt {n})"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.queue_ids += 1
+        qid = f"FAKE{self.queue_ids:04d}"
+        self.accepted.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        late = [r for r in envelope.rcpt_tos if r.split("@")[0].lower().startswith("later-")]
+        if late:
+            threading.Thread(target=self._bounce_later,
+                             args=(envelope.mail_from, late, envelope.original_content),
+                             daemon=True).start()
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _bounce_later(self, return_path: str, rcpts: list[str], original: bytes) -> None:
+        time.sleep(1)
+        failed = "".join(f"  {r}\r\n    mailbox unavailable\r\n" for r in rcpts)
+        body = (
+            "From: Mail Delivery System <Mailer-Daemon@mx.test>\r\n"
+            f"To: {return_path}\r\n"
+            "Subject: Mail delivery failed: returning message to sender\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@mx.test>\r\n\r\n"
+            "This message was created automatically by mail delivery software.\r\n\r\n"
+            "A message that you sent could not be delivered to one or more of its\r\n"
+            "recipients. This is a permanent error. The following address(es) failed:\r\n\r\n"
+            f"{failed}\r\n"
+            "------ This is a copy of the message, including all the headers. ------\r\n\r\n"
+        ).encode() + original
+        smtp.send(*self.postfix, "", [return_path], body)
+
+
+@pytest.fixture(scope="module")
+def fast_queue(stack: Stack) -> Iterator[None]:
+    pfdir = stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"]
+    names = list(FAST_QUEUE)
+    before = subprocess.run(["postconf", "-c", pfdir, "-h", *names], check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    subprocess.run(["postconf", "-c", pfdir, "-e",
+                    *(f"{k} = {v}" for k, v in FAST_QUEUE.items())], check=True)
+    subprocess.run(["postfix", "-c", pfdir, "reload"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["postconf", "-c", pfdir, "-e",
+                        *(f"{k} = {v}" for k, v in zip(names, before, strict=False))],
+                       check=True)
+        subprocess.run(["postfix", "-c", pfdir, "reload"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def fake_mx(stack: Stack, fast_queue: None) -> Iterator[FakeMX]:
+    from aiosmtpd.smtp import SMTP
+
+    mx = FakeMX(stack.smtp)
+    loop = asyncio.new_event_loop()
+    port = int(stack.env["POSTKEEP_FAKE_MX_PORT"])
+    server = loop.run_until_complete(loop.create_server(
+        lambda: SMTP(mx, hostname="mx.test", ident="fake-mx"), "127.0.0.1", port))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield mx
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def _message(domain: str, token: str) -> bytes:
+    return (f"From: app@{domain}\r\nTo: customers@{domain}\r\nSubject: outcomes {token}\r\n"
+            f"Message-ID: <{token}@{domain}>\r\nX-Test-Token: {token}\r\n\r\n"
+            "Hello, this is a tracked message.\r\n").encode()
+
+
+def _message_id(stack: Stack, queue_id: str) -> uuid.UUID:
+    with stack.connect() as conn:
+        row = conn.execute("SELECT id FROM messages WHERE queue_id = %s", (queue_id,)).fetchone()
+    assert row, f"no messages row for queue id {queue_id}"
+    return uuid.UUID(str(row[0]))
+
+
+def _recipients(stack: Stack, mid: uuid.UUID) -> dict[str, dict[str, Any]]:
+    with stack.connect() as conn:
+        cur = conn.execute(
+            "SELECT recipient, status, dsn_status, remote_mta, diagnostic, notify"
+            " FROM message_recipients WHERE message_id = %s", (mid,))
+        cols = [c.name for c in cur.description or []]
+        return {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
+
+
+def _history(stack: Stack, mid: uuid.UUID, rcpt: str) -> list[tuple[str, str | None, bool]]:
+    with stack.connect() as conn:
+        return [(str(s), d, bool(a)) for s, d, a in conn.execute(
+            "SELECT status, dsn_status, applied FROM recipient_events"
+            " WHERE message_id = %s AND recipient = %s ORDER BY event_at, recorded_at",
+            (mid, rcpt)).fetchall()]
+
+
+def _wait_for(stack: Stack, mid: uuid.UUID, want: dict[str, str],
+              timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _recipients(stack, mid)
+        if {r: rows.get(r, {}).get("status") for r in want} == want:
+            return rows
+        if time.monotonic() > deadline:
+            got = {r: rows.get(r, {}).get("status") for r in want}
+            raise AssertionError(f"statuses after {timeout:.0f}s: {got}, want {want}")
+        time.sleep(0.5)
+
+
+def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeMX) -> None:
+    _, domain = stack.new_org("pro")
+    token = uuid.uuid4().hex[:10]
+    rcpts = {
+        "ok": f"ok-{token}@mx.test", "retry": f"retry-{token}@mx.test",
+        "unknown": f"unknown-{token}@mx.test", "full": f"full-{token}@mx.test",
+        "defer": f"defer-{token}@mx.test", "later": f"later-{token}@mx.test",
+        "sink": f"s-{token}@sink.test",
+    }
+    reply = smtp.send(*stack.smtp, f"app@{domain}", list(rcpts.values()),
+                      _message(domain, token))
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+
+    final = {
+        rcpts["ok"]: "relayed", rcpts["retry"]: "relayed", rcpts["unknown"]: "bounced",
+        rcpts["full"]: "bounced", rcpts["defer"]: "expired", rcpts["later"]: "bounced",
+        rcpts["sink"]: "relayed",
+    }
+    rows = _wait_for(stack, mid, final, timeout=90)
+
+    ok = rows[rcpts["ok"]]
+    assert ok["dsn_status"] == "2.0.0" and ok["remote_mta"] == "127.0.0.1"
+    assert re.fullmatch(r"250 2\.0\.0 Ok: queued as FAKE\d{4}", ok["diagnostic"])
+    unknown = rows[rcpts["unknown"]]
+    assert unknown["dsn_status"] == "5.1.1"
+    assert unknown["diagnostic"] == f"550 5.1.1 <{rcpts['unknown']}>: user unknown here"
+    full = rows[rcpts["full"]]
+    assert full["dsn_status"] == "5.2.2"
+    assert full["diagnostic"] == f"552 5.2.2 <{rcpts['full']}>: mailbox full"
+    defer = rows[rcpts["defer"]]
+    assert defer["dsn_status"] is not None and defer["dsn_status"].startswith("4.")
+    assert "451 4.3.0" in defer["diagnostic"] and "greylisted" in defer["diagnostic"]
+    later = rows[rcpts["later"]]
+    assert later["diagnostic"].startswith("asynchronous bounce")
+
+    # The histories: retry was deferred first, defer was deferred then
+    # expired, later was relayed then bounced by the remote server.
+    retry = _history(stack, mid, rcpts["retry"])
+    assert retry[0][:2] == ("deferred", "4.3.0") and retry[-1][0] == "relayed"
+    assert [s for s, _, _ in _history(stack, mid, rcpts["defer"])][-1] == "expired"
+    assert "deferred" in [s for s, _, _ in _history(stack, mid, rcpts["defer"])]
+    assert [s for s, _, _ in _history(stack, mid, rcpts["later"])] == ["relayed", "bounced"]
+    assert fake_mx.attempts[rcpts["retry"]] >= 2
+
+    with stack.connect() as conn:
+        row = conn.execute("SELECT status, return_path FROM messages WHERE id = %s",
+                           (mid,)).fetchone()
+    assert row is not None
+    assert row[0] == "partial"
+    assert row[1].startswith(f"pk-{mid.hex}-") and row[1].endswith("@bounces.postkeep.test")
+    # The remote server saw the rewritten return path, not the client's sender.
+    assert any(frm == row[1] for frm, _ in fake_mx.accepted)
+
+
+def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
+                                                            fake_mx: FakeMX) -> None:
+    from support.stack import strip_received
+
+    from postkeep.storage.content import restore
+
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [f"r-{token}@sink.test"],
+                      _message(domain, token))
+    assert reply.queue_id
+    delivered = stack.sink_copy(token)
+    mid = _message_id(stack, reply.queue_id)
+    with stack.connect() as conn:
+        key = conn.execute("SELECT object_key FROM messages WHERE id = %s", (mid,)).fetchone()
+    assert key is not None
+    assert restore([stack.stored(str(key[0]))]) == strip_received(delivered)
+    meta = json.loads(_sink_json(stack, token).read_text())
+    assert meta["mail_from"].startswith(f"pk-{mid.hex}-")
+
+
+def _sink_json(stack: Stack, token: str) -> Path:
+    for eml in sorted(stack.sink_dir.glob("*.eml")):
+        if f"X-Test-Token: {token}\r\n".encode() in eml.read_bytes():
+            return eml.with_suffix(".json")
+    raise AssertionError(f"no sink copy for {token}")
+
+
+def test_clients_notify_is_kept_and_untracked_mail_sends_no_success_notice(
+        stack: Stack, fake_mx: FakeMX) -> None:
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    never, failure, none = (f"{k}-{token}@sink.test" for k in ("never", "failure", "none"))
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [never, failure, none],
+                      _message(domain, token),
+                      rcpt_params={never: "NOTIFY=NEVER", failure: "NOTIFY=FAILURE"})
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+    rows = _wait_for(stack, mid, {never: "relayed", failure: "relayed", none: "relayed"}, 30)
+    assert (rows[never]["notify"], rows[failure]["notify"], rows[none]["notify"]) == (
+        "NEVER", "FAILURE", None)
+
+    # System mail is not tracked: its recipients get the client's own NOTIFY
+    # back, so the system sender gets no success notice.
+    sys_token = uuid.uuid4().hex[:10]
+    client = smtp.Client(*stack.smtp)
+    try:
+        client.xclient("192.0.2.10")
+        sys_reply = client.send("noreply@system.postkeep.test", [f"u-{sys_token}@sink.test"],
+                                _message("system.postkeep.test", sys_token))
+    finally:
+        client.close()
+    stack.sink_copy(sys_token)
+    log = Path(stack.env["POSTKEEP_POSTFIX_LOG"])
+    deadline = time.monotonic() + 5
+    tracked_notice = f"{reply.queue_id}: sender delivery status notification"
+    system_notice = f"{sys_reply.queue_id}: sender delivery status notification"
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        assert system_notice not in text
+        time.sleep(0.5)
+    assert tracked_notice in log.read_text(errors="replace")  # the control
+
+
+def test_failure_notices_are_forwarded_when_the_org_asks(stack: Stack, fake_mx: FakeMX) -> None:
+    org, domain = stack.new_org("basic")
+    with stack.connect() as conn:
+        conn.execute("UPDATE organisations SET forward_failures = true WHERE id = %s", (org,))
+    token = uuid.uuid4().hex[:10]
+    sender = f"ops-{token}@{domain}"
+    reply = smtp.send(*stack.smtp, sender, [f"unknown-{token}@mx.test"],
+                      _message(domain, token))
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+    _wait_for(stack, mid, {f"unknown-{token}@mx.test": "bounced"}, 30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for meta_path in stack.sink_dir.glob("*.json"):
+            meta = json.loads(meta_path.read_text())
+            if meta.get("rcpt_tos") == [sender]:
+                body = meta_path.with_suffix(".eml").read_bytes()
+                assert meta["mail_from"] == ""
+                assert f"unknown-{token}@mx.test".encode() in body
+                assert b"delivery-status" in body
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no forwarded failure notice reached {sender}")
+
+
+# --------------------------------------------------------------- the LMTP port
+
+
+def _lmtp(stack: Stack) -> smtp.Client:
+    client = smtp.Client("127.0.0.1", int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"]))
+    client.command("LHLO test.example", 250)
+    return client
+
+
+def _report(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str) -> bytes:
+    return (
+        "From: MAILER-DAEMON@test.example\r\nSubject: report\r\n"
+        "Date: Wed, 25 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; test.example\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diag}\r\n\r\n--b--\r\n"
+    ).encode()
+
+
+def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    rcpt = f"d-{token}@sink.test"
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+    _wait_for(stack, mid, {rcpt: "relayed"}, 30)
+    with stack.connect() as conn:
+        row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
+    assert row is not None
+    path = str(row[0])
+
+    bounce = _report(mid, rcpt, "failed", "5.7.1", "550 5.7.1 rejected after all")
+    client = _lmtp(stack)
+    try:
+        # Garbage first: the daemon answers and carries on.
+        client.sock.sendall(b"\x00\xff\xfe\r\n")
+        assert client._read().code >= 500
+        client.sock.sendall(b"X" * 10000 + b"\r\n")
+        assert client._read().code >= 500
+        client.command("RCPT TO:<nobody@x>", 503)
+        # A real report, twice: recorded, then a duplicate that changes nothing.
+        first = client.send("", [path], bounce)
+        second = client.send("", [path], bounce)
+        # A report for a message that does not exist, to two return paths:
+        # kept as unmatched, one reply per recipient (LMTP).
+        ghost = uuid.uuid4()
+        ghost_path = return_path(ghost, datetime.now(UTC) + timedelta(days=30), "b.test")
+        client.command("MAIL FROM:<>", 250)
+        client.command(f"RCPT TO:<{ghost_path}>", 250)
+        client.command(f"RCPT TO:<{ghost_path.replace('@b.test', '@c.test')}>", 250)
+        client.command("DATA", 354)
+        client.sock.sendall(smtp.dot_stuff(_report(ghost, "a@x", "relayed", "2.0.0", "250"))
+                            + b".\r\n")
+        unmatched = [client._read(), client._read()]
+    finally:
+        client.close()
+    assert first.code == 250 and "recorded" in first.text
+    assert second.code == 250 and "already recorded" in second.text
+    assert [r.code for r in unmatched] == [250, 250]
+    assert all("unmatched" in r.text for r in unmatched)
+
+    rows = _recipients(stack, mid)
+    assert rows[rcpt]["status"] == "bounced" and rows[rcpt]["dsn_status"] == "5.7.1"
+    assert [s for s, _, _ in _history(stack, mid, rcpt)] == ["relayed", "bounced"]
+    with stack.connect() as conn:
+        kept = conn.execute(
+            "SELECT u.reason, r.object_key FROM unmatched_reports u JOIN reports r USING (sha256)"
+            " WHERE u.envelope_to LIKE %s", (f"%{ghost.hex}%",)).fetchone()
+    assert kept is not None and "not found" in kept[0]
+    from postkeep.storage.content import restore
+
+    assert b"Original-Envelope-Id: " + str(ghost).encode() in restore(
+        [stack.stored(str(kept[1]))])
+
+
+def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> None:
+    limit = stack.config.storage.max_report_bytes
+    client = _lmtp(stack)
+    try:
+        client.command("MAIL FROM:<>", 250)
+        client.command(f"RCPT TO:<{return_path(uuid.uuid4(), datetime.now(UTC), 'b.t')}>", 250)
+        client.command("DATA", 354)
+        line = b"x" * 998 + b"\r\n"
+        for _ in range(limit // len(line) + 2):
+            client.sock.sendall(line)
+        client.sock.sendall(b".\r\n")
+        assert client._read().code == 552
+    finally:
+        client.close()
+    with socket.create_connection(("127.0.0.1",
+                                   int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"])), 5) as s:
+        assert s.recv(100).startswith(b"220")
