@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
     "Messages by outcome: captured, system (signed, not stored), passed (uncaptured),"
-    " refused (5xx), tempfailed (4xx).",
+    " refused (5xx), tempfailed (4xx), report (a bounce to a postkeep return path).",
     ["outcome"],
 )
 RECEIVED_BYTES = Counter(

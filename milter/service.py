@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postkeep.config import DkimConfig, MilterConfig
-from postkeep.envelope import client_notify, mail_from_params, restored_params, return_path
+from postkeep.envelope import (
+    client_notify,
+    mail_from_params,
+    parse_return_path,
+    restored_params,
+    return_path,
+)
 from postkeep.ids import uuid7
 from postkeep.milter import metrics
 from postkeep.milter.capture import MessageCapture
@@ -188,6 +194,13 @@ class CaptureService:
         return verdict
 
     def _finish(self, tx: Transaction, queue_id: str) -> Verdict:
+        if tx.recipients and all(parse_return_path(r) for r in tx.recipients):
+            # A remote server's late bounce to one of our return paths: not
+            # customer mail; postkeep-storage records it (transport_maps).
+            metrics.MESSAGES.labels("report").inc()
+            log.info("report for postkeep-storage queue_id=%s from=<%s> to=<%s>", queue_id,
+                     tx.envelope_from, ">,<".join(tx.recipients))
+            return Verdict(None)
         trusted = is_trusted(tx.auth_user, tx.client_addr, tx.local, self.networks)
         tx.from_address = header_from_address(tx.header_from)
         from_domain = address_domain(tx.from_address)

@@ -43,11 +43,13 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 class Client:
-    def __init__(self, host: str, port: int, timeout: float = 60.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 60.0,
+                 greeting: str = "EHLO") -> None:
+        """Connect and greet (EHLO; LHLO for an LMTP server)."""
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.file = self.sock.makefile("rb")
         self._expect("banner", 220)
-        self.command("EHLO test.example", 250)
+        self.command(f"{greeting} test.example", 250)
 
     def _read(self) -> Reply:
         lines = []
