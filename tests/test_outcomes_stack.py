@@ -234,7 +234,6 @@ def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
                                                             fake_mx: FakeMX) -> None:
     from support.stack import strip_received
 
-    from postkeep.storage.content import restore
 
     _, domain = stack.new_org("basic")
     token = uuid.uuid4().hex[:10]
@@ -416,3 +415,61 @@ def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> Non
     with socket.create_connection(("127.0.0.1",
                                    int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"])), 5) as s:
         assert s.recv(100).startswith(b"220")
+
+
+def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: FakeMX) -> None:
+    """Mail from sendmail(1) bypasses smtpd's command filter: with
+    `-N success,delay,failure` its outcome is tracked like SMTP mail; without
+    it Postfix's default (failure, delay) still reports bounces, never success."""
+    _, domain = stack.new_org("basic")
+    pfdir = stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"]
+    ids = {}
+    for case, notify in (("full", ["-N", "success,delay,failure"]), ("bare", [])):
+        token = uuid.uuid4().hex[:10]
+        sender = f"{case}-{token}@{domain}"
+        rcpts = [f"ok-{token}@mx.test", f"unknown-{token}@mx.test"]
+        data = (f"From: {sender}\nTo: x@mx.test\nSubject: sendmail {case}\n"
+                f"X-Test-Token: {token}\n\nbody\n").encode()
+        subprocess.run(["/usr/sbin/sendmail", "-C", pfdir, "-f", sender, *notify, "-i", *rcpts],
+                       input=data, check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            with stack.connect() as conn:
+                row = conn.execute("SELECT id FROM messages WHERE envelope_from = %s",
+                                   (sender,)).fetchone()
+            if row or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert row, f"sendmail message from {sender} was not captured"
+        ids[case] = (uuid.UUID(str(row[0])), rcpts)
+    full_id, (ok, unknown) = ids["full"]
+    rows = _wait_for(stack, full_id, {ok: "relayed", unknown: "bounced"}, 30)
+    # The milter is not shown a sendmail recipient's NOTIFY: not recorded.
+    assert rows[ok]["notify"] is None
+    bare_id, (ok, unknown) = ids["bare"]
+    rows = _wait_for(stack, bare_id, {unknown: "bounced"}, 30)
+    assert rows[ok]["status"] == "queued" and rows[ok]["notify"] is None
+
+
+def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: FakeMX) -> None:
+    import urllib.request
+
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [f"ok-{token}@mx.test"],
+                      _message(domain, token))
+    _wait_for(stack, _message_id(stack, reply.queue_id or ""), {f"ok-{token}@mx.test":
+                                                                 "relayed"}, 30)
+    with urllib.request.urlopen(stack.env["POSTKEEP_STORAGE_METRICS"], timeout=5) as resp:
+        text = resp.read().decode()
+
+    def value(sample: str) -> float:
+        m = re.search(r"^" + re.escape(sample) + r" (\S+)$", text, re.MULTILINE)
+        assert m, f"{sample} missing from /metrics"
+        return float(m.group(1))
+
+    assert value('postkeep_storage_reports_total{kind="dsn"}') >= 1
+    assert value('postkeep_storage_statuses_total{status="relayed"}') >= 1
+    assert value("postkeep_storage_outcome_lag_seconds_count") >= 1
+    assert value("postkeep_storage_batch_reports_count") >= 1
+    assert "postkeep_storage_unmatched_reports_total" in text
