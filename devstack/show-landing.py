@@ -126,14 +126,15 @@ def main() -> None:
     row = f"(select * from messages where message_id_header = '{mid}')"
     print("\n-- PostgreSQL: messages row")
     print(psql(f"select * from {row} m", "-x"), end="")
-    print("-- PostgreSQL: message_recipients rows")
-    print(
-        psql(
-            f"select r.recipient, r.status, r.dsn_status from message_recipients r"
-            f" join {row} m on m.id = r.message_id order by 1"
-        ),
-        end="",
-    )
+    # Postfix's success notice reaches postkeep-storage within a second or so.
+    query = (f"select r.recipient, r.status, r.dsn_status, r.diagnostic from message_recipients r"
+             f" join {row} m on m.id = r.message_id order by 1")
+    for _ in range(50):
+        if "queued" not in psql(query):
+            break
+        time.sleep(0.2)
+    print("-- PostgreSQL: message_recipients rows (outcome: Postfix DSN via postkeep-storage)")
+    print(psql(query), end="")
     print(f"-- object store (bucket {env('POSTKEEP_S3_BUCKET')} at {env('POSTKEEP_S3_ENDPOINT')})")
     exe = shutil.which("psql") or "/usr/bin/psql"
     found = subprocess.run(

@@ -473,3 +473,75 @@ def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: F
     assert value("postkeep_storage_outcome_lag_seconds_count") >= 1
     assert value("postkeep_storage_batch_reports_count") >= 1
     assert "postkeep_storage_unmatched_reports_total" in text
+
+
+def _flush(stack: Stack) -> None:
+    subprocess.run(["postqueue", "-c", stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-f"],
+                   check=True, timeout=30)
+
+
+def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
+                                                            fake_mx: FakeMX) -> None:
+    """postkeep-storage stopped for real: Postfix keeps the notices queued and
+    delivers them once it is back; nothing is lost."""
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    ok, gone = f"ok-{token}@mx.test", f"unknown-{token}@mx.test"
+    stack.stack_ctl("stop", "storage")
+    try:
+        reply = smtp.send(*stack.smtp, f"app@{domain}", [ok, gone], _message(domain, token))
+        assert reply.queue_id
+        mid = _message_id(stack, reply.queue_id)
+        log = Path(stack.env["POSTKEEP_POSTFIX_LOG"])
+        deadline = time.monotonic() + 30
+        while "pk-" + mid.hex not in "".join(
+                line for line in log.read_text(errors="replace").splitlines()
+                if "status=deferred" in line):
+            assert time.monotonic() < deadline, "no deferred LMTP delivery of the notice"
+            time.sleep(0.5)
+        assert {r["status"] for r in _recipients(stack, mid).values()} == {"queued"}
+    finally:
+        stack.stack_ctl("start", "storage")
+    _flush(stack)
+    _wait_for(stack, mid, {ok: "relayed", gone: "bounced"}, 30)
+
+
+def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
+    """PostgreSQL stopped for real: the report gets 451 4.3.0 naming postgres
+    (Postfix would retry); once it is back the same report is recorded."""
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex[:10]
+    rcpt = f"pg-{token}@sink.test"
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+    _wait_for(stack, mid, {rcpt: "relayed"}, 30)
+    with stack.connect() as conn:
+        row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
+    assert row is not None
+    report = _report(mid, rcpt, "failed", "5.2.1", "550 5.2.1 mailbox disabled later")
+    stack.stack_ctl("stop", "postgres")
+    try:
+        client = _lmtp(stack)
+        try:
+            with pytest.raises(smtp.SMTPError) as err:
+                client.send("", [str(row[0])], report)
+        finally:
+            client.close()
+        assert err.value.reply.code == 451
+        assert "4.3.0" in err.value.reply.text and "postgres" in err.value.reply.text
+    finally:
+        stack.stack_ctl("start", "postgres")
+    deadline = time.monotonic() + 30
+    while True:
+        client = _lmtp(stack)
+        try:
+            again = client.send("", [str(row[0])], report)
+            break
+        except smtp.SMTPError as exc:
+            assert exc.reply.code == 451 and time.monotonic() < deadline, exc.reply
+            time.sleep(1)
+        finally:
+            client.close()
+    assert again.code == 250 and "recorded" in again.text
+    assert _recipients(stack, mid)[rcpt]["status"] == "bounced"
