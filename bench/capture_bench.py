@@ -9,6 +9,16 @@ alike, and reports medians and paired ratios rather than single runs:
   B  Postfix + OpenDKIM      RSA-2048 relaxed/relaxed signing (the usual peer)
   C  Postfix + postkeep      the stack's postkeep-milter, capturing
   D  Postfix + null milter   a do-nothing pymilter (floor for a Python milter)
+  E  Postfix + postkeep      capturing only (a domain with no DKIM key)
+  T  E + outcome tracking    the bundle's smtpd_command_filter on (NOTIFY forced):
+                             a success DSN per message back to postkeep-storage
+
+Only T runs with the command filter; every other configuration runs without
+it, so no DSN traffic.  T's run ends when smtp-sink has all N messages AND
+all N recipients' outcomes are recorded in PostgreSQL; its lag is measured
+per recipient from the message's acceptance (messages.accepted_at) to the
+outcome row (recipient_events.recorded_at), and from postkeep-storage's own
+histogram (the DSN's Date, one-second resolution, to the row).
 
 Throughput is end to end: from smtp-source's start until smtp-sink (the relay
 target) has counted all N messages.  The queue is drained before every run.
@@ -41,6 +51,7 @@ SIZES = {"5 KB": 5 * 1024, "100 KB": 100 * 1024}
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 RUN_TIMEOUT = 300.0
 EOM_METRIC = "postkeep_milter_eom_duration_seconds"
+LAG_METRIC = "postkeep_storage_outcome_lag_seconds"
 
 
 def log(msg: str) -> None:
@@ -131,11 +142,11 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def eom_buckets(metrics: dict[str, float]) -> list[tuple[float, float]]:
-    """[(upper bound, cumulative count)] of the end-of-message histogram."""
+def eom_buckets(metrics: dict[str, float], metric: str = EOM_METRIC) -> list[tuple[float, float]]:
+    """[(upper bound, cumulative count)] of a histogram (the end-of-message one)."""
     buckets = []
     for key, value in metrics.items():
-        m = re.fullmatch(EOM_METRIC + r'_bucket\{le="([^"]+)"\}', key)
+        m = re.fullmatch(metric + r'_bucket\{le="([^"]+)"\}', key)
         if m:
             buckets.append((float(m.group(1)), value))
     return sorted(buckets)
@@ -174,6 +185,10 @@ class Run:
     p99: float | None = None
     captured: int | None = None
     signed: int | None = None  # DKIM signatures the milter made during the run
+    # T: seconds from acceptance to the outcome row (p50, p99), and from the
+    # DSN's Date to the row (postkeep-storage's histogram)
+    lag: tuple[float, float] | None = None
+    dsn_lag: tuple[float, float] | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # machine, minio, postgres
 
 
@@ -188,6 +203,7 @@ class Bench:
     milters: dict[str, str]
     minio_pid: int
     postgres_pid: int
+    command_filter: str = ""  # the bundle's smtpd_command_filter (T only)
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -208,8 +224,42 @@ class Bench:
 
     def use(self, config: str) -> None:
         milter = self.milters[config]
-        self.postconf(f"smtpd_milters = {milter}", f"non_smtpd_milters = {milter}")
+        command_filter = self.command_filter if config == "T" else ""
+        # A reload while notices are still being delivered leaves their queue
+        # files to a qmgr that skips them ("still being delivered").
+        self.drain()
+        self.postconf(f"smtpd_milters = {milter}", f"non_smtpd_milters = {milter}",
+                      f"smtpd_command_filter = {command_filter}")
         self.reload()
+
+    def outcomes_since(self, since: float) -> int:
+        """Recipients of capture.example mail accepted since SINCE with an outcome."""
+        import psycopg
+
+        with psycopg.connect(autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM message_recipients r JOIN messages m"
+                " ON m.id = r.message_id AND m.metadata_expires_at = r.metadata_expires_at"
+                " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
+                " AND r.status <> 'queued'", (since, "sender@capture.example")).fetchone()
+        return int(row[0]) if row else 0
+
+    def lag_since(self, since: float) -> tuple[float, float]:
+        """(p50, p99) seconds from acceptance to the recorded outcome."""
+        import psycopg
+
+        with psycopg.connect(autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),"
+                " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FROM ("
+                " SELECT extract(epoch FROM min(e.recorded_at) - m.accepted_at) AS lag"
+                " FROM recipient_events e JOIN messages m ON m.id = e.message_id"
+                " AND m.metadata_expires_at = e.metadata_expires_at"
+                " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
+                " GROUP BY e.message_id, e.recipient, m.accepted_at) x",
+                (since, "sender@capture.example")).fetchone()
+        assert row is not None
+        return float(row[0]), float(row[1])
 
     def queued(self) -> int:
         spool = Path(subprocess.run(["postconf", "-c", self.pfdir, "-h", "queue_directory"],
@@ -280,17 +330,34 @@ class Bench:
         size = SIZES[size_name]
         self.drain()
         pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid,
-               "E": self.milter_pid}.get(config)
+               "E": self.milter_pid, "T": self.milter_pid}.get(config)
         metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
-        capturing = config in ("C", "E")
+        capturing = config in ("C", "E", "T")
         before = scrape(metrics_url) if capturing else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
         comp0 = self.component_cpu()
-        # E: the same milter, a sender domain of an organisation with no DKIM
-        # key and the 'unsigned' policy: capture alone, no signing.
-        sender = "sender@capture.example" if config == "E" else "sender@bench.example"
+        # E, T: the same milter, a sender domain of an organisation with no
+        # DKIM key and the 'unsigned' policy: capture alone, no signing.
+        sender = "sender@capture.example" if config in "ET" else "sender@bench.example"
+        storage_url = self.env.get("POSTKEEP_STORAGE_METRICS", "")
+        lag_before = scrape(storage_url) if config == "T" else {}
+        since = time.time() - 0.5
+        t0 = time.monotonic()
         seconds = self.send(n, size, sender=sender)
+        if config == "T":  # done when every outcome is recorded too
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while self.outcomes_since(since) < n:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"bench: T: {self.outcomes_since(since)} of {n} "
+                                     "outcomes recorded")
+                time.sleep(0.05)
+            seconds = time.monotonic() - t0
         run = Run(config, size_name, rep, n, seconds, n / seconds)
+        if config == "T":
+            run.lag = self.lag_since(since)
+            b = eom_buckets(lag_before, LAG_METRIC)
+            a = eom_buckets(scrape(storage_url), LAG_METRIC)
+            run.dsn_lag = (histogram_quantile(0.50, b, a), histogram_quantile(0.99, b, a))
         run.cpu = {k: v - comp0[k] for k, v in self.component_cpu().items()}
         if pid:
             run.milter_cpu = cpu_seconds(pid) - cpu0
@@ -306,7 +373,7 @@ class Bench:
             if run.captured != n:
                 raise SystemExit(f"bench: {config} delivered {n} but the milter captured "
                                  f"{run.captured}: is {sender} an organisation's domain?")
-            if config == "E" and run.signed:
+            if config in "ET" and run.signed:
                 raise SystemExit(f"bench: E (capture only) made {run.signed} signatures")
         self.runs.append(run)
         extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
@@ -314,6 +381,8 @@ class Bench:
             extra += f" signed {run.signed}"
         if run.p50 is not None and run.p99 is not None:
             extra += f" eom p50 {run.p50 * 1000:.1f}ms p99 {run.p99 * 1000:.1f}ms"
+        if run.lag is not None:
+            extra += f" outcome lag p50 {run.lag[0]:.2f}s p99 {run.lag[1]:.2f}s"
         log(f"{config} {size_name:>6} rep {rep}: {n} msgs in {seconds:.2f}s = "
             f"{run.rate:.0f} msg/s{extra}")
         return run
@@ -362,7 +431,8 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
            started: float, header: str, profile: list[str]) -> str:
     names = {"A": "A bare Postfix", "B": "B + OpenDKIM (RSA-2048)",
              "C": "C + postkeep-milter (capture + sign)", "D": "D + null pymilter",
-             "E": "E + postkeep-milter (capture only)"}
+             "E": "E + postkeep-milter (capture only)",
+             "T": "T = E + outcome tracking (DSNs to postkeep-storage)"}
     lines = [header, ""]
     lines += ["## Throughput (messages/s end to end, 20 smtp-source sessions)", "",
               "| size | configuration | median | min | max | reps | N |",
@@ -392,6 +462,28 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
         verdict = "-" if cb is None else ("met" if cb >= 1.0 else "NOT met") + (
             "" if eb is None else " / " + ("met" if eb >= 1.0 else "NOT met"))
         lines.append(f"| {size} | {' | '.join(show)} | {verdict} |")
+    if "T" in configs:
+        lines += ["", "## Outcome tracking: T (capture + DSNs) against E (capture only)", "",
+                  "T's run ends when every outcome is recorded. Throughput cost = 1 - T/E "
+                  "(median of the paired ratio within each rep; target at most 15%). Lag: "
+                  "acceptance to outcome row (per recipient, over all runs' medians), and "
+                  "the DSN's Date (1 s resolution) to the row from postkeep-storage's "
+                  "histogram (target p99 under 2 s).", "",
+                  "| size | T/E | cost | accepted->row p50 | p99 | DSN Date->row p50 | p99 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for size in SIZES:
+            by = {(r.config, r.rep): r.rate for r in bench.runs if r.size == size}
+            vals = [by[("T", k)] / by[("E", k)] for (c, k) in by if c == "T" and ("E", k) in by]
+            ts = [r for r in bench.runs if r.size == size and r.config == "T" and r.lag]
+            if not vals or not ts:
+                continue
+            te = statistics.median(vals)
+            lag50 = statistics.median(r.lag[0] for r in ts if r.lag)
+            lag99 = statistics.median(r.lag[1] for r in ts if r.lag)
+            d50 = statistics.median(r.dsn_lag[0] for r in ts if r.dsn_lag)
+            d99 = statistics.median(r.dsn_lag[1] for r in ts if r.dsn_lag)
+            lines.append(f"| {size} | {te:.2f} | {(1 - te) * 100:.0f}% | {lag50:.2f} s | "
+                         f"{lag99:.2f} s | {d50:.2f} s | {d99:.2f} s |")
     lines += ["", "## CPU per 1,000 messages (utime+stime from /proc/PID/stat, median over reps)",
               "", "| size | OpenDKIM (B) | null pymilter (D) | postkeep-milter (C) | "
               "postkeep minus null | postkeep capture only (E) |", "|---|---:|---:|---:|---:|---:|"]
@@ -587,10 +679,18 @@ def main() -> None:
         check=True, capture_output=True, text=True).stdout.strip()
     if not capture_milter:
         raise SystemExit("bench: the stack's smtpd_milters is empty: no postkeep-milter wired")
+    command_filter = subprocess.run(
+        ["postconf", "-c", env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-h", "smtpd_command_filter"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    if "T" in args.configs and not command_filter:
+        raise SystemExit("bench: T needs the bundle's smtpd_command_filter; the stack has none")
+    for key, value in env.items():  # psql-style variables for psycopg (T's queries)
+        if key.startswith("PG"):
+            os.environ[key] = value
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
                   {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter,
-                   "E": capture_milter},
-                  minio_pid, postgres_pid)
+                   "E": capture_milter, "T": capture_milter},
+                  minio_pid, postgres_pid, command_filter)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",
@@ -637,7 +737,7 @@ def main() -> None:
     profile: list[str] = []
     if args.py_spy:
         profile = pyspy_profile(bench, args.py_spy, args.n_small, Path(args.out))
-    bench.use("C")  # leave the stack as `stack.sh up` wired it
+    bench.use("T")  # leave the stack as `stack.sh up` wired it (command filter on)
 
     text = report(bench, args.configs, rss, started, header, profile)
     Path(args.out).write_text(text)

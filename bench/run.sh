@@ -9,6 +9,8 @@
 #   C  Postfix + postkeep-milter capturing and signing (zstd, MinIO, rows, DKIM)
 #   D  Postfix + a do-nothing pymilter (the floor of any Python milter)
 #   E  Postfix + postkeep-milter capturing only (a domain without a DKIM key)
+#   T  E with outcome tracking: the bundle's NOTIFY command filter on, so every
+#      message's success DSN goes back to postkeep-storage (only T has it on)
 # and measure throughput end to end, milter CPU, end-of-message latency and
 # peak RSS.  bench/profile_capture.py then times the capture path's parts
 # (compress, S3 PUT, PostgreSQL insert) in-process.  The stack is torn down on
@@ -23,10 +25,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STACK="$REPO/devstack/stack.sh"
 DIR="$REPO/.stack-bench"
 PORTBASE=12025
-# Past the stack's own PORTBASE..PORTBASE+6.
-SINK_PORT=$((PORTBASE + 10))
-DKIM_PORT=$((PORTBASE + 11))
-NULL_MILTER_PORT=$((PORTBASE + 12))
+# Past the stack's own PORTBASE..PORTBASE+12.
+SINK_PORT=$((PORTBASE + 20))
+DKIM_PORT=$((PORTBASE + 21))
+NULL_MILTER_PORT=$((PORTBASE + 22))
 RESULTS="$REPO/bench/results"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$RESULTS/$STAMP.md"
@@ -172,7 +174,7 @@ log "running; results go to $OUT"
     --dkim-milter "inet:127.0.0.1:$DKIM_PORT" \
     --dkim-pid "$DKIM_PID" \
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
-    --configs "${BENCH_CONFIGS:-ABCDE}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
+    --configs "${BENCH_CONFIGS:-ABCDET}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))

@@ -260,25 +260,32 @@ def test_messages_show_recipients_and_delivery_status(
     run: Invoke, db: psycopg.Connection, make_org: Callable[..., TestOrg],
     store_message: StoreMessage,
 ) -> None:
+    from datetime import UTC, datetime
+
+    from support.reports import block, dsn
+
+    from postkeep.storage.outcomes import record_batch
+    from postkeep.storage.reports import parse_report
+
     m = store_message(make_org(), recipients=("a@example.net", "b@example.net"))
-    db.execute(
-        "UPDATE message_recipients SET status = 'bounced', dsn_status = '5.1.1',"
-        " remote_mta = 'mx.example.net', diagnostic = 'smtp; 550 5.1.1 no such user'"
-        " WHERE message_id = %s AND recipient = 'b@example.net'",
-        (m.id,),
-    )
+    report = dsn(m.id, [block("b@example.net", "failed", "5.1.1", "550 5.1.1 no such user")])
+    record_batch(db, [parse_report(report, "", ["x@bounces.example"], datetime.now(UTC))])
     shown = json.loads(_ok(run("messages", "show", str(m.id), "--json")).stdout)
     assert shown["id"] == str(m.id) and shown["sha256"] == m.sha256.hex()
     assert shown["content_available"] is True and "content_note" not in shown
     rcpts = {r["recipient"]: r for r in shown["recipients"]}
     assert rcpts["a@example.net"]["status"] == "queued"
-    assert rcpts["b@example.net"] | {"updated_at": None} == {
+    assert rcpts["b@example.net"] | {"updated_at": None, "history": None} == {
         "recipient": "b@example.net", "status": "bounced", "dsn_status": "5.1.1",
-        "remote_mta": "mx.example.net", "diagnostic": "smtp; 550 5.1.1 no such user",
-        "updated_at": None,
+        "remote_mta": "mx.remote.example", "diagnostic": "550 5.1.1 no such user",
+        "updated_at": None, "history": None,
     }
+    assert [(e["status"], e["dsn_status"], e["report"], e["applied"])
+            for e in rcpts["b@example.net"]["history"]] == [("bounced", "5.1.1", "dsn", True)]
+    assert rcpts["a@example.net"]["history"] == []
     text = _ok(run("messages", "show", str(m.id))).stdout
     assert "b@example.net  bounced" in text and "dsn_status: 5.1.1" in text
+    assert "bounced  5.1.1  550 5.1.1 no such user  [dsn]" in text
     assert "content expired" not in text
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from support.reports import block, dsn
 from support.stack import Stack
 
 from postkeep.envelope import (
@@ -92,38 +93,6 @@ def test_untracked_mail_gets_the_clients_notify_back(params: tuple[str, ...],
 
 
 # --------------------------------------------------------------- parsing
-
-
-def dsn(mid: uuid.UUID | None, blocks: list[dict[str, str]], *, envid: bool = True,
-        date: str = "Wed, 25 Nov 2026 10:00:00 +0000") -> bytes:
-    """A Postfix-style DSN (multipart/report) for MID with per-recipient BLOCKS."""
-    per_msg = "Reporting-MTA: dns; mta.example\r\nX-Postfix-Queue-ID: 4ABC\r\n"
-    if envid and mid is not None:
-        per_msg += f"Original-Envelope-Id: {mid}\r\n"
-    per_msg += "Arrival-Date: Wed, 25 Nov 2026 09:59:59 +0000\r\n"
-    rcpt = "".join(
-        "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in b.items()) for b in blocks)
-    headers = (f"X-Postkeep-Id: {mid}\r\n" if mid else "") + "Subject: hello\r\n"
-    return (
-        f"From: MAILER-DAEMON@mta.example\r\nDate: {date}\r\n"
-        "Subject: Delivery Status Notification\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nThe mail system\r\n\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"{per_msg}{rcpt}\r\n"
-        f"--B\r\nContent-Type: text/rfc822-headers\r\n\r\n{headers}\r\n--B--\r\n"
-    ).encode()
-
-
-def block(rcpt: str, action: str, status: str, diag: str | None = None,
-          original: str | None = None) -> dict[str, str]:
-    b = {"Final-Recipient": f"rfc822; {rcpt}"}
-    if original:
-        b["Original-Recipient"] = f"rfc822;{original}"
-    b |= {"Action": action, "Status": status, "Remote-MTA": "dns; mx.remote.example"}
-    if diag:
-        b["Diagnostic-Code"] = f"smtp; {diag}"
-    return b
 
 
 @pytest.mark.parametrize(("action", "status", "want"), [
