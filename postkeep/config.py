@@ -196,6 +196,12 @@ class StorageConfig:
     # Outcomes are written in batches: whatever arrived while the previous
     # batch was written, up to this many reports per round trip.
     batch_max: int = field(default=200, metadata={"min": 1, "max": 10000})
+    # How long a received report's hash is kept to recognise a duplicate
+    # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
+    # older days of the reports table are dropped whole.
+    report_days: int = field(default=3, metadata={"min": 1, "max": 90})
+    # How often the sidecar runs its upkeep (report partitions).
+    maintenance_seconds: float = field(default=3600.0, metadata={"min": 10})
     # Where failure notices are forwarded to organisations that asked for it
     # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no
     # forwarding.

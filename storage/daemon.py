@@ -29,7 +29,9 @@ async def serve(cfg: Config) -> None:
 
     from postkeep.storage.db import BackendError, Database
     from postkeep.storage.objects import S3ObjectStore
+    from postkeep.storage.outcomes import maintain_report_partitions
     from postkeep.storage.sidecar import Batcher, ReportHandler, record_with
+    from postkeep.storage.upkeep import Job, run_jobs
 
     scfg = cfg.storage
     db = Database(cfg.postgres)
@@ -55,12 +57,19 @@ async def serve(cfg: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    jobs = [
+        Job("report-partitions", scfg.maintenance_seconds,
+            lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
+                    f" report partitions created or dropped"),
+    ]
+    upkeep = asyncio.create_task(run_jobs(jobs, stop), name="upkeep")
     await stop.wait()
     log.info("postkeep-storage stopping")
     notify_systemd("STOPPING=1")
     server.close()
     await server.wait_closed()
     await batcher.stop()
+    await upkeep
     db.close()
 
 

@@ -78,4 +78,7 @@ def ensure_partitions(conn: psycopg.Connection) -> int:
             "SELECT ensure_partitions(now() + make_interval(days => %s))",
             (longest + PARTITION_MARGIN_DAYS,),
         ).fetchone()
+        # The days ahead for received reports (postkeep-storage drops old ones).
+        if conn.execute("SELECT to_regproc('maintain_report_partitions')").fetchone() != (None,):
+            conn.execute("SELECT maintain_report_partitions(NULL)")
     return int(created[0]) if created else 0

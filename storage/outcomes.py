@@ -131,12 +131,17 @@ def list_unmatched(conn: psycopg.Connection, limit: int, since: datetime | None 
 
     with conn.cursor(row_factory=class_row(Unmatched)) as cur:
         cur.execute(
-            "SELECT u.sha256, r.kind, u.reason, u.envelope_from, u.envelope_to, u.subject,"
-            " r.object_key, r.size, u.received_at FROM unmatched_reports u"
-            " JOIN reports r USING (sha256)"
+            "SELECT u.sha256, u.kind, u.reason, u.envelope_from, u.envelope_to, u.subject,"
+            " u.object_key, u.size, u.received_at FROM unmatched_reports u"
             " WHERE (%s::timestamptz IS NULL OR u.received_at >= %s::timestamptz)"
             " AND encode(u.sha256, 'hex') LIKE %s"
             " ORDER BY u.received_at DESC LIMIT %s",
             (since, since, sha256_prefix.lower() + "%", limit),
         )
         return cur.fetchall()
+
+
+def maintain_report_partitions(conn: psycopg.Connection, keep_days: int) -> int:
+    """Create the next days' report partitions, drop those past KEEP_DAYS."""
+    row = conn.execute("SELECT maintain_report_partitions(%s)", (keep_days,)).fetchone()
+    return int(row[0]) if row else 0

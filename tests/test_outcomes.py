@@ -277,3 +277,20 @@ def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Con
     assert record_batch(conn, [r]) == [UNMATCHED]
     kind = conn.execute("SELECT kind FROM reports WHERE sha256 = %s", (r.sha256,)).fetchone()
     assert kind is not None and kind[0] in ("async_bounce", "unparsable")
+
+
+def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Connection) -> None:
+    from postkeep.storage.outcomes import maintain_report_partitions
+
+    conn.execute("CREATE TABLE IF NOT EXISTS reports_d20200101 PARTITION OF reports"
+                 " FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00')")
+    conn.execute("INSERT INTO reports (sha256, kind, object_key, size, received_at)"
+                 " VALUES (%s, 'dsn', 'k', 1, '2020-01-01 12:00+00')", (uuid.uuid4().bytes * 2,))
+    maintain_report_partitions(conn, 3)
+    names = {r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'reports'::regclass")}
+    today = datetime.now(UTC).date()
+    assert {f"reports_d{today + timedelta(days=d):%Y%m%d}" for d in (-1, 0, 1, 2)} <= names
+    assert "reports_d20200101" not in names
+    assert maintain_report_partitions(conn, 3) == 0  # idempotent

@@ -1,0 +1,55 @@
+"""postkeep-storage's periodic jobs: each on its own interval, in a thread.
+
+A job is a plain callable returning a one-line summary for the log.  A job
+that fails is logged with its name and counted, and runs again at its next
+interval: upkeep never stops the LMTP side.  Jobs run at start, then every
+`interval` seconds after the previous run ended (never two of one job at
+once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger("postkeep.storage")
+
+RUNS = Counter("postkeep_storage_upkeep_runs_total", "Upkeep job runs, by job and result",
+               ["job", "result"])
+LAST_SUCCESS = Gauge("postkeep_storage_upkeep_last_success_timestamp_seconds",
+                     "When each upkeep job last succeeded (Unix time)", ["job"])
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    interval: float            # seconds between the end of one run and the next
+    run: Callable[[], str]     # blocking; returns a summary for the log
+
+
+async def run_jobs(jobs: Sequence[Job], stop: asyncio.Event) -> None:
+    """Run every job on its interval until STOP is set."""
+    await asyncio.gather(*(_loop(job, stop) for job in jobs))
+
+
+async def _loop(job: Job, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            summary = await asyncio.to_thread(job.run)
+        except Exception as exc:
+            RUNS.labels(job.name, "failed").inc()
+            log.warning("upkeep %s failed after %.1fs: %s", job.name,
+                        time.monotonic() - started, exc)
+        else:
+            RUNS.labels(job.name, "ok").inc()
+            LAST_SUCCESS.labels(job.name).set(time.time())
+            log.info("upkeep %s: %s (%.1fs)", job.name, summary, time.monotonic() - started)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=job.interval)
