@@ -1,7 +1,7 @@
 """Recording reports in PostgreSQL: many reports, one round trip.
 
 `record_reports` sends one `record_report(...)` call per report (the SQL
-function in migration 0004 applies the outcomes, rolls the message status up
+function in migrations 0004/0008 applies the outcomes, rolls the message status up
 and keeps unmatched reports) through psycopg's pipeline, in one transaction:
 a batch of reports costs one round trip.  If the batch fails as a whole, each
 report is retried on its own, so one bad report cannot hold back the others.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 
@@ -23,7 +23,7 @@ UNMATCHED = -2
 DUPLICATE_UNMATCHED = -3
 
 _RECORD = """
-SELECT record_report(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+SELECT record_report(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
                      %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                      %s::timestamptz[])
 """
@@ -34,9 +34,18 @@ def report_key(sha256: bytes) -> str:
     return f"reports/{sha256.hex()[:2]}/{sha256.hex()}.eml.zst"
 
 
+def expiry_window(expires_at: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """[lo, hi) around a metadata expiry known to the second (None: unknown)."""
+    if expires_at is None:
+        return None, None
+    lo = expires_at.replace(microsecond=0)
+    return lo, lo + timedelta(seconds=1)
+
+
 def _params(r: Report) -> tuple[object, ...]:
     o = r.outcomes
-    return (r.sha256, r.kind, r.message_id, r.expires_at, report_key(r.sha256), r.size, r.reason,
+    lo, hi = expiry_window(r.expires_at)
+    return (r.sha256, r.kind, r.message_id, lo, hi, report_key(r.sha256), r.size, r.reason,
             r.envelope_from, r.envelope_to, r.subject,
             [x.recipient for x in o], [x.original for x in o], [x.status for x in o],
             [x.dsn_status for x in o], [x.remote_mta for x in o], [x.diagnostic for x in o],
@@ -71,9 +80,9 @@ def forward_target(conn: psycopg.Connection, message_id: uuid.UUID,
     """The original envelope sender, if the message's organisation forwards failures."""
     row = conn.execute(
         "SELECT m.envelope_from FROM messages m JOIN organisations o ON o.id = m.org_id"
-        " WHERE m.id = %s AND in_partition(m.metadata_expires_at, %s::timestamptz)"
-        " AND o.forward_failures AND m.envelope_from <> ''",
-        (message_id, expires_at),
+        " WHERE m.id = %s AND in_window(m.metadata_expires_at, %s::timestamptz,"
+        " %s::timestamptz) AND o.forward_failures AND m.envelope_from <> ''",
+        (message_id, *expiry_window(expires_at)),
     ).fetchone()
     return Forward(str(row[0])) if row else None
 

@@ -75,17 +75,32 @@ END $$;
 
 SELECT maintain_report_partitions(NULL);
 
+-- in_window(ts, lo, hi): is TS in [LO, HI)?  NULL LO: anywhere.  The
+-- caller passes both bounds as values (not LO + an interval, which is only
+-- stable), so that a plan made for known bounds prunes to one partition at
+-- plan time: a lookup by id alone plans over every partition.
+CREATE FUNCTION in_window(ts timestamptz, lo timestamptz, hi timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT lo IS NULL OR (ts >= lo AND ts < hi)
+$$;
+
+DROP FUNCTION record_report(bytea, text, uuid, timestamptz, text, bigint, text, text, text,
+                            text, text[], text[], text[], text[], text[], text[],
+                            timestamptz[]);
+DROP FUNCTION in_partition(timestamptz, timestamptz);
+
 -- record_report(...): one received report and its per-recipient outcomes, in
 -- one call.  Returns -1 if this report (by hash) was already recorded (-3 if
 -- it was kept as unmatched): a duplicate changes nothing; -2 if it is kept as
 -- unmatched now; otherwise how many recipients' status changed.  Events apply
 -- in event time order: a final status replaces a provisional one, a later
 -- final status replaces an earlier one (an asynchronous bounce after a
--- relay), and a delay never replaces a final status.  P_EXPIRES (the
--- message's metadata expiry, from its return path) confines every lookup to
--- the message's partition; custom plans let the planner prune with it.
-CREATE OR REPLACE FUNCTION record_report(
-    p_sha256 bytea, p_kind text, p_message_id uuid, p_expires timestamptz, p_object_key text,
+-- relay), and a delay never replaces a final status.  P_EXPIRES_LO/HI (the
+-- second of the message's metadata expiry, from its return path) confine
+-- every lookup to the message's partition; custom plans prune with them.
+CREATE FUNCTION record_report(
+    p_sha256 bytea, p_kind text, p_message_id uuid, p_expires_lo timestamptz,
+    p_expires_hi timestamptz, p_object_key text,
     p_size bigint, p_unmatched_reason text, p_envelope_from text, p_envelope_to text,
     p_subject text, p_recipients text[], p_originals text[], p_statuses text[],
     p_dsn_statuses text[], p_remote_mtas text[], p_diagnostics text[], p_event_ats timestamptz[]
@@ -103,7 +118,7 @@ DECLARE
 BEGIN
     IF reason IS NULL AND NOT EXISTS (
         SELECT 1 FROM messages m
-        WHERE m.id = p_message_id AND in_partition(m.metadata_expires_at, p_expires)
+        WHERE m.id = p_message_id AND in_window(m.metadata_expires_at, p_expires_lo, p_expires_hi)
     ) THEN
         reason := format('message %s not found (expired, or not captured here)', p_message_id);
     END IF;
@@ -132,7 +147,7 @@ BEGIN
     LOOP
         SELECT r.recipient, r.org_id, r.status, r.status_at, r.metadata_expires_at INTO cur
         FROM message_recipients r
-        WHERE r.message_id = p_message_id AND in_partition(r.metadata_expires_at, p_expires)
+        WHERE r.message_id = p_message_id AND in_window(r.metadata_expires_at, p_expires_lo, p_expires_hi)
           AND lower(r.recipient) IN (lower(ev.recipient), lower(ev.original))
         ORDER BY lower(r.recipient) = lower(ev.original) DESC
         LIMIT 1 FOR UPDATE;
@@ -177,8 +192,8 @@ BEGIN
         UPDATE messages m
         SET status = (SELECT message_rollup(array_agg(r.status)) FROM message_recipients r
                       WHERE r.message_id = p_message_id
-                        AND in_partition(r.metadata_expires_at, p_expires))
-        WHERE m.id = p_message_id AND in_partition(m.metadata_expires_at, p_expires);
+                        AND in_window(r.metadata_expires_at, p_expires_lo, p_expires_hi))
+        WHERE m.id = p_message_id AND in_window(m.metadata_expires_at, p_expires_lo, p_expires_hi);
     END IF;
     RETURN changed;
 END $$;
