@@ -111,6 +111,14 @@ def classify(
     return Decision(Action.REJECT, None, domain, reason)
 
 
+def choose_bounce_domain(org: Organisation, from_domain: str, envelope_domain: str,
+                         default: str) -> str:
+    """Where the message's bounces go: the From: domain's own bounce domain,
+    else the envelope sender domain's, else the platform's DEFAULT."""
+    own = dict(org.bounce_domains)
+    return own.get(from_domain) or own.get(envelope_domain) or default
+
+
 def refusal_reply(decision: Decision) -> Reply:
     """550 5.7.1 for mail that no organisation sends."""
     return Reply("550", "5.7.1", f"postkeep: {decision.reason}")

@@ -35,6 +35,7 @@ from postkeep.milter.decide import (
     Decision,
     Reply,
     address_domain,
+    choose_bounce_domain,
     classify,
     header_from_address,
     internal_error_reply,
@@ -323,11 +324,9 @@ class CaptureService:
         content = tx.capture.finish(prefix=b"".join(s.line for s in signatures))
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
         rpath = None
-        if self.cfg.bounce_domain:
-            sending = tx.from_address and address_domain(tx.from_address)
-            bounce = org.bounce_domain_for(sending or decision.domain,
-                                           org.bounce_domain_for(decision.domain,
-                                                                 self.cfg.bounce_domain))
+        if self.cfg.bounce_domain:  # outcome tracking on
+            bounce = choose_bounce_domain(org, address_domain(tx.from_address),
+                                          decision.domain, self.cfg.bounce_domain)
             rpath = return_path(tx.id, metadata_exp, bounce)
         message = CapturedMessage(
             id=tx.id,

@@ -37,10 +37,6 @@ class Organisation:
     # the others use the platform's bounce domain.
     bounce_domains: tuple[tuple[str, str], ...] = ()
 
-    def bounce_domain_for(self, domain: str, default: str) -> str:
-        """The bounce domain for mail sent from DOMAIN."""
-        return dict(self.bounce_domains).get(domain.lower(), default)
-
 
 def _org(row: tuple[object, ...] | None) -> Organisation | None:
     if row is None:

@@ -77,3 +77,19 @@ def test_tempfail_reply_names_backend() -> None:
     r = tempfail_reply("s3")
     assert (r.code, r.enhanced) == ("451", "4.3.0") and "s3" in r.text
     assert "postgres" in tempfail_reply("postgres").text
+
+
+def test_bounce_domain_prefers_the_from_domains_own() -> None:
+    import uuid
+
+    from postkeep.milter.decide import choose_bounce_domain
+    from postkeep.storage.directory import Organisation
+
+    org = Organisation(uuid.uuid4(), "o", "pro", 90, 365,
+                       bounce_domains=(("brand.example", "bounces.brand.example"),
+                                       ("mail.example", "b.mail.example")))
+    assert choose_bounce_domain(org, "brand.example", "mail.example", "pf.example") == (
+        "bounces.brand.example")
+    assert choose_bounce_domain(org, "other.example", "mail.example", "pf.example") == (
+        "b.mail.example")
+    assert choose_bounce_domain(org, "", "x.example", "pf.example") == "pf.example"

@@ -545,3 +545,23 @@ def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
             client.close()
     assert again.code == 250 and "recorded" in again.text
     assert _recipients(stack, mid)[rcpt]["status"] == "bounced"
+
+
+def test_a_sending_domain_can_have_its_own_bounce_domain(stack: Stack, fake_mx: FakeMX) -> None:
+    _, domain = stack.new_org("basic")
+    bounce = f"bounces.{domain}"
+    done = subprocess.run(
+        [str(Path(stack.env["POSTKEEP_STACK_VENV"]) / "bin" / "postkeep"), "--config",
+         stack.env["POSTKEEP_CONFIG"], "domain", "set-bounce", domain, bounce],
+        capture_output=True, text=True, cwd="/", timeout=30)
+    assert done.returncode == 0, done.stderr
+    token = uuid.uuid4().hex[:10]
+    rcpt = f"ok-{token}@mx.test"
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
+    assert reply.queue_id
+    mid = _message_id(stack, reply.queue_id)
+    _wait_for(stack, mid, {rcpt: "relayed"}, 30)
+    with stack.connect() as conn:
+        row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
+    assert row is not None and str(row[0]).endswith(f"@{bounce}")
+    assert any(frm == row[0] for frm, _ in fake_mx.accepted)
