@@ -204,6 +204,7 @@ class Bench:
     minio_pid: int
     postgres_pid: int
     command_filter: str = ""  # the bundle's smtpd_command_filter (T only)
+    storage_pid: int = 0  # postkeep-storage (its CPU is T's report handling)
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -324,6 +325,7 @@ class Bench:
 
     def component_cpu(self) -> dict[str, float]:
         return {"machine": machine_busy_seconds(), "minio": cpu_seconds(self.minio_pid),
+                "storage": cpu_seconds(self.storage_pid) if self.storage_pid else 0.0,
                 "postgres": tree_cpu_seconds(self.postgres_pid)}
 
     def measured_run(self, config: str, size_name: str, rep: int, n: int) -> Run:
@@ -503,8 +505,8 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
               "over each run. 'machine' also counts anything else running on this shared VM; "
               "'rest' is machine minus the named components: Postfix (smtpd, cleanup, qmgr, "
               "smtp), smtp-source, smtp-sink and the kernel's share.", "",
-              "| size | config | machine | milter | MinIO | PostgreSQL | rest | msg/s at 2 cores "
-              "if CPU-bound |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| size | config | machine | milter | MinIO | PostgreSQL | postkeep-storage | rest |"
+              " msg/s at 2 cores if CPU-bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for size in SIZES:
         for c in configs:
             rs = [r for r in bench.runs if r.size == size and r.config == c and r.cpu]
@@ -518,10 +520,11 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             mil = med(lambda r: (r.milter_cpu or 0.0) / r.n)
             mio = med(lambda r: r.cpu["minio"] / r.n)
             pg = med(lambda r: r.cpu["postgres"] / r.n)
+            sto = med(lambda r: r.cpu.get("storage", 0.0) / r.n)
             rest = med(lambda r: (r.cpu["machine"] - (r.milter_cpu or 0.0) - r.cpu["minio"]
-                                  - r.cpu["postgres"]) / r.n)
+                                  - r.cpu["postgres"] - r.cpu.get("storage", 0.0)) / r.n)
             lines.append(f"| {size} | {c} | {mach:.2f} | {mil:.2f} | {mio:.2f} | {pg:.2f} | "
-                         f"{rest:.2f} | {2000 / mach:.0f} |")
+                         f"{sto:.2f} | {rest:.2f} | {2000 / mach:.0f} |")
     lines += ["", "## postkeep-milter end-of-message latency (C runs)", "",
               f"From `{EOM_METRIC}` bucket deltas before/after each C run, linearly "
               "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "
@@ -690,7 +693,9 @@ def main() -> None:
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
                   {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter,
                    "E": capture_milter, "T": capture_milter},
-                  minio_pid, postgres_pid, command_filter)
+                  minio_pid, postgres_pid, command_filter,
+                  int((stack / "storage" / "storage.pid").read_text().split()[0])
+                  if (stack / "storage" / "storage.pid").exists() else 0)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",
