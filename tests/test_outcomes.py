@@ -159,6 +159,30 @@ def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
     assert r.outcomes[0].event_at == datetime(2026, 11, 25, 11, 0, tzinfo=UTC)
 
 
+QMAIL = (
+    "From: MAILER-DAEMON@mx.remote.example\r\nSubject: failure notice\r\n\r\n"
+    "Hi. This is the qmail-send program at mx.remote.example.\r\n"
+    "I'm afraid I wasn't able to deliver your message to the following addresses.\r\n"
+    "This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n"
+    "<gone@remote.example>:\r\nSorry, no mailbox here by that name. (#5.1.1)\r\n\r\n"
+    "--- Below this line is a copy of the message.\r\n\r\nSubject: hi\r\n\r\nbody\r\n"
+)
+SIMPLE = (
+    "From: postmaster@remote.example\r\nSubject: Returned mail\r\n\r\n"
+    "The following addresses had permanent fatal errors -----\r\n"
+    "<gone@remote.example>\r\n\r\n"
+    "----- Transcript of session follows -----\r\n550 unknown\r\n"
+)
+
+
+@pytest.mark.parametrize("text", [QMAIL, SIMPLE], ids=["qmail", "simplematch"])
+def test_other_common_bounce_formats(text: str) -> None:
+    mid = uuid.uuid4()
+    r = parse_report(text.encode(), "", [f"pk-{mid.hex}@b.example"], T0)
+    assert (r.kind, r.message_id, r.reason) == ("async_bounce", mid, None), r.reason
+    assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
+
+
 @pytest.mark.parametrize("raw", [
     b"", b"\x00\xff\xfe garbage", b"Subject: hi\r\n\r\nno bounce here",
     b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n--x\r\n",
