@@ -344,10 +344,11 @@ def _report(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str) -> b
     ).encode()
 
 
-def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
+def _relayed_message(stack: Stack, prefix: str) -> tuple[uuid.UUID, str, str]:
+    """A message to one sink recipient, once relayed: (id, recipient, return path)."""
     _, domain = stack.new_org("basic")
     token = uuid.uuid4().hex[:10]
-    rcpt = f"d-{token}@sink.test"
+    rcpt = f"{prefix}-{token}@sink.test"
     reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
     assert reply.queue_id
     mid = _message_id(stack, reply.queue_id)
@@ -355,7 +356,11 @@ def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) 
     with stack.connect() as conn:
         row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
     assert row is not None
-    path = str(row[0])
+    return mid, rcpt, str(row[0])
+
+
+def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
+    mid, rcpt, path = _relayed_message(stack, "d")
 
     bounce = _report(mid, rcpt, "failed", "5.7.1", "550 5.7.1 rejected after all")
     client = _lmtp(stack)
@@ -509,23 +514,14 @@ def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
 def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     """PostgreSQL stopped for real: the report gets 451 4.3.0 naming postgres
     (Postfix would retry); once it is back the same report is recorded."""
-    _, domain = stack.new_org("basic")
-    token = uuid.uuid4().hex[:10]
-    rcpt = f"pg-{token}@sink.test"
-    reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
-    assert reply.queue_id
-    mid = _message_id(stack, reply.queue_id)
-    _wait_for(stack, mid, {rcpt: "relayed"}, 30)
-    with stack.connect() as conn:
-        row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
-    assert row is not None
+    mid, rcpt, path = _relayed_message(stack, "pg")
     report = _report(mid, rcpt, "failed", "5.2.1", "550 5.2.1 mailbox disabled later")
     stack.stack_ctl("stop", "postgres")
     try:
         client = _lmtp(stack)
         try:
             with pytest.raises(smtp.SMTPError) as err:
-                client.send("", [str(row[0])], report)
+                client.send("", [path], report)
         finally:
             client.close()
         assert err.value.reply.code == 451
@@ -536,7 +532,7 @@ def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     while True:
         client = _lmtp(stack)
         try:
-            again = client.send("", [str(row[0])], report)
+            again = client.send("", [path], report)
             break
         except smtp.SMTPError as exc:
             assert exc.reply.code == 451 and time.monotonic() < deadline, exc.reply
