@@ -34,7 +34,7 @@ from postkeep.storage import content, directory, messages, migrate, outcomes
 from postkeep.storage.db import BackendError, connect
 from postkeep.storage.objects import S3ObjectStore
 
-CONTENT_EXPIRED = "content expired per retention policy"
+CONTENT_EXPIRED = messages.CONTENT_EXPIRED
 
 # --- pure helpers: parsing and formatting -----------------------------------
 
@@ -145,7 +145,10 @@ def message_to_json(m: messages.MessageRow, now: datetime) -> dict[str, Any]:
         "created_at": _iso(m.created_at),
         "accepted_at": _iso(m.accepted_at),
         "content_expires_at": _iso(m.content_expires_at),
-        "metadata_expires_at": _iso(m.metadata_expires_at),
+        "metadata_expires_at": _iso(m.held_metadata_expires_at or m.metadata_expires_at),
+        "legal_hold": m.held_metadata_expires_at is not None or m.object_key.startswith(
+            "messages/hold/"),
+        "content_erased_at": _iso(m.content_erased_at),
         "content_available": messages.content_available(m, now),
     }
 
@@ -176,8 +179,9 @@ def detail_to_json(d: messages.MessageDetail, now: datetime,
         recipient_to_json(r) | {"history": [event_to_json(e) for e in history
                                             if e.recipient == r.recipient]}
         for r in d.recipients]
-    if not out["content_available"]:
-        out["content_note"] = CONTENT_EXPIRED
+    reason = messages.content_unavailable_reason(d.message, now)
+    if reason is not None:
+        out["content_note"] = reason
     return out
 
 
@@ -198,8 +202,9 @@ def format_message_detail(d: messages.MessageDetail, now: datetime,
     with its outcome and the history of reports about it."""
     data = message_to_json(d.message, now)
     lines = [f"{key + ':':21}{'' if value is None else value}" for key, value in data.items()]
-    if not data["content_available"]:
-        lines.append(f"{'content:':21}{CONTENT_EXPIRED}")
+    reason = messages.content_unavailable_reason(d.message, now)
+    if reason is not None:
+        lines.append(f"{'content:':21}{reason}")
     lines.append(f"recipients ({len(d.recipients)}):")
     for r in d.recipients:
         lines.append(f"  {r.recipient}  {r.status}  updated {_iso(r.updated_at)}")
@@ -489,8 +494,9 @@ def messages_raw(ctx: click.Context, message_id: str) -> None:
     """
     with _session(ctx) as s:
         m = _detail(s.conn, message_id).message
-        if not messages.content_available(m, datetime.now(UTC)):
-            _fail(f"message {m.id}: {CONTENT_EXPIRED}")
+        reason = messages.content_unavailable_reason(m, datetime.now(UTC))
+        if reason is not None:
+            _fail(f"message {m.id}: {reason}")
         out = sys.stdout.buffer
         digest, size = hashlib.sha256(), 0
         for chunk in content.restore(S3ObjectStore(s.cfg.s3), m.object_key):

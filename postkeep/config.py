@@ -232,6 +232,28 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """[retention]: `postkeep retention run` and the sidecar's schedule for it."""
+
+    # How content objects expire: 'auto' installs one S3 lifecycle rule per
+    # retention class where the server supports it and sweeps what no rule
+    # covers; 'lifecycle' requires rules; 'sweep' deletes every expired
+    # object from the sweeper (S3 servers without lifecycle support).
+    content_expiry: str = field(default="auto", metadata=_choice("auto", "lifecycle", "sweep"))
+    # Objects deleted per S3 multi-delete request (S3 allows 1,000).
+    sweep_batch: int = field(default=1000, metadata={"min": 1, "max": 1000})
+    # Days before today whose delivery statistics each run recomputes.
+    stats_days: int = field(default=8, metadata={"min": 1, "max": 366})
+    # A partition drop waits this long for its lock (captures wait behind
+    # it meanwhile), then backs off and tries again, up to drop_attempts.
+    lock_timeout_ms: int = field(default=2000, metadata={"min": 10, "max": 600000})
+    drop_attempts: int = field(default=5, metadata={"min": 1, "max": 100})
+    # How often the sidecar runs retention (seconds).  Keep it well under a
+    # day: a legal hold's new mail is moved out of lifecycle reach by a run.
+    interval_seconds: float = field(default=3600.0, metadata={"min": 60, "max": 86400})
+
+
+@dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
     s3: S3Config = S3Config()
@@ -240,6 +262,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     policyd: PolicydConfig = PolicydConfig()
     storage: StorageConfig = StorageConfig()
+    retention: RetentionConfig = RetentionConfig()
     source: str = "<defaults>"
 
 
@@ -251,6 +274,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "dkim": DkimConfig,
     "policyd": PolicydConfig,
     "storage": StorageConfig,
+    "retention": RetentionConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named

@@ -19,7 +19,9 @@ _ORG_COLUMNS = """
     o.dkim_missing_key,
     (SELECT coalesce(array_agg(ARRAY[bd.domain, bd.bounce_domain] ORDER BY bd.domain),
                      ARRAY[]::text[][])
-     FROM domains bd WHERE bd.org_id = o.id AND bd.bounce_domain IS NOT NULL)
+     FROM domains bd WHERE bd.org_id = o.id AND bd.bounce_domain IS NOT NULL),
+    EXISTS (SELECT 1 FROM legal_holds h WHERE h.org_id = o.id AND h.address IS NULL
+            AND h.released_at IS NULL)
 """
 
 
@@ -36,18 +38,22 @@ class Organisation:
     # (sending domain, its own bounce domain) for the domains that have one;
     # the others use the platform's bounce domain.
     bounce_domains: tuple[tuple[str, str], ...] = ()
+    # A legal hold covers all of the organisation's mail: new objects go
+    # under messages/hold/, which no lifecycle rule expires.
+    legal_hold: bool = False
 
 
 def _org(row: tuple[object, ...] | None) -> Organisation | None:
     if row is None:
         return None
-    oid, name, tier, content_days, metadata_days, missing_key, bounces = row
+    oid, name, tier, content_days, metadata_days, missing_key, bounces, held = row
     assert isinstance(oid, uuid.UUID) and isinstance(name, str) and isinstance(tier, str)
     assert isinstance(content_days, int) and isinstance(missing_key, str)
     assert metadata_days is None or isinstance(metadata_days, int)
     assert isinstance(bounces, list)
     pairs = tuple((str(d), str(b)) for d, b in bounces)
-    return Organisation(oid, name, tier, content_days, metadata_days, missing_key, pairs)
+    return Organisation(oid, name, tier, content_days, metadata_days, missing_key, pairs,
+                        bool(held))
 
 
 def find_by_submitter(conn: psycopg.Connection, username: str) -> Organisation | None:

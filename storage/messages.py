@@ -170,6 +170,8 @@ class MessageRow:
     recipient_count: int
     created_at: datetime
     accepted_at: datetime | None
+    content_erased_at: datetime | None = None  # erased on request (postkeep erase)
+    held_metadata_expires_at: datetime | None = None  # own stamp while under a legal hold
 
 
 @dataclass(frozen=True)
@@ -207,13 +209,31 @@ _MESSAGE_COLUMNS = """
     m.id, m.org_id, m.domain, m.direction, m.queue_id, m.message_id_header,
     m.envelope_from, m.header_from, m.subject, m.size, m.object_key,
     m.compressed_size, m.sha256, m.content_expires_at, m.metadata_expires_at,
-    m.status, m.recipient_count, m.created_at, m.accepted_at
+    m.status, m.recipient_count, m.created_at, m.accepted_at, m.content_erased_at,
+    m.held_metadata_expires_at
 """
+
+CONTENT_EXPIRED = "content expired per retention policy"
+CONTENT_ERASED = "content erased on request"
+
+
+def content_unavailable_reason(m: MessageRow, now: datetime) -> str | None:
+    """Why the content can no longer be read, or None while it can.
+
+    Derived, never stored: erased on request, or past the stamped
+    content_expires_at, unless a legal hold moved the object under
+    messages/hold/ (a hold keeps it readable past its stamp).
+    """
+    if m.content_erased_at is not None:
+        return f"{CONTENT_ERASED} ({m.content_erased_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC)"
+    if now >= m.content_expires_at and not m.object_key.startswith("messages/hold/"):
+        return CONTENT_EXPIRED
+    return None
 
 
 def content_available(m: MessageRow, now: datetime) -> bool:
-    """True while the message's content is inside its retention period."""
-    return now < m.content_expires_at
+    """True while the message's content can be read (see content_unavailable_reason)."""
+    return content_unavailable_reason(m, now) is None
 
 
 def _where(f: MessageFilter) -> tuple[str, list[object]]:

@@ -26,10 +26,23 @@ from minio.error import MinioException, S3Error
 
 from postkeep.config import S3Config
 from postkeep.storage.db import BackendError
+from postkeep.storage.lifecycle import HOLD, class_key, content_class
 
 
-def message_key(org_id: str, message_id: str, created: datetime) -> str:
-    """messages/{org_id}/{yyyy}/{mm}/{dd}/{message_id}.eml.zst (UTC date)."""
+def message_key(org_id: str, message_id: str, created: datetime,
+                content_days: int | None = None, held: bool = False) -> str:
+    """Where a message's object lives (UTC date of CREATED).
+
+    With CONTENT_DAYS: messages/{class}/{org_id}/{yyyy}/{mm}/{dd}/{id}.eml.zst,
+    the class prefix being what an S3 lifecycle rule expires (storage/lifecycle.py);
+    HELD (the organisation is under a legal hold) puts it under messages/hold/.
+    Without: the unclassed layout messages/{org_id}/..., which only the
+    retention sweeper expires.
+    """
+    if held:
+        return class_key(org_id, message_id, created, HOLD)
+    if content_days is not None:
+        return class_key(org_id, message_id, created, content_class(content_days))
     return f"messages/{org_id}/{created:%Y/%m/%d}/{message_id}.eml.zst"
 
 

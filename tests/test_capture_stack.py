@@ -66,7 +66,9 @@ def test_corpus_capture_is_byte_exact(stack: Stack, org: tuple[uuid.UUID, str],
     assert bytes(row["sha256"]) == hashlib.sha256(stored).digest()  # type: ignore[arg-type]
     assert row["compressed_size"] > 0
     key = str(row["object_key"])
-    assert key.startswith(f"messages/{org_id}/") and key.endswith(f"/{row['id']}.eml.zst")
+    # Under the prefix of its retention class (pro: 90 days of content), which
+    # one S3 lifecycle rule expires.
+    assert key.startswith(f"messages/90d/{org_id}/") and key.endswith(f"/{row['id']}.eml.zst")
     assert f"X-Postkeep-Id: {row['id']}\r\n".encode() in stored
     rcpts = _recipients(stack, row["id"])
     # 'relayed' once Postfix's success notice has reached postkeep-storage.
