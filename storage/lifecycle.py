@@ -92,7 +92,7 @@ def is_held_key(key: str) -> bool:
 def covered_by_rules(key: str) -> bool:
     """True if a postkeep lifecycle rule expires KEY (a numbered class)."""
     label = key_class(key)
-    return label is not None and label.endswith("d")
+    return label is not None and label[:-1].isdigit() and label.endswith("d")
 
 
 @dataclass(frozen=True)

@@ -331,6 +331,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
     if todo:
         say(f"sweep: {todo} messages past their content expiry since {watermark[0]:%Y-%m-%d %H:%M}")
     seen = 0
+    stopped = False  # by an S3 failure: the watermark stays where the sweep got to
     at, last = watermark
     while True:
         rows = conn.execute(_SWEEP_BATCH, {"at": at, "id": last, "now": now,
@@ -351,6 +352,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         except BackendError as exc:
             report.errors.append(f"sweep: {exc}")
             say(f"sweep stopped: {exc}")
+            stopped = True
             break
         # Advance only past the rows fully handled: up to the first failure.
         done = rows
@@ -358,6 +360,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
             first_bad = next(i for i, r in enumerate(rows) if r[2] in failed)
             done = rows[:first_bad]
             report.sweep_failures += len(failed)
+            stopped = True
             report.errors.append(f"sweep: {len(failed)} objects not deleted, e.g."
                                  f" {sorted(failed)[0]}")
         done_keys = {r[2] for r in done}
@@ -379,6 +382,15 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
             + (f" ({100 * seen // todo}%)" if todo else ""))
         if failed or len(rows) < settings.sweep_batch:
             break
+    if not stopped:
+        # Everything that expired by NOW is handled: that is the watermark
+        # (what partition drops may rely on), not the last row swept.
+        at, last = now, ZERO_ID
+        conn.execute(
+            "INSERT INTO retention_state (name, at, id) VALUES ('sweep', %s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET at = greatest(retention_state.at, EXCLUDED.at),"
+            " id = CASE WHEN EXCLUDED.at >= retention_state.at THEN EXCLUDED.id"
+            " ELSE retention_state.id END, updated_at = now()", (at, last))
     return at, last
 
 
