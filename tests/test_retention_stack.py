@@ -164,7 +164,7 @@ def test_held_org_survives_the_drop_and_release_restores_retention(
         assert not _present(objects, lifecycle.held_key(m.object_key))
     assert stats_row(db, held_org.id, day) == before  # counted once, not lost
     (count, detail), = audit_rows(db, "hold_reconciled", f"hold {hold.id}")
-    assert detail["messages_dropped"] == 3
+    assert count == 3 and detail["messages_dropped"] == 3
 
 
 def test_hold_moves_live_content_out_of_lifecycle_reach(
