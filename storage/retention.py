@@ -156,12 +156,16 @@ def droppable(weeks: list[Week], cutoff: datetime) -> list[Week]:
                   key=lambda w: w.lower)
 
 
-def stats_window(today: date, stats_days: int, weeks_days: list[date]) -> tuple[date, date]:
-    """The days a run recomputes: the last STATS_DAYS and any day about to be dropped."""
-    first = today - timedelta(days=stats_days)
-    if weeks_days:
-        first = min(first, min(weeks_days))
-    return first, today
+def day_ranges(days: list[date], first: date, last: date) -> list[tuple[date, date]]:
+    """DAYS plus FIRST..LAST as few inclusive (first, last) ranges, oldest first."""
+    spans = sorted([(d, d) for d in days] + [(first, last)])
+    out: list[tuple[date, date]] = []
+    for lo, hi in spans:
+        if out and lo <= out[-1][1] + timedelta(days=1):
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def choose_mode(setting: str, server_rules_supported: bool) -> str:
@@ -203,9 +207,8 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
         _holds(conn, store, watermark[0], now, report, say)
         watermark = _sweep(conn, store, watermark, now, settings, report, say)
         weeks = droppable(list_weeks(conn), min(now, watermark[0]))
-        days = _days_of(conn, weeks)
         _drop(conn, weeks, settings, report, say)
-        _rollup(conn, now, days, settings, report, say)
+        _rollup(conn, now, settings, report, say)
         report.seconds = _time.monotonic() - started
         audit(conn, report.run_id, "run", len(report.partitions_dropped), None, None,
               {"summary": report.summary(), "errors": report.errors[:20]})
@@ -413,33 +416,31 @@ def list_weeks(conn: psycopg.Connection) -> list[Week]:
             if "messages" in pair and "message_recipients" in pair]
 
 
-def _days_of(conn: psycopg.Connection, weeks: list[Week]) -> list[date]:
-    """The earliest capture day in each of WEEKS' message partitions."""
-    days: list[date] = []
-    for w in weeks:
-        row = conn.execute(sql.SQL("SELECT min(created_at) FROM ONLY {}").format(
-            sql.Identifier(w.messages))).fetchone()
-        if row and row[0] is not None:
-            days.append(row[0].astimezone(UTC).date())
-    return days
-
-
-def _rollup(conn: psycopg.Connection, now: datetime, days: list[date],
-            settings: RetentionSettings, report: RunReport, say: Progress) -> None:
-    """Recompute the statistics of recent days and of the days just dropped.
+def _rollup(conn: psycopg.Connection, now: datetime, settings: RetentionSettings,
+            report: RunReport, say: Progress) -> None:
+    """Recompute the statistics of recent days and of every day rows left since.
 
     After the drops, not before: a drop moves its counts to
     delivery_stats_dropped in its own transaction, so (rows present) +
     (dropped counts) is the same total before and after, and recomputing
     afterwards also picks up the last status changes of the dropped rows.
+    The days to redo beyond the recent ones are read from
+    delivery_stats_dropped (newer than their daily row), so a run killed
+    between a drop and this step is caught up by the next one.
     """
-    first, last = stats_window(now.astimezone(UTC).date(), settings.stats_days, days)
+    today = now.astimezone(UTC).date()
+    stale = [r[0] for r in conn.execute(
+        "SELECT DISTINCT d.day FROM delivery_stats_dropped d LEFT JOIN delivery_stats_daily s"
+        " ON s.org_id = d.org_id AND s.day = d.day"
+        " WHERE s.updated_at IS NULL OR s.updated_at < d.updated_at")]
     t0 = _time.monotonic()
-    report.stats_rows = stats.rollup(conn, first, last)
-    audit(conn, report.run_id, "stats_rolled_up", report.stats_rows, None, None,
-          {"first_day": first.isoformat(), "last_day": last.isoformat()})
-    say(f"statistics: {report.stats_rows} organisation-days from {first} to {last}"
-        f" recomputed in {_time.monotonic() - t0:.1f}s")
+    report.stats_rows = 0
+    for first, last in day_ranges(stale, today - timedelta(days=settings.stats_days), today):
+        report.stats_rows += stats.rollup(conn, first, last)
+        audit(conn, report.run_id, "stats_rolled_up", report.stats_rows, None, None,
+              {"first_day": first.isoformat(), "last_day": last.isoformat()})
+    say(f"statistics: {report.stats_rows} organisation-days recomputed"
+        f" ({len(stale)} day(s) with dropped rows) in {_time.monotonic() - t0:.1f}s")
 
 
 def _drop(conn: psycopg.Connection, weeks: list[Week], settings: RetentionSettings,

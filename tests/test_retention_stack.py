@@ -69,6 +69,7 @@ def test_lifecycle_rules_are_installed_bounded_and_keep_foreign_rules(
 def test_run_drops_expired_week_sweeps_content_and_keeps_statistics(
         db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
+    started = datetime.now(UTC)
     org = make_org("free")
     week = past_week(db)
     sent = [put_message(db, objects, org.id, org.domain, week, recipients=(
@@ -91,14 +92,14 @@ def test_run_drops_expired_week_sweeps_content_and_keeps_statistics(
     assert (s["delivered"], s["bounced"], s["deferred"], s["expired"]) == (7, 5, 5, 0)
     assert s["bytes"] == sum(m.size for m in sent)
     assert s["stored_bytes"] == sum(m.compressed_size for m in sent)
-    (count, detail), = audit_rows(db, "partition_dropped", week.messages)
+    (count, detail), = audit_rows(db, "partition_dropped", week.messages, started)
     assert count == 7 and detail["recipients"] == 17 and detail["held_messages_kept"] == 0
 
     # A second run changes nothing: no double counting, nothing to drop.
     report2 = _run(db, store, week.monday - timedelta(days=40))
     assert week.messages not in report2.partitions_dropped  # type: ignore[attr-defined]
     assert stats_row(db, org.id, day) == s
-    assert len(audit_rows(db, "partition_dropped", week.messages)) == 1
+    assert len(audit_rows(db, "partition_dropped", week.messages, started)) == 1
 
 
 def test_lifecycle_mode_leaves_classed_objects_to_the_rules(

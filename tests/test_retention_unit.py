@@ -16,9 +16,9 @@ from postkeep.storage.objects import message_key
 from postkeep.storage.retention import (
     Week,
     choose_mode,
+    day_ranges,
     droppable,
     parse_bounds,
-    stats_window,
 )
 
 pytestmark = pytest.mark.unit
@@ -112,11 +112,14 @@ def test_only_weeks_wholly_past_the_cutoff_drop_never_held() -> None:
     assert droppable(weeks, datetime(2026, 11, 16, tzinfo=UTC)) == [weeks[1]]
 
 
-def test_stats_window_reaches_back_to_dropped_days() -> None:
+def test_statistics_days_merge_into_few_ranges() -> None:
     today = date(2026, 11, 25)
-    assert stats_window(today, 8, []) == (date(2026, 11, 17), today)
-    assert stats_window(today, 8, [date(2026, 10, 1), date(2026, 11, 20)]) == (
-        date(2026, 10, 1), today)
+    recent = date(2026, 11, 17)
+    assert day_ranges([], recent, today) == [(recent, today)]
+    assert day_ranges([date(2026, 10, 1), date(2026, 10, 2), date(2026, 10, 4),
+                       date(2026, 11, 16), date(2026, 11, 20)], recent, today) == [
+        (date(2026, 10, 1), date(2026, 10, 2)), (date(2026, 10, 4), date(2026, 10, 4)),
+        (date(2026, 11, 16), today)]
 
 
 def test_mode_follows_setting_and_server() -> None:

@@ -93,9 +93,11 @@ def put_message(
     )
     with conn.transaction():
         messages.record_capture(conn, m)
-        for rcpt, status in recipients:
-            conn.execute("UPDATE message_recipients SET status = %s WHERE message_id = %s"
-                         " AND recipient = %s", (status, mid, rcpt))
+        conn.execute(
+            "UPDATE message_recipients r SET status = u.status FROM unnest(%s::text[],"
+            " %s::text[]) AS u(rcpt, status) WHERE r.message_id = %s AND r.recipient = u.rcpt"
+            " AND r.metadata_expires_at = %s",
+            ([r for r, _ in recipients], [st for _, st in recipients], mid, metadata_at))
     return m
 
 
@@ -109,10 +111,15 @@ def stats_row(conn: psycopg.Connection, org_id: uuid.UUID, day: object) -> dict[
     return dict(zip(keys, (int(v) for v in row), strict=True))
 
 
-def audit_rows(conn: psycopg.Connection, action: str, target: str | None = None
-               ) -> list[tuple[int, dict[str, object]]]:
+def audit_rows(conn: psycopg.Connection, action: str, target: str | None = None,
+               since: datetime | None = None) -> list[tuple[int, dict[str, object]]]:
+    """(count, detail) of audit rows for ACTION on TARGET, written at or after SINCE.
+
+    Weeks are reused across test runs on one database: pass the test's start.
+    """
     rows = conn.execute(
         "SELECT count, detail FROM retention_audit WHERE action = %s"
-        " AND (%s::text IS NULL OR target = %s) ORDER BY id", (action, target, target)
+        " AND (%s::text IS NULL OR target = %s) AND at >= %s ORDER BY id",
+        (action, target, target, since or datetime(1970, 1, 1, tzinfo=UTC))
     ).fetchall()
     return [(int(r[0]), r[1]) for r in rows]
