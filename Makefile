@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint bench bench-policyd
+.PHONY: install run stop test lint bench bench-policyd bench-retention
 
 install:
 	$(STACK) install
@@ -68,4 +68,19 @@ bench-policyd: install
 		  $(VENV)/bin/python $(CURDIR)/bench/policyd_bench.py $(BENCH_POLICYD_ARGS) ) || rc=$$?; \
 	fi; \
 	$(STACK) down $(BENCH_POLICYD_DIR) || echo "make bench-policyd: stack down failed" >&2; \
+	exit $$rc
+
+# `postkeep retention run` over a few million generated rows (bench/retention_bench.py),
+# on a private stack of its own.  BENCH_RETENTION_ARGS='--messages 1000000' etc.
+BENCH_RETENTION_DIR := $(CURDIR)/.stack-bench-retention
+BENCH_RETENTION_PORT ?= 21225
+BENCH_RETENTION_ARGS ?=
+bench-retention: install
+	@rc=0; \
+	$(STACK) up $(BENCH_RETENTION_DIR) $(BENCH_RETENTION_PORT) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		( set -a && . $(BENCH_RETENTION_DIR)/env && set +a && cd /tmp && \
+		  $(VENV)/bin/python $(CURDIR)/bench/retention_bench.py $(BENCH_RETENTION_ARGS) ) || rc=$$?; \
+	fi; \
+	$(STACK) down $(BENCH_RETENTION_DIR) || echo "make bench-retention: stack down failed" >&2; \
 	exit $$rc

@@ -14,6 +14,7 @@ from postkeep.storage.erasure import pg_regex_literal
 from postkeep.storage.holds import HELD_AT, normalise_address
 from postkeep.storage.objects import message_key
 from postkeep.storage.retention import (
+    _RULED,
     Week,
     choose_mode,
     day_ranges,
@@ -79,6 +80,14 @@ def test_which_keys_lifecycle_rules_cover() -> None:
     assert lifecycle.held_key(f"messages/{org}/2026/x.eml.zst") == (
         f"messages/hold/{org}/2026/x.eml.zst")
     assert lifecycle.is_held_key(lifecycle.held_key(f"messages/7d/{org}/a"))
+
+
+def test_the_sweepers_sql_pattern_agrees_with_covered_by_rules() -> None:
+    org = str(uuid.uuid4())
+    for key in (f"messages/30d/{org}/a", f"messages/3650d/{org}/a", f"messages/hold/{org}/a",
+                f"messages/keep/{org}/a", f"messages/{org}/2026/01/01/a", "messages/d/x",
+                f"messages/7d{org}/a"):
+        assert bool(re.match(_RULED, key)) == lifecycle.covered_by_rules(key), key
 
 
 def test_partition_bounds_as_postgres_prints_them() -> None:
