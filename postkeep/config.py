@@ -248,8 +248,10 @@ class RetentionConfig:
     # it meanwhile), then backs off and tries again, up to drop_attempts.
     lock_timeout_ms: int = field(default=2000, metadata={"min": 10, "max": 600000})
     drop_attempts: int = field(default=5, metadata={"min": 1, "max": 100})
-    # How often the sidecar runs retention (seconds).  Keep it well under a
-    # day: a legal hold's new mail is moved out of lifecycle reach by a run.
+    # Whether postkeep-storage runs retention itself, and how often (seconds;
+    # the first run one interval after start).  Keep it well under a day: a
+    # legal hold's new mail is moved out of lifecycle reach by a run.
+    in_sidecar: bool = True
     interval_seconds: float = field(default=3600.0, metadata={"min": 60, "max": 86400})
 
 

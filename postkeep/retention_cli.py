@@ -14,18 +14,11 @@ from datetime import UTC, datetime
 import click
 
 from postkeep.admin import _fail, _org, _session, parse_since
-from postkeep.config import RetentionConfig
 from postkeep.storage import erasure, holds, lifecycle, stats
 from postkeep.storage.db import BackendError
 from postkeep.storage.objects import S3ObjectStore
 from postkeep.storage.retention import RetentionSettings, run_retention
-
-
-def settings_from(cfg: RetentionConfig) -> RetentionSettings:
-    """The run's settings from [retention]."""
-    return RetentionSettings(content_expiry=cfg.content_expiry, sweep_batch=cfg.sweep_batch,
-                             stats_days=cfg.stats_days, lock_timeout_ms=cfg.lock_timeout_ms,
-                             drop_attempts=cfg.drop_attempts)
+from postkeep.storage.retention_schedule import settings_of
 
 
 def _store(cfg_s3: object) -> lifecycle.S3Retention:
@@ -63,7 +56,7 @@ def retention_run(ctx: click.Context, content_expiry: str | None, sweep_from: st
     except ValueError as exc:
         _fail(str(exc).replace("--since", "--sweep-from"))
     with _session(ctx) as s:
-        settings = settings_from(s.cfg.retention)
+        settings = settings_of(s.cfg.retention)
         if content_expiry:
             settings = RetentionSettings(**{**settings.__dict__,
                                             "content_expiry": content_expiry})

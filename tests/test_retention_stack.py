@@ -322,3 +322,54 @@ def test_unknown_org_and_bad_address_refused_by_cli(stack_env: object) -> None:
     bad = subprocess.run([str(script), "erase", "--org", "x", "--address", "not-an-address"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 1 and "expected local@domain" in bad.stderr
+
+
+def test_cli_hold_list_stats_and_lifecycle_show(
+        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        make_org: Callable[..., TestOrg], stack_env: object) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from postkeep import cli
+
+    cli._register()
+    config_path = stack_env.config_path  # type: ignore[attr-defined]
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(cli.cli, ["--config", config_path, *args])
+        assert result.exit_code == 0, f"{args}: {result.stderr}{result.exception!r}"
+        return result.stdout
+
+    org = make_org("free")
+    week = past_week(db)
+    put_message(db, objects, org.id, org.domain, week,
+                recipients=(("x@example.net", "delivered"), ("y@example.net", "expired")))
+    added = run("hold", "add", "--org", org.name, "--address", "<Zed@Example.NET>",
+                "--reason", "ticket 7")
+    hold_id = int(added.split()[1])
+    assert f"hold {hold_id} on zed@example.net in org {org.name}: ticket 7" in added
+    listed = json.loads(run("hold", "list", "--org", org.name, "--json"))
+    assert [(h["id"], h["address"], h["reason"], h["released_at"]) for h in listed] == [
+        (hold_id, "zed@example.net", "ticket 7", None)]
+    again = CliRunner().invoke(cli.cli, ["--config", config_path, "hold", "add", "--org",
+                                         org.name, "--address", "zed@example.net",
+                                         "--reason", "dup"])
+    assert again.exit_code == 1 and "already active" in again.stderr
+    run("hold", "remove", str(hold_id))
+    assert "releasing" in run("hold", "list", "--org", org.name, "--all")
+    gone = CliRunner().invoke(cli.cli, ["--config", config_path, "hold", "remove",
+                                        str(hold_id)])
+    assert gone.exit_code == 1 and "already released" in gone.stderr
+
+    _run(db, store, week.monday - timedelta(days=40))
+    assert "released" in run("hold", "list", "--org", org.name, "--all")
+    stats = json.loads(run("retention", "stats", org.name, "--json"))
+    assert [(s["messages"], s["sent"], s["delivered"], s["expired"]) for s in stats] == [
+        (1, 2, 1, 1)]
+    assert "DELIVERED" in run("retention", "stats", org.name)
+
+    store.apply_rules(lifecycle.planned_rules())
+    shown = run("retention", "lifecycle", "show")
+    assert "postkeep-content-7d" in shown and "prefix messages/7d/" in shown
+    assert len([ln for ln in shown.splitlines() if ln.startswith("postkeep-content-")]) == 15

@@ -1,0 +1,80 @@
+"""Retention on a schedule inside postkeep-storage (the sidecar).
+
+`retention_loop` runs `run_retention` every `retention.interval_seconds`,
+the first time one interval after start (a restart loop must not turn into
+a retention loop), in a worker thread on a connection of its own borrowed
+from the pool, so the LMTP side never waits for it.  A run that fails is
+logged and counted, and the next one comes at the next interval; two
+sidecars (or a sidecar and `postkeep retention run`) take turns on the
+run's advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from postkeep.config import RetentionConfig
+from postkeep.storage.db import BackendError, Database
+from postkeep.storage.lifecycle import S3Retention
+from postkeep.storage.objects import S3ObjectStore
+from postkeep.storage.retention import RetentionSettings, RunReport, run_retention
+
+log = logging.getLogger("postkeep.storage")
+
+RUNS = Counter("postkeep_retention_runs_total", "Scheduled retention runs, by result",
+               ["result"])
+RUN_SECONDS = Histogram("postkeep_retention_run_seconds", "Duration of a retention run",
+                        buckets=(1, 5, 15, 60, 300, 900, 3600, 14400))
+LAST_SUCCESS = Gauge("postkeep_retention_last_success_timestamp_seconds",
+                     "Unix time the last retention run finished without errors")
+ROWS_DROPPED = Counter("postkeep_retention_rows_dropped_total",
+                       "Message and recipient rows removed by partition drops")
+OBJECTS_SWEPT = Counter("postkeep_retention_objects_swept_total",
+                        "Content objects deleted by the sweeper")
+
+
+def settings_of(cfg: RetentionConfig) -> RetentionSettings:
+    """A run's settings from [retention]."""
+    return RetentionSettings(content_expiry=cfg.content_expiry, sweep_batch=cfg.sweep_batch,
+                             stats_days=cfg.stats_days, lock_timeout_ms=cfg.lock_timeout_ms,
+                             drop_attempts=cfg.drop_attempts)
+
+
+def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig) -> RunReport:
+    """One run on a pooled connection; metrics counted.  Raises BackendError."""
+    started = time.monotonic()
+    store = S3Retention(objects.client, objects.bucket)
+    try:
+        with db.connection() as conn:
+            report = run_retention(conn, store, None, lambda line: log.info("retention: %s", line),
+                                   settings_of(cfg))
+    finally:
+        RUN_SECONDS.observe(time.monotonic() - started)
+    ROWS_DROPPED.inc(report.messages_dropped + report.recipients_dropped)
+    OBJECTS_SWEPT.inc(report.objects_swept)
+    if report.errors:
+        RUNS.labels("errors").inc()
+        log.warning("retention run %s finished with errors: %s", report.run_id,
+                    "; ".join(report.errors[:5]))
+    else:
+        RUNS.labels("ok").inc()
+        LAST_SUCCESS.set(time.time())
+    return report
+
+
+async def retention_loop(db: Database, objects: S3ObjectStore, cfg: RetentionConfig) -> None:
+    """Run retention every cfg.interval_seconds until cancelled."""
+    while True:
+        await asyncio.sleep(cfg.interval_seconds)
+        try:
+            await asyncio.to_thread(run_once, db, objects, cfg)
+        except BackendError as exc:
+            RUNS.labels("failed").inc()
+            log.warning("retention run failed (%s); next in %gs", exc, cfg.interval_seconds)
+        except Exception:
+            RUNS.labels("failed").inc()
+            log.exception("retention run failed; next in %gs", cfg.interval_seconds)
