@@ -4,8 +4,10 @@
 or from the address (the object is deleted and the row marked
 `content_erased_at`, so readers derive "content erased") and redacts the
 address in metadata: the envelope sender and From: become `[erased]`, the
-recipient row becomes `[erased]-<random>` (it is part of the primary key),
-and the address is cut out of subjects and DSN diagnostics.  Delivery
+recipient becomes `[erased]-<12 hex>` (part of the primary key; the same
+within one message's status and history, from a salt that is not kept),
+and the address is cut out of subjects and DSN diagnostics, in the current
+status and in the report history (`recipient_events`).  Delivery
 statuses and sizes stay for statistics.  The audit row records how many
 messages and a sha256 of the address, never the address.
 
@@ -23,6 +25,7 @@ interleaves with a retention run.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -100,6 +103,10 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             raise ErasureRefused(covering)
         total = deleted = redacted = 0
         pattern = pg_regex_literal(address)
+        # The redacted recipient is the same in the current status and in the
+        # history of one message (so they still pair up), unguessable without
+        # this salt, which is never stored.
+        salt = os.urandom(16).hex()
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
             keys = [m[2] for m in batch]
@@ -127,8 +134,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 )
                 cur = conn.execute(
                     "UPDATE message_recipients r SET recipient = CASE WHEN lower(r.recipient)"
-                    " = %(addr)s THEN %(red)s || '-' || left(md5(gen_random_uuid()::text), 12)"
-                    " ELSE r.recipient END,"
+                    " = %(addr)s THEN %(red)s || '-' || left(md5(r.message_id::text"
+                    " || %(salt)s), 12) ELSE r.recipient END,"
                     " diagnostic = regexp_replace(r.diagnostic, %(pat)s, %(red)s, 'gi'),"
                     " updated_at = now()"
                     " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
@@ -136,9 +143,22 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     " AND r.org_id = %(org)s AND (lower(r.recipient) = %(addr)s"
                     " OR r.diagnostic ~* %(pat)s)",
                     {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
-                     "exps": exps, "org": org_id},
+                     "exps": exps, "org": org_id, "salt": salt},
                 )
                 redacted += cur.rowcount
+                # The delivery report history (outcomes) names recipients too.
+                conn.execute(
+                    "UPDATE recipient_events e SET recipient = CASE WHEN lower(e.recipient)"
+                    " = %(addr)s THEN %(red)s || '-' || left(md5(e.message_id::text"
+                    " || %(salt)s), 12) ELSE e.recipient END,"
+                    " diagnostic = regexp_replace(e.diagnostic, %(pat)s, %(red)s, 'gi')"
+                    " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
+                    " WHERE e.message_id = u.id AND e.metadata_expires_at = u.exp"
+                    " AND e.org_id = %(org)s AND (lower(e.recipient) = %(addr)s"
+                    " OR e.diagnostic ~* %(pat)s)",
+                    {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
+                     "exps": exps, "org": org_id, "salt": salt},
+                )
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys)})
             total += len(batch)

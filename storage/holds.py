@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import class_row
 
 from postkeep.storage.lifecycle import RetentionStore, held_key, is_held_key
@@ -196,6 +197,50 @@ def audit(conn: psycopg.Connection, run_id: uuid.UUID | None, action: str, count
     )
 
 
+# --- tables that follow a message's partition ---------------------------------
+
+_CHILD_COLUMNS = ("message_id", "org_id", "metadata_expires_at", "held_metadata_expires_at")
+
+
+def child_tables(conn: psycopg.Connection) -> list[str]:
+    """Tables other than messages partitioned by metadata_expires_at, recipients first.
+
+    Each must carry message_id, org_id and held_metadata_expires_at, so a
+    held message's rows in it move with the message; a table that does not is
+    refused here (BackendError naming it) rather than have held rows dropped.
+    """
+    from postkeep.storage.db import BackendError
+
+    rows = conn.execute(
+        "SELECT c.relname::text, array_agg(a2.attname::text) FROM pg_partitioned_table p"
+        " JOIN pg_class c ON c.oid = p.partrelid"
+        " AND c.relnamespace = current_schema()::regnamespace"
+        " JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]"
+        " JOIN pg_attribute a2 ON a2.attrelid = p.partrelid AND a2.attnum > 0"
+        " AND NOT a2.attisdropped"
+        " WHERE a.attname = 'metadata_expires_at' AND p.partstrat = 'r'"
+        " AND c.relname <> 'messages' GROUP BY c.relname"
+        " ORDER BY c.relname <> 'message_recipients', c.relname").fetchall()
+    for table, cols in rows:
+        missing = [c for c in _CHILD_COLUMNS if c not in cols]
+        if missing:
+            raise BackendError("postgres", f"table {table} is partitioned by"
+                               f" metadata_expires_at but has no {', '.join(missing)}:"
+                               " retention cannot keep held rows in it")
+    return [r[0] for r in rows]
+
+
+def move_children_sql(tables: list[str]) -> sql.Composed:
+    """CTE parts moving each table's rows of `moved` (id, org_id, old stamp) to HELD."""
+    return sql.Composed([sql.SQL(
+        ", {alias} AS (UPDATE {t} c SET held_metadata_expires_at = c.metadata_expires_at,"
+        " metadata_expires_at = %(held)s FROM moved WHERE c.message_id = moved.id"
+        " AND c.org_id = moved.org_id AND c.metadata_expires_at ="
+        " moved.held_metadata_expires_at RETURNING 1)").format(
+            alias=sql.Identifier(f"moved_{i}"), t=sql.Identifier(t))
+        for i, t in enumerate(tables)])
+
+
 # --- content protection ------------------------------------------------------
 
 
@@ -312,23 +357,31 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
             conn,
             f"SELECT m.id FROM messages m WHERE m.metadata_expires_at = %(held)s AND {free}"
             " AND m.held_metadata_expires_at <= %(now)s", params)
-        row = conn.execute(
-            f"WITH gone AS (DELETE FROM messages m WHERE m.metadata_expires_at = %(held)s"
-            f" AND {free} AND m.held_metadata_expires_at <= %(now)s RETURNING m.id, m.org_id),"
-            " rg AS (DELETE FROM message_recipients r USING gone WHERE r.message_id = gone.id"
-            " AND r.org_id = gone.org_id AND r.metadata_expires_at = %(held)s RETURNING 1)"
-            " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM rg)", params).fetchone()
+        children = child_tables(conn)
+        deletes = sql.Composed([sql.SQL(
+            ", {a} AS (DELETE FROM {t} c USING gone WHERE c.message_id = gone.id"
+            " AND c.org_id = gone.org_id AND c.metadata_expires_at = %(held)s RETURNING 1)"
+        ).format(a=sql.Identifier(f"gone_{i}"), t=sql.Identifier(t))
+            for i, t in enumerate(children)])
+        row = conn.execute(sql.SQL(
+            "WITH gone AS (DELETE FROM messages m WHERE m.metadata_expires_at = %(held)s"
+            " AND {free} AND m.held_metadata_expires_at <= %(now)s RETURNING m.id, m.org_id)"
+            "{deletes} SELECT count(*) FROM gone").format(free=sql.SQL(free), deletes=deletes),
+            params).fetchone()
         dropped = int(row[0]) if row else 0
-        row = conn.execute(
-            f"WITH back AS (UPDATE messages m SET metadata_expires_at ="
+        backs = sql.Composed([sql.SQL(
+            ", {a} AS (UPDATE {t} c SET metadata_expires_at = back.metadata_expires_at,"
+            " held_metadata_expires_at = NULL FROM back WHERE c.message_id = back.id"
+            " AND c.org_id = back.org_id AND c.metadata_expires_at = %(held)s RETURNING 1)"
+        ).format(a=sql.Identifier(f"back_{i}"), t=sql.Identifier(t))
+            for i, t in enumerate(children)])
+        row = conn.execute(sql.SQL(
+            "WITH back AS (UPDATE messages m SET metadata_expires_at ="
             " m.held_metadata_expires_at, held_metadata_expires_at = NULL"
-            f" WHERE m.metadata_expires_at = %(held)s AND {free}"
-            " RETURNING m.id, m.org_id, m.metadata_expires_at),"
-            " rb AS (UPDATE message_recipients r SET"
-            " metadata_expires_at = back.metadata_expires_at, held_metadata_expires_at = NULL"
-            " FROM back WHERE r.message_id = back.id"
-            " AND r.org_id = back.org_id AND r.metadata_expires_at = %(held)s RETURNING 1)"
-            " SELECT (SELECT count(*) FROM back), (SELECT count(*) FROM rb)", params).fetchone()
+            " WHERE m.metadata_expires_at = %(held)s AND {free}"
+            " RETURNING m.id, m.org_id, m.metadata_expires_at){backs}"
+            " SELECT count(*) FROM back").format(free=sql.SQL(free), backs=backs),
+            params).fetchone()
         restored = int(row[0]) if row else 0
         conn.execute("UPDATE legal_holds SET reconciled_at = now() WHERE id = %s", (hold.id,))
         audit(conn, run_id, "hold_reconciled", dropped + restored, hold.org_id,

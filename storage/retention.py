@@ -139,12 +139,18 @@ def _ts(text: str) -> datetime:
 
 @dataclass(frozen=True)
 class Week:
-    """A pair of partitions (messages, message_recipients) with the same bounds."""
+    """One week's partitions of messages, message_recipients and any other
+    table partitioned by metadata_expires_at (OTHERS: (table, partition))."""
 
     messages: str
     recipients: str
     lower: datetime
     upper: datetime
+    others: tuple[tuple[str, str], ...] = ()
+
+    def partitions(self) -> list[str]:
+        """Every partition of the week, messages first."""
+        return [self.messages, self.recipients, *(p for _, p in self.others)]
 
 
 def droppable(weeks: list[Week], cutoff: datetime) -> list[Week]:
@@ -181,19 +187,27 @@ def choose_mode(setting: str, server_rules_supported: bool) -> str:
 # --- the run ------------------------------------------------------------------------
 
 
+class Stopped(Exception):
+    """The run was asked to stop (should_stop) between two steps of work."""
+
+
 def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime | None = None,
                   progress: Progress | None = None,
                   settings: RetentionSettings = RetentionSettings(),
-                  sweep_from: datetime | None = None) -> RunReport:
+                  sweep_from: datetime | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> RunReport:
     """One retention pass (see the module docstring); never two at once.
 
     CONN is an autocommit connection used only by this call; NOW the time
     the run treats as current; PROGRESS receives human-readable lines;
     SWEEP_FROM rewinds the sweeper's watermark (e.g. after a spool drain of
-    old mail).  Errors of one step are recorded in the report and the run
+    old mail); SHOULD_STOP is polled between batches and weeks (a daemon
+    shutting down), and a stop ends the run early like a crash would, minus
+    the crash.  Errors of one step are recorded in the report and the run
     goes on with the steps that do not depend on it.
     """
     say = progress or (lambda _line: None)
+    stop = should_stop or (lambda: False)
     report = RunReport(uuid7(), datetime.now(UTC))
     started = _time.monotonic()
     with _session(conn), run_lock(conn, say):
@@ -204,11 +218,15 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
             say(f"created {report.partitions_created} partition(s) ahead")
         _lifecycle(conn, store, settings, report, say)
         watermark = _watermark(conn, sweep_from, report.run_id)
-        _holds(conn, store, watermark[0], now, report, say)
-        watermark = _sweep(conn, store, watermark, now, settings, report, say)
-        weeks = droppable(list_weeks(conn), min(now, watermark[0]))
-        _drop(conn, weeks, settings, report, say)
-        _rollup(conn, now, settings, report, say)
+        try:
+            _holds(conn, store, watermark[0], now, report, say)
+            watermark = _sweep(conn, store, watermark, now, settings, report, say, stop)
+            weeks = droppable(list_weeks(conn), min(now, watermark[0]))
+            _drop(conn, weeks, settings, report, say, stop)
+            _rollup(conn, now, settings, report, say)
+        except Stopped:
+            report.errors.append("stopped before the end (shutdown); the next run carries on")
+            say("stopped before the end; the next run carries on")
         report.seconds = _time.monotonic() - started
         audit(conn, report.run_id, "run", len(report.partitions_dropped), None, None,
               {"summary": report.summary(), "errors": report.errors[:20]})
@@ -329,7 +347,8 @@ _SWEEP_BATCH = sql.SQL(
 
 def _sweep(conn: psycopg.Connection, store: RetentionStore,
            watermark: tuple[datetime, uuid.UUID], now: datetime, settings: RetentionSettings,
-           report: RunReport, say: Progress) -> tuple[datetime, uuid.UUID]:
+           report: RunReport, say: Progress, stop: Callable[[], bool]
+           ) -> tuple[datetime, uuid.UUID]:
     """Delete expired content nothing else will delete; return the new watermark."""
     ruled = report.mode == "lifecycle"
     todo_row = conn.execute(
@@ -347,6 +366,8 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
     stopped = False  # by an S3 failure: the watermark stays where the sweep got to
     at, last = watermark
     while True:
+        if stop():
+            raise Stopped
         rows = conn.execute(_SWEEP_BATCH, {"at": at, "id": last, "now": now, "ruled": ruled,
                                            "pattern": _RULED, "n": settings.sweep_batch}
                             ).fetchall()
@@ -400,20 +421,28 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
 
 
 def list_weeks(conn: psycopg.Connection) -> list[Week]:
-    """Every weekly partition pair with its bounds (the session must be in UTC)."""
+    """Every week's partitions with their bounds (the session must be in UTC).
+
+    Tables partitioned by metadata_expires_at are found in the catalog (as
+    ensure_partitions() finds them), so a table added later is dropped with
+    its week too; see holds.child_tables for what such a table must carry.
+    """
+    tables = ["messages", *holds.child_tables(conn)]
     rows = conn.execute(
         "SELECT p.relname::text, c.relname::text, pg_get_expr(c.relpartbound, c.oid)"
         " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         " JOIN pg_class p ON p.oid = i.inhparent"
-        " WHERE i.inhparent IN ('messages'::regclass, 'message_recipients'::regclass)"
-    ).fetchall()
+        " WHERE p.relname = ANY(%s) AND p.relnamespace = current_schema()::regnamespace",
+        (tables,)).fetchall()
     by_bounds: dict[tuple[datetime, datetime], dict[str, str]] = {}
     for parent, child, expr in rows:
         bounds = parse_bounds(expr or "")
         if bounds is None or bounds[1] is None:
             continue
         by_bounds.setdefault((bounds[0], bounds[1]), {})[parent] = child
-    return [Week(pair["messages"], pair["message_recipients"], lo, hi)
+    return [Week(pair["messages"], pair["message_recipients"], lo, hi,
+                 tuple(sorted((t, p) for t, p in pair.items()
+                              if t not in ("messages", "message_recipients"))))
             for (lo, hi), pair in by_bounds.items()
             if "messages" in pair and "message_recipients" in pair]
 
@@ -446,9 +475,11 @@ def _rollup(conn: psycopg.Connection, now: datetime, settings: RetentionSettings
 
 
 def _drop(conn: psycopg.Connection, weeks: list[Week], settings: RetentionSettings,
-          report: RunReport, say: Progress) -> None:
+          report: RunReport, say: Progress, stop: Callable[[], bool]) -> None:
     """Drop each expired week in its own transaction (see module docstring)."""
     for n, week in enumerate(weeks, 1):
+        if stop():
+            raise Stopped
         for attempt in range(1, settings.drop_attempts + 1):
             try:
                 kept, archived = _drop_week(conn, week, settings, report.run_id)
@@ -481,28 +512,26 @@ def _drop_week(conn: psycopg.Connection, week: Week, settings: RetentionSettings
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
             sql.Literal(f"{settings.lock_timeout_ms}ms")))
-        # Lock both partitions first, so nothing is added to them after the
-        # held rows have been moved out and the counts taken.
-        conn.execute(sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(
-            sql.Identifier(week.messages), sql.Identifier(week.recipients)))
+        # Lock the week's partitions first, so nothing is added to them after
+        # the held rows have been moved out and the counts taken.
+        parts = sql.SQL(", ").join(map(sql.Identifier, week.partitions()))
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(parts))
         kept_row = conn.execute(sql.SQL(
             "WITH moved AS (UPDATE messages m SET held_metadata_expires_at ="
             " m.metadata_expires_at, metadata_expires_at = %(held)s"
             " WHERE m.metadata_expires_at >= %(lo)s AND m.metadata_expires_at < %(hi)s"
-            " AND {covered} RETURNING m.id, m.org_id, m.held_metadata_expires_at),"
-            " rmoved AS (UPDATE message_recipients r SET held_metadata_expires_at ="
-            " r.metadata_expires_at, metadata_expires_at = %(held)s FROM moved"
-            " WHERE r.message_id = moved.id AND r.org_id = moved.org_id"
-            " AND r.metadata_expires_at = moved.held_metadata_expires_at RETURNING 1)"
-            " SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM rmoved)"
-        ).format(covered=sql.SQL(covered_sql("m"))),
+            " AND {covered} RETURNING m.id, m.org_id, m.held_metadata_expires_at){children}"
+            " SELECT count(*) FROM moved"
+        ).format(covered=sql.SQL(covered_sql("m")),
+                 children=holds.move_children_sql(
+                     ["message_recipients", *(t for t, _ in week.others)])),
             {"held": HELD_AT, "lo": week.lower, "hi": week.upper}).fetchone()
         kept = int(kept_row[0]) if kept_row else 0
         archived = stats.archive_partitions(conn, week.messages, week.recipients)
-        conn.execute(sql.SQL("DROP TABLE {}, {}").format(
-            sql.Identifier(week.messages), sql.Identifier(week.recipients)))
+        conn.execute(sql.SQL("DROP TABLE {}").format(parts))
         audit(conn, run_id, "partition_dropped", archived.messages, None, week.messages,
               {"recipients_partition": week.recipients,
+               "other_partitions": [p for _, p in week.others],
                "recipients": archived.recipients, "held_messages_kept": kept,
                "from": week.lower.isoformat(), "to": week.upper.isoformat(),
                "first_day": archived.first_day.isoformat() if archived.first_day else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -44,14 +45,19 @@ def settings_of(cfg: RetentionConfig) -> RetentionSettings:
                              drop_attempts=cfg.drop_attempts)
 
 
-def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig) -> RunReport:
-    """One run on a pooled connection; metrics counted.  Raises BackendError."""
+def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
+             stopping: threading.Event | None = None) -> RunReport:
+    """One run on a pooled connection; metrics counted.  Raises BackendError.
+
+    STOPPING set (the daemon is shutting down) ends the run between batches.
+    """
     started = time.monotonic()
     store = S3Retention(objects.client, objects.bucket)
+    stop = stopping.is_set if stopping is not None else None
     try:
         with db.connection() as conn:
             report = run_retention(conn, store, None, lambda line: log.info("retention: %s", line),
-                                   settings_of(cfg))
+                                   settings_of(cfg), should_stop=stop)
     finally:
         RUN_SECONDS.observe(time.monotonic() - started)
     ROWS_DROPPED.inc(report.messages_dropped + report.recipients_dropped)
@@ -66,12 +72,19 @@ def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig) -> RunR
     return report
 
 
-async def retention_loop(db: Database, objects: S3ObjectStore, cfg: RetentionConfig) -> None:
-    """Run retention every cfg.interval_seconds until cancelled."""
-    while True:
+async def retention_loop(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
+                         stopping: threading.Event) -> None:
+    """Run retention every cfg.interval_seconds until STOPPING is set.
+
+    Set STOPPING, then await the task: a run in progress ends at its next
+    batch (its work so far is kept; the next run carries on).
+    """
+    while not stopping.is_set():
         await asyncio.sleep(cfg.interval_seconds)
+        if stopping.is_set():
+            return
         try:
-            await asyncio.to_thread(run_once, db, objects, cfg)
+            await asyncio.to_thread(run_once, db, objects, cfg, stopping)
         except BackendError as exc:
             RUNS.labels("failed").inc()
             log.warning("retention run failed (%s); next in %gs", exc, cfg.interval_seconds)

@@ -72,6 +72,9 @@ def _backdate(conn: psycopg.Connection, ids: list[uuid.UUID], stamp: datetime) -
         conn.execute(
             "UPDATE message_recipients SET created_at = %s, metadata_expires_at = %s"
             " WHERE message_id = ANY(%s)", (created, stamp, ids))
+        # Delivery reports already recorded for them follow their message.
+        conn.execute("UPDATE recipient_events SET metadata_expires_at = %s"
+                     " WHERE message_id = ANY(%s)", (stamp, ids))
 
 
 def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:

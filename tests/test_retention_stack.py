@@ -373,3 +373,57 @@ def test_cli_hold_list_stats_and_lifecycle_show(
     shown = run("retention", "lifecycle", "show")
     assert "postkeep-content-7d" in shown and "prefix messages/7d/" in shown
     assert len([ln for ln in shown.splitlines() if ln.startswith("postkeep-content-")]) == 15
+
+
+def test_the_sidecar_schedule_runs_retention(
+        db: psycopg.Connection, objects: S3ObjectStore, config: object,
+        make_org: Callable[..., TestOrg]) -> None:
+    """retention_loop (what postkeep-storage runs) drops an expired week on its own."""
+    import asyncio
+    import contextlib
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    from postkeep.config import RetentionConfig
+    from postkeep.storage.db import Database
+    from postkeep.storage.retention_schedule import retention_loop
+
+    def runs_ok() -> float:
+        return REGISTRY.get_sample_value("postkeep_retention_runs_total",
+                                         {"result": "ok"}) or 0.0
+
+    org = make_org("free")
+    week = past_week(db)
+    put_message(db, objects, org.id, org.domain, week)
+    ok_before = runs_ok()
+    pool = Database(config.postgres, min_size=1)  # type: ignore[attr-defined]
+    stopping = threading.Event()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(retention_loop(
+            pool, objects, RetentionConfig(interval_seconds=0.2, content_expiry="sweep"),
+            stopping))
+        for _ in range(300):
+            await asyncio.sleep(0.2)
+            if not exists(db, week.messages):
+                break
+        stopping.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert not exists(db, week.messages), "the scheduled run never dropped the week"
+    assert runs_ok() > ok_before
+
+
+def test_the_stack_sidecar_has_retention_scheduled(stack_env: object) -> None:
+    import os
+    from pathlib import Path
+
+    log = Path(os.environ["POSTKEEP_STACK_DIR"]) / "storage" / "storage.log"
+    assert "retention runs every 3600s (retention.interval_seconds)" in log.read_text()

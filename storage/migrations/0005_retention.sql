@@ -9,8 +9,11 @@
 -- that releasing the hold restores (or applies) it.
 
 ALTER TABLE messages ADD COLUMN content_erased_at timestamptz;
+-- Every table partitioned by metadata_expires_at carries the column, so a
+-- held message's rows move together (storage/retention.py checks this).
 ALTER TABLE messages ADD COLUMN held_metadata_expires_at timestamptz;
 ALTER TABLE message_recipients ADD COLUMN held_metadata_expires_at timestamptz;
+ALTER TABLE recipient_events ADD COLUMN held_metadata_expires_at timestamptz;
 
 -- The content sweeper walks messages in content expiry order from a watermark.
 CREATE INDEX messages_content_expiry_idx ON messages (content_expires_at, id);
@@ -25,6 +28,8 @@ CREATE INDEX message_recipients_created_brin ON message_recipients USING brin (c
 CREATE TABLE messages_held PARTITION OF messages
     FOR VALUES FROM ('9999-01-01 00:00:00+00') TO ('9999-12-31 00:00:00+00');
 CREATE TABLE message_recipients_held PARTITION OF message_recipients
+    FOR VALUES FROM ('9999-01-01 00:00:00+00') TO ('9999-12-31 00:00:00+00');
+CREATE TABLE recipient_events_held PARTITION OF recipient_events
     FOR VALUES FROM ('9999-01-01 00:00:00+00') TO ('9999-12-31 00:00:00+00');
 
 -- A legal hold: the organisation's mail (address NULL) or only mail to or

@@ -21,7 +21,7 @@ import psycopg
 import zstandard
 from psycopg import sql
 
-from postkeep.storage import messages
+from postkeep.storage import holds, messages
 from postkeep.storage.objects import S3ObjectStore, message_key
 
 
@@ -48,9 +48,10 @@ def past_week(conn: psycopg.Connection) -> PastWeek:
         row = conn.execute("SELECT to_regclass(%s), to_regclass(%s)", names).fetchone()
         if row == (None, None):
             break
-    for parent, name in zip(("messages", "message_recipients"), names, strict=True):
+    # Every table partitioned by metadata_expires_at (recipient_events too).
+    for parent in ("messages", *holds.child_tables(conn)):
         conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})")
-                     .format(sql.Identifier(name), sql.Identifier(parent),
+                     .format(sql.Identifier(f"{parent}_e{tag}"), sql.Identifier(parent),
                              sql.Literal(monday), sql.Literal(monday + timedelta(days=7))))
     return PastWeek(monday, *names)
 
