@@ -61,6 +61,18 @@ def _row(conn: psycopg.Connection, queue_id: str) -> messages.MessageRow:
     raise AssertionError(f"no messages row for queue id {queue_id}")
 
 
+def _wait_relayed(conn: psycopg.Connection, ids: list[uuid.UUID], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT count(*) FILTER (WHERE status <> 'relayed'), count(*)"
+                           " FROM message_recipients WHERE message_id = ANY(%s)",
+                           (ids,)).fetchone()
+        if row is not None and row[0] == 0 and row[1] > 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError("the relayed notices never came back")
+
+
 def _backdate(conn: psycopg.Connection, ids: list[uuid.UUID], stamp: datetime) -> None:
     """Move rows as if captured 30 days before STAMP (free tier: content 7, metadata 30)."""
     created = stamp - timedelta(days=30)
@@ -99,6 +111,10 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
     delivered = {k: stack.sink_copy(tok) for k, (_, tok) in sent.items()}
     with stack.connect() as conn:
         rows = {k: _row(conn, qid) for k, (qid, _) in sent.items()}
+        # Postfix's success notices come back through postkeep-storage: wait
+        # for them, so the report history exists and is expired, held and
+        # erased along with its message.
+        _wait_relayed(conn, [m.id for m in rows.values()])
         assert rows["two"].object_key.startswith(f"messages/7d/{free_id}/")
         # The organisation was under a hold at capture: out of lifecycle reach at once.
         assert rows["held"].object_key.startswith(f"messages/hold/{held_id}/")
@@ -137,7 +153,16 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
         assert swept is not None and swept[0] >= 2
         # The day's statistics outlive the rows.
         s = stats_row(conn, free_id, day)
-        assert (s["messages"], s["sent"]) == (2, 3)
+        assert (s["messages"], s["sent"], s["delivered"]) == (2, 3, 3)
+        events = conn.execute("SELECT count(*) FROM recipient_events WHERE message_id = ANY(%s)",
+                              ([rows["two"].id, rows["one"].id],)).fetchone()
+        assert events == (0,), "their report history went with the week's partitions"
+        held_events = conn.execute(
+            "SELECT recipient, metadata_expires_at, held_metadata_expires_at"
+            " FROM recipient_events WHERE message_id = %s ORDER BY recipient",
+            (rows["held"].id,)).fetchall()
+        assert [(r, m, h) for r, m, h in held_events] == [
+            ("dan@sink.test", holds.HELD_AT, stamp), ("erin@sink.test", holds.HELD_AT, stamp)]
         assert s["bytes"] == rows["two"].size + rows["one"].size
         assert stats_row(conn, held_id, day)["messages"] == 1
 
@@ -154,6 +179,11 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
         assert e is not None and e.message.content_erased_at is not None
         assert "erin" not in repr(e).lower()
         assert not store.exists(rows["erin"].object_key)
+        history = conn.execute("SELECT recipient, diagnostic FROM recipient_events"
+                               " WHERE message_id = %s", (rows["erin"].id,)).fetchall()
+        assert history and all("erin" not in repr(h).lower() for h in history)
+        # Status and history still pair up under the redacted name.
+        assert {h[0] for h in history} == {r.recipient for r in e.recipients}
 
     raw = subprocess.run([str(SCRIPT), "messages", "raw", str(rows["held"].id)],
                          capture_output=True, timeout=60, check=False)
