@@ -427,3 +427,30 @@ def test_the_stack_sidecar_has_retention_scheduled(stack_env: object) -> None:
 
     log = Path(os.environ["POSTKEEP_STACK_DIR"]) / "storage" / "storage.log"
     assert "retention runs every 3600s (retention.interval_seconds)" in log.read_text()
+
+
+def test_dashboard_role_sees_only_its_organisations_statistics_holds_and_audit(
+        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        make_org: Callable[..., TestOrg]) -> None:
+    from conftest import unique_name
+
+    mine, theirs = make_org("free"), make_org("free")
+    week = past_week(db)
+    for org in (mine, theirs):
+        put_message(db, objects, org.id, org.domain, week)
+        holds.release_hold(db, holds.add_hold(db, org.id, None, "rls check").id)
+    _run(db, store, week.monday - timedelta(days=40))
+    tables = "delivery_stats_daily, delivery_stats_dropped, legal_holds, retention_audit"
+    role = unique_name("dash").replace("-", "_")
+    db.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        db.execute(f'GRANT SELECT ON {tables} TO "{role}"')
+        with db.transaction():
+            db.execute(f'SET LOCAL ROLE "{role}"')
+            db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(mine.id),))
+            seen = {t: {r[0] for r in db.execute(f"SELECT org_id FROM {t}")}
+                    for t in tables.split(", ")}
+        assert seen == {t: {mine.id} for t in tables.split(", ")}
+    finally:
+        db.execute(f'REVOKE ALL ON {tables} FROM "{role}"')
+        db.execute(f'DROP ROLE "{role}"')

@@ -92,10 +92,13 @@ CREATE TABLE retention_state (
 
 ALTER TABLE legal_holds ENABLE ROW LEVEL SECURITY;
 ALTER TABLE delivery_stats_daily ENABLE ROW LEVEL SECURITY;
+ALTER TABLE delivery_stats_dropped ENABLE ROW LEVEL SECURITY;
 ALTER TABLE retention_audit ENABLE ROW LEVEL SECURITY;
 CREATE POLICY tenant_isolation ON legal_holds
     USING (org_id = nullif(current_setting('postkeep.org_id', true), '')::uuid);
 CREATE POLICY tenant_isolation ON delivery_stats_daily
+    USING (org_id = nullif(current_setting('postkeep.org_id', true), '')::uuid);
+CREATE POLICY tenant_isolation ON delivery_stats_dropped
     USING (org_id = nullif(current_setting('postkeep.org_id', true), '')::uuid);
 CREATE POLICY tenant_isolation ON retention_audit
     USING (org_id = nullif(current_setting('postkeep.org_id', true), '')::uuid);
