@@ -266,23 +266,26 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
     """
     moved = gone = 0
     scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
-    last_id = uuid.UUID(int=0)
+    # Walk the organisation's messages by (created_at, id): the
+    # (org_id, created_at) index serves it, whatever the size of the table.
+    last: tuple[datetime, uuid.UUID] = (datetime.min.replace(tzinfo=HELD_AT.tzinfo),
+                                        uuid.UUID(int=0))
     while True:
         rows = conn.execute(
-            "SELECT m.id, m.metadata_expires_at, m.object_key FROM messages m"
-            " WHERE m.org_id = %(org)s AND m.id > %(after)s AND m.content_erased_at IS NULL"
-            " AND m.object_key NOT LIKE 'messages/hold/%%'"
+            "SELECT m.id, m.metadata_expires_at, m.object_key, m.created_at FROM messages m"
+            " WHERE m.org_id = %(org)s AND (m.created_at, m.id) > (%(c)s, %(after)s)"
+            " AND m.content_erased_at IS NULL AND m.object_key NOT LIKE 'messages/hold/%%'"
             f" AND m.content_expires_at > %(content_after)s{scope}"
-            " ORDER BY m.id LIMIT %(n)s",
-            {"org": hold.org_id, "addr": hold.address, "after": last_id,
+            " ORDER BY m.created_at, m.id LIMIT %(n)s",
+            {"org": hold.org_id, "addr": hold.address, "c": last[0], "after": last[1],
              "content_after": content_after, "n": _PROTECT_BATCH},
         ).fetchall()
         if not rows:
             break
-        last_id = rows[-1][0]
+        last = (rows[-1][3], rows[-1][0])
         repoint: list[tuple[uuid.UUID, datetime, str]] = []
         originals: list[str] = []
-        for mid, mexp, key in rows:
+        for mid, mexp, key, _created in rows:
             if is_held_key(key):
                 continue
             dst = held_key(key)
