@@ -26,7 +26,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
 from psycopg import sql
@@ -343,10 +343,16 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
     params = {"org": hold.org_id, "addr": hold.address, "now": now, "held": HELD_AT}
     free = f"m.org_id = %(org)s{scope} AND NOT {covered_sql('m')}"
     # Objects first: once rows are gone nothing would point at them.
+    # Content the sweeper skipped because the hold covered it: everything
+    # under messages/hold/, and anything that expired while the hold was on
+    # (a day's margin before it for a sweeper that runs at least daily).
+    # Deleting a key that is already gone is harmless.
+    params["since"] = hold.created_at - timedelta(days=1)
     expired_objects = conn.execute(
         f"SELECT m.object_key FROM messages m WHERE {free}"
-        " AND m.object_key LIKE 'messages/hold/%%' AND m.content_erased_at IS NULL"
-        " AND m.content_expires_at <= %(now)s", params).fetchall()
+        " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"
+        " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
+        params).fetchall()
     keys = [r[0] for r in expired_objects]
     failed = store.delete_many(keys) if keys else []
     if failed:

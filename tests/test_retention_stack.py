@@ -454,3 +454,28 @@ def test_dashboard_role_sees_only_its_organisations_statistics_holds_and_audit(
     finally:
         db.execute(f'REVOKE ALL ON {tables} FROM "{role}"')
         db.execute(f'DROP ROLE "{role}"')
+
+
+def test_release_deletes_content_a_hold_kept_even_where_protection_failed(
+        db: psycopg.Connection, objects: S3ObjectStore, make_org: Callable[..., TestOrg]) -> None:
+    """S3 refused the copy under messages/hold/: the sweeper still skips the held
+    message, and releasing the hold deletes it once its stamp has passed."""
+    from postkeep.storage.db import BackendError
+
+    class CopyFails(lifecycle.MemoryRetention):
+        def copy(self, src: str, dst: str) -> None:
+            raise BackendError("s3", f"copy {src}: SlowDown")
+
+    org = make_org("free")
+    now = datetime.now(UTC)
+    m = put_message(db, objects, org.id, org.domain, created=now - timedelta(days=7, hours=12),
+                    metadata_days=None, classed=False)  # content expired 12 hours ago
+    memory = CopyFails({m.object_key: b"x"}, lifecycle=False)
+    hold = holds.add_hold(db, org.id, None, "protection fails")
+    report = run_retention(db, memory, settings=SWEEP, sweep_from=now - timedelta(days=2))
+    assert any("SlowDown" in e for e in report.errors)
+    assert m.object_key in memory.objects, "the sweeper deleted held content"
+    holds.release_hold(db, hold.id)
+    report = run_retention(db, memory, settings=SWEEP)
+    assert report.holds_reconciled == 1 and not report.errors
+    assert m.object_key not in memory.objects
