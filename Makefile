@@ -71,12 +71,15 @@ bench-policyd: install
 	exit $$rc
 
 # `postkeep retention run` over a few million generated rows (bench/retention_bench.py),
-# on a private stack of its own.  BENCH_RETENTION_ARGS='--messages 1000000' etc.
+# on a private stack of its own, made afresh each run.  BENCH_RETENTION_ARGS='--messages 1000000' etc.
 BENCH_RETENTION_DIR := $(CURDIR)/.stack-bench-retention
 BENCH_RETENTION_PORT ?= 21225
 BENCH_RETENTION_ARGS ?=
 bench-retention: install
+	@# A fresh database every run: the data is generated, and an old schema
+	@# (migrations renumbered while developing) would skew or refuse the run.
 	@rc=0; \
+	$(STACK) down $(BENCH_RETENTION_DIR) >/dev/null 2>&1; rm -rf $(BENCH_RETENTION_DIR); \
 	$(STACK) up $(BENCH_RETENTION_DIR) $(BENCH_RETENTION_PORT) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then \
 		( set -a && . $(BENCH_RETENTION_DIR)/env && set +a && cd /tmp && \
