@@ -9,7 +9,6 @@ and on SIGTERM stops accepting and lets in-flight reports finish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import signal
@@ -45,15 +44,6 @@ async def serve(cfg: Config) -> None:
         log.warning("object store not ready at start: %s", exc)
     batcher = Batcher(record_with(db), scfg.batch_max)
     batcher.start()
-    retention_stop = threading.Event()
-    retention: asyncio.Task[None] | None = None
-    if cfg.retention.in_sidecar:
-        from postkeep.storage.retention_schedule import retention_loop
-
-        retention = asyncio.create_task(retention_loop(db, objects, cfg.retention,
-                                                       retention_stop), name="retention")
-        log.info("retention runs every %gs (retention.interval_seconds)",
-                 cfg.retention.interval_seconds)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
         if scfg.forward_relay else None
     handler = ReportHandler(db, objects, batcher, relay)
@@ -73,18 +63,21 @@ async def serve(cfg: Config) -> None:
             lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
                     f" report partitions created or dropped"),
     ]
+    # A run in progress at shutdown stops at its next batch (its thread sees
+    # retention_stop); the next start carries on.
+    retention_stop = threading.Event()
+    if cfg.retention.in_sidecar:
+        from postkeep.storage.retention_schedule import retention_job
+
+        jobs.append(retention_job(db, objects, cfg.retention, retention_stop))
+        log.info("retention runs every %gs (retention.interval_seconds)",
+                 cfg.retention.interval_seconds)
     upkeep = asyncio.create_task(run_jobs(jobs, stop), name="upkeep")
     await stop.wait()
     log.info("postkeep-storage stopping")
     notify_systemd("STOPPING=1")
-    server.close()
     retention_stop.set()
-    if retention is not None:
-        # Sleeping: cancelled at once.  Running: its thread sees the event
-        # and stops at its next batch; asyncio.run waits for that thread.
-        retention.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await retention
+    server.close()
     await server.wait_closed()
     await batcher.stop()
     await upkeep

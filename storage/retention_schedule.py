@@ -1,17 +1,16 @@
 """Retention on a schedule inside postkeep-storage (the sidecar).
 
-`retention_loop` runs `run_retention` every `retention.interval_seconds`,
-the first time one interval after start (a restart loop must not turn into
-a retention loop), in a worker thread on a connection of its own borrowed
-from the pool, so the LMTP side never waits for it.  A run that fails is
-logged and counted, and the next one comes at the next interval; two
-sidecars (or a sidecar and `postkeep retention run`) take turns on the
-run's advisory lock.
+`retention_job` is one of the sidecar's upkeep jobs (storage/upkeep.py):
+`run_retention` every `retention.interval_seconds`, the first time one
+interval after start (a restart loop must not turn into a retention loop),
+in a worker thread on a connection of its own borrowed from the pool, so the
+LMTP side never waits for it.  A run that fails is logged and counted, and
+the next one comes at the next interval; two sidecars (or a sidecar and
+`postkeep retention run`) take turns on the run's advisory lock.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from postkeep.storage.db import BackendError, Database
 from postkeep.storage.lifecycle import S3Retention
 from postkeep.storage.objects import S3ObjectStore
 from postkeep.storage.retention import RetentionSettings, RunReport, run_retention
+from postkeep.storage.upkeep import Job
 
 log = logging.getLogger("postkeep.storage")
 
@@ -58,6 +58,9 @@ def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
         with db.connection() as conn:
             report = run_retention(conn, store, None, lambda line: log.info("retention: %s", line),
                                    settings_of(cfg), should_stop=stop)
+    except BackendError:
+        RUNS.labels("failed").inc()
+        raise
     finally:
         RUN_SECONDS.observe(time.monotonic() - started)
     ROWS_DROPPED.inc(report.messages_dropped + report.recipients_dropped)
@@ -72,22 +75,16 @@ def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
     return report
 
 
-async def retention_loop(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
-                         stopping: threading.Event) -> None:
-    """Run retention every cfg.interval_seconds until STOPPING is set.
+def retention_job(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
+                  stopping: threading.Event) -> Job:
+    """The sidecar's upkeep job: a run every cfg.interval_seconds, the first
+    one interval after start.  A run that reports errors raises after it has
+    done what it could, so upkeep logs and counts it as failed."""
 
-    Set STOPPING, then await the task: a run in progress ends at its next
-    batch (its work so far is kept; the next run carries on).
-    """
-    while not stopping.is_set():
-        await asyncio.sleep(cfg.interval_seconds)
-        if stopping.is_set():
-            return
-        try:
-            await asyncio.to_thread(run_once, db, objects, cfg, stopping)
-        except BackendError as exc:
-            RUNS.labels("failed").inc()
-            log.warning("retention run failed (%s); next in %gs", exc, cfg.interval_seconds)
-        except Exception:
-            RUNS.labels("failed").inc()
-            log.exception("retention run failed; next in %gs", cfg.interval_seconds)
+    def run() -> str:
+        report = run_once(db, objects, cfg, stopping)
+        if report.errors:
+            raise RuntimeError(f"{report.summary()}; " + "; ".join(report.errors[:5]))
+        return report.summary()
+
+    return Job("retention", cfg.interval_seconds, run, first_after=cfg.interval_seconds)

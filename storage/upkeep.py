@@ -2,9 +2,9 @@
 
 A job is a plain callable returning a one-line summary for the log.  A job
 that fails is logged with its name and counted, and runs again at its next
-interval: upkeep never stops the LMTP side.  Jobs run at start, then every
-`interval` seconds after the previous run ended (never two of one job at
-once).
+interval: upkeep never stops the LMTP side.  Jobs run at start (or
+`first_after` seconds after it), then every `interval` seconds after the
+previous run ended (never two of one job at once).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class Job:
     name: str
     interval: float            # seconds between the end of one run and the next
     run: Callable[[], str]     # blocking; returns a summary for the log
+    first_after: float = 0.0   # seconds from start to the first run
 
 
 async def run_jobs(jobs: Sequence[Job], stop: asyncio.Event) -> None:
@@ -39,6 +40,9 @@ async def run_jobs(jobs: Sequence[Job], stop: asyncio.Event) -> None:
 
 
 async def _loop(job: Job, stop: asyncio.Event) -> None:
+    if job.first_after > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=job.first_after)
     while not stop.is_set():
         started = time.monotonic()
         try:

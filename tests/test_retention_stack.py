@@ -378,16 +378,16 @@ def test_cli_hold_list_stats_and_lifecycle_show(
 def test_the_sidecar_schedule_runs_retention(
         db: psycopg.Connection, objects: S3ObjectStore, config: object,
         make_org: Callable[..., TestOrg]) -> None:
-    """retention_loop (what postkeep-storage runs) drops an expired week on its own."""
+    """The upkeep job postkeep-storage runs drops an expired week on its own."""
     import asyncio
-    import contextlib
     import threading
 
     from prometheus_client import REGISTRY
 
     from postkeep.config import RetentionConfig
     from postkeep.storage.db import Database
-    from postkeep.storage.retention_schedule import retention_loop
+    from postkeep.storage.retention_schedule import retention_job
+    from postkeep.storage.upkeep import run_jobs
 
     def runs_ok() -> float:
         return REGISTRY.get_sample_value("postkeep_retention_runs_total",
@@ -398,20 +398,20 @@ def test_the_sidecar_schedule_runs_retention(
     put_message(db, objects, org.id, org.domain, week)
     ok_before = runs_ok()
     pool = Database(config.postgres, min_size=1)  # type: ignore[attr-defined]
-    stopping = threading.Event()
+    job = retention_job(pool, objects,
+                        RetentionConfig(interval_seconds=0.2, content_expiry="sweep"),
+                        threading.Event())
+    assert job.name == "retention" and job.first_after == 0.2
 
     async def scenario() -> None:
-        task = asyncio.create_task(retention_loop(
-            pool, objects, RetentionConfig(interval_seconds=0.2, content_expiry="sweep"),
-            stopping))
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_jobs([job], stop))
         for _ in range(300):
             await asyncio.sleep(0.2)
             if not exists(db, week.messages):
                 break
-        stopping.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await task
 
     try:
         asyncio.run(scenario())
