@@ -211,7 +211,7 @@ class SweepResult:
 
 
 def sweep_parts(db: psycopg.Connection, objects: ObjectStore, now: datetime,
-                *, batch: int = 500) -> SweepResult:
+                *, batch: int = 500, org_id: uuid.UUID | None = None) -> SweepResult:
     """Delete part objects no unexpired message references; safe to run concurrently.
 
     A part goes when its needed_until has passed and no attachments row with
@@ -219,24 +219,27 @@ def sweep_parts(db: psycopg.Connection, objects: ObjectStore, now: datetime,
     'deleting' first (committed), then its objects are deleted, then its rows:
     a crash leaves 'deleting' rows, finished by the next run; a message that
     arrives meanwhile uploads a fresh copy (see PartStore.resolve).  Called by
-    `postkeep retention run`.
+    `postkeep retention run`.  ORG_ID limits the sweep to one organisation.
     """
+    org = " AND org_id = %(org)s" if org_id is not None else ""
     deleted = freed = 0
     # Leftovers of an interrupted run first, then new candidates, batch by batch.
     while True:
+        params = {"now": now, "batch": batch, "org": org_id}
         rows = db.execute(
-            "SELECT object_key, stored_size FROM parts WHERE state = 'deleting' LIMIT %s",
-            (batch,)).fetchall()
+            "SELECT object_key, stored_size FROM parts WHERE state = 'deleting'" + org
+            + " LIMIT %(batch)s", params).fetchall()
         if not rows:
             rows = db.execute(
                 "UPDATE parts p SET state = 'deleting' WHERE p.object_key IN ("
                 " SELECT q.object_key FROM parts q WHERE q.state = 'live'"
-                " AND q.needed_until < %s AND NOT EXISTS (SELECT 1 FROM attachments a"
+                " AND q.needed_until < %(now)s" + org.replace("org_id", "q.org_id")
+                + " AND NOT EXISTS (SELECT 1 FROM attachments a"
                 "  WHERE a.org_id = q.org_id AND a.sha256 = q.sha256"
-                "  AND a.object_key = q.object_key AND a.content_expires_at > %s)"
-                " ORDER BY q.needed_until LIMIT %s FOR UPDATE SKIP LOCKED)"
-                " AND p.state = 'live' AND p.needed_until < %s"
-                " RETURNING p.object_key, p.stored_size", (now, now, batch, now)).fetchall()
+                "  AND a.object_key = q.object_key AND a.content_expires_at > %(now)s)"
+                " ORDER BY q.needed_until LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+                " AND p.state = 'live' AND p.needed_until < %(now)s"
+                " RETURNING p.object_key, p.stored_size", params).fetchall()
         if not rows:
             return SweepResult(deleted, freed)
         for key, stored in rows:

@@ -150,7 +150,7 @@ def test_longer_boundary_is_not_a_delimiter() -> None:
 def test_large_attachment_is_split_and_restored_byte_for_byte() -> None:
     pdf = campaign.fake_pdf(60_000)
     msg = campaign.message(3, "shop.example", pdf=pdf)
-    c, obj, store = _roundtrip(msg)
+    c, obj, _ = _roundtrip(msg)
     assert obj.startswith(container.MAGIC)
     assert len(c.parts) == 1
     assert c.parts[0].filename == "winter-catalogue.pdf"
