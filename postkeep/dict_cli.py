@@ -23,7 +23,7 @@ def format_dictionaries(rows: list[DictionaryRow], names: dict[str, str]) -> str
     lines = [f"{'ORGANISATION':24}  {'VERSION':>7}  {'STATE':8}  {'BYTES':>7}  {'SAMPLES':>7}"
              f"  {'CREATED':16}  NEEDED UNTIL"]
     for r in rows:
-        needed = ("-" if r.needed_until.year < 1900 or r.needed_until == datetime.min
+        needed = ("-" if r.needed_until.year <= 1970  # never used yet
                   else f"{r.needed_until:%Y-%m-%d %H:%M}")
         lines.append(f"{names.get(str(r.org_id), str(r.org_id)):24}  {r.version:>7}"
                      f"  {r.state:8}  {r.size:>7}  {r.samples:>7}"

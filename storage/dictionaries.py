@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,25 +308,29 @@ class DictionaryUse:
 
 
 class _DictCache:
-    """A few decompression dictionaries by key (restoring many messages of one org)."""
+    """A few decompression dictionaries per object store (restoring many
+    messages of one organisation fetches its dictionary once)."""
 
     def __init__(self, size: int = 16) -> None:
-        self._items: OrderedDict[str, zstandard.ZstdCompressionDict] = OrderedDict()
+        self._stores: weakref.WeakKeyDictionary[
+            object, OrderedDict[str, zstandard.ZstdCompressionDict]] = weakref.WeakKeyDictionary()
         self._size = size
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> zstandard.ZstdCompressionDict | None:
+    def get(self, store: object, key: str) -> zstandard.ZstdCompressionDict | None:
         with self._lock:
-            d = self._items.get(key)
-            if d is not None:
-                self._items.move_to_end(key)
+            items = self._stores.get(store)
+            d = items.get(key) if items is not None else None
+            if d is not None and items is not None:
+                items.move_to_end(key)
             return d
 
-    def put(self, key: str, d: zstandard.ZstdCompressionDict) -> None:
+    def put(self, store: object, key: str, d: zstandard.ZstdCompressionDict) -> None:
         with self._lock:
-            self._items[key] = d
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            items = self._stores.setdefault(store, OrderedDict())
+            items[key] = d
+            while len(items) > self._size:
+                items.popitem(last=False)
 
 
 _RESTORE_CACHE = _DictCache()
@@ -334,8 +339,7 @@ _RESTORE_CACHE = _DictCache()
 def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
                 ) -> zstandard.ZstdCompressionDict:
     """The dictionary REF to decompress NEEDED_BY; BackendError naming it if missing."""
-    cache_key = f"{id(objects)}:{ref.key}"
-    d = _RESTORE_CACHE.get(cache_key)
+    d = _RESTORE_CACHE.get(objects, ref.key)
     if d is not None:
         return d
     try:
@@ -344,7 +348,7 @@ def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
         raise BackendError("s3", f"{needed_by} needs zstd {ref}, which cannot be read:"
                            f" {exc.reason}") from exc
     d = zstandard.ZstdCompressionDict(raw)
-    _RESTORE_CACHE.put(cache_key, d)
+    _RESTORE_CACHE.put(objects, ref.key, d)
     return d
 
 

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import pytest
 from support import campaign, smtp
+from support.dedup import capture_and_commit
 from support.stack import Stack, strip_received
 
-from postkeep.milter.capture import MessageCapture
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage import container
 from postkeep.storage.db import BackendError, Database
-from postkeep.storage.messages import CapturedMessage, expiry_dates
-from postkeep.storage.objects import message_key
 from postkeep.storage.parts import attachments_of, sweep_parts
 
 pytestmark = pytest.mark.stack
@@ -158,35 +156,6 @@ def committer(stack: Stack) -> Iterator[GroupCommitter]:
     yield c
     c.close()
     db.close()
-
-
-def capture_and_commit(committer: GroupCommitter, org_id: uuid.UUID, domain: str,
-                       data: bytes, *, created: datetime, content_days: int = 7,
-                       threshold: int = 128 * 1024) -> CapturedMessage:
-    """DATA captured and committed as the milter does (no Postfix)."""
-    head, _, body = data.partition(b"\r\n\r\n")
-    cap = MessageCapture(dkim_body_hash=False)
-    for line in head.split(b"\r\n"):
-        name, _, value = line.partition(b":")
-        cap.add_header(name, value)
-    cap.end_of_headers()
-    for i in range(0, len(body), 65535):
-        cap.add_body(body[i : i + 65535])
-    content = cap.finish(split_threshold=threshold)
-    mid = uuid.uuid4()
-    c_exp, m_exp = expiry_dates(created, content_days, 30)
-    m = CapturedMessage(
-        id=mid, org_id=org_id, domain=domain, queue_id=mid.hex[:10].upper(),
-        envelope_from=f"news@{domain}", recipients=("r@sink.test",), size=content.size,
-        sha256=content.sha256, object_key=message_key(str(org_id), str(mid), created),
-        compressed_size=content.compressed_size, created_at=created,
-        content_expires_at=c_exp, metadata_expires_at=m_exp)
-    try:
-        committer.commit(m, content)
-    finally:
-        content.close()
-        cap.discard()
-    return m
 
 
 def test_sweep_deletes_a_part_only_when_no_unexpired_message_needs_it(

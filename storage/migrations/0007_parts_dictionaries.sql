@@ -57,7 +57,7 @@ CREATE TABLE zstd_dictionaries (
     sample_bytes  bigint NOT NULL,
     state         text NOT NULL DEFAULT 'current'
                   CHECK (state IN ('current', 'retired', 'deleting')),
-    needed_until  timestamptz NOT NULL DEFAULT '-infinity',
+    needed_until  timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00', -- epoch: not yet used
     created_at    timestamptz NOT NULL DEFAULT now(),
     retired_at    timestamptz,
     PRIMARY KEY (org_id, version)
