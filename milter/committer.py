@@ -27,6 +27,7 @@ message low enough for the milter to keep up with Postfix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -163,7 +164,10 @@ class GroupCommitter:
                     p.part_keys.append(resolved.key)
                     metrics.PARTS.labels("uploaded" if resolved.uploaded else "reused").inc()
                     metrics.PART_STORED_BYTES.inc(resolved.uploaded)
-                content.seal(p.part_keys)
+                if not content.sealed:
+                    content.seal(p.part_keys)
+                    # the row records the object as stored, manifest included
+                    p.message = dataclasses.replace(m, compressed_size=content.compressed_size)
             except BackendError as exc:
                 p.error = exc
                 continue

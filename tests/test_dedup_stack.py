@@ -81,6 +81,10 @@ def test_repeated_pdf_is_stored_once_per_organisation(stack: Stack) -> None:
         assert (size, sha) == (len(delivered), hashlib.sha256(delivered).digest())
         obj = stack.stored(key)
         assert obj.startswith(container.MAGIC)
+        with stack.connect() as conn:
+            recorded = conn.execute("SELECT compressed_size FROM messages WHERE id = %s",
+                                    (mid,)).fetchone()
+        assert recorded == (len(obj),)
         assert len(obj) < 8 * 1024, "the message object must not carry the PDF"
         with stack.connect() as conn:
             atts = attachments_of(conn, mid)

@@ -6,6 +6,7 @@ the stack's PostgreSQL and MinIO.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import datetime
 
@@ -50,4 +51,5 @@ def capture_and_commit(committer: GroupCommitter, org_id: uuid.UUID, domain: str
     finally:
         content.close()
         cap.discard()
-    return m
+    # as recorded: the committer counts the manifest it puts in front
+    return dataclasses.replace(m, compressed_size=content.compressed_size)
