@@ -41,15 +41,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support import campaign, corpus  # noqa: E402
-from support.dedup import capture_and_commit  # noqa: E402
+from support import campaign, corpus
+from support.dedup import capture_and_commit
 
-from postkeep.config import Config, load  # noqa: E402
-from postkeep.milter.committer import GroupCommitter  # noqa: E402
-from postkeep.storage import content, dictionaries, directory, dkim_keys  # noqa: E402
-from postkeep.storage.db import Database, connect  # noqa: E402
-from postkeep.storage.dictionaries import DictionaryCache, LoadedDictionary  # noqa: E402
-from postkeep.storage.objects import S3ObjectStore  # noqa: E402
+from postkeep.config import Config, load
+from postkeep.milter.committer import GroupCommitter
+from postkeep.storage import content, dictionaries, directory, dkim_keys
+from postkeep.storage.db import Database, connect
+from postkeep.storage.dictionaries import DictionaryCache, LoadedDictionary
+from postkeep.storage.objects import S3ObjectStore
 
 THRESHOLD = 128 * 1024
 DICT_MAX = 64 * 1024
