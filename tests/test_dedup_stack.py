@@ -15,6 +15,7 @@ import hashlib
 import random
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,7 @@ from support.stack import Stack, strip_received
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage import container
 from postkeep.storage.db import BackendError, Database
-from postkeep.storage.parts import attachments_of, sweep_parts
+from postkeep.storage.parts import PartStore, SplitPart, attachments_of, sweep_parts
 
 pytestmark = pytest.mark.stack
 
@@ -260,3 +261,36 @@ def test_dashboard_role_sees_only_its_organisations_parts(stack: Stack) -> None:
             conn.execute(f"REVOKE ALL ON parts FROM {role}")
             conn.execute(f"DROP ROLE {role}")
     assert seen == (0,) and mine == (1,)
+
+
+def test_concurrent_first_uploads_of_one_part_leave_one_object(stack: Stack) -> None:
+    """Milters that meet a new part at the same moment each upload it; one copy
+    wins, every message references it, and the losers' uploads are removed."""
+    org_id, _ = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    data = campaign.fake_pdf(200 * 1024, seed=21)
+    sha = hashlib.sha256(data).digest()
+    db = Database(stack.config.postgres, min_size=1)
+    objects = stack.objects()
+    stores = [PartStore(db, objects) for _ in range(6)]  # six milter processes
+    barrier = threading.Barrier(len(stores))
+    until = datetime.now(UTC) + timedelta(days=7)
+    keys: list[str] = []
+
+    def resolve(store: PartStore) -> None:
+        part = SplitPart(0, memoryview(data), sha, "x.pdf", "application/pdf")
+        barrier.wait()
+        keys.append(store.resolve(org_id, part, until).key)
+
+    try:
+        threads = [threading.Thread(target=resolve, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        db.close()
+    assert len(keys) == len(stores) and len(set(keys)) == 1, keys
+    assert [r[0] for r in _part_rows(stack, org_id)] == keys[:1]
+    listed = [o.object_name for o in objects.client.list_objects(
+        objects.bucket, prefix=f"parts/{org_id}/{sha.hex()}/", recursive=True)]
+    assert listed == keys[:1]
