@@ -215,7 +215,9 @@ class MessageCapture:
         self._body.seek(0)
         size = len(header_block) + self.body_size
         split = 0 < split_threshold < self.body_size
-        if not (dictionary is not None and size <= dictionary_max):
+        # Small enough for the dictionary: the whole message, or (decided in
+        # _rebuild) what remains once large parts are cut out.
+        if not split and not (dictionary is not None and size <= dictionary_max):
             dictionary = None
         if split or dictionary is not None:
             try:

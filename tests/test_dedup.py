@@ -278,11 +278,12 @@ def test_dictionary_not_used_above_the_size_limit(
 def test_split_message_skeleton_uses_the_dictionary(
         dictionary: tuple[LoadedDictionary, bytes]) -> None:
     loaded, raw = dictionary
-    pdf = campaign.fake_pdf(40_000)
+    pdf = campaign.fake_pdf(100_000)
     msg = campaign.message(7, "shop.example", pdf=pdf)
+    assert len(msg) > 64 * 1024  # the whole message is too large for the dictionary ...
     store = MemoryObjectStore()
     store.objects[loaded.ref.key] = raw
-    c = _capture(msg, dictionary=loaded, dict_max=64 * 1024)
+    c = _capture(msg, dictionary=loaded, dict_max=64 * 1024)  # ... what remains is not
     assert c.dictionary == loaded.ref and len(c.parts) == 1
     key = _store(c, store)
     assert b"".join(content.restore(store, key)) == msg
