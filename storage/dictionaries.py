@@ -24,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -180,15 +180,19 @@ def train_for_org(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.U
 
 
 def train_due(conn: psycopg.Connection, objects: ObjectStore, now: datetime, *,
-              every: timedelta = timedelta(days=7), min_messages: int = 200
-              ) -> list[TrainResult]:
-    """For a scheduler (the sidecar): train every organisation whose current
-    dictionary is older than EVERY (or that has none) and that sent at least
-    MIN_MESSAGES small messages since.  Failures are logged, not raised."""
+              every: timedelta = timedelta(days=7), min_messages: int = 200,
+              only: Collection[uuid.UUID] | None = None) -> list[TrainResult]:
+    """For a scheduler (the sidecar): train every organisation (of ONLY, if
+    given) whose current dictionary is older than EVERY (or that has none)
+    and that sent at least MIN_MESSAGES small messages since.  Failures are
+    logged, not raised."""
     orgs = conn.execute(
         "SELECT o.id FROM organisations o"
         " LEFT JOIN zstd_dictionaries d ON d.org_id = o.id AND d.state = 'current'"
-        " WHERE d.created_at IS NULL OR d.created_at < %s", (now - every,)).fetchall()
+        " WHERE (d.created_at IS NULL OR d.created_at < %s)"
+        " AND (%s::uuid[] IS NULL OR o.id = ANY(%s::uuid[]))",
+        (now - every, list(only) if only is not None else None,
+         list(only) if only is not None else None)).fetchall()
     done = []
     for (org_id,) in orgs:
         row = conn.execute(

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import random
+import uuid
 
 import pytest
 import zstandard
@@ -321,3 +322,42 @@ def test_unknown_container_version_is_refused() -> None:
     store.objects["k"] = bad
     with pytest.raises(BackendError, match="version 9"):
         b"".join(content.restore(store, "k"))
+
+
+class _FlakyDb:
+    """Database stand-in: answers the current version, or fails like a dead server."""
+
+    def __init__(self) -> None:
+        self.version: int | None = 1
+        self.down = False
+        self.queries = 0
+
+    def run(self, work: object) -> object:
+        self.queries += 1
+        if self.down:
+            raise BackendError("postgres", "connection refused")
+        return None if self.version is None else (self.version,)
+
+
+def test_dictionary_cache_refreshes_and_keeps_what_it_has_through_an_outage(
+        dictionary: tuple[LoadedDictionary, bytes]) -> None:
+    from postkeep.storage.dictionaries import DictionaryCache
+
+    _, raw = dictionary
+    org = uuid.uuid4()
+    store = MemoryObjectStore()
+    for v in (1, 2):
+        store.objects[DictionaryRef(str(org), v).key] = raw
+    db = _FlakyDb()
+    clock = [0.0]
+    cache = DictionaryCache(db, store, refresh=60, clock=lambda: clock[0])  # type: ignore[arg-type]
+    first = cache.get(org)
+    assert first is not None and first.ref.version == 1
+    assert cache.get(org) is first and db.queries == 1  # cached within the refresh period
+    db.version, clock[0] = 2, 61.0
+    second = cache.get(org)
+    assert second is not None and second.ref.version == 2
+    db.down, clock[0] = True, 200.0
+    assert cache.get(org) is second  # PostgreSQL down: keep using what was loaded
+    db.down, db.version, clock[0] = False, None, 300.0
+    assert cache.get(org) is None  # no current dictionary any more: compress without

@@ -179,3 +179,19 @@ def test_dictionaries_are_never_shared_across_organisations(
     got = cache.get(org_a.id)
     assert got is not None and got.ref.org_id == str(org_a.id)
     assert cache.get(org_b.id) is None
+
+
+def test_train_due_trains_only_organisations_with_enough_new_mail(
+        stack: Stack, make_org: Callable[..., TestOrg], store_message: StoreMessage,
+        db: psycopg.Connection) -> None:
+    busy, quiet = make_org("pro"), make_org("pro")
+    _seed(busy, store_message, n=60)
+    _seed(quiet, store_message, n=10)
+    now = datetime.now(UTC)
+    scope = (busy.id, quiet.id)  # other tests' organisations are not this test's business
+    trained = dictionaries.train_due(db, stack.objects(), now, min_messages=50, only=scope)
+    orgs = {r.row.org_id for r in trained}
+    assert busy.id in orgs and quiet.id not in orgs
+    # Just trained: not due again until `every` has passed.
+    again = dictionaries.train_due(db, stack.objects(), now, min_messages=50, only=scope)
+    assert busy.id not in {r.row.org_id for r in again}
