@@ -42,7 +42,7 @@ from postkeep.storage.db import BackendError, Database
 from postkeep.storage.dictionaries import DictionaryUse
 from postkeep.storage.messages import CapturedMessage, record_captures
 from postkeep.storage.objects import ObjectStore
-from postkeep.storage.parts import AttachmentRow, PartStore, record_attachments
+from postkeep.storage.parts import AttachmentRow, PartStore, hold_parts, record_attachments
 
 log = logging.getLogger("postkeep.milter")
 
@@ -148,7 +148,8 @@ class GroupCommitter:
             # rows point at them; an object without a row is invisible.
             log.warning("%d objects written but their rows were not confirmed", len(stored))
             for p in stored:
-                p.error = exc
+                if p.error is None:
+                    p.error = exc
 
     def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
         """Store parts and seal containers; return the items ready to upload."""
@@ -174,21 +175,32 @@ class GroupCommitter:
             ready.append(p)
         return ready
 
-    @staticmethod
-    def _record(conn: psycopg.Connection, stored: list[_Pending]) -> None:
-        """The batch's rows: one INSERT, plus attachments in the same transaction."""
-        rows = [AttachmentRow(p.message.id, p.message.org_id, i, part.filename,
-                              part.content_type, part.size, part.sha256, key,
-                              p.message.content_expires_at, p.message.metadata_expires_at,
-                              p.message.created_at)
-                for p in stored
-                for i, (part, key) in enumerate(zip(p.content.parts, p.part_keys, strict=True))]
-        if not rows:
+    def _record(self, conn: psycopg.Connection, stored: list[_Pending]) -> None:
+        """The batch's rows: one INSERT; with parts, in one transaction that
+        first holds every referenced part (FOR SHARE), so a sweep cannot
+        delete one between the check and the commit."""
+        if not any(p.part_keys for p in stored):
             record_captures(conn, [p.message for p in stored])
             return
         with conn.transaction():
-            record_captures(conn, [p.message for p in stored])
-            record_attachments(conn, rows)
+            gone = hold_parts(conn, {k for p in stored for k in p.part_keys})
+            if gone:  # swept since this process last saw them: tempfail those messages
+                self._parts.forget_keys(gone)
+                for p in stored:
+                    if gone.intersection(p.part_keys):
+                        p.error = BackendError("postgres", f"part object(s) {sorted(gone)}"
+                                               " were deleted meanwhile; retry")
+            ok = [p for p in stored if p.error is None]
+            rows = [AttachmentRow(p.message.id, p.message.org_id, i, part.filename,
+                                  part.content_type, part.size, part.sha256, key,
+                                  p.message.content_expires_at, p.message.metadata_expires_at,
+                                  p.message.created_at)
+                    for p in ok
+                    for i, (part, key) in enumerate(zip(p.content.parts, p.part_keys,
+                                                        strict=True))]
+            if ok:
+                record_captures(conn, [p.message for p in ok])
+                record_attachments(conn, rows)
 
     def _upload(self, batch: list[_Pending]) -> list[_Pending]:
         """Put every object; return the items now in the store."""

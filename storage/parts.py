@@ -11,11 +11,15 @@ another's part.
 Which object to reuse is decided by the `parts` row whose state is 'live'
 (at most one per organisation and sha256).  Before a message referencing a
 part is committed, the part's `needed_until` is raised to at least that
-message's content expiry (`PartStore.resolve`); `sweep_parts` deletes only
-objects whose `needed_until` has passed and that no attachments row of an
-unexpired message still names.  The upload id in the key means a message
-that arrives while a part is being swept uploads a fresh object instead of
-racing the delete of the old one.
+message's content expiry (`PartStore.resolve`), and the transaction that
+inserts the message's rows first holds the part rows FOR SHARE and checks
+they are still live (`hold_parts`); `sweep_parts` deletes only objects whose
+`needed_until` has passed and that no attachments row of an unexpired
+message still names, skipping rows someone holds.  So a part is never
+deleted under a message that references it: either the message's rows (and
+attachments row) commit first and the sweep sees them, or the sweep marks
+the part first and the message is tempfailed and retried, uploading a fresh
+copy under a new upload id (never the key being deleted).
 
 `attachments` holds one row per split part of each message (filename, MIME
 type, size, sha256, object key), written in the same transaction as the
@@ -168,9 +172,23 @@ class PartStore:
             self._known.clear()
         self._known[ident] = (key, until)
 
+    def forget_keys(self, keys: set[str]) -> None:
+        """Drop what is remembered about these objects (found deleted)."""
+        for ident, (key, _) in list(self._known.items()):
+            if key in keys:
+                self._known.pop(ident, None)
+
     def forget(self) -> None:
         """Drop what is remembered (tests; after an operator removed parts by hand)."""
         self._known.clear()
+
+
+def hold_parts(conn: psycopg.Connection, keys: set[str]) -> set[str]:
+    """Lock the live rows of KEYS against sweeping until the transaction ends;
+    return the keys that are no longer live (swept meanwhile)."""
+    rows = conn.execute("SELECT object_key FROM parts WHERE object_key = ANY(%s)"
+                        " AND state = 'live' FOR SHARE", (sorted(keys),)).fetchall()
+    return keys - {r[0] for r in rows}
 
 
 _INSERT_ATTACHMENTS = """
@@ -202,6 +220,34 @@ def attachments_of(conn: psycopg.Connection, message_id: uuid.UUID) -> list[Atta
         " FROM attachments WHERE message_id = %s ORDER BY part_index", (message_id,)).fetchall()
     return [AttachmentRow(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]), r[7], r[8], r[9],
                           r[10]) for r in rows]
+
+
+def release_message_parts(conn: psycopg.Connection, message_ids: Sequence[uuid.UUID],
+                          now: datetime) -> int:
+    """For erasure: drop the attachments rows of MESSAGE_IDS and make parts no
+    other unexpired message references sweepable now; return how many.
+
+    The next `sweep_parts` deletes their objects.  Safe against concurrent
+    capture: a message committed meanwhile holds its attachments row, which
+    the sweep checks.
+    """
+    with conn.transaction():
+        gone = conn.execute(
+            "DELETE FROM attachments WHERE message_id = ANY(%s) RETURNING org_id, sha256",
+            (list(message_ids),)).fetchall()
+        pairs = sorted({(r[0], bytes(r[1])) for r in gone})
+        if not pairs:
+            return 0
+        rows = conn.execute(
+            "UPDATE parts p SET needed_until = least(p.needed_until, %s)"
+            " FROM unnest(%s::uuid[], %s::bytea[]) AS g(org_id, sha256)"
+            " WHERE p.org_id = g.org_id AND p.sha256 = g.sha256 AND p.state = 'live'"
+            " AND NOT EXISTS (SELECT 1 FROM attachments a WHERE a.org_id = p.org_id"
+            "  AND a.sha256 = p.sha256 AND a.content_expires_at > %s)"
+            " RETURNING p.object_key",
+            (now - timedelta(microseconds=1), [p[0] for p in pairs], [p[1] for p in pairs],
+             now)).fetchall()
+    return len(rows)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,13 @@ from support.stack import Stack, strip_received
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage import container
 from postkeep.storage.db import BackendError, Database
-from postkeep.storage.parts import PartStore, SplitPart, attachments_of, sweep_parts
+from postkeep.storage.parts import (
+    PartStore,
+    SplitPart,
+    attachments_of,
+    release_message_parts,
+    sweep_parts,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -294,3 +300,52 @@ def test_concurrent_first_uploads_of_one_part_leave_one_object(stack: Stack) -> 
     listed = [o.object_name for o in objects.client.list_objects(
         objects.bucket, prefix=f"parts/{org_id}/{sha.hex()}/", recursive=True)]
     assert listed == keys[:1]
+
+
+def test_a_part_swept_under_a_milters_cache_tempfails_then_uploads_afresh(
+        stack: Stack, committer: GroupCommitter) -> None:
+    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    now = datetime.now(UTC)
+    pdf = campaign.fake_pdf(150 * 1024, seed=31)
+    capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
+                       created=now, content_days=7)
+    [(old_key, _, _)] = _part_rows(stack, org_id)
+    with stack.connect() as conn:  # a sweep (or erasure) got there: row marked, not yet gone
+        conn.execute("UPDATE parts SET state = 'deleting' WHERE object_key = %s", (old_key,))
+    # The committer still remembers the part as live: the commit-time check catches it.
+    with pytest.raises(BackendError, match="deleted meanwhile"):
+        capture_and_commit(committer, org_id, domain, campaign.message(2, domain, pdf=pdf),
+                           created=now, content_days=7)
+    # The client retries: a fresh object, never the key being deleted.
+    m = capture_and_commit(committer, org_id, domain, campaign.message(2, domain, pdf=pdf),
+                           created=now, content_days=7)
+    keys = {r[0]: r[2] for r in _part_rows(stack, org_id)}
+    assert keys[old_key] == "deleting" and len(keys) == 2
+    assert stack.restored(m.object_key) == campaign.message(2, domain, pdf=pdf)
+
+
+def test_erasure_release_makes_only_unshared_parts_sweepable(
+        stack: Stack, committer: GroupCommitter) -> None:
+    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    now = datetime.now(UTC)
+    shared = campaign.fake_pdf(150 * 1024, seed=41)
+    private = campaign.fake_pdf(150 * 1024, seed=42)
+    erased = capture_and_commit(committer, org_id, domain,
+                                campaign.message(1, domain, pdf=private), created=now)
+    capture_and_commit(committer, org_id, domain, campaign.message(2, domain, pdf=shared),
+                       created=now)
+    erased_too = capture_and_commit(committer, org_id, domain,
+                                    campaign.message(3, domain, pdf=shared), created=now)
+    with stack.connect() as conn:
+        assert release_message_parts(conn, [erased.id, erased_too.id], now) == 1
+        assert sweep_parts(conn, stack.objects(), now + timedelta(seconds=1),
+                           org_id=org_id).deleted == 1
+        still = conn.execute("SELECT object_key FROM attachments WHERE message_id = %s",
+                             (erased_too.id,)).fetchall()
+        shared_key = conn.execute(
+            "SELECT object_key FROM attachments a WHERE org_id = %s AND message_id <> ALL(%s)",
+            (org_id, [erased.id, erased_too.id])).fetchone()
+    assert still == []  # the erased messages' attachments rows are gone
+    assert shared_key is not None
+    # The part another (unerased) message needs stays; the private one is gone.
+    assert [r[0] for r in _part_rows(stack, org_id)] == [shared_key[0]]
