@@ -75,9 +75,8 @@ def ensure_partitions(conn: psycopg.Connection) -> int:
         ).fetchone()
         longest = int(row[0]) if row and row[0] is not None else 0
         created = conn.execute(
-            "SELECT ensure_partitions(now() + make_interval(days => %s))"
-            " + ensure_attachment_partitions(now() + make_interval(days => %s))",
-            (longest + PARTITION_MARGIN_DAYS, longest + PARTITION_MARGIN_DAYS),
+            "SELECT ensure_partitions(now() + make_interval(days => %s))",
+            (longest + PARTITION_MARGIN_DAYS,),
         ).fetchone()
         # The days ahead for received reports (postkeep-storage drops old ones).
         if conn.execute("SELECT to_regproc('maintain_report_partitions')").fetchone() != (None,):

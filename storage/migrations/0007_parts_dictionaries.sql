@@ -12,7 +12,8 @@
 -- attachments: one row per split-out part of each message (filename, MIME
 -- type, size, sha256, where the bytes live), partitioned by the message's
 -- metadata expiry like message_recipients so it expires by dropping
--- partitions (ensure_attachment_partitions, same weekly scheme and names).
+-- partitions (ensure_partitions, from 0004 on, covers every table
+-- partitioned by metadata_expires_at).
 --
 -- zstd_dictionaries: versioned per organisation; at most one 'current'.
 -- Objects name the version they need; a retired version is deleted only
@@ -64,32 +65,6 @@ CREATE TABLE zstd_dictionaries (
 );
 CREATE UNIQUE INDEX zstd_dictionaries_current_idx ON zstd_dictionaries (org_id)
     WHERE state = 'current';
-
-CREATE FUNCTION ensure_attachment_partitions(upto timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    wk      timestamptz;
-    created integer := 0;
-    pname   text;
-BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('postkeep.ensure_partitions'));
-    IF to_regclass('attachments_unlimited') IS NULL THEN
-        EXECUTE format('CREATE TABLE %I PARTITION OF attachments FOR VALUES FROM (%L) TO (MAXVALUE)',
-                       'attachments_unlimited', '9999-12-31 00:00:00+00');
-        created := created + 1;
-    END IF;
-    wk := date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
-    WHILE wk <= upto LOOP
-        pname := 'attachments_e' || to_char(wk AT TIME ZONE 'UTC', 'IYYY"w"IW');
-        IF to_regclass(pname) IS NULL THEN
-            EXECUTE format('CREATE TABLE %I PARTITION OF attachments FOR VALUES FROM (%L) TO (%L)',
-                           pname, wk, wk + interval '7 days');
-            created := created + 1;
-        END IF;
-        wk := wk + interval '7 days';
-    END LOOP;
-    RETURN created;
-END $$;
 
 ALTER TABLE parts ENABLE ROW LEVEL SECURITY;
 ALTER TABLE attachments ENABLE ROW LEVEL SECURITY;
