@@ -41,6 +41,7 @@ import zstandard
 
 from postkeep.ids import uuid7
 from postkeep.storage.db import BackendError, Database
+from postkeep.storage.holds import covered_sql
 from postkeep.storage.objects import ObjectStore
 
 log = logging.getLogger("postkeep.storage")
@@ -263,7 +264,9 @@ def sweep_parts(db: psycopg.Connection, objects: ObjectStore, now: datetime,
     A part goes when its needed_until has passed and no attachments row with
     content_expires_at after NOW names its object.  Each batch is marked
     'deleting' first (committed), then its objects are deleted, then its rows:
-    a crash leaves 'deleting' rows, finished by the next run; a message that
+    a crash leaves 'deleting' rows, finished by the next run.  A part that a
+    message under an active legal hold references is kept whatever its
+    expiry (storage/holds.py).  A message that
     arrives meanwhile uploads a fresh copy (see PartStore.resolve).  Called by
     `postkeep retention run`.  ORG_ID limits the sweep to one organisation.
     """
@@ -282,7 +285,10 @@ def sweep_parts(db: psycopg.Connection, objects: ObjectStore, now: datetime,
                 " AND q.needed_until < %(now)s" + org.replace("org_id", "q.org_id")
                 + " AND NOT EXISTS (SELECT 1 FROM attachments a"
                 "  WHERE a.org_id = q.org_id AND a.sha256 = q.sha256"
-                "  AND a.object_key = q.object_key AND a.content_expires_at > %(now)s)"
+                "  AND a.object_key = q.object_key AND (a.content_expires_at > %(now)s"
+                "  OR EXISTS (SELECT 1 FROM messages m WHERE m.id = a.message_id"
+                "   AND m.org_id = a.org_id AND m.metadata_expires_at = a.metadata_expires_at"
+                "   AND " + covered_sql("m") + ")))"
                 " ORDER BY q.needed_until LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
                 " AND p.state = 'live' AND p.needed_until < %(now)s"
                 " RETURNING p.object_key, p.stored_size", params).fetchall()

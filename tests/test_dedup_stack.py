@@ -349,3 +349,21 @@ def test_erasure_release_makes_only_unshared_parts_sweepable(
     assert shared_key is not None
     # The part another (unerased) message needs stays; the private one is gone.
     assert [r[0] for r in _part_rows(stack, org_id)] == [shared_key[0]]
+
+
+def test_a_legal_hold_keeps_parts_past_their_expiry(stack: Stack,
+                                                     committer: GroupCommitter) -> None:
+    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    now = datetime.now(UTC)
+    pdf = campaign.fake_pdf(150 * 1024, seed=51)
+    m = capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
+                           created=now - timedelta(days=30), content_days=2)
+    [(key, _, _)] = _part_rows(stack, org_id)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO legal_holds (org_id, reason) VALUES (%s, 'litigation')",
+                     (org_id,))
+        assert sweep_parts(conn, stack.objects(), now, org_id=org_id).deleted == 0
+        assert [r[0] for r in _part_rows(stack, org_id)] == [key]
+        assert stack.restored(m.object_key) == campaign.message(1, domain, pdf=pdf)
+        conn.execute("UPDATE legal_holds SET released_at = now() WHERE org_id = %s", (org_id,))
+        assert sweep_parts(conn, stack.objects(), now, org_id=org_id).deleted == 1

@@ -43,9 +43,14 @@ CREATE TABLE attachments (
     object_key           text NOT NULL,
     content_expires_at   timestamptz NOT NULL,
     metadata_expires_at  timestamptz NOT NULL,
+    -- a held message's stamp while its rows sit in the held partition (0005)
+    held_metadata_expires_at timestamptz,
     created_at           timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (message_id, part_index, metadata_expires_at)
 ) PARTITION BY RANGE (metadata_expires_at);
+-- Legal holds move a message's rows here with it (0005, storage/holds.py).
+CREATE TABLE attachments_held PARTITION OF attachments
+    FOR VALUES FROM ('9999-01-01 00:00:00+00') TO ('9999-12-31 00:00:00+00');
 CREATE INDEX attachments_part_idx ON attachments (org_id, sha256, content_expires_at);
 
 CREATE TABLE zstd_dictionaries (
