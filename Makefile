@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint bench bench-policyd bench-retention
+.PHONY: install run stop test lint bench bench-policyd bench-retention bench-storage
 
 install:
 	$(STACK) install
@@ -86,4 +86,19 @@ bench-retention: install
 		  $(VENV)/bin/python $(CURDIR)/bench/retention_bench.py $(BENCH_RETENTION_ARGS) ) || rc=$$?; \
 	fi; \
 	$(STACK) down $(BENCH_RETENTION_DIR) || echo "make bench-retention: stack down failed" >&2; \
+
+# Bytes stored per byte received (split parts, dictionaries) and what they cost
+# the capture path (bench/storage_bench.py), on a private stack of its own.
+BENCH_STORAGE_DIR := $(CURDIR)/.stack-bench-storage
+BENCH_STORAGE_PORT ?= 14025
+BENCH_STORAGE_ARGS ?=
+bench-storage: install
+	@rc=0; \
+	$(STACK) up $(BENCH_STORAGE_DIR) $(BENCH_STORAGE_PORT) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		( set -a && . $(BENCH_STORAGE_DIR)/env && set +a && cd /tmp && \
+		  $(VENV)/bin/python $(CURDIR)/bench/storage_bench.py --config "$$POSTKEEP_CONFIG" \
+		    --smtp "$$POSTKEEP_SMTP_HOST:$$POSTKEEP_SMTP_PORT" $(BENCH_STORAGE_ARGS) ) || rc=$$?; \
+	fi; \
+	$(STACK) down $(BENCH_STORAGE_DIR) || echo "make bench-storage: stack down failed" >&2; \
 	exit $$rc

@@ -18,21 +18,42 @@ turns those back into the message's bytes and compresses them on the fly:
   (where Postfix inserts them): `finish(prefix=...)` then hashes the final
   bytes by decompressing the body frame once.  A capture that can never be
   signed hashes while streaming instead.
+- Storage economics, at end of message (`finish(split_threshold=...,
+  dictionary=...)`): a body larger than the threshold is decompressed once
+  (into memory up to `spill_bytes`, else a temporary file read through mmap)
+  and scanned for large leaf parts (mime_split.py); those are cut out and
+  handed on as `SplitPart`s for the committer to store once per
+  organisation, and what remains (the skeleton) is compressed.  A small
+  message of an organisation that has a dictionary is recompressed with it
+  as one frame.  Either way the object becomes a container
+  (storage/container.py) and sha256/size stay those of the whole message.
+  Any failure there falls back to the plain object: splitting is an
+  optimisation, never a reason to refuse mail.
 
 Nothing here talks to Postfix, S3 or PostgreSQL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
+import mmap
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import zstandard
 
 from postkeep.milter.dkim import BodyHasher
+from postkeep.milter.mime_split import large_parts
+from postkeep.storage.container import DictionaryRef, Manifest, PartRef, encode_header
+from postkeep.storage.dictionaries import LoadedDictionary
+from postkeep.storage.parts import SplitPart
+
+log = logging.getLogger("postkeep.milter")
 
 
 def header_line(name: str | bytes, value: bytes) -> bytes:
@@ -55,9 +76,30 @@ class StoredContent:
     size: int  # uncompressed message size
     sha256: bytes
     body_size: int
+    # A container (storage/container.py) until sealed: parts cut out (their
+    # keys are known only once stored) and/or the dictionary the skeleton needs.
+    parts: list[SplitPart] = field(default_factory=list)
+    dictionary: DictionaryRef | None = None
+    sealed: bool = True
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def seal(self, part_keys: list[str]) -> None:
+        """Put the manifest (with the parts' object keys) in front of the skeleton."""
+        if self.sealed:
+            return
+        refs = tuple(PartRef(p.at, p.size, p.sha256.hex(), k)
+                     for p, k in zip(self.parts, part_keys, strict=True))
+        header = encode_header(Manifest(self.dictionary, refs))
+        self.stream = io.BufferedReader(_Concat(header, self.stream))
+        self.compressed_size += len(header)
+        self.sealed = True
 
     def close(self) -> None:
         self.stream.close()
+        for p in self.parts:
+            p.data.release()
+        for closer in self._closers:
+            closer()
 
 
 class _Concat(io.RawIOBase):
@@ -93,6 +135,8 @@ class MessageCapture:
     def __init__(self, *, level: int = 3, spill_bytes: int = 1 << 20,
                  spool_dir: str | None = None, dkim_body_hash: bool = True) -> None:
         self._level = level
+        self._spill = spill_bytes
+        self._spool_dir = spool_dir
         self._headers: list[bytes] = []
         self._added: list[bytes] = []
         # Closed by discard() or by the uploaded stream: lives across callbacks.
@@ -152,11 +196,16 @@ class MessageCapture:
             self._body.write(out)
 
     # -- finish ------------------------------------------------------------
-    def finish(self, prefix: bytes = b"") -> StoredContent:
+    def finish(self, prefix: bytes = b"", *, split_threshold: int = 0,
+               dictionary: LoadedDictionary | None = None,
+               dictionary_max: int = 0) -> StoredContent:
         """Close both frames and return the object to upload.
 
         PREFIX (complete header lines, e.g. DKIM signatures) goes before the
         header block, as Postfix places headers a milter inserts at index 1.
+        Leaf parts larger than SPLIT_THRESHOLD (0: never) are cut out; a
+        message (or skeleton) of at most DICTIONARY_MAX bytes is compressed
+        with DICTIONARY.
         """
         self.end_of_headers()
         assert self._body_writer is not None
@@ -164,6 +213,21 @@ class MessageCapture:
         self._body.write(self._body_writer.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
         body_compressed = self._body.tell()
         self._body.seek(0)
+        size = len(header_block) + self.body_size
+        split = 0 < split_threshold < self.body_size
+        # Small enough for the dictionary: the whole message, or (decided in
+        # _rebuild) what remains once large parts are cut out.
+        if not split and not (dictionary is not None and size <= dictionary_max):
+            dictionary = None
+        if split or dictionary is not None:
+            try:
+                rebuilt = self._rebuild(header_block, prefix, split_threshold if split else 0,
+                                        dictionary, dictionary_max)
+                if rebuilt is not None:
+                    return rebuilt
+            except Exception:  # an optimisation only: store the plain object instead
+                log.exception("splitting/dictionary compression failed; storing plainly")
+            self._body.seek(0)
         if self._hash is not None and not prefix:
             digest = self._hash.digest()
         else:
@@ -176,6 +240,92 @@ class MessageCapture:
             sha256=digest,
             body_size=self.body_size,
         )
+
+    def _rebuild(self, header_block: bytes, prefix: bytes, threshold: int,
+                 dictionary: LoadedDictionary | None, dictionary_max: int
+                 ) -> StoredContent | None:
+        """The container object, or None when there is nothing to cut out and no
+        dictionary to use (the plain object is then what finish() makes)."""
+        body, closers = self._decompressed_body()
+        try:
+            spans = large_parts(header_block, body, threshold) if threshold else []
+            if not spans and dictionary is None:
+                for closer in closers:
+                    closer()
+                return None
+            if self._hash is not None and not prefix:
+                digest = self._hash.digest()
+            else:
+                h = hashlib.sha256(header_block)
+                h.update(body)
+                digest = h.digest()
+            skeleton_size = len(header_block) + self.body_size - sum(sp.size for sp in spans)
+            if dictionary is None or skeleton_size > dictionary_max:
+                dictionary = None
+                cctx = self._cctx
+            else:
+                cctx = zstandard.ZstdCompressor(level=self._level, dict_data=dictionary.data)
+            out = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+                max_size=self._spill, dir=self._spool_dir)
+            cobj = cctx.compressobj()
+            out.write(cobj.compress(header_block))
+            view = memoryview(body)
+            parts: list[SplitPart] = []
+            prev, at = 0, len(header_block)  # position in the body, in the skeleton
+            for sp in spans:
+                out.write(cobj.compress(view[prev : sp.start]))
+                at += sp.start - prev
+                data = view[sp.start : sp.end]
+                parts.append(SplitPart(at, data, hashlib.sha256(data).digest(), sp.filename,
+                                       sp.content_type))
+                prev = sp.end
+            out.write(cobj.compress(view[prev:]))
+            out.write(cobj.flush())
+            compressed = out.tell()
+            out.seek(0)
+            view.release()
+            self._body.close()
+            content = StoredContent(
+                stream=out,  # type: ignore[arg-type]
+                compressed_size=compressed,
+                size=len(header_block) + self.body_size,
+                sha256=digest,
+                body_size=self.body_size,
+                parts=parts,
+                dictionary=dictionary.ref if dictionary is not None else None,
+                sealed=False,
+                _closers=closers,
+            )
+        except BaseException:
+            for closer in closers:
+                closer()
+            raise
+        if not parts:
+            content.seal([])
+        return content
+
+    def _decompressed_body(self) -> tuple[bytes | mmap.mmap, list[Callable[[], None]]]:
+        """The body, decompressed: bytes up to spill_bytes, else an mmap'ed
+        temporary file (closers release it)."""
+        reader = zstandard.ZstdDecompressor().stream_reader(self._body, closefd=False)
+        if self.body_size <= self._spill:
+            data = reader.readall()
+            self._body.seek(0)
+            return data, []
+        tmp = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115
+        while chunk := reader.read(1 << 20):
+            tmp.write(chunk)
+        tmp.flush()
+        self._body.seek(0)
+        mm = mmap.mmap(tmp.fileno(), 0, access=mmap.ACCESS_READ)
+
+        def close() -> None:
+            # A view still alive keeps the mapping; it goes when the view does.
+            with contextlib.suppress(BufferError):
+                mm.close()
+            tmp.close()
+
+        return mm, [close]
 
     def _rehash(self, header_block: bytes) -> bytes:
         """sha256 of HEADER_BLOCK + body, decompressing the body frame once."""

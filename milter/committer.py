@@ -12,6 +12,12 @@ then the batch is made durable together while the next one forms:
 - large objects one streaming PUT each, so memory stays bounded;
 - every stored message's rows in one INSERT statement.
 
+Messages with split-out parts (or a dictionary) are prepared first: each
+part's object is found or uploaded for the organisation (storage/parts.py),
+the dictionary version is kept from sweeping, and the manifest naming the
+part objects goes in front of the skeleton; their attachments rows are
+inserted in the same transaction as the message rows.
+
 Only when that statement has committed does `commit` return; if any step
 fails it raises BackendError for every message of the batch it touched, and
 the milter tempfails them.  This is what keeps the S3 and PostgreSQL cost per
@@ -21,17 +27,22 @@ message low enough for the milter to keep up with Postfix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+import psycopg
+
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.storage.db import BackendError, Database
+from postkeep.storage.dictionaries import DictionaryUse
 from postkeep.storage.messages import CapturedMessage, record_captures
 from postkeep.storage.objects import ObjectStore
+from postkeep.storage.parts import AttachmentRow, PartStore, hold_parts, record_attachments
 
 log = logging.getLogger("postkeep.milter")
 
@@ -42,6 +53,7 @@ class _Pending:
     content: StoredContent
     done: threading.Event = field(default_factory=threading.Event)
     error: BackendError | None = None
+    part_keys: list[str] = field(default_factory=list)
 
 
 class GroupCommitter:
@@ -49,13 +61,17 @@ class GroupCommitter:
 
     def __init__(self, db: Database, objects: ObjectStore, *, workers: int = 2,
                  max_batch: int = 64, linger: float = 0.01,
-                 small_object_bytes: int = 256 * 1024) -> None:
+                 small_object_bytes: int = 256 * 1024, spool_dir: str | None = None,
+                 level: int = 3) -> None:
         self._db = db
         self._linger = linger
         self._forming = threading.Lock()  # one worker forms a batch at a time
         # minio-py holds up to one 5 MiB part of a large object in memory:
         # one large upload at a time keeps the milter's memory bounded.
         self._large = threading.Lock()
+        self._parts = PartStore(db, objects, level=level, spool_dir=spool_dir,
+                                upload_lock=self._large)
+        self._dictionary_use = DictionaryUse()
         self._objects = objects
         self._max_batch = max_batch
         self._small = small_object_bytes
@@ -122,17 +138,69 @@ class GroupCommitter:
             return batch
 
     def _store(self, batch: list[_Pending]) -> None:
-        stored = self._upload(batch)
+        stored = self._upload(self._prepare(batch))
         if not stored:
             return
         try:
-            self._db.run(lambda conn: record_captures(conn, [p.message for p in stored]))
+            self._db.run(lambda conn: self._record(conn, stored))
         except BackendError as exc:
             # Objects stay: if the COMMIT reached PostgreSQL before the error,
             # rows point at them; an object without a row is invisible.
             log.warning("%d objects written but their rows were not confirmed", len(stored))
             for p in stored:
+                if p.error is None:
+                    p.error = exc
+
+    def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
+        """Store parts and seal containers; return the items ready to upload."""
+        ready = []
+        for p in batch:
+            content, m = p.content, p.message
+            try:
+                if content.dictionary is not None:
+                    self._dictionary_use.ensure(self._db, content.dictionary,
+                                                m.content_expires_at)
+                for part in content.parts:
+                    resolved = self._parts.resolve(m.org_id, part, m.content_expires_at)
+                    p.part_keys.append(resolved.key)
+                    metrics.PARTS.labels("uploaded" if resolved.uploaded else "reused").inc()
+                    metrics.PART_STORED_BYTES.inc(resolved.uploaded)
+                if not content.sealed:
+                    content.seal(p.part_keys)
+                    # the row records the object as stored, manifest included
+                    p.message = dataclasses.replace(m, compressed_size=content.compressed_size)
+            except BackendError as exc:
                 p.error = exc
+                continue
+            ready.append(p)
+        return ready
+
+    def _record(self, conn: psycopg.Connection, stored: list[_Pending]) -> None:
+        """The batch's rows: one INSERT; with parts, in one transaction that
+        first holds every referenced part (FOR SHARE), so a sweep cannot
+        delete one between the check and the commit."""
+        if not any(p.part_keys for p in stored):
+            record_captures(conn, [p.message for p in stored])
+            return
+        with conn.transaction():
+            gone = hold_parts(conn, {k for p in stored for k in p.part_keys})
+            if gone:  # swept since this process last saw them: tempfail those messages
+                self._parts.forget_keys(gone)
+                for p in stored:
+                    if gone.intersection(p.part_keys):
+                        p.error = BackendError("postgres", f"part object(s) {sorted(gone)}"
+                                               " were deleted meanwhile; retry")
+            ok = [p for p in stored if p.error is None]
+            rows = [AttachmentRow(p.message.id, p.message.org_id, i, part.filename,
+                                  part.content_type, part.size, part.sha256, key,
+                                  p.message.content_expires_at, p.message.metadata_expires_at,
+                                  p.message.created_at)
+                    for p in ok
+                    for i, (part, key) in enumerate(zip(p.content.parts, p.part_keys,
+                                                        strict=True))]
+            if ok:
+                record_captures(conn, [p.message for p in ok])
+                record_attachments(conn, rows)
 
     def _upload(self, batch: list[_Pending]) -> list[_Pending]:
         """Put every object; return the items now in the store."""

@@ -128,14 +128,19 @@ def main(config_path: str | None, check_config: bool) -> None:
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max,
-                               linger=mcfg.commit_linger_ms / 1000)
+                               linger=mcfg.commit_linger_ms / 1000,
+                               spool_dir=mcfg.spool_directory, level=mcfg.zstd_level)
+    from postkeep.storage.dictionaries import DictionaryCache
+
+    dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,
+                                   level=mcfg.zstd_level)
     keyring = None
     if cfg.dkim.master_key:
         keyring = KeyRingRefresher(db, load_master_key(cfg.dkim), mcfg.dkim_reload_seconds,
                                    lookups)
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
-        networks=networks, system=system, keyring=keyring)
+        networks=networks, system=system, keyring=keyring, dictionaries=dictionaries)
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
              mcfg.metrics_listen, cfg.source)

@@ -55,3 +55,20 @@ for _algorithm in ("rsa-sha256", "ed25519-sha256"):
     DKIM_SIGNATURES.labels(_algorithm)
 for _reason in ("untrusted_client", "no_key", "from_header"):
     DKIM_FAILURES.labels(_reason)
+
+PARTS = Counter(
+    "postkeep_milter_parts_total",
+    "Large MIME parts cut out of captured messages: uploaded (new to the organisation)"
+    " or reused (already stored once for it).",
+    ["outcome"],
+)
+PART_STORED_BYTES = Counter(
+    "postkeep_milter_part_stored_bytes_total",
+    "Compressed bytes of part objects written to object storage.",
+)
+DICTIONARY_MESSAGES = Counter(
+    "postkeep_milter_dictionary_messages_total",
+    "Captured messages compressed with their organisation's zstd dictionary.",
+)
+for _outcome in ("uploaded", "reused"):
+    PARTS.labels(_outcome)

@@ -54,6 +54,7 @@ from postkeep.milter.signing import (
     sign_all,
 )
 from postkeep.storage.db import BackendError
+from postkeep.storage.dictionaries import DictionaryCache
 from postkeep.storage.dkim_keys import DkimKeyError
 from postkeep.storage.messages import CapturedMessage, expiry_dates
 from postkeep.storage.objects import message_key
@@ -145,8 +146,10 @@ class CaptureService:
 
     def __init__(self, cfg: MilterConfig, committer: GroupCommitter, directory: Directory,
                  *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
-                 keyring: KeyRingRefresher | None = None) -> None:
+                 keyring: KeyRingRefresher | None = None,
+                 dictionaries: DictionaryCache | None = None) -> None:
         self.cfg = cfg
+        self.dictionaries = dictionaries  # None: no dictionary compression
         self.committer = committer
         self.directory = directory
         self.networks = networks
@@ -321,7 +324,13 @@ class CaptureService:
                  signatures: list[Signature]) -> Verdict:
         org = decision.org
         assert org is not None
-        content = tx.capture.finish(prefix=b"".join(s.line for s in signatures))
+        dictionary = None
+        if self.dictionaries is not None and self.cfg.dictionary_max_bytes:
+            dictionary = self.dictionaries.get(org.id)
+        content = tx.capture.finish(prefix=b"".join(s.line for s in signatures),
+                                    split_threshold=self.cfg.part_split_bytes,
+                                    dictionary=dictionary,
+                                    dictionary_max=self.cfg.dictionary_max_bytes)
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
         rpath = None
         if self.cfg.bounce_domain:  # outcome tracking on
@@ -358,10 +367,14 @@ class CaptureService:
         metrics.MESSAGES.labels("captured").inc()
         metrics.RECEIVED_BYTES.inc(content.size)
         metrics.STORED_BYTES.inc(content.compressed_size)
+        if content.dictionary is not None:
+            metrics.DICTIONARY_MESSAGES.inc()
         log.info(
-            "captured id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s",
+            "captured id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
+            " parts=%d dict=%s",
             tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients), content.size,
-            content.compressed_size, message.object_key,
+            content.compressed_size, message.object_key, len(content.parts),
+            content.dictionary.version if content.dictionary else "-",
         )
         if rpath is None:
             return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),

@@ -120,6 +120,16 @@ class MilterConfig:
     # postkeep-storage.  Empty: envelopes are left alone and no outcome is
     # tracked.
     bounce_domain: str = ""
+    # MIME leaf parts larger than this (bytes, as encoded in the message) are
+    # stored once per organisation and referenced from the message object
+    # (the same PDF to thousands of recipients is kept once).  0: never split.
+    part_split_bytes: int = field(default=128 * 1024, metadata={"min": 0})
+    # Messages up to this size are compressed with their organisation's zstd
+    # dictionary when it has one (`postkeep dict train`).  0: never.
+    dictionary_max_bytes: int = field(default=64 * 1024, metadata={"min": 0})
+    # How long the milter uses an organisation's dictionary before checking
+    # PostgreSQL for a newer version.
+    dictionary_refresh_seconds: float = field(default=300.0, metadata=_positive())
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))

@@ -15,8 +15,6 @@ import pytest
 from support import corpus, smtp
 from support.stack import Stack, strip_received
 
-from postkeep.milter.capture import restore
-
 pytestmark = pytest.mark.stack
 
 
@@ -57,7 +55,7 @@ def test_corpus_capture_is_byte_exact(stack: Stack, org: tuple[uuid.UUID, str],
 
     delivered = stack.sink_copy(f"{token}-{case_name}")
     row = _row(stack, reply.queue_id)
-    stored = restore([stack.stored(str(row["object_key"]))])
+    stored = stack.restored(str(row["object_key"]))
 
     assert stored == strip_received(delivered)
     assert row["org_id"] == org_id
@@ -117,7 +115,7 @@ def test_sendmail_mail_is_captured(stack: Stack, org: tuple[uuid.UUID, str]) -> 
             "SELECT id, object_key, sha256 FROM messages WHERE envelope_from = %s", (sender,)
         ).fetchone()
     assert row is not None, "sendmail message was not captured"
-    stored = restore([stack.stored(row[1])])
+    stored = stack.restored(row[1])
     assert stored == strip_received(delivered)
 
 

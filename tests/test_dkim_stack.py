@@ -27,7 +27,6 @@ from support import corpus, smtp
 from support.stack import Stack, strip_received
 
 from postkeep.milter import dkim as pkdkim
-from postkeep.milter.capture import restore
 from postkeep.storage import dkim_keys
 
 pytestmark = pytest.mark.stack
@@ -103,7 +102,7 @@ def test_corpus_signed_verifies_with_dkimpy_and_opendkim(
     assert "succeeded" not in _opendkim(stack, tmp_path, tampered)
 
     key, _sha = _row(stack, reply.queue_id or "")
-    stored = restore([stack.stored(key)])
+    stored = stack.restored(key)
     assert stored == strip_received(delivered)  # the stored object is the signed message
     assert stored.startswith(b"DKIM-Signature:")
     headers, body = pkdkim.split_message(stored)

@@ -16,8 +16,6 @@ import pytest
 from support import smtp
 from support.stack import Stack, strip_received
 
-from postkeep.milter.capture import restore
-
 pytestmark = pytest.mark.stack
 
 
@@ -42,7 +40,7 @@ def _healthy(stack: Stack, domain: str) -> None:
         row = conn.execute("SELECT object_key FROM messages WHERE queue_id = %s",
                            (reply.queue_id,)).fetchone()
     assert row is not None
-    assert restore([stack.stored(row[0])]) == strip_received(delivered)
+    assert stack.restored(row[0]) == strip_received(delivered)
     with urllib.request.urlopen(stack.env["POSTKEEP_MILTER_METRICS"], timeout=5) as resp:
         assert b"postkeep_milter_messages_total" in resp.read()
 
@@ -81,7 +79,7 @@ def test_nasty_header_gets_clear_outcome(stack: Stack, domain: str, name: str) -
                                (reply.queue_id,)).fetchone()
         assert row is not None, f"{name}: accepted but not captured"
         relayed = strip_received(delivered)
-        stored = restore([stack.stored(row[0])])
+        stored = stack.restored(row[0])
         if name in OVERLONG:  # compare unfolded (the DKIM-Signature is folded too)
             relayed, stored = relayed.replace(b"\r\n ", b""), stored.replace(b"\r\n ", b"")
         assert stored == relayed

@@ -19,8 +19,6 @@ import pytest
 from support import smtp
 from support.stack import Stack, load_stack, strip_received
 
-from postkeep.milter.capture import restore
-
 pytestmark = [pytest.mark.stack, pytest.mark.outage]
 
 
@@ -87,7 +85,7 @@ def _assert_nothing_lost(stack: Stack, sent: list[Sent], backend: str) -> None:
                 "SELECT object_key, sha256, size FROM messages WHERE queue_id = %s",
                 (s.queue_id,)).fetchone()
             assert row is not None, f"accepted message {s.queue_id} has no row"
-            stored = restore([stack.stored(row[0])])
+            stored = stack.restored(row[0])
             assert hashlib.sha256(stored).digest() == bytes(row[1])
             assert stored == strip_received(stack.sink_copy(s.token))
 

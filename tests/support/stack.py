@@ -103,7 +103,14 @@ class Stack:
         raise AssertionError(f"sink never received the message with token {token}")
 
     def stored(self, key: str) -> bytes:
+        """The object at KEY as stored (compressed; maybe a container)."""
         return read_all(self.objects(), key)
+
+    def restored(self, key: str) -> bytes:
+        """The message bytes of the object at KEY, parts and dictionary included."""
+        from postkeep.storage.content import restore
+
+        return b"".join(restore(self.objects(), key))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""
