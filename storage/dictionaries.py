@@ -34,6 +34,7 @@ import zstandard
 from postkeep.storage.container import DictionaryRef
 from postkeep.storage.db import BackendError, Database
 from postkeep.storage.objects import ObjectStore, read_all
+from postkeep.storage.parts import Deleter
 
 log = logging.getLogger("postkeep.storage")
 
@@ -356,7 +357,7 @@ def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
     return d
 
 
-def sweep_dictionaries(conn: psycopg.Connection, objects: ObjectStore, now: datetime) -> int:
+def sweep_dictionaries(conn: psycopg.Connection, objects: Deleter, now: datetime) -> int:
     """Delete retired versions no stored message can need any more; return how many.
 
     Marked 'deleting' first (the milter's DictionaryUse then refuses them),

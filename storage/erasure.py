@@ -87,6 +87,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
     Raises ErasureRefused if a legal hold covers any of it; BackendError if
     S3 fails to delete (nothing of that batch is marked; rerun).
     """
+    from postkeep.storage.parts import release_message_parts, sweep_parts
     from postkeep.storage.retention import run_lock
 
     say = progress or (lambda _line: None)
@@ -161,9 +162,17 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 )
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys)})
+            # Attachments stored once per organisation (storage/parts.py):
+            # what only these messages referenced can go now.
+            release_message_parts(conn, ids, now)
             total += len(batch)
             deleted += len(keys)
             say(f"erased {total}/{len(scope)} messages")
+        if scope:
+            from postkeep.storage.retention import KeyDeleter
+
+            swept = sweep_parts(conn, KeyDeleter(store), now, org_id=org_id)
+            say(f"deleted {swept.deleted} attachment part object(s) no other message needs")
         if not scope:
             audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
                   {"address_sha256": digest, "objects_deleted": 0})

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import psycopg
 import zstandard
@@ -251,13 +252,19 @@ def release_message_parts(conn: psycopg.Connection, message_ids: Sequence[uuid.U
     return len(rows)
 
 
+class Deleter(Protocol):
+    """All a sweep needs of object storage (ObjectStore has it)."""
+
+    def delete(self, key: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class SweepResult:
     deleted: int
     bytes_freed: int
 
 
-def sweep_parts(db: psycopg.Connection, objects: ObjectStore, now: datetime,
+def sweep_parts(db: psycopg.Connection, objects: Deleter, now: datetime,
                 *, batch: int = 500, org_id: uuid.UUID | None = None) -> SweepResult:
     """Delete part objects no unexpired message references; safe to run concurrently.
 

@@ -95,6 +95,8 @@ class RunReport:
     held_objects_protected: int = 0
     holds_reconciled: int = 0
     stats_rows: int = 0
+    parts_swept: int = 0
+    dictionaries_swept: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -110,6 +112,7 @@ class RunReport:
             f" left_to_lifecycle={self.objects_left_to_lifecycle}"
             f" held_objects_protected={self.held_objects_protected}"
             f" holds_reconciled={self.holds_reconciled} stats_rows={self.stats_rows}"
+            f" parts_swept={self.parts_swept} dictionaries_swept={self.dictionaries_swept}"
             f" errors={len(self.errors)} seconds={self.seconds:.2f}"
         )
 
@@ -223,6 +226,7 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
             watermark = _sweep(conn, store, watermark, now, settings, report, say, stop)
             weeks = droppable(list_weeks(conn), min(now, watermark[0]))
             _drop(conn, weeks, settings, report, say, stop)
+            _shared_content(conn, store, now, report, say)
             _rollup(conn, now, settings, report, say)
         except Stopped:
             report.errors.append("stopped before the end (shutdown); the next run carries on")
@@ -232,6 +236,41 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
               {"summary": report.summary(), "errors": report.errors[:20]})
     log.info("%s", report.summary())
     return report
+
+
+class KeyDeleter:
+    """One key at a time over a RetentionStore: what the part and dictionary
+    sweeps need (storage/parts.py Deleter)."""
+
+    def __init__(self, store: RetentionStore) -> None:
+        self.store = store
+
+    def delete(self, key: str) -> None:
+        if self.store.delete_many([key]):
+            raise BackendError("s3", f"could not delete {key}")
+
+
+def _shared_content(conn: psycopg.Connection, store: RetentionStore, now: datetime,
+                    report: RunReport, say: Progress) -> None:
+    """Parts stored once per organisation and zstd dictionaries go when no
+    unexpired (or held) message needs them any more."""
+    from postkeep.storage.dictionaries import sweep_dictionaries
+    from postkeep.storage.parts import sweep_parts
+
+    try:
+        swept = sweep_parts(conn, KeyDeleter(store), now)
+        report.parts_swept = swept.deleted
+        report.dictionaries_swept = sweep_dictionaries(conn, KeyDeleter(store), now)
+    except (BackendError, psycopg.Error) as exc:
+        report.errors.append(f"parts/dictionaries sweep: {exc}")
+        say(f"parts/dictionaries sweep failed: {exc}")
+        return
+    if report.parts_swept or report.dictionaries_swept:
+        audit(conn, report.run_id, "shared_content_swept", report.parts_swept, None, None,
+              {"parts": report.parts_swept, "bytes": swept.bytes_freed,
+               "dictionaries": report.dictionaries_swept})
+        say(f"swept {report.parts_swept} part object(s) ({swept.bytes_freed} bytes) and"
+            f" {report.dictionaries_swept} dictionary version(s)")
 
 
 @contextmanager

@@ -367,3 +367,25 @@ def test_a_legal_hold_keeps_parts_past_their_expiry(stack: Stack,
         assert stack.restored(m.object_key) == campaign.message(1, domain, pdf=pdf)
         conn.execute("UPDATE legal_holds SET released_at = now() WHERE org_id = %s", (org_id,))
         assert sweep_parts(conn, stack.objects(), now, org_id=org_id).deleted == 1
+
+
+def test_retention_run_sweeps_parts_no_unexpired_message_needs(
+        stack: Stack, committer: GroupCommitter) -> None:
+    """`postkeep retention run` (run_retention) sweeps shared parts too."""
+    from postkeep.storage import lifecycle
+    from postkeep.storage.retention import run_retention
+
+    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    now = datetime.now(UTC)
+    pdf = campaign.fake_pdf(150 * 1024, seed=61)
+    capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
+                       created=now - timedelta(days=30), content_days=2)
+    [(key, _, _)] = _part_rows(stack, org_id)
+    objects = stack.objects()
+    with stack.connect() as conn:
+        report = run_retention(conn, lifecycle.S3Retention(objects.client, objects.bucket),
+                               now)
+    assert report.parts_swept >= 1, report.summary()
+    assert _part_rows(stack, org_id) == []
+    with pytest.raises(BackendError, match="NoSuchKey"):
+        stack.stored(key)
