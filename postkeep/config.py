@@ -212,6 +212,10 @@ class StorageConfig:
     report_days: int = field(default=3, metadata={"min": 1, "max": 90})
     # How often the sidecar runs its upkeep (report partitions).
     maintenance_seconds: float = field(default=3600.0, metadata={"min": 10})
+    # How often the sidecar looks for organisations due a new zstd dictionary
+    # (trained weekly per organisation with enough small mail; see
+    # storage/dictionaries.py train_due).  0: never (train with `postkeep dict train`).
+    dictionary_check_seconds: float = field(default=3600.0, metadata={"min": 0})
     # Where failure notices are forwarded to organisations that asked for it
     # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no
     # forwarding.

@@ -63,6 +63,16 @@ async def serve(cfg: Config) -> None:
             lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
                     f" report partitions created or dropped"),
     ]
+    if scfg.dictionary_check_seconds:
+        from datetime import UTC, datetime
+
+        from postkeep.storage.dictionaries import train_due
+
+        def train() -> str:
+            trained = db.run(lambda c: train_due(c, objects, datetime.now(UTC)))
+            return f"{len(trained)} organisation dictionary(ies) trained"
+
+        jobs.append(Job("dictionaries", scfg.dictionary_check_seconds, train))
     # A run in progress at shutdown stops at its next batch (its thread sees
     # retention_stop); the next start carries on.
     retention_stop = threading.Event()

@@ -478,6 +478,9 @@ def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: F
     assert value("postkeep_storage_outcome_lag_seconds_count") >= 1
     assert value("postkeep_storage_batch_reports_count") >= 1
     assert "postkeep_storage_unmatched_reports_total" in text
+    # The sidecar's upkeep jobs ran at start, and succeeded.
+    assert value('postkeep_storage_upkeep_runs_total{job="report-partitions",result="ok"}') >= 1
+    assert value('postkeep_storage_upkeep_runs_total{job="dictionaries",result="ok"}') >= 1
 
 
 def _flush(stack: Stack) -> None:
