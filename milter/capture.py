@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -55,6 +56,9 @@ class StoredContent:
     size: int  # uncompressed message size
     sha256: bytes
     body_size: int
+    # The whole object again from its first byte (the outage spool rereads
+    # what a failed upload consumed); None: `stream` itself is seekable.
+    reopen: Callable[[], BinaryIO] | None = None
 
     def close(self) -> None:
         self.stream.close()
@@ -169,12 +173,19 @@ class MessageCapture:
         else:
             digest = self._rehash(header_block)
         header_frame = self._cctx.compress(header_block)
+        body = self._body
+
+        def reopen() -> BinaryIO:
+            body.seek(0)
+            return io.BufferedReader(_Concat(header_frame, body))  # type: ignore[arg-type]
+
         return StoredContent(
-            stream=io.BufferedReader(_Concat(header_frame, self._body)),  # type: ignore[arg-type]
+            stream=reopen(),
             compressed_size=len(header_frame) + body_compressed,
             size=len(header_block) + self.body_size,
             sha256=digest,
             body_size=self.body_size,
+            reopen=reopen,
         )
 
     def _rehash(self, header_block: bytes) -> bytes:

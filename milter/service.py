@@ -53,6 +53,7 @@ from postkeep.milter.signing import (
     is_trusted,
     sign_all,
 )
+from postkeep.milter.spool import SPOOLABLE_BACKENDS, OutageSpooler
 from postkeep.storage.db import BackendError
 from postkeep.storage.dkim_keys import DkimKeyError
 from postkeep.storage.messages import CapturedMessage, expiry_dates
@@ -145,13 +146,15 @@ class CaptureService:
 
     def __init__(self, cfg: MilterConfig, committer: GroupCommitter, directory: Directory,
                  *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
-                 keyring: KeyRingRefresher | None = None) -> None:
+                 keyring: KeyRingRefresher | None = None,
+                 spooler: OutageSpooler | None = None) -> None:
         self.cfg = cfg
         self.committer = committer
         self.directory = directory
         self.networks = networks
         self.system = system
         self.keyring = keyring  # None: customer signing is off (no master key)
+        self.spooler = spooler  # None: outage spool off, backend failures tempfail
 
     def begin(self, envelope_from: str, auth_user: str | None, client_addr: str | None = None,
               local: bool = False) -> Transaction:
@@ -349,19 +352,27 @@ class CaptureService:
             return_path=rpath,
             notify=tuple(client_notify(p) for p in tx.rcpt_params),
         )
+        outcome = "captured"
         try:
             self.committer.commit(message, content)
         except BackendError as exc:
-            return self._tempfail(tx, queue_id, exc)
+            if self.spooler is None or exc.backend not in SPOOLABLE_BACKENDS:
+                return self._tempfail(tx, queue_id, exc)
+            refused = self.spooler.store(message, content, exc)
+            if refused is not None:
+                return self._tempfail(tx, queue_id, exc, refused)
+            metrics.BACKEND_ERRORS.labels(exc.backend).inc()
+            outcome = "spooled"  # accepted: durable on local disk, drained later
         finally:
             content.close()
-        metrics.MESSAGES.labels("captured").inc()
+        metrics.MESSAGES.labels(outcome).inc()
         metrics.RECEIVED_BYTES.inc(content.size)
-        metrics.STORED_BYTES.inc(content.compressed_size)
+        if outcome == "captured":
+            metrics.STORED_BYTES.inc(content.compressed_size)
         log.info(
-            "captured id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s",
-            tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients), content.size,
-            content.compressed_size, message.object_key,
+            "%s id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s",
+            outcome, tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients),
+            content.size, content.compressed_size, message.object_key,
         )
         if rpath is None:
             return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
@@ -370,9 +381,10 @@ class CaptureService:
                        signatures=tuple(signatures),
                        change_from=(rpath, mail_from_params(tx.id)))
 
-    def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError) -> Verdict:
+    def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError,
+                  reply: Reply | None = None) -> Verdict:
         metrics.BACKEND_ERRORS.labels(exc.backend).inc()
         metrics.MESSAGES.labels("tempfailed").inc()
         log.warning("tempfailed id=%s queue_id=%s from=<%s> backend=%s reason=%r", tx.id,
                     queue_id, tx.envelope_from, exc.backend, exc.reason)
-        return Verdict(tempfail_reply(exc.backend))
+        return Verdict(reply or tempfail_reply(exc.backend))

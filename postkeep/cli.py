@@ -32,10 +32,19 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 def _register() -> None:
-    from postkeep import admin, dkim_cli, limits_cli, postfix_bundle, reports_cli, retention_cli
+    from postkeep import (
+        admin,
+        dkim_cli,
+        limits_cli,
+        postfix_bundle,
+        reports_cli,
+        retention_cli,
+        spool_cli,
+    )
 
     for group in (*admin.COMMANDS, *dkim_cli.COMMANDS, *limits_cli.COMMANDS,
-                  *reports_cli.COMMANDS, *retention_cli.COMMANDS, postfix_bundle.postfix):
+                  *reports_cli.COMMANDS, *retention_cli.COMMANDS, *spool_cli.COMMANDS,
+                  postfix_bundle.postfix):
         cli.add_command(group)
 
 
