@@ -41,6 +41,7 @@ SPOOLABLE_BACKENDS = frozenset({"s3", "postgres"})
 def spool_refused_reply(backend: str, why: str) -> Reply:
     """451 4.3.0 when the backend is down and the spool cannot take the message."""
     what = {"s3": "content store", "postgres": "metadata database"}.get(backend, backend)
+    why = why.replace("%", " percent")  # libmilter refuses a lone '%' in a reply
     return Reply("451", "4.3.0", f"postkeep: {what} ({backend}) unavailable and the outage "
                  f"spool cannot take the message ({why}); try again later")
 

@@ -464,3 +464,10 @@ def test_gauges_read_the_directory_at_scrape_time(spool: Spool) -> None:
     assert "postkeep_spool_oldest_entry_age_seconds" in text
     drain(spool, MemoryObjectStore(), FakeRows())
     assert "postkeep_spool_entries 0.0" in generate_latest(registry).decode()
+
+
+def test_refusal_text_carries_no_percent_sign() -> None:
+    from postkeep.milter.spool import spool_refused_reply
+
+    reply = spool_refused_reply("s3", "spool filesystem 91.0% full; path /a%b")
+    assert "%" not in reply.text and "91.0 percent full" in reply.text
