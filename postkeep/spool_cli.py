@@ -81,7 +81,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--interval", type=click.FloatRange(min=0.05), default=None, metavar="SECONDS",
               help="With --follow: seconds between passes (default: "
               "milter.outage_spool_drain_interval_seconds).")
-@click.option("--batch", type=click.IntRange(1, 1000), default=64, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Entries per batch (one INSERT per batch).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Drain at most this many entries (oldest first), then stop.")

@@ -68,19 +68,33 @@ class FakeRows:
 
 
 class CrashingStore(MemoryObjectStore):
-    def __init__(self, crash_after: int | None = None) -> None:
+    """Goes down or "dies" after some puts; BATCH: whether it takes put_many."""
+
+    def __init__(self, crash_after: int | None = None, batch: bool = True) -> None:
         super().__init__()
         self.puts = 0
         self.crash_after = crash_after
         self.down = False
+        self.batch = batch
 
-    def put(self, key: str, data: io.BufferedIOBase, length: int) -> None:  # type: ignore[override]
+    def _check(self) -> None:
         if self.down:
             raise BackendError("s3", "connection refused")
         if self.crash_after is not None and self.puts >= self.crash_after:
             raise Crash()
-        super().put(key, data, length)  # type: ignore[arg-type]
         self.puts += 1
+
+    def put(self, key: str, data: io.BufferedIOBase, length: int) -> None:  # type: ignore[override]
+        self._check()
+        super().put(key, data, length)  # type: ignore[arg-type]
+
+    def can_batch(self) -> bool:
+        return self.batch
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        for key, data in items:
+            self._check()
+            self.objects[key] = data
 
 
 def _content(text: bytes) -> tuple[bytes, StoredContent]:
@@ -182,11 +196,12 @@ def test_drain_stores_everything_and_empties_the_spool(spool: Spool) -> None:
     assert seen == sorted(seen) and seen[-1] == 150
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched puts", "single puts"])
 @pytest.mark.parametrize("where", ["during puts", "after puts", "after rows", "mid unlink"])
-def test_a_crash_anywhere_neither_loses_nor_duplicates(spool: Spool, where: str,
+def test_a_crash_anywhere_neither_loses_nor_duplicates(spool: Spool, where: str, batch: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     blobs = _spool_some(spool, 40)
-    store, rows = CrashingStore(), FakeRows()
+    store, rows = CrashingStore(batch=batch), FakeRows()
     if where == "during puts":
         store.crash_after = 20
     elif where == "after puts":
@@ -471,3 +486,31 @@ def test_refusal_text_carries_no_percent_sign() -> None:
 
     reply = spool_refused_reply("s3", "spool filesystem 91.0% full; path /a%b")
     assert "%" not in reply.text and "91.0 percent full" in reply.text
+
+
+def test_large_objects_go_one_put_each_small_ones_together(spool: Spool) -> None:
+    blobs = _spool_some(spool, 5)
+    big = os.urandom(spool_mod.SMALL_OBJECT_BYTES + 1)
+    m = _message(99, size=len(big))
+    spool.write(m, io.BytesIO(big), "s3: down")
+    blobs[m.id] = big
+    store, rows = CrashingStore(batch=True), FakeRows()
+    assert drain(spool, store, rows).drained == 6
+    assert {mm.id for mm in rows.rows.values()} == set(blobs)
+    assert store.objects[m.object_key] == big
+
+
+def test_batched_uploads_are_bounded_in_bytes(spool: Spool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_mod, "BATCH_UPLOAD_BYTES", 1000)
+    _spool_some(spool, 30)  # 50..79 bytes each
+    sizes: list[int] = []
+
+    class Store(CrashingStore):
+        def put_many(self, items: list[tuple[str, bytes]]) -> None:
+            sizes.append(sum(len(b) for _, b in items))
+            super().put_many(items)
+
+    rows = FakeRows()
+    assert drain(spool, Store(), rows).drained == 30
+    assert len(sizes) > 1 and max(sizes) <= 1000 and sum(sizes) == sum(50 + n for n in range(30))
