@@ -409,6 +409,7 @@ lmtp_host = "127.0.0.1"
 lmtp_port = $STORAGE_PORT
 metrics_listen = "127.0.0.1:$STORAGE_METRICS_PORT"
 forward_relay = "127.0.0.1:$REINJECT_PORT"
+spool_drain_interval_seconds = 1
 
 [dkim]
 master_key_file = "$DIR/dkim/master.key"

@@ -133,8 +133,6 @@ class MilterConfig:
     # Tempfail instead of spooling once the spool's filesystem would be fuller
     # than this (percent, as `df` counts it).
     outage_spool_max_fill_percent: float = field(default=90.0, metadata={"min": 0, "max": 100})
-    # How often the drain daemon looks for spooled messages (seconds).
-    outage_spool_drain_interval_seconds: float = field(default=5.0, metadata=_positive())
 
 
 @dataclass(frozen=True)
@@ -218,6 +216,9 @@ class StorageConfig:
     # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no
     # forwarding.
     forward_relay: str = ""
+    # How often the sidecar drains the milter's outage spool
+    # (milter.outage_spool_directory, on this host) while it holds entries.
+    spool_drain_interval_seconds: float = field(default=5.0, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
 
 

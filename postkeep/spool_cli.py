@@ -2,9 +2,9 @@
 
 A click adapter over `postkeep.storage.spool`.  The spool directory is
 `[milter] outage_spool_directory`; the drain needs the same `[postgres]` and
-`[s3]` the milter uses.  `drain --follow` is a small daemon (drain every
-`milter.outage_spool_drain_interval_seconds`, metrics on `--metrics-listen`)
-until the storage sidecar runs the same loop (`storage.spool.drain_forever`).
+`[s3]` the milter uses.  postkeep-storage (the sidecar) drains the spool every
+`storage.spool_drain_interval_seconds`; `drain` is for an operator (or a host
+without the sidecar), `drain --follow` runs the sidecar's loop alone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from types import FrameType
 
 import click
@@ -80,17 +79,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
               help="Keep draining every --interval seconds until SIGTERM/SIGINT.")
 @click.option("--interval", type=click.FloatRange(min=0.05), default=None, metavar="SECONDS",
               help="With --follow: seconds between passes (default: "
-              "milter.outage_spool_drain_interval_seconds).")
+              "storage.spool_drain_interval_seconds).")
 @click.option("--batch", type=click.IntRange(1, 1000), default=256, show_default=True,
               help="Entries per batch (one INSERT per batch).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Drain at most this many entries (oldest first), then stop.")
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Serve Prometheus /metrics (spool depth, oldest age, drained total).")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="If another drain (e.g. the sidecar's) is running, wait this long for it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every drained message (id, queue id).")
 @click.pass_context
 def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: int,
-              limit: int | None, metrics_listen: str | None, verbose: bool) -> None:
+              limit: int | None, metrics_listen: str | None, wait: float,
+              verbose: bool) -> None:
     """Store spooled messages (oldest first) and remove them from the spool.
 
     Safe to interrupt or kill at any point and to run again: each entry's
@@ -105,9 +107,14 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
         stream=sys.stderr)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     from postkeep.storage.db import Database
-    from postkeep.storage.messages import CapturedMessage, record_captures
     from postkeep.storage.objects import S3ObjectStore
-    from postkeep.storage.spool import SpoolCollector, drain, drain_forever
+    from postkeep.storage.spool import (
+        SpoolCollector,
+        drain,
+        drain_forever,
+        log_pass,
+        record_with,
+    )
 
     spool = Spool(cfg.milter.outage_spool_directory)
     if metrics_listen:
@@ -121,9 +128,7 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
     db = Database(cfg.postgres, min_size=1)
     objects = S3ObjectStore(cfg.s3)
 
-    def record(msgs: Sequence[CapturedMessage]) -> None:
-        db.run(lambda conn: record_captures(conn, msgs))
-
+    record = record_with(db)
     last = [0.0]
 
     def progress(r: DrainResult) -> None:
@@ -141,15 +146,13 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
 
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-            every = interval or cfg.milter.outage_spool_drain_interval_seconds
+            every = interval or cfg.storage.spool_drain_interval_seconds
             logging.getLogger("postkeep.spool").info(
                 "spool drain following %s every %gs", spool.dir, every)
             drain_forever(spool, objects, record, interval=every, stop=stop,
-                          batch_size=batch,
-                          on_pass=lambda r: click.echo(_progress_line(r)) if r.drained
-                          or r.quarantined or r.stopped else None)
+                          batch_size=batch, on_pass=log_pass)
             return
-        with spool.drain_lock():
+        with spool.drain_lock(wait=wait):
             spool.remove_stale_tmp()
             result = drain(spool, objects, record, batch_size=batch, limit=limit,
                            progress=progress)

@@ -47,7 +47,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -56,8 +56,8 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from postkeep.storage.db import BackendError
-from postkeep.storage.messages import CapturedMessage
+from postkeep.storage.db import BackendError, Database
+from postkeep.storage.messages import CapturedMessage, record_captures
 from postkeep.storage.objects import ObjectStore
 
 log = logging.getLogger("postkeep.spool")
@@ -129,34 +129,41 @@ def decode_metadata(data: bytes) -> tuple[CapturedMessage, datetime, str]:
             raise TypeError("metadata is not an object")
         spooled_at = datetime.fromisoformat(doc.pop("_spooled_at"))
         reason = str(doc.pop("_reason"))
-        kinds = {"id": uuid.UUID, "org_id": uuid.UUID}
         values: dict[str, object] = {}
         for f in fields(CapturedMessage):
             if f.name not in doc:
-                if f.name in ("message_id_header", "header_from", "subject", "direction",
-                              "extra"):
-                    continue  # optional fields keep their defaults
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue  # a field newer than the entry keeps its default
                 raise KeyError(f.name)
-            raw = doc[f.name]
-            if f.name in kinds:
-                values[f.name] = uuid.UUID(raw)
-            elif f.name in ("created_at", "content_expires_at", "metadata_expires_at"):
-                values[f.name] = datetime.fromisoformat(raw)
-            elif f.name == "sha256":
-                values[f.name] = bytes.fromhex(raw)
-            elif f.name == "recipients":
-                if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
-                    raise TypeError("recipients is not a list of strings")
-                values[f.name] = tuple(raw)
-            elif f.name in ("size", "compressed_size"):
-                if not isinstance(raw, int):
-                    raise TypeError(f"{f.name} is not an integer")
-                values[f.name] = raw
-            else:
-                values[f.name] = raw
+            values[f.name] = _decode_field(str(f.type), doc[f.name])
         return CapturedMessage(**values), spooled_at, reason  # type: ignore[arg-type]
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SpoolFormatError(f"bad metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_field(ftype: str, raw: object) -> object:
+    """One CapturedMessage field back from JSON, by its declared type."""
+    if ftype == "uuid.UUID":
+        return uuid.UUID(str(raw))
+    if ftype == "datetime":
+        return datetime.fromisoformat(str(raw))
+    if ftype == "bytes":
+        return bytes.fromhex(str(raw))
+    if ftype == "int":
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise TypeError(f"{raw!r} is not an integer")
+        return raw
+    if ftype.startswith("tuple["):
+        if not isinstance(raw, list) or not all(r is None or isinstance(r, str) for r in raw):
+            raise TypeError(f"{raw!r} is not a list of strings")
+        return tuple(raw)
+    if ftype.startswith("dict["):
+        if not isinstance(raw, dict):
+            raise TypeError(f"{raw!r} is not an object")
+        return raw
+    if raw is not None and not isinstance(raw, str):
+        raise TypeError(f"{raw!r} is not a string")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -411,15 +418,20 @@ class Spool:
             max(0.0, now - oldest) if oldest is not None else 0.0, quarantined, fill)
 
     @contextlib.contextmanager
-    def drain_lock(self) -> Iterator[None]:
-        """Hold the drain lock; SpoolBusy if another drain has it."""
+    def drain_lock(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold the drain lock; SpoolBusy if another drain keeps it WAIT seconds."""
         self.ensure()
         fd = os.open(self.dir / ".drain.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise SpoolBusy(f"another drain is running on {self.dir}") from exc
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as exc:
+                    if time.monotonic() >= deadline:
+                        raise SpoolBusy(f"another drain is running on {self.dir}") from exc
+                    time.sleep(0.1)
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -617,15 +629,40 @@ def _record(record: RecordRows, entries: list[SpoolEntry],
 def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
                   interval: float, stop: threading.Event, batch_size: int = 256,
                   on_pass: Callable[[DrainResult], None] | None = None) -> None:
-    """Drain every INTERVAL seconds until STOP is set (for a daemon's periodic task).
+    """Drain every INTERVAL seconds until STOP is set (a daemon's periodic task).
 
-    Holds the drain lock for the whole time; SpoolBusy if another drain has it.
+    Takes the drain lock for each pass only, so `postkeep spool drain` can
+    still be run by hand between passes; a pass that finds the lock taken is
+    skipped.  Never raises for an outage or a damaged entry; anything else
+    is logged and the next pass tries again.
     """
-    with spool.drain_lock():
-        while not stop.is_set():
-            spool.remove_stale_tmp()
+    while not stop.is_set():
+        try:
             if spool.entries():
-                result = drain(spool, objects, record, batch_size=batch_size, stop=stop)
+                with spool.drain_lock():
+                    spool.remove_stale_tmp()
+                    result = drain(spool, objects, record, batch_size=batch_size, stop=stop)
                 if on_pass is not None:
                     on_pass(result)
-            stop.wait(interval)
+        except SpoolBusy:
+            log.debug("spool drain pass skipped: another drain holds the lock")
+        except Exception:
+            log.exception("spool drain pass failed; retrying in %gs", interval)
+        stop.wait(interval)
+
+
+def record_with(db: Database) -> RecordRows:
+    """The drain's row writer: one idempotent INSERT per batch, through the pool."""
+    def record(msgs: Sequence[CapturedMessage]) -> None:
+        db.run(lambda conn: record_captures(conn, msgs))
+
+    return record
+
+
+def log_pass(result: DrainResult) -> None:
+    """One progress line per pass that did something (for daemons)."""
+    if result.drained or result.quarantined or result.rejected or result.stopped:
+        log.info("spool drain pass: drained %d, quarantined %d, rejected %d, left %d"
+                 " (%.0f messages/s)%s", result.drained, result.quarantined, result.rejected,
+                 result.remaining, result.rate,
+                 f"; stopped: {result.stopped}" if result.stopped else "")

@@ -9,6 +9,7 @@ that running it again neither loses nor duplicates anything.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import uuid
@@ -144,10 +145,19 @@ def spool(tmp_path: Path) -> Spool:
 
 def test_metadata_round_trips_every_field_including_undecodable_headers() -> None:
     m = replace(_message(3), subject="caf\udce9 \x00", header_from=None,
-                extra={"k": "v"}, recipients=("x@y", "\udcff@z"))
+                extra={"k": "v"}, recipients=("x@y", "\udcff@z"),
+                return_path="pk-1@bounce.example", notify=("SUCCESS,FAILURE", None))
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     back, spooled_at, reason = decode_metadata(encode_metadata(m, spooled_at=at, reason="why"))
     assert back == m and spooled_at == at and reason == "why"
+
+
+def test_an_entry_older_than_a_new_field_keeps_its_default() -> None:
+    m = _message(4)
+    doc = json.loads(encode_metadata(m, spooled_at=datetime.now(UTC), reason="r"))
+    del doc["notify"], doc["return_path"]
+    back, _, _ = decode_metadata(json.dumps(doc).encode())
+    assert back == m
 
 
 @pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"_spooled_at":"x","_reason":"r"}',
