@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -524,3 +525,32 @@ def test_batched_uploads_are_bounded_in_bytes(spool: Spool,
     rows = FakeRows()
     assert drain(spool, Store(), rows).drained == 30
     assert len(sizes) > 1 and max(sizes) <= 1000 and sum(sizes) == sum(50 + n for n in range(30))
+
+
+def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(spool: Spool) -> None:
+    import threading
+
+    store, rows = MemoryObjectStore(), FakeRows()
+    stop = threading.Event()
+    passes: list[int] = []
+    t = threading.Thread(target=spool_mod.drain_forever, args=(spool, store, rows),
+                         kwargs={"interval": 0.05, "stop": stop,
+                                 "on_pass": lambda r: passes.append(r.drained)})
+    t.start()
+    try:
+        with spool.drain_lock():  # an operator's drain holds the lock: passes skip
+            blobs = _spool_some(spool, 3)
+            time.sleep(0.3)
+            assert len(spool.entries()) == 3 and passes == []
+        deadline = time.monotonic() + 10
+        while spool.entries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        more = _spool_some(spool, 2)
+        while spool.entries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive() and spool.entries() == []
+    assert {m.id for m in rows.rows.values()} == set(blobs) | set(more)
+    assert sum(passes) == 5

@@ -1,9 +1,9 @@
 """The outage spool through real Postfix, MinIO and PostgreSQL, killed for real.
 
 Thousands of messages flow through Postfix while MinIO is stopped, then
-PostgreSQL too, then MinIO comes back, then PostgreSQL.  The drain
-(`postkeep spool drain --follow`, a real process) is `kill -9`ed mid-drain,
-the milter is `kill -9`ed while mail flows, and both are started again.  In
+PostgreSQL too, then MinIO comes back, then PostgreSQL.  The sidecar
+(postkeep-storage, which drains the spool) and the milter are `kill -9`ed
+mid-drain while mail flows, and both are started again.  In
 the end every message the client saw accepted is stored exactly once (one
 `messages` row, one row per recipient, an object restoring byte for byte to
 what the next hop received) and every other one got a 4xx.
@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,48 +68,13 @@ def _spool(stack: Stack) -> Spool:
     return Spool(stack.config.milter.outage_spool_directory)
 
 
-class Drainer:
-    """`postkeep spool drain --follow` as a real process (cwd /: see the brief's TRAP)."""
-
-    def __init__(self, stack: Stack, log: Path) -> None:
-        self.stack = stack
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [_venv_bin(self.stack, "postkeep"), "--config", self.stack.env["POSTKEEP_CONFIG"],
-                 "spool", "drain", "--follow", "--interval", "0.5", "--batch", "32"],
-                cwd="/", stdout=out, stderr=subprocess.STDOUT)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(60)
-
-
-@pytest.fixture
-def drainer(stack: Stack, tmp_path: Path) -> Iterator[Drainer]:
-    d = Drainer(stack, tmp_path / "drain.log")
-    try:
-        yield d
-    finally:
-        d.stop()
-
-
-def _kill9_milter(stack: Stack) -> None:
-    """kill -9 the stack's milter and wait until it is dead.
+def _kill9(stack: Stack, service: str) -> None:
+    """kill -9 one of the stack's daemons (milter, storage) and wait until it is dead.
 
     Its parent is PID 1, which may leave it a zombie for a while; a zombie
     still answers `kill -0`, so its stale pid file goes too (or stack.sh
     would think it runs)."""
-    pidfile = Path(stack.env["POSTKEEP_STACK_DIR"], "milter", "milter.pid")
+    pidfile = Path(stack.env["POSTKEEP_STACK_DIR"], service, f"{service}.pid")
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGKILL)
 
@@ -118,7 +84,7 @@ def _kill9_milter(stack: Stack) -> None:
         except FileNotFoundError:
             return True
 
-    _wait(f"milter pid {pid} to die", dead, 10)
+    _wait(f"{service} pid {pid} to die", dead, 10)
     pidfile.unlink()
 
 
@@ -227,11 +193,21 @@ def _wait_until_captured(stack: Stack, domain: str, timeout: float = 120) -> Non
         assert time.monotonic() < deadline, "the milter never captured directly again"
         time.sleep(1)
     if _spool(stack).entries():
-        result = _cli(stack, "spool", "drain")
+        result = _cli(stack, "spool", "drain", "--wait", "60")
         assert result.returncode == 0, result.stderr
 
 
-def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack, drainer: Drainer) -> None:
+@contextmanager
+def _sidecar_stopped(stack: Stack) -> Iterator[None]:
+    """Without postkeep-storage, so that only `postkeep spool drain` drains."""
+    stack.stack_ctl("stop", "storage")
+    try:
+        yield
+    finally:
+        stack.stack_ctl("start", "storage")
+
+
+def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     org_id, domain = stack.new_org("pro")  # basic's 1,000 messages an hour is too few
     spool = _spool(stack)
     _wait_until_captured(stack, domain)
@@ -264,27 +240,26 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack, drainer: Dr
         phases["postgres started"] = len(sent)
         stack.stack_ctl("start", "postgres")
         flow(300, 10)
+        # The sidecar drains once it can reach PostgreSQL again; once it has
+        # done some but not all, kill -9 it and the milter (mail still
+        # flowing), then start both again.
         depth = len(spool.entries())
         assert depth > 200, f"only {depth} messages spooled: the outage was not exercised"
-        # The drain starts; once it has done some but not all, kill -9 it
-        # and the milter (mail still flowing), then start both again.
-        drainer.start()
-        _wait("the drain to start", lambda: len(spool.entries()) < depth - 20, 60)
-        drainer.kill9()
-        _kill9_milter(stack)
+        _wait("the sidecar to drain", lambda: len(spool.entries()) < depth - 20, 120)
+        _kill9(stack, "storage")
+        _kill9(stack, "milter")
         left = len(spool.entries())
         assert left > 0, "the drain finished before it could be killed"
-        phases["drainer and milter killed"] = len(sent)
+        phases["sidecar and milter killed"] = len(sent)
         time.sleep(1)
         stack.stack_ctl("start", "milter")
-        drainer.start()
+        stack.stack_ctl("start", "storage")
         flow(500, 30)
     finally:
         stop.set()
         for t in senders:
             t.join(timeout=300)
     _wait("the spool to drain", lambda: not spool.entries(), 300)
-    drainer.stop()
     accepted = [s for s in sent if s.accepted]
     refused = [s for s in sent if not s.accepted]
     why = Counter(f"{s.code} {s.text[:60]}" for s in refused)
@@ -300,8 +275,8 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack, drainer: Dr
     _assert_stored_exactly_once(stack, org_id, accepted)
     assert len(sent) >= 2000, f"only {len(sent)} messages: not the few thousand intended"
     assert list(spool.quarantine_dir.iterdir()) == []
-    log = drainer.log.read_text()
-    assert "spool drain following" in log and "drained" in log
+    log = Path(stack.env["POSTKEEP_STACK_DIR"], "storage", "storage.log").read_text()
+    assert "spool drain pass: drained" in log
 
 
 def test_spool_fill_level_reached_tempfails(stack: Stack) -> None:
@@ -350,6 +325,19 @@ def test_postgres_down_known_sender_spools_unknown_one_tempfails(stack: Stack) -
     _, never_seen = stack.new_org("basic")
     _wait_until_captured(stack, known)
     token = uuid.uuid4().hex
+    with _sidecar_stopped(stack):
+        reply, err = _known_and_unknown_while_postgres_is_down(stack, known, never_seen, token)
+        drained = _cli(stack, "spool", "drain")
+    assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
+    assert err.value.reply.enhanced == "4.3.0"
+    assert drained.returncode == 0, drained.stderr
+    assert "drained 1," in drained.stdout
+    _assert_stored_exactly_once(stack, known_id, [Sent(token, True, 250, "", reply.queue_id)])
+
+
+def _known_and_unknown_while_postgres_is_down(
+        stack: Stack, known: str, never_seen: str, token: str
+) -> tuple[smtp.Reply, pytest.ExceptionInfo[smtp.SMTPError]]:
     stack.stack_ctl("stop", "postgres")
     try:
         reply = smtp.send(*stack.smtp, f"out@{known}", RCPTS, _message(known, token, 1))
@@ -362,12 +350,7 @@ def test_postgres_down_known_sender_spools_unknown_one_tempfails(stack: Stack) -
         assert down.returncode == 1 and "postgres unavailable" in down.stderr, down.stderr
     finally:
         stack.stack_ctl("start", "postgres")
-    assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
-    assert err.value.reply.enhanced == "4.3.0"
-    drained = _cli(stack, "spool", "drain")
-    assert drained.returncode == 0, drained.stderr
-    assert "drained 1," in drained.stdout
-    _assert_stored_exactly_once(stack, known_id, [Sent(token, True, 250, "", reply.queue_id)])
+    return reply, err
 
 
 def test_damaged_entries_are_quarantined_and_named(stack: Stack) -> None:
@@ -375,6 +358,12 @@ def test_damaged_entries_are_quarantined_and_named(stack: Stack) -> None:
     spool = _spool(stack)
     tokens = [uuid.uuid4().hex for _ in range(3)]
     _wait_until_captured(stack, domain)
+    with _sidecar_stopped(stack):
+        _damage_and_drain(stack, spool, domain, tokens, org_id)
+
+
+def _damage_and_drain(stack: Stack, spool: Spool, domain: str, tokens: list[str],
+                      org_id: uuid.UUID) -> None:
     stack.stack_ctl("stop", "minio")
     try:
         replies = [smtp.send(*stack.smtp, f"out@{domain}", RCPTS, _message(domain, t, i))
