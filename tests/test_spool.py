@@ -554,3 +554,63 @@ def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(spool: Sp
     assert not t.is_alive() and spool.entries() == []
     assert {m.id for m in rows.rows.values()} == set(blobs) | set(more)
     assert sum(passes) == 5
+
+
+def test_gate_lets_one_caller_probe_a_down_backend_and_fails_the_others_fast() -> None:
+    import threading
+
+    from postkeep.milter.gate import BackendGate
+
+    gate = BackendGate()
+    with pytest.raises(BackendError), gate.attempt():
+        raise BackendError("postgres", "connection refused")
+    assert gate.down is not None
+    probing, release = threading.Event(), threading.Event()
+
+    def probe() -> None:
+        with gate.attempt():
+            probing.set()
+            release.wait(10)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    assert probing.wait(10)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err, gate.attempt():
+        pytest.fail("must not run while another caller probes")
+    assert time.monotonic() - started < 0.1 and err.value.backend == "postgres"
+    assert "still unavailable" in err.value.reason
+    release.set()
+    t.join(10)
+    assert gate.down is None  # the probe succeeded: open again
+    with gate.attempt():
+        pass
+
+
+def test_directory_does_not_wait_on_postgres_it_knows_is_down() -> None:
+    import threading
+
+    db, now = _Db(), [0.0]
+    d = Directory(db, ttl=30, clock=lambda: now[0])  # type: ignore[arg-type]
+    known = d.by_domain("acme.example")
+    db.down = True
+    now[0] = 1000.0
+    assert d.by_domain("acme.example") == known  # this lookup learns it is down
+    slow, release = threading.Event(), threading.Event()
+
+    def run(work: object) -> Organisation | None:
+        slow.set()
+        release.wait(10)  # the probe hangs, as a connect timeout does
+        raise BackendError("postgres", "no connection within 3s")
+
+    db.run = run  # type: ignore[method-assign]
+    t = threading.Thread(target=d.by_domain, args=("acme.example",))
+    t.start()
+    assert slow.wait(10)
+    started = time.monotonic()
+    assert d.by_domain("acme.example") == known  # stale, at once
+    with pytest.raises(BackendError):
+        d.by_domain("never-seen.example")  # tempfail, at once
+    assert time.monotonic() - started < 0.1
+    release.set()
+    t.join(10)

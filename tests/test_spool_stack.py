@@ -151,11 +151,12 @@ def _sink_index(stack: Stack, tokens: set[str], timeout: float) -> dict[str, Pat
 def _assert_stored_exactly_once(stack: Stack, org_id: uuid.UUID, accepted: list[Sent]) -> None:
     index = _sink_index(stack, {s.token for s in accepted}, timeout=300)
     with stack.connect() as conn:
-        rows = conn.execute(
-            "SELECT m.queue_id, m.object_key, m.sha256, m.message_id_header,"
-            " (SELECT count(*) FROM message_recipients r WHERE r.message_id = m.id"
-            "  AND r.org_id = m.org_id) FROM messages m WHERE m.org_id = %s",
-            (org_id,)).fetchall()
+        nrcpts = dict(conn.execute(
+            "SELECT message_id, count(*) FROM message_recipients WHERE org_id = %s"
+            " GROUP BY message_id", (org_id,)).fetchall())
+        rows = [(q, key, sha, mid, nrcpts.get(i, 0)) for i, q, key, sha, mid in conn.execute(
+            "SELECT id, queue_id, object_key, sha256, message_id_header FROM messages"
+            " WHERE org_id = %s", (org_id,)).fetchall()]
     by_queue: dict[str, list[tuple[object, ...]]] = {}
     for row in rows:
         by_queue.setdefault(row[0], []).append(row)
