@@ -237,15 +237,14 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
         flow(500, 30)
         phases["minio started"] = len(sent)
         stack.stack_ctl("start", "minio")
-        flow(100, 8)  # slow: each batch waits for PostgreSQL's connect timeout
+        flow(300, 10)  # one batch at a time waits on PostgreSQL, the rest spool at once
+        # When PostgreSQL is back, the sidecar drains; once it has done
+        # some but not all, kill -9 it and the milter (mail still flowing),
+        # then start both again.
         phases["postgres started"] = len(sent)
-        stack.stack_ctl("start", "postgres")
-        flow(300, 10)
-        # The sidecar drains once it can reach PostgreSQL again; once it has
-        # done some but not all, kill -9 it and the milter (mail still
-        # flowing), then start both again.
         depth = len(spool.entries())
         assert depth > 200, f"only {depth} messages spooled: the outage was not exercised"
+        stack.stack_ctl("start", "postgres")
         _wait("the sidecar to drain", lambda: len(spool.entries()) < depth - 20, 120)
         _kill9(stack, "storage")
         _kill9(stack, "milter")
@@ -255,7 +254,7 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
         time.sleep(1)
         stack.stack_ctl("start", "milter")
         stack.stack_ctl("start", "storage")
-        flow(500, 30)
+        flow(800, 40)
     finally:
         stop.set()
         for t in senders:
