@@ -12,7 +12,8 @@ oldest first, with the same three idempotent steps each time, so a crash or
    nothing that differs);
 2. insert the rows with `record_captures` (ON CONFLICT DO NOTHING: a repeat
    adds nothing);
-3. unlink the entry and fsync the directory.
+3. unlink the entry (the directory is fsync'd once a pass ends; an unlink a
+   power cut undoes only means draining that entry again).
 
 An entry file is written whole to `tmp/`, fsync'd, renamed into place and
 the directory fsync'd: a `*.spool` file is therefore complete unless the disk
