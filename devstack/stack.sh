@@ -387,6 +387,7 @@ secret_key = "$MINIO_ROOT_PASSWORD"
 listen = "inet:$MILTER_PORT@127.0.0.1"
 metrics_listen = "127.0.0.1:$METRICS_PORT"
 spool_directory = "$DIR/milter/tmp"
+outage_spool_directory = "$DIR/milter/spool"
 # 192.0.2.0/24 (TEST-NET-1): tests appear from there with XCLIENT as a trusted
 # client that Postfix does not treat as local (no headers added for it).
 trusted_networks = ["127.0.0.0/8", "192.0.2.0/24"]
@@ -408,6 +409,7 @@ lmtp_host = "127.0.0.1"
 lmtp_port = $STORAGE_PORT
 metrics_listen = "127.0.0.1:$STORAGE_METRICS_PORT"
 forward_relay = "127.0.0.1:$REINJECT_PORT"
+spool_drain_interval_seconds = 1
 
 [dkim]
 master_key_file = "$DIR/dkim/master.key"

@@ -82,6 +82,9 @@ class StoredContent:
     dictionary: DictionaryRef | None = None
     sealed: bool = True
     _closers: list[Callable[[], None]] = field(default_factory=list)
+    # The whole object again from its first byte (the outage spool rereads
+    # what a failed upload consumed); None: `stream` itself is seekable.
+    reopen: Callable[[], BinaryIO] | None = None
 
     def seal(self, part_keys: list[str]) -> None:
         """Put the manifest (with the parts' object keys) in front of the skeleton."""
@@ -233,13 +236,37 @@ class MessageCapture:
         else:
             digest = self._rehash(header_block)
         header_frame = self._cctx.compress(header_block)
+        body = self._body
+
+        def reopen() -> BinaryIO:
+            body.seek(0)
+            return io.BufferedReader(_Concat(header_frame, body))  # type: ignore[arg-type]
+
         return StoredContent(
-            stream=io.BufferedReader(_Concat(header_frame, self._body)),  # type: ignore[arg-type]
+            stream=reopen(),
             compressed_size=len(header_frame) + body_compressed,
             size=len(header_block) + self.body_size,
             sha256=digest,
             body_size=self.body_size,
+            reopen=reopen,
         )
+
+    def plain(self, prefix: bytes, sha256: bytes) -> StoredContent:
+        """After finish(): the whole message as one plain object (no parts cut
+        out, no dictionary), e.g. for the outage spool, which must not depend
+        on PostgreSQL to restore it.  SHA256 is the message's (finish() made it)."""
+        header_block = prefix + self.header_block
+        header_frame = self._cctx.compress(header_block)
+        body = self._body
+        body_compressed = body.seek(0, io.SEEK_END)
+
+        def reopen() -> BinaryIO:
+            body.seek(0)
+            return io.BufferedReader(_Concat(header_frame, body))  # type: ignore[arg-type]
+
+        return StoredContent(stream=reopen(), compressed_size=len(header_frame) + body_compressed,
+                             size=len(header_block) + self.body_size, sha256=sha256,
+                             body_size=self.body_size, reopen=reopen)
 
     def _rebuild(self, header_block: bytes, prefix: bytes, threshold: int,
                  dictionary: LoadedDictionary | None, dictionary_max: int
@@ -284,7 +311,8 @@ class MessageCapture:
             compressed = out.tell()
             out.seek(0)
             view.release()
-            self._body.close()
+            # self._body (the plain compressed body) stays until discard():
+            # plain() needs it if the outage spool must keep this message.
             content = StoredContent(
                 stream=out,  # type: ignore[arg-type]
                 compressed_size=compressed,

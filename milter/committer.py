@@ -20,8 +20,10 @@ inserted in the same transaction as the message rows.
 
 Only when that statement has committed does `commit` return; if any step
 fails it raises BackendError for every message of the batch it touched, and
-the milter tempfails them.  This is what keeps the S3 and PostgreSQL cost per
-message low enough for the milter to keep up with Postfix.
+the milter spools or tempfails them.  This is what keeps the S3 and
+PostgreSQL cost per message low enough for the milter to keep up with
+Postfix.  While PostgreSQL is known to be down, one batch at a time waits to
+find out whether it is back; the others fail at once (milter/gate.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import psycopg
 
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
+from postkeep.milter.gate import BackendGate
 from postkeep.storage.db import BackendError, Database
 from postkeep.storage.dictionaries import DictionaryUse
 from postkeep.storage.messages import CapturedMessage, record_captures
@@ -64,6 +67,7 @@ class GroupCommitter:
                  small_object_bytes: int = 256 * 1024, spool_dir: str | None = None,
                  level: int = 3) -> None:
         self._db = db
+        self._db_gate = BackendGate()
         self._linger = linger
         self._forming = threading.Lock()  # one worker forms a batch at a time
         # minio-py holds up to one 5 MiB part of a large object in memory:
@@ -142,7 +146,8 @@ class GroupCommitter:
         if not stored:
             return
         try:
-            self._db.run(lambda conn: self._record(conn, stored))
+            with self._db_gate.attempt():
+                self._db.run(lambda conn: self._record(conn, stored))
         except BackendError as exc:
             # Objects stay: if the COMMIT reached PostgreSQL before the error,
             # rows point at them; an object without a row is invisible.

@@ -46,6 +46,23 @@ def _check_listen(value: str) -> None:
         )
 
 
+def _check_outage_spool(path: str) -> None:
+    """Create the outage spool (0700) if missing; refuse, naming the key, if unusable."""
+    from postkeep.storage.spool import Spool
+
+    try:
+        Spool(path).ensure()
+        probe = os.path.join(path, "tmp", f".probe-{os.getpid()}")
+        with open(probe, "wb") as fh:
+            os.fsync(fh.fileno())
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"milter.outage_spool_directory = {path!r}: cannot create or write it "
+            f"({exc.strerror or exc}); set milter.outage_spool = false to tempfail instead"
+        ) from exc
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
               metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
@@ -68,6 +85,8 @@ def main(config_path: str | None, check_config: bool) -> None:
                 f"milter.spool_directory = {mcfg.spool_directory!r}: "
                 "expected an existing directory this user can write"
             )
+        if mcfg.outage_spool:
+            _check_outage_spool(mcfg.outage_spool_directory)
         try:
             networks = parse_networks("milter.trusted_networks", mcfg.trusted_networks)
         except ValueError as exc:
@@ -112,9 +131,11 @@ def main(config_path: str | None, check_config: bool) -> None:
     from postkeep.milter.directory import Directory
     from postkeep.milter.keys import KeyRingRefresher
     from postkeep.milter.service import CaptureService
+    from postkeep.milter.spool import OutageSpooler
     from postkeep.storage.db import BackendError, Database
     from postkeep.storage.dkim_keys import load_master_key
     from postkeep.storage.objects import S3ObjectStore
+    from postkeep.storage.spool import Spool, SpoolCollector
 
     db = Database(cfg.postgres)
     objects = S3ObjectStore(cfg.s3)
@@ -124,6 +145,13 @@ def main(config_path: str | None, check_config: bool) -> None:
     except BackendError as exc:  # not fatal: messages tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
     db.open()
+    spooler = None
+    if mcfg.outage_spool:
+        from prometheus_client import REGISTRY
+
+        spool = Spool(mcfg.outage_spool_directory)
+        spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent)
+        REGISTRY.register(SpoolCollector(spool))
     start_http_server(metrics_port, addr=metrics_host)
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
@@ -140,10 +168,12 @@ def main(config_path: str | None, check_config: bool) -> None:
                                    lookups)
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
-        networks=networks, system=system, keyring=keyring, dictionaries=dictionaries)
+        networks=networks, system=system, keyring=keyring, dictionaries=dictionaries,
+        spooler=spooler)
     Milter.factory = CaptureMilter
-    log.info("postkeep-milter starting: listen=%s metrics=%s config=%s", mcfg.listen,
-             mcfg.metrics_listen, cfg.source)
+    log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
+             mcfg.listen, mcfg.metrics_listen, cfg.source,
+             mcfg.outage_spool_directory if mcfg.outage_spool else "off")
     notify_systemd("READY=1")
     try:
         Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)

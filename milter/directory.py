@@ -1,7 +1,12 @@
 """Organisation lookups for the milter, cached for a short time.
 
 The hot path asks PostgreSQL once per sender every few seconds, not once per
-message.  Misses run their query through `run` (the daemon passes a pool of
+message.  While PostgreSQL is down, an organisation found before keeps being
+found (the stale entry; one lookup at a time checks whether PostgreSQL is
+back, the others do not wait: milter/gate.py), so its mail can go to the
+outage spool; a sender never resolved, or last found to belong to no
+organisation, raises BackendError (tempfail: never a 5xx on a guess).
+Misses run their query through `run` (the daemon passes a pool of
 Python-owned threads: see adapter.py for why psycopg never runs on a
 libmilter thread).
 """
@@ -14,7 +19,8 @@ from concurrent.futures import Executor
 
 import psycopg
 
-from postkeep.storage.db import Database
+from postkeep.milter.gate import BackendGate
+from postkeep.storage.db import BackendError, Database
 from postkeep.storage.directory import Organisation, find_by_domain, find_by_submitter
 from postkeep.ttlcache import TtlCache
 
@@ -32,6 +38,7 @@ class Directory:
         self._executor = executor
         self._clock = clock
         self._cache: TtlCache[tuple[str, str], Organisation | None] = TtlCache()
+        self._gate = BackendGate()
 
     def _query(self, query: _Query, key: str) -> Organisation | None:
         return self._db.run(lambda conn: query(conn, key))
@@ -41,10 +48,16 @@ class Directory:
         hit = self._cache.get((kind, key))
         if hit is not None and hit.fresh(now):
             return hit.value
-        if self._executor is not None:
-            org = self._executor.submit(self._query, query, key).result()
-        else:
-            org = self._query(query, key)
+        try:
+            with self._gate.attempt():
+                if self._executor is not None:
+                    org = self._executor.submit(self._query, query, key).result()
+                else:
+                    org = self._query(query, key)
+        except BackendError:
+            if hit is None or hit.value is None:
+                raise
+            return hit.value
         ttl = self._ttl if org is not None else self._miss_ttl
         self._cache.put((kind, key), org, now + ttl)
         return org

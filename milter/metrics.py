@@ -6,8 +6,9 @@ from prometheus_client import Counter, Histogram
 
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
-    "Messages by outcome: captured, system (signed, not stored), passed (uncaptured),"
-    " refused (5xx), tempfailed (4xx), report (a bounce to a postkeep return path).",
+    "Messages by outcome: captured, spooled (accepted into the outage spool), system"
+    " (signed, not stored), passed (uncaptured), refused (5xx), tempfailed (4xx),"
+    " report (a bounce to a postkeep return path).",
     ["outcome"],
 )
 RECEIVED_BYTES = Counter(
@@ -25,6 +26,17 @@ EOM_SECONDS = Histogram(
     "postkeep_milter_eom_duration_seconds",
     "Time from end of message to the milter's reply (store + rows).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+SPOOL_REFUSED = Counter(
+    "postkeep_milter_spool_refused_total",
+    "Messages tempfailed during an outage because the outage spool could not take them"
+    " (fill level reached or write failed).",
+)
+SPOOL_WRITE_SECONDS = Histogram(
+    "postkeep_milter_spool_write_duration_seconds",
+    "Time to write one message durably into the outage spool (fsync included).",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 
 DKIM_SIGNATURES = Counter(
@@ -47,7 +59,7 @@ COMMIT_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
-for _outcome in ("captured", "system", "passed", "refused", "tempfailed"):
+for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed"):
     MESSAGES.labels(_outcome)
 for _backend in ("s3", "postgres"):
     BACKEND_ERRORS.labels(_backend)

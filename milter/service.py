@@ -12,6 +12,7 @@ Postfix's queue id, and counts outcomes in metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -53,6 +54,7 @@ from postkeep.milter.signing import (
     is_trusted,
     sign_all,
 )
+from postkeep.milter.spool import SPOOLABLE_BACKENDS, OutageSpooler
 from postkeep.storage.db import BackendError
 from postkeep.storage.dictionaries import DictionaryCache
 from postkeep.storage.dkim_keys import DkimKeyError
@@ -147,7 +149,8 @@ class CaptureService:
     def __init__(self, cfg: MilterConfig, committer: GroupCommitter, directory: Directory,
                  *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
                  keyring: KeyRingRefresher | None = None,
-                 dictionaries: DictionaryCache | None = None) -> None:
+                 dictionaries: DictionaryCache | None = None,
+                 spooler: OutageSpooler | None = None) -> None:
         self.cfg = cfg
         self.dictionaries = dictionaries  # None: no dictionary compression
         self.committer = committer
@@ -155,6 +158,7 @@ class CaptureService:
         self.networks = networks
         self.system = system
         self.keyring = keyring  # None: customer signing is off (no master key)
+        self.spooler = spooler  # None: outage spool off, backend failures tempfail
 
     def begin(self, envelope_from: str, auth_user: str | None, client_addr: str | None = None,
               local: bool = False) -> Transaction:
@@ -327,7 +331,8 @@ class CaptureService:
         dictionary = None
         if self.dictionaries is not None and self.cfg.dictionary_max_bytes:
             dictionary = self.dictionaries.get(org.id)
-        content = tx.capture.finish(prefix=b"".join(s.line for s in signatures),
+        prefix = b"".join(s.line for s in signatures)
+        content = tx.capture.finish(prefix=prefix,
                                     split_threshold=self.cfg.part_split_bytes,
                                     dictionary=dictionary,
                                     dictionary_max=self.cfg.dictionary_max_bytes)
@@ -358,22 +363,37 @@ class CaptureService:
             return_path=rpath,
             notify=tuple(client_notify(p) for p in tx.rcpt_params),
         )
+        outcome = "captured"
         try:
             self.committer.commit(message, content)
         except BackendError as exc:
-            return self._tempfail(tx, queue_id, exc)
+            if self.spooler is None or exc.backend not in SPOOLABLE_BACKENDS:
+                return self._tempfail(tx, queue_id, exc)
+            spooled, spooled_message = content, message
+            if content.parts or content.dictionary is not None:
+                # A container needs PostgreSQL (parts, dictionary) to restore:
+                # the spool keeps the whole message as one plain object.
+                spooled = tx.capture.plain(prefix, content.sha256)
+                spooled_message = dataclasses.replace(
+                    message, compressed_size=spooled.compressed_size)
+            refused = self.spooler.store(spooled_message, spooled, exc)
+            if refused is not None:
+                return self._tempfail(tx, queue_id, exc, refused)
+            metrics.BACKEND_ERRORS.labels(exc.backend).inc()
+            outcome = "spooled"  # accepted: durable on local disk, drained later
         finally:
             content.close()
-        metrics.MESSAGES.labels("captured").inc()
+        metrics.MESSAGES.labels(outcome).inc()
         metrics.RECEIVED_BYTES.inc(content.size)
-        metrics.STORED_BYTES.inc(content.compressed_size)
-        if content.dictionary is not None:
-            metrics.DICTIONARY_MESSAGES.inc()
+        if outcome == "captured":
+            metrics.STORED_BYTES.inc(content.compressed_size)
+            if content.dictionary is not None:
+                metrics.DICTIONARY_MESSAGES.inc()
         log.info(
-            "captured id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
+            "%s id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
             " parts=%d dict=%s",
-            tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients), content.size,
-            content.compressed_size, message.object_key, len(content.parts),
+            outcome, tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients),
+            content.size, content.compressed_size, message.object_key, len(content.parts),
             content.dictionary.version if content.dictionary else "-",
         )
         if rpath is None:
@@ -383,9 +403,10 @@ class CaptureService:
                        signatures=tuple(signatures),
                        change_from=(rpath, mail_from_params(tx.id)))
 
-    def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError) -> Verdict:
+    def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError,
+                  reply: Reply | None = None) -> Verdict:
         metrics.BACKEND_ERRORS.labels(exc.backend).inc()
         metrics.MESSAGES.labels("tempfailed").inc()
         log.warning("tempfailed id=%s queue_id=%s from=<%s> backend=%s reason=%r", tx.id,
                     queue_id, tx.envelope_from, exc.backend, exc.reason)
-        return Verdict(tempfail_reply(exc.backend))
+        return Verdict(reply or tempfail_reply(exc.backend))

@@ -40,10 +40,12 @@ def _register() -> None:
         postfix_bundle,
         reports_cli,
         retention_cli,
+        spool_cli,
     )
 
     for group in (*admin.COMMANDS, *dkim_cli.COMMANDS, *limits_cli.COMMANDS,
                   *reports_cli.COMMANDS, *retention_cli.COMMANDS, *dict_cli.COMMANDS,
+                  *spool_cli.COMMANDS,
                   postfix_bundle.postfix):
         cli.add_command(group)
 

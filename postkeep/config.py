@@ -133,6 +133,16 @@ class MilterConfig:
     # libmilter's own timeout for talking to Postfix.
     mta_timeout_seconds: int = field(default=600, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    # Outage spool (milter/spool.py): when S3 or PostgreSQL cannot take a
+    # message, write it durably here and accept it; the drain stores it later.
+    # Off: such messages are tempfailed (451 4.3.0), as is anything the spool
+    # cannot take.  Must be a local filesystem that survives reboots, and the
+    # same directory for the milter and the drain (`postkeep spool drain`).
+    outage_spool: bool = True
+    outage_spool_directory: str = "/var/spool/postkeep/outage"
+    # Tempfail instead of spooling once the spool's filesystem would be fuller
+    # than this (percent, as `df` counts it).
+    outage_spool_max_fill_percent: float = field(default=90.0, metadata={"min": 0, "max": 100})
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,9 @@ class StorageConfig:
     # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no
     # forwarding.
     forward_relay: str = ""
+    # How often the sidecar drains the milter's outage spool
+    # (milter.outage_spool_directory, on this host) while it holds entries.
+    spool_drain_interval_seconds: float = field(default=5.0, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
 
 

@@ -44,6 +44,7 @@ async def serve(cfg: Config) -> None:
         log.warning("object store not ready at start: %s", exc)
     batcher = Batcher(record_with(db), scfg.batch_max)
     batcher.start()
+    spool_stop, spool_task = _start_spool_drain(cfg, db, objects)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
         if scfg.forward_relay else None
     handler = ReportHandler(db, objects, batcher, relay)
@@ -91,7 +92,28 @@ async def serve(cfg: Config) -> None:
     await server.wait_closed()
     await batcher.stop()
     await upkeep
+    spool_stop.set()  # a drain pass stops between batches
+    await spool_task
     db.close()
+
+
+def _start_spool_drain(cfg: Config, db: Any, objects: Any
+                       ) -> tuple[threading.Event, asyncio.Future[None]]:
+    """Drain the milter's outage spool every storage.spool_drain_interval_seconds
+    (storage/spool.py), on a thread of its own; spool gauges on /metrics."""
+    from prometheus_client import REGISTRY
+
+    from postkeep.storage import spool as spool_mod
+
+    spool = spool_mod.Spool(cfg.milter.outage_spool_directory)
+    REGISTRY.register(spool_mod.SpoolCollector(spool))
+    stop = threading.Event()
+    interval = cfg.storage.spool_drain_interval_seconds
+    log.info("draining the outage spool %s every %gs", spool.dir, interval)
+    task = asyncio.ensure_future(asyncio.to_thread(
+        spool_mod.drain_forever, spool, objects, spool_mod.record_with(db),
+        interval=interval, stop=stop, on_pass=spool_mod.log_pass))
+    return stop, task
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

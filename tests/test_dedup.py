@@ -361,3 +361,27 @@ def test_dictionary_cache_refreshes_and_keeps_what_it_has_through_an_outage(
     assert cache.get(org) is second  # PostgreSQL down: keep using what was loaded
     db.down, db.version, clock[0] = False, None, 300.0
     assert cache.get(org) is None  # no current dictionary any more: compress without
+
+
+def test_plain_object_of_a_split_message_restores_the_whole_message() -> None:
+    """The outage spool keeps a container message as one plain object: it must
+    restore byte for byte without PostgreSQL (no parts, no dictionary)."""
+    msg = campaign.message(4, "shop.example", pdf=campaign.fake_pdf(60_000, seed=9))
+    head, _, body = msg.partition(b"\r\n\r\n")
+    cap = MessageCapture(spill_bytes=1 << 20)
+    for line in _header_fields(head + b"\r\n"):
+        name, _, value = line.partition(b":")
+        cap.add_header(name, value.removesuffix(b"\r\n").replace(b"\r\n", b"\n"))
+    cap.end_of_headers()
+    cap.add_body(body)
+    split = cap.finish(b"", split_threshold=T)
+    assert split.parts, "the message should have been split"
+    plain = cap.plain(b"", split.sha256)
+    data = plain.stream.read()
+    assert not data.startswith(container.MAGIC)
+    assert len(data) == plain.compressed_size
+    restored = b"".join(content.decompress_stream([data]))
+    assert restored == msg
+    assert hashlib.sha256(restored).digest() == split.sha256 == plain.sha256
+    assert plain.reopen is not None and plain.reopen().read() == data
+    cap.discard()

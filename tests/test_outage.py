@@ -1,7 +1,9 @@
 """Backends stopped for real mid-run: nothing accepted is lost.
 
 A stream of messages flows through Postfix while MinIO (then PostgreSQL) is
-stopped and started again.  Every message the client saw accepted must be
+stopped and started again, with the outage spool off (`[milter] outage_spool
+= false`: the tempfail path; tests/test_spool_stack.py covers spooling through
+the same outages).  Every message the client saw accepted must be
 fully stored (row + object restoring to the delivered bytes); every other one
 must have been tempfailed with 451 4.3.0 naming the backend — never a 5xx,
 never a hang, and mail flows again once the backend is back.
@@ -13,13 +15,22 @@ import hashlib
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from support import smtp
+from support.milter_settings import milter_settings
 from support.stack import Stack, load_stack, strip_received
 
 pytestmark = [pytest.mark.stack, pytest.mark.outage]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _outage_spool_off(stack: Stack) -> Iterator[None]:
+    """Every test here runs against a milter with the outage spool off."""
+    with milter_settings(stack, outage_spool=False):
+        yield
 
 
 @dataclass

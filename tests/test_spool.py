@@ -1,0 +1,616 @@
+"""Unit tests of the outage spool: entry format, drain, the milter's spooler.
+
+Real files in a temporary directory; an in-memory object store and a fake
+row writer that behaves like `record_captures` (idempotent by message id and
+metadata expiry).  Crashes are injected between the drain's steps to show
+that running it again neither loses nor duplicates anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from postkeep.config import MilterConfig
+from postkeep.milter.capture import MessageCapture, StoredContent, restore
+from postkeep.milter.directory import Directory
+from postkeep.milter.service import CaptureService
+from postkeep.milter.spool import OutageSpooler, over_fill_level
+from postkeep.spool_cli import format_status
+from postkeep.storage import spool as spool_mod
+from postkeep.storage.db import BackendError
+from postkeep.storage.directory import Organisation
+from postkeep.storage.messages import CapturedMessage
+from postkeep.storage.objects import MemoryObjectStore
+from postkeep.storage.spool import (
+    Spool,
+    SpoolBusy,
+    SpoolFormatError,
+    decode_metadata,
+    drain,
+    encode_metadata,
+    fill_percent,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class Crash(BaseException):
+    """Stands for kill -9: not an Exception, so nothing in the drain catches it."""
+
+
+class FakeRows:
+    """record_captures' contract: ON CONFLICT DO NOTHING on (id, metadata expiry)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[uuid.UUID, datetime], CapturedMessage] = {}
+        self.inserts = 0
+        self.fail: BaseException | None = None
+        self.refuse: set[uuid.UUID] = set()
+
+    def __call__(self, batch: Sequence[CapturedMessage]) -> None:
+        if self.fail is not None:
+            raise self.fail
+        if any(m.id in self.refuse for m in batch):
+            raise ValueError("invalid byte sequence for encoding UTF8")
+        for m in batch:
+            self.inserts += 1
+            self.rows.setdefault((m.id, m.metadata_expires_at), m)
+
+
+class CrashingStore(MemoryObjectStore):
+    """Goes down or "dies" after some puts; BATCH: whether it takes put_many."""
+
+    def __init__(self, crash_after: int | None = None, batch: bool = True) -> None:
+        super().__init__()
+        self.puts = 0
+        self.crash_after = crash_after
+        self.down = False
+        self.batch = batch
+
+    def _check(self) -> None:
+        if self.down:
+            raise BackendError("s3", "connection refused")
+        if self.crash_after is not None and self.puts >= self.crash_after:
+            raise Crash()
+        self.puts += 1
+
+    def put(self, key: str, data: io.BufferedIOBase, length: int) -> None:  # type: ignore[override]
+        self._check()
+        super().put(key, data, length)  # type: ignore[arg-type]
+
+    def can_batch(self) -> bool:
+        return self.batch
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        for key, data in items:
+            self._check()
+            self.objects[key] = data
+
+
+def _content(text: bytes) -> tuple[bytes, StoredContent]:
+    """A finished capture of TEXT (header + body), as the milter makes it."""
+    cap = MessageCapture(dkim_body_hash=False)
+    cap.add_header("Subject", b" spool test")
+    cap.add_body(text)
+    content = cap.finish()
+    blob = content.stream.read()
+    content.close()
+    cap2 = MessageCapture(dkim_body_hash=False)
+    cap2.add_header("Subject", b" spool test")
+    cap2.add_body(text)
+    return blob, cap2.finish()
+
+
+def _message(n: int = 0, *, size: int = 10, created: datetime | None = None,
+             subject: str | None = "s") -> CapturedMessage:
+    created = created or datetime.now(UTC) + timedelta(milliseconds=n)
+    mid = uuid.UUID(int=(n + 1) << 64 | uuid.uuid4().int & ((1 << 64) - 1))
+    return CapturedMessage(
+        id=mid, org_id=uuid.uuid4(), domain="d.example", queue_id=f"Q{n:05d}",
+        envelope_from="a@d.example", recipients=("r1@x.example", "r2@x.example"),
+        size=size, sha256=bytes(range(32)), object_key=f"messages/o/{mid}.eml.zst",
+        compressed_size=size, created_at=created,
+        content_expires_at=created + timedelta(days=7),
+        metadata_expires_at=created + timedelta(days=30),
+        message_id_header=f"<{n}@d.example>", header_from="a@d.example", subject=subject)
+
+
+def _spool_some(spool: Spool, count: int) -> dict[uuid.UUID, bytes]:
+    blobs = {}
+    for n in range(count):
+        blob = os.urandom(50 + n)
+        m = _message(n, size=len(blob))
+        spool.write(m, io.BytesIO(blob), "s3: down")
+        blobs[m.id] = blob
+    return blobs
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure()
+    return s
+
+
+def test_metadata_round_trips_every_field_including_undecodable_headers() -> None:
+    m = replace(_message(3), subject="caf\udce9 \x00", header_from=None,
+                extra={"k": "v"}, recipients=("x@y", "\udcff@z"),
+                return_path="pk-1@bounce.example", notify=("SUCCESS,FAILURE", None))
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    back, spooled_at, reason = decode_metadata(encode_metadata(m, spooled_at=at, reason="why"))
+    assert back == m and spooled_at == at and reason == "why"
+
+
+def test_an_entry_older_than_a_new_field_keeps_its_default() -> None:
+    m = _message(4)
+    doc = json.loads(encode_metadata(m, spooled_at=datetime.now(UTC), reason="r"))
+    del doc["notify"], doc["return_path"]
+    back, _, _ = decode_metadata(json.dumps(doc).encode())
+    assert back == m
+
+
+@pytest.mark.parametrize("raw", [b"", b"[]", b"{}", b'{"_spooled_at":"x","_reason":"r"}',
+                                 b"\xff\xfe", b'{"_spooled_at":"2026-01-01T00:00:00+00:00",'
+                                 b'"_reason":"r","id":"nope"}'])
+def test_bad_metadata_is_a_format_error(raw: bytes) -> None:
+    with pytest.raises(SpoolFormatError):
+        decode_metadata(raw)
+
+
+def test_write_then_read_back_exactly(spool: Spool) -> None:
+    blob = os.urandom(300_000)
+    m = _message(1, size=len(blob))
+    path = spool.write(m, io.BytesIO(blob), "postgres: down")
+    assert path == spool.dir / f"{m.id}.spool"
+    assert list(spool.tmp.iterdir()) == []
+    entry = spool.open_entry(path)
+    assert entry.message == m and entry.reason == "postgres: down"
+    with spool.object_stream(entry) as stream:
+        assert stream.read() == blob
+
+
+def test_short_content_is_refused_and_leaves_nothing(spool: Spool) -> None:
+    m = _message(1, size=100)
+    with pytest.raises(OSError):
+        spool.write(m, io.BytesIO(b"x" * 99), "s3: down")
+    assert spool.entries() == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_entries_come_oldest_first(spool: Spool) -> None:
+    _spool_some(spool, 5)
+    ids = [spool.open_entry(p).message.id for p in spool.entries()]
+    assert ids == sorted(ids)
+
+
+def test_drain_stores_everything_and_empties_the_spool(spool: Spool) -> None:
+    blobs = _spool_some(spool, 150)
+    store, rows = MemoryObjectStore(), FakeRows()
+    seen: list[int] = []
+    result = drain(spool, store, rows, batch_size=16, progress=lambda r: seen.append(r.drained))
+    assert result.drained == 150 and result.remaining == 0 and result.stopped is None
+    assert spool.entries() == []
+    assert {m.id for m in rows.rows.values()} == set(blobs)
+    for m in rows.rows.values():
+        assert store.objects[m.object_key] == blobs[m.id]
+    assert seen == sorted(seen) and seen[-1] == 150
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched puts", "single puts"])
+@pytest.mark.parametrize("where", ["during puts", "after puts", "after rows", "mid unlink"])
+def test_a_crash_anywhere_neither_loses_nor_duplicates(spool: Spool, where: str, batch: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = _spool_some(spool, 40)
+    store, rows = CrashingStore(batch=batch), FakeRows()
+    if where == "during puts":
+        store.crash_after = 20
+    elif where == "after puts":
+        rows.fail = Crash()
+    elif where == "after rows":
+        monkeypatch.setattr(Spool, "remove", lambda self, path: (_ for _ in ()).throw(Crash()))
+    else:
+        calls = [0]
+        real = Spool.remove
+
+        def remove(self: Spool, path: Path) -> None:
+            calls[0] += 1
+            if calls[0] == 5:
+                raise Crash()
+            real(self, path)
+
+        monkeypatch.setattr(Spool, "remove", remove)
+    with pytest.raises(Crash):
+        drain(spool, store, rows, batch_size=8, put_threads=1)
+    monkeypatch.undo()
+    store.crash_after = None
+    rows.fail = None
+    result = drain(spool, store, rows, batch_size=8)
+    assert spool.entries() == [] and result.stopped is None
+    assert sorted(m.id for m in rows.rows.values()) == sorted(blobs)  # one row each
+    for m in rows.rows.values():
+        assert store.objects[m.object_key] == blobs[m.id]
+    assert len(store.objects) == len(blobs)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "padded"])
+def test_damaged_entry_is_quarantined_named_and_the_rest_drained(
+        spool: Spool, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    blobs = _spool_some(spool, 6)
+    victim = spool.entries()[2]
+    data = victim.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data = data[:200] + bytes([data[200] ^ 1]) + data[201:]
+    elif damage == "garbage":
+        data = b"GET / HTTP/1.0\r\n" + os.urandom(100)
+    elif damage == "empty":
+        data = b""
+    else:
+        data += b"\0"
+    victim.write_bytes(data)
+    store, rows = MemoryObjectStore(), FakeRows()
+    with caplog.at_level(logging.ERROR, logger="postkeep.spool"):
+        result = drain(spool, store, rows)
+    assert result.quarantined == 1 and result.drained == 5 and result.remaining == 0
+    kept = spool.quarantine_dir / victim.name
+    assert kept.read_bytes() == data  # set aside untouched, never deleted
+    assert any(str(victim) in r.getMessage() and "quarantined" in r.getMessage()
+               for r in caplog.records)
+    assert len(rows.rows) == 5 and len(blobs) == 6
+    assert spool.status().quarantined == 1
+
+
+def test_backend_down_stops_the_pass_and_keeps_every_entry(spool: Spool) -> None:
+    blobs = _spool_some(spool, 10)
+    store, rows = CrashingStore(), FakeRows()
+    store.down = True
+    result = drain(spool, store, rows)
+    assert result.stopped is not None and result.stopped.backend == "s3"
+    assert len(spool.entries()) == 10 and result.remaining == 10
+    store.down = False
+    rows.fail = BackendError("postgres", "no connection within 3s")
+    result = drain(spool, store, rows)
+    assert result.stopped is not None and result.stopped.backend == "postgres"
+    assert len(spool.entries()) == 10
+    rows.fail = None
+    assert drain(spool, store, rows).drained == 10
+    assert {m.id for m in rows.rows.values()} == set(blobs)
+
+
+def test_rows_postgres_refuses_stay_spooled_and_the_rest_go(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    _spool_some(spool, 5)
+    bad = spool.open_entry(spool.entries()[1]).message.id
+    store, rows = MemoryObjectStore(), FakeRows()
+    rows.refuse = {bad}
+    with caplog.at_level(logging.ERROR, logger="postkeep.spool"):
+        result = drain(spool, store, rows)
+    assert result.drained == 4 and result.rejected == 1
+    assert [p.name for p in spool.entries()] == [f"{bad}.spool"]
+    assert any(str(bad) in r.getMessage() and "rejected" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_one_drain_at_a_time(spool: Spool) -> None:
+    with spool.drain_lock(), pytest.raises(SpoolBusy), spool.drain_lock():
+        pass
+    with spool.drain_lock():
+        pass  # released
+
+
+def test_stale_temp_files_go_fresh_ones_stay(spool: Spool) -> None:
+    old, new = spool.tmp / "a.tmp", spool.tmp / "b.tmp"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (1, 1))
+    assert spool.remove_stale_tmp() == 1
+    assert not old.exists() and new.exists()
+
+
+def test_status_counts_depth_and_oldest_age(spool: Spool) -> None:
+    _spool_some(spool, 3)
+    first = spool.entries()[0]
+    os.utime(first, (1000.0, 1000.0))
+    st = spool.status(now=1060.0)
+    assert st.entries == 3 and st.oldest_age_seconds == 60.0
+    text = format_status(st, MilterConfig(outage_spool_directory=str(spool.dir)))
+    assert "entries      3" in text and "60 s ago" in text and "on" in text
+
+
+def test_fill_percent_counts_what_is_not_available() -> None:
+    class St:
+        f_blocks, f_bavail, f_frsize = 1000, 250, 4096
+
+    assert fill_percent("/", statvfs=lambda _: St()) == 75.0  # type: ignore[arg-type,return-value]
+    assert fill_percent("/", 4096 * 100, statvfs=lambda _: St()) == 85.0  # type: ignore[arg-type,return-value]
+    assert not over_fill_level(90.0, 90.0)
+    assert over_fill_level(90.01, 90.0)
+    assert over_fill_level(float("nan"), 90.0)
+
+
+# --- the milter's side -----------------------------------------------------
+
+
+def test_spooler_writes_the_whole_object_even_after_a_failed_upload_read_it(
+        spool: Spool) -> None:
+    blob, content = _content(b"line\r\n" * 5000)
+    content.stream.read(1000)  # the failed upload consumed some
+    m = replace(_message(1), compressed_size=content.compressed_size)
+    spooler = OutageSpooler(spool, 90.0, fill=lambda path, extra: 10.0)
+    assert spooler.store(m, content, BackendError("s3", "down")) is None
+    entry = spool.open_entry(spool.entries()[0])
+    with spool.object_stream(entry) as s:
+        assert s.read() == blob
+    assert restore([blob]).endswith(b"line\r\n" * 5000)
+
+
+def test_spooler_refuses_past_the_fill_level(spool: Spool) -> None:
+    _, content = _content(b"x\r\n")
+    m = replace(_message(1), compressed_size=content.compressed_size)
+    spooler = OutageSpooler(spool, 80.0, fill=lambda path, extra: 80.5)
+    reply = spooler.store(m, content, BackendError("postgres", "down"))
+    assert reply is not None and reply.code == "451" and reply.enhanced == "4.3.0"
+    assert "postgres" in reply.text and "outage_spool_max_fill_percent" in reply.text
+    assert spool.entries() == []
+
+
+def test_spooler_refuses_when_the_write_fails(tmp_path: Path) -> None:
+    target = tmp_path / "gone"
+    spool = Spool(target)
+    spool.ensure()
+    os.rename(target, tmp_path / "moved")
+    target.write_bytes(b"a file where the spool directory was")
+    _, content = _content(b"x\r\n")
+    m = replace(_message(1), compressed_size=content.compressed_size)
+    reply = OutageSpooler(spool, 99.0, fill=lambda p, e: 1.0).store(
+        m, content, BackendError("s3", "down"))
+    assert reply is not None and reply.code == "451" and "spool write failed" in reply.text
+
+
+class _FailingCommitter:
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+
+    def commit(self, message: CapturedMessage, content: StoredContent) -> None:
+        content.stream.read(7)
+        raise BackendError(self.backend, "connection refused")
+
+
+class _Directory:
+    def __init__(self, org: Organisation | None, error: BackendError | None = None) -> None:
+        self.org, self.error = org, error
+
+    def by_submitter(self, name: str) -> Organisation | None:
+        return None
+
+    def by_domain(self, domain: str) -> Organisation | None:
+        if self.error is not None:
+            raise self.error
+        return self.org
+
+
+def _service(spool: Spool | None, backend: str = "s3",
+             directory: _Directory | None = None) -> CaptureService:
+    org = Organisation(uuid.uuid4(), "acme", "basic", 30, 90, "unsigned")
+    spooler = OutageSpooler(spool, 95.0, fill=lambda p, e: 5.0) if spool else None
+    return CaptureService(MilterConfig(), _FailingCommitter(backend),  # type: ignore[arg-type]
+                          directory or _Directory(org), spooler=spooler)  # type: ignore[arg-type]
+
+
+def _eom(service: CaptureService) -> tuple[object, bytes]:
+    tx = service.begin("<a@acme.example>", None, "192.0.2.1")
+    tx.recipients.append("r@x.example")
+    service.header(tx, "From", b" a@acme.example")
+    service.header(tx, "Subject", b" hi")
+    tx.capture.add_body(b"hello\r\n")
+    expected = (b"From: a@acme.example\r\nSubject: hi\r\n"
+                + f"X-Postkeep-Id: {tx.id}\r\n\r\n".encode() + b"hello\r\n")
+    return service.end_of_message(tx, "QID1"), expected
+
+
+@pytest.mark.parametrize("backend", ["s3", "postgres"])
+def test_outage_with_spool_on_accepts_and_spools_the_exact_object(spool: Spool,
+                                                                  backend: str) -> None:
+    verdict, expected = _eom(_service(spool, backend))
+    assert verdict.reply is None  # type: ignore[attr-defined]
+    entry = spool.open_entry(spool.entries()[0])
+    with spool.object_stream(entry) as s:
+        stored = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(s.read()), read_across_frames=True).read()
+    assert stored == expected
+    assert entry.message.queue_id == "QID1" and entry.message.recipients == ("r@x.example",)
+    assert entry.reason.startswith(backend)
+
+
+def test_outage_with_spool_off_tempfails_as_before() -> None:
+    verdict, _ = _eom(_service(None, "postgres"))
+    reply = verdict.reply  # type: ignore[attr-defined]
+    assert reply is not None and reply.code == "451" and "postgres" in reply.text
+
+
+def test_internal_errors_are_not_spooled(spool: Spool) -> None:
+    verdict, _ = _eom(_service(spool, "postkeep"))
+    assert verdict.reply is not None and spool.entries() == []  # type: ignore[attr-defined]
+
+
+def test_unresolvable_organisation_tempfails_even_with_spool(spool: Spool) -> None:
+    service = _service(spool, directory=_Directory(None, BackendError("postgres", "down")))
+    verdict, _ = _eom(service)
+    reply = verdict.reply  # type: ignore[attr-defined]
+    assert reply is not None and reply.code == "451" and "postgres" in reply.text
+    assert spool.entries() == []
+
+
+class _Db:
+    def __init__(self) -> None:
+        self.down = False
+        self.org: Organisation | None = Organisation(uuid.uuid4(), "acme", "basic", 30, 90)
+
+    def run(self, work: object) -> Organisation | None:
+        if self.down:
+            raise BackendError("postgres", "connection refused")
+        return self.org
+
+
+def test_directory_keeps_a_known_organisation_through_an_outage() -> None:
+    db, now = _Db(), [0.0]
+    d = Directory(db, ttl=30, clock=lambda: now[0])  # type: ignore[arg-type]
+    known = d.by_domain("acme.example")
+    db.org = None
+    assert d.by_domain("other.example") is None  # a miss, cached
+    db.down = True
+    now[0] = 1000.0  # everything stale
+    assert d.by_domain("acme.example") == known
+    with pytest.raises(BackendError):
+        d.by_domain("other.example")  # never guess "no organisation": tempfail
+    with pytest.raises(BackendError):
+        d.by_domain("never-seen.example")
+
+
+def test_gauges_read_the_directory_at_scrape_time(spool: Spool) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(spool_mod.SpoolCollector(spool))
+    _spool_some(spool, 4)
+    text = generate_latest(registry).decode()
+    assert "postkeep_spool_entries 4.0" in text
+    assert "postkeep_spool_oldest_entry_age_seconds" in text
+    drain(spool, MemoryObjectStore(), FakeRows())
+    assert "postkeep_spool_entries 0.0" in generate_latest(registry).decode()
+
+
+def test_refusal_text_carries_no_percent_sign() -> None:
+    from postkeep.milter.spool import spool_refused_reply
+
+    reply = spool_refused_reply("s3", "spool filesystem 91.0% full; path /a%b")
+    assert "%" not in reply.text and "91.0 percent full" in reply.text
+
+
+def test_large_objects_go_one_put_each_small_ones_together(spool: Spool) -> None:
+    blobs = _spool_some(spool, 5)
+    big = os.urandom(spool_mod.SMALL_OBJECT_BYTES + 1)
+    m = _message(99, size=len(big))
+    spool.write(m, io.BytesIO(big), "s3: down")
+    blobs[m.id] = big
+    store, rows = CrashingStore(batch=True), FakeRows()
+    assert drain(spool, store, rows).drained == 6
+    assert {mm.id for mm in rows.rows.values()} == set(blobs)
+    assert store.objects[m.object_key] == big
+
+
+def test_batched_uploads_are_bounded_in_bytes(spool: Spool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_mod, "BATCH_UPLOAD_BYTES", 1000)
+    _spool_some(spool, 30)  # 50..79 bytes each
+    sizes: list[int] = []
+
+    class Store(CrashingStore):
+        def put_many(self, items: list[tuple[str, bytes]]) -> None:
+            sizes.append(sum(len(b) for _, b in items))
+            super().put_many(items)
+
+    rows = FakeRows()
+    assert drain(spool, Store(), rows).drained == 30
+    assert len(sizes) > 1 and max(sizes) <= 1000 and sum(sizes) == sum(50 + n for n in range(30))
+
+
+def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(spool: Spool) -> None:
+    import threading
+
+    store, rows = MemoryObjectStore(), FakeRows()
+    stop = threading.Event()
+    passes: list[int] = []
+    t = threading.Thread(target=spool_mod.drain_forever, args=(spool, store, rows),
+                         kwargs={"interval": 0.05, "stop": stop,
+                                 "on_pass": lambda r: passes.append(r.drained)})
+    t.start()
+    try:
+        with spool.drain_lock():  # an operator's drain holds the lock: passes skip
+            blobs = _spool_some(spool, 3)
+            time.sleep(0.3)
+            assert len(spool.entries()) == 3 and passes == []
+        deadline = time.monotonic() + 10
+        while spool.entries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        more = _spool_some(spool, 2)
+        while spool.entries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive() and spool.entries() == []
+    assert {m.id for m in rows.rows.values()} == set(blobs) | set(more)
+    assert sum(passes) == 5
+
+
+def test_gate_lets_one_caller_probe_a_down_backend_and_fails_the_others_fast() -> None:
+    import threading
+
+    from postkeep.milter.gate import BackendGate
+
+    gate = BackendGate()
+    with pytest.raises(BackendError), gate.attempt():
+        raise BackendError("postgres", "connection refused")
+    assert gate.down is not None
+    probing, release = threading.Event(), threading.Event()
+
+    def probe() -> None:
+        with gate.attempt():
+            probing.set()
+            release.wait(10)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    assert probing.wait(10)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err, gate.attempt():
+        pytest.fail("must not run while another caller probes")
+    assert time.monotonic() - started < 0.1 and err.value.backend == "postgres"
+    assert "still unavailable" in err.value.reason
+    release.set()
+    t.join(10)
+    assert gate.down is None  # the probe succeeded: open again
+    with gate.attempt():
+        pass
+
+
+def test_directory_does_not_wait_on_postgres_it_knows_is_down() -> None:
+    import threading
+
+    db, now = _Db(), [0.0]
+    d = Directory(db, ttl=30, clock=lambda: now[0])  # type: ignore[arg-type]
+    known = d.by_domain("acme.example")
+    db.down = True
+    now[0] = 1000.0
+    assert d.by_domain("acme.example") == known  # this lookup learns it is down
+    slow, release = threading.Event(), threading.Event()
+
+    def run(work: object) -> Organisation | None:
+        slow.set()
+        release.wait(10)  # the probe hangs, as a connect timeout does
+        raise BackendError("postgres", "no connection within 3s")
+
+    db.run = run  # type: ignore[method-assign]
+    t = threading.Thread(target=d.by_domain, args=("acme.example",))
+    t.start()
+    assert slow.wait(10)
+    started = time.monotonic()
+    assert d.by_domain("acme.example") == known  # stale, at once
+    with pytest.raises(BackendError):
+        d.by_domain("never-seen.example")  # tempfail, at once
+    assert time.monotonic() - started < 0.1
+    release.set()
+    t.join(10)

@@ -1,0 +1,393 @@
+"""The outage spool through real Postfix, MinIO and PostgreSQL, killed for real.
+
+Thousands of messages flow through Postfix while MinIO is stopped, then
+PostgreSQL too, then MinIO comes back, then PostgreSQL.  The sidecar
+(postkeep-storage, which drains the spool) and the milter are `kill -9`ed
+mid-drain while mail flows, and both are started again.  In
+the end every message the client saw accepted is stored exactly once (one
+`messages` row, one row per recipient, an object restoring byte for byte to
+what the next hop received) and every other one got a 4xx.
+
+Also: the spool's fill level reached, or its write failing, tempfails; a
+sender PostgreSQL never resolved tempfails while a known one spools; damaged
+entries are quarantined and named, never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import smtp
+from support.milter_settings import milter_settings
+from support.stack import Stack, strip_received
+
+from postkeep.milter.capture import restore
+from postkeep.storage.spool import Spool
+
+pytestmark = [pytest.mark.stack, pytest.mark.outage]
+
+RCPTS = ["r1@sink.test", "r2@sink.test"]
+TOKEN_RE = re.compile(rb"\r\nX-Test-Token: ([0-9a-f]{32})\r\n")
+
+
+@dataclass
+class Sent:
+    token: str
+    accepted: bool
+    code: int
+    text: str
+    queue_id: str | None
+
+
+def _message(domain: str, token: str, n: int) -> bytes:
+    return (f"From: out@{domain}\r\nTo: r1@sink.test, r2@sink.test\r\n"
+            f"Subject: spool {n}\r\nMessage-ID: <{token}@{domain}>\r\n"
+            f"X-Test-Token: {token}\r\n\r\n").encode() + (b"line %d\r\n" % n) * 40
+
+
+def _venv_bin(stack: Stack, name: str) -> str:
+    venv = stack.env.get("POSTKEEP_STACK_VENV") or str(Path(__file__).parents[1] / ".venv")
+    return str(Path(venv) / "bin" / name)
+
+
+def _spool(stack: Stack) -> Spool:
+    return Spool(stack.config.milter.outage_spool_directory)
+
+
+def _kill9(stack: Stack, service: str) -> None:
+    """kill -9 one of the stack's daemons (milter, storage) and wait until it is dead.
+
+    Its parent is PID 1, which may leave it a zombie for a while; a zombie
+    still answers `kill -0`, so its stale pid file goes too (or stack.sh
+    would think it runs)."""
+    pidfile = Path(stack.env["POSTKEEP_STACK_DIR"], service, f"{service}.pid")
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGKILL)
+
+    def dead() -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"
+        except FileNotFoundError:
+            return True
+
+    _wait(f"{service} pid {pid} to die", dead, 10)
+    pidfile.unlink()
+
+
+def _sender(stack: Stack, domain: str, stop: threading.Event, out: list[Sent]) -> None:
+    """One client: up to 50 messages per connection, a new one after any error."""
+    client: smtp.Client | None = None
+    n = 0
+    while not stop.is_set():
+        token = uuid.uuid4().hex
+        try:
+            if client is None:
+                client = smtp.Client(*stack.smtp, timeout=120)
+            reply = client.send(f"out@{domain}", RCPTS, _message(domain, token, n))
+            out.append(Sent(token, True, reply.code, reply.text, reply.queue_id))
+        except smtp.SMTPError as exc:
+            out.append(Sent(token, False, exc.reply.code, exc.reply.text, None))
+            try:
+                client.reset()  # type: ignore[union-attr]
+            except (OSError, smtp.SMTPError):
+                client = None
+        except OSError:
+            # Connection trouble before an answer: not accepted; count it as such.
+            out.append(Sent(token, False, 0, "connection lost", None))
+            client = None
+        n += 1
+        if client is not None and n % 50 == 0:
+            client.close()
+            client = None
+    if client is not None:
+        client.close()
+
+
+def _wait(what: str, cond: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _sink_index(stack: Stack, tokens: set[str], timeout: float) -> dict[str, Path]:
+    """token -> the sink file that carries it, for every token in TOKENS."""
+    found: dict[str, Path] = {}
+    seen: set[Path] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        for path in stack.sink_dir.glob("*.eml"):
+            if path in seen or not path.with_suffix(".json").exists():
+                continue
+            seen.add(path)
+            m = TOKEN_RE.search(path.read_bytes())
+            if m:
+                found[m.group(1).decode()] = path
+        missing = tokens - set(found)
+        if not missing:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(missing)} accepted messages never reached the sink,"
+                                 f" e.g. {sorted(missing)[:3]}")
+        time.sleep(0.5)
+
+
+def _assert_stored_exactly_once(stack: Stack, org_id: uuid.UUID, accepted: list[Sent]) -> None:
+    index = _sink_index(stack, {s.token for s in accepted}, timeout=300)
+    with stack.connect() as conn:
+        nrcpts = dict(conn.execute(
+            "SELECT message_id, count(*) FROM message_recipients WHERE org_id = %s"
+            " GROUP BY message_id", (org_id,)).fetchall())
+        rows = [(q, key, sha, mid, nrcpts.get(i, 0)) for i, q, key, sha, mid in conn.execute(
+            "SELECT id, queue_id, object_key, sha256, message_id_header FROM messages"
+            " WHERE org_id = %s", (org_id,)).fetchall()]
+    by_queue: dict[str, list[tuple[object, ...]]] = {}
+    for row in rows:
+        by_queue.setdefault(row[0], []).append(row)
+    objects = stack.objects()
+    from postkeep.storage.objects import read_all
+
+    for s in accepted:
+        assert s.queue_id, s.text
+        found = by_queue.get(s.queue_id, [])
+        assert len(found) == 1, f"accepted {s.queue_id} ({s.token}) has {len(found)} rows"
+        _, key, sha, message_id, nrcpt = found[0]
+        assert message_id == f"<{s.token}@{message_id.split('@')[1]}", message_id  # type: ignore[union-attr]
+        assert nrcpt == len(RCPTS)
+        stored = restore([read_all(objects, str(key))])
+        assert hashlib.sha256(stored).digest() == bytes(sha)  # type: ignore[arg-type]
+        assert stored == strip_received(index[s.token].read_bytes()), s.token
+
+
+def _wait_until_captured(stack: Stack, domain: str, timeout: float = 120) -> None:
+    """Send until a message is captured directly (row present at once), then
+    drain whatever the probes spooled: after PostgreSQL restarts, the milter's
+    pool takes a while to reconnect (psycopg_pool backs off), and meanwhile
+    the spool takes the mail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reply = smtp.send(*stack.smtp, f"out@{domain}", RCPTS,
+                              _message(domain, uuid.uuid4().hex, 0))
+            with stack.connect() as conn:
+                if conn.execute("SELECT 1 FROM messages WHERE queue_id = %s",
+                                (reply.queue_id,)).fetchone():
+                    break
+        except smtp.SMTPError:
+            pass
+        assert time.monotonic() < deadline, "the milter never captured directly again"
+        time.sleep(1)
+    if _spool(stack).entries():
+        result = _cli(stack, "spool", "drain", "--wait", "60")
+        assert result.returncode == 0, result.stderr
+
+
+@contextmanager
+def _sidecar_stopped(stack: Stack) -> Iterator[None]:
+    """Without postkeep-storage, so that only `postkeep spool drain` drains."""
+    stack.stack_ctl("stop", "storage")
+    try:
+        yield
+    finally:
+        stack.stack_ctl("start", "storage")
+
+
+def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
+    org_id, domain = stack.new_org("pro")  # basic's 1,000 messages an hour is too few
+    spool = _spool(stack)
+    _wait_until_captured(stack, domain)
+    assert spool.entries() == [], "spool not empty before the test: a previous run left entries"
+    sent: list[Sent] = []
+    stop = threading.Event()
+    senders = [threading.Thread(target=_sender, args=(stack, domain, stop, sent))
+               for _ in range(8)]
+    for t in senders:
+        t.start()
+    phases: dict[str, int] = {}
+
+    def flow(more: int, seconds: float) -> None:
+        """Let mail flow until MORE messages are sent or SECONDS pass."""
+        target, deadline = len(sent) + more, time.monotonic() + seconds
+        while len(sent) < target and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    try:
+        flow(300, 10)
+        phases["minio stopped"] = len(sent)
+        stack.stack_ctl("stop", "minio")
+        flow(900, 40)
+        phases["postgres stopped"] = len(sent)
+        stack.stack_ctl("stop", "postgres")
+        flow(500, 30)
+        phases["minio started"] = len(sent)
+        stack.stack_ctl("start", "minio")
+        flow(300, 10)  # one batch at a time waits on PostgreSQL, the rest spool at once
+        # When PostgreSQL is back, the sidecar drains; once it has done
+        # some but not all, kill -9 it and the milter (mail still flowing),
+        # then start both again.
+        phases["postgres started"] = len(sent)
+        depth = len(spool.entries())
+        assert depth > 200, f"only {depth} messages spooled: the outage was not exercised"
+        stack.stack_ctl("start", "postgres")
+        _wait("the sidecar to drain", lambda: len(spool.entries()) < depth - 20, 120)
+        _kill9(stack, "storage")
+        _kill9(stack, "milter")
+        left = len(spool.entries())
+        assert left > 0, "the drain finished before it could be killed"
+        phases["sidecar and milter killed"] = len(sent)
+        time.sleep(1)
+        stack.stack_ctl("start", "milter")
+        stack.stack_ctl("start", "storage")
+        flow(800, 40)
+    finally:
+        stop.set()
+        for t in senders:
+            t.join(timeout=300)
+    _wait("the spool to drain", lambda: not spool.entries(), 300)
+    accepted = [s for s in sent if s.accepted]
+    refused = [s for s in sent if not s.accepted]
+    why = Counter(f"{s.code} {s.text[:60]}" for s in refused)
+    print(f"sent {len(sent)}: accepted {len(accepted)}, tempfailed {len(refused)}; "
+          f"phases (messages sent when): {phases}; tempfails: {dict(why)}")
+    for s in refused:
+        assert 400 <= s.code < 500 or s.code == 0, f"{s.token}: {s.code} {s.text}"
+    # Spooling accepted mail while MinIO and PostgreSQL were down.
+    during = sent[phases["minio stopped"] + 50:phases["postgres started"]]
+    assert sum(s.accepted for s in during) > 0.8 * len(during), (
+        "most mail during the outage should have been accepted into the spool")
+    assert sent[-1].accepted or sent[-2].accepted
+    _assert_stored_exactly_once(stack, org_id, accepted)
+    assert len(sent) >= 2000, f"only {len(sent)} messages: not the few thousand intended"
+    assert list(spool.quarantine_dir.iterdir()) == []
+    log = Path(stack.env["POSTKEEP_STACK_DIR"], "storage", "storage.log").read_text()
+    assert "spool drain pass: drained" in log
+
+
+def test_spool_fill_level_reached_tempfails(stack: Stack) -> None:
+    _, domain = stack.new_org("basic")
+    with milter_settings(stack, outage_spool_max_fill_percent=0.001):
+        _wait_until_captured(stack, domain)
+        stack.stack_ctl("stop", "minio")
+        try:
+            with pytest.raises(smtp.SMTPError) as err:
+                smtp.send(*stack.smtp, f"out@{domain}", RCPTS,
+                          _message(domain, uuid.uuid4().hex, 1))
+        finally:
+            stack.stack_ctl("start", "minio")
+    reply = err.value.reply
+    assert reply.code == 451 and reply.enhanced == "4.3.0", reply
+    assert "s3" in reply.text and "outage_spool_max_fill_percent" in reply.text, reply.text
+    assert _spool(stack).entries() == []
+
+
+def test_spool_write_failing_tempfails(stack: Stack, tmp_path: Path) -> None:
+    _, domain = stack.new_org("basic")
+    where = tmp_path / "spool"
+    with milter_settings(stack, outage_spool_directory=str(where)):
+        _wait_until_captured(stack, domain)
+        os.rename(where, tmp_path / "moved-away")
+        where.write_bytes(b"not a directory")
+        stack.stack_ctl("stop", "minio")
+        try:
+            with pytest.raises(smtp.SMTPError) as err:
+                smtp.send(*stack.smtp, f"out@{domain}", RCPTS,
+                          _message(domain, uuid.uuid4().hex, 1))
+        finally:
+            stack.stack_ctl("start", "minio")
+    reply = err.value.reply
+    assert reply.code == 451 and reply.enhanced == "4.3.0" and "spool write failed" in reply.text
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_venv_bin(stack, "postkeep"), "--config",
+                           stack.env["POSTKEEP_CONFIG"], *args],
+                          cwd="/", capture_output=True, text=True, timeout=300)
+
+
+def test_postgres_down_known_sender_spools_unknown_one_tempfails(stack: Stack) -> None:
+    known_id, known = stack.new_org("basic")
+    _, never_seen = stack.new_org("basic")
+    _wait_until_captured(stack, known)
+    token = uuid.uuid4().hex
+    with _sidecar_stopped(stack):
+        reply, err = _known_and_unknown_while_postgres_is_down(stack, known, never_seen, token)
+        drained = _cli(stack, "spool", "drain")
+    assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
+    assert err.value.reply.enhanced == "4.3.0"
+    assert drained.returncode == 0, drained.stderr
+    assert "drained 1," in drained.stdout
+    _assert_stored_exactly_once(stack, known_id, [Sent(token, True, 250, "", reply.queue_id)])
+
+
+def _known_and_unknown_while_postgres_is_down(
+        stack: Stack, known: str, never_seen: str, token: str
+) -> tuple[smtp.Reply, pytest.ExceptionInfo[smtp.SMTPError]]:
+    stack.stack_ctl("stop", "postgres")
+    try:
+        reply = smtp.send(*stack.smtp, f"out@{known}", RCPTS, _message(known, token, 1))
+        with pytest.raises(smtp.SMTPError) as err:
+            smtp.send(*stack.smtp, f"out@{never_seen}", RCPTS,
+                      _message(never_seen, uuid.uuid4().hex, 2))
+        status = json.loads(_cli(stack, "spool", "status", "--json").stdout)
+        assert status["entries"] == 1 and status["enabled"] is True
+        down = _cli(stack, "spool", "drain")
+        assert down.returncode == 1 and "postgres unavailable" in down.stderr, down.stderr
+    finally:
+        stack.stack_ctl("start", "postgres")
+    return reply, err
+
+
+def test_damaged_entries_are_quarantined_and_named(stack: Stack) -> None:
+    org_id, domain = stack.new_org("basic")
+    spool = _spool(stack)
+    tokens = [uuid.uuid4().hex for _ in range(3)]
+    _wait_until_captured(stack, domain)
+    with _sidecar_stopped(stack):
+        _damage_and_drain(stack, spool, domain, tokens, org_id)
+
+
+def _damage_and_drain(stack: Stack, spool: Spool, domain: str, tokens: list[str],
+                      org_id: uuid.UUID) -> None:
+    stack.stack_ctl("stop", "minio")
+    try:
+        replies = [smtp.send(*stack.smtp, f"out@{domain}", RCPTS, _message(domain, t, i))
+                   for i, t in enumerate(tokens)]
+    finally:
+        stack.stack_ctl("start", "minio")
+    entries = spool.entries()
+    assert len(entries) == 3
+    victim = entries[1]
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    garbage = spool.dir / f"{uuid.uuid4()}.spool"
+    garbage.write_bytes(b"\x00" * 17)
+    result = _cli(stack, "spool", "drain")
+    assert result.returncode == 0, result.stderr
+    assert f"file={victim}" in result.stderr and f"file={garbage}" in result.stderr
+    assert "quarantined" in result.stderr
+    assert spool.entries() == []
+    kept = {p.name for p in spool.quarantine_dir.iterdir()}
+    assert {victim.name, garbage.name} <= kept
+    status = json.loads(_cli(stack, "spool", "status", "--json").stdout)
+    assert status["quarantined"] >= 2 and status["entries"] == 0
+    ok = [Sent(t, True, 250, "", r.queue_id) for i, (t, r) in enumerate(zip(tokens, replies,
+                                                                          strict=True))
+          if i != 1]
+    _assert_stored_exactly_once(stack, org_id, ok)
+    for p in spool.quarantine_dir.iterdir():  # inspected: clear for later runs
+        p.unlink()
