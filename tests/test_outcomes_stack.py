@@ -245,7 +245,7 @@ def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
     with stack.connect() as conn:
         key = conn.execute("SELECT object_key FROM messages WHERE id = %s", (mid,)).fetchone()
     assert key is not None
-    assert _unzstd(stack.stored(str(key[0]))) == strip_received(delivered)
+    assert stack.restored(str(key[0])) == strip_received(delivered)
     meta = json.loads(_sink_json(stack, token).read_text())
     assert meta["mail_from"].startswith(f"pk-{mid.hex}-")
 
