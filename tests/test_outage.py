@@ -51,11 +51,15 @@ def _send_stream(stack: Stack, domain: str, stop: threading.Event, out: list[Sen
     while not stop.is_set():
         token = uuid.uuid4().hex
         try:
+            # Longer than Postfix's milter_content_timeout (120 s): every
+            # message gets a definite answer, and is checked by it.
             reply = smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
-                              _message(domain, token))
+                              _message(domain, token), timeout=180)
             out.append(Sent(token, True, reply.code, reply.text, reply.queue_id))
         except smtp.SMTPError as exc:
             out.append(Sent(token, False, exc.reply.code, exc.reply.text, None))
+        except OSError as exc:  # no answer at all: counted, and fails the check below
+            out.append(Sent(token, False, 0, f"no reply: {exc!r}", None))
         time.sleep(0.02)
 
 
@@ -76,7 +80,7 @@ def _run_outage(stack: Stack, service: str, down_seconds: float) -> list[Sent]:
     finally:
         stop.set()
         for t in senders:
-            t.join(timeout=120)
+            t.join(timeout=240)
     return sent
 
 

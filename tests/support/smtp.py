@@ -105,8 +105,9 @@ class Client:
 
 
 def send(host: str, port: int, mail_from: str, rcpts: list[str], data: bytes,
-         mail_params: str = "", rcpt_params: dict[str, str] | None = None) -> Reply:
-    client = Client(host, port)
+         mail_params: str = "", rcpt_params: dict[str, str] | None = None,
+         timeout: float = 60.0) -> Reply:
+    client = Client(host, port, timeout)
     try:
         return client.send(mail_from, rcpts, data, mail_params, rcpt_params)
     finally:
