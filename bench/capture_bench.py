@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SESSIONS = 20
@@ -205,6 +206,7 @@ class Bench:
     postgres_pid: int
     command_filter: str = ""  # the bundle's smtpd_command_filter (T only)
     storage_pid: int = 0  # postkeep-storage (its CPU is T's report handling)
+    _pg: Any = None
     runs: list[Run] = field(default_factory=list)
 
     @property
@@ -233,32 +235,34 @@ class Bench:
                       f"smtpd_command_filter = {command_filter}")
         self.reload()
 
+    def pg(self) -> Any:
+        """One PostgreSQL connection for T's polling (not one per poll)."""
+        if self._pg is None:
+            import psycopg
+
+            self._pg = psycopg.connect(autocommit=True)
+        return self._pg
+
     def outcomes_since(self, since: float) -> int:
         """Recipients of capture.example mail accepted since SINCE with an outcome."""
-        import psycopg
-
-        with psycopg.connect(autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM message_recipients r JOIN messages m"
-                " ON m.id = r.message_id AND m.metadata_expires_at = r.metadata_expires_at"
-                " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
-                " AND r.status <> 'queued'", (since, "sender@capture.example")).fetchone()
+        row = self.pg().execute(
+            "SELECT count(*) FROM message_recipients r JOIN messages m"
+            " ON m.id = r.message_id AND m.metadata_expires_at = r.metadata_expires_at"
+            " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
+            " AND r.status <> 'queued'", (since, "sender@capture.example")).fetchone()
         return int(row[0]) if row else 0
 
     def lag_since(self, since: float) -> tuple[float, float]:
         """(p50, p99) seconds from acceptance to the recorded outcome."""
-        import psycopg
-
-        with psycopg.connect(autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),"
-                " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FROM ("
-                " SELECT extract(epoch FROM min(e.recorded_at) - m.accepted_at) AS lag"
-                " FROM recipient_events e JOIN messages m ON m.id = e.message_id"
-                " AND m.metadata_expires_at = e.metadata_expires_at"
-                " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
-                " GROUP BY e.message_id, e.recipient, m.accepted_at) x",
-                (since, "sender@capture.example")).fetchone()
+        row = self.pg().execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY lag) FROM ("
+            " SELECT extract(epoch FROM min(e.recorded_at) - m.accepted_at) AS lag"
+            " FROM recipient_events e JOIN messages m ON m.id = e.message_id"
+            " AND m.metadata_expires_at = e.metadata_expires_at"
+            " WHERE m.created_at >= to_timestamp(%s) AND m.envelope_from = %s"
+            " GROUP BY e.message_id, e.recipient, m.accepted_at) x",
+            (since, "sender@capture.example")).fetchone()
         assert row is not None
         return float(row[0]), float(row[1])
 

@@ -69,6 +69,33 @@ def mail_from_params(message_id: uuid.UUID) -> str:
     return f"RET=HDRS ENVID={message_id}"
 
 
+def _notify_words(params: Iterable[str]) -> list[str] | None:
+    """The keywords of the (last) NOTIFY parameter, as written; None: no NOTIFY."""
+    words = None
+    for param in params:
+        name, sep, value = param.partition("=")
+        if sep and name.upper() == "NOTIFY":
+            words = value.split(",")
+    return words
+
+
+def _is_filter_encoding(words: list[str]) -> bool:
+    """Is this the command filter's NOTIFY (the three keywords, some case)?"""
+    return sorted(w.upper() for w in words) == sorted(_KEYWORDS)
+
+
+def _decode(words: list[str]) -> str | None:
+    if _is_filter_encoding(words):
+        if [w.upper() for w in words] == list(reversed(_KEYWORDS)):
+            return None  # the filter's mark for "no NOTIFY given"
+        asked = [w.upper() for w in words if w.isupper()]
+        return ",".join(k for k in _KEYWORDS if k in asked) or "NEVER"
+    upper = {w.upper() for w in words}
+    if upper == {"NEVER"}:
+        return "NEVER"
+    return ",".join(k for k in _KEYWORDS if k in upper) or ",".join(words).upper()
+
+
 def client_notify(params: Iterable[str]) -> str | None:
     """What the client asked for in NOTIFY, from a RCPT's ESMTP parameters.
 
@@ -78,23 +105,8 @@ def client_notify(params: Iterable[str]) -> str | None:
     filter's encoding is taken as the client's own (filter not installed, or
     sendmail -N).
     """
-    value = None
-    for param in params:
-        name, sep, v = param.partition("=")
-        if sep and name.upper() == "NOTIFY":
-            value = v
-    if value is None:
-        return None
-    words = value.split(",")
-    if sorted(w.upper() for w in words) == sorted(_KEYWORDS):
-        if [w.upper() for w in words] == list(reversed(_KEYWORDS)):
-            return None  # the filter's mark for "no NOTIFY given"
-        asked = [w.upper() for w in words if w.isupper()]
-        return ",".join(k for k in _KEYWORDS if k in asked) or "NEVER"
-    upper = {w.upper() for w in words}
-    if upper == {"NEVER"}:
-        return "NEVER"
-    return ",".join(k for k in _KEYWORDS if k in upper) or value.upper()
+    words = _notify_words(params)
+    return None if words is None else _decode(words)
 
 
 def restored_params(params: Iterable[str]) -> str | None:
@@ -107,15 +119,12 @@ def restored_params(params: Iterable[str]) -> str | None:
     command filter did not touch this recipient).
     """
     params = list(params)
-    values = [p.partition("=")[2] for p in params if p.partition("=")[0].upper() == "NOTIFY"]
-    if not values:
-        return None
-    words = values[-1].split(",")
-    if sorted(w.upper() for w in words) != sorted(_KEYWORDS):
-        return None  # not the command filter's encoding: the client's own
+    words = _notify_words(params)
+    if words is None or not _is_filter_encoding(words):
+        return None  # no NOTIFY, or the client's own: leave it
     if words == list(_KEYWORDS):
         return None  # the client asked for all three itself
-    asked = client_notify(params)
+    asked = _decode(words)
     kept = [p for p in params if p.partition("=")[0].upper() != "NOTIFY"]
     if asked is not None:
         kept.append(f"NOTIFY={asked}")

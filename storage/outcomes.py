@@ -68,15 +68,8 @@ def record_batch(conn: psycopg.Connection, reports: Sequence[Report]) -> list[in
     return out
 
 
-@dataclass(frozen=True)
-class Forward:
-    """Where a failure notice for a message is forwarded, if anywhere."""
-
-    envelope_from: str
-
-
 def forward_target(conn: psycopg.Connection, message_id: uuid.UUID,
-                   expires_at: datetime | None) -> Forward | None:
+                   expires_at: datetime | None) -> str | None:
     """The original envelope sender, if the message's organisation forwards failures."""
     row = conn.execute(
         "SELECT m.envelope_from FROM messages m JOIN organisations o ON o.id = m.org_id"
@@ -84,7 +77,7 @@ def forward_target(conn: psycopg.Connection, message_id: uuid.UUID,
         " %s::timestamptz) AND o.forward_failures AND m.envelope_from <> ''",
         (message_id, *expiry_window(expires_at)),
     ).fetchone()
-    return Forward(str(row[0])) if row else None
+    return str(row[0]) if row else None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
@@ -69,7 +69,6 @@ class Report:
     envelope_from: str | None = None
     envelope_to: str | None = None
     failure: bool = False          # reports a failure (forwarding candidate)
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _text(value: object, limit: int = TEXT_MAX) -> str | None:

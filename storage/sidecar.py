@@ -211,7 +211,6 @@ class ReportHandler:
         now = datetime.now(UTC)
         for o in report.outcomes:
             LAG.observe(max(0.0, (now - o.event_at).total_seconds()))
-        for o in report.outcomes:
             STATUSES.labels(o.status).inc()
         log.info("report recorded report=%s message=%s kind=%s outcomes=%s changed=%d", tag, mid,
                  report.kind, ",".join(f"{o.recipient}:{o.status}" for o in report.outcomes),
@@ -230,14 +229,13 @@ class ReportHandler:
             if target is None:
                 return
             host, port = self.forward_relay
-            await asyncio.to_thread(_send, host, port, target.envelope_from, raw)
+            await asyncio.to_thread(_send, host, port, target, raw)
         except Exception as exc:
             FORWARDED.labels("failed").inc()
             log.warning("forward failed message=%s reason=%r", report.message_id, str(exc))
             return
         FORWARDED.labels("sent").inc()
-        log.info("forwarded failure notice message=%s to=<%s>", report.message_id,
-                 target.envelope_from)
+        log.info("forwarded failure notice message=%s to=<%s>", report.message_id, target)
 
 
 def _send(host: str, port: int, to: str, raw: bytes) -> None:

@@ -344,11 +344,13 @@ def _report(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str) -> b
     ).encode()
 
 
-def _relayed_message(stack: Stack, prefix: str) -> tuple[uuid.UUID, str, str]:
-    """A message to one sink recipient, once relayed: (id, recipient, return path)."""
-    _, domain = stack.new_org("basic")
+def _relayed_message(stack: Stack, prefix: str, domain: str = "",
+                     rcpt_domain: str = "sink.test") -> tuple[uuid.UUID, str, str]:
+    """A message (from DOMAIN, or a new organisation's) to one recipient, once
+    relayed: (id, recipient, return path)."""
+    domain = domain or stack.new_org("basic")[1]
     token = uuid.uuid4().hex[:10]
-    rcpt = f"{prefix}-{token}@sink.test"
+    rcpt = f"{prefix}-{token}@{rcpt_domain}"
     reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
     assert reply.queue_id
     mid = _message_id(stack, reply.queue_id)
@@ -554,13 +556,6 @@ def test_a_sending_domain_can_have_its_own_bounce_domain(stack: Stack, fake_mx: 
          stack.env["POSTKEEP_CONFIG"], "domain", "set-bounce", domain, bounce],
         capture_output=True, text=True, cwd="/", timeout=30)
     assert done.returncode == 0, done.stderr
-    token = uuid.uuid4().hex[:10]
-    rcpt = f"ok-{token}@mx.test"
-    reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], _message(domain, token))
-    assert reply.queue_id
-    mid = _message_id(stack, reply.queue_id)
-    _wait_for(stack, mid, {rcpt: "relayed"}, 30)
-    with stack.connect() as conn:
-        row = conn.execute("SELECT return_path FROM messages WHERE id = %s", (mid,)).fetchone()
-    assert row is not None and str(row[0]).endswith(f"@{bounce}")
-    assert any(frm == row[0] for frm, _ in fake_mx.accepted)
+    _, _, path = _relayed_message(stack, "ok", domain=domain, rcpt_domain="mx.test")
+    assert path.endswith(f"@{bounce}")
+    assert any(frm == path for frm, _ in fake_mx.accepted)
