@@ -133,33 +133,24 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     {"now": now, "addr": address, "red": REDACTED, "pat": pattern,
                      "ids": ids, "exps": exps, "org": org_id},
                 )
-                cur = conn.execute(
-                    "UPDATE message_recipients r SET recipient = CASE WHEN lower(r.recipient)"
-                    " = %(addr)s THEN %(red)s || '-' || left(md5(r.message_id::text"
-                    " || %(salt)s), 12) ELSE r.recipient END,"
-                    " diagnostic = regexp_replace(r.diagnostic, %(pat)s, %(red)s, 'gi'),"
-                    " updated_at = now()"
-                    " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
-                    " WHERE r.message_id = u.id AND r.metadata_expires_at = u.exp"
-                    " AND r.org_id = %(org)s AND (lower(r.recipient) = %(addr)s"
-                    " OR r.diagnostic ~* %(pat)s)",
-                    {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
-                     "exps": exps, "org": org_id, "salt": salt},
-                )
-                redacted += cur.rowcount
-                # The delivery report history (outcomes) names recipients too.
-                conn.execute(
-                    "UPDATE recipient_events e SET recipient = CASE WHEN lower(e.recipient)"
-                    " = %(addr)s THEN %(red)s || '-' || left(md5(e.message_id::text"
-                    " || %(salt)s), 12) ELSE e.recipient END,"
-                    " diagnostic = regexp_replace(e.diagnostic, %(pat)s, %(red)s, 'gi')"
-                    " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
-                    " WHERE e.message_id = u.id AND e.metadata_expires_at = u.exp"
-                    " AND e.org_id = %(org)s AND (lower(e.recipient) = %(addr)s"
-                    " OR e.diagnostic ~* %(pat)s)",
-                    {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
-                     "exps": exps, "org": org_id, "salt": salt},
-                )
+                # The current status and the delivery report history (outcomes)
+                # both name recipients; one pseudonym per message in both.
+                for table, touch in (("message_recipients", ", updated_at = now()"),
+                                     ("recipient_events", "")):
+                    cur = conn.execute(
+                        f"UPDATE {table} r SET recipient = CASE WHEN lower(r.recipient)"
+                        " = %(addr)s THEN %(red)s || '-' || left(md5(r.message_id::text"
+                        " || %(salt)s), 12) ELSE r.recipient END,"
+                        f" diagnostic = regexp_replace(r.diagnostic, %(pat)s, %(red)s, 'gi'){touch}"
+                        " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
+                        " WHERE r.message_id = u.id AND r.metadata_expires_at = u.exp"
+                        " AND r.org_id = %(org)s AND (lower(r.recipient) = %(addr)s"
+                        " OR r.diagnostic ~* %(pat)s)",
+                        {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
+                         "exps": exps, "org": org_id, "salt": salt},
+                    )
+                    if table == "message_recipients":
+                        redacted += cur.rowcount
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys)})
             # Attachments stored once per organisation (storage/parts.py):

@@ -16,11 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from support import smtp
 from support.milter_settings import milter_settings
+from support.smtp import Sent
 from support.stack import Stack, load_stack, strip_received
 
 pytestmark = [pytest.mark.stack, pytest.mark.outage]
@@ -31,15 +31,6 @@ def _outage_spool_off(stack: Stack) -> Iterator[None]:
     """Every test here runs against a milter with the outage spool off."""
     with milter_settings(stack, outage_spool=False):
         yield
-
-
-@dataclass
-class Sent:
-    token: str
-    accepted: bool
-    code: int
-    text: str
-    queue_id: str | None
 
 
 def _message(domain: str, token: str) -> bytes:

@@ -27,12 +27,12 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from support import smtp
 from support.milter_settings import milter_settings
+from support.smtp import Sent
 from support.stack import Stack, strip_received
 
 from postkeep.storage.spool import Spool
@@ -41,15 +41,6 @@ pytestmark = [pytest.mark.stack, pytest.mark.outage]
 
 RCPTS = ["r1@sink.test", "r2@sink.test"]
 TOKEN_RE = re.compile(rb"\r\nX-Test-Token: ([0-9a-f]{32})\r\n")
-
-
-@dataclass
-class Sent:
-    token: str
-    accepted: bool
-    code: int
-    text: str
-    queue_id: str | None
 
 
 def _message(domain: str, token: str, n: int) -> bytes:
@@ -277,18 +268,22 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     assert "spool drain pass: drained" in log
 
 
+def _refused_while_minio_is_down(stack: Stack, domain: str) -> smtp.Reply:
+    """Send one message with MinIO stopped for real; the refusal it gets."""
+    stack.stack_ctl("stop", "minio")
+    try:
+        with pytest.raises(smtp.SMTPError) as err:
+            smtp.send(*stack.smtp, f"out@{domain}", RCPTS, _message(domain, uuid.uuid4().hex, 1))
+    finally:
+        stack.stack_ctl("start", "minio")
+    return err.value.reply
+
+
 def test_spool_fill_level_reached_tempfails(stack: Stack) -> None:
     _, domain = stack.new_org("basic")
     with milter_settings(stack, outage_spool_max_fill_percent=0.001):
         _wait_until_captured(stack, domain)
-        stack.stack_ctl("stop", "minio")
-        try:
-            with pytest.raises(smtp.SMTPError) as err:
-                smtp.send(*stack.smtp, f"out@{domain}", RCPTS,
-                          _message(domain, uuid.uuid4().hex, 1))
-        finally:
-            stack.stack_ctl("start", "minio")
-    reply = err.value.reply
+        reply = _refused_while_minio_is_down(stack, domain)
     assert reply.code == 451 and reply.enhanced == "4.3.0", reply
     assert "s3" in reply.text and "outage_spool_max_fill_percent" in reply.text, reply.text
     assert _spool(stack).entries() == []
@@ -301,14 +296,7 @@ def test_spool_write_failing_tempfails(stack: Stack, tmp_path: Path) -> None:
         _wait_until_captured(stack, domain)
         os.rename(where, tmp_path / "moved-away")
         where.write_bytes(b"not a directory")
-        stack.stack_ctl("stop", "minio")
-        try:
-            with pytest.raises(smtp.SMTPError) as err:
-                smtp.send(*stack.smtp, f"out@{domain}", RCPTS,
-                          _message(domain, uuid.uuid4().hex, 1))
-        finally:
-            stack.stack_ctl("start", "minio")
-    reply = err.value.reply
+        reply = _refused_while_minio_is_down(stack, domain)
     assert reply.code == 451 and reply.enhanced == "4.3.0" and "spool write failed" in reply.text
 
 

@@ -27,6 +27,17 @@ class Reply:
         return m.group(1) if m else None
 
 
+@dataclass
+class Sent:
+    """One message a test sent and how it ended (accepted, or the reply)."""
+
+    token: str
+    accepted: bool
+    code: int
+    text: str
+    queue_id: str | None
+
+
 class SMTPError(Exception):
     def __init__(self, stage: str, reply: Reply) -> None:
         super().__init__(f"{stage}: {reply.code} {reply.text}")
