@@ -37,8 +37,10 @@ async def serve(cfg: Config) -> None:
     server = PolicyServer(service.decide, Limits(pcfg.max_line_bytes, pcfg.max_request_bytes,
                                                  pcfg.max_attributes), pcfg.read_timeout_seconds)
     port = await server.start(pcfg.listen_host, pcfg.listen_port)
-    log.info("postkeep-policyd listening on %s:%d (degraded mode %s, shadow %s, config %s)",
-             pcfg.listen_host, port, pcfg.degraded_mode, pcfg.shadow, cfg.source)
+    upkeep = asyncio.create_task(service.lease_upkeep()) if pcfg.lease_tiers else None
+    log.info("postkeep-policyd listening on %s:%d (degraded mode %s, shadow %s, lease tiers"
+             " %s, config %s)", pcfg.listen_host, port, pcfg.degraded_mode, pcfg.shadow,
+             ",".join(pcfg.lease_tiers) or "none", cfg.source)
     notify_systemd("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,6 +50,9 @@ async def serve(cfg: Config) -> None:
     log.info("postkeep-policyd stopping")
     notify_systemd("STOPPING=1")
     await server.stop()
+    if upkeep is not None:
+        upkeep.cancel()
+        await service.give_back(everything=True)
     await backend.close()
 
 

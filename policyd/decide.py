@@ -7,18 +7,29 @@ domain (the milter's resolution).  `verdict` turns the counters' outcome into
 Postfix's answer: `DUNNO` within limits (never `OK`, which would skip the
 restrictions after ours), else `DEFER_IF_PERMIT 4.7.1` naming what was
 exceeded, the tier, the limit and when the window reopens.  Shadow mode
-decides the same but answers DUNNO.  `LocalCounters` is the degraded mode's
-in-memory counting of a per-process share of each limit.  Time is always
-passed in, so window roll-over is tested without waiting.
+decides the same but answers DUNNO.  `LocalCounters` is in-memory counting
+against per-window allowances: in degraded mode a per-process share of each
+limit, in lease mode (`LeaseBook`) the units this process leased from the
+shared counters.  Time is always passed in, so window roll-over is tested
+without waiting.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from postkeep.storage.limits import OrgLimits, Outcome
+from postkeep.storage.limits import (
+    HOURS_AND_DAYS,
+    KINDS,
+    OrgLimits,
+    Outcome,
+    Unspent,
+    Want,
+    Windows,
+)
 
 DUNNO = "DUNNO"
 
@@ -87,12 +98,9 @@ def plan(attrs: dict[str, str], system_domains: tuple[str, ...] | frozenset[str]
                 _int(attrs, "size"))
 
 
-def window_end(kind: str, now: datetime) -> datetime:
-    """When the window of KIND that holds NOW closes (UTC hour or day)."""
-    now = now.astimezone(UTC)
-    if kind == "messages":
-        return now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
-    return now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+def window_end(kind: str, now: datetime, windows: Windows = HOURS_AND_DAYS) -> datetime:
+    """When the window of KIND that holds NOW closes (UTC hour or day by default)."""
+    return windows.end(kind, now)
 
 
 @dataclass(frozen=True)
@@ -104,12 +112,13 @@ class Decision:
 
 
 def verdict(outcome: Outcome, org: OrgLimits, now: datetime, *, shadow: bool = False,
-            degraded: bool = False, size: int = 0) -> Decision:
+            degraded: bool = False, size: int = 0,
+            windows: Windows = HOURS_AND_DAYS) -> Decision:
     """Postfix's answer for OUTCOME (pure)."""
     if outcome.result != "over" or outcome.kind is None:
         return Decision(DUNNO)
     kind = outcome.kind
-    retry = window_end(kind, now)
+    retry = window_end(kind, now, windows)
     wait = max(1, math.ceil((retry - now).total_seconds() / 60))
     share = " (this host share)" if degraded else ""
     this = f", this message {size}" if kind == "bytes" and size else ""
@@ -142,6 +151,7 @@ class LocalCounters:
 
     processes: int
     ttl: timedelta = timedelta(minutes=15)
+    windows: Windows = field(default_factory=Windows)
     _used: dict[tuple[object, str, datetime], int] = field(default_factory=dict)
     # in order of expiry: every entry is (re)inserted with now + ttl
     _held: dict[tuple[object, str], _Held] = field(default_factory=dict)
@@ -153,14 +163,14 @@ class LocalCounters:
         return 0 if limit == 0 else max(1, limit // self.processes)
 
     def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int, size: int,
-                now: datetime) -> Outcome:
-        hour = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        day = hour.replace(hour=0)
-        self._expire(now)
+                now: datetime, allowance: Mapping[str, int | None] | None = None) -> Outcome:
+        """Count one stage of a message against ALLOWANCE (default: this process's share)."""
+        hour = self.windows.start("messages", now)
+        day = self.windows.start("recipients", now)
+        self.expire(now)
         oid = org.org_id
-        lim = {"messages": self.share(org.messages_per_hour),
-               "recipients": self.share(org.recipients_per_day),
-               "bytes": self.share(org.bytes_per_day)}
+        lim = dict(allowance) if allowance is not None else {
+            kind: self.share(org.limit(kind)) for kind in KINDS}
         used = {"messages": self._used.get((oid, "messages", hour), 0),
                 "recipients": self._used.get((oid, "recipients", day), 0),
                 "bytes": self._used.get((oid, "bytes", day), 0)}
@@ -183,7 +193,7 @@ class LocalCounters:
                 self._add(oid, "messages", held.hour, -1)
                 self._add(oid, "recipients", held.day, -held.recipients)
                 return refused
-            self._add(oid, "bytes", held.day, size)
+            self._add(oid, "bytes", day, size)  # where it was checked
             held.settled, held.expires = True, now + self.ttl
             self._held[(oid, instance)] = self._held.pop((oid, instance))  # keep expiry order
             return Outcome("ok")
@@ -198,11 +208,17 @@ class LocalCounters:
                                             now + self.ttl)
         return Outcome("ok")
 
+    def held(self, oid: object, instance: str) -> _Held | None:
+        return self._held.get((oid, instance))
+
+    def used(self, oid: object, kind: str, window: datetime) -> int:
+        return self._used.get((oid, kind, window), 0)
+
     def _add(self, oid: object, kind: str, window: datetime, n: int) -> None:
         key = (oid, kind, window)
         self._used[key] = max(0, self._used.get(key, 0) + n)
 
-    def _expire(self, now: datetime) -> None:
+    def expire(self, now: datetime) -> None:
         """Give back expired reservations: only those at the front (cost: what expires)."""
         while self._held:
             key, held = next(iter(self._held.items()))
@@ -214,6 +230,117 @@ class LocalCounters:
                 self._add(key[0], "recipients", held.day, -held.recipients)
         if self._swept is None or now - self._swept > timedelta(hours=1):
             self._swept = now
-            day_ago = now - timedelta(days=2)
-            for ukey in [k for k in self._used if k[2] < day_ago]:
+            old = now - 2 * timedelta(seconds=self.windows.day_seconds)
+            for ukey in [k for k in self._used if k[2] < old]:
                 del self._used[ukey]
+
+
+def needs(stage: str, held: _Held | None, recipients: int, size: int) -> dict[str, int]:
+    """Units of each kind a stage must find room for (as LocalCounters.consume checks)."""
+    if stage == "check":
+        return {"messages": 1, "recipients": 1}
+    if held is not None:
+        return {} if stage == "reserve" or held.settled else {"bytes": size}
+    return {"messages": 1, "recipients": recipients, "bytes": size}
+
+
+@dataclass
+class LeaseBook:
+    """Lease mode: count in memory against blocks of units leased from the shared counters.
+
+    Per organisation, kind and window this process holds `granted` units,
+    taken from the shared counter (PostgreSQL's rate_lease) in one atomic
+    step, and spends them in memory with the same reservations, settlement,
+    expiry and duplicate detection as the database (`LocalCounters`).  When a
+    message needs more than is left, `shortfall` says what to lease: at least
+    what it needs, ideally a block (`fraction` of the limit).  rate_lease
+    grants the block if the limit leaves it, else just the need, else
+    nothing: then the message is over.  Unspent units go back after `idle`
+    without use (`unspent`), and all of them when the process stops.
+
+    The bound, with P processes leasing for one organisation:
+    - never more than the limit admitted in all: every admitted unit was
+      counted in the shared counter when it was leased;
+    - a message is refused only when the shared counter has less left than it
+      needs; at that moment the other processes hold at most one block each
+      unspent, so at least limit - (P - 1) x block units were admitted or are
+      still admissible by them, and those blocks return after `idle`;
+    - a message whose stages reach two processes (a new policy connection
+      between DATA and END-OF-MESSAGE) is counted by both until the first
+      one's reservation expires: an over-count, never an under-count;
+    - a process killed without stopping loses its unspent blocks (at most one
+      per kind) until the window ends;
+    - unlimited kinds are not counted.
+    """
+
+    fraction: float
+    idle: timedelta
+    ttl: timedelta = timedelta(minutes=15)
+    windows: Windows = field(default_factory=Windows)
+    counters: LocalCounters = field(init=False)
+    _granted: dict[tuple[object, str, datetime], int] = field(default_factory=dict)
+    _touched: dict[tuple[object, str, datetime], datetime] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counters = LocalCounters(1, self.ttl, self.windows)
+
+    def block(self, limit: int) -> int:
+        return max(1, math.ceil(limit * self.fraction))
+
+    def shortfall(self, stage: str, org: OrgLimits, instance: str, recipients: int, size: int,
+                  now: datetime) -> list[Want]:
+        """What to lease before `consume` can decide this stage (empty: nothing)."""
+        out = []
+        self.counters.expire(now)  # expired reservations give back before anything is leased
+        held = self.counters.held(org.org_id, instance)
+        for kind, need in needs(stage, held, recipients, size).items():
+            limit = org.limit(kind)
+            if limit is None or need <= 0:
+                continue
+            window = self.windows.start(kind, now)
+            room = (self._granted.get((org.org_id, kind, window), 0)
+                    - self.counters.used(org.org_id, kind, window))
+            if room < need:
+                out.append(Want(kind, window, need - room, max(need - room, self.block(limit))))
+        return out
+
+    def grant(self, oid: object, kind: str, window: datetime, units: int, now: datetime) -> None:
+        key = (oid, kind, window)
+        self._granted[key] = self._granted.get(key, 0) + units
+        self._touched[key] = now
+
+    def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int, size: int,
+                now: datetime) -> Outcome:
+        """Decide in memory against what this process holds (after `shortfall` was leased)."""
+        oid = org.org_id
+        allowance: dict[str, int | None] = {}
+        for kind in KINDS:
+            if org.limit(kind) is None:
+                allowance[kind] = None
+                continue
+            key = (oid, kind, self.windows.start(kind, now))
+            allowance[kind] = self._granted.get(key, 0)
+            self._touched[key] = now
+        return self.counters.consume(stage, org, instance, recipients, size, now, allowance)
+
+    def unspent(self, now: datetime, everything: bool = False) -> dict[object, list[Unspent]]:
+        """Units to give back, by organisation: idle ones (or all), now taken off the book.
+
+        Blocks of windows that have ended are forgotten, not given back: the
+        shared counter of an ended window no longer matters.
+        """
+        out: dict[object, list[Unspent]] = {}
+        for key, touched in list(self._touched.items()):
+            oid, kind, window = key
+            ended = window + timedelta(seconds=self.windows.length(kind)) <= now
+            if ended and now - touched > self.ttl:
+                del self._touched[key]
+                self._granted.pop(key, None)
+                continue
+            if ended or not (everything or now - touched >= self.idle):
+                continue
+            spare = self._granted.get(key, 0) - self.counters.used(oid, kind, window)
+            if spare > 0:
+                self._granted[key] -= spare
+                out.setdefault(oid, []).append(Unspent(kind, window, spare))
+        return out

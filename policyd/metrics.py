@@ -34,6 +34,16 @@ BACKEND_ERRORS = Counter(
     "postkeep_policyd_backend_errors_total",
     "PostgreSQL failures or timeouts that sent a decision to degraded mode.",
 )
+LEASES = Counter(
+    "postkeep_policyd_lease_requests_total",
+    "Round trips to PostgreSQL for lease-mode blocks (policyd.lease_tiers).",
+)
+LEASED_UNITS = Counter(
+    "postkeep_policyd_leased_units_total",
+    "Lease-mode units taken from (granted) or given back to (returned) the shared counters,"
+    " by kind (messages, recipients, bytes).",
+    ["kind", "action"],
+)
 
 for _stage in ("RCPT", "DATA", "END-OF-MESSAGE", "other"):
     for _action in ("dunno", "defer"):

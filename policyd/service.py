@@ -6,7 +6,9 @@ timeout switches this process to degraded mode for
 `policyd.degraded_retry_seconds`, after which PostgreSQL is tried again, so
 it recovers by itself and never hangs a Postfix smtpd.  Organisation lookups
 are cached for `policyd.directory_cache_seconds`; a stale entry is still used
-while PostgreSQL is down.
+while PostgreSQL is down.  Organisations of `policyd.lease_tiers` are counted
+in memory against leased blocks (`LeaseBook`): PostgreSQL is asked only when
+a block runs out, and idle blocks are given back by `lease_upkeep`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -25,9 +28,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from postkeep.config import Config
 from postkeep.policyd import metrics
-from postkeep.policyd.decide import DUNNO, LocalCounters, Plan, plan, verdict
+from postkeep.policyd.decide import DUNNO, LeaseBook, LocalCounters, Plan, plan, verdict
 from postkeep.storage import limits
-from postkeep.storage.limits import OrgLimits, Outcome
+from postkeep.storage.limits import Grant, OrgLimits, Outcome, Unspent, Want
 from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.policyd")
@@ -42,6 +45,10 @@ class Backend(Protocol):
     async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
                       size: int, ttl_seconds: int) -> Outcome: ...
 
+    async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]: ...
+
+    async def release(self, org_id: uuid.UUID, unspent: list[Unspent]) -> None: ...
+
 
 class PgBackend:
     """Counters and organisations in PostgreSQL, through an asyncio pool."""
@@ -49,6 +56,7 @@ class PgBackend:
     def __init__(self, cfg: Config) -> None:
         pg = cfg.postgres
         self._synchronous_commit = cfg.policyd.synchronous_commit
+        self._windows = cfg.policyd.windows
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             # one connection per concurrent decision: keep a few warm
             pg.conninfo(), min_size=max(pg.pool_min, 4), max_size=max(pg.pool_max, 4),
@@ -92,7 +100,15 @@ class PgBackend:
                       size: int, ttl_seconds: int) -> Outcome:
         async with self.pool.connection() as conn:
             return await limits.consume_async(conn, stage, org, instance, recipients, size,
-                                              ttl_seconds)
+                                              ttl_seconds, windows=self._windows)
+
+    async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
+        async with self.pool.connection() as conn:
+            return await limits.lease_async(conn, org, wants)
+
+    async def release(self, org_id: uuid.UUID, unspent: list[Unspent]) -> None:
+        async with self.pool.connection() as conn:
+            await limits.release_async(conn, org_id, unspent)
 
 
 class BackendDown(Exception):
@@ -110,8 +126,13 @@ class PolicyService:
         self.backend = backend
         self.clock = clock
         self.wallclock = wallclock
-        self.local = LocalCounters(self.cfg.degraded_processes,
-                                   timedelta(seconds=self.cfg.reservation_seconds))
+        self.windows = self.cfg.windows
+        ttl = timedelta(seconds=self.cfg.reservation_seconds)
+        self.local = LocalCounters(self.cfg.degraded_processes, ttl, self.windows)
+        self.lease_tiers = frozenset(self.cfg.lease_tiers)
+        self.leases = LeaseBook(self.cfg.lease_fraction,
+                                timedelta(seconds=self.cfg.lease_idle_seconds), ttl, self.windows)
+        self._leasing: dict[uuid.UUID, asyncio.Future[None]] = {}
         self._cache: TtlCache[tuple[str, str], OrgLimits | None] = TtlCache()
         self._down_until = 0.0
         self._timeout = self.cfg.decision_timeout_ms / 1000
@@ -178,10 +199,14 @@ class PolicyService:
         now = self.wallclock()
         degraded = False
         try:
-            if not fresh:
+            if org.tier in self.lease_tiers:
+                outcome = await self._leased(stage, org, p, now)
+            elif not fresh:
                 raise BackendDown("lookup failed")
-            outcome = await self._bounded(lambda: self.backend.consume(
-                stage, org, p.instance, p.recipients, p.size, self.cfg.reservation_seconds))
+            else:
+                outcome = await self._bounded(lambda: self.backend.consume(
+                    stage, org, p.instance, p.recipients, p.size,
+                    self.cfg.reservation_seconds))
         except BackendDown:
             degraded = True
             mode = self.cfg.degraded_mode
@@ -193,7 +218,7 @@ class PolicyService:
                         " retry in a few minutes")
             outcome = self.local.consume(stage, org, p.instance, p.recipients, p.size, now)
         d = verdict(outcome, org, now, shadow=self.cfg.shadow, degraded=degraded,
-                    size=p.size)
+                    size=p.size, windows=self.windows)
         if d.over:
             mode = "shadow" if d.shadowed else "defer"
             metrics.DEFERRALS.labels(org.tier, d.over, mode).inc()
@@ -202,3 +227,64 @@ class PolicyService:
                      attrs.get("protocol_state", "?"), p.instance,
                      attrs.get("sasl_username", ""), attrs.get("sender", ""), d.reason)
         return d.action
+
+    async def _leased(self, stage: str, org: OrgLimits, p: Plan, now: datetime) -> Outcome:
+        """Lease mode: decide in memory, leasing a block first if this message needs it.
+
+        One lease per organisation at a time in this process: decisions that
+        run short while one is in flight wait for it and look again, so a
+        process never holds more than one unspent block per kind.
+        """
+        book = self.leases
+        used: dict[str, int] = {}
+        for _ in range(4):
+            wants = book.shortfall(stage, org, p.instance, p.recipients, p.size, now)
+            if not wants:
+                break
+            pending = self._leasing.get(org.org_id)
+            if pending is not None:
+                await asyncio.shield(pending)
+                continue
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._leasing[org.org_id] = done
+            try:
+                grants = await self._bounded(lambda: self.backend.lease(org, wants))  # noqa: B023
+            finally:
+                del self._leasing[org.org_id]
+                done.set_result(None)
+            metrics.LEASES.inc()
+            for g in grants:
+                book.grant(org.org_id, g.kind, g.window, g.granted, now)
+                used[g.kind] = g.used
+                metrics.LEASED_UNITS.labels(g.kind, "granted").inc(g.granted)
+            if any(g.granted < w.need for g, w in zip(grants, wants, strict=True)):
+                break  # the shared counter has no room left: decide (over)
+        outcome = book.consume(stage, org, p.instance, p.recipients, p.size, now)
+        if outcome.result == "over" and outcome.kind is not None:
+            # report the shared counter, not this process's block
+            return Outcome("over", outcome.kind, used.get(outcome.kind, outcome.used),
+                           org.limit(outcome.kind))
+        return outcome
+
+    async def give_back(self, everything: bool = False) -> None:
+        """Return unspent leased units (idle ones, or all of them when stopping)."""
+        now = self.wallclock()
+        for org_id, unspent in self.leases.unspent(now, everything).items():
+            assert isinstance(org_id, uuid.UUID)
+            try:
+                await self._bounded(lambda: self.backend.release(org_id, unspent))  # noqa: B023
+            except BackendDown:
+                for u in unspent:  # keep them: spent later, or given back next time
+                    self.leases.grant(org_id, u.kind, u.window, u.units, now)
+                continue
+            for u in unspent:
+                metrics.LEASED_UNITS.labels(u.kind, "returned").inc(u.units)
+
+    async def lease_upkeep(self) -> None:
+        """Forever: give back blocks idle for policyd.lease_idle_seconds."""
+        while True:
+            await asyncio.sleep(self.cfg.lease_idle_seconds / 2)
+            try:
+                await self.give_back()
+            except Exception:
+                log.exception("giving back leased units failed; trying again")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from postkeep.storage.limits import Windows
+
 DEFAULT_PATH = "/etc/postkeep/postkeep.toml"
 
 
@@ -185,6 +187,24 @@ class PolicydConfig:
     # the last fraction of a second of counts.  'on' waits for the disk.
     synchronous_commit: str = field(default="off", metadata=_choice("off", "local", "on"))
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    # Lease mode, for tiers whose limits are far above one host's traffic:
+    # organisations of these tiers are counted in memory against blocks of
+    # units leased from the shared counters (one round trip per block instead
+    # of per decision).  Never more than the limit in all; see README.
+    lease_tiers: tuple[str, ...] = ()
+    # A block is this share of the limit (at least what the message needs).
+    lease_fraction: float = field(default=0.001, metadata={"min": 1e-6, "max": 0.5})
+    # Unspent units a process has not touched for this long go back.
+    lease_idle_seconds: float = field(default=2.0, metadata={"min": 0.1, "max": 3600})
+    # Window lengths (seconds): messages per 'hour', recipients and bytes per
+    # 'day', aligned to the epoch.  Tier limits mean hours and days: change
+    # these only for tests that watch a window roll over in real time.
+    message_window_seconds: int = field(default=3600, metadata={"min": 1, "max": 86400})
+    daily_window_seconds: int = field(default=86400, metadata={"min": 1, "max": 86400 * 7})
+
+    @property
+    def windows(self) -> Windows:
+        return Windows(self.message_window_seconds, self.daily_window_seconds)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def show(ctx: click.Context, org: str) -> None:
     """Use and remaining of ORG (name or id) in the current windows."""
     with _session(ctx) as s:
         lim = _limits_of(s.conn, org)
-        click.echo(format_usage(lim, limits.usage(s.conn, lim)))
+        click.echo(format_usage(lim, limits.usage(s.conn, lim, s.cfg.policyd.windows)))
 
 
 @limits_group.command("reset")

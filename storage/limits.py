@@ -22,14 +22,20 @@ counts back, so a client that disconnects after DATA does not eat the quota
 for longer than `policyd.reservation_seconds`.
 
 Windows are fixed UTC hours (messages) and days (recipients, bytes), keyed
-by their start, on the database's clock unless a test passes its own.
+by their start, on the database's clock unless a test passes its own.  Their
+lengths are parameters (`Windows`; aligned to the epoch, so the defaults are
+UTC hours and days) only so a test can watch one roll over in real time.
+
+Lease mode (`lease`, `release`; policyd.lease_tiers) trades one round trip
+per decision for one per block of units: see policyd/decide.py (LeaseBook).
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -43,6 +49,31 @@ _LIMIT_COLUMNS = """
 """
 
 
+KINDS = ("messages", "recipients", "bytes")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How long the 'hour' (messages) and 'day' (recipients, bytes) windows are."""
+
+    hour_seconds: int = 3600
+    day_seconds: int = 86400
+
+    def length(self, kind: str) -> int:
+        return self.hour_seconds if kind == "messages" else self.day_seconds
+
+    def start(self, kind: str, now: datetime) -> datetime:
+        """The start of the window of KIND that holds NOW (aligned to the epoch)."""
+        seconds = math.floor(now.timestamp())
+        return datetime.fromtimestamp(seconds - seconds % self.length(kind), UTC)
+
+    def end(self, kind: str, now: datetime) -> datetime:
+        return self.start(kind, now) + timedelta(seconds=self.length(kind))
+
+
+HOURS_AND_DAYS = Windows()  # UTC hours and days: what tier limits mean
+
+
 @dataclass(frozen=True)
 class OrgLimits:
     """An organisation, its tier and its effective limits (None: unlimited)."""
@@ -54,6 +85,10 @@ class OrgLimits:
     recipients_per_day: int | None
     bytes_per_day: int | None
     shadow: bool = False
+
+    def limit(self, kind: str) -> int | None:
+        return {"messages": self.messages_per_hour, "recipients": self.recipients_per_day,
+                "bytes": self.bytes_per_day}[kind]
 
 
 @dataclass(frozen=True)
@@ -86,14 +121,67 @@ BY_NAME = (
     " WHERE o.name = %s OR o.id = %s"
 )
 CONSUME = ("SELECT outcome, kind, used, lim"
-           " FROM rate_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+           " FROM rate_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+LEASE = "SELECT kind, window_start, granted, used FROM rate_lease(%s, %s, %s, %s, %s, %s)"
+RELEASE = "SELECT rate_release(%s, %s, %s, %s)"
 
 
 def consume_params(stage: str, org: OrgLimits, instance: str, recipients: int, size: int,
-                   ttl_seconds: int, now: datetime | None = None) -> tuple[Any, ...]:
+                   ttl_seconds: int, now: datetime | None = None,
+                   windows: Windows = HOURS_AND_DAYS) -> tuple[Any, ...]:
     """Parameters of CONSUME (stage: 'check', 'reserve' or 'settle')."""
     return (stage, org.org_id, instance, now, recipients, size, org.messages_per_hour,
-            org.recipients_per_day, org.bytes_per_day, timedelta(seconds=ttl_seconds))
+            org.recipients_per_day, org.bytes_per_day, timedelta(seconds=ttl_seconds),
+            timedelta(seconds=windows.hour_seconds), timedelta(seconds=windows.day_seconds))
+
+
+@dataclass(frozen=True)
+class Want:
+    """Units of one kind's window a process asks to lease: at least `need`, ideally `want`."""
+
+    kind: str
+    window: datetime
+    need: int
+    want: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What rate_lease gave: `granted` units (0: not even `need` was left); `used` before."""
+
+    kind: str
+    window: datetime
+    granted: int
+    used: int
+
+
+@dataclass(frozen=True)
+class Unspent:
+    """Leased units of one kind's window given back."""
+
+    kind: str
+    window: datetime
+    units: int
+
+
+def lease_params(org: OrgLimits, wants: list[Want]) -> tuple[Any, ...]:
+    return (org.org_id, [w.kind for w in wants], [w.window for w in wants],
+            [w.need for w in wants], [w.want for w in wants],
+            [org.limit(w.kind) for w in wants])
+
+
+async def lease_async(conn: psycopg.AsyncConnection[Any], org: OrgLimits,
+                      wants: list[Want]) -> list[Grant]:
+    """Take blocks of units from the shared counters, in one round trip."""
+    cur = await conn.execute(LEASE, lease_params(org, wants))
+    return [Grant(*row) for row in await cur.fetchall()]
+
+
+async def release_async(conn: psycopg.AsyncConnection[Any], org_id: uuid.UUID,
+                        unspent: list[Unspent]) -> None:
+    """Give leased units back to the shared counters, in one round trip."""
+    await conn.execute(RELEASE, (org_id, [u.kind for u in unspent],
+                                 [u.window for u in unspent], [u.units for u in unspent]))
 
 
 def outcome_of(row: tuple[Any, ...] | None) -> Outcome:
@@ -113,20 +201,19 @@ async def find_limits_async(conn: psycopg.AsyncConnection[Any], kind: str,
 
 async def consume_async(conn: psycopg.AsyncConnection[Any], stage: str, org: OrgLimits,
                         instance: str, recipients: int, size: int, ttl_seconds: int,
-                        now: datetime | None = None) -> Outcome:
+                        now: datetime | None = None, windows: Windows = HOURS_AND_DAYS) -> Outcome:
     """One decision's counting, in one round trip (see the module docstring)."""
-    cur = await conn.execute(
-        CONSUME, consume_params(stage, org, instance, recipients, size, ttl_seconds, now))
+    cur = await conn.execute(CONSUME, consume_params(stage, org, instance, recipients, size,
+                                                     ttl_seconds, now, windows))
     return outcome_of(await cur.fetchone())
 
 
 def consume(conn: psycopg.Connection, stage: str, org: OrgLimits, instance: str,
             recipients: int, size: int, ttl_seconds: int,
-            now: datetime | None = None) -> Outcome:
+            now: datetime | None = None, windows: Windows = HOURS_AND_DAYS) -> Outcome:
     """consume_async for synchronous callers (tests, tools)."""
-    row = conn.execute(
-        CONSUME, consume_params(stage, org, instance, recipients, size, ttl_seconds, now)
-    ).fetchone()
+    row = conn.execute(CONSUME, consume_params(stage, org, instance, recipients, size,
+                                               ttl_seconds, now, windows)).fetchone()
     return outcome_of(row)
 
 
@@ -146,22 +233,25 @@ class Usage:
     limit: int | None
 
 
-def usage(conn: psycopg.Connection, org: OrgLimits) -> list[Usage]:
-    """Use in the current windows (database clock), one entry per kind."""
+def usage(conn: psycopg.Connection, org: OrgLimits,
+          windows: Windows = HOURS_AND_DAYS) -> list[Usage]:
+    """Use in the current windows (database clock), one entry per kind.
+
+    In lease mode this includes units leased to policyd processes and not yet
+    spent (at most one block per process and kind).
+    """
+    hour, day = timedelta(seconds=windows.hour_seconds), timedelta(seconds=windows.day_seconds)
     rows = conn.execute(
         "SELECT k.kind, k.ws, coalesce(c.used, 0) FROM (VALUES"
-        " ('messages', date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),"
-        " ('recipients', date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),"
-        " ('bytes', date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'))"
+        " ('messages', date_bin(%s, now(), 'epoch')),"
+        " ('recipients', date_bin(%s, now(), 'epoch')),"
+        " ('bytes', date_bin(%s, now(), 'epoch')))"
         " AS k(kind, ws) LEFT JOIN rate_counters c"
         " ON c.org_id = %s AND c.kind = k.kind AND c.window_start = k.ws",
-        (org.org_id,),
+        (hour, day, day, org.org_id),
     ).fetchall()
-    limit = {"messages": org.messages_per_hour, "recipients": org.recipients_per_day,
-             "bytes": org.bytes_per_day}
-    order = list(limit)
-    return sorted((Usage(kind, ws, used, limit[kind]) for kind, ws, used in rows),
-                  key=lambda u: order.index(u.kind))
+    return sorted((Usage(kind, ws, used, org.limit(kind)) for kind, ws, used in rows),
+                  key=lambda u: KINDS.index(u.kind))
 
 
 def reset(conn: psycopg.Connection, org_id: uuid.UUID) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import TestOrg
-from support.policyd import policyds, request
+from support.policyd import hammer, policyds, request
 
 from postkeep.config import Config
 from postkeep.storage import limits
@@ -95,25 +95,6 @@ def two_policyds(config: Config, _migrated: None) -> Iterator[list[int]]:
     """Two postkeep-policyd processes on the stack's PostgreSQL; yields their ports."""
     with policyds(config.source, 2) as ports:
         yield [port for port, _ in ports]
-
-
-def data_request(domain: str, instance: str, recipients: int = 1) -> bytes:
-    return request("DATA", f"app@{domain}", instance, recipients)
-
-
-async def hammer(ports: list[int], domain: str, clients: int, per_client: int) -> list[bytes]:
-    async def client(n: int) -> list[bytes]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", ports[n % len(ports)])
-        out = []
-        for i in range(per_client):
-            writer.write(data_request(domain, f"{n}.{i}.{uuid.uuid4().hex[:6]}"))
-            await writer.drain()
-            out.append(await reader.readuntil(b"\n\n"))
-        writer.close()
-        return out
-
-    results = await asyncio.gather(*(client(n) for n in range(clients)))
-    return [r for rs in results for r in rs]
 
 
 def test_two_processes_fifty_clients_admit_exactly_the_limit(

@@ -80,3 +80,42 @@ class PolicyClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def config_with(source: str, target: Path, section: str, **values: object) -> str:
+    """A copy of the TOML config at SOURCE, written to TARGET, with VALUES set in [SECTION].
+
+    The keys must not be in SOURCE's section already (TOML refuses duplicates).
+    """
+    import json
+    import tomllib
+
+    text = Path(source).read_text()
+    header = f"[{section}]\n"
+    if header not in text:
+        raise ValueError(f"{source} has no {header.strip()} section")
+    lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+    text = text.replace(header, header + lines, 1)
+    tomllib.loads(text)  # fail here, not in the daemon, if it is not TOML
+    target.write_text(text)
+    return str(target)
+
+
+async def hammer(ports: list[int], domain: str, clients: int, per_client: int) -> list[bytes]:
+    """CLIENTS concurrent connections spread over PORTS, each sending PER_CLIENT DATA
+    requests for new messages from DOMAIN one after another; every reply, raw."""
+    import asyncio
+    import uuid
+
+    async def client(n: int) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[n % len(ports)])
+        out = []
+        for i in range(per_client):
+            writer.write(request("DATA", f"app@{domain}", f"{n}.{i}.{uuid.uuid4().hex[:6]}"))
+            await writer.drain()
+            out.append(await reader.readuntil(b"\n\n"))
+        writer.close()
+        return out
+
+    results = await asyncio.gather(*(client(n) for n in range(clients)))
+    return [r for rs in results for r in rs]
