@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from conftest import TestOrg
-from support.policyd import hammer, policyds, request
+from support.policyd import hammer, policyds
 
 from postkeep.config import Config
 from postkeep.storage import limits
