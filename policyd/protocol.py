@@ -37,10 +37,31 @@ class RequestBuilder:
     limits: Limits = field(default_factory=Limits)
     _attrs: dict[str, str] = field(default_factory=dict)
     _bytes: int = 0
+    _partial: bytes = b""  # the start of a line whose newline has not come yet
 
     @property
     def started(self) -> bool:
-        return self._bytes > 0
+        """Part of a request has come in (a stall or EOF now cuts it off)."""
+        return self._bytes > 0 or bool(self._partial)
+
+    @property
+    def mid_line(self) -> bool:
+        return bool(self._partial)
+
+    def feed(self, data: bytes) -> list[dict[str, str]]:
+        """Feed bytes as they arrive; every request they complete, in order."""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.limits.max_line_bytes + 1:
+            raise ProtocolError(f"line longer than {self.limits.max_line_bytes} bytes")
+        out = []
+        for line in lines:
+            request = self.add_line(line + b"\n")
+            if request is not None:
+                out.append(request)
+        if self._bytes + len(self._partial) > self.limits.max_request_bytes:
+            raise ProtocolError(f"request larger than {self.limits.max_request_bytes} bytes")
+        return out
 
     def add_line(self, line: bytes) -> dict[str, str] | None:
         """Feed one line (with or without its newline); a full request on the empty line."""

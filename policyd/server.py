@@ -35,8 +35,7 @@ class PolicyServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on HOST:PORT; returns the port (0 picks a free one)."""
-        self._server = await asyncio.start_server(
-            self._serve, host, port, limit=self.limits.max_line_bytes + 2, backlog=1024)
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -62,7 +61,8 @@ class PolicyServer:
                 if not builder.started and task is not None:
                     self._idle.add(task)
                 try:
-                    line = await asyncio.wait_for(reader.readline(), self.read_timeout)
+                    async with asyncio.timeout(self.read_timeout):
+                        data = await reader.read(65536)
                 except TimeoutError as exc:
                     if builder.started:
                         raise ProtocolError(
@@ -70,29 +70,24 @@ class PolicyServer:
                     log.debug("idle connection from %s closed after %gs", peer,
                               self.read_timeout)
                     return
-                except ValueError as exc:  # StreamReader's line limit
-                    raise ProtocolError(
-                        f"line longer than {self.limits.max_line_bytes} bytes") from exc
                 finally:
                     if task is not None:
                         self._idle.discard(task)
-                if not line:
+                if not data:
+                    if builder.mid_line:
+                        raise ProtocolError("connection closed mid-line")
                     if builder.started:
                         raise ProtocolError("connection closed mid-request (no empty line)")
                     return
-                if not line.endswith(b"\n"):
-                    raise ProtocolError("connection closed mid-line")
-                request = builder.add_line(line)
-                if request is None:
-                    continue
-                started = time.perf_counter()
-                action = await self.decide(request)
-                metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
-                stage = request.get("protocol_state", "")
-                metrics.REQUESTS.labels(
-                    stage if stage in ("RCPT", "DATA", "END-OF-MESSAGE") else "other",
-                    "dunno" if action == "DUNNO" else "defer").inc()
-                writer.write(format_reply(action))
+                for request in builder.feed(data):
+                    started = time.perf_counter()
+                    action = await self.decide(request)
+                    metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+                    stage = request.get("protocol_state", "")
+                    metrics.REQUESTS.labels(
+                        stage if stage in ("RCPT", "DATA", "END-OF-MESSAGE") else "other",
+                        "dunno" if action == "DUNNO" else "defer").inc()
+                    writer.write(format_reply(action))
                 await writer.drain()
         except ProtocolError as exc:
             metrics.PROTOCOL_ERRORS.inc()

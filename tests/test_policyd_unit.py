@@ -70,6 +70,24 @@ def test_two_requests_on_one_connection() -> None:
     assert len(feed(GOLDEN_DATA + GOLDEN_DATA.replace(b"DATA", b"END-OF-MESSAGE"))) == 2
 
 
+def test_feed_frames_requests_however_the_bytes_arrive() -> None:
+    two = GOLDEN_DATA + GOLDEN_DATA.replace(b"DATA", b"END-OF-MESSAGE")
+    whole = RequestBuilder().feed(two)
+    b = RequestBuilder()
+    bytewise = [r for i in range(len(two)) for r in b.feed(two[i:i + 1])]
+    assert whole == bytewise == feed(two) and len(whole) == 2
+    assert not b.started
+    b.feed(b"sender=x@y")
+    assert b.started and b.mid_line
+    # a line that never ends is refused once it is too long, not buffered forever
+    with pytest.raises(ProtocolError, match="line longer"):
+        RequestBuilder(Limits(max_line_bytes=64)).feed(b"sender=" + b"a" * 100)
+    with pytest.raises(ProtocolError, match="request larger"):
+        RequestBuilder(Limits(max_request_bytes=300)).feed(b"a=" + b"x" * 100 + b"\n" * 1
+                                                           + b"b=" + b"y" * 100 + b"\n"
+                                                           + b"c=" + b"z" * 100)
+
+
 def test_reply_format() -> None:
     assert format_reply("DUNNO") == b"action=DUNNO\n\n"
     with pytest.raises(ValueError):
