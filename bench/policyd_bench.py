@@ -66,7 +66,7 @@ def request(domain: str) -> bytes:
             f"size=0\nsasl_username=\n\n").encode()
 
 
-async def closed_loop(ports: list[int], domain: str, connections: int, seconds: float,
+async def closed_loop(ports: list[int], domains: list[str], connections: int, seconds: float,
                       ) -> tuple[float, list[float], dict[str, int]]:
     """CONNECTIONS clients, each asking again as soon as answered, for SECONDS."""
     lat: list[float] = []
@@ -76,7 +76,7 @@ async def closed_loop(ports: list[int], domain: str, connections: int, seconds: 
     async def client(i: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", ports[i % len(ports)])
         while time.perf_counter() < stop:
-            raw = request(domain)
+            raw = request(domains[i % len(domains)])
             started = time.perf_counter()
             writer.write(raw)
             reply = await reader.readuntil(b"\n\n")
@@ -90,7 +90,8 @@ async def closed_loop(ports: list[int], domain: str, connections: int, seconds: 
     return time.perf_counter() - started, lat, actions
 
 
-async def paced(ports: list[int], domain: str, connections: int, rate: float, seconds: float,
+async def paced(ports: list[int], domains: list[str], connections: int, rate: float,
+                seconds: float,
                 ) -> tuple[float, list[float], dict[str, int]]:
     """RATE requests/s in all over CONNECTIONS clients, each on its own schedule and with
     at most one request in flight (as a Postfix smtpd); latency from send to reply."""
@@ -107,7 +108,7 @@ async def paced(ports: list[int], domain: str, connections: int, rate: float, se
             wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            raw = request(domain)
+            raw = request(domains[i % len(domains)])
             started = time.perf_counter()
             writer.write(raw)
             reply = await reader.readuntil(b"\n\n")
@@ -180,17 +181,20 @@ def start_postfwd(workdir: Path) -> tuple[int, int, list[str]]:
     return port, cache_port, [*args, "--kill"]
 
 
-def make_orgs(conn: psycopg.Connection, tag: str) -> dict[str, tuple[str, object]]:
-    """One organisation per policyd mode: 'exact' (tier pro) and 'lease' (tier enterprise,
-    listed in policyd.lease_tiers); limits overridden too high to trip."""
-    out = {}
+def make_orgs(conn: psycopg.Connection, tag: str, count: int,
+              ) -> dict[str, list[tuple[str, object]]]:
+    """COUNT organisations per policyd mode: 'exact' (tier pro) and 'lease' (tier
+    enterprise, listed in policyd.lease_tiers); limits overridden too high to trip."""
+    out: dict[str, list[tuple[str, object]]] = {}
     for mode, tier in (("exact", "pro"), ("lease", "enterprise")):
-        name = f"bench-policyd-{tag}-{mode}"
-        oid = directory.add_organisation(conn, name, tier)
-        directory.add_domain(conn, oid, f"{name}.bench.test")
-        conn.execute("UPDATE organisations SET messages_per_hour = %s, recipients_per_day = %s,"
-                     " bytes_per_day = %s WHERE id = %s", (LIMIT, LIMIT, LIMIT * 1000, oid))
-        out[mode] = (f"{name}.bench.test", oid)
+        for n in range(count):
+            name = f"bench-policyd-{tag}-{mode}-{n}"
+            oid = directory.add_organisation(conn, name, tier)
+            directory.add_domain(conn, oid, f"{name}.bench.test")
+            conn.execute("UPDATE organisations SET messages_per_hour = %s,"
+                         " recipients_per_day = %s, bytes_per_day = %s WHERE id = %s",
+                         (LIMIT, LIMIT, LIMIT * 1000, oid))
+            out.setdefault(mode, []).append((f"{name}.bench.test", oid))
     return out
 
 
@@ -228,13 +232,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5, help="length of each run")
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--processes", type=int, default=1, help="policyd processes")
+    ap.add_argument("--orgs", type=int, default=1,
+                    help="organisations the connections spread over (1: one hot counter row)")
     ap.add_argument("--skip-postfwd", action="store_true")
     opts = ap.parse_args()
     cfg = load(opts.config)
     tag = uuid.uuid4().hex[:8]
     workdir = Path(tempfile.mkdtemp(prefix="policyd-bench-"))
     with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
-        orgs = make_orgs(conn, tag)
+        orgs = make_orgs(conn, tag, opts.orgs)
+    domains = {mode: [d for d, _ in made] for mode, made in orgs.items()}
     source = config_with(cfg.source, workdir / "postkeep.toml", "policyd",
                          lease_tiers=["enterprise"])
     procs: list[subprocess.Popen[bytes]] = []
@@ -253,11 +260,11 @@ def main() -> None:
         for port in ports:
             wait_listening(port)
         # (label, ports, domain, pids whose CPU is the server's)
-        servers = [("postkeep-policyd exact", ports, orgs["exact"][0], [p.pid for p in procs]),
-                   ("postkeep-policyd lease", ports, orgs["lease"][0], [p.pid for p in procs])]
+        servers = [("postkeep-policyd exact", ports, domains["exact"], [p.pid for p in procs]),
+                   ("postkeep-policyd lease", ports, domains["lease"], [p.pid for p in procs])]
         if not opts.skip_postfwd:
             fport, cport, stop_postfwd = start_postfwd(workdir)
-            servers.append(("postfwd2 1.35", [fport], orgs["exact"][0],
+            servers.append(("postfwd2 1.35", [fport], domains["exact"],
                             pids_listening(fport, cport)))
         for _, sports, domain, _ in servers:  # warm up: connections, caches, first blocks
             asyncio.run(closed_loop(sports, domain, opts.connections, 1.0))
@@ -294,7 +301,8 @@ def main() -> None:
                   f" load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
         med = {label: {k: statistics.median(v) for k, v in r.items()}
                for label, r in results.items()}
-        print(f"\n{opts.connections} connections, {opts.processes} policyd process(es),"
+        print(f"\n{opts.connections} connections over {opts.orgs} organisation(s),"
+              f" {opts.processes} policyd process(es),"
               f" {opts.repetitions} rounds alternated, {opts.seconds:g} s per run;"
               f" paced at {opts.rate:,.0f}/s. Medians (min-max):\n")
         print("| server | closed loop decisions/s | closed p99 ms | server CPU ms/decision"
@@ -331,7 +339,7 @@ def main() -> None:
         if stop_postfwd:
             subprocess.run(stop_postfwd, check=False, timeout=30,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        oids = [oid for _, oid in orgs.values()]
+        oids = [oid for made in orgs.values() for _, oid in made]
         with psycopg.connect(cfg.postgres.conninfo(), autocommit=True) as conn:
             conn.execute("DELETE FROM rate_counters WHERE org_id = ANY(%s)", (oids,))
             conn.execute("DELETE FROM rate_reservations WHERE org_id = ANY(%s)", (oids,))

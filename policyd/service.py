@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -50,13 +51,32 @@ class Backend(Protocol):
     async def release(self, org_id: uuid.UUID, unspent: list[Unspent]) -> None: ...
 
 
+@dataclass
+class _Queued:
+    ask: limits.Ask
+    org: OrgLimits
+    ttl_seconds: int
+    done: asyncio.Future[Outcome]
+
+
 class PgBackend:
-    """Counters and organisations in PostgreSQL, through an asyncio pool."""
+    """Counters and organisations in PostgreSQL, through an asyncio pool.
+
+    Decisions for one organisation are sent one round trip at a time: those
+    that arrive while one is in flight queue and go together in the next
+    (rate_consume_many, up to `MAX_BATCH`), each decided exactly as if alone,
+    in arrival order.  At low load that is one decision per round trip; under
+    load it spares the database one transaction and row lock per decision.
+    """
+
+    MAX_BATCH = 64
 
     def __init__(self, cfg: Config) -> None:
         pg = cfg.postgres
         self._synchronous_commit = cfg.policyd.synchronous_commit
         self._windows = cfg.policyd.windows
+        self._queues: dict[uuid.UUID, list[_Queued]] = {}
+        self._senders: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             # one connection per concurrent decision: keep a few warm
             pg.conninfo(), min_size=max(pg.pool_min, 4), max_size=max(pg.pool_max, 4),
@@ -98,9 +118,40 @@ class PgBackend:
 
     async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
                       size: int, ttl_seconds: int) -> Outcome:
-        async with self.pool.connection() as conn:
-            return await limits.consume_async(conn, stage, org, instance, recipients, size,
-                                              ttl_seconds, windows=self._windows)
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        ask = limits.Ask(stage, instance, recipients, size)
+        self._queues.setdefault(org.org_id, []).append(_Queued(ask, org, ttl_seconds, done))
+        if org.org_id not in self._senders:
+            self._senders[org.org_id] = asyncio.create_task(self._send(org.org_id))
+        return await done
+
+    async def _send(self, org_id: uuid.UUID) -> None:
+        """Send ORG_ID's queued decisions, a batch per round trip, until none are left."""
+        try:
+            while queue := self._queues.get(org_id):
+                batch = queue[:self.MAX_BATCH]
+                del queue[:self.MAX_BATCH]
+                if not queue:
+                    del self._queues[org_id]
+                batch = [q for q in batch if not q.done.done()]  # callers that gave up
+                if not batch:
+                    continue
+                last = batch[-1]  # the freshest limits, if the cache refreshed meanwhile
+                try:
+                    async with self.pool.connection() as conn:
+                        outcomes = await limits.consume_many_async(
+                            conn, last.org, [q.ask for q in batch], last.ttl_seconds,
+                            windows=self._windows)
+                except Exception as exc:
+                    for q in batch:
+                        if not q.done.done():
+                            q.done.set_exception(exc)
+                    continue
+                for q, outcome in zip(batch, outcomes, strict=True):
+                    if not q.done.done():
+                        q.done.set_result(outcome)
+        finally:
+            del self._senders[org_id]
 
     async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
         async with self.pool.connection() as conn:

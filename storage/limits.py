@@ -122,6 +122,8 @@ BY_NAME = (
 )
 CONSUME = ("SELECT outcome, kind, used, lim"
            " FROM rate_consume(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
+CONSUME_MANY = ("SELECT outcome, kind, used, lim"
+                " FROM rate_consume_many(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
 LEASE = "SELECT kind, window_start, granted, used FROM rate_lease(%s, %s, %s, %s, %s, %s)"
 RELEASE = "SELECT rate_release(%s, %s, %s, %s)"
 
@@ -206,6 +208,38 @@ async def consume_async(conn: psycopg.AsyncConnection[Any], stage: str, org: Org
     cur = await conn.execute(CONSUME, consume_params(stage, org, instance, recipients, size,
                                                      ttl_seconds, now, windows))
     return outcome_of(await cur.fetchone())
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One decision's counting request (see `consume_params`)."""
+
+    stage: str
+    instance: str
+    recipients: int
+    size: int
+
+
+async def consume_many_async(conn: psycopg.AsyncConnection[Any], org: OrgLimits,
+                             asks: list[Ask], ttl_seconds: int, now: datetime | None = None,
+                             windows: Windows = HOURS_AND_DAYS) -> list[Outcome]:
+    """Several decisions of one organisation, in order, in one round trip and transaction.
+
+    Each is exactly what `consume_async` would decide after the ones before it.
+    """
+    if len(asks) == 1:
+        a = asks[0]
+        return [await consume_async(conn, a.stage, org, a.instance, a.recipients, a.size,
+                                    ttl_seconds, now, windows)]
+    cur = await conn.execute(CONSUME_MANY, (
+        [a.stage for a in asks], org.org_id, [a.instance for a in asks], now,
+        [a.recipients for a in asks], [a.size for a in asks], org.messages_per_hour,
+        org.recipients_per_day, org.bytes_per_day, timedelta(seconds=ttl_seconds),
+        timedelta(seconds=windows.hour_seconds), timedelta(seconds=windows.day_seconds)))
+    rows = await cur.fetchall()
+    if len(rows) != len(asks):
+        raise ValueError(f"rate_consume_many answered {len(rows)} rows for {len(asks)}")
+    return [outcome_of(row) for row in rows]
 
 
 def consume(conn: psycopg.Connection, stage: str, org: OrgLimits, instance: str,

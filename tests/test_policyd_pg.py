@@ -50,6 +50,26 @@ def test_message_counted_once_and_settled(db: psycopg.Connection,
     assert (over.result, over.kind, over.used) == ("over", "bytes", 900)
 
 
+def test_a_batch_decides_each_as_if_alone_in_order(
+        config: Config, make_org: Callable[..., TestOrg]) -> None:
+    """The same sequence as above, sent as one rate_consume_many round trip."""
+    lim = org_limits(make_org())
+    asks = [limits.Ask("check", "", 0, 0), limits.Ask("reserve", "m1", 4, 0),
+            limits.Ask("reserve", "m1", 4, 0), limits.Ask("settle", "m1", 4, 600),
+            limits.Ask("settle", "m1", 4, 600), limits.Ask("settle", "m2", 2, 300),
+            limits.Ask("reserve", "m3", 5, 0), limits.Ask("reserve", "m4", 1, 200)]
+
+    async def run() -> list[limits.Outcome]:
+        async with await psycopg.AsyncConnection.connect(config.postgres.conninfo(),
+                                                         autocommit=True) as conn:
+            return await limits.consume_many_async(conn, lim, asks, 900, T0)
+
+    got = [(o.result, o.kind, o.used) for o in asyncio.run(run())]
+    assert got == [("ok", None, None), ("ok", None, None), ("dup", None, None),
+                   ("ok", None, None), ("dup", None, None), ("ok", None, None),
+                   ("over", "recipients", 6), ("over", "bytes", 900)]
+
+
 def test_window_roll_over_and_expired_reservation(db: psycopg.Connection,
                                                   make_org: Callable[..., TestOrg]) -> None:
     lim = org_limits(make_org(), msgs=2, rcpts=100, nbytes=None)

@@ -5,6 +5,10 @@
 -- policyd.message_window_seconds / daily_window_seconds shorten them only for
 -- tests that watch a window roll over in real time.
 --
+-- rate_consume_many() runs several decisions of one organisation in one
+-- transaction, one after another: policyd sends the decisions that queued
+-- while the previous round trip for that organisation was in flight.
+--
 -- rate_lease() and rate_release() serve policyd's lease mode (tiers listed in
 -- policyd.lease_tiers): a process takes a block of units of a window from the
 -- shared counter in one atomic step, spends it in memory, and gives back what
@@ -137,6 +141,26 @@ BEGIN
     RETURN QUERY SELECT 'ok', NULL::text, NULL::bigint, NULL::bigint;
 END $$;
 
+
+-- rate_consume_many(stages, org, instances, now, recipients, sizes, limits...):
+-- rate_consume() for each element, in order, in one transaction (the counter
+-- rows stay locked from the first to the last); one result row per element.
+CREATE FUNCTION rate_consume_many(
+    p_stages text[], p_org uuid, p_instances text[], p_now timestamptz,
+    p_recipients integer[], p_sizes bigint[],
+    p_lim_messages bigint, p_lim_recipients bigint, p_lim_bytes bigint,
+    p_ttl interval, p_hour interval, p_day interval
+) RETURNS TABLE (outcome text, kind text, used bigint, lim bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_i integer;
+BEGIN
+    FOR v_i IN 1 .. coalesce(array_length(p_stages, 1), 0) LOOP
+        RETURN QUERY SELECT * FROM rate_consume(
+            p_stages[v_i], p_org, p_instances[v_i], p_now, p_recipients[v_i], p_sizes[v_i],
+            p_lim_messages, p_lim_recipients, p_lim_bytes, p_ttl, p_hour, p_day);
+    END LOOP;
+END $$;
 
 -- rate_lease(org, kinds, windows, need, want, lim): for each kind (distinct,
 -- any order), take `want` units of that window if the limit leaves that
