@@ -1,7 +1,10 @@
 -- 0009: window lengths as parameters, and leases for lease mode.
 --
--- rate_consume() as in 0003, with the window lengths passed in (default one
--- hour and one day, aligned to the epoch: UTC hours and days, as before).
+-- rate_consume() decides as in 0003, with the window lengths passed in
+-- (default one hour and one day, aligned to the epoch: UTC hours and days, as
+-- before), in about half the statements: the counter rows are locked and read
+-- in one pass, and a new message's reservation insert doubles as the check
+-- for a message already counted.
 -- policyd.message_window_seconds / daily_window_seconds shorten them only for
 -- tests that watch a window roll over in real time.
 --
@@ -28,15 +31,17 @@ CREATE FUNCTION rate_consume(
 ) RETURNS TABLE (outcome text, kind text, used bigint, lim bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_now   timestamptz := coalesce(p_now, now());
-    v_hour  timestamptz := date_bin(p_hour, v_now, 'epoch');
-    v_day   timestamptz := date_bin(p_day, v_now, 'epoch');
-    v_msgs  bigint;
-    v_rcpts bigint;
-    v_bytes bigint;
-    v_res   rate_reservations%ROWTYPE;
-    v_old   rate_reservations%ROWTYPE;
-    v_have  boolean;
+    v_now    timestamptz := coalesce(p_now, now());
+    v_hour   timestamptz := date_bin(p_hour, v_now, 'epoch');
+    v_day    timestamptz := date_bin(p_day, v_now, 'epoch');
+    v_settle boolean := p_stage = 'settle';
+    v_msgs   bigint := 0;
+    v_rcpts  bigint := 0;
+    v_bytes  bigint := 0;
+    v_over   text;
+    v_c      record;
+    v_res    rate_reservations%ROWTYPE;
+    v_old    rate_reservations%ROWTYPE;
 BEGIN
     IF p_stage = 'check' THEN
         SELECT coalesce(sum(c.used) FILTER (WHERE c.kind = 'messages'), 0),
@@ -47,27 +52,41 @@ BEGIN
          WHERE c.org_id = p_org
            AND ((c.kind = 'messages' AND c.window_start = v_hour)
              OR (c.kind <> 'messages' AND c.window_start = v_day));
+        outcome := 'over';
         IF p_lim_messages IS NOT NULL AND v_msgs + 1 > p_lim_messages THEN
-            RETURN QUERY SELECT 'over', 'messages', v_msgs, p_lim_messages; RETURN;
+            kind := 'messages'; used := v_msgs; lim := p_lim_messages;
         ELSIF p_lim_recipients IS NOT NULL AND v_rcpts + 1 > p_lim_recipients THEN
-            RETURN QUERY SELECT 'over', 'recipients', v_rcpts, p_lim_recipients; RETURN;
+            kind := 'recipients'; used := v_rcpts; lim := p_lim_recipients;
         ELSIF p_lim_bytes IS NOT NULL AND v_bytes >= p_lim_bytes THEN
-            RETURN QUERY SELECT 'over', 'bytes', v_bytes, p_lim_bytes; RETURN;
+            kind := 'bytes'; used := v_bytes; lim := p_lim_bytes;
+        ELSE
+            outcome := 'ok';
         END IF;
-        RETURN QUERY SELECT 'ok', NULL::text, NULL::bigint, NULL::bigint; RETURN;
+        RETURN NEXT;
+        RETURN;
     END IF;
 
     -- Every writer of this organisation's counters locks the current windows'
-    -- rows first, always in the same order: writers for one organisation run
-    -- one after another, and never deadlock.
+    -- rows first (creating them the first time), always in the same order:
+    -- writers for one organisation run one after another, and never
+    -- deadlock.  FOR UPDATE returns each row as last committed, so the values
+    -- read here are the ones the check below must use.
     INSERT INTO rate_counters (org_id, kind, window_start)
          VALUES (p_org, 'bytes', v_day), (p_org, 'messages', v_hour), (p_org, 'recipients', v_day)
     ON CONFLICT DO NOTHING;
-    PERFORM 1 FROM rate_counters c
-      WHERE c.org_id = p_org
-        AND ((c.kind = 'messages' AND c.window_start = v_hour)
-          OR (c.kind <> 'messages' AND c.window_start = v_day))
-      ORDER BY c.kind FOR UPDATE;
+    FOR v_c IN SELECT c.kind, c.used FROM rate_counters c
+                WHERE c.org_id = p_org
+                  AND ((c.kind = 'messages' AND c.window_start = v_hour)
+                    OR (c.kind <> 'messages' AND c.window_start = v_day))
+                ORDER BY c.kind FOR UPDATE LOOP
+        IF v_c.kind = 'messages' THEN
+            v_msgs := v_c.used;
+        ELSIF v_c.kind = 'recipients' THEN
+            v_rcpts := v_c.used;
+        ELSE
+            v_bytes := v_c.used;
+        END IF;
+    END LOOP;
 
     -- Give back what expired reservations of messages that never completed held.
     FOR v_old IN DELETE FROM rate_reservations r
@@ -77,68 +96,89 @@ BEGIN
              WHERE c.org_id = p_org AND c.kind = 'messages' AND c.window_start = v_old.hour_start;
             UPDATE rate_counters c SET used = greatest(c.used - v_old.recipients, 0)
              WHERE c.org_id = p_org AND c.kind = 'recipients' AND c.window_start = v_old.day_start;
+            IF v_old.hour_start = v_hour THEN
+                v_msgs := greatest(v_msgs - 1, 0);
+            END IF;
+            IF v_old.day_start = v_day THEN
+                v_rcpts := greatest(v_rcpts - v_old.recipients, 0);
+            END IF;
         END IF;
     END LOOP;
 
+    -- Would it fit as a new message?
+    IF p_lim_messages IS NOT NULL AND v_msgs + 1 > p_lim_messages THEN
+        v_over := 'messages';
+    ELSIF p_lim_recipients IS NOT NULL AND v_rcpts + p_recipients > p_lim_recipients THEN
+        v_over := 'recipients';
+    ELSIF p_lim_bytes IS NOT NULL AND v_bytes + p_size > p_lim_bytes THEN
+        v_over := 'bytes';
+    END IF;
+
+    IF v_over IS NULL THEN
+        -- yes: count it, unless it is counted already (the insert says which)
+        INSERT INTO rate_reservations (org_id, instance, hour_start, day_start, recipients,
+                                       bytes, settled, expires_at)
+             VALUES (p_org, p_instance, v_hour, v_day, p_recipients,
+                     CASE WHEN v_settle THEN p_size ELSE 0 END, v_settle, v_now + p_ttl)
+        ON CONFLICT (org_id, instance) DO NOTHING;
+        IF FOUND THEN
+            UPDATE rate_counters c
+               SET used = c.used + CASE c.kind WHEN 'messages' THEN 1
+                                               WHEN 'recipients' THEN p_recipients
+                                               ELSE p_size END
+             WHERE c.org_id = p_org
+               AND ((c.kind = 'messages' AND c.window_start = v_hour)
+                 OR (c.kind = 'recipients' AND c.window_start = v_day)
+                 OR (c.kind = 'bytes' AND c.window_start = v_day AND v_settle));
+            outcome := 'ok';
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+
     SELECT * INTO v_res FROM rate_reservations r
      WHERE r.org_id = p_org AND r.instance = p_instance;
-    v_have := FOUND;
-
-    IF v_have AND (p_stage = 'reserve' OR v_res.settled) THEN
-        RETURN QUERY SELECT 'dup', NULL::text, NULL::bigint, NULL::bigint; RETURN;
+    IF NOT FOUND THEN
+        outcome := 'over';
+        kind := v_over;
+        used := CASE v_over WHEN 'messages' THEN v_msgs WHEN 'recipients' THEN v_rcpts
+                            ELSE v_bytes END;
+        lim := CASE v_over WHEN 'messages' THEN p_lim_messages
+                           WHEN 'recipients' THEN p_lim_recipients ELSE p_lim_bytes END;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    IF NOT v_settle OR v_res.settled THEN
+        outcome := 'dup';
+        RETURN NEXT;
+        RETURN;
     END IF;
 
-    SELECT c.used INTO v_bytes FROM rate_counters c
-     WHERE c.org_id = p_org AND c.kind = 'bytes'
-       AND c.window_start = CASE WHEN v_have THEN v_res.day_start ELSE v_day END;
-    v_bytes := coalesce(v_bytes, 0);
-
-    IF v_have THEN
-        -- settle: only the bytes remain to be counted
-        IF p_lim_bytes IS NOT NULL AND v_bytes + p_size > p_lim_bytes THEN
-            -- the message is refused: its reservation goes back
-            DELETE FROM rate_reservations r WHERE r.org_id = p_org AND r.instance = p_instance;
-            UPDATE rate_counters c SET used = greatest(c.used - 1, 0)
-             WHERE c.org_id = p_org AND c.kind = 'messages' AND c.window_start = v_res.hour_start;
-            UPDATE rate_counters c SET used = greatest(c.used - v_res.recipients, 0)
-             WHERE c.org_id = p_org AND c.kind = 'recipients' AND c.window_start = v_res.day_start;
-            RETURN QUERY SELECT 'over', 'bytes', v_bytes, p_lim_bytes; RETURN;
-        END IF;
+    -- END-OF-MESSAGE of a message reserved at DATA: only its bytes remain,
+    -- counted in the day it was reserved in
+    IF v_res.day_start <> v_day THEN
         INSERT INTO rate_counters (org_id, kind, window_start)
              VALUES (p_org, 'bytes', v_res.day_start) ON CONFLICT DO NOTHING;
-        UPDATE rate_counters c SET used = c.used + p_size
+        SELECT c.used INTO v_bytes FROM rate_counters c
          WHERE c.org_id = p_org AND c.kind = 'bytes' AND c.window_start = v_res.day_start;
-        UPDATE rate_reservations r SET settled = true, bytes = p_size, expires_at = v_now + p_ttl
-         WHERE r.org_id = p_org AND r.instance = p_instance;
-        RETURN QUERY SELECT 'ok', NULL::text, NULL::bigint, NULL::bigint; RETURN;
     END IF;
-
-    SELECT c.used INTO v_msgs FROM rate_counters c
-     WHERE c.org_id = p_org AND c.kind = 'messages' AND c.window_start = v_hour;
-    SELECT c.used INTO v_rcpts FROM rate_counters c
-     WHERE c.org_id = p_org AND c.kind = 'recipients' AND c.window_start = v_day;
-    IF p_lim_messages IS NOT NULL AND v_msgs + 1 > p_lim_messages THEN
-        RETURN QUERY SELECT 'over', 'messages', v_msgs, p_lim_messages; RETURN;
-    ELSIF p_lim_recipients IS NOT NULL AND v_rcpts + p_recipients > p_lim_recipients THEN
-        RETURN QUERY SELECT 'over', 'recipients', v_rcpts, p_lim_recipients; RETURN;
-    ELSIF p_lim_bytes IS NOT NULL AND v_bytes + p_size > p_lim_bytes THEN
-        RETURN QUERY SELECT 'over', 'bytes', v_bytes, p_lim_bytes; RETURN;
+    IF p_lim_bytes IS NOT NULL AND v_bytes + p_size > p_lim_bytes THEN
+        -- the message is refused: its reservation goes back
+        DELETE FROM rate_reservations r WHERE r.org_id = p_org AND r.instance = p_instance;
+        UPDATE rate_counters c SET used = greatest(c.used - 1, 0)
+         WHERE c.org_id = p_org AND c.kind = 'messages' AND c.window_start = v_res.hour_start;
+        UPDATE rate_counters c SET used = greatest(c.used - v_res.recipients, 0)
+         WHERE c.org_id = p_org AND c.kind = 'recipients' AND c.window_start = v_res.day_start;
+        outcome := 'over'; kind := 'bytes'; used := v_bytes; lim := p_lim_bytes;
+        RETURN NEXT;
+        RETURN;
     END IF;
-
-    UPDATE rate_counters c SET used = c.used + 1
-     WHERE c.org_id = p_org AND c.kind = 'messages' AND c.window_start = v_hour;
-    UPDATE rate_counters c SET used = c.used + p_recipients
-     WHERE c.org_id = p_org AND c.kind = 'recipients' AND c.window_start = v_day;
-    IF p_stage = 'settle' THEN
-        UPDATE rate_counters c SET used = c.used + p_size
-         WHERE c.org_id = p_org AND c.kind = 'bytes' AND c.window_start = v_day;
-    END IF;
-    INSERT INTO rate_reservations (org_id, instance, hour_start, day_start, recipients,
-                                   bytes, settled, expires_at)
-         VALUES (p_org, p_instance, v_hour, v_day, p_recipients,
-                 CASE WHEN p_stage = 'settle' THEN p_size ELSE 0 END,
-                 p_stage = 'settle', v_now + p_ttl);
-    RETURN QUERY SELECT 'ok', NULL::text, NULL::bigint, NULL::bigint;
+    UPDATE rate_counters c SET used = c.used + p_size
+     WHERE c.org_id = p_org AND c.kind = 'bytes' AND c.window_start = v_res.day_start;
+    UPDATE rate_reservations r SET settled = true, bytes = p_size, expires_at = v_now + p_ttl
+     WHERE r.org_id = p_org AND r.instance = p_instance;
+    outcome := 'ok';
+    RETURN NEXT;
 END $$;
 
 
