@@ -33,8 +33,14 @@ def _limit_malloc_arenas(count: int = 2) -> None:
 
     name = ctypes.util.find_library("c")
     if name:
-        m_arena_max = -8  # from <malloc.h>
-        ctypes.CDLL(name).mallopt(m_arena_max, count)
+        libc = ctypes.CDLL(name)
+        m_arena_max, m_mmap_threshold = -8, -3  # from <malloc.h>
+        libc.mallopt(m_arena_max, count)
+        # Blocks of 256 KiB and more are mmap'ed and given back to the kernel
+        # when freed.  (By default glibc raises this threshold to the largest
+        # block freed so far, up to 32 MiB: after one big message, its
+        # buffers would come from the heap and stay in the RSS.)
+        libc.mallopt(m_mmap_threshold, 256 * 1024)
 
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol
 
 import urllib3
@@ -60,9 +60,11 @@ log = logging.getLogger("postkeep.storage")
 class S3ObjectStore:
     """ObjectStore on an S3 bucket through the minio client."""
 
-    # Parts above this size are uploaded with multipart; minio buffers one part
-    # in memory, so this bounds the upload's memory whatever the message size.
+    # minio-py's put_object reads the whole object (or one multipart part of
+    # at least 5 MiB) into memory before sending it.  Objects larger than this
+    # go up in one streamed PUT instead (`_put_streamed`).
     PART_SIZE = 5 * 1024 * 1024
+    STREAM_ABOVE = 1 << 20
 
     def __init__(self, cfg: S3Config) -> None:
         self.cfg = cfg
@@ -71,6 +73,7 @@ class S3ObjectStore:
             maxsize=32,
             retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[503]),
         )
+        self._http = http
         self.client = Minio(
             cfg.endpoint,
             access_key=cfg.access_key,
@@ -92,6 +95,9 @@ class S3ObjectStore:
             raise BackendError("s3", f"bucket {self.bucket!r}: {exc}") from exc
 
     def put(self, key: str, data: BinaryIO, length: int) -> None:
+        if length > self.STREAM_ABOVE:
+            self._put_streamed(key, data, length)
+            return
         try:
             self.client.put_object(
                 self.bucket, key, data, length,
@@ -100,6 +106,26 @@ class S3ObjectStore:
             )
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise BackendError("s3", f"put {key}: {exc}") from exc
+
+    def _put_streamed(self, key: str, data: BinaryIO, length: int) -> None:
+        """One PUT whose body is read from DATA as it is sent, never held whole.
+
+        The URL is presigned by the minio client (SigV4 in the query string,
+        unsigned payload: the standard way any S3 server takes a body that is
+        not hashed in advance); Content-Length makes a short body fail.  Not
+        retried: the stream cannot be rewound.
+        """
+        try:
+            url = self.client.get_presigned_url("PUT", self.bucket, key,
+                                                expires=timedelta(minutes=15))
+            resp = self._http.urlopen(
+                "PUT", url, body=data, retries=False,
+                headers={"Content-Length": str(length), "Content-Type": "application/zstd"})
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise BackendError("s3", f"put {key}: {exc}") from exc
+        if resp.status != 200:
+            text = resp.data[:300].decode("utf-8", "replace")
+            raise BackendError("s3", f"put {key}: HTTP {resp.status} {text}")
 
     def can_batch(self) -> bool:
         """Whether put_many can store many objects in one call on this server.

@@ -162,6 +162,25 @@ def test_content_round_trips_through_s3(
 
 
 @pytest.mark.stack
+def test_large_objects_stream_up_whole_and_a_short_stream_fails(objects: S3ObjectStore) -> None:
+    """Past STREAM_ABOVE an object goes up in one streamed PUT (nothing buffered)."""
+    import io
+    import os
+
+    key = f"test/streamed-{uuid.uuid4().hex}"
+    data = os.urandom(objects.STREAM_ABOVE * 3 + 12345)
+    objects.put(key, io.BufferedReader(io.BytesIO(data)), len(data))  # type: ignore[arg-type]
+    assert read_all(objects, key) == data
+    # a stream that ends before the announced length is refused, and nothing is stored
+    short = f"test/short-{uuid.uuid4().hex}"
+    with pytest.raises(BackendError, match=f"put {short}"):
+        objects.put(short, io.BytesIO(data[:-10]), len(data))
+    with pytest.raises(BackendError):
+        read_all(objects, short)
+    objects.delete(key)
+
+
+@pytest.mark.stack
 def test_unlimited_metadata_lands_in_the_unlimited_partition(
     db: psycopg.Connection, make_org: Callable[..., TestOrg], store_message: StoreMessage
 ) -> None:
