@@ -70,8 +70,9 @@ class GroupCommitter:
         self._db_gate = BackendGate()
         self._linger = linger
         self._forming = threading.Lock()  # one worker forms a batch at a time
-        # minio-py holds up to one 5 MiB part of a large object in memory:
-        # one large upload at a time keeps the milter's memory bounded.
+        # minio-py reads an object of up to S3ObjectStore.STREAM_ABOVE (1 MiB)
+        # into memory before sending it (larger ones stream from their file):
+        # one large upload at a time keeps that to one such buffer.
         self._large = threading.Lock()
         self._parts = PartStore(db, objects, level=level, spool_dir=spool_dir,
                                 upload_lock=self._large)
