@@ -66,6 +66,18 @@ def request(domain: str) -> bytes:
             f"size=0\nsasl_username=\n\n").encode()
 
 
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, domain: str,
+              lat: list[float], actions: dict[str, int]) -> None:
+    """One request on an open connection: its latency to LAT, its action counted."""
+    raw = request(domain)
+    started = time.perf_counter()
+    writer.write(raw)
+    reply = await reader.readuntil(b"\n\n")
+    lat.append(time.perf_counter() - started)
+    action = reply.decode().removeprefix("action=").split(" ", 1)[0].strip()
+    actions[action] = actions.get(action, 0) + 1
+
+
 async def closed_loop(ports: list[int], domains: list[str], connections: int, seconds: float,
                       ) -> tuple[float, list[float], dict[str, int]]:
     """CONNECTIONS clients, each asking again as soon as answered, for SECONDS."""
@@ -76,13 +88,7 @@ async def closed_loop(ports: list[int], domains: list[str], connections: int, se
     async def client(i: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", ports[i % len(ports)])
         while time.perf_counter() < stop:
-            raw = request(domains[i % len(domains)])
-            started = time.perf_counter()
-            writer.write(raw)
-            reply = await reader.readuntil(b"\n\n")
-            lat.append(time.perf_counter() - started)
-            action = reply.decode().removeprefix("action=").split(" ", 1)[0].strip()
-            actions[action] = actions.get(action, 0) + 1
+            await ask(reader, writer, domains[i % len(domains)], lat, actions)
         writer.close()
 
     started = time.perf_counter()
@@ -108,13 +114,7 @@ async def paced(ports: list[int], domains: list[str], connections: int, rate: fl
             wait = due - time.perf_counter()
             if wait > 0:
                 await asyncio.sleep(wait)
-            raw = request(domains[i % len(domains)])
-            started = time.perf_counter()
-            writer.write(raw)
-            reply = await reader.readuntil(b"\n\n")
-            lat.append(time.perf_counter() - started)
-            action = reply.decode().removeprefix("action=").split(" ", 1)[0].strip()
-            actions[action] = actions.get(action, 0) + 1
+            await ask(reader, writer, domains[i % len(domains)], lat, actions)
         writer.close()
 
     await asyncio.gather(*(client(i) for i in range(connections)))
