@@ -484,3 +484,22 @@ def test_service_in_lease_mode_asks_the_backend_once_per_block() -> None:
     assert answers[100].startswith("DEFER_IF_PERMIT 4.7.1 Rate limit: big: messages per hour"
                                    " limit of the enterprise tier reached (100 of 100)")
     assert leases == 11  # ten blocks of 10, and the refusal
+
+
+def test_completed_messages_are_forgotten_after_settled_ttl_behind_a_stuck_one() -> None:
+    org = OrgLimits(uuid.uuid4(), "o", "enterprise", 10**6, None, None)
+    local = LocalCounters(1, ttl=timedelta(minutes=15), settled_ttl=timedelta(minutes=1))
+    assert local.consume("reserve", org, "stuck", 1, 0, T0).result == "ok"  # never completes
+    for i in range(100):
+        assert local.consume("reserve", org, f"m{i}", 1, 0, T0).result == "ok"
+        assert local.consume("settle", org, f"m{i}", 1, 10, T0).result == "ok"
+    assert local.consume("settle", org, "m0", 1, 10, T0).result == "dup"
+    later = T0 + timedelta(minutes=2)
+    local.expire(later)
+    # the 100 completed ones are gone although the stuck one (older) is still held
+    assert local.held(org.org_id, "m0") is None and local.held(org.org_id, "stuck") is not None
+    assert len(local._settled) == 0 and len(local._open) == 1
+    local.expire(T0 + timedelta(minutes=16))
+    assert local.held(org.org_id, "stuck") is None
+    hour = Windows().start("messages", T0)
+    assert local.used(org.org_id, "messages", hour) == 100  # the stuck one given back
