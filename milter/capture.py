@@ -41,6 +41,7 @@ import io
 import logging
 import mmap
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -54,6 +55,45 @@ from postkeep.storage.dictionaries import LoadedDictionary
 from postkeep.storage.parts import SplitPart
 
 log = logging.getLogger("postkeep.milter")
+
+
+class CompressorPool:
+    """zstd compression contexts, reused from one message to the next.
+
+    A streaming context at level 3 holds a 3.6 MB workspace.  Made afresh for
+    every message it is allocated and set up each time, and a 10 MB message
+    raised the milter's RSS by ~20 MiB; reused, it costs that once per
+    concurrent stream (5 KB capture 0.077 -> 0.059 ms of CPU, a 9.5 MB
+    message's peak +6 MiB: bench/milter_rss.sh).  Idle contexts are kept up
+    to `keep`.
+    """
+
+    def __init__(self, level: int, keep: int = 32) -> None:
+        self.level = level
+        self.keep = keep
+        self._free: list[zstandard.ZstdCompressor] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> zstandard.ZstdCompressor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return zstandard.ZstdCompressor(level=self.level)
+
+    def put(self, cctx: zstandard.ZstdCompressor) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(cctx)
+
+
+_POOLS: dict[int, CompressorPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def compressor_pool(level: int) -> CompressorPool:
+    """The process's pool of compression contexts for LEVEL."""
+    with _POOLS_LOCK:
+        return _POOLS.setdefault(level, CompressorPool(level))
 
 
 def header_line(name: str | bytes, value: bytes) -> bytes:
@@ -146,7 +186,8 @@ class MessageCapture:
         self._body = tempfile.SpooledTemporaryFile(  # noqa: SIM115
             max_size=spill_bytes, dir=spool_dir
         )
-        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._pool = compressor_pool(level)
+        self._cctx: zstandard.ZstdCompressor | None = self._pool.get()
         self._body_writer: zstandard.ZstdCompressionObj | None = None
         self._hash: hashlib._Hash | None = None
         self._header_block: bytes | None = None
@@ -176,6 +217,7 @@ class MessageCapture:
             # streaming only when this capture will never be signed.
             if self.body_hasher is None:
                 self._hash = hashlib.sha256(self._header_block)
+            assert self._cctx is not None
             self._body_writer = self._cctx.compressobj()
 
     @property
@@ -235,7 +277,8 @@ class MessageCapture:
             digest = self._hash.digest()
         else:
             digest = self._rehash(header_block)
-        header_frame = self._cctx.compress(header_block)
+        header_frame = self._compressor().compress(header_block)
+        self._release()
         body = self._body
 
         def reopen() -> BinaryIO:
@@ -256,7 +299,8 @@ class MessageCapture:
         out, no dictionary), e.g. for the outage spool, which must not depend
         on PostgreSQL to restore it.  SHA256 is the message's (finish() made it)."""
         header_block = prefix + self.header_block
-        header_frame = self._cctx.compress(header_block)
+        header_frame = self._compressor().compress(header_block)
+        self._release()
         body = self._body
         body_compressed = body.seek(0, io.SEEK_END)
 
@@ -289,7 +333,7 @@ class MessageCapture:
             skeleton_size = len(header_block) + self.body_size - sum(sp.size for sp in spans)
             if dictionary is None or skeleton_size > dictionary_max:
                 dictionary = None
-                cctx = self._cctx
+                cctx = self._compressor()
             else:
                 cctx = zstandard.ZstdCompressor(level=self._level, dict_data=dictionary.data)
             out = tempfile.SpooledTemporaryFile(  # noqa: SIM115
@@ -330,6 +374,7 @@ class MessageCapture:
             raise
         if not parts:
             content.seal([])
+        self._release()
         return content
 
     def _decompressed_body(self) -> tuple[bytes | mmap.mmap, list[Callable[[], None]]]:
@@ -364,8 +409,26 @@ class MessageCapture:
         self._body.seek(0)
         return digest.digest()
 
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """This capture's context, or (after finish released it) a pooled one."""
+        if self._cctx is None:
+            self._cctx = self._pool.get()
+        return self._cctx
+
+    def _release(self) -> None:
+        """Back to the pool, once no frame of ours is open on it."""
+        if self._cctx is not None:
+            self._body_writer = None
+            self._pool.put(self._cctx)
+            self._cctx = None
+
     def discard(self) -> None:
         """Drop everything (abort, refusal, or after upload)."""
+        if self._body_writer is None:
+            self._release()
+        else:  # a frame is still open on it: let it go with the message
+            self._body_writer = None
+            self._cctx = None
         self._body.close()
 
 

@@ -85,3 +85,35 @@ def test_both_sha256_paths_hash_the_stored_bytes() -> None:
         assert stored.startswith(prefix + b"From: a@x\r\n")
         assert content.sha256 == hashlib.sha256(stored).digest()
         assert content.size == len(stored)
+
+
+def test_compression_contexts_are_reused_and_a_half_written_frame_is_not() -> None:
+    from postkeep.milter.capture import CompressorPool
+
+    pool = CompressorPool(level=3, keep=4)
+    cap = MessageCapture(level=3)
+    cap._pool = pool  # a private pool, so other tests' captures do not interfere
+    assert cap._cctx is not None
+    first = cap._cctx
+    cap.add_header("Subject", b" one")
+    cap.add_body(b"body\r\n" * 1000)
+    content = cap.finish()
+    assert pool._free == [first]  # released at finish, the object still complete
+    assert restore([content.stream.read()]).endswith(b"body\r\n" * 1000)
+    cap.discard()
+    assert pool._free == [first]  # not twice
+    # the next capture takes it; one aborted mid-body does not give it back
+    again = MessageCapture(level=3)
+    again._pool = pool
+    again._cctx = pool.get()
+    assert again._cctx is first and pool._free == []
+    again.add_header("Subject", b" two")
+    again.add_body(b"half a message\r\n")
+    again.discard()
+    assert pool._free == []
+    # and a reused context makes the same bytes as a fresh one
+    a, b = MessageCapture(level=3), MessageCapture(level=3)
+    for c in (a, b):
+        c.add_header("Subject", b" same")
+        c.add_body(b"x" * 70000 + b"\r\n")
+    assert a.finish().stream.read() == b.finish().stream.read()
