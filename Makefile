@@ -55,50 +55,46 @@ bench: install
 	elif [ -f bench/run.sh ]; then bash bench/run.sh; \
 	else echo "bench/run.sh not present yet" >&2; exit 1; fi
 
-# postkeep-policyd against postfwd2 over the policy protocol (bench/policyd_bench.py),
-# on a private stack of its own (never the dev, test or capture-bench stacks).
+# $(call on_private_stack,DIR,PORTBASE,COMMAND): bring a stack up in DIR, run
+# COMMAND from /tmp with DIR/env sourced, always take the stack down again;
+# COMMAND's exit status.  Benchmarks use their own stacks, never the dev, test
+# or capture-bench ones.
+define on_private_stack
+	@rc=0; \
+	$(STACK) up $(1) $(2) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then \
+		( set -a && . $(1)/env && set +a && cd /tmp && $(3) ) || rc=$$?; \
+	fi; \
+	$(STACK) down $(1) || echo "make $@: stack down failed" >&2; \
+	exit $$rc
+endef
+
+# postkeep-policyd against postfwd2 over the policy protocol (bench/policyd_bench.py).
 BENCH_POLICYD_DIR := $(CURDIR)/.stack-bench-policyd
 BENCH_POLICYD_PORT ?= 13025
 BENCH_POLICYD_ARGS ?=
 bench-policyd: install
-	@rc=0; \
-	$(STACK) up $(BENCH_POLICYD_DIR) $(BENCH_POLICYD_PORT) || rc=$$?; \
-	if [ $$rc -eq 0 ]; then \
-		( set -a && . $(BENCH_POLICYD_DIR)/env && set +a && cd /tmp && \
-		  $(VENV)/bin/python $(CURDIR)/bench/policyd_bench.py $(BENCH_POLICYD_ARGS) ) || rc=$$?; \
-	fi; \
-	$(STACK) down $(BENCH_POLICYD_DIR) || echo "make bench-policyd: stack down failed" >&2; \
-	exit $$rc
+	$(call on_private_stack,$(BENCH_POLICYD_DIR),$(BENCH_POLICYD_PORT),\
+	  $(VENV)/bin/python $(CURDIR)/bench/policyd_bench.py $(BENCH_POLICYD_ARGS))
 
 # `postkeep retention run` over a few million generated rows (bench/retention_bench.py),
-# on a private stack of its own, made afresh each run.  BENCH_RETENTION_ARGS='--messages 1000000' etc.
+# on a stack made afresh each run.  BENCH_RETENTION_ARGS='--messages 1000000' etc.
 BENCH_RETENTION_DIR := $(CURDIR)/.stack-bench-retention
 BENCH_RETENTION_PORT ?= 21225
 BENCH_RETENTION_ARGS ?=
 bench-retention: install
 	@# A fresh database every run: the data is generated, and an old schema
 	@# (migrations renumbered while developing) would skew or refuse the run.
-	@rc=0; \
-	$(STACK) down $(BENCH_RETENTION_DIR) >/dev/null 2>&1; rm -rf $(BENCH_RETENTION_DIR); \
-	$(STACK) up $(BENCH_RETENTION_DIR) $(BENCH_RETENTION_PORT) || rc=$$?; \
-	if [ $$rc -eq 0 ]; then \
-		( set -a && . $(BENCH_RETENTION_DIR)/env && set +a && cd /tmp && \
-		  $(VENV)/bin/python $(CURDIR)/bench/retention_bench.py $(BENCH_RETENTION_ARGS) ) || rc=$$?; \
-	fi; \
-	$(STACK) down $(BENCH_RETENTION_DIR) || echo "make bench-retention: stack down failed" >&2; \
+	@$(STACK) down $(BENCH_RETENTION_DIR) >/dev/null 2>&1; rm -rf $(BENCH_RETENTION_DIR)
+	$(call on_private_stack,$(BENCH_RETENTION_DIR),$(BENCH_RETENTION_PORT),\
+	  $(VENV)/bin/python $(CURDIR)/bench/retention_bench.py $(BENCH_RETENTION_ARGS))
 
 # Bytes stored per byte received (split parts, dictionaries) and what they cost
-# the capture path (bench/storage_bench.py), on a private stack of its own.
+# the capture path (bench/storage_bench.py).
 BENCH_STORAGE_DIR := $(CURDIR)/.stack-bench-storage
 BENCH_STORAGE_PORT ?= 14025
 BENCH_STORAGE_ARGS ?=
 bench-storage: install
-	@rc=0; \
-	$(STACK) up $(BENCH_STORAGE_DIR) $(BENCH_STORAGE_PORT) || rc=$$?; \
-	if [ $$rc -eq 0 ]; then \
-		( set -a && . $(BENCH_STORAGE_DIR)/env && set +a && cd /tmp && \
-		  $(VENV)/bin/python $(CURDIR)/bench/storage_bench.py --config "$$POSTKEEP_CONFIG" \
-		    --smtp "$$POSTKEEP_SMTP_HOST:$$POSTKEEP_SMTP_PORT" $(BENCH_STORAGE_ARGS) ) || rc=$$?; \
-	fi; \
-	$(STACK) down $(BENCH_STORAGE_DIR) || echo "make bench-storage: stack down failed" >&2; \
-	exit $$rc
+	$(call on_private_stack,$(BENCH_STORAGE_DIR),$(BENCH_STORAGE_PORT),\
+	  $(VENV)/bin/python $(CURDIR)/bench/storage_bench.py --config "$$POSTKEEP_CONFIG" \
+	    --smtp "$$POSTKEEP_SMTP_HOST:$$POSTKEEP_SMTP_PORT" $(BENCH_STORAGE_ARGS))

@@ -49,7 +49,7 @@ from typing import BinaryIO
 import zstandard
 
 from postkeep.milter.dkim import BodyHasher
-from postkeep.milter.mime_split import large_parts
+from postkeep.milter.mime_split import large_parts, top_boundary
 from postkeep.storage.container import DictionaryRef, Manifest, PartRef, encode_header
 from postkeep.storage.dictionaries import LoadedDictionary
 from postkeep.storage.parts import SplitPart
@@ -260,7 +260,9 @@ class MessageCapture:
         body_compressed = self._body.tell()
         self._body.seek(0)
         size = len(header_block) + self.body_size
-        split = 0 < split_threshold < self.body_size
+        # Only a multipart message has parts to cut out: anything else is not
+        # decompressed again just to find that out.
+        split = 0 < split_threshold < self.body_size and top_boundary(header_block) is not None
         # Small enough for the dictionary: the whole message, or (decided in
         # _rebuild) what remains once large parts are cut out.
         if not split and not (dictionary is not None and size <= dictionary_max):

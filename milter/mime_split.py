@@ -121,10 +121,16 @@ def _delimiters(buf: Buffer, boundary: bytes, start: int, end: int
     return out
 
 
+def top_boundary(header_block: bytes) -> str | None:
+    """The boundary of a multipart message, None if it is not one (nothing to split)."""
+    ctype, boundary, _ = parse_headers(header_block)
+    return boundary if ctype.startswith("multipart/") and boundary else None
+
+
 def large_parts(header_block: bytes, body: Buffer, threshold: int) -> list[Span]:
     """Leaf parts inside multiparts whose body exceeds THRESHOLD bytes, in order."""
-    ctype, boundary, _ = parse_headers(header_block)
-    if not ctype.startswith("multipart/") or not boundary:
+    boundary = top_boundary(header_block)
+    if boundary is None:
         return []
     spans: list[Span] = []
     _walk(body, boundary.encode("utf-8", "surrogateescape"), 0, len(body), threshold, spans, 0)

@@ -185,15 +185,16 @@ class LocalCounters:
                 return Outcome("over", kind, used[kind], limit)
             return None
 
-        if stage == "check":
-            return over("messages", 1) or over("recipients", 1) or Outcome("ok")
         key = (oid, instance)
-        held = self.held(oid, instance)
+        held = None if stage == "check" else self.held(oid, instance)
         if held is not None and (stage == "reserve" or held.settled):
             return Outcome("dup")
+        refused = next((o for kind, n in needs(stage, held, recipients, size).items()
+                        if (o := over(kind, n)) is not None), None)
+        if stage == "check":
+            return refused or Outcome("ok")
         if held is not None:
             del self._open[key]
-            refused = over("bytes", size)
             if refused:
                 self._add(oid, "messages", held.hour, -1)
                 self._add(oid, "recipients", held.day, -held.recipients)
@@ -202,7 +203,6 @@ class LocalCounters:
             held.settled, held.expires = True, now + (self.settled_ttl or self.ttl)
             self._settled[key] = held
             return Outcome("ok")
-        refused = over("messages", 1) or over("recipients", recipients) or over("bytes", size)
         if refused:
             return refused
         self._add(oid, "messages", hour, 1)
@@ -247,7 +247,9 @@ class LocalCounters:
 
 
 def needs(stage: str, held: _Held | None, recipients: int, size: int) -> dict[str, int]:
-    """Units of each kind a stage must find room for (as LocalCounters.consume checks)."""
+    """Units of each kind a stage must find room for, in the order they are checked.
+
+    HELD is the message's reservation; a stage it makes a duplicate needs nothing."""
     if stage == "check":
         return {"messages": 1, "recipients": 1}
     if held is not None:

@@ -56,7 +56,7 @@ class RequestBuilder:
             raise ProtocolError(f"line longer than {self.limits.max_line_bytes} bytes")
         out = []
         for line in lines:
-            request = self.add_line(line + b"\n")
+            request = self._line(line, len(line) + 1)
             if request is not None:
                 out.append(request)
         if self._bytes + len(self._partial) > self.limits.max_request_bytes:
@@ -65,12 +65,16 @@ class RequestBuilder:
 
     def add_line(self, line: bytes) -> dict[str, str] | None:
         """Feed one line (with or without its newline); a full request on the empty line."""
-        if len(line) > self.limits.max_line_bytes + 2:
+        return self._line(line.rstrip(b"\n"), len(line) or 1)
+
+    def _line(self, line: bytes, size: int) -> dict[str, str] | None:
+        """LINE without its newline, SIZE bytes on the wire."""
+        if size > self.limits.max_line_bytes + 2:
             raise ProtocolError(f"line longer than {self.limits.max_line_bytes} bytes")
-        self._bytes += len(line) or 1
+        self._bytes += size
         if self._bytes > self.limits.max_request_bytes:
             raise ProtocolError(f"request larger than {self.limits.max_request_bytes} bytes")
-        body = line.rstrip(b"\n").removesuffix(b"\r")
+        body = line.removesuffix(b"\r")
         if not body:
             if not self._attrs:
                 raise ProtocolError("empty request (blank line with no attributes)")

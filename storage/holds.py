@@ -230,15 +230,22 @@ def child_tables(conn: psycopg.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+def children_sql(tables: list[str], alias: str, statement: str) -> sql.Composed:
+    """CTE parts `, <alias>_<i> AS (STATEMENT)`, one per table, `{t}` in STATEMENT
+    standing for the table: the same change to a message's rows in every child table."""
+    return sql.Composed([
+        sql.SQL(", {a} AS (" + statement + ")").format(a=sql.Identifier(f"{alias}_{i}"),
+                                                       t=sql.Identifier(t))
+        for i, t in enumerate(tables)])
+
+
 def move_children_sql(tables: list[str]) -> sql.Composed:
     """CTE parts moving each table's rows of `moved` (id, org_id, old stamp) to HELD."""
-    return sql.Composed([sql.SQL(
-        ", {alias} AS (UPDATE {t} c SET held_metadata_expires_at = c.metadata_expires_at,"
+    return children_sql(
+        tables, "moved", "UPDATE {t} c SET held_metadata_expires_at = c.metadata_expires_at,"
         " metadata_expires_at = %(held)s FROM moved WHERE c.message_id = moved.id"
         " AND c.org_id = moved.org_id AND c.metadata_expires_at ="
-        " moved.held_metadata_expires_at RETURNING 1)").format(
-            alias=sql.Identifier(f"moved_{i}"), t=sql.Identifier(t))
-        for i, t in enumerate(tables)])
+        " moved.held_metadata_expires_at RETURNING 1")
 
 
 # --- content protection ------------------------------------------------------
@@ -367,23 +374,19 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
             f"SELECT m.id FROM messages m WHERE m.metadata_expires_at = %(held)s AND {free}"
             " AND m.held_metadata_expires_at <= %(now)s", params)
         children = child_tables(conn)
-        deletes = sql.Composed([sql.SQL(
-            ", {a} AS (DELETE FROM {t} c USING gone WHERE c.message_id = gone.id"
-            " AND c.org_id = gone.org_id AND c.metadata_expires_at = %(held)s RETURNING 1)"
-        ).format(a=sql.Identifier(f"gone_{i}"), t=sql.Identifier(t))
-            for i, t in enumerate(children)])
+        deletes = children_sql(
+            children, "gone", "DELETE FROM {t} c USING gone WHERE c.message_id = gone.id"
+            " AND c.org_id = gone.org_id AND c.metadata_expires_at = %(held)s RETURNING 1")
         row = conn.execute(sql.SQL(
             "WITH gone AS (DELETE FROM messages m WHERE m.metadata_expires_at = %(held)s"
             " AND {free} AND m.held_metadata_expires_at <= %(now)s RETURNING m.id, m.org_id)"
             "{deletes} SELECT count(*) FROM gone").format(free=sql.SQL(free), deletes=deletes),
             params).fetchone()
         dropped = int(row[0]) if row else 0
-        backs = sql.Composed([sql.SQL(
-            ", {a} AS (UPDATE {t} c SET metadata_expires_at = back.metadata_expires_at,"
+        backs = children_sql(
+            children, "back", "UPDATE {t} c SET metadata_expires_at = back.metadata_expires_at,"
             " held_metadata_expires_at = NULL FROM back WHERE c.message_id = back.id"
-            " AND c.org_id = back.org_id AND c.metadata_expires_at = %(held)s RETURNING 1)"
-        ).format(a=sql.Identifier(f"back_{i}"), t=sql.Identifier(t))
-            for i, t in enumerate(children)])
+            " AND c.org_id = back.org_id AND c.metadata_expires_at = %(held)s RETURNING 1")
         row = conn.execute(sql.SQL(
             "WITH back AS (UPDATE messages m SET metadata_expires_at ="
             " m.held_metadata_expires_at, held_metadata_expires_at = NULL"

@@ -21,6 +21,7 @@ import io
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -129,6 +130,27 @@ def objects(config: config_mod.Config) -> S3ObjectStore:
 def unique_name(prefix: str = "t") -> str:
     """A name no other test or earlier run uses: PREFIX-<12 hex digits>."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def dashboard_role(db: psycopg.Connection, tables: str) -> Iterator[str]:
+    """A login-less role that may SELECT TABLES (comma-separated), for one test:
+    row-level security applies to it as to a customer dashboard.  Yields its name."""
+    role = unique_name("dash").replace("-", "_")
+    db.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        db.execute(f'GRANT SELECT ON {tables} TO "{role}"')
+        yield role
+    finally:
+        db.execute(f'REVOKE ALL ON {tables} FROM "{role}"')
+        db.execute(f'DROP ROLE "{role}"')
+
+
+def act_as(db: psycopg.Connection, role: str, org_id: uuid.UUID | None = None) -> None:
+    """Inside a transaction: ROLE for the rest of it, seeing ORG_ID's rows (None: none)."""
+    db.execute(f'SET LOCAL ROLE "{role}"')
+    if org_id is not None:
+        db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(org_id),))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from support.stack import Stack, strip_received
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage import container
 from postkeep.storage.db import BackendError, Database
+from postkeep.storage.messages import CapturedMessage
 from postkeep.storage.parts import (
     PartStore,
     SplitPart,
@@ -67,6 +69,30 @@ def _part_rows(stack: Stack, org_id: uuid.UUID) -> list[tuple[str, bytes, str]]:
     with stack.connect() as conn:
         return [(r[0], bytes(r[1]), r[2]) for r in conn.execute(
             "SELECT object_key, sha256, state FROM parts WHERE org_id = %s", (org_id,))]
+
+
+@dataclass
+class PdfMail:
+    """An organisation that sent one message carrying a 150 KiB PDF, stored as a part."""
+
+    org_id: uuid.UUID
+    domain: str
+    pdf: bytes
+    message: CapturedMessage
+    part_key: str
+
+
+def _pdf_mail(stack: Stack, committer: GroupCommitter, seed: int, *, expired: bool,
+              now: datetime) -> PdfMail:
+    """A new organisation's message with a PDF: content EXPIRED (sent 30 days ago, kept 2)
+    or not (sent NOW, kept 7)."""
+    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
+    pdf = campaign.fake_pdf(150 * 1024, seed=seed)
+    m = capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
+                           created=now - timedelta(days=30) if expired else now,
+                           content_days=2 if expired else 7)
+    [(key, _, _)] = _part_rows(stack, org_id)
+    return PdfMail(org_id, domain, pdf, m, key)
 
 
 def test_repeated_pdf_is_stored_once_per_organisation(stack: Stack) -> None:
@@ -197,12 +223,9 @@ def test_sweep_deletes_a_part_only_when_no_unexpired_message_needs_it(
 
 def test_a_swept_part_is_uploaded_afresh_for_new_mail(stack: Stack,
                                                      committer: GroupCommitter) -> None:
-    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
     now = datetime.now(UTC)
-    pdf = campaign.fake_pdf(150 * 1024, seed=6)
-    capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
-                       created=now - timedelta(days=30), content_days=2)
-    [(old_key, _, _)] = _part_rows(stack, org_id)
+    sent = _pdf_mail(stack, committer, 6, expired=True, now=now)
+    org_id, domain, pdf, old_key = sent.org_id, sent.domain, sent.pdf, sent.part_key
     with stack.connect() as conn:
         sweep_parts(conn, stack.objects(), now, org_id=org_id)
     assert _part_rows(stack, org_id) == []
@@ -304,12 +327,9 @@ def test_concurrent_first_uploads_of_one_part_leave_one_object(stack: Stack) -> 
 
 def test_a_part_swept_under_a_milters_cache_tempfails_then_uploads_afresh(
         stack: Stack, committer: GroupCommitter) -> None:
-    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
     now = datetime.now(UTC)
-    pdf = campaign.fake_pdf(150 * 1024, seed=31)
-    capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
-                       created=now, content_days=7)
-    [(old_key, _, _)] = _part_rows(stack, org_id)
+    sent = _pdf_mail(stack, committer, 31, expired=False, now=now)
+    org_id, domain, pdf, old_key = sent.org_id, sent.domain, sent.pdf, sent.part_key
     with stack.connect() as conn:  # a sweep (or erasure) got there: row marked, not yet gone
         conn.execute("UPDATE parts SET state = 'deleting' WHERE object_key = %s", (old_key,))
     # The committer still remembers the part as live: the commit-time check catches it.
@@ -353,12 +373,9 @@ def test_erasure_release_makes_only_unshared_parts_sweepable(
 
 def test_a_legal_hold_keeps_parts_past_their_expiry(stack: Stack,
                                                      committer: GroupCommitter) -> None:
-    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
     now = datetime.now(UTC)
-    pdf = campaign.fake_pdf(150 * 1024, seed=51)
-    m = capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
-                           created=now - timedelta(days=30), content_days=2)
-    [(key, _, _)] = _part_rows(stack, org_id)
+    sent = _pdf_mail(stack, committer, 51, expired=True, now=now)
+    org_id, domain, pdf, m, key = sent.org_id, sent.domain, sent.pdf, sent.message, sent.part_key
     with stack.connect() as conn:
         conn.execute("INSERT INTO legal_holds (org_id, reason) VALUES (%s, 'litigation')",
                      (org_id,))
@@ -375,12 +392,9 @@ def test_retention_run_sweeps_parts_no_unexpired_message_needs(
     from postkeep.storage import lifecycle
     from postkeep.storage.retention import run_retention
 
-    org_id, domain = stack.new_org("pro", dkim=False, missing_key="unsigned")
     now = datetime.now(UTC)
-    pdf = campaign.fake_pdf(150 * 1024, seed=61)
-    capture_and_commit(committer, org_id, domain, campaign.message(1, domain, pdf=pdf),
-                       created=now - timedelta(days=30), content_days=2)
-    [(key, _, _)] = _part_rows(stack, org_id)
+    sent = _pdf_mail(stack, committer, 61, expired=True, now=now)
+    org_id, key = sent.org_id, sent.part_key
     objects = stack.objects()
     with stack.connect() as conn:
         report = run_retention(conn, lifecycle.S3Retention(objects.client, objects.bucket),

@@ -56,22 +56,13 @@ def _send_stream(stack: Stack, domain: str, stop: threading.Event, out: list[Sen
 
 def _run_outage(stack: Stack, service: str, down_seconds: float) -> list[Sent]:
     _, domain = stack.new_org("basic")
-    sent: list[Sent] = []
-    stop = threading.Event()
-    senders = [threading.Thread(target=_send_stream, args=(stack, domain, stop, sent))
-               for _ in range(3)]
-    for t in senders:
-        t.start()
-    try:
+    with smtp.senders(lambda stop, sent: _send_stream(stack, domain, stop, sent), 3,
+                      240) as sent:
         time.sleep(2)
         stack.stack_ctl("stop", service)
         time.sleep(down_seconds)
         stack.stack_ctl("start", service)
         time.sleep(6)  # long enough for the pool / client to recover
-    finally:
-        stop.set()
-        for t in senders:
-            t.join(timeout=240)
     return sent
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import TestOrg
+from conftest import TestOrg, act_as, dashboard_role
 from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from support.retention import audit_rows, exists, past_week, put_message, stats_row
@@ -432,7 +432,6 @@ def test_the_stack_sidecar_has_retention_scheduled(stack_env: object) -> None:
 def test_dashboard_role_sees_only_its_organisations_statistics_holds_and_audit(
         db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
-    from conftest import unique_name
 
     mine, theirs = make_org("free"), make_org("free")
     week = past_week(db)
@@ -441,19 +440,12 @@ def test_dashboard_role_sees_only_its_organisations_statistics_holds_and_audit(
         holds.release_hold(db, holds.add_hold(db, org.id, None, "rls check").id)
     _run(db, store, week.monday - timedelta(days=40))
     tables = "delivery_stats_daily, delivery_stats_dropped, legal_holds, retention_audit"
-    role = unique_name("dash").replace("-", "_")
-    db.execute(f'CREATE ROLE "{role}" NOLOGIN')
-    try:
-        db.execute(f'GRANT SELECT ON {tables} TO "{role}"')
+    with dashboard_role(db, tables) as role:
         with db.transaction():
-            db.execute(f'SET LOCAL ROLE "{role}"')
-            db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(mine.id),))
+            act_as(db, role, mine.id)
             seen = {t: {r[0] for r in db.execute(f"SELECT org_id FROM {t}")}
                     for t in tables.split(", ")}
         assert seen == {t: {mine.id} for t in tables.split(", ")}
-    finally:
-        db.execute(f'REVOKE ALL ON {tables} FROM "{role}"')
-        db.execute(f'DROP ROLE "{role}"')
 
 
 def test_release_deletes_content_a_hold_kept_even_where_protection_failed(

@@ -202,12 +202,6 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     spool = _spool(stack)
     _wait_until_captured(stack, domain)
     assert spool.entries() == [], "spool not empty before the test: a previous run left entries"
-    sent: list[Sent] = []
-    stop = threading.Event()
-    senders = [threading.Thread(target=_sender, args=(stack, domain, stop, sent))
-               for _ in range(8)]
-    for t in senders:
-        t.start()
     phases: dict[str, int] = {}
 
     def flow(more: int, seconds: float) -> None:
@@ -216,7 +210,8 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
         while len(sent) < target and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    try:
+    with smtp.senders(lambda stop, out: _sender(stack, domain, stop, out), 8,
+                      300) as sent:
         flow(300, 10)
         phases["minio stopped"] = len(sent)
         stack.stack_ctl("stop", "minio")
@@ -244,10 +239,6 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
         stack.stack_ctl("start", "milter")
         stack.stack_ctl("start", "storage")
         flow(800, 40)
-    finally:
-        stop.set()
-        for t in senders:
-            t.join(timeout=300)
     _wait("the spool to drain", lambda: not spool.entries(), 300)
     accepted = [s for s in sent if s.accepted]
     refused = [s for s in sent if not s.accepted]

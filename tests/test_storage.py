@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import StoreMessage, TestOrg, unique_name, zstd_frames
+from conftest import StoreMessage, TestOrg, act_as, dashboard_role, zstd_frames
 
 from postkeep.storage import content, messages, migrate
 from postkeep.storage.db import BackendError
@@ -220,13 +220,9 @@ def test_dashboard_role_sees_only_its_organisation(
     mine, theirs = make_org(), make_org()
     m_mine = store_message(mine)
     m_theirs = store_message(theirs)
-    role = unique_name("dash").replace("-", "_")
-    db.execute(f'CREATE ROLE "{role}" NOLOGIN')
-    try:
-        db.execute(f'GRANT SELECT ON messages, message_recipients, domains TO "{role}"')
+    with dashboard_role(db, "messages, message_recipients, domains") as role:
         with db.transaction():
-            db.execute(f'SET LOCAL ROLE "{role}"')
-            db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(mine.id),))
+            act_as(db, role, mine.id)
             seen = {r[0] for r in db.execute("SELECT id FROM messages")}
             seen_rcpt = {r[0] for r in db.execute("SELECT message_id FROM message_recipients")}
             domains = {r[0] for r in db.execute("SELECT domain FROM domains")}
@@ -236,12 +232,9 @@ def test_dashboard_role_sees_only_its_organisation(
         assert domains == {mine.domain}
         assert direct == []
         with db.transaction():
-            db.execute(f'SET LOCAL ROLE "{role}"')
+            act_as(db, role)
             unset = db.execute("SELECT count(*) FROM messages").fetchone()
         assert unset == (0,)  # no organisation set: nothing visible
-    finally:
-        db.execute(f'REVOKE ALL ON messages, message_recipients, domains FROM "{role}"')
-        db.execute(f'DROP ROLE "{role}"')
 
 
 # --- helpers ----------------------------------------------------------------

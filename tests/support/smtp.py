@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -123,3 +126,21 @@ def send(host: str, port: int, mail_from: str, rcpts: list[str], data: bytes,
         return client.send(mail_from, rcpts, data, mail_params, rcpt_params)
     finally:
         client.close()
+
+
+@contextmanager
+def senders(send: Callable[[threading.Event, list[Sent]], None], count: int,
+            join_seconds: float) -> Iterator[list[Sent]]:
+    """COUNT threads running SEND(stop, sent) until the block ends; yields SENT, the list
+    they append to.  On exit they are told to stop and joined (up to JOIN_SECONDS each)."""
+    sent: list[Sent] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=send, args=(stop, sent)) for _ in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=join_seconds)
