@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -333,9 +334,12 @@ def _lmtp(stack: Stack) -> smtp.Client:
 
 
 def _report(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str) -> bytes:
+    # Dated a little after now: a later final status wins over the relayed
+    # notice Postfix sent a moment ago (a fixed date would fall behind it).
+    date = format_datetime(datetime.now(UTC) + timedelta(seconds=2))
     return (
         "From: MAILER-DAEMON@test.example\r\nSubject: report\r\n"
-        "Date: Wed, 25 Nov 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+        f"Date: {date}\r\nMIME-Version: 1.0\r\n"
         'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
         "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
         f"Reporting-MTA: dns; test.example\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
