@@ -1,16 +1,24 @@
 """Group commit: concurrent messages share one upload and one INSERT.
 
 Each end of message hands its object and rows to `GroupCommitter.commit` and
-waits.  A few worker threads (Python-owned, see adapter.py for why that
-matters) form batches one at a time: the first message waits up to `linger`
-seconds for company (a few milliseconds, far less than an SMTP round trip),
-then the batch is made durable together while the next one forms:
+waits.  Durability is a two-stage pipeline on threads Python owns (see
+adapter.py for why that matters):
 
-- small objects (compressed size up to `small_object_bytes`) in one S3 call
-  when the store can batch (MinIO's snowball auto-extract: each tar member
-  becomes its own object under its own key), else one PUT each;
-- large objects one streaming PUT each, so memory stays bounded;
-- every stored message's rows in one INSERT statement.
+1. upload workers form batches one at a time (the first message waits up to
+   `linger` seconds for company) and store the batch's objects:
+   - small objects (compressed size up to `small_object_bytes`) in one S3
+     call when the store can batch (MinIO's snowball auto-extract: each tar
+     member becomes its own object under its own key), else one PUT each;
+   - large objects one streaming PUT each, so memory stays bounded;
+2. one recorder thread takes every uploaded batch that is waiting and writes
+   all their rows in one INSERT (one commit).
+
+The stages overlap: while the recorder commits, the next objects go up.  The
+recorder's batches are larger than the upload batches (whatever several
+uploads finished meanwhile), which is where PostgreSQL's per-commit cost is
+shared; on a loaded box that mattered more than anything else here (a commit
+per upload batch of one or two messages, as with four workers each doing both
+stages, cost more CPU than the latency it saved).
 
 Messages with split-out parts (or a dictionary) are prepared first: each
 part's object is found or uploaded for the organisation (storage/parts.py),
@@ -55,6 +63,7 @@ class _Pending:
     message: CapturedMessage
     content: StoredContent
     done: threading.Event = field(default_factory=threading.Event)
+    queued: float = field(default_factory=time.perf_counter)
     error: BackendError | None = None
     part_keys: list[str] = field(default_factory=list)
 
@@ -81,11 +90,15 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._small = small_object_bytes
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        # Uploaded batches waiting for their rows; None: the uploads are over.
+        self._uploaded: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"commit-{i}", daemon=True)
             for i in range(workers)
         ]
-        for t in self._threads:
+        self._recorder = threading.Thread(target=self._record_loop, name="commit-rows",
+                                          daemon=True)
+        for t in (*self._threads, self._recorder):
             t.start()
 
     def commit(self, message: CapturedMessage, content: StoredContent) -> None:
@@ -97,28 +110,64 @@ class GroupCommitter:
             raise pending.error
 
     def close(self) -> None:
-        """Finish what is queued, then stop the workers."""
+        """Finish what is queued, then stop the workers and the recorder."""
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
             t.join()
+        self._uploaded.put(None)
+        self._recorder.join()
 
-    # -- worker side ---------------------------------------------------------
+    # -- upload side -----------------------------------------------------------
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             metrics.COMMIT_BATCH.observe(len(batch))
+            metrics.COMMIT_STAGE_SECONDS.labels("wait").observe(
+                time.perf_counter() - batch[0].queued)
+            stored: list[_Pending] = []
             try:
-                self._store(batch)
+                started = time.perf_counter()
+                stored = self._upload(self._prepare(batch))
+                metrics.COMMIT_STAGE_SECONDS.labels("s3").observe(
+                    time.perf_counter() - started)
             except Exception as exc:  # never leave a waiter hanging
-                log.exception("group commit failed")
-                for p in batch:
-                    if p.error is None:
-                        p.error = BackendError("postkeep", f"internal error: {exc}")
+                _internal_error(batch, exc)
+                stored = []
             finally:
+                if stored:
+                    self._uploaded.put(stored)
+                waiting = {id(p) for p in stored}
                 for p in batch:
+                    if id(p) not in waiting:
+                        p.done.set()  # failed before its rows: answer now
+
+    # -- row side --------------------------------------------------------------
+    def _record_loop(self) -> None:
+        """Write the rows of every uploaded batch waiting, in one INSERT."""
+        stopping = False
+        while not stopping:
+            first = self._uploaded.get()
+            if first is None:
+                return
+            items = list(first)
+            while len(items) < self._max_batch * 4:
+                try:
+                    more = self._uploaded.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # close(): every upload is already in
+                    stopping = True
+                    break
+                items.extend(more)
+            try:
+                self._record_rows(items)
+            except Exception as exc:  # never leave a waiter hanging
+                _internal_error(items, exc)
+            finally:
+                for p in items:
                     p.done.set()
 
     def _next_batch(self) -> list[_Pending] | None:
@@ -142,13 +191,14 @@ class GroupCommitter:
                 batch.append(nxt)
             return batch
 
-    def _store(self, batch: list[_Pending]) -> None:
-        stored = self._upload(self._prepare(batch))
-        if not stored:
-            return
+    def _record_rows(self, stored: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             with self._db_gate.attempt():
                 self._db.run(lambda conn: self._record(conn, stored))
+            metrics.COMMIT_STAGE_SECONDS.labels("postgres").observe(
+                time.perf_counter() - started)
+            metrics.COMMIT_ROWS_BATCH.observe(len(stored))
         except BackendError as exc:
             # Objects stay: if the COMMIT reached PostgreSQL before the error,
             # rows point at them; an object without a row is invisible.
@@ -233,3 +283,10 @@ class GroupCommitter:
             except BackendError as exc:
                 p.error = exc
         return ok
+
+
+def _internal_error(batch: list[_Pending], exc: Exception) -> None:
+    log.exception("group commit failed")
+    for p in batch:
+        if p.error is None:
+            p.error = BackendError("postkeep", f"internal error: {exc}")

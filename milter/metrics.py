@@ -55,8 +55,22 @@ DKIM_SECONDS = Histogram(
 )
 COMMIT_BATCH = Histogram(
     "postkeep_milter_commit_batch_messages",
-    "Messages made durable together by one group commit (one upload, one INSERT).",
+    "Messages whose objects one upload batch stored (one S3 call for small objects).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+COMMIT_ROWS_BATCH = Histogram(
+    "postkeep_milter_commit_rows_batch_messages",
+    "Messages whose rows one INSERT (one PostgreSQL commit) wrote: every upload"
+    " batch that finished while the previous INSERT was running.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+COMMIT_STAGE_SECONDS = Histogram(
+    "postkeep_milter_commit_stage_duration_seconds",
+    "Time one group commit spends in each stage: wait (the batch's first message"
+    " queued until a worker took it), s3 (every object stored), postgres (rows"
+    " committed).",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
 for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed"):

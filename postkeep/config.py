@@ -107,9 +107,12 @@ class MilterConfig:
     id_header: str = "X-Postkeep-Id"
     # Threads for organisation lookups that miss the cache (PostgreSQL).
     backend_threads: int = field(default=4, metadata={"min": 1, "max": 256})
-    # Threads that make messages durable in batches (one upload, one INSERT
-    # for whatever queued up meanwhile), and the largest batch.
-    commit_threads: int = field(default=4, metadata={"min": 1, "max": 64})
+    # Threads that store messages' objects in batches (one upload for whatever
+    # queued up meanwhile; one more thread writes the rows of every uploaded
+    # batch waiting in one INSERT), and the largest upload batch.  Two keep a
+    # large upload from holding up small ones; more made smaller batches and
+    # cost more CPU per message than the latency they saved (BENCHMARKS.md).
+    commit_threads: int = field(default=2, metadata={"min": 1, "max": 64})
     commit_batch_max: int = field(default=64, metadata={"min": 1, "max": 1000})
     # How long the first message of a batch waits for others (milliseconds):
     # fewer, larger uploads and INSERTs for latency at end of message.  0: a

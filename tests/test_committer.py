@@ -102,3 +102,48 @@ def test_row_failure_is_reported_to_every_waiter() -> None:
     errors = _commit_concurrently(gc, [_message() for _ in range(4)])
     gc.close()
     assert all(isinstance(e, BackendError) and e.backend == "postgres" for e in errors)
+
+
+def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
+    """While one INSERT runs, uploads go on; their rows then go in together."""
+
+    class SlowFirstDb(FakeDb):
+        def run(self, work: Any) -> Any:
+            if not self.batches:
+                release.wait(5)
+            return super().run(work)
+
+    class CountingStore(MemoryObjectStore):
+        calls = 0
+
+        def put_many(self, items: list[tuple[str, bytes]]) -> None:
+            CountingStore.calls += 1
+            super().put_many(items)
+
+        def put(self, key: str, data: Any, length: int) -> None:
+            CountingStore.calls += 1
+            super().put(key, data, length)
+
+    release = threading.Event()
+    store, db = CountingStore(), SlowFirstDb()
+    gc = GroupCommitter(db, store, workers=2, max_batch=2, linger=0)  # type: ignore[arg-type]
+    items = [_message() for _ in range(12)]
+    threads = [threading.Thread(target=gc.commit, args=item) for item in items]
+    for t in threads:
+        t.start()
+    # Every object is stored (in batches of at most 2) while the first INSERT waits.
+    deadline = threading.Event()
+    for _ in range(100):
+        if len(store.objects) == len(items):
+            break
+        deadline.wait(0.02)
+    assert len(store.objects) == len(items)
+    release.set()
+    for t in threads:
+        t.join(10)
+    gc.close()
+    rows = [i for b in db.batches for i in b]
+    assert sorted(rows) == sorted(m.id for m, _ in items)
+    assert CountingStore.calls >= 6  # upload batches of at most two messages
+    assert len(db.batches) <= 3  # the first INSERT, then whatever waited, together
+    assert max(len(b) for b in db.batches) > 2
