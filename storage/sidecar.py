@@ -2,7 +2,7 @@
 
 Postfix delivers every report addressed to a postkeep return path here over
 LMTP (the bundle's transport_maps).  For each one the handler
-1. parses it (`reports.parse_report`, in a worker thread);
+1. parses it (`reports.parse_report`; a large one in a worker thread);
 2. keeps its bytes in object storage when it cannot be matched or parsed;
 3. hands it to the `Batcher`, which writes whatever reports are waiting in
    one transaction and one round trip (`outcomes.record_batch`);
@@ -42,6 +42,12 @@ from postkeep.storage.outcomes import (
 from postkeep.storage.reports import Report, parse_report
 
 log = logging.getLogger("postkeep.storage")
+
+# Reports up to this size are parsed on the event loop: Postfix's own notices
+# (RET=HDRS, a few KB) take a fraction of a millisecond, less than the hop to
+# a worker thread and back cost.  Larger ones (remote bounces quoting whole
+# messages) go to a thread so that they never hold up other sessions.
+INLINE_PARSE_BYTES = 64 * 1024
 
 REPORTS = Counter("postkeep_storage_reports_total",
                   "Reports received over LMTP, by kind (dsn, async_bounce, unparsable)",
@@ -168,7 +174,10 @@ class ReportHandler:
         """Record one report; the LMTP reply for it."""
         received = datetime.now(UTC)
         try:
-            report = await asyncio.to_thread(parse_report, raw, mail_from, rcpts, received)
+            if len(raw) <= INLINE_PARSE_BYTES:
+                report = parse_report(raw, mail_from, rcpts, received)
+            else:
+                report = await asyncio.to_thread(parse_report, raw, mail_from, rcpts, received)
         except Exception:  # parse_report is total; this guards against its bugs
             log.exception("report parser failed rcpt=%s size=%d", ",".join(rcpts), len(raw))
             FAILED.labels("parser").inc()
