@@ -12,9 +12,13 @@ alike, and reports medians and paired ratios rather than single runs:
   E  Postfix + postkeep      capturing only (a domain with no DKIM key)
   T  E + outcome tracking    the bundle's smtpd_command_filter on (NOTIFY forced):
                              a success DSN per message back to postkeep-storage
+  U  T, notices discarded    the same notices, but Postfix's transport for the
+                             return paths is discard: (no LMTP, postkeep-storage
+                             or PostgreSQL): Postfix's own share of T's cost
 
-Only T runs with the command filter; every other configuration runs without
-it, so no DSN traffic.  T's run ends when smtp-sink has all N messages AND
+Only T and U run with the command filter; every other configuration runs
+without it, so no DSN traffic.  U's run ends when smtp-sink has all N and the
+queue is empty again (every notice discarded).  T's run ends when smtp-sink has all N messages AND
 all N recipients' outcomes are recorded in PostgreSQL; its lag is measured
 per recipient from the message's acceptance (messages.accepted_at) to the
 outcome row (recipient_events.recorded_at), and from postkeep-storage's own
@@ -206,6 +210,7 @@ class Bench:
     postgres_pid: int
     command_filter: str = ""  # the bundle's smtpd_command_filter (T only)
     storage_pid: int = 0  # postkeep-storage (its CPU is T's report handling)
+    transport_maps: str = ""  # the stack's own (U swaps in a discard table)
     _pg: Any = None
     runs: list[Run] = field(default_factory=list)
 
@@ -227,12 +232,18 @@ class Bench:
 
     def use(self, config: str) -> None:
         milter = self.milters[config]
-        command_filter = self.command_filter if config == "T" else ""
+        command_filter = self.command_filter if config in "TU" else ""
+        transport_maps = self.transport_maps
+        if config == "U":  # the notices are made, then discarded by Postfix
+            table = Path(self.pfdir, "bench-discard-transport.pcre")
+            table.write_text("/^pk-[0-9a-f]{32}(-[0-9a-f]+)?@/\tdiscard:\n")
+            transport_maps = f"pcre:{table}"
         # A reload while notices are still being delivered leaves their queue
         # files to a qmgr that skips them ("still being delivered").
         self.drain()
         self.postconf(f"smtpd_milters = {milter}", f"non_smtpd_milters = {milter}",
-                      f"smtpd_command_filter = {command_filter}")
+                      f"smtpd_command_filter = {command_filter}",
+                      f"transport_maps = {transport_maps}")
         self.reload()
 
     def pg(self) -> Any:
@@ -336,15 +347,15 @@ class Bench:
         size = SIZES[size_name]
         self.drain()
         pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid,
-               "E": self.milter_pid, "T": self.milter_pid}.get(config)
+               "E": self.milter_pid, "T": self.milter_pid, "U": self.milter_pid}.get(config)
         metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
-        capturing = config in ("C", "E", "T")
+        capturing = config in ("C", "E", "T", "U")
         before = scrape(metrics_url) if capturing else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
         comp0 = self.component_cpu()
         # E, T: the same milter, a sender domain of an organisation with no
         # DKIM key and the 'unsigned' policy: capture alone, no signing.
-        sender = "sender@capture.example" if config in "ET" else "sender@bench.example"
+        sender = "sender@capture.example" if config in "ETU" else "sender@bench.example"
         storage_url = self.env.get("POSTKEEP_STORAGE_METRICS", "")
         lag_before = scrape(storage_url) if config == "T" else {}
         since = time.time() - 0.5
@@ -357,6 +368,9 @@ class Bench:
                     raise SystemExit(f"bench: T: {self.outcomes_since(since)} of {n} "
                                      "outcomes recorded")
                 time.sleep(0.05)
+            seconds = time.monotonic() - t0
+        if config == "U":  # done when every notice is made and discarded too
+            self.drain()
             seconds = time.monotonic() - t0
         run = Run(config, size_name, rep, n, seconds, n / seconds)
         if config == "T":
@@ -438,7 +452,8 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
     names = {"A": "A bare Postfix", "B": "B + OpenDKIM (RSA-2048)",
              "C": "C + postkeep-milter (capture + sign)", "D": "D + null pymilter",
              "E": "E + postkeep-milter (capture only)",
-             "T": "T = E + outcome tracking (DSNs to postkeep-storage)"}
+             "T": "T = E + outcome tracking (DSNs to postkeep-storage)",
+             "U": "U = T with the DSNs discarded by Postfix"}
     lines = [header, ""]
     lines += ["## Throughput (messages/s end to end, 20 smtp-source sessions)", "",
               "| size | configuration | median | min | max | reps | N |",
@@ -490,6 +505,21 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             d99 = statistics.median(r.dsn_lag[1] for r in ts if r.dsn_lag)
             lines.append(f"| {size} | {te:.2f} | {(1 - te) * 100:.0f}% | {lag50:.2f} s | "
                          f"{lag99:.2f} s | {d50:.2f} s | {d99:.2f} s |")
+    if "U" in configs:
+        lines += ["", "## Postfix's own share: U (notices made, then discarded) against E", "",
+                  "U makes the same success notices as T, but Postfix discards them instead "
+                  "of delivering them to postkeep-storage over LMTP. 1 - U/E is what the "
+                  "notices cost Postfix alone; the rest of T's cost is the LMTP delivery, "
+                  "postkeep-storage and PostgreSQL.", "",
+                  "| size | U/E | cost | T/U |", "|---|---:|---:|---:|"]
+        for size in SIZES:
+            by = {(r.config, r.rep): r.rate for r in bench.runs if r.size == size}
+            ue = [by[("U", k)] / by[("E", k)] for (c, k) in by if c == "U" and ("E", k) in by]
+            tu = [by[("T", k)] / by[("U", k)] for (c, k) in by if c == "T" and ("U", k) in by]
+            if ue:
+                u = statistics.median(ue)
+                t = f"{statistics.median(tu):.2f}" if tu else "-"
+                lines.append(f"| {size} | {u:.2f} | {(1 - u) * 100:.0f}% | {t} |")
     lines += ["", "## CPU per 1,000 messages (utime+stime from /proc/PID/stat, median over reps)",
               "", "| size | OpenDKIM (B) | null pymilter (D) | postkeep-milter (C) | "
               "postkeep minus null | postkeep capture only (E) |", "|---|---:|---:|---:|---:|---:|"]
@@ -689,17 +719,22 @@ def main() -> None:
     command_filter = subprocess.run(
         ["postconf", "-c", env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-h", "smtpd_command_filter"],
         check=True, capture_output=True, text=True).stdout.strip()
-    if "T" in args.configs and not command_filter:
-        raise SystemExit("bench: T needs the bundle's smtpd_command_filter; the stack has none")
+    if ("T" in args.configs or "U" in args.configs) and not command_filter:
+        raise SystemExit("bench: T and U need the bundle's smtpd_command_filter; the stack"
+                         " has none")
+    transport_maps = subprocess.run(
+        ["postconf", "-c", env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-h", "transport_maps"],
+        check=True, capture_output=True, text=True).stdout.strip()
     for key, value in env.items():  # psql-style variables for psycopg (T's queries)
         if key.startswith("PG"):
             os.environ[key] = value
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
                   {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter,
-                   "E": capture_milter, "T": capture_milter},
+                   "E": capture_milter, "T": capture_milter, "U": capture_milter},
                   minio_pid, postgres_pid, command_filter,
                   int((stack / "storage" / "storage.pid").read_text().split()[0])
-                  if (stack / "storage" / "storage.pid").exists() else 0)
+                  if (stack / "storage" / "storage.pid").exists() else 0,
+                  transport_maps)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",

@@ -10,7 +10,9 @@
 #   D  Postfix + a do-nothing pymilter (the floor of any Python milter)
 #   E  Postfix + postkeep-milter capturing only (a domain without a DKIM key)
 #   T  E with outcome tracking: the bundle's NOTIFY command filter on, so every
-#      message's success DSN goes back to postkeep-storage (only T has it on)
+#      message's success DSN goes back to postkeep-storage (only T and U have it on)
+#   U  T with the notices discarded by Postfix (transport discard:): what the
+#      notices cost Postfix itself, apart from LMTP, postkeep-storage and PostgreSQL
 # and measure throughput end to end, milter CPU, end-of-message latency and
 # peak RSS.  bench/profile_capture.py then times the capture path's parts
 # (compress, S3 PUT, PostgreSQL insert) in-process.  The stack is torn down on
@@ -174,7 +176,7 @@ log "running; results go to $OUT"
     --dkim-milter "inet:127.0.0.1:$DKIM_PORT" \
     --dkim-pid "$DKIM_PID" \
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
-    --configs "${BENCH_CONFIGS:-ABCDET}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
+    --configs "${BENCH_CONFIGS:-ABCDETU}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
