@@ -11,7 +11,9 @@ adapter.py for why that matters):
      member becomes its own object under its own key), else one PUT each;
    - large objects one streaming PUT each, so memory stays bounded;
 2. one recorder thread takes every uploaded batch that is waiting and writes
-   all their rows in one INSERT (one commit).
+   all their rows in one INSERT (one commit).  While PostgreSQL is known to be
+   down, upload workers try their own batch's rows instead, so that one batch
+   probes and the others fail at once (milter/gate.py).
 
 The stages overlap: while the recorder commits, the next objects go up.  The
 recorder's batches are larger than the upload batches (whatever several
@@ -137,12 +139,24 @@ class GroupCommitter:
                 _internal_error(batch, exc)
                 stored = []
             finally:
+                if stored and self._db_gate.down is not None:
+                    # PostgreSQL is known to be down: this thread tries the rows
+                    # itself, so that while one batch probes, the others fail at
+                    # once (milter/gate.py) instead of queueing behind the probe.
+                    self._record_here(stored)
+                    stored = []
                 if stored:
                     self._uploaded.put(stored)
                 waiting = {id(p) for p in stored}
                 for p in batch:
                     if id(p) not in waiting:
-                        p.done.set()  # failed before its rows: answer now
+                        p.done.set()  # answered now: failed, or rows written here
+
+    def _record_here(self, stored: list[_Pending]) -> None:
+        try:
+            self._record_rows(stored)
+        except Exception as exc:  # never leave a waiter hanging
+            _internal_error(stored, exc)
 
     # -- row side --------------------------------------------------------------
     def _record_loop(self) -> None:
@@ -163,9 +177,7 @@ class GroupCommitter:
                     break
                 items.extend(more)
             try:
-                self._record_rows(items)
-            except Exception as exc:  # never leave a waiter hanging
-                _internal_error(items, exc)
+                self._record_here(items)
             finally:
                 for p in items:
                     p.done.set()

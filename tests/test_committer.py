@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -147,3 +148,28 @@ def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
     assert CountingStore.calls >= 6  # upload batches of at most two messages
     assert len(db.batches) <= 3  # the first INSERT, then whatever waited, together
     assert max(len(b) for b in db.batches) > 2
+
+
+def test_while_postgres_is_down_one_batch_probes_and_the_others_fail_at_once() -> None:
+    class SlowDownDb(FakeDb):
+        delay = 0.0
+
+        def run(self, work: Any) -> Any:
+            time.sleep(self.delay)  # a connect timeout, while the server is gone
+            raise BackendError("postgres", "connection refused")
+
+    db = SlowDownDb()
+    gc = GroupCommitter(db, MemoryObjectStore(), workers=2, linger=0)  # type: ignore[arg-type]
+    assert _commit_concurrently(gc, [_message()])[0] is not None  # now known to be down
+    db.delay = 1.0
+    probed = _message()
+    probe = threading.Thread(target=_commit_concurrently, args=(gc, [probed]))
+    probe.start()
+    time.sleep(0.2)  # the probe is waiting out its timeout
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        gc.commit(*_message())
+    assert time.monotonic() - started < 0.5  # not queued behind the probe
+    assert err.value.backend == "postgres"
+    probe.join(5)
+    gc.close()
