@@ -127,36 +127,27 @@ class GroupCommitter:
             if batch is None:
                 return
             metrics.COMMIT_BATCH.observe(len(batch))
-            metrics.COMMIT_STAGE_SECONDS.labels("wait").observe(
-                time.perf_counter() - batch[0].queued)
+            metrics.COMMIT_WAIT_SECONDS.observe(time.perf_counter() - batch[0].queued)
             stored: list[_Pending] = []
             try:
                 started = time.perf_counter()
                 stored = self._upload(self._prepare(batch))
-                metrics.COMMIT_STAGE_SECONDS.labels("s3").observe(
-                    time.perf_counter() - started)
+                metrics.COMMIT_S3_SECONDS.observe(time.perf_counter() - started)
             except Exception as exc:  # never leave a waiter hanging
                 _internal_error(batch, exc)
                 stored = []
-            finally:
-                if stored and self._db_gate.down is not None:
-                    # PostgreSQL is known to be down: this thread tries the rows
-                    # itself, so that while one batch probes, the others fail at
-                    # once (milter/gate.py) instead of queueing behind the probe.
-                    self._record_here(stored)
-                    stored = []
-                if stored:
-                    self._uploaded.put(stored)
-                waiting = {id(p) for p in stored}
-                for p in batch:
-                    if id(p) not in waiting:
-                        p.done.set()  # answered now: failed, or rows written here
-
-    def _record_here(self, stored: list[_Pending]) -> None:
-        try:
-            self._record_rows(stored)
-        except Exception as exc:  # never leave a waiter hanging
-            _internal_error(stored, exc)
+            later: set[int] = set()  # answered by the recorder
+            if stored and self._db_gate.down is None:
+                self._uploaded.put(stored)
+                later = {id(p) for p in stored}
+            elif stored:
+                # PostgreSQL is known to be down: this thread tries the rows
+                # itself, so that while one batch probes, the others fail at
+                # once (milter/gate.py) instead of queueing behind the probe.
+                self._record_rows(stored)
+            for p in batch:
+                if id(p) not in later:
+                    p.done.set()
 
     # -- row side --------------------------------------------------------------
     def _record_loop(self) -> None:
@@ -176,11 +167,9 @@ class GroupCommitter:
                     stopping = True
                     break
                 items.extend(more)
-            try:
-                self._record_here(items)
-            finally:
-                for p in items:
-                    p.done.set()
+            self._record_rows(items)
+            for p in items:
+                p.done.set()
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for a message, then gather more for up to `linger`; None: stop."""
@@ -204,12 +193,12 @@ class GroupCommitter:
             return batch
 
     def _record_rows(self, stored: list[_Pending]) -> None:
+        """Write STORED's rows; every failure ends up in the items' errors."""
         started = time.perf_counter()
         try:
             with self._db_gate.attempt():
                 self._db.run(lambda conn: self._record(conn, stored))
-            metrics.COMMIT_STAGE_SECONDS.labels("postgres").observe(
-                time.perf_counter() - started)
+            metrics.COMMIT_POSTGRES_SECONDS.observe(time.perf_counter() - started)
             metrics.COMMIT_ROWS_BATCH.observe(len(stored))
         except BackendError as exc:
             # Objects stay: if the COMMIT reached PostgreSQL before the error,
@@ -218,6 +207,8 @@ class GroupCommitter:
             for p in stored:
                 if p.error is None:
                     p.error = exc
+        except Exception as exc:  # never leave a waiter hanging
+            _internal_error(stored, exc)
 
     def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
         """Store parts and seal containers; return the items ready to upload."""

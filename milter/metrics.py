@@ -72,6 +72,10 @@ COMMIT_STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+# Bound once: observed for every batch.
+COMMIT_WAIT_SECONDS = COMMIT_STAGE_SECONDS.labels("wait")
+COMMIT_S3_SECONDS = COMMIT_STAGE_SECONDS.labels("s3")
+COMMIT_POSTGRES_SECONDS = COMMIT_STAGE_SECONDS.labels("postgres")
 
 for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed"):
     MESSAGES.labels(_outcome)

@@ -133,11 +133,10 @@ def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
     for t in threads:
         t.start()
     # Every object is stored (in batches of at most 2) while the first INSERT waits.
-    deadline = threading.Event()
     for _ in range(100):
         if len(store.objects) == len(items):
             break
-        deadline.wait(0.02)
+        time.sleep(0.02)
     assert len(store.objects) == len(items)
     release.set()
     for t in threads:

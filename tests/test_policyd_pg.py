@@ -92,9 +92,9 @@ def test_window_roll_over_and_expired_reservation(db: psycopg.Connection,
 
 def test_expired_reservations_go_back_without_a_table_scan(
         db: psycopg.Connection, make_org: Callable[..., TestOrg]) -> None:
-    """More expired reservations than one chunk (500) all go back in the call
-    that finds them, through the index, even when the statistics claim that
-    nearly every row has expired: the table churns, so they always lag.  A
+    """Expired reservations all go back in the call that finds them, through
+    the index, even when the statistics claim that nearly every row has
+    expired: the table churns, so they always lag.  A
     scan of the whole table per decision (8-11 ms each on a stack that had
     taken 200,000 messages) grew with traffic."""
     lim = org_limits(make_org(), msgs=None, rcpts=None, nbytes=None)
