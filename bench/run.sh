@@ -21,6 +21,8 @@
 # Environment knobs (defaults give a ~10-minute run on 2 cores):
 #   BENCH_REPS=5  BENCH_N_SMALL=2500  BENCH_N_LARGE=1500  BENCH_SKIP_RSS=0
 #   BENCH_SKIP_PROFILE=0  BENCH_KEEP_STACK=0 (leave the stack up to poke at it)
+#   BENCH_LAG_LOADS=0.5,0.8,0.9 (T's open-loop lag passes, as fractions of T's
+#   5 KB median throughput; empty: none)  BENCH_LAG_SECONDS=30
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -178,6 +180,7 @@ log "running; results go to $OUT"
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
     --configs "${BENCH_CONFIGS:-ABCDETU}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
+    --lag-loads "${BENCH_LAG_LOADS-0.5,0.8,0.9}" --lag-seconds "${BENCH_LAG_SECONDS:-30}" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
 

@@ -239,6 +239,9 @@ class StorageConfig:
     # Outcomes are written in batches: whatever arrived while the previous
     # batch was written, up to this many reports per round trip.
     batch_max: int = field(default=200, metadata={"min": 1, "max": 10000})
+    # How many batches may be in PostgreSQL at once (each on a pool connection;
+    # keep it below postgres.pool_max).
+    batch_writers: int = field(default=4, metadata={"min": 1, "max": 64})
     # How long a received report's hash is kept to recognise a duplicate
     # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
     # older days of the reports table are dropped whole.

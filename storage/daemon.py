@@ -42,7 +42,7 @@ async def serve(cfg: Config) -> None:
         await asyncio.to_thread(objects.ensure_bucket)
     except BackendError as exc:  # not fatal: unmatched reports tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
-    batcher = Batcher(record_with(db), scfg.batch_max)
+    batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
     batcher.start()
     spool_stop, spool_task = _start_spool_drain(cfg, db, objects)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \

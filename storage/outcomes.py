@@ -58,14 +58,22 @@ def record_batch(conn: psycopg.Connection, reports: Sequence[Report]) -> list[in
     A code is the number of recipients whose status changed, or DUPLICATE,
     UNMATCHED or DUPLICATE_UNMATCHED.
     """
+    # Batches written at once lock their messages in one order (by message
+    # id; a message's own reports stay in arrival order), so that two of them
+    # never wait on each other in a cycle.
+    order = sorted(range(len(reports)), key=lambda i: _lock_order(reports[i]))
     with conn.transaction(), conn.pipeline():
-        cursors = [conn.execute(_RECORD, _params(r)) for r in reports]
+        cursors = {i: conn.execute(_RECORD, _params(reports[i])) for i in order}
     out = []
-    for cur in cursors:
-        row = cur.fetchone()
+    for i in range(len(reports)):
+        row = cursors[i].fetchone()
         assert row is not None
         out.append(int(row[0]))
     return out
+
+
+def _lock_order(r: Report) -> bytes:
+    return r.message_id.bytes if r.message_id else b"\xff" + r.sha256
 
 
 def forward_target(conn: psycopg.Connection, message_id: uuid.UUID,

@@ -80,18 +80,23 @@ class _Pending:
 
 
 class Batcher:
-    """Writes waiting reports in batches: one batch at a time, no linger.
+    """Writes waiting reports in batches, up to WRITERS batches at a time, no linger.
 
-    Whatever queued while a batch was being written is the next batch, so a
-    quiet sidecar answers at once and a busy one makes few, large round trips.
+    Whatever queued while the writers were busy is the next batch, so a quiet
+    sidecar answers at once and a busy one makes few, large round trips.  More
+    than one writer keeps one slow commit (an fsync, a thread starved of the
+    GIL on a loaded host) from holding up every report behind it.
     """
 
-    def __init__(self, write: Callable[[Sequence[Report]], list[int]], max_batch: int) -> None:
+    def __init__(self, write: Callable[[Sequence[Report]], list[int]], max_batch: int,
+                 writers: int = 1) -> None:
         self._write = write
         self._max = max_batch
+        self._writers = writers
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outcome-batcher")
@@ -101,6 +106,8 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writing:  # let batches being written settle their reports
+            await asyncio.gather(*self._writing, return_exceptions=True)
 
     async def submit(self, report: Report) -> int:
         pending = _Pending(report)
@@ -112,9 +119,15 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
+            while self._queue and len(self._writing) < self._writers:
                 batch, self._queue = self._queue[:self._max], self._queue[self._max:]
-                await self._write_batch(batch)
+                task = asyncio.create_task(self._write_batch(batch))
+                self._writing.add(task)
+                task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing.discard(task)
+        self._wake.set()
 
     async def _write_batch(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()

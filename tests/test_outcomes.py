@@ -3,6 +3,8 @@ and recording in real PostgreSQL (duplicates, ordering, unmatched reports)."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,7 +27,7 @@ from postkeep.storage.outcomes import (
     UNMATCHED,
     record_batch,
 )
-from postkeep.storage.reports import parse_report, status_of
+from postkeep.storage.reports import Report, parse_report, status_of
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -318,3 +320,71 @@ def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Con
     assert {f"reports_d{today + timedelta(days=d):%Y%m%d}" for d in (-1, 0, 1, 2)} <= names
     assert "reports_d20200101" not in names
     assert maintain_report_partitions(conn, 3) == 0  # idempotent
+
+
+def _blocked_on_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+        if row and row[0] == "Lock":
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"backend {pid} never waited on a lock")
+
+
+def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Connection) -> None:
+    """Two batches naming two messages in opposite orders, lined up behind a
+    third transaction's lock, both commit with their own codes.  Written in
+    arrival order, the second would hold B and wait for A while the first
+    holds A and waits for B: PostgreSQL would abort one (deadlock detected)."""
+    (a, a_exp), (b, b_exp) = (_message(conn, stack, ["r@x.example"]) for _ in range(2))
+    first, second = sorted([(a, a_exp), (b, b_exp)], key=lambda m: m[0].bytes)
+
+    def report(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
+        return parse_report(dsn(m[0], [block("r@x.example", action, status)]), "",
+                            [return_path(m[0], m[1], "b.example")], T0)
+
+    one = [report(first, "delayed", "4.2.0"), report(second, "delayed", "4.2.0")]
+    two = [report(second, "relayed", "2.0.0"), report(first, "relayed", "2.0.0")]
+    results: dict[str, list[int] | BaseException] = {}
+
+    def write(name: str, batch: list[Report], pid_box: list[int]) -> None:
+        with stack.connect() as c:
+            pid_box.append(c.info.backend_pid)
+            try:
+                results[name] = record_batch(c, batch)
+            except BaseException as exc:  # recorded, asserted below
+                results[name] = exc
+
+    with stack.connect() as blocker, blocker.transaction():
+        blocker.execute("SELECT 1 FROM message_recipients WHERE message_id = %s FOR UPDATE",
+                        (first[0],))
+        pids: list[list[int]] = [[], []]
+        threads = [threading.Thread(target=write, args=("one", one, pids[0])),
+                   threading.Thread(target=write, args=("two", two, pids[1]))]
+        for t, box in zip(threads, pids, strict=True):
+            t.start()
+            while not box:
+                time.sleep(0.01)
+            _blocked_on_a_lock(conn, box[0])
+    for t in threads:
+        t.join(30)
+    assert results == {"one": [1, 1], "two": [1, 1]}
+    assert _statuses(conn, a)["r@x.example"][0] == "relayed"
+    assert _statuses(conn, b)["r@x.example"][0] == "relayed"
+
+
+def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
+                                                    conn: psycopg.Connection) -> None:
+    """The batch is written in message-id order; each code still answers its own report."""
+    (a, a_exp), (b, b_exp) = (_message(conn, stack, ["r@x.example"]) for _ in range(2))
+    late, early = sorted([(a, a_exp), (b, b_exp)], key=lambda m: m[0].bytes, reverse=True)
+    seen = parse_report(dsn(early[0], [block("r@x.example", "relayed", "2.0.0")]), "",
+                        [return_path(early[0], early[1], "b.example")], T0)
+    assert record_batch(conn, [seen]) == [1]
+    fresh = parse_report(dsn(late[0], [block("r@x.example", "relayed", "2.0.0")]), "",
+                         [return_path(late[0], late[1], "b.example")], T0)
+    ghost = parse_report(dsn(uuid.uuid4(), [block("r@x.example", "relayed", "2.0.0")]), "",
+                         ["nobody@b.example"], T0)
+    assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]
