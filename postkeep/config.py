@@ -240,8 +240,11 @@ class StorageConfig:
     # batch was written, up to this many reports per round trip.
     batch_max: int = field(default=200, metadata={"min": 1, "max": 10000})
     # How many batches may be in PostgreSQL at once (each on a pool connection;
-    # keep it below postgres.pool_max).
-    batch_writers: int = field(default=4, metadata={"min": 1, "max": 64})
+    # keep it below postgres.pool_max).  One makes the largest batches, the
+    # least work per report; more help when a commit is slow (a remote
+    # PostgreSQL, a slow disk).  On the 2-core bench host with everything
+    # local, 4 cost ~5 % of the throughput with outcome tracking.
+    batch_writers: int = field(default=1, metadata={"min": 1, "max": 64})
     # How long a received report's hash is kept to recognise a duplicate
     # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
     # older days of the reports table are dropped whole.

@@ -388,3 +388,22 @@ def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
     ghost = parse_report(dsn(uuid.uuid4(), [block("r@x.example", "relayed", "2.0.0")]), "",
                          ["nobody@b.example"], T0)
     assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]
+
+
+def test_a_one_recipient_message_takes_its_recipients_status(stack: Stack,
+                                                             conn: psycopg.Connection) -> None:
+    """record_report sets a one-recipient message's status without the roll-up
+    aggregate (0011): each step must still leave the message as message_rollup
+    over its recipients would."""
+    mid, expires = _message(conn, stack, ["solo@x.example"])
+    path = return_path(mid, expires, "b.example")
+    steps = [("delayed", "4.2.0", "Wed, 25 Nov 2026 10:00:00 +0000", 1, "deferred"),
+             ("delayed", "4.4.1", "Wed, 25 Nov 2026 10:01:00 +0000", 1, "deferred"),
+             ("failed", "5.1.1", "Wed, 25 Nov 2026 10:02:00 +0000", 1, "bounced"),
+             ("delayed", "4.2.0", "Wed, 25 Nov 2026 10:03:00 +0000", 0, "bounced"),
+             ("relayed", "2.0.0", "Wed, 25 Nov 2026 09:00:00 +0000", 0, "bounced")]
+    for action, status, date, changed, rollup in steps:
+        r = parse_report(dsn(mid, [block("solo@x.example", action, status)], date=date), "",
+                         [path], T0)
+        assert record_batch(conn, [r]) == [changed], (action, date)
+        assert _rollup(conn, mid) == rollup == _statuses(conn, mid)["solo@x.example"][0]
