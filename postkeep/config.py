@@ -243,7 +243,7 @@ class StorageConfig:
     # keep it below postgres.pool_max).  One makes the largest batches, the
     # least work per report; more help when a commit is slow (a remote
     # PostgreSQL, a slow disk).  On the 2-core bench host with everything
-    # local, 4 cost ~5 % of the throughput with outcome tracking.
+    # local, 4 cost 5-13 % of the throughput with outcome tracking.
     batch_writers: int = field(default=1, metadata={"min": 1, "max": 64})
     # How long a received report's hash is kept to recognise a duplicate
     # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
