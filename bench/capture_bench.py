@@ -349,6 +349,21 @@ class Bench:
         assert row is not None
         return float(row[0]), float(row[1])
 
+    def await_outcomes(self, since: float, n: int, what: str) -> None:
+        """Wait until N recipients of mail accepted since SINCE have an outcome."""
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while self.outcomes_since(since) < n:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {what}: {self.outcomes_since(since)} of {n} "
+                                 "outcomes recorded")
+            time.sleep(0.05)
+
+    def dsn_lag_since(self, before: dict[str, float]) -> tuple[float, float]:
+        """(p50, p99) of postkeep-storage's DSN Date -> row histogram since BEFORE."""
+        after = scrape(self.env.get("POSTKEEP_STORAGE_METRICS", ""))
+        b, a = eom_buckets(before, LAG_METRIC), eom_buckets(after, LAG_METRIC)
+        return histogram_quantile(0.50, b, a), histogram_quantile(0.99, b, a)
+
     def queued(self) -> int:
         spool = Path(subprocess.run(["postconf", "-c", self.pfdir, "-h", "queue_directory"],
                                     check=True, capture_output=True, text=True).stdout.strip())
@@ -434,12 +449,7 @@ class Bench:
         t0 = time.monotonic()
         seconds = self.send(n, size, sender=sender)
         if config == "T":  # done when every outcome is recorded too
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while self.outcomes_since(since) < n:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"bench: T: {self.outcomes_since(since)} of {n} "
-                                     "outcomes recorded")
-                time.sleep(0.05)
+            self.await_outcomes(since, n, "T")
             seconds = time.monotonic() - t0
         if config == "U":  # done when every notice is made and discarded too
             self.drain()
@@ -447,9 +457,7 @@ class Bench:
         run = Run(config, size_name, rep, n, seconds, n / seconds)
         if config == "T":
             run.lag = self.lag_since(since)
-            b = eom_buckets(lag_before, LAG_METRIC)
-            a = eom_buckets(scrape(storage_url), LAG_METRIC)
-            run.dsn_lag = (histogram_quantile(0.50, b, a), histogram_quantile(0.99, b, a))
+            run.dsn_lag = self.dsn_lag_since(lag_before)
         run.cpu = {k: v - comp0[k] for k, v in self.component_cpu().items()}
         if pid:
             run.milter_cpu = cpu_seconds(pid) - cpu0
@@ -488,24 +496,16 @@ class Bench:
         whatever Postfix's pace, as a platform's clients would send.
         """
         self.drain()
-        storage_url = self.env.get("POSTKEEP_STORAGE_METRICS", "")
-        before = scrape(storage_url)
+        before = scrape(self.env.get("POSTKEEP_STORAGE_METRICS", ""))
         since = time.time() - 0.5
         n = int(rate * seconds)
         started = time.monotonic()
         failed = open_loop(self.env["POSTKEEP_SMTP_HOST"], int(self.env["POSTKEEP_SMTP_PORT"]),
                            rate, n, size)
         sent_for = time.monotonic() - started
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while self.outcomes_since(since) < n - failed:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: lag pass: {self.outcomes_since(since)} of "
-                                 f"{n - failed} outcomes recorded")
-            time.sleep(0.1)
+        self.await_outcomes(since, n - failed, "lag pass")
         lag = self.lag_since(since)
-        b, a = eom_buckets(before, LAG_METRIC), eom_buckets(scrape(storage_url), LAG_METRIC)
-        lp = LagPass(rate, n, failed, n / sent_for, lag,
-                     (histogram_quantile(0.50, b, a), histogram_quantile(0.99, b, a)))
+        lp = LagPass(rate, n, failed, n / sent_for, lag, self.dsn_lag_since(before))
         log(f"lag pass at {rate:.0f} msg/s offered ({lp.achieved:.0f} sent/s, {failed} "
             f"refused): accepted->row p50 {lag[0]:.2f}s p99 {lag[1]:.2f}s")
         return lp

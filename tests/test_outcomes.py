@@ -333,6 +333,12 @@ def _blocked_on_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0
     raise AssertionError(f"backend {pid} never waited on a lock")
 
 
+def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
+    """A DSN for recipient r@x.example of message M = (id, expiry), via its return path."""
+    return parse_report(dsn(m[0], [block("r@x.example", action, status)]), "",
+                        [return_path(m[0], m[1], "b.example")], T0)
+
+
 def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Connection) -> None:
     """Two batches naming two messages in opposite orders, lined up behind a
     third transaction's lock, both commit with their own codes.  Written in
@@ -340,13 +346,8 @@ def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Conn
     holds A and waits for B: PostgreSQL would abort one (deadlock detected)."""
     (a, a_exp), (b, b_exp) = (_message(conn, stack, ["r@x.example"]) for _ in range(2))
     first, second = sorted([(a, a_exp), (b, b_exp)], key=lambda m: m[0].bytes)
-
-    def report(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
-        return parse_report(dsn(m[0], [block("r@x.example", action, status)]), "",
-                            [return_path(m[0], m[1], "b.example")], T0)
-
-    one = [report(first, "delayed", "4.2.0"), report(second, "delayed", "4.2.0")]
-    two = [report(second, "relayed", "2.0.0"), report(first, "relayed", "2.0.0")]
+    one = [_report_on(first, "delayed", "4.2.0"), _report_on(second, "delayed", "4.2.0")]
+    two = [_report_on(second, "relayed", "2.0.0"), _report_on(first, "relayed", "2.0.0")]
     results: dict[str, list[int] | BaseException] = {}
 
     def write(name: str, batch: list[Report], pid_box: list[int]) -> None:
@@ -380,11 +381,9 @@ def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
     """The batch is written in message-id order; each code still answers its own report."""
     (a, a_exp), (b, b_exp) = (_message(conn, stack, ["r@x.example"]) for _ in range(2))
     late, early = sorted([(a, a_exp), (b, b_exp)], key=lambda m: m[0].bytes, reverse=True)
-    seen = parse_report(dsn(early[0], [block("r@x.example", "relayed", "2.0.0")]), "",
-                        [return_path(early[0], early[1], "b.example")], T0)
+    seen = _report_on(early, "relayed", "2.0.0")
     assert record_batch(conn, [seen]) == [1]
-    fresh = parse_report(dsn(late[0], [block("r@x.example", "relayed", "2.0.0")]), "",
-                         [return_path(late[0], late[1], "b.example")], T0)
+    fresh = _report_on(late, "relayed", "2.0.0")
     ghost = parse_report(dsn(uuid.uuid4(), [block("r@x.example", "relayed", "2.0.0")]), "",
                          ["nobody@b.example"], T0)
     assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]

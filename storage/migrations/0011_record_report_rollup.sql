@@ -8,7 +8,9 @@
 -- recipient, whose new status is then the message's status: the function now
 -- reads the message's recipient_count where it checked that the message
 -- exists (the same lookup), and for one recipient sets the status directly.
--- Same signature, same results; the rest of the body is 0008's.
+-- Same signature, same results; the rest of the body is 0008's (a PL/pgSQL
+-- function is only ever replaced whole).  1000 reports, 5 a batch, the two
+-- versions alternated (bench/record_report_cost.py): 1.86 -> 1.47 ms a report.
 
 CREATE OR REPLACE FUNCTION record_report(
     p_sha256 bytea, p_kind text, p_message_id uuid, p_expires_lo timestamptz,
