@@ -41,14 +41,9 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	@# mypy has no package-dir mapping: check a tree of symlinks shaped like the
-	@# installed package (postkeep/, postkeep/milter -> milter/, ...), run from
-	@# inside it so the repository root never shadows pymilter's `milter`.
-	rm -rf build/mypy && mkdir -p build/mypy/postkeep
-	for f in postkeep/*.py; do ln -s $(CURDIR)/$$f build/mypy/$$f; done
-	for d in milter storage policyd; do \
-		[ -d $$d ] && ln -s $(CURDIR)/$$d build/mypy/postkeep/$$d || true; done
-	cd build/mypy && $(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p postkeep
+	@# postkeep/milter, postkeep/policyd and postkeep/storage are symlinks to the
+	@# top-level folders, so mypy reads the package straight from the tree.
+	$(VENV)/bin/mypy --config-file pyproject.toml -p postkeep
 
 bench: install
 	@if [ -x bench/run.sh ]; then bench/run.sh; \

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from postkeep import signing_keys
 from postkeep.milter import dkim as pkdkim
 
 DOMAIN, SELECTOR, T = "example.org", "bench", 1767225600
@@ -69,7 +70,7 @@ def main() -> None:
     message = make_message(args.size)
     header_block, body = pkdkim.split_message(message)
     digest = pkdkim.body_hash(body)
-    keys: list[tuple[pkdkim.Algorithm, pkdkim.PrivateKey, bytes]] = []
+    keys: list[tuple[signing_keys.Algorithm, signing_keys.PrivateKey, bytes]] = []
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     keys.append(("rsa-sha256", rsa_key, rsa_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -92,13 +93,14 @@ def main() -> None:
                                    canonicalize=(b"relaxed", b"relaxed"),
                                    signature_algorithm=alg.encode()))
 
-        def ours(alg: pkdkim.Algorithm = algorithm, k: pkdkim.PrivateKey = key) -> bytes:
+        def ours(alg: signing_keys.Algorithm = algorithm,
+                 k: signing_keys.PrivateKey = key) -> bytes:
             return pkdkim.sign_message(message, k, DOMAIN, SELECTOR, alg, T)
 
-        def eom(alg: pkdkim.Algorithm = algorithm, k: pkdkim.PrivateKey = key) -> bytes:
+        def eom(alg: signing_keys.Algorithm = algorithm, k: signing_keys.PrivateKey = key) -> bytes:
             return pkdkim.sign(header_block, digest, k, DOMAIN, SELECTOR, alg, T)
 
-        def crypto(k: pkdkim.PrivateKey = key) -> bytes:
+        def crypto(k: signing_keys.PrivateKey = key) -> bytes:
             if isinstance(k, rsa.RSAPrivateKey):
                 return k.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
             return k.sign(digest)

@@ -48,7 +48,7 @@ from pathlib import Path
 import psycopg
 
 from postkeep.config import load
-from postkeep.storage import directory
+from postkeep.storage.metadata import directory
 
 # The loopback helpers the policyd tests use (tests/, never the repository
 # root: the root's milter/ folder would shadow pymilter's `milter`).

@@ -6,7 +6,7 @@ no GIL contention), and times each step:
 
   compress   postkeep.milter.capture.MessageCapture: headers, 64 KiB body
              chunks, finish() (zstd frames, sha256, spool file)
-  S3 PUT     postkeep.storage.objects.S3ObjectStore.put of that object
+  S3 PUT     postkeep.storage.content.objects.S3ObjectStore.put of that object
   PG insert  postkeep.storage.messages.record_capture on a pooled connection
   whole EOM  postkeep.milter.service.CaptureService: begin, headers, body,
              end_of_message (the above plus classification, ids, logging,
@@ -38,10 +38,10 @@ from postkeep.config import Config, load
 from postkeep.ids import uuid7
 from postkeep.milter.capture import MessageCapture
 from postkeep.milter.service import CaptureService
-from postkeep.storage.db import Database
-from postkeep.storage.directory import find_by_domain
-from postkeep.storage.messages import CapturedMessage, expiry_dates, record_capture
-from postkeep.storage.objects import S3ObjectStore, message_key
+from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.metadata.db import Database
+from postkeep.storage.metadata.directory import find_by_domain
+from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates, record_capture
 
 CHUNK = 65535  # Postfix hands the milter body chunks of at most this size
 HEADERS = [

@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
-from postkeep.storage.outcomes import record_batch
-from postkeep.storage.reports import Outcome, Report
+from postkeep.storage.reports.dsn import Outcome, Report
+from postkeep.storage.reports.outcomes import record_batch
 
 
 def main() -> None:

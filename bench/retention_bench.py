@@ -40,8 +40,8 @@ import psycopg
 from psycopg import sql
 
 from postkeep.config import load
-from postkeep.storage import directory, messages, migrate
-from postkeep.storage.objects import S3ObjectStore, message_key
+from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.metadata import directory, messages, migrate
 
 POSTKEEP = str(Path(sys.executable).with_name("postkeep"))
 CHUNK = 100_000

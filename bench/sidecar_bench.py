@@ -21,8 +21,8 @@ import psycopg
 
 from postkeep.config import load
 from postkeep.envelope import return_path
-from postkeep.storage import directory
-from postkeep.storage.messages import CapturedMessage, record_captures
+from postkeep.storage.metadata import directory
+from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 
 
 def dsn(mid: uuid.UUID, rcpt: str) -> bytes:

@@ -25,11 +25,11 @@ from pathlib import Path
 from postkeep.config import load
 from postkeep.ids import uuid7
 from postkeep.milter.capture import MessageCapture
-from postkeep.storage import directory
-from postkeep.storage.db import connect
-from postkeep.storage.messages import CapturedMessage, expiry_dates
-from postkeep.storage.objects import message_key
-from postkeep.storage.spool import Spool
+from postkeep.storage.content.objects import message_key
+from postkeep.storage.content.spool import Spool
+from postkeep.storage.metadata import directory
+from postkeep.storage.metadata.db import connect
+from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
 
 
 def _message(n: int, domain: str) -> tuple[list[tuple[str, bytes]], bytes]:

@@ -46,10 +46,11 @@ from support.dedup import capture_and_commit
 
 from postkeep.config import Config, load
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage import content, dictionaries, directory, dkim_keys
-from postkeep.storage.db import Database, connect
-from postkeep.storage.dictionaries import DictionaryCache, LoadedDictionary
-from postkeep.storage.objects import S3ObjectStore
+from postkeep.storage.content import dictionaries, restore
+from postkeep.storage.content.dictionaries import DictionaryCache, LoadedDictionary
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.metadata import directory, dkim_keys
+from postkeep.storage.metadata.db import Database, connect
 
 THRESHOLD = 128 * 1024
 DICT_MAX = 64 * 1024
@@ -151,7 +152,7 @@ def campaign_run(cfg: Config, db: Database, committer: GroupCommitter, n: int, w
             acc[1] += m.size
             acc[2] += m.compressed_size
         if i % 50 == 0:  # restore a sample byte for byte
-            got = b"".join(content.restore(objects, m.object_key))
+            got = b"".join(restore.restore(objects, m.object_key))
             if got != data:
                 raise AssertionError(f"message {i} ({m.object_key}) did not restore exactly")
         return m.size, m.compressed_size
@@ -208,7 +209,7 @@ def awkward_run(cfg: Config, committer: GroupCommitter, out: list[str]) -> None:
         m = capture_and_commit(committer, org.id, org.domain, case.data, created=now,
                                content_days=90, threshold=THRESHOLD)
         part = parts_bytes(cfg, org)[1] - before
-        if b"".join(content.restore(objects, m.object_key)) != case.data:
+        if b"".join(restore.restore(objects, m.object_key)) != case.data:
             raise AssertionError(f"awkward case {case.name} did not restore exactly")
         stored = m.compressed_size + part
         rows.append(f"| {case.name} | {m.size:,} | {stored:,} | {stored / m.size:.3f} |")

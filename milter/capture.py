@@ -26,7 +26,7 @@ turns those back into the message's bytes and compresses them on the fly:
   organisation, and what remains (the skeleton) is compressed.  A small
   message of an organisation that has a dictionary is recompressed with it
   as one frame.  Either way the object becomes a container
-  (storage/container.py) and sha256/size stay those of the whole message.
+  (storage/content/container.py) and sha256/size stay those of the whole message.
   Any failure there falls back to the plain object: splitting is an
   optimisation, never a reason to refuse mail.
 
@@ -50,9 +50,9 @@ import zstandard
 
 from postkeep.milter.dkim import BodyHasher
 from postkeep.milter.mime_split import large_parts, top_boundary
-from postkeep.storage.container import DictionaryRef, Manifest, PartRef, encode_header
-from postkeep.storage.dictionaries import LoadedDictionary
-from postkeep.storage.parts import SplitPart
+from postkeep.storage.content.container import DictionaryRef, Manifest, PartRef, encode_header
+from postkeep.storage.content.dictionaries import LoadedDictionary
+from postkeep.storage.content.parts import SplitPart
 
 log = logging.getLogger("postkeep.milter")
 
@@ -117,7 +117,7 @@ class StoredContent:
     size: int  # uncompressed message size
     sha256: bytes
     body_size: int
-    # A container (storage/container.py) until sealed: parts cut out (their
+    # A container (storage/content/container.py) until sealed: parts cut out (their
     # keys are known only once stored) and/or the dictionary the skeleton needs.
     parts: list[SplitPart] = field(default_factory=list)
     dictionary: DictionaryRef | None = None

@@ -23,7 +23,7 @@ per upload batch of one or two messages, as with four workers each doing both
 stages, cost more CPU than the latency it saved).
 
 Messages with split-out parts (or a dictionary) are prepared first: each
-part's object is found or uploaded for the organisation (storage/parts.py),
+part's object is found or uploaded for the organisation (storage/content/parts.py),
 the dictionary version is kept from sweeping, and the manifest naming the
 part objects goes in front of the skeleton; their attachments rows are
 inserted in the same transaction as the message rows.
@@ -51,11 +51,11 @@ import psycopg
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.dictionaries import DictionaryUse
-from postkeep.storage.messages import CapturedMessage, record_captures
-from postkeep.storage.objects import ObjectStore
-from postkeep.storage.parts import AttachmentRow, PartStore, hold_parts, record_attachments
+from postkeep.storage.content.dictionaries import DictionaryUse
+from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 
 log = logging.getLogger("postkeep.milter")
 

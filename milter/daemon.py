@@ -17,10 +17,10 @@ import sys
 import click
 
 from postkeep.config import ConfigError, load
-from postkeep.milter.dkim import DkimError
 from postkeep.milter.service import system_signing
 from postkeep.milter.signing import parse_networks
 from postkeep.process import notify_systemd, split_hostport
+from postkeep.signing_keys import DkimError
 
 
 def _limit_malloc_arenas(count: int = 2) -> None:
@@ -53,7 +53,7 @@ def _check_listen(value: str) -> None:
 
 def _check_outage_spool(path: str) -> None:
     """Create the outage spool (0700) if missing; refuse, naming the key, if unusable."""
-    from postkeep.storage.spool import Spool
+    from postkeep.storage.content.spool import Spool
 
     try:
         Spool(path).ensure()
@@ -101,7 +101,7 @@ def main(config_path: str | None, check_config: bool) -> None:
         except DkimError as exc:
             raise ConfigError(f"dkim.system_key: {exc}") from exc
         if cfg.dkim.master_key:
-            from postkeep.storage.dkim_keys import load_master_key
+            from postkeep.storage.metadata.dkim_keys import load_master_key
 
             load_master_key(cfg.dkim)  # refuses a malformed key now, naming its source
     except ConfigError as exc:
@@ -137,10 +137,10 @@ def main(config_path: str | None, check_config: bool) -> None:
     from postkeep.milter.keys import KeyRingRefresher
     from postkeep.milter.service import CaptureService
     from postkeep.milter.spool import OutageSpooler
-    from postkeep.storage.db import BackendError, Database
-    from postkeep.storage.dkim_keys import load_master_key
-    from postkeep.storage.objects import S3ObjectStore
-    from postkeep.storage.spool import Spool, SpoolCollector
+    from postkeep.storage.content.objects import S3ObjectStore
+    from postkeep.storage.content.spool import Spool, SpoolCollector
+    from postkeep.storage.metadata.db import BackendError, Database
+    from postkeep.storage.metadata.dkim_keys import load_master_key
 
     db = Database(cfg.postgres)
     objects = S3ObjectStore(cfg.s3)
@@ -163,7 +163,7 @@ def main(config_path: str | None, check_config: bool) -> None:
                                max_batch=mcfg.commit_batch_max,
                                linger=mcfg.commit_linger_ms / 1000,
                                spool_dir=mcfg.spool_directory, level=mcfg.zstd_level)
-    from postkeep.storage.dictionaries import DictionaryCache
+    from postkeep.storage.content.dictionaries import DictionaryCache
 
     dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,
                                    level=mcfg.zstd_level)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from email.utils import getaddresses
 from enum import Enum
 
-from postkeep.storage.directory import Organisation
+from postkeep.storage.metadata.directory import Organisation
 
 
 class Action(Enum):

@@ -20,8 +20,8 @@ from concurrent.futures import Executor
 import psycopg
 
 from postkeep.milter.gate import BackendGate
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.directory import Organisation, find_by_domain, find_by_submitter
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.directory import Organisation, find_by_domain, find_by_submitter
 from postkeep.ttlcache import TtlCache
 
 _Query = Callable[[psycopg.Connection, str], Organisation | None]

@@ -35,17 +35,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import Final, Literal
+from typing import Final
 
 import dkim
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
-Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
-ALGORITHMS: Final[tuple[Algorithm, ...]] = ("rsa-sha256", "ed25519-sha256")
-PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+from postkeep.signing_keys import ALGORITHMS, Algorithm, DkimError, PrivateKey, algorithm_of
 
 # RFC 6376 section 5.4.1: header fields a signer should sign when present.
 RECOMMENDED: Final[frozenset[bytes]] = frozenset(dkim.DKIM.SHOULD)
@@ -59,10 +57,6 @@ OVERSIGNED: Final[tuple[bytes, ...]] = (
 _RELAXED: Final = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _TAB_TO_SPACE: Final = bytes.maketrans(b"\t", b" ")
 _CRLF: Final = b"\r\n"
-
-
-class DkimError(Exception):
-    """The message or key cannot be signed; the text says why (no key material)."""
 
 
 def _squeeze(data: bytes) -> bytes:
@@ -192,27 +186,6 @@ def signed_header_names(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
     """The h= list: recommended headers present, in order, then OVERSIGNED once more each."""
     names = [name.lower() for name, _ in headers if name.lower() in RECOMMENDED]
     return names + list(OVERSIGNED)
-
-
-def algorithm_of(key: PrivateKey) -> Algorithm:
-    """The DKIM algorithm a private key signs with."""
-    return "ed25519-sha256" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa-sha256"
-
-
-def load_private_key(pem: bytes) -> PrivateKey:
-    """An RSA or Ed25519 private key from PEM (PKCS#1 or PKCS#8), e.g. the system key."""
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        # The exception text never contains key material.
-        raise DkimError(f"not a usable PEM private key: {exc}") from None
-    if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size < 1024:
-            raise DkimError(f"RSA key of {key.key_size} bits: DKIM needs at least 1024")
-        return key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key
-    raise DkimError(f"unsupported key type {type(key).__name__}: expected RSA or Ed25519")
 
 
 def sign(

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from postkeep.storage.db import BackendError
+from postkeep.storage.metadata.db import BackendError
 
 
 class BackendGate:

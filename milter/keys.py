@@ -14,8 +14,8 @@ import time
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.dkim_keys import DkimKeyError, KeyRing, KeyRingSource, MasterKey
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.dkim_keys import DkimKeyError, KeyRing, KeyRingSource, MasterKey
 from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.milter")

@@ -45,7 +45,6 @@ from postkeep.milter.decide import (
     tempfail_reply,
 )
 from postkeep.milter.directory import Directory
-from postkeep.milter.dkim import DkimError, PrivateKey
 from postkeep.milter.keys import KeyRingRefresher
 from postkeep.milter.signing import (
     Network,
@@ -55,11 +54,12 @@ from postkeep.milter.signing import (
     sign_all,
 )
 from postkeep.milter.spool import SPOOLABLE_BACKENDS, OutageSpooler
-from postkeep.storage.db import BackendError
-from postkeep.storage.dictionaries import DictionaryCache
-from postkeep.storage.dkim_keys import DkimKeyError
-from postkeep.storage.messages import CapturedMessage, expiry_dates
-from postkeep.storage.objects import message_key
+from postkeep.signing_keys import DkimError, PrivateKey
+from postkeep.storage.content.dictionaries import DictionaryCache
+from postkeep.storage.content.objects import message_key
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.dkim_keys import DkimKeyError
+from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
 
 log = logging.getLogger("postkeep.milter")
 
@@ -136,7 +136,7 @@ def system_signing(cfg: DkimConfig) -> SystemSigning | None:
     """The system-mail signer from [dkim], or None if not configured."""
     if not cfg.system_domains:
         return None
-    from postkeep.milter.dkim import algorithm_of, load_private_key
+    from postkeep.signing_keys import algorithm_of, load_private_key
 
     key = load_private_key(cfg.system_key.encode())
     return SystemSigning(frozenset(d.lower().rstrip(".") for d in cfg.system_domains),

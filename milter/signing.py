@@ -15,8 +15,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from postkeep.milter.dkim import PrivateKey, sign
-from postkeep.storage.dkim_keys import SigningKey
+from postkeep.milter.dkim import sign
+from postkeep.signing_keys import PrivateKey
+from postkeep.storage.metadata.dkim_keys import SigningKey
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -65,7 +66,7 @@ def sign_all(header_block: bytes, body_digest: bytes,
              keys: Sequence[tuple[str, str, str, PrivateKey]], timestamp: int) -> list[Signature]:
     """Sign with every (domain, selector, algorithm, key); top-down order.
 
-    Raises postkeep.milter.dkim.DkimError (e.g. not exactly one From: header).
+    Raises postkeep.signing_keys.DkimError (e.g. not exactly one From: header).
     """
     out = []
     for domain, selector, algorithm, key in keys:

@@ -4,7 +4,7 @@ When the group committer cannot make a message durable because MinIO or
 PostgreSQL is down or too slow (`BackendError` naming `s3` or `postgres`),
 and `[milter] outage_spool` is on, the service asks `OutageSpooler.store` to
 write the very object and rows it tried to store into the local spool
-(storage/spool.py: temp file, fsync, rename, fsync of the directory).  Only a
+(storage/content/spool.py: temp file, fsync, rename, fsync of the directory).  Only a
 spool write that completed lets Postfix accept the message; the drain stores
 it later.  The spooler refuses, and the message is tempfailed as before, when
 
@@ -28,9 +28,9 @@ from typing import BinaryIO
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.decide import Reply
-from postkeep.storage.db import BackendError
-from postkeep.storage.messages import CapturedMessage
-from postkeep.storage.spool import Spool, fill_percent
+from postkeep.storage.content.spool import Spool, fill_percent
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.messages import CapturedMessage
 
 log = logging.getLogger("postkeep.milter")
 

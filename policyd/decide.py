@@ -21,15 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from postkeep.storage.limits import (
-    HOURS_AND_DAYS,
-    KINDS,
-    OrgLimits,
-    Outcome,
-    Unspent,
-    Want,
-    Windows,
-)
+from postkeep.storage.metadata.limits import KINDS, OrgLimits, Outcome, Unspent, Want
+from postkeep.windows import HOURS_AND_DAYS, Windows
 
 DUNNO = "DUNNO"
 

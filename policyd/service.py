@@ -30,8 +30,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from postkeep.config import Config
 from postkeep.policyd import metrics
 from postkeep.policyd.decide import DUNNO, LeaseBook, LocalCounters, Plan, plan, verdict
-from postkeep.storage import limits
-from postkeep.storage.limits import Grant, OrgLimits, Outcome, Unspent, Want
+from postkeep.storage.metadata import limits
+from postkeep.storage.metadata.limits import Grant, OrgLimits, Outcome, Unspent, Want
 from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.policyd")

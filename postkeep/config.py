@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postkeep.storage.limits import Windows
+from postkeep.windows import Windows
 
 DEFAULT_PATH = "/etc/postkeep/postkeep.toml"
 
@@ -253,7 +253,7 @@ class StorageConfig:
     maintenance_seconds: float = field(default=3600.0, metadata={"min": 10})
     # How often the sidecar looks for organisations due a new zstd dictionary
     # (trained weekly per organisation with enough small mail; see
-    # storage/dictionaries.py train_due).  0: never (train with `postkeep dict train`).
+    # storage/content/dictionaries.py train_due).  0: never (train with `postkeep dict train`).
     dictionary_check_seconds: float = field(default=3600.0, metadata={"min": 0})
     # Where failure notices are forwarded to organisations that asked for it
     # (organisations.forward_failures): an SMTP server, HOST:PORT.  Empty: no

@@ -31,9 +31,9 @@ import zstandard
 from support.stack import REQUIRED, Stack, load_stack
 
 from postkeep import config as config_mod
-from postkeep.storage import directory, dkim_keys, messages, migrate
-from postkeep.storage.db import connect
-from postkeep.storage.objects import S3ObjectStore, message_key
+from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.metadata import directory, dkim_keys, messages, migrate
+from postkeep.storage.metadata.db import connect
 
 STACK_VARS = REQUIRED  # one list: tests/support/stack.py
 

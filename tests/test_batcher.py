@@ -7,8 +7,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-from postkeep.storage.reports import Report
-from postkeep.storage.sidecar import Batcher
+from postkeep.storage.reports.dsn import Report
+from postkeep.storage.sidecar.lmtp import Batcher
 
 
 def _report(n: int) -> Report:

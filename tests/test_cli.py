@@ -25,9 +25,9 @@ from click.testing import CliRunner, Result
 from conftest import StackEnv, StoreMessage, TestOrg, unique_name, zstd_frames
 
 from postkeep import cli
-from postkeep.admin import check_domain, parse_since
-from postkeep.storage import directory
-from postkeep.storage.objects import S3ObjectStore
+from postkeep.cli.common import check_domain, parse_since
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.metadata import directory
 
 Invoke = Callable[..., Result]
 
@@ -264,8 +264,8 @@ def test_messages_show_recipients_and_delivery_status(
 
     from support.reports import block, dsn
 
-    from postkeep.storage.outcomes import record_batch
-    from postkeep.storage.reports import parse_report
+    from postkeep.storage.reports.dsn import parse_report
+    from postkeep.storage.reports.outcomes import record_batch
 
     m = store_message(make_org(), recipients=("a@example.net", "b@example.net"))
     report = dsn(m.id, [block("b@example.net", "failed", "5.1.1", "550 5.1.1 no such user")])

@@ -13,9 +13,9 @@ import pytest
 
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage.db import BackendError
-from postkeep.storage.messages import CapturedMessage
-from postkeep.storage.objects import MemoryObjectStore
+from postkeep.storage.content.objects import MemoryObjectStore
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.messages import CapturedMessage
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from postkeep.milter.decide import (
     refusal_reply,
     tempfail_reply,
 )
-from postkeep.storage.directory import Organisation
+from postkeep.storage.metadata.directory import Organisation
 
 pytestmark = pytest.mark.unit
 
@@ -83,7 +83,7 @@ def test_bounce_domain_prefers_the_from_domains_own() -> None:
     import uuid
 
     from postkeep.milter.decide import choose_bounce_domain
-    from postkeep.storage.directory import Organisation
+    from postkeep.storage.metadata.directory import Organisation
 
     org = Organisation(uuid.uuid4(), "o", "pro", 90, 365,
                        bounce_domains=(("brand.example", "bounces.brand.example"),

@@ -1,7 +1,7 @@
 """Unit tests of part splitting, the container format and restore (no services).
 
 Captures are split exactly as the milter splits them, the parts are put in a
-MemoryObjectStore the way the committer stores them, and content.restore must
+MemoryObjectStore the way the committer stores them, and restore.restore must
 give back the message byte for byte, however malformed its MIME.
 """
 
@@ -20,12 +20,12 @@ from support import campaign
 
 from postkeep.milter.capture import MessageCapture, StoredContent
 from postkeep.milter.mime_split import large_parts
-from postkeep.storage import container, content
-from postkeep.storage.container import DictionaryRef
-from postkeep.storage.db import BackendError
-from postkeep.storage.dictionaries import LoadedDictionary, train
-from postkeep.storage.objects import MemoryObjectStore
-from postkeep.storage.parts import compress_part
+from postkeep.storage.content import container, restore
+from postkeep.storage.content.container import DictionaryRef
+from postkeep.storage.content.dictionaries import LoadedDictionary, train
+from postkeep.storage.content.objects import MemoryObjectStore
+from postkeep.storage.content.parts import compress_part
+from postkeep.storage.metadata.db import BackendError
 
 pytestmark = pytest.mark.unit
 
@@ -82,7 +82,7 @@ def _roundtrip(message: bytes, **kw: object) -> tuple[StoredContent, bytes, Memo
     c = _capture(message, **kw)  # type: ignore[arg-type]
     nparts = len(c.parts)
     key = _store(c, store)
-    restored = b"".join(content.restore(store, key, chunk_size=1000))
+    restored = b"".join(restore.restore(store, key, chunk_size=1000))
     assert restored == message
     assert c.sha256 == hashlib.sha256(message).digest()
     assert c.size == len(message)
@@ -169,7 +169,7 @@ def test_same_part_in_two_messages_is_one_object() -> None:
     parts = [k for k in store.objects if k.startswith("parts/")]
     assert len(parts) == 1
     for i, key in enumerate(keys):
-        assert b"".join(content.restore(store, key)) == campaign.message(i, "shop.example",
+        assert b"".join(restore.restore(store, key)) == campaign.message(i, "shop.example",
                                                                          pdf=pdf)
 
 
@@ -227,7 +227,7 @@ def test_signed_capture_hashes_the_final_bytes() -> None:
     store = MemoryObjectStore()
     c = _capture(msg, prefix=prefix)
     key = _store(c, store)
-    assert b"".join(content.restore(store, key)) == prefix + msg
+    assert b"".join(restore.restore(store, key)) == prefix + msg
     assert c.sha256 == hashlib.sha256(prefix + msg).digest()
 
 
@@ -237,7 +237,7 @@ def test_missing_part_is_an_error_naming_it() -> None:
     part = next(k for k in store.objects if k.startswith("parts/"))
     del store.objects[part]
     with pytest.raises(BackendError, match=part):
-        b"".join(content.restore(store, key))
+        b"".join(restore.restore(store, key))
 
 
 # --- dictionaries ---------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_dictionary_compressed_message_restores_and_is_several_times_smaller(
     c = _capture(msg, dictionary=loaded, dict_max=64 * 1024)
     assert c.dictionary == loaded.ref
     key = _store(c, store)
-    assert b"".join(content.restore(store, key)) == msg
+    assert b"".join(restore.restore(store, key)) == msg
     assert c.compressed_size * 3 < plain_size, (c.compressed_size, plain_size)
 
 
@@ -287,7 +287,7 @@ def test_split_message_skeleton_uses_the_dictionary(
     c = _capture(msg, dictionary=loaded, dict_max=64 * 1024)  # ... what remains is not
     assert c.dictionary == loaded.ref and len(c.parts) == 1
     key = _store(c, store)
-    assert b"".join(content.restore(store, key)) == msg
+    assert b"".join(restore.restore(store, key)) == msg
 
 
 def test_missing_dictionary_is_an_error_naming_it(
@@ -297,7 +297,7 @@ def test_missing_dictionary_is_an_error_naming_it(
     key = _store(_capture(campaign.message(2, "shop.example"), dictionary=loaded,
                           dict_max=1 << 20), store, "org-missing")
     with pytest.raises(BackendError) as err:
-        b"".join(content.restore(store, key))
+        b"".join(restore.restore(store, key))
     assert "dictionary v4 of organisation org-missing" in str(err.value)
     assert "dictionaries/org-missing/4.zdict" in str(err.value)
 
@@ -321,7 +321,7 @@ def test_unknown_container_version_is_refused() -> None:
     store = MemoryObjectStore()
     store.objects["k"] = bad
     with pytest.raises(BackendError, match="version 9"):
-        b"".join(content.restore(store, "k"))
+        b"".join(restore.restore(store, "k"))
 
 
 class _FlakyDb:
@@ -341,7 +341,7 @@ class _FlakyDb:
 
 def test_dictionary_cache_refreshes_and_keeps_what_it_has_through_an_outage(
         dictionary: tuple[LoadedDictionary, bytes]) -> None:
-    from postkeep.storage.dictionaries import DictionaryCache
+    from postkeep.storage.content.dictionaries import DictionaryCache
 
     _, raw = dictionary
     org = uuid.uuid4()
@@ -380,7 +380,7 @@ def test_plain_object_of_a_split_message_restores_the_whole_message() -> None:
     data = plain.stream.read()
     assert not data.startswith(container.MAGIC)
     assert len(data) == plain.compressed_size
-    restored = b"".join(content.decompress_stream([data]))
+    restored = b"".join(restore.decompress_stream([data]))
     assert restored == msg
     assert hashlib.sha256(restored).digest() == split.sha256 == plain.sha256
     assert plain.reopen is not None and plain.reopen().read() == data

@@ -28,16 +28,16 @@ from support.dedup import capture_and_commit
 from support.stack import Stack, strip_received
 
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage import container
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.messages import CapturedMessage
-from postkeep.storage.parts import (
+from postkeep.storage.content import container
+from postkeep.storage.content.parts import (
     PartStore,
     SplitPart,
     attachments_of,
     release_message_parts,
     sweep_parts,
 )
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.messages import CapturedMessage
 
 pytestmark = pytest.mark.stack
 
@@ -389,15 +389,15 @@ def test_a_legal_hold_keeps_parts_past_their_expiry(stack: Stack,
 def test_retention_run_sweeps_parts_no_unexpired_message_needs(
         stack: Stack, committer: GroupCommitter) -> None:
     """`postkeep retention run` (run_retention) sweeps shared parts too."""
-    from postkeep.storage import lifecycle
-    from postkeep.storage.retention import run_retention
+    from postkeep.storage.lifecycle import rules
+    from postkeep.storage.lifecycle.retention import run_retention
 
     now = datetime.now(UTC)
     sent = _pdf_mail(stack, committer, 61, expired=True, now=now)
     org_id, key = sent.org_id, sent.part_key
     objects = stack.objects()
     with stack.connect() as conn:
-        report = run_retention(conn, lifecycle.S3Retention(objects.client, objects.bucket),
+        report = run_retention(conn, rules.S3Retention(objects.client, objects.bucket),
                                now)
     assert report.parts_swept >= 1, report.summary()
     assert _part_rows(stack, org_id) == []

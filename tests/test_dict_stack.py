@@ -25,9 +25,9 @@ from support.stack import Stack, strip_received
 
 from postkeep import cli
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage import container, dictionaries
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.dictionaries import DictionaryCache
+from postkeep.storage.content import container, dictionaries
+from postkeep.storage.content.dictionaries import DictionaryCache
+from postkeep.storage.metadata.db import BackendError, Database
 
 pytestmark = pytest.mark.stack
 

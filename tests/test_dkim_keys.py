@@ -30,9 +30,9 @@ from conftest import StackEnv, TestOrg
 from postkeep import cli, config
 from postkeep.config import ConfigError
 from postkeep.milter import dkim as pkdkim
-from postkeep.storage import directory, dkim_keys
-from postkeep.storage.db import BackendError, Database
-from postkeep.storage.dkim_keys import DkimKeyError, MasterKey
+from postkeep.storage.metadata import directory, dkim_keys
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.dkim_keys import DkimKeyError, MasterKey
 
 pytestmark = pytest.mark.stack
 

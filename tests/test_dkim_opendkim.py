@@ -16,8 +16,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from test_dkim_sign import DOMAIN, MESSAGES, SELECTOR, T
 
+from postkeep import signing_keys
 from postkeep.milter import dkim as pkdkim
-from postkeep.storage import dkim_keys
+from postkeep.storage.metadata import dkim_keys
 
 pytestmark = pytest.mark.stack
 
@@ -40,16 +41,16 @@ def opendkim() -> str:
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict[str, pkdkim.PrivateKey]:
+def keys() -> dict[str, signing_keys.PrivateKey]:
     return {
         "rsa-sha256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "ed25519-sha256": ed25519.Ed25519PrivateKey.generate(),
     }
 
 
-def _verify(opendkim: str, tmp: Path, key: pkdkim.PrivateKey, message: bytes) -> str:
+def _verify(opendkim: str, tmp: Path, key: signing_keys.PrivateKey, message: bytes) -> str:
     """OpenDKIM's verdict line for MESSAGE, keys served from a TestPublicKeys file."""
-    value = dkim_keys.dns_txt_value(pkdkim.algorithm_of(key), dkim_keys.public_key_bytes(key))
+    value = dkim_keys.dns_txt_value(signing_keys.algorithm_of(key), dkim_keys.public_key_bytes(key))
     (tmp / "keys").write_text(f"{dkim_keys.dns_name(DOMAIN, SELECTOR)} {value}\n")
     (tmp / "opendkim.conf").write_text(
         f"Mode v\nTestPublicKeys {tmp / 'keys'}\nSyslog no\nLogResults yes\n"
@@ -63,10 +64,10 @@ def _verify(opendkim: str, tmp: Path, key: pkdkim.PrivateKey, message: bytes) ->
 
 
 @pytest.mark.parametrize("name", sorted(set(MESSAGES) - DKIMPY_ONLY))
-@pytest.mark.parametrize("algorithm", pkdkim.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", signing_keys.ALGORITHMS)
 def test_opendkim_verifies_and_rejects_a_changed_body_byte(
-    opendkim: str, keys: dict[str, pkdkim.PrivateKey], tmp_path: Path,
-    name: str, algorithm: pkdkim.Algorithm,
+    opendkim: str, keys: dict[str, signing_keys.PrivateKey], tmp_path: Path,
+    name: str, algorithm: signing_keys.Algorithm,
 ) -> None:
     key = keys[algorithm]
     message = MESSAGES[name].replace(NUL, b"")

@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from postkeep.dkim_cli import check_selector, parse_duration, parse_time
-from postkeep.milter.dkim import Algorithm
-from postkeep.storage.dkim_keys import DkimKey, key_states, published, select_active
+from postkeep.cli.dkim import check_selector, parse_duration, parse_time
+from postkeep.signing_keys import Algorithm
+from postkeep.storage.metadata.dkim_keys import DkimKey, key_states, published, select_active
 
 pytestmark = pytest.mark.unit
 

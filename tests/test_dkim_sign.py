@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 
+from postkeep import signing_keys
 from postkeep.milter import dkim as pkdkim
-from postkeep.storage import dkim_keys
+from postkeep.storage.metadata import dkim_keys
 
 pytestmark = pytest.mark.unit
 
@@ -86,7 +87,7 @@ def ed_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
-def _dkimpy_key(key: pkdkim.PrivateKey) -> bytes:
+def _dkimpy_key(key: signing_keys.PrivateKey) -> bytes:
     """The private key in the form dkimpy's sign() takes."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.private_bytes(
@@ -100,7 +101,7 @@ def _dkimpy_key(key: pkdkim.PrivateKey) -> bytes:
     )
 
 
-def _dkimpy_sign(message: bytes, key: pkdkim.PrivateKey, algorithm: str) -> bytes:
+def _dkimpy_sign(message: bytes, key: signing_keys.PrivateKey, algorithm: str) -> bytes:
     """dkimpy's own signature over MESSAGE with postkeep's header list, at time T."""
     headers = pkdkim.parse_headers(pkdkim.split_message(message)[0])
     with mock.patch.object(dkim.time, "time", return_value=float(T)):
@@ -112,9 +113,9 @@ def _dkimpy_sign(message: bytes, key: pkdkim.PrivateKey, algorithm: str) -> byte
         ))
 
 
-def _dnsfunc(key: pkdkim.PrivateKey) -> object:
+def _dnsfunc(key: signing_keys.PrivateKey) -> object:
     """A resolver stub answering the selector's TXT record as postkeep publishes it."""
-    value = dkim_keys.dns_txt_value(pkdkim.algorithm_of(key), dkim_keys.public_key_bytes(key))
+    value = dkim_keys.dns_txt_value(signing_keys.algorithm_of(key), dkim_keys.public_key_bytes(key))
     # What a resolver returns: the record's strings concatenated.
     answer = "".join(dkim_keys.dns_txt_strings(value)).encode()
     expected = f"{SELECTOR}._domainkey.{DOMAIN}.".encode()
@@ -135,12 +136,12 @@ def _dkimpy_body_hash(body: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
-@pytest.mark.parametrize("algorithm", pkdkim.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", signing_keys.ALGORITHMS)
 def test_signature_is_byte_identical_to_dkimpy(
-    name: str, algorithm: pkdkim.Algorithm, rsa_key: rsa.RSAPrivateKey,
+    name: str, algorithm: signing_keys.Algorithm, rsa_key: rsa.RSAPrivateKey,
     ed_key: ed25519.Ed25519PrivateKey,
 ) -> None:
-    key: pkdkim.PrivateKey = rsa_key if algorithm == "rsa-sha256" else ed_key
+    key: signing_keys.PrivateKey = rsa_key if algorithm == "rsa-sha256" else ed_key
     message = MESSAGES[name]
     ours = pkdkim.sign_message(message, key, DOMAIN, SELECTOR, algorithm, T)
     assert ours == _dkimpy_sign(message, key, algorithm)
@@ -149,12 +150,12 @@ def test_signature_is_byte_identical_to_dkimpy(
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))
-@pytest.mark.parametrize("algorithm", pkdkim.ALGORITHMS)
+@pytest.mark.parametrize("algorithm", signing_keys.ALGORITHMS)
 def test_dkimpy_verifies_with_published_record_and_rejects_a_changed_byte(
-    name: str, algorithm: pkdkim.Algorithm, rsa_key: rsa.RSAPrivateKey,
+    name: str, algorithm: signing_keys.Algorithm, rsa_key: rsa.RSAPrivateKey,
     ed_key: ed25519.Ed25519PrivateKey,
 ) -> None:
-    key: pkdkim.PrivateKey = rsa_key if algorithm == "rsa-sha256" else ed_key
+    key: signing_keys.PrivateKey = rsa_key if algorithm == "rsa-sha256" else ed_key
     message = MESSAGES[name]
     signed = pkdkim.sign_message(message, key, DOMAIN, SELECTOR, algorithm, T) + message
     dnsfunc = _dnsfunc(key)
@@ -253,17 +254,17 @@ def test_refusals_name_the_problem(
     rsa_key: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey
 ) -> None:
     digest = pkdkim.body_hash(b"x\r\n")
-    with pytest.raises(pkdkim.DkimError, match="exactly one From"):
+    with pytest.raises(signing_keys.DkimError, match="exactly one From"):
         pkdkim.sign(b"To: a@b.c\r\n", digest, rsa_key, DOMAIN, SELECTOR, "rsa-sha256", T)
-    with pytest.raises(pkdkim.DkimError, match="exactly one From"):
+    with pytest.raises(signing_keys.DkimError, match="exactly one From"):
         pkdkim.sign(b"From: a@b.c\r\nFrom: d@e.f\r\n", digest, rsa_key, DOMAIN, SELECTOR,
                     "rsa-sha256", T)
-    with pytest.raises(pkdkim.DkimError, match="does not match"):
+    with pytest.raises(signing_keys.DkimError, match="does not match"):
         pkdkim.sign(b"From: a@b.c\r\n", digest, ed_key, DOMAIN, SELECTOR, "rsa-sha256", T)
-    with pytest.raises(pkdkim.DkimError, match="header block not parseable"):
+    with pytest.raises(signing_keys.DkimError, match="header block not parseable"):
         pkdkim.sign(b"From: a@b.c\r\nno colon here\r\n", digest, rsa_key, DOMAIN, SELECTOR,
                     "rsa-sha256", T)
-    with pytest.raises(pkdkim.DkimError, match="32-byte"):
+    with pytest.raises(signing_keys.DkimError, match="32-byte"):
         pkdkim.sign(b"From: a@b.c\r\n", b"short", rsa_key, DOMAIN, SELECTOR, "rsa-sha256", T)
 
 
@@ -274,10 +275,10 @@ def test_load_private_key_accepts_pem_and_refuses_garbage_without_echoing_it(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
-    loaded = pkdkim.load_private_key(pem)
-    assert pkdkim.algorithm_of(loaded) == "rsa-sha256"
-    with pytest.raises(pkdkim.DkimError) as info:
-        pkdkim.load_private_key(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0LXN0dWZm\n-----END")
+    loaded = signing_keys.load_private_key(pem)
+    assert signing_keys.algorithm_of(loaded) == "rsa-sha256"
+    with pytest.raises(signing_keys.DkimError) as info:
+        signing_keys.load_private_key(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0LXN0dWZm\n-----END")
     assert "c2VjcmV0LXN0dWZm" not in str(info.value)
 
 

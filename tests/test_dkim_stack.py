@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from support import corpus, smtp
 from support.stack import Stack, strip_received
 
+from postkeep import signing_keys
 from postkeep.milter import dkim as pkdkim
-from postkeep.storage import dkim_keys
+from postkeep.storage.metadata import dkim_keys
 
 pytestmark = pytest.mark.stack
 
@@ -174,7 +175,7 @@ def test_from_domain_of_another_org_is_not_signed_with_its_key(stack: Stack) -> 
 def _system_dns(stack: Stack) -> dict[bytes, bytes]:
     pem = Path(stack.config.dkim.system_key_file).read_bytes()
     key = serialization.load_pem_private_key(pem, password=None)
-    value = dkim_keys.dns_txt_value(pkdkim.algorithm_of(key),  # type: ignore[arg-type]
+    value = dkim_keys.dns_txt_value(signing_keys.algorithm_of(key),  # type: ignore[arg-type]
                                     dkim_keys.public_key_bytes(key))  # type: ignore[arg-type]
     domain = stack.config.dkim.system_domains[0]
     return {f"{stack.config.dkim.system_selector}._domainkey.{domain}.".encode(): value.encode()}

@@ -21,13 +21,13 @@ from postkeep.envelope import (
     restored_params,
     return_path,
 )
-from postkeep.storage.outcomes import (
+from postkeep.storage.reports.dsn import Report, parse_report, status_of
+from postkeep.storage.reports.outcomes import (
     DUPLICATE,
     DUPLICATE_UNMATCHED,
     UNMATCHED,
     record_batch,
 )
-from postkeep.storage.reports import Report, parse_report, status_of
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -212,7 +212,7 @@ def conn(stack: Stack) -> Iterator[psycopg.Connection]:
 def _message(conn: psycopg.Connection, stack: Stack, rcpts: list[str]) -> tuple[uuid.UUID,
                                                                                 datetime]:
     """A captured message's rows (as the milter writes them); returns (id, expiry)."""
-    from postkeep.storage.messages import CapturedMessage, record_captures
+    from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 
     org, domain = stack.new_org("basic", dkim=False)
     mid = uuid.uuid4()
@@ -306,7 +306,7 @@ def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Con
 
 
 def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Connection) -> None:
-    from postkeep.storage.outcomes import maintain_report_partitions
+    from postkeep.storage.reports.outcomes import maintain_report_partitions
 
     conn.execute("CREATE TABLE IF NOT EXISTS reports_d20200101 PARTITION OF reports"
                  " FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00')")

@@ -252,7 +252,7 @@ def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
 
 
 def _unzstd(data: bytes) -> bytes:
-    from postkeep.storage.content import decompress_stream
+    from postkeep.storage.content.restore import decompress_stream
 
     return b"".join(decompress_stream([data]))
 

@@ -21,8 +21,8 @@ from conftest import TestOrg
 from support.policyd import hammer, policyds
 
 from postkeep.config import Config
-from postkeep.storage import limits
-from postkeep.storage.limits import OrgLimits
+from postkeep.storage.metadata import limits
+from postkeep.storage.metadata.limits import OrgLimits
 
 pytestmark = pytest.mark.stack
 

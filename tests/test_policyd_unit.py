@@ -26,7 +26,8 @@ from postkeep.policyd.decide import (
 from postkeep.policyd.protocol import Limits, ProtocolError, RequestBuilder, format_reply
 from postkeep.policyd.server import PolicyServer
 from postkeep.policyd.service import PolicyService
-from postkeep.storage.limits import Grant, OrgLimits, Outcome, Unspent, Want, Windows
+from postkeep.storage.metadata.limits import Grant, OrgLimits, Outcome, Unspent, Want
+from postkeep.windows import Windows
 
 pytestmark = pytest.mark.unit
 

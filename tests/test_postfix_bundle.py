@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from postkeep.postfix_bundle import (
+from postkeep.cli.postfix import (
     BUNDLE_CANDIDATES,
     BundleError,
     Difference,

@@ -26,7 +26,8 @@ from support import smtp
 from support.retention import audit_rows, exists, past_week, stats_row
 from support.stack import Stack, strip_received
 
-from postkeep.storage import holds, lifecycle, messages
+from postkeep.storage.lifecycle import holds, rules
+from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
@@ -139,7 +140,7 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
     assert f"retention: dropped {week.messages} and {week.recipients}" in run.stderr
 
     objects = stack.objects()
-    store = lifecycle.S3Retention(objects.client, objects.bucket)
+    store = rules.S3Retention(objects.client, objects.bucket)
     with stack.connect() as conn:
         # Metadata went with the partitions, content with the sweep.
         assert not exists(conn, week.messages) and not exists(conn, week.recipients)
@@ -172,7 +173,7 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
         assert held.message.held_metadata_expires_at == stamp
         assert sorted(r.recipient for r in held.recipients) == ["dan@sink.test",
                                                                  "erin@sink.test"]
-        assert holds.list_holds(conn, held_id)[0].id == hold_id
+        assert legal_holds.list_holds(conn, held_id)[0].id == hold_id
 
         # The erased address is nowhere in its message; the content is gone.
         e = messages.get_message(conn, rows["erin"].id)

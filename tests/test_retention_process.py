@@ -24,8 +24,9 @@ import pytest
 from conftest import StackEnv, TestOrg
 from support.retention import PastWeek, audit_rows, exists, past_week, put_message, stats_row
 
-from postkeep.storage import lifecycle, messages
-from postkeep.storage.objects import S3ObjectStore
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.lifecycle import rules
+from postkeep.storage.metadata import messages
 
 pytestmark = pytest.mark.stack
 
@@ -79,7 +80,7 @@ def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 120) ->
 def _assert_exact_end_state(db: psycopg.Connection, objects: S3ObjectStore, org: TestOrg,
                             weeks: list[PastWeek], stored: list[messages.CapturedMessage],
                             since: datetime) -> None:
-    store = lifecycle.S3Retention(objects.client, objects.bucket)
+    store = rules.S3Retention(objects.client, objects.bucket)
     for w in weeks:
         assert not exists(db, w.messages) and not exists(db, w.recipients)
         rows = audit_rows(db, "partition_dropped", w.messages, since)
@@ -128,7 +129,7 @@ def test_a_run_killed_mid_way_is_finished_by_the_next(
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    store = lifecycle.S3Retention(objects.client, objects.bucket)
+    store = rules.S3Retention(objects.client, objects.bucket)
     left = sum(1 for m in stored if store.exists(m.object_key))
     dropped = [w for w in weeks if not exists(db, w.messages)]
     if kill_at == MID_SWEEP:

@@ -17,9 +17,11 @@ from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from support.retention import audit_rows, exists, past_week, put_message, stats_row
 
-from postkeep.storage import erasure, holds, lifecycle, messages
-from postkeep.storage.objects import S3ObjectStore
-from postkeep.storage.retention import RetentionSettings, run_retention
+from postkeep.storage.content import layout
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.lifecycle import erasure, holds, rules
+from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention
+from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
@@ -27,15 +29,15 @@ SWEEP = RetentionSettings(content_expiry="sweep")
 
 
 @pytest.fixture
-def store(objects: S3ObjectStore) -> lifecycle.S3Retention:
-    return lifecycle.S3Retention(objects.client, objects.bucket)
+def store(objects: S3ObjectStore) -> rules.S3Retention:
+    return rules.S3Retention(objects.client, objects.bucket)
 
 
 def _present(objects: S3ObjectStore, key: str) -> bool:
-    return lifecycle.S3Retention(objects.client, objects.bucket).exists(key)
+    return rules.S3Retention(objects.client, objects.bucket).exists(key)
 
 
-def _run(db: psycopg.Connection, store: lifecycle.S3Retention, sweep_from: datetime,
+def _run(db: psycopg.Connection, store: rules.S3Retention, sweep_from: datetime,
          settings: RetentionSettings = SWEEP) -> object:
     lines: list[str] = []
     report = run_retention(db, store, progress=lines.append, settings=settings,
@@ -45,29 +47,29 @@ def _run(db: psycopg.Connection, store: lifecycle.S3Retention, sweep_from: datet
 
 
 def test_lifecycle_rules_are_installed_bounded_and_keep_foreign_rules(
-        store: lifecycle.S3Retention, objects: S3ObjectStore) -> None:
+        store: rules.S3Retention, objects: S3ObjectStore) -> None:
     client = objects.client
     foreign = Rule(ENABLED, rule_filter=Filter(prefix="exports/"), rule_id="ops-exports",
                    expiration=Expiration(days=3))
     client.set_bucket_lifecycle(objects.bucket, LifecycleConfig([foreign]))
-    total = store.apply_rules(lifecycle.planned_rules())
-    again = store.apply_rules(lifecycle.planned_rules())  # idempotent: no duplicates
+    total = store.apply_rules(rules.planned_rules())
+    again = store.apply_rules(rules.planned_rules())  # idempotent: no duplicates
     cfg = client.get_bucket_lifecycle(objects.bucket)
     assert cfg is not None
     ids = [r.rule_id for r in cfg.rules]
-    assert total == again == len(ids) == len(lifecycle.CONTENT_CLASSES) + 1 <= 1000
+    assert total == again == len(ids) == len(layout.CONTENT_CLASSES) + 1 <= 1000
     assert "ops-exports" in ids
     by_id = {r.rule_id: r for r in cfg.rules}
-    for days in lifecycle.CONTENT_CLASSES:
+    for days in layout.CONTENT_CLASSES:
         rule = by_id[f"postkeep-content-{days}d"]
         assert rule.status == ENABLED
         assert rule.rule_filter.prefix == f"messages/{days}d/"
         assert rule.expiration.days == days
-    assert store.rules() == lifecycle.planned_rules()
+    assert store.rules() == rules.planned_rules()
 
 
 def test_run_drops_expired_week_sweeps_content_and_keeps_statistics(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     started = datetime.now(UTC)
     org = make_org("free")
@@ -103,7 +105,7 @@ def test_run_drops_expired_week_sweeps_content_and_keeps_statistics(
 
 
 def test_lifecycle_mode_leaves_classed_objects_to_the_rules(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     org = make_org("free")
     week = past_week(db)
@@ -125,13 +127,13 @@ def test_lifecycle_mode_leaves_classed_objects_to_the_rules(
 
 
 def test_held_org_survives_the_drop_and_release_restores_retention(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     held_org, other = make_org("free"), make_org("free")
     week = past_week(db)
     kept = [put_message(db, objects, held_org.id, held_org.domain, week) for _ in range(3)]
     gone = put_message(db, objects, other.id, other.domain, week)
-    hold = holds.add_hold(db, held_org.id, None, "case 2026-17")
+    hold = legal_holds.add_hold(db, held_org.id, None, "case 2026-17")
     wm = week.monday - timedelta(days=40)
     # add_hold's CLI moves content at once; here the run does it.
     report = _run(db, store, wm)
@@ -147,7 +149,7 @@ def test_held_org_survives_the_drop_and_release_restores_retention(
         assert detail.message.metadata_expires_at == holds.HELD_AT
         assert detail.message.held_metadata_expires_at == m.metadata_expires_at
         assert [r.recipient for r in detail.recipients] == ["rcpt@example.net"]
-        assert detail.message.object_key == lifecycle.held_key(m.object_key)
+        assert detail.message.object_key == layout.held_key(m.object_key)
         assert _present(objects, detail.message.object_key)
         assert not _present(objects, m.object_key)
         assert messages.content_available(detail.message, datetime.now(UTC))
@@ -157,19 +159,19 @@ def test_held_org_survives_the_drop_and_release_restores_retention(
     before = stats_row(db, held_org.id, day)
     assert before["messages"] == 3
 
-    holds.release_hold(db, hold.id)
+    legal_holds.release_hold(db, hold.id)
     report = _run(db, store, wm)
     assert report.holds_reconciled == 1  # type: ignore[attr-defined]
     for m in kept:
         assert messages.get_message(db, m.id) is None  # own stamp long past
-        assert not _present(objects, lifecycle.held_key(m.object_key))
+        assert not _present(objects, layout.held_key(m.object_key))
     assert stats_row(db, held_org.id, day) == before  # counted once, not lost
     (count, detail), = audit_rows(db, "hold_reconciled", f"hold {hold.id}")
     assert count == 3 and detail["messages_dropped"] == 3
 
 
 def test_hold_moves_live_content_out_of_lifecycle_reach(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     org = make_org("free")
     now = datetime.now(UTC)
@@ -177,13 +179,13 @@ def test_hold_moves_live_content_out_of_lifecycle_reach(
                         recipients=(("Alice@Example.net", "delivered"),))
     bob = put_message(db, objects, org.id, org.domain, created=now,
                       recipients=(("bob@example.net", "delivered"),))
-    assert lifecycle.covered_by_rules(alice.object_key)
-    hold = holds.add_hold(db, org.id, "alice@example.net", "subpoena 9")
+    assert layout.covered_by_rules(alice.object_key)
+    hold = legal_holds.add_hold(db, org.id, "alice@example.net", "subpoena 9")
     res = holds.protect(db, store, hold, now - timedelta(days=1))
     assert res.moved == 1
     row = messages.get_message(db, alice.id)
     assert row is not None
-    assert row.message.object_key == lifecycle.held_key(alice.object_key)
+    assert row.message.object_key == layout.held_key(alice.object_key)
     assert _present(objects, row.message.object_key)
     assert not _present(objects, alice.object_key)
     bob_row = messages.get_message(db, bob.id)
@@ -195,11 +197,11 @@ def test_hold_moves_live_content_out_of_lifecycle_reach(
     with pytest.raises(erasure.ErasureRefused, match=f"hold {hold.id} on alice@example.net"):
         erasure.erase_address(db, store, org.id, "alice@example.net")
     assert _present(objects, row.message.object_key)
-    holds.release_hold(db, hold.id)
+    legal_holds.release_hold(db, hold.id)
 
 
 def test_erasure_deletes_content_and_redacts_metadata(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     org, other_org = make_org("basic"), make_org("basic")
     now = datetime.now(UTC)
@@ -250,12 +252,12 @@ def test_erasure_deletes_content_and_redacts_metadata(
 
 
 def test_erasure_refused_by_an_org_hold_names_it(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     org = make_org("free")
     m = put_message(db, objects, org.id, org.domain, created=datetime.now(UTC),
                     recipients=(("eve@example.net", "delivered"),))
-    hold = holds.add_hold(db, org.id, None, "audit Q3")
+    hold = legal_holds.add_hold(db, org.id, None, "audit Q3")
     try:
         with pytest.raises(erasure.ErasureRefused) as err:
             erasure.erase_address(db, store, org.id, "eve@example.net")
@@ -264,11 +266,11 @@ def test_erasure_refused_by_an_org_hold_names_it(
         row = messages.get_message(db, m.id)
         assert row is not None and row.message.content_erased_at is None
     finally:
-        holds.release_hold(db, hold.id)
+        legal_holds.release_hold(db, hold.id)
 
 
 def test_address_hold_keeps_only_that_address_through_a_drop(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
     org = make_org("free")
     week = past_week(db)
@@ -276,7 +278,7 @@ def test_address_hold_keeps_only_that_address_through_a_drop(
                         recipients=(("x@example.net", "delivered"),
                                     ("Frank@Example.net", "delivered")))
     others = [put_message(db, objects, org.id, org.domain, week) for _ in range(2)]
-    hold = holds.add_hold(db, org.id, "frank@example.net", "HR case")
+    hold = legal_holds.add_hold(db, org.id, "frank@example.net", "HR case")
     try:
         report = _run(db, store, week.monday - timedelta(days=40))
         assert report.held_rows_kept == 1  # type: ignore[attr-defined]
@@ -284,7 +286,7 @@ def test_address_hold_keeps_only_that_address_through_a_drop(
         assert detail is not None and len(detail.recipients) == 2
         assert all(messages.get_message(db, m.id) is None for m in others)
     finally:
-        holds.release_hold(db, hold.id)
+        legal_holds.release_hold(db, hold.id)
 
 
 def test_content_expired_is_what_readers_say(
@@ -325,7 +327,7 @@ def test_unknown_org_and_bad_address_refused_by_cli(stack_env: object) -> None:
 
 
 def test_cli_hold_list_stats_and_lifecycle_show(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg], stack_env: object) -> None:
     import json
 
@@ -369,7 +371,7 @@ def test_cli_hold_list_stats_and_lifecycle_show(
         (1, 2, 1, 1)]
     assert "DELIVERED" in run("retention", "stats", org.name)
 
-    store.apply_rules(lifecycle.planned_rules())
+    store.apply_rules(rules.planned_rules())
     shown = run("retention", "lifecycle", "show")
     assert "postkeep-content-7d" in shown and "prefix messages/7d/" in shown
     assert len([ln for ln in shown.splitlines() if ln.startswith("postkeep-content-")]) == 15
@@ -385,9 +387,9 @@ def test_the_sidecar_schedule_runs_retention(
     from prometheus_client import REGISTRY
 
     from postkeep.config import RetentionConfig
-    from postkeep.storage.db import Database
-    from postkeep.storage.retention_schedule import retention_job
-    from postkeep.storage.upkeep import run_jobs
+    from postkeep.storage.metadata.db import Database
+    from postkeep.storage.sidecar.retention_job import retention_job
+    from postkeep.storage.sidecar.upkeep import run_jobs
 
     def runs_ok() -> float:
         return REGISTRY.get_sample_value("postkeep_retention_runs_total",
@@ -430,14 +432,14 @@ def test_the_stack_sidecar_has_retention_scheduled(stack_env: object) -> None:
 
 
 def test_dashboard_role_sees_only_its_organisations_statistics_holds_and_audit(
-        db: psycopg.Connection, objects: S3ObjectStore, store: lifecycle.S3Retention,
+        db: psycopg.Connection, objects: S3ObjectStore, store: rules.S3Retention,
         make_org: Callable[..., TestOrg]) -> None:
 
     mine, theirs = make_org("free"), make_org("free")
     week = past_week(db)
     for org in (mine, theirs):
         put_message(db, objects, org.id, org.domain, week)
-        holds.release_hold(db, holds.add_hold(db, org.id, None, "rls check").id)
+        legal_holds.release_hold(db, legal_holds.add_hold(db, org.id, None, "rls check").id)
     _run(db, store, week.monday - timedelta(days=40))
     tables = "delivery_stats_daily, delivery_stats_dropped, legal_holds, retention_audit"
     with dashboard_role(db, tables) as role:
@@ -452,9 +454,9 @@ def test_release_deletes_content_a_hold_kept_even_where_protection_failed(
         db: psycopg.Connection, objects: S3ObjectStore, make_org: Callable[..., TestOrg]) -> None:
     """S3 refused the copy under messages/hold/: the sweeper still skips the held
     message, and releasing the hold deletes it once its stamp has passed."""
-    from postkeep.storage.db import BackendError
+    from postkeep.storage.metadata.db import BackendError
 
-    class CopyFails(lifecycle.MemoryRetention):
+    class CopyFails(rules.MemoryRetention):
         def copy(self, src: str, dst: str) -> None:
             raise BackendError("s3", f"copy {src}: SlowDown")
 
@@ -463,11 +465,11 @@ def test_release_deletes_content_a_hold_kept_even_where_protection_failed(
     m = put_message(db, objects, org.id, org.domain, created=now - timedelta(days=7, hours=12),
                     metadata_days=None, classed=False)  # content expired 12 hours ago
     memory = CopyFails({m.object_key: b"x"}, lifecycle=False)
-    hold = holds.add_hold(db, org.id, None, "protection fails")
+    hold = legal_holds.add_hold(db, org.id, None, "protection fails")
     report = run_retention(db, memory, settings=SWEEP, sweep_from=now - timedelta(days=2))
     assert any("SlowDown" in e for e in report.errors)
     assert m.object_key in memory.objects, "the sweeper deleted held content"
-    holds.release_hold(db, hold.id)
+    legal_holds.release_hold(db, hold.id)
     report = run_retention(db, memory, settings=SWEEP)
     assert report.holds_reconciled == 1 and not report.errors
     assert m.object_key not in memory.objects

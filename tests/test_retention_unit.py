@@ -8,12 +8,12 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from postkeep.storage import lifecycle, messages
-from postkeep.storage.db import BackendError
-from postkeep.storage.erasure import pg_regex_literal
-from postkeep.storage.holds import HELD_AT, normalise_address
-from postkeep.storage.objects import message_key
-from postkeep.storage.retention import (
+from postkeep.storage.content import layout
+from postkeep.storage.content.objects import message_key
+from postkeep.storage.lifecycle import rules
+from postkeep.storage.lifecycle.erasure import pg_regex_literal
+from postkeep.storage.lifecycle.holds import HELD_AT
+from postkeep.storage.lifecycle.retention import (
     _RULED,
     Week,
     choose_mode,
@@ -21,6 +21,9 @@ from postkeep.storage.retention import (
     droppable,
     parse_bounds,
 )
+from postkeep.storage.metadata import messages
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.legal_holds import normalise_address
 
 pytestmark = pytest.mark.unit
 
@@ -29,31 +32,31 @@ T0 = datetime(2026, 3, 4, 23, 59, 30, tzinfo=UTC)
 
 def test_classes_round_up_and_never_expire_before_the_stamp() -> None:
     for days in range(1, 4000):
-        label = lifecycle.content_class(days)
-        if days > lifecycle.CONTENT_CLASSES[-1]:
-            assert label == lifecycle.KEEP
+        label = layout.content_class(days)
+        if days > layout.CONTENT_CLASSES[-1]:
+            assert label == layout.KEEP
             continue
         class_days = int(label.removesuffix("d"))
         assert class_days >= days
         # The smallest such class: no needless extra storage.
-        assert all(c < days for c in lifecycle.CONTENT_CLASSES if c < class_days)
-    assert lifecycle.content_class(7) == "7d"
-    assert lifecycle.content_class(8) == "14d"
-    assert lifecycle.content_class(365) == "365d"
+        assert all(c < days for c in layout.CONTENT_CLASSES if c < class_days)
+    assert layout.content_class(7) == "7d"
+    assert layout.content_class(8) == "14d"
+    assert layout.content_class(365) == "365d"
     with pytest.raises(ValueError, match="at least 1"):
-        lifecycle.content_class(0)
+        layout.content_class(0)
 
 
 def test_rules_are_bounded_one_per_class_never_per_org() -> None:
-    rules = lifecycle.planned_rules()
-    assert len(rules) == len(lifecycle.CONTENT_CLASSES) <= 20
-    assert len({r.prefix for r in rules}) == len(rules)
-    for r in rules:
+    planned = rules.planned_rules()
+    assert len(planned) == len(layout.CONTENT_CLASSES) <= 20
+    assert len({r.prefix for r in planned}) == len(planned)
+    for r in planned:
         assert r.rule_id == f"postkeep-content-{r.days}d"
         assert r.prefix == f"messages/{r.days}d/"
     # No rule's prefix is a prefix of another's (7d vs 730d): the slash ends it.
-    for a in rules:
-        assert not any(b.prefix.startswith(a.prefix) for b in rules if b is not a)
+    for a in planned:
+        assert not any(b.prefix.startswith(a.prefix) for b in planned if b is not a)
 
 
 def test_message_keys_carry_the_class_or_hold() -> None:
@@ -71,15 +74,15 @@ def test_message_keys_carry_the_class_or_hold() -> None:
 
 def test_which_keys_lifecycle_rules_cover() -> None:
     org = str(uuid.uuid4())
-    assert lifecycle.covered_by_rules(f"messages/30d/{org}/x.eml.zst")
-    assert not lifecycle.covered_by_rules(f"messages/hold/{org}/x.eml.zst")
-    assert not lifecycle.covered_by_rules(f"messages/keep/{org}/x.eml.zst")
-    assert not lifecycle.covered_by_rules(f"messages/{org}/2026/01/01/x.eml.zst")
-    assert lifecycle.held_key(f"messages/30d/{org}/2026/x.eml.zst") == (
+    assert layout.covered_by_rules(f"messages/30d/{org}/x.eml.zst")
+    assert not layout.covered_by_rules(f"messages/hold/{org}/x.eml.zst")
+    assert not layout.covered_by_rules(f"messages/keep/{org}/x.eml.zst")
+    assert not layout.covered_by_rules(f"messages/{org}/2026/01/01/x.eml.zst")
+    assert layout.held_key(f"messages/30d/{org}/2026/x.eml.zst") == (
         f"messages/hold/{org}/2026/x.eml.zst")
-    assert lifecycle.held_key(f"messages/{org}/2026/x.eml.zst") == (
+    assert layout.held_key(f"messages/{org}/2026/x.eml.zst") == (
         f"messages/hold/{org}/2026/x.eml.zst")
-    assert lifecycle.is_held_key(lifecycle.held_key(f"messages/7d/{org}/a"))
+    assert layout.is_held_key(layout.held_key(f"messages/7d/{org}/a"))
 
 
 def test_the_sweepers_sql_pattern_agrees_with_covered_by_rules() -> None:
@@ -87,7 +90,7 @@ def test_the_sweepers_sql_pattern_agrees_with_covered_by_rules() -> None:
     for key in (f"messages/30d/{org}/a", f"messages/3650d/{org}/a", f"messages/hold/{org}/a",
                 f"messages/keep/{org}/a", f"messages/{org}/2026/01/01/a", "messages/d/x",
                 f"messages/7d{org}/a"):
-        assert bool(re.match(_RULED, key)) == lifecycle.covered_by_rules(key), key
+        assert bool(re.match(_RULED, key)) == layout.covered_by_rules(key), key
 
 
 def test_partition_bounds_as_postgres_prints_them() -> None:
@@ -191,7 +194,7 @@ def test_content_availability_is_derived_from_stamp_erasure_and_hold() -> None:
 
 
 def test_memory_store_reports_failed_deletes() -> None:
-    store = lifecycle.MemoryRetention({"a": b"1", "b": b"2"})
+    store = rules.MemoryRetention({"a": b"1", "b": b"2"})
     store.fail_deletes.add("b")
     assert store.delete_many(["a", "b", "c"]) == ["b"]
     assert store.objects == {"b": b"2"}

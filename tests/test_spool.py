@@ -22,18 +22,15 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from postkeep.cli.spool import format_status
 from postkeep.config import MilterConfig
 from postkeep.milter.capture import MessageCapture, StoredContent, restore
 from postkeep.milter.directory import Directory
 from postkeep.milter.service import CaptureService
 from postkeep.milter.spool import OutageSpooler, over_fill_level
-from postkeep.spool_cli import format_status
-from postkeep.storage import spool as spool_mod
-from postkeep.storage.db import BackendError
-from postkeep.storage.directory import Organisation
-from postkeep.storage.messages import CapturedMessage
-from postkeep.storage.objects import MemoryObjectStore
-from postkeep.storage.spool import (
+from postkeep.storage.content import spool as spool_mod
+from postkeep.storage.content.objects import MemoryObjectStore
+from postkeep.storage.content.spool import (
     Spool,
     SpoolBusy,
     SpoolFormatError,
@@ -42,6 +39,9 @@ from postkeep.storage.spool import (
     encode_metadata,
     fill_percent,
 )
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.directory import Organisation
+from postkeep.storage.metadata.messages import CapturedMessage
 
 pytestmark = pytest.mark.unit
 

@@ -35,7 +35,7 @@ from support.milter_settings import milter_settings
 from support.smtp import Sent
 from support.stack import Stack, strip_received
 
-from postkeep.storage.spool import Spool
+from postkeep.storage.content.spool import Spool
 
 pytestmark = [pytest.mark.stack, pytest.mark.outage]
 

@@ -18,9 +18,10 @@ import psycopg
 import pytest
 from conftest import StoreMessage, TestOrg, act_as, dashboard_role, zstd_frames
 
-from postkeep.storage import content, messages, migrate
-from postkeep.storage.db import BackendError
-from postkeep.storage.objects import MemoryObjectStore, S3ObjectStore, read_all
+from postkeep.storage.content import restore
+from postkeep.storage.content.objects import MemoryObjectStore, S3ObjectStore, read_all
+from postkeep.storage.metadata import messages, migrate
+from postkeep.storage.metadata.db import BackendError
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -61,7 +62,7 @@ def test_decompress_reads_across_frames_in_small_chunks() -> None:
     body = bytes(range(256)) * 4096  # 1 MiB, every byte value
     blob = zstd_frames([headers, body])
     pieces = [blob[i : i + 1000] for i in range(0, len(blob), 1000)]
-    out = list(content.decompress_stream(pieces, chunk_size=4096))
+    out = list(restore.decompress_stream(pieces, chunk_size=4096))
     assert b"".join(out) == headers + body
     assert max(len(c) for c in out) <= 4096  # streamed, never the whole message at once
 
@@ -70,10 +71,10 @@ def test_decompress_reads_across_frames_in_small_chunks() -> None:
 def test_restore_from_store_and_garbage_is_a_backend_error() -> None:
     store = MemoryObjectStore()
     store.objects["k"] = zstd_frames([b"a\r\n", b"", b"b\r\n"])
-    assert b"".join(content.restore(store, "k")) == b"a\r\nb\r\n"
+    assert b"".join(restore.restore(store, "k")) == b"a\r\nb\r\n"
     store.objects["bad"] = b"not zstd at all"
     with pytest.raises(BackendError, match="s3: corrupt zstd"):
-        b"".join(content.restore(store, "bad"))
+        b"".join(restore.restore(store, "bad"))
 
 
 @pytest.mark.unit
@@ -156,7 +157,7 @@ def test_content_round_trips_through_s3(
     body = b"\x00\xff 8-bit body\r\n" * 50_000
     m = store_message(make_org(), parts=(headers, body))
     assert read_all(objects, m.object_key)[:4] == b"\x28\xb5\x2f\xfd"  # zstd magic
-    restored = b"".join(content.restore(objects, m.object_key))
+    restored = b"".join(restore.restore(objects, m.object_key))
     assert hashlib.sha256(restored).digest() == m.sha256
     assert restored == headers + body
 

@@ -12,9 +12,9 @@ from datetime import datetime
 
 from postkeep.milter.capture import MessageCapture
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage.dictionaries import LoadedDictionary
-from postkeep.storage.messages import CapturedMessage, expiry_dates
-from postkeep.storage.objects import message_key
+from postkeep.storage.content.dictionaries import LoadedDictionary
+from postkeep.storage.content.objects import message_key
+from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
 
 
 def capture_and_commit(committer: GroupCommitter, org_id: uuid.UUID, domain: str,

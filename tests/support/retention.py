@@ -21,8 +21,9 @@ import psycopg
 import zstandard
 from psycopg import sql
 
-from postkeep.storage import holds, messages
-from postkeep.storage.objects import S3ObjectStore, message_key
+from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.lifecycle import holds
+from postkeep.storage.metadata import messages
 
 
 @dataclass(frozen=True)

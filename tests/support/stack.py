@@ -18,8 +18,8 @@ from pathlib import Path
 import psycopg
 
 from postkeep.config import Config, load
-from postkeep.storage import directory, dkim_keys
-from postkeep.storage.objects import S3ObjectStore, read_all
+from postkeep.storage.content.objects import S3ObjectStore, read_all
+from postkeep.storage.metadata import directory, dkim_keys
 
 # What `make test` exports from .stack-test/env and every stack test needs.
 REQUIRED = (
@@ -108,7 +108,7 @@ class Stack:
 
     def restored(self, key: str) -> bytes:
         """The message bytes of the object at KEY, parts and dictionary included."""
-        from postkeep.storage.content import restore
+        from postkeep.storage.content.restore import restore
 
         return b"".join(restore(self.objects(), key))
 

@@ -1,0 +1,224 @@
+"""`postkeep messages list|show|raw`: captured messages, their recipients and content.
+
+`raw` restores the stored object to the exact bytes Postfix passed the milter
+and checks them against the recorded size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import psycopg
+
+from postkeep.cli.common import fail, find_org, iso, parse_since, session
+from postkeep.storage.content import restore
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.metadata import messages
+from postkeep.storage.reports import outcomes
+
+CONTENT_EXPIRED = messages.CONTENT_EXPIRED
+
+def message_to_json(m: messages.MessageRow, now: datetime) -> dict[str, Any]:
+    """A message row as a JSON-ready dict, with content_available derived at NOW."""
+    return {
+        "id": str(m.id),
+        "org_id": str(m.org_id),
+        "domain": m.domain,
+        "direction": m.direction,
+        "queue_id": m.queue_id,
+        "message_id_header": m.message_id_header,
+        "envelope_from": m.envelope_from,
+        "header_from": m.header_from,
+        "subject": m.subject,
+        "size": m.size,
+        "object_key": m.object_key,
+        "compressed_size": m.compressed_size,
+        "sha256": m.sha256.hex(),
+        "status": m.status,
+        "recipient_count": m.recipient_count,
+        "created_at": iso(m.created_at),
+        "accepted_at": iso(m.accepted_at),
+        "content_expires_at": iso(m.content_expires_at),
+        "metadata_expires_at": iso(m.held_metadata_expires_at or m.metadata_expires_at),
+        "legal_hold": m.held_metadata_expires_at is not None or m.object_key.startswith(
+            "messages/hold/"),
+        "content_erased_at": iso(m.content_erased_at),
+        "content_available": messages.content_available(m, now),
+    }
+
+
+def recipient_to_json(r: messages.RecipientRow) -> dict[str, Any]:
+    """A recipient row as a JSON-ready dict."""
+    return {
+        "recipient": r.recipient,
+        "status": r.status,
+        "dsn_status": r.dsn_status,
+        "remote_mta": r.remote_mta,
+        "diagnostic": r.diagnostic,
+        "updated_at": iso(r.updated_at),
+    }
+
+
+def event_to_json(e: outcomes.Event) -> dict[str, Any]:
+    return {"status": e.status, "dsn_status": e.dsn_status, "remote_mta": e.remote_mta,
+            "diagnostic": e.diagnostic, "event_at": iso(e.event_at),
+            "recorded_at": iso(e.recorded_at), "report": e.report_kind, "applied": e.applied}
+
+
+def detail_to_json(d: messages.MessageDetail, now: datetime,
+                   history: Sequence[outcomes.Event] = ()) -> dict[str, Any]:
+    """`messages show --json`: the row plus its recipients and their histories."""
+    out = message_to_json(d.message, now)
+    out["recipients"] = [
+        recipient_to_json(r) | {"history": [event_to_json(e) for e in history
+                                            if e.recipient == r.recipient]}
+        for r in d.recipients]
+    reason = messages.content_unavailable_reason(d.message, now)
+    if reason is not None:
+        out["content_note"] = reason
+    return out
+
+
+def format_message_list(rows: list[messages.MessageRow]) -> str:
+    """A fixed-width table of messages, newest first."""
+    lines = [f"{'ID':36}  {'CREATED (UTC)':19}  {'STATUS':9}  {'RCPT':>4}  {'SIZE':>9}  FROM"]
+    lines += [
+        f"{m.id!s:36}  {m.created_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {m.status:9}"
+        f"  {m.recipient_count:>4}  {m.size:>9}  {m.envelope_from}"
+        for m in rows
+    ]
+    return "\n".join(lines)
+
+
+def format_message_detail(d: messages.MessageDetail, now: datetime,
+                          history: Sequence[outcomes.Event] = ()) -> str:
+    """`messages show`: the row as aligned key/value lines, then each recipient
+    with its outcome and the history of reports about it."""
+    data = message_to_json(d.message, now)
+    lines = [f"{key + ':':21}{'' if value is None else value}" for key, value in data.items()]
+    reason = messages.content_unavailable_reason(d.message, now)
+    if reason is not None:
+        lines.append(f"{'content:':21}{reason}")
+    lines.append(f"recipients ({len(d.recipients)}):")
+    for r in d.recipients:
+        lines.append(f"  {r.recipient}  {r.status}  updated {iso(r.updated_at)}")
+        for key in ("dsn_status", "remote_mta", "diagnostic"):
+            value = getattr(r, key)
+            if value is not None:
+                lines.append(f"    {key}: {value}")
+        for e in history:
+            if e.recipient == r.recipient:
+                shown = "" if e.applied else " (superseded)"
+                lines.append(f"    {iso(e.event_at)}  {e.status}{shown}  {e.dsn_status or '-'}"
+                             f"  {e.diagnostic or ''}  [{e.report_kind}]".rstrip())
+    return "\n".join(lines)
+
+
+def _message_id(text: str) -> uuid.UUID:
+    """A message id parsed from the command line, or exit naming it."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        fail(f"{text!r} is not a message id (a UUID, see `postkeep messages list`)")
+
+
+def _detail(conn: psycopg.Connection, text: str) -> messages.MessageDetail:
+    """The message named by TEXT, or exit saying there is none."""
+    detail = messages.get_message(conn, _message_id(text))
+    if detail is None:
+        fail(f"no message with id {text} (unknown, or its metadata has expired)")
+    return detail
+
+
+@click.group("messages")
+def messages_group() -> None:
+    """Captured messages: metadata, delivery status and content."""
+
+
+@messages_group.command("list")
+@click.option("--org", "org_name", help="Organisation name or id.")
+@click.option("--sender", help="Envelope sender (case-insensitive).")
+@click.option("--recipient", help="A recipient address (case-insensitive).")
+@click.option("--since", help="ISO 8601 time, or an age: 30m, 1h, 2d, 1w.")
+@click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def messages_list(
+    ctx: click.Context,
+    org_name: str | None,
+    sender: str | None,
+    recipient: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List captured messages, newest first."""
+    now = datetime.now(UTC)
+    try:
+        since_at = parse_since(since, now) if since else None
+    except ValueError as exc:
+        fail(str(exc))
+    with session(ctx) as s:
+        org_id = find_org(s.conn, org_name).id if org_name else None
+        rows = messages.list_messages(
+            s.conn, messages.MessageFilter(org_id, sender, recipient, since_at, limit)
+        )
+    if as_json:
+        click.echo(json.dumps([message_to_json(m, now) for m in rows], indent=2))
+    else:
+        click.echo(format_message_list(rows))
+
+
+@messages_group.command("show")
+@click.argument("message_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_context
+def messages_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
+    """Show message ID with each recipient's delivery status."""
+    now = datetime.now(UTC)
+    with session(ctx) as s:
+        detail = _detail(s.conn, message_id)
+        history = outcomes.recipient_history(s.conn, detail.message.id,
+                                             detail.message.metadata_expires_at)
+    if as_json:
+        click.echo(json.dumps(detail_to_json(detail, now, history), indent=2))
+    else:
+        click.echo(format_message_detail(detail, now, history))
+
+
+@messages_group.command("raw")
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def messages_raw(ctx: click.Context, message_id: str) -> None:
+    """Write message ID's original bytes to stdout, restored from object storage.
+
+    The content is streamed and checked against the recorded size and sha256;
+    a mismatch (truncated or corrupt object) exits 1 after the bytes.
+    """
+    with session(ctx) as s:
+        m = _detail(s.conn, message_id).message
+        reason = messages.content_unavailable_reason(m, datetime.now(UTC))
+        if reason is not None:
+            fail(f"message {m.id}: {reason}")
+        out = sys.stdout.buffer
+        digest, size = hashlib.sha256(), 0
+        for chunk in restore.restore(S3ObjectStore(s.cfg.s3), m.object_key):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+        out.flush()
+        if size != m.size or digest.digest() != m.sha256:
+            fail(
+                f"s3: message {m.id}: restored {size} bytes do not match the recorded"
+                f" {m.size} bytes / sha256 (object {m.object_key} truncated or corrupt)"
+            )
+
+
+COMMANDS: list[click.Group] = [messages_group]

@@ -1,0 +1,243 @@
+"""`postkeep retention|erase|hold`: retention runs, erasure on request, legal holds.
+
+Adapters only: each command loads the configuration, opens one connection and
+the object store, and calls storage.retention / storage.erasure /
+storage.holds.  Progress goes to stderr as lines (`retention: ...`), results
+to stdout; refusals are one `postkeep: ...` line and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import click
+
+from postkeep.cli.common import fail, find_org, parse_since, session
+from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.lifecycle import erasure, holds, rules, stats
+from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention, settings_of
+from postkeep.storage.metadata import audit, legal_holds
+from postkeep.storage.metadata.db import BackendError
+
+
+def _store(cfg_s3: object) -> rules.S3Retention:
+    s3 = S3ObjectStore(cfg_s3)  # type: ignore[arg-type]
+    return rules.S3Retention(s3.client, s3.bucket)
+
+
+def _progress(line: str) -> None:
+    click.echo(f"retention: {line}", err=True)
+
+
+@click.group()
+def retention() -> None:
+    """Expire metadata and content, roll up statistics (see README, Retention)."""
+
+
+@retention.command("run")
+@click.option("--content-expiry", type=click.Choice(["auto", "lifecycle", "sweep"]),
+              help="Override retention.content_expiry for this run.")
+@click.option("--sweep-from", metavar="TIME",
+              help="Rewind the content sweeper to TIME (ISO 8601 or an age like 30d), e.g."
+                   " after draining a spool of old mail.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def retention_run(ctx: click.Context, content_expiry: str | None, sweep_from: str | None,
+                  as_json: bool) -> None:
+    """One retention pass: partitions ahead, holds, content sweep, drops, statistics.
+
+    Safe to run twice at once (the second waits) and after a crash.  Exit 1
+    if any step reported an error (the others still ran).
+    """
+    now = datetime.now(UTC)
+    try:
+        since = parse_since(sweep_from, now) if sweep_from else None
+    except ValueError as exc:
+        fail(str(exc).replace("--since", "--sweep-from"))
+    with session(ctx) as s:
+        settings = settings_of(s.cfg.retention)
+        if content_expiry:
+            settings = RetentionSettings(**{**settings.__dict__,
+                                            "content_expiry": content_expiry})
+        report = run_retention(s.conn, _store(s.cfg.s3), None, _progress, settings, since)
+    if as_json:
+        out = {k: (str(v) if k in ("run_id", "started") else v)
+               for k, v in report.__dict__.items()}
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(report.summary())
+        for err in report.errors:
+            click.echo(f"  error: {err}")
+    if report.errors:
+        raise click.exceptions.Exit(1)
+
+
+@retention.group("lifecycle")
+def lifecycle_group() -> None:
+    """The S3 lifecycle rules that expire content (one per retention class)."""
+
+
+@lifecycle_group.command("apply")
+@click.pass_context
+def lifecycle_apply(ctx: click.Context) -> None:
+    """Install postkeep's rules on the bucket, keeping any other rules there."""
+    with session(ctx) as s:
+        try:
+            total = _store(s.cfg.s3).apply_rules(rules.planned_rules())
+        except BackendError as exc:
+            fail(str(exc))
+        audit.audit(s.conn, None, "lifecycle_applied", len(rules.planned_rules()), None,
+                    None, {"bucket_rules": total})
+    click.echo(f"installed {len(rules.planned_rules())} postkeep rules;"
+               f" the bucket has {total} rules")
+
+
+@lifecycle_group.command("show")
+@click.pass_context
+def lifecycle_show(ctx: click.Context) -> None:
+    """Show postkeep's rules as installed, and the classes they expire."""
+    with session(ctx) as s:
+        try:
+            rules = _store(s.cfg.s3).rules()
+        except BackendError as exc:
+            fail(str(exc))
+    if rules is None:
+        click.echo("this S3 server has no lifecycle support: the sweeper deletes all content")
+        return
+    if not rules:
+        click.echo("no postkeep lifecycle rules installed (`postkeep retention lifecycle apply`)")
+    for r in sorted(rules, key=lambda r: r.days):
+        click.echo(f"{r.rule_id:28}  prefix {r.prefix:20}  expires after {r.days} days")
+
+
+@retention.command("stats")
+@click.argument("org_name", metavar="ORG")
+@click.option("--since", help="ISO 8601 date, or an age: 7d, 4w.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retention_stats(ctx: click.Context, org_name: str, since: str | None,
+                    as_json: bool) -> None:
+    """Daily delivery statistics of organisation ORG (kept after metadata expires)."""
+    now = datetime.now(UTC)
+    try:
+        since_day = parse_since(since, now).date() if since else None
+    except ValueError as exc:
+        fail(str(exc))
+    with session(ctx) as s:
+        rows = stats.daily(s.conn, find_org(s.conn, org_name).id, since_day)
+    if as_json:
+        click.echo(json.dumps([{**r.__dict__, "org_id": str(r.org_id), "day": str(r.day)}
+                               for r in rows], indent=2))
+        return
+    click.echo(f"{'DAY':10}  {'MESSAGES':>8}  {'SENT':>8}  {'DELIVERED':>9}  {'DEFERRED':>8}"
+               f"  {'BOUNCED':>7}  {'EXPIRED':>7}  {'BYTES':>12}")
+    for r in rows:
+        click.echo(f"{r.day!s:10}  {r.messages:>8}  {r.sent:>8}  {r.delivered:>9}"
+                   f"  {r.deferred:>8}  {r.bounced:>7}  {r.expired:>7}  {r.bytes:>12}")
+
+
+@click.command("erase")
+@click.option("--org", "org_name", required=True, help="Organisation name or id.")
+@click.option("--address", required=True, help="The address whose mail is erased.")
+@click.pass_context
+def erase(ctx: click.Context, org_name: str, address: str) -> None:
+    """Erase (GDPR) the content of every message to or from ADDRESS in ORG.
+
+    Objects are deleted, rows marked so readers say "content erased", and the
+    address is redacted in sender, From:, recipients, subjects and DSN
+    diagnostics.  Refused, naming the hold, if a legal hold covers any of it.
+    """
+    try:
+        addr = legal_holds.normalise_address(address)
+    except ValueError as exc:
+        fail(str(exc))
+    with session(ctx) as s:
+        target = find_org(s.conn, org_name)
+        try:
+            rep = erasure.erase_address(s.conn, _store(s.cfg.s3), target.id, addr,
+                                        progress=_progress)
+        except erasure.ErasureRefused as exc:
+            fail(f"erase {addr} in org {target.name}: {exc}")
+    click.echo(f"erased {rep.messages} messages of {addr} in org {target.name}:"
+               f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
+               f" recipient rows redacted (audit: address sha256 {rep.address_sha256})")
+
+
+@click.group()
+def hold() -> None:
+    """Legal holds: what they cover is kept past retention and cannot be erased."""
+
+
+@hold.command("add")
+@click.option("--org", "org_name", required=True, help="Organisation name or id.")
+@click.option("--address", help="Only mail to or from this address (default: all the org's).")
+@click.option("--reason", required=True, help="Why, e.g. a case reference (kept and shown).")
+@click.pass_context
+def hold_add(ctx: click.Context, org_name: str, address: str | None, reason: str) -> None:
+    """Place a legal hold and move what it covers out of lifecycle reach now."""
+    try:
+        addr = legal_holds.normalise_address(address) if address else None
+    except ValueError as exc:
+        fail(str(exc))
+    from postkeep.storage.lifecycle.retention import EPOCH, run_lock
+
+    with session(ctx) as s:
+        target = find_org(s.conn, org_name)
+        try:
+            h = legal_holds.add_hold(s.conn, target.id, addr, reason)
+        except legal_holds.HoldError as exc:
+            fail(str(exc))
+        click.echo(f"hold {h.id} on {h.scope()}: {h.reason}")
+        wm = s.conn.execute("SELECT at FROM retention_state WHERE name = 'sweep'").fetchone()
+        try:
+            with run_lock(s.conn, _progress):
+                res = holds.protect(s.conn, _store(s.cfg.s3), h, wm[0] if wm else EPOCH,
+                                    progress=_progress)
+        except BackendError as exc:
+            fail(f"hold {h.id} is active, but moving its content failed ({exc});"
+                  " `postkeep retention run` retries")
+    click.echo(f"{res.moved} objects moved under messages/hold/"
+               + (f"; {res.gone} were already deleted" if res.gone else ""))
+
+
+@hold.command("remove")
+@click.argument("hold_id", type=int)
+@click.pass_context
+def hold_remove(ctx: click.Context, hold_id: int) -> None:
+    """Release hold HOLD_ID; the next `postkeep retention run` applies retention again."""
+    with session(ctx) as s:
+        try:
+            h = legal_holds.release_hold(s.conn, hold_id)
+        except legal_holds.HoldError as exc:
+            fail(str(exc))
+    click.echo(f"hold {h.id} on {h.scope()} released; `postkeep retention run` applies"
+               " the retention it held back")
+
+
+@hold.command("list")
+@click.option("--org", "org_name", help="Only this organisation's holds.")
+@click.option("--all", "include_released", is_flag=True, help="Include released holds.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hold_list(ctx: click.Context, org_name: str | None, include_released: bool,
+              as_json: bool) -> None:
+    """List legal holds (active ones unless --all)."""
+    with session(ctx) as s:
+        org_id = find_org(s.conn, org_name).id if org_name else None
+        rows = legal_holds.list_holds(s.conn, org_id, include_released)
+    if as_json:
+        click.echo(json.dumps([{**h.__dict__, "org_id": str(h.org_id),
+                                **{k: (getattr(h, k).isoformat() if getattr(h, k) else None)
+                                   for k in ("created_at", "released_at", "reconciled_at")}}
+                               for h in rows], indent=2))
+        return
+    click.echo(f"{'ID':>5}  {'ORG':24}  {'ADDRESS':32}  {'SINCE (UTC)':16}  {'STATE':9}  REASON")
+    for h in rows:
+        state = "active" if h.released_at is None else (
+            "released" if h.reconciled_at else "releasing")
+        click.echo(f"{h.id:>5}  {h.org_name:24}  {h.address or '(all mail)':32}"
+                   f"  {h.created_at.astimezone(UTC):%Y-%m-%d %H:%M}  {state:9}  {h.reason}")
+
+
+COMMANDS: list[click.Command] = [retention, erase, hold]

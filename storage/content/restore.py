@@ -1,0 +1,127 @@
+"""Restoring captured content: the stored object back to the exact bytes.
+
+A stored object is one or more concatenated zstd frames (the capture path may
+close a frame at the header/body boundary or on spill to disk), so decoding
+must continue across frame boundaries (`read_across_frames=True`); a reader
+that stops after the first frame silently truncates the message.
+
+Everything streams: the object arrives in chunks from the `ObjectStore`, is
+exposed to zstandard as a read-only file, and leaves in chunks, so memory
+stays bounded by the chunk size whatever the message size.
+
+A container object (storage/content/container.py) is a manifest and a skeleton: the
+skeleton is decompressed (with the zstd dictionary version the manifest
+names, fetched from the store) and each split-out part object is spliced
+back in at its offset.  A missing dictionary or part is a BackendError that
+names it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator
+
+import zstandard
+
+from postkeep.storage.content import container
+from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.metadata.db import BackendError
+
+CHUNK_SIZE = 256 * 1024
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (no seeking)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        """Always readable: this is a source."""
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        """Fill BUFFER from the pending chunk, pulling the next one when empty."""
+        while not self._pending:
+            try:
+                self._pending = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def decompress_stream(chunks: Iterable[bytes], chunk_size: int = CHUNK_SIZE,
+                      dictionary: zstandard.ZstdCompressionDict | None = None
+                      ) -> Iterator[bytes]:
+    """The decompressed bytes of concatenated zstd frames, chunk by chunk.
+
+    Raises BackendError('s3') if the data is not valid zstd or is truncated.
+    """
+    source = io.BufferedReader(_ChunkReader(chunks), buffer_size=chunk_size)
+    dctx = (zstandard.ZstdDecompressor(dict_data=dictionary) if dictionary is not None
+            else zstandard.ZstdDecompressor())
+    reader = dctx.stream_reader(
+        source, read_size=chunk_size, read_across_frames=True, closefd=False
+    )
+    try:
+        with reader:
+            while block := reader.read(chunk_size):
+                yield block
+    except zstandard.ZstdError as exc:
+        raise BackendError("s3", f"corrupt zstd content: {exc}") from exc
+
+
+def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The original message bytes of the object at KEY, streamed."""
+    try:
+        manifest, rest = container.read_header(store.get(key))
+    except container.ContainerError as exc:
+        raise BackendError("s3", f"{key}: {exc}") from exc
+    if manifest is None:
+        return decompress_stream(rest, chunk_size)
+    return _assemble(store, key, manifest, rest, chunk_size)
+
+
+def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,
+              skeleton: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
+    """The skeleton's bytes with every part spliced back in at its offset."""
+    from postkeep.storage.content.dictionaries import for_restore
+
+    d = for_restore(store, manifest.dictionary, key) if manifest.dictionary else None
+    pos = 0  # bytes of skeleton emitted
+    pending = list(manifest.parts)
+    for block in decompress_stream(skeleton, chunk_size, d):
+        while pending and pending[0].at <= pos + len(block):
+            part = pending.pop(0)
+            cut = part.at - pos
+            if cut:
+                yield block[:cut]
+            block, pos = block[cut:], part.at
+            yield from _part(store, key, part, chunk_size)
+        if block:
+            yield block
+            pos += len(block)
+    for part in pending:  # parts at the very end of the message
+        if part.at != pos:
+            raise BackendError("s3", f"{key}: skeleton ends at {pos}, before the part"
+                               f" at {part.at}")
+        yield from _part(store, key, part, chunk_size)
+
+
+def _part(store: ObjectStore, key: str, part: container.PartRef, chunk_size: int
+          ) -> Iterator[bytes]:
+    """One part's bytes; BackendError naming it if missing or the wrong size."""
+    n = 0
+    try:
+        for block in decompress_stream(store.get(part.key), chunk_size):
+            n += len(block)
+            yield block
+    except BackendError as exc:
+        raise BackendError("s3", f"{key}: part {part.key} cannot be read: {exc.reason}"
+                           ) from exc
+    if n != part.size:
+        raise BackendError("s3", f"{key}: part {part.key} has {n} bytes, expected {part.size}")

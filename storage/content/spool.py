@@ -1,0 +1,669 @@
+"""The outage spool: messages accepted while a backend was down, and their drain.
+
+When MinIO or PostgreSQL cannot make a message durable, the milter may still
+accept it by writing it to a local directory first (milter/spool.py decides
+when).  Each message is one file holding everything the capture path would
+have stored: the object's exact bytes and the `CapturedMessage` (rows,
+recipients, expiry dates already stamped).  `drain` finishes the job later,
+oldest first, with the same three idempotent steps each time, so a crash or
+`kill -9` anywhere only means repeating a step:
+
+1. put the object under its key (same key, same bytes: a repeat overwrites
+   nothing that differs);
+2. insert the rows with `record_captures` (ON CONFLICT DO NOTHING: a repeat
+   adds nothing);
+3. unlink the entry (the directory is fsync'd once a pass ends; an unlink a
+   power cut undoes only means draining that entry again).
+
+An entry file is written whole to `tmp/`, fsync'd, renamed into place and
+the directory fsync'd: a `*.spool` file is therefore complete unless the disk
+corrupted it.  Version 1 of the format, all integers big-endian:
+
+    b"PKSPOOL1\\n"
+    u64 length, then the metadata as UTF-8 JSON
+    u64 length, then the object bytes
+    32 bytes: sha256 of everything above
+
+A file that does not parse to its end with a matching checksum is moved to
+`quarantine/` with an error line naming it; it is never deleted and never
+stops the drain.  Entries are named `<message id>.spool`; message ids are
+UUIDv7, so name order is capture order.  `.drain.lock` (flock) keeps two
+drains from working the same directory at once; a second one would only
+repeat idempotent steps, but it would waste the backends' time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import MISSING, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.messages import CapturedMessage, record_captures
+
+log = logging.getLogger("postkeep.spool")
+
+MAGIC = b"PKSPOOL1\n"
+SUFFIX = ".spool"
+_LEN = struct.Struct(">Q")
+_DIGEST = 32
+# The metadata of one message is about 1 KB; anything far larger is damage.
+_MAX_METADATA = 16 << 20
+# A temporary file older than this was left by a writer that died: the
+# message it held was never accepted (the milter answers only after rename).
+STALE_TMP_SECONDS = 3600.0
+# Objects up to this size are uploaded together when the store can batch.
+SMALL_OBJECT_BYTES = 256 * 1024
+# ... in requests of at most this many bytes (held in memory while sent).
+BATCH_UPLOAD_BYTES = 8 << 20
+
+DRAINED = Counter("postkeep_spool_drained_total",
+                  "Spooled messages made durable in the backends and removed from the spool.")
+QUARANTINED = Counter("postkeep_spool_quarantined_total",
+                      "Spool entries moved to quarantine/ because they are corrupt or truncated.")
+DRAIN_FAILURES = Counter(
+    "postkeep_spool_drain_failures_total",
+    "Drain passes stopped or entries skipped, by reason (s3, postgres: backend down;"
+    " rejected: PostgreSQL refused the entry's rows).",
+    ["reason"],
+)
+for _reason in ("s3", "postgres", "rejected"):
+    DRAIN_FAILURES.labels(_reason)
+
+
+class SpoolFormatError(Exception):
+    """A spool file that is not a complete, intact entry."""
+
+
+class SpoolBusy(Exception):
+    """Another drain holds the spool's lock."""
+
+
+# --- the entry format (pure) -------------------------------------------------
+
+
+def encode_metadata(m: CapturedMessage, *, spooled_at: datetime, reason: str) -> bytes:
+    """The JSON metadata of an entry: every CapturedMessage field, plus why and when."""
+    doc: dict[str, object] = {}
+    for f in fields(CapturedMessage):
+        value = getattr(m, f.name)
+        if isinstance(value, uuid.UUID):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, tuple):
+            value = list(value)
+        doc[f.name] = value
+    doc["_spooled_at"] = spooled_at.isoformat()
+    doc["_reason"] = reason
+    # ensure_ascii keeps lone surrogates (undecodable header bytes) round-trippable.
+    return json.dumps(doc, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def decode_metadata(data: bytes) -> tuple[CapturedMessage, datetime, str]:
+    """(message, spooled_at, reason) from an entry's metadata; SpoolFormatError if bad."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        if not isinstance(doc, dict):
+            raise TypeError("metadata is not an object")
+        spooled_at = datetime.fromisoformat(doc.pop("_spooled_at"))
+        reason = str(doc.pop("_reason"))
+        values: dict[str, object] = {}
+        for f in fields(CapturedMessage):
+            if f.name not in doc:
+                if f.default is not MISSING or f.default_factory is not MISSING:
+                    continue  # a field newer than the entry keeps its default
+                raise KeyError(f.name)
+            values[f.name] = _decode_field(str(f.type), doc[f.name])
+        return CapturedMessage(**values), spooled_at, reason  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SpoolFormatError(f"bad metadata: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode_field(ftype: str, raw: object) -> object:
+    """One CapturedMessage field back from JSON, by its declared type."""
+    if ftype == "uuid.UUID":
+        return uuid.UUID(str(raw))
+    if ftype == "datetime":
+        return datetime.fromisoformat(str(raw))
+    if ftype == "bytes":
+        return bytes.fromhex(str(raw))
+    if ftype == "int":
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise TypeError(f"{raw!r} is not an integer")
+        return raw
+    if ftype.startswith("tuple["):
+        if not isinstance(raw, list) or not all(r is None or isinstance(r, str) for r in raw):
+            raise TypeError(f"{raw!r} is not a list of strings")
+        return tuple(raw)
+    if ftype.startswith("dict["):
+        if not isinstance(raw, dict):
+            raise TypeError(f"{raw!r} is not an object")
+        return raw
+    if raw is not None and not isinstance(raw, str):
+        raise TypeError(f"{raw!r} is not a string")
+    return raw
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One verified entry: its message and where its object lies in the file."""
+
+    path: Path
+    message: CapturedMessage
+    spooled_at: datetime
+    reason: str
+    object_offset: int
+    object_length: int
+
+
+class _Slice(io.RawIOBase):
+    """LENGTH bytes of a file from OFFSET, as a stream that ends there."""
+
+    def __init__(self, fh: BinaryIO, offset: int, length: int) -> None:
+        self._fh = fh
+        self._left = length
+        fh.seek(offset)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buf), self._left)
+        if n <= 0:
+            return 0
+        data = self._fh.read(n)
+        buf[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+# --- the directory -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    """What `postkeep spool status` and the gauges report."""
+
+    directory: str
+    entries: int
+    bytes: int
+    oldest: datetime | None  # mtime of the oldest entry (when it was spooled)
+    oldest_age_seconds: float
+    quarantined: int
+    fill_percent: float
+
+
+def fill_percent(path: str | Path, extra_bytes: int = 0,
+                 statvfs: Callable[[str | Path], os.statvfs_result] = os.statvfs) -> float:
+    """How full PATH's filesystem is (0-100) once EXTRA_BYTES more are written.
+
+    Counted as `df` does for unprivileged users: space not available is used.
+    """
+    st = statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    if total <= 0:
+        return 100.0
+    used = (st.f_blocks - st.f_bavail) * st.f_frsize + max(0, extra_bytes)
+    return 100.0 * used / total
+
+
+class Spool:
+    """One spool directory: write, list, read, remove and quarantine entries."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.tmp = self.dir / "tmp"
+        self.quarantine_dir = self.dir / "quarantine"
+
+    def ensure(self) -> None:
+        """Create the directory and its subdirectories (mode 0700) if missing."""
+        for d in (self.dir, self.tmp, self.quarantine_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # -- writing (the milter) ------------------------------------------------
+    def write(self, message: CapturedMessage, content: BinaryIO, reason: str,
+              *, now: datetime | None = None) -> Path:
+        """Write MESSAGE with its object (message.compressed_size bytes of CONTENT)
+        durably; return the entry's path.  OSError if it could not be."""
+        meta = encode_metadata(message, spooled_at=now or datetime.now(UTC), reason=reason)
+        final = self.dir / f"{message.id}{SUFFIX}"
+        tmp = self.tmp / f"{message.id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "xb") as fh:
+                def out(data: bytes) -> None:
+                    digest.update(data)
+                    fh.write(data)
+
+                out(MAGIC)
+                out(_LEN.pack(len(meta)))
+                out(meta)
+                out(_LEN.pack(message.compressed_size))
+                left = message.compressed_size
+                while left > 0:
+                    chunk = content.read(min(left, 256 * 1024))
+                    if not chunk:
+                        raise OSError(errno.EIO, f"object ended {left} bytes short")
+                    out(chunk)
+                    left -= len(chunk)
+                fh.write(digest.digest())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.sync()
+        return final
+
+    def sync(self) -> None:
+        """fsync the directory, making renames and unlinks in it durable."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading (the drain) -------------------------------------------------
+    def entries(self) -> list[Path]:
+        """Every complete entry, oldest first."""
+        try:
+            names = [e.name for e in os.scandir(self.dir)
+                     if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        return [self.dir / n for n in sorted(names)]
+
+    def open_entry(self, path: Path) -> SpoolEntry:
+        """Read and verify PATH; SpoolFormatError if it is not intact.
+
+        FileNotFoundError if it is gone (another drain finished it).
+        """
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+
+            def take(n: int, what: str) -> bytes:
+                data = fh.read(n)
+                if len(data) != n:
+                    raise SpoolFormatError(f"truncated in the {what} ({size} bytes in all)")
+                digest.update(data)
+                return data
+
+            if take(len(MAGIC), "magic") != MAGIC:
+                raise SpoolFormatError("not a postkeep spool entry (bad magic)")
+            (meta_len,) = _LEN.unpack(take(_LEN.size, "metadata length"))
+            if meta_len > _MAX_METADATA or meta_len > size:
+                raise SpoolFormatError(f"metadata length {meta_len} impossible in a "
+                                       f"{size}-byte file")
+            meta = take(meta_len, "metadata")
+            (obj_len,) = _LEN.unpack(take(_LEN.size, "object length"))
+            offset = fh.tell()
+            if offset + obj_len + _DIGEST != size:
+                raise SpoolFormatError(
+                    f"truncated or padded: {size} bytes, expected {offset + obj_len + _DIGEST}")
+            left = obj_len
+            while left > 0:
+                chunk = take(min(left, 1 << 20), "object")
+                left -= len(chunk)
+            trailer = fh.read(_DIGEST)
+            if trailer != digest.digest():
+                raise SpoolFormatError("checksum mismatch (the file was damaged)")
+        message, spooled_at, reason = decode_metadata(meta)
+        if message.compressed_size != obj_len:
+            raise SpoolFormatError(f"object is {obj_len} bytes, metadata says "
+                                   f"{message.compressed_size}")
+        if path.name != f"{message.id}{SUFFIX}":
+            raise SpoolFormatError(f"file name does not match message id {message.id}")
+        return SpoolEntry(path, message, spooled_at, reason, offset, obj_len)
+
+    def object_stream(self, entry: SpoolEntry) -> BinaryIO:
+        """The entry's object bytes as a stream (close it when done)."""
+        fh = open(entry.path, "rb")  # noqa: SIM115 - closed with the returned stream
+        return io.BufferedReader(_Slice(fh, entry.object_offset, entry.object_length))
+
+    def remove(self, path: Path) -> None:
+        """Unlink an entry (already gone is fine); call sync() after a batch."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def quarantine(self, path: Path, why: str) -> Path | None:
+        """Move a damaged entry to quarantine/ (never delete it); log naming it."""
+        self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self.quarantine_dir / path.name
+        if target.exists():
+            target = self.quarantine_dir / f"{path.name}.{time.time_ns()}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        self.sync()
+        QUARANTINED.inc()
+        log.error("spool entry quarantined file=%s moved_to=%s reason=%r", path, target, why)
+        return target
+
+    def remove_stale_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
+        """Delete temporary files of writers that died (never accepted); count them."""
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            items = list(os.scandir(self.tmp))
+        except FileNotFoundError:
+            return 0
+        for e in items:
+            with contextlib.suppress(FileNotFoundError):
+                if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(e.path)
+                    removed += 1
+                    log.info("removed stale spool temp file %s (never accepted)", e.path)
+        return removed
+
+    def status(self, now: float | None = None) -> SpoolStatus:
+        """Depth, bytes, age of the oldest entry, quarantined count, fill level."""
+        now = time.time() if now is None else now
+        count = total = 0
+        oldest: float | None = None
+        try:
+            items = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            items = []
+        for e in items:
+            if not e.name.endswith(SUFFIX):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # drained meanwhile
+            count += 1
+            total += st.st_size
+            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+        try:
+            quarantined = sum(1 for _ in os.scandir(self.quarantine_dir))
+        except FileNotFoundError:
+            quarantined = 0
+        try:
+            fill = fill_percent(self.dir)
+        except OSError:
+            fill = float("nan")
+        return SpoolStatus(
+            str(self.dir), count, total,
+            datetime.fromtimestamp(oldest, UTC) if oldest is not None else None,
+            max(0.0, now - oldest) if oldest is not None else 0.0, quarantined, fill)
+
+    @contextlib.contextmanager
+    def drain_lock(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold the drain lock; SpoolBusy if another drain keeps it WAIT seconds."""
+        self.ensure()
+        fd = os.open(self.dir / ".drain.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as exc:
+                    if time.monotonic() >= deadline:
+                        raise SpoolBusy(f"another drain is running on {self.dir}") from exc
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+class SpoolCollector(Collector):
+    """Gauges read from the directory at scrape time (any process may serve them)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        st = self._spool.status()
+        yield GaugeMetricFamily("postkeep_spool_entries",
+                                "Messages in the outage spool waiting to be drained.",
+                                value=st.entries)
+        yield GaugeMetricFamily("postkeep_spool_bytes", "Bytes of the outage spool's entries.",
+                                value=st.bytes)
+        yield GaugeMetricFamily("postkeep_spool_oldest_entry_age_seconds",
+                                "Age of the oldest spooled entry (0 when empty).",
+                                value=st.oldest_age_seconds)
+        yield GaugeMetricFamily("postkeep_spool_quarantined_entries",
+                                "Damaged entries set aside in quarantine/ for an operator.",
+                                value=st.quarantined)
+        yield GaugeMetricFamily("postkeep_spool_filesystem_used_percent",
+                                "How full the spool's filesystem is.", value=st.fill_percent)
+
+
+# --- the drain ---------------------------------------------------------------
+
+RecordRows = Callable[[Sequence[CapturedMessage]], None]
+
+
+@dataclass
+class DrainResult:
+    """What one drain pass did."""
+
+    drained: int = 0
+    quarantined: int = 0
+    rejected: int = 0  # rows PostgreSQL refused (entry kept, logged)
+    remaining: int = 0
+    stopped: BackendError | None = None  # a backend went (or stayed) down
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.drained / self.seconds if self.seconds > 0 else 0.0
+
+
+def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size: int = 256,
+          put_threads: int = 8, limit: int | None = None,
+          progress: Callable[[DrainResult], None] | None = None,
+          stop: threading.Event | None = None) -> DrainResult:
+    """Store every entry present now, oldest first, and remove it; never raises
+    for a backend outage (the pass stops, entries stay, `stopped` says why).
+
+    Per batch: objects put (small ones in one request), rows inserted in one
+    statement, then the entries unlinked by a second thread while the next
+    batch uploads (unlinking costs about a millisecond a file here).  The
+    directory is fsync'd once at the end: an unlink that a power cut undoes
+    only means that entry is drained again, to the same effect.  Damaged
+    entries go to quarantine; entries whose rows PostgreSQL refuses stay,
+    logged and counted.
+    """
+    started = time.monotonic()
+    result = DrainResult()
+    paths = spool.entries()
+    if limit is not None:
+        paths = paths[:limit]
+    result.remaining = len(paths)
+    removals: list[Future[None]] = []
+    with ThreadPoolExecutor(put_threads, thread_name_prefix="spool-put") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="spool-unlink") as remover:
+        for i in range(0, len(paths), batch_size):
+            if stop is not None and stop.is_set():
+                break
+            batch = paths[i:i + batch_size]
+            try:
+                recorded = _drain_batch(spool, objects, record, batch, pool, result)
+                removals.append(remover.submit(_remove_drained, spool, recorded))
+            except BackendError as exc:
+                result.stopped = exc
+                DRAIN_FAILURES.labels(exc.backend).inc()
+                log.warning("spool drain stopped: %s unavailable (%s); %d entries wait",
+                            exc.backend, exc.reason, len(paths) - i)
+                break
+            finally:
+                result.seconds = time.monotonic() - started
+            result.remaining = len(paths) - i - len(batch)
+            if progress is not None:
+                progress(result)
+    for fut in removals:
+        fut.result()  # an unlink that failed is raised here, never ignored
+    spool.sync()
+    result.seconds = time.monotonic() - started
+    result.remaining = len(spool.entries())
+    return result
+
+
+def _remove_drained(spool: Spool, recorded: list[SpoolEntry]) -> None:
+    """Unlink entries whose object and rows are durable; one log line each."""
+    for e in recorded:
+        spool.remove(e.path)
+        log.info("spool drained id=%s queue_id=%s key=%s spooled_at=%s", e.message.id,
+                 e.message.queue_id, e.message.object_key, e.spooled_at.isoformat())
+    DRAINED.inc(len(recorded))
+
+
+def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: list[Path],
+                 pool: ThreadPoolExecutor, result: DrainResult) -> list[SpoolEntry]:
+    """Put BATCH's objects and insert its rows; the entries now durable."""
+    entries: list[SpoolEntry] = []
+    for path in batch:
+        try:
+            entries.append(spool.open_entry(path))
+        except FileNotFoundError:
+            continue  # finished by another drain
+        except SpoolFormatError as exc:
+            if spool.quarantine(path, str(exc)) is not None:
+                result.quarantined += 1
+        except OSError as exc:  # unreadable: leave it, say so, go on
+            log.error("spool entry unreadable file=%s reason=%r", path, str(exc))
+            result.rejected += 1
+    if not entries:
+        return []
+
+    def put(entry: SpoolEntry) -> None:
+        with spool.object_stream(entry) as stream:
+            objects.put(entry.message.object_key, stream, entry.object_length)
+
+    # Small objects in one request where the store can (as the milter's
+    # group commit does), the rest one PUT each, in parallel.
+    small = [e for e in entries if e.object_length <= SMALL_OBJECT_BYTES]
+    singles = entries
+    if len(small) > 1 and objects.can_batch():
+        for chunk in _by_bytes(small, BATCH_UPLOAD_BYTES):
+            items = []
+            for e in chunk:
+                with spool.object_stream(e) as stream:
+                    items.append((e.message.object_key, stream.read()))
+            objects.put_many(items)
+        singles = [e for e in entries if e.object_length > SMALL_OBJECT_BYTES]
+    for fut in [pool.submit(put, e) for e in singles]:
+        fut.result()  # BackendError stops the pass; objects put so far are harmless
+    recorded = _record(record, entries, result)
+    result.drained += len(recorded)
+    return recorded
+
+
+def _by_bytes(entries: list[SpoolEntry], limit: int) -> Iterator[list[SpoolEntry]]:
+    """ENTRIES in order, in runs whose objects total at most LIMIT bytes (at least one)."""
+    run: list[SpoolEntry] = []
+    size = 0
+    for e in entries:
+        if run and size + e.object_length > limit:
+            yield run
+            run, size = [], 0
+        run.append(e)
+        size += e.object_length
+    if run:
+        yield run
+
+
+def _record(record: RecordRows, entries: list[SpoolEntry],
+            result: DrainResult) -> list[SpoolEntry]:
+    """Insert the rows of ENTRIES; the ones now in PostgreSQL.
+
+    One statement for the batch; if PostgreSQL refuses it for a reason other
+    than being down (a row it cannot take), one by one, so one bad entry
+    cannot hold up the rest.
+    """
+    try:
+        record([e.message for e in entries])
+        return entries
+    except BackendError:
+        raise
+    except Exception as exc:
+        log.warning("spool batch of %d refused (%s); retrying one by one", len(entries), exc)
+    done = []
+    for e in entries:
+        try:
+            record([e.message])
+            done.append(e)
+        except BackendError:
+            raise
+        except Exception as exc:
+            DRAIN_FAILURES.labels("rejected").inc()
+            result.rejected += 1
+            log.error("spool entry rejected by postgres file=%s id=%s queue_id=%s reason=%r"
+                      " (kept in the spool)", e.path, e.message.id, e.message.queue_id,
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return done
+
+
+def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
+                  interval: float, stop: threading.Event, batch_size: int = 256,
+                  on_pass: Callable[[DrainResult], None] | None = None) -> None:
+    """Drain every INTERVAL seconds until STOP is set (a daemon's periodic task).
+
+    Takes the drain lock for each pass only, so `postkeep spool drain` can
+    still be run by hand between passes; a pass that finds the lock taken is
+    skipped.  Never raises for an outage or a damaged entry; anything else
+    is logged and the next pass tries again.
+    """
+    while not stop.is_set():
+        try:
+            if spool.entries():
+                with spool.drain_lock():
+                    spool.remove_stale_tmp()
+                    result = drain(spool, objects, record, batch_size=batch_size, stop=stop)
+                if on_pass is not None:
+                    on_pass(result)
+        except SpoolBusy:
+            log.debug("spool drain pass skipped: another drain holds the lock")
+        except Exception:
+            log.exception("spool drain pass failed; retrying in %gs", interval)
+        stop.wait(interval)
+
+
+def record_with(db: Database) -> RecordRows:
+    """The drain's row writer: one idempotent INSERT per batch, through the pool."""
+    def record(msgs: Sequence[CapturedMessage]) -> None:
+        db.run(lambda conn: record_captures(conn, msgs))
+
+    return record
+
+
+def log_pass(result: DrainResult) -> None:
+    """One progress line per pass that did something (for daemons)."""
+    if result.drained or result.quarantined or result.rejected or result.stopped:
+        log.info("spool drain pass: drained %d, quarantined %d, rejected %d, left %d"
+                 " (%.0f messages/s)%s", result.drained, result.quarantined, result.rejected,
+                 result.remaining, result.rate,
+                 f"; stopped: {result.stopped}" if result.stopped else "")

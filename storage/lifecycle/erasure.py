@@ -1,0 +1,171 @@
+"""Erasure on request (GDPR): one address's mail content and its traces in metadata.
+
+`erase_address` removes the content of every message of an organisation to
+or from the address (the object is deleted and the row marked
+`content_erased_at`, so readers derive "content erased") and redacts the
+address in metadata: the envelope sender and From: become `[erased]`, the
+recipient becomes `[erased]-<12 hex>` (part of the primary key; the same
+within one message's status and history, from a salt that is not kept),
+and the address is cut out of subjects and DSN diagnostics, in the current
+status and in the report history (`recipient_events`).  Delivery
+statuses and sizes stay for statistics.  The audit row records how many
+messages and a sha256 of the address, never the address.
+
+A legal hold covering any of those messages (the organisation, the address,
+or another address on the same messages) refuses the whole erasure, naming
+the holds: nothing is erased in part.
+
+Crash-safe by order: per batch, objects are deleted first, then rows are
+marked and redacted with the audit row in one transaction.  A rerun finds
+the batches not yet redacted (the address is still there) and repeats them;
+deleting an object twice is harmless.  Holds the retention lock, so it never
+interleaves with a retention run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+
+from postkeep.storage.lifecycle.rules import RetentionStore
+from postkeep.storage.metadata.audit import audit
+from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.legal_holds import Hold, holds_covering, involves_sql, list_holds
+
+REDACTED = "[erased]"
+BATCH = 500
+
+Progress = Callable[[str], None]
+
+
+class ErasureRefused(Exception):
+    """Erasure refused because legal holds cover some of the messages."""
+
+    def __init__(self, holds: list[Hold]) -> None:
+        names = "; ".join(f"hold {h.id} on {h.scope()} ({h.reason})" for h in holds)
+        super().__init__(f"refused: covered by legal hold(s): {names}."
+                         " Release them first (`postkeep hold remove ID`) if the erasure"
+                         " must go ahead.")
+        self.holds = holds
+
+
+@dataclass(frozen=True)
+class ErasureReport:
+    messages: int
+    objects_deleted: int
+    recipient_rows_redacted: int
+    address_sha256: str
+
+
+def pg_regex_literal(text: str) -> str:
+    """TEXT as a PostgreSQL regular expression matching it literally."""
+    return re.sub(r"([^A-Za-z0-9])", r"\\\1", text)
+
+
+def _scope(conn: psycopg.Connection, org_id: uuid.UUID, addr: str) -> list[tuple[
+        uuid.UUID, datetime, str]]:
+    """(id, metadata_expires_at, object_key) of every message to or from ADDR."""
+    rows = conn.execute(
+        "SELECT m.id, m.metadata_expires_at, m.object_key FROM messages m"
+        f" WHERE m.org_id = %(org)s AND {involves_sql('m', '%(addr)s')} ORDER BY m.id",
+        {"org": org_id, "addr": addr},
+    ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.UUID,
+                  address: str, now: datetime | None = None,
+                  progress: Progress | None = None) -> ErasureReport:
+    """Erase ADDRESS (already normalised: lower case, bare) in ORG_ID's mail.
+
+    Raises ErasureRefused if a legal hold covers any of it; BackendError if
+    S3 fails to delete (nothing of that batch is marked; rerun).
+    """
+    from postkeep.storage.content.parts import release_message_parts, sweep_parts
+    from postkeep.storage.lifecycle.retention import run_lock
+
+    say = progress or (lambda _line: None)
+    now = now or datetime.now(UTC)
+    digest = hashlib.sha256(address.encode()).hexdigest()
+    with run_lock(conn, say):
+        scope = _scope(conn, org_id, address)
+        # The organisation's holds, the address's own, and those of other
+        # addresses on the same messages.
+        covering = holds_covering(conn, org_id, [m[0] for m in scope])
+        covering += [h for h in list_holds(conn, org_id)
+                     if h.address == address and h not in covering]
+        if covering:
+            raise ErasureRefused(covering)
+        total = deleted = redacted = 0
+        pattern = pg_regex_literal(address)
+        # The redacted recipient is the same in the current status and in the
+        # history of one message (so they still pair up), unguessable without
+        # this salt, which is never stored.
+        salt = os.urandom(16).hex()
+        for i in range(0, len(scope), BATCH):
+            batch = scope[i:i + BATCH]
+            keys = [m[2] for m in batch]
+            failed = store.delete_many(keys)
+            if failed:
+                raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
+                                         f" {failed[0]}; nothing of this batch was marked,"
+                                         " run the erasure again")
+            ids = [m[0] for m in batch]
+            exps = [m[1] for m in batch]
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
+                    " %(now)s),"
+                    " envelope_from = CASE WHEN lower(m.envelope_from) = %(addr)s"
+                    " THEN %(red)s ELSE m.envelope_from END,"
+                    " header_from = CASE WHEN lower(m.header_from) = %(addr)s OR"
+                    " position('<' || %(addr)s || '>' in lower(m.header_from)) > 0"
+                    " THEN %(red)s ELSE m.header_from END,"
+                    " subject = regexp_replace(m.subject, %(pat)s, %(red)s, 'gi')"
+                    " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
+                    " WHERE m.id = u.id AND m.metadata_expires_at = u.exp AND m.org_id = %(org)s",
+                    {"now": now, "addr": address, "red": REDACTED, "pat": pattern,
+                     "ids": ids, "exps": exps, "org": org_id},
+                )
+                # The current status and the delivery report history (outcomes)
+                # both name recipients; one pseudonym per message in both.
+                for table, touch in (("message_recipients", ", updated_at = now()"),
+                                     ("recipient_events", "")):
+                    cur = conn.execute(
+                        f"UPDATE {table} r SET recipient = CASE WHEN lower(r.recipient)"
+                        " = %(addr)s THEN %(red)s || '-' || left(md5(r.message_id::text"
+                        " || %(salt)s), 12) ELSE r.recipient END,"
+                        f" diagnostic = regexp_replace(r.diagnostic, %(pat)s, %(red)s, 'gi'){touch}"
+                        " FROM unnest(%(ids)s::uuid[], %(exps)s::timestamptz[]) AS u(id, exp)"
+                        " WHERE r.message_id = u.id AND r.metadata_expires_at = u.exp"
+                        " AND r.org_id = %(org)s AND (lower(r.recipient) = %(addr)s"
+                        " OR r.diagnostic ~* %(pat)s)",
+                        {"addr": address, "red": REDACTED, "pat": pattern, "ids": ids,
+                         "exps": exps, "org": org_id, "salt": salt},
+                    )
+                    if table == "message_recipients":
+                        redacted += cur.rowcount
+                audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
+                      {"address_sha256": digest, "objects_deleted": len(keys)})
+            # Attachments stored once per organisation (storage/content/parts.py):
+            # what only these messages referenced can go now.
+            release_message_parts(conn, ids, now)
+            total += len(batch)
+            deleted += len(keys)
+            say(f"erased {total}/{len(scope)} messages")
+        if scope:
+            from postkeep.storage.lifecycle.retention import KeyDeleter
+
+            swept = sweep_parts(conn, KeyDeleter(store), now, org_id=org_id)
+            say(f"deleted {swept.deleted} attachment part object(s) no other message needs")
+        if not scope:
+            audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
+                  {"address_sha256": digest, "objects_deleted": 0})
+    return ErasureReport(total, deleted, redacted, digest)

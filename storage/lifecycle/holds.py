@@ -1,0 +1,250 @@
+"""Legal holds: what they cover, and keeping what they cover out of reach.
+
+A hold covers an organisation's mail (address NULL) or only the mail to or
+from one address.  While a hold is active nothing it covers may be destroyed:
+
+- metadata: just before a weekly partition is dropped, covered rows are moved
+  into the `*_held` partitions, which are never dropped (storage/lifecycle/retention.py);
+- content: covered objects are copied under `messages/hold/`, where no
+  lifecycle rule reaches, and the row is pointed at the copy (`protect`);
+  mail captured for an organisation-wide hold goes there directly (the
+  milter's organisation lookup carries the flag); the sweeper skips covered
+  messages;
+- erasure refuses, naming the hold (storage/lifecycle/erasure.py).
+
+Releasing a hold only marks it; the next `retention run` reconciles
+(`reconcile_released`): held rows go back to their own stamp (or are dropped
+if it has passed), held objects past their stamp are deleted.
+
+The hold rows themselves (add, release, list, and the SQL that says what a
+hold covers) are storage/metadata/legal_holds.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+from psycopg import sql
+
+from postkeep.storage.content.layout import held_key, is_held_key
+from postkeep.storage.lifecycle import stats
+from postkeep.storage.lifecycle.rules import RetentionStore
+from postkeep.storage.metadata.audit import audit
+from postkeep.storage.metadata.legal_holds import Hold, covered_sql, involves_sql
+from postkeep.storage.metadata.messages import UNLIMITED
+
+log = logging.getLogger("postkeep.storage")
+
+Progress = Callable[[str], None]
+
+# metadata_expires_at of rows under a hold: inside messages_held.
+HELD_AT = datetime(9999, 1, 1, tzinfo=UNLIMITED.tzinfo)
+
+
+# --- tables that follow a message's partition ---------------------------------
+
+_CHILD_COLUMNS = ("message_id", "org_id", "metadata_expires_at", "held_metadata_expires_at")
+
+
+def child_tables(conn: psycopg.Connection) -> list[str]:
+    """Tables other than messages partitioned by metadata_expires_at, recipients first.
+
+    Each must carry message_id, org_id and held_metadata_expires_at, so a
+    held message's rows in it move with the message; a table that does not is
+    refused here (BackendError naming it) rather than have held rows dropped.
+    """
+    from postkeep.storage.metadata.db import BackendError
+
+    rows = conn.execute(
+        "SELECT c.relname::text, array_agg(a2.attname::text) FROM pg_partitioned_table p"
+        " JOIN pg_class c ON c.oid = p.partrelid"
+        " AND c.relnamespace = current_schema()::regnamespace"
+        " JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]"
+        " JOIN pg_attribute a2 ON a2.attrelid = p.partrelid AND a2.attnum > 0"
+        " AND NOT a2.attisdropped"
+        " WHERE a.attname = 'metadata_expires_at' AND p.partstrat = 'r'"
+        " AND c.relname <> 'messages' GROUP BY c.relname"
+        " ORDER BY c.relname <> 'message_recipients', c.relname").fetchall()
+    for table, cols in rows:
+        missing = [c for c in _CHILD_COLUMNS if c not in cols]
+        if missing:
+            raise BackendError("postgres", f"table {table} is partitioned by"
+                               f" metadata_expires_at but has no {', '.join(missing)}:"
+                               " retention cannot keep held rows in it")
+    return [r[0] for r in rows]
+
+
+def children_sql(tables: list[str], alias: str, statement: str) -> sql.Composed:
+    """CTE parts `, <alias>_<i> AS (STATEMENT)`, one per table, `{t}` in STATEMENT
+    standing for the table: the same change to a message's rows in every child table."""
+    return sql.Composed([
+        sql.SQL(", {a} AS (" + statement + ")").format(a=sql.Identifier(f"{alias}_{i}"),
+                                                       t=sql.Identifier(t))
+        for i, t in enumerate(tables)])
+
+
+def move_children_sql(tables: list[str]) -> sql.Composed:
+    """CTE parts moving each table's rows of `moved` (id, org_id, old stamp) to HELD."""
+    return children_sql(
+        tables, "moved", "UPDATE {t} c SET held_metadata_expires_at = c.metadata_expires_at,"
+        " metadata_expires_at = %(held)s FROM moved WHERE c.message_id = moved.id"
+        " AND c.org_id = moved.org_id AND c.metadata_expires_at ="
+        " moved.held_metadata_expires_at RETURNING 1")
+
+
+# --- content protection ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProtectResult:
+    moved: int
+    gone: int  # covered objects already deleted before the hold (nothing to keep)
+
+
+_PROTECT_BATCH = 500
+
+
+def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
+            content_after: datetime, run_id: uuid.UUID | None = None,
+            progress: Progress | None = None) -> ProtectResult:
+    """Copy HOLD's not-yet-protected objects under messages/hold/ and repoint rows.
+
+    Only messages whose content was still due to exist (content_expires_at
+    after CONTENT_AFTER, the sweeper's watermark) and not erased.  Order per
+    batch: copy, then repoint the rows, then delete the originals: a crash
+    anywhere leaves every row pointing at an object that exists (an original
+    left behind is deleted by its lifecycle rule).
+    """
+    moved = gone = 0
+    scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
+    # Walk the organisation's messages by (created_at, id): the
+    # (org_id, created_at) index serves it, whatever the size of the table.
+    last: tuple[datetime, uuid.UUID] = (datetime.min.replace(tzinfo=HELD_AT.tzinfo),
+                                        uuid.UUID(int=0))
+    while True:
+        rows = conn.execute(
+            "SELECT m.id, m.metadata_expires_at, m.object_key, m.created_at FROM messages m"
+            " WHERE m.org_id = %(org)s AND (m.created_at, m.id) > (%(c)s, %(after)s)"
+            " AND m.content_erased_at IS NULL AND m.object_key NOT LIKE 'messages/hold/%%'"
+            f" AND m.content_expires_at > %(content_after)s{scope}"
+            " ORDER BY m.created_at, m.id LIMIT %(n)s",
+            {"org": hold.org_id, "addr": hold.address, "c": last[0], "after": last[1],
+             "content_after": content_after, "n": _PROTECT_BATCH},
+        ).fetchall()
+        if not rows:
+            break
+        last = (rows[-1][3], rows[-1][0])
+        repoint: list[tuple[uuid.UUID, datetime, str]] = []
+        originals: list[str] = []
+        for mid, mexp, key, _created in rows:
+            if is_held_key(key):
+                continue
+            dst = held_key(key)
+            if not store.exists(key):
+                gone += 1
+                continue
+            store.copy(key, dst)
+            repoint.append((mid, mexp, dst))
+            originals.append(key)
+        if repoint:
+            with conn.transaction():
+                conn.execute(
+                    "UPDATE messages m SET object_key = u.key FROM unnest(%s::uuid[],"
+                    " %s::timestamptz[], %s::text[]) AS u(id, mexp, key)"
+                    " WHERE m.id = u.id AND m.metadata_expires_at = u.mexp AND m.org_id = %s",
+                    ([r[0] for r in repoint], [r[1] for r in repoint], [r[2] for r in repoint],
+                     hold.org_id),
+                )
+                audit(conn, run_id, "hold_protected", len(repoint), hold.org_id,
+                      f"hold {hold.id}", {"to": "messages/hold/"})
+            failed = store.delete_many(originals)
+            if failed:
+                log.warning("hold %d: %d original objects not deleted (their lifecycle rule"
+                            " will): %s", hold.id, len(failed), failed[:3])
+            moved += len(repoint)
+            if progress:
+                progress(f"hold {hold.id} ({hold.scope()}): {moved} objects moved under"
+                         " messages/hold/")
+    return ProtectResult(moved, gone)
+
+
+# --- release ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    rows_restored: int
+    rows_dropped: int
+    objects_deleted: int
+
+
+def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
+                       now: datetime, run_id: uuid.UUID | None = None) -> ReleaseResult:
+    """Apply the release of HOLD to what it alone kept.
+
+    Rows it moved into the held partitions go back to their own metadata
+    stamp, or are removed (their statistics kept) if that has passed; objects
+    it kept under messages/hold/ past their content stamp are deleted.  What
+    another active hold still covers stays.  Idempotent; reconciled_at marks
+    the end.
+    """
+
+    scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
+    params = {"org": hold.org_id, "addr": hold.address, "now": now, "held": HELD_AT}
+    free = f"m.org_id = %(org)s{scope} AND NOT {covered_sql('m')}"
+    # Objects first: once rows are gone nothing would point at them.
+    # Content the sweeper skipped because the hold covered it: everything
+    # under messages/hold/, and anything that expired while the hold was on
+    # (a day's margin before it for a sweeper that runs at least daily).
+    # Deleting a key that is already gone is harmless.
+    params["since"] = hold.created_at - timedelta(days=1)
+    expired_objects = conn.execute(
+        f"SELECT m.object_key FROM messages m WHERE {free}"
+        " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"
+        " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
+        params).fetchall()
+    keys = [r[0] for r in expired_objects]
+    failed = store.delete_many(keys) if keys else []
+    if failed:
+        from postkeep.storage.metadata.db import BackendError
+
+        raise BackendError("s3", f"hold {hold.id}: {len(failed)} held objects not deleted,"
+                           f" e.g. {failed[0]}")
+    with conn.transaction():
+        # Rows past their own stamp: statistics first, then remove them.
+        stats.archive_rows(
+            conn,
+            f"SELECT m.id FROM messages m WHERE m.metadata_expires_at = %(held)s AND {free}"
+            " AND m.held_metadata_expires_at <= %(now)s", params)
+        children = child_tables(conn)
+        deletes = children_sql(
+            children, "gone", "DELETE FROM {t} c USING gone WHERE c.message_id = gone.id"
+            " AND c.org_id = gone.org_id AND c.metadata_expires_at = %(held)s RETURNING 1")
+        row = conn.execute(sql.SQL(
+            "WITH gone AS (DELETE FROM messages m WHERE m.metadata_expires_at = %(held)s"
+            " AND {free} AND m.held_metadata_expires_at <= %(now)s RETURNING m.id, m.org_id)"
+            "{deletes} SELECT count(*) FROM gone").format(free=sql.SQL(free), deletes=deletes),
+            params).fetchone()
+        dropped = int(row[0]) if row else 0
+        backs = children_sql(
+            children, "back", "UPDATE {t} c SET metadata_expires_at = back.metadata_expires_at,"
+            " held_metadata_expires_at = NULL FROM back WHERE c.message_id = back.id"
+            " AND c.org_id = back.org_id AND c.metadata_expires_at = %(held)s RETURNING 1")
+        row = conn.execute(sql.SQL(
+            "WITH back AS (UPDATE messages m SET metadata_expires_at ="
+            " m.held_metadata_expires_at, held_metadata_expires_at = NULL"
+            " WHERE m.metadata_expires_at = %(held)s AND {free}"
+            " RETURNING m.id, m.org_id, m.metadata_expires_at){backs}"
+            " SELECT count(*) FROM back").format(free=sql.SQL(free), backs=backs),
+            params).fetchone()
+        restored = int(row[0]) if row else 0
+        conn.execute("UPDATE legal_holds SET reconciled_at = now() WHERE id = %s", (hold.id,))
+        audit(conn, run_id, "hold_reconciled", dropped + restored, hold.org_id,
+              f"hold {hold.id}", {"messages_dropped": dropped, "messages_restored": restored,
+                                  "objects_deleted": len(keys)})
+    return ReleaseResult(restored, dropped, len(keys))

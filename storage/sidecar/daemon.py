@@ -1,0 +1,165 @@
+"""postkeep-storage: the process.
+
+Loads and checks the configuration, opens PostgreSQL and the object store
+(lazily: reports tempfail with 451 until they are reachable), serves
+/metrics on loopback, listens for Postfix's LMTP, tells systemd it is ready,
+and on SIGTERM stops accepting and lets in-flight reports finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from postkeep.config import Config, ConfigError, load
+from postkeep.process import notify_systemd, split_hostport
+
+log = logging.getLogger("postkeep.storage")
+
+
+async def serve(cfg: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    from aiosmtpd.lmtp import LMTP
+
+    from postkeep.storage.content.objects import S3ObjectStore
+    from postkeep.storage.metadata.db import BackendError, Database
+    from postkeep.storage.reports.outcomes import maintain_report_partitions
+    from postkeep.storage.sidecar.lmtp import Batcher, ReportHandler, record_with
+    from postkeep.storage.sidecar.upkeep import Job, run_jobs
+
+    scfg = cfg.storage
+    db = Database(cfg.postgres)
+    db.open()
+    objects = S3ObjectStore(cfg.s3)
+    try:
+        await asyncio.to_thread(objects.ensure_bucket)
+    except BackendError as exc:  # not fatal: unmatched reports tempfail until it is back
+        log.warning("object store not ready at start: %s", exc)
+    batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
+    batcher.start()
+    spool_stop, spool_task = _start_spool_drain(cfg, db, objects)
+    relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
+        if scfg.forward_relay else None
+    handler = ReportHandler(db, objects, batcher, relay)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: LMTP(handler, data_size_limit=scfg.max_report_bytes, enable_SMTPUTF8=True,
+                     ident="postkeep-storage", timeout=300),
+        host=scfg.lmtp_host, port=scfg.lmtp_port, reuse_address=True)
+    log.info("postkeep-storage listening for LMTP on %s:%d (config %s)", scfg.lmtp_host,
+             scfg.lmtp_port, cfg.source)
+    notify_systemd("READY=1")
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    jobs = [
+        Job("report-partitions", scfg.maintenance_seconds,
+            lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
+                    f" report partitions created or dropped"),
+    ]
+    if scfg.dictionary_check_seconds:
+        from datetime import UTC, datetime
+
+        from postkeep.storage.content.dictionaries import train_due
+
+        def train() -> str:
+            trained = db.run(lambda c: train_due(c, objects, datetime.now(UTC)))
+            return f"{len(trained)} organisation dictionary(ies) trained"
+
+        jobs.append(Job("dictionaries", scfg.dictionary_check_seconds, train))
+    # A run in progress at shutdown stops at its next batch (its thread sees
+    # retention_stop); the next start carries on.
+    retention_stop = threading.Event()
+    if cfg.retention.in_sidecar:
+        from postkeep.storage.sidecar.retention_job import retention_job
+
+        jobs.append(retention_job(db, objects, cfg.retention, retention_stop))
+        log.info("retention runs every %gs (retention.interval_seconds)",
+                 cfg.retention.interval_seconds)
+    upkeep = asyncio.create_task(run_jobs(jobs, stop), name="upkeep")
+    await stop.wait()
+    log.info("postkeep-storage stopping")
+    notify_systemd("STOPPING=1")
+    retention_stop.set()
+    server.close()
+    await server.wait_closed()
+    await batcher.stop()
+    await upkeep
+    spool_stop.set()  # a drain pass stops between batches
+    await spool_task
+    db.close()
+
+
+def _start_spool_drain(cfg: Config, db: Any, objects: Any
+                       ) -> tuple[threading.Event, asyncio.Future[None]]:
+    """Drain the milter's outage spool every storage.spool_drain_interval_seconds
+    (storage/content/spool.py), on a thread of its own; spool gauges on /metrics."""
+    from prometheus_client import REGISTRY
+
+    from postkeep.storage.content import spool as spool_mod
+
+    spool = spool_mod.Spool(cfg.milter.outage_spool_directory)
+    REGISTRY.register(spool_mod.SpoolCollector(spool))
+    stop = threading.Event()
+    interval = cfg.storage.spool_drain_interval_seconds
+    log.info("draining the outage spool %s every %gs", spool.dir, interval)
+    task = asyncio.ensure_future(asyncio.to_thread(
+        spool_mod.drain_forever, spool, objects, spool_mod.record_with(db),
+        interval=interval, stop=stop, on_pass=spool_mod.log_pass))
+    return stop, task
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
+              metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
+              "else /etc/postkeep/postkeep.toml).")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="Override storage.lmtp_host and lmtp_port.")
+@click.option("--metrics", default=None, metavar="HOST:PORT",
+              help="Override storage.metrics_listen.")
+@click.option("--check-config", is_flag=True,
+              help="Load and check the configuration, print a summary and exit.")
+def main(config_path: str | None, listen: str | None, metrics: str | None,
+         check_config: bool) -> None:
+    """Run postkeep-storage: delivery reports (DSNs, bounces) in over LMTP,
+    each recipient's outcome recorded in PostgreSQL."""
+    try:
+        cfg = load(config_path)
+        overrides: dict[str, Any] = {}
+        if listen:
+            overrides["lmtp_host"], overrides["lmtp_port"] = split_hostport("--listen", listen)
+        if metrics:
+            split_hostport("--metrics", metrics)
+            overrides["metrics_listen"] = metrics
+        if overrides:
+            cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, **overrides))
+        metrics_host, metrics_port = split_hostport("storage.metrics_listen",
+                                                     cfg.storage.metrics_listen)
+        if cfg.storage.forward_relay:
+            split_hostport("storage.forward_relay", cfg.storage.forward_relay)
+    except ConfigError as exc:
+        click.echo(f"postkeep-storage: configuration error: {exc}", err=True)
+        sys.exit(2)
+    s = cfg.storage
+    if check_config:
+        click.echo(f"configuration OK ({cfg.source}): LMTP {s.lmtp_host}:{s.lmtp_port},"
+                   f" metrics {s.metrics_listen}, forward relay {s.forward_relay or '-'}")
+        return
+    logging.basicConfig(
+        level=s.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s postkeep-storage[%(process)d] %(levelname)s %(message)s",
+    )
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command lines
+    from prometheus_client import start_http_server
+
+    start_http_server(metrics_port, addr=metrics_host)
+    asyncio.run(serve(cfg))

@@ -1,0 +1,270 @@
+"""postkeep-storage's LMTP side: reports in, per-recipient outcomes out.
+
+Postfix delivers every report addressed to a postkeep return path here over
+LMTP (the bundle's transport_maps).  For each one the handler
+1. parses it (`reports.parse_report`; a large one in a worker thread);
+2. keeps its bytes in object storage when it cannot be matched or parsed;
+3. hands it to the `Batcher`, which writes whatever reports are waiting in
+   one transaction and one round trip (`outcomes.record_batch`);
+4. answers each LMTP recipient only once the outcome is durable: 250 when
+   recorded (or kept as unmatched, or a duplicate), 451 4.3.0 naming the
+   backend when PostgreSQL or S3 failed, so Postfix retries.
+A report is never lost and never crashes the daemon: anything unexpected
+becomes a 451 and a log line with the report's hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import smtplib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import zstandard
+from prometheus_client import Counter, Histogram
+
+from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.reports.dsn import Report, parse_report
+from postkeep.storage.reports.outcomes import (
+    DUPLICATE,
+    DUPLICATE_UNMATCHED,
+    UNMATCHED,
+    forward_target,
+    record_batch,
+    report_key,
+)
+
+log = logging.getLogger("postkeep.storage")
+
+# Reports up to this size are parsed on the event loop: Postfix's own notices
+# (RET=HDRS, a few KB) take a fraction of a millisecond, less than the hop to
+# a worker thread and back cost.  Larger ones (remote bounces quoting whole
+# messages) go to a thread so that they never hold up other sessions.
+INLINE_PARSE_BYTES = 64 * 1024
+
+REPORTS = Counter("postkeep_storage_reports_total",
+                  "Reports received over LMTP, by kind (dsn, async_bounce, unparsable)",
+                  ["kind"])
+STATUSES = Counter("postkeep_storage_statuses_total",
+                   "Recipient outcomes recorded (that changed a recipient's status), by status",
+                   ["status"])
+UNMATCHED_REPORTS = Counter("postkeep_storage_unmatched_reports_total",
+                            "Reports kept as unmatched (object + unmatched_reports row)")
+DUPLICATES = Counter("postkeep_storage_duplicate_reports_total",
+                     "Reports received again (same bytes); nothing changed")
+FAILED = Counter("postkeep_storage_report_errors_total",
+                 "Reports answered 451 because a backend failed, by backend", ["backend"])
+FORWARDED = Counter("postkeep_storage_forwarded_total",
+                    "Failure notices forwarded to the original sender, by result", ["result"])
+LAG = Histogram("postkeep_storage_outcome_lag_seconds",
+                "From the reporting MTA's time of the event to the recipient row update",
+                buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600))
+BATCH_SIZE = Histogram("postkeep_storage_batch_reports", "Reports per database round trip",
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+BATCH_SECONDS = Histogram("postkeep_storage_batch_seconds",
+                          "Time to record one batch of reports in PostgreSQL")
+
+
+@dataclass
+class _Pending:
+    report: Report
+    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
+                                      .create_future())
+
+
+class Batcher:
+    """Writes waiting reports in batches, up to WRITERS batches at a time, no linger.
+
+    Whatever queued while the writers were busy is the next batch, so a quiet
+    sidecar answers at once and a busy one makes few, large round trips.  More
+    than one writer keeps one slow commit (an fsync, a thread starved of the
+    GIL on a loaded host) from holding up every report behind it.
+    """
+
+    def __init__(self, write: Callable[[Sequence[Report]], list[int]], max_batch: int,
+                 writers: int = 1) -> None:
+        self._write = write
+        self._max = max_batch
+        self._writers = writers
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._writing: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outcome-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._writing:  # let batches being written settle their reports
+            await asyncio.gather(*self._writing, return_exceptions=True)
+
+    async def submit(self, report: Report) -> int:
+        pending = _Pending(report)
+        self._queue.append(pending)
+        self._wake.set()
+        return await pending.done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and len(self._writing) < self._writers:
+                batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+                task = asyncio.create_task(self._write_batch(batch))
+                self._writing.add(task)
+                task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing.discard(task)
+        self._wake.set()
+
+    async def _write_batch(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            codes = await asyncio.to_thread(self._write, [p.report for p in batch])
+        except Exception as whole:
+            if len(batch) == 1:
+                _settle(batch[0], exc=whole)
+                return
+            # One bad report must not hold back the rest: each on its own.
+            for p in batch:
+                try:
+                    _settle(p, code=(await asyncio.to_thread(self._write, [p.report]))[0])
+                except Exception as exc:
+                    _settle(p, exc=exc)
+            return
+        BATCH_SIZE.observe(len(batch))
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        for p, code in zip(batch, codes, strict=True):
+            _settle(p, code=code)
+
+
+def _settle(p: _Pending, code: int = 0, exc: BaseException | None = None) -> None:
+    if p.done.done():
+        return
+    if exc is not None:
+        p.done.set_exception(exc)
+    else:
+        p.done.set_result(code)
+
+
+def _compressed(raw: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=3).compress(raw)
+
+
+class ReportHandler:
+    """aiosmtpd handler: one LMTP transaction, one report, one reply per recipient."""
+
+    def __init__(self, db: Database, objects: ObjectStore, batcher: Batcher,
+                 forward_relay: tuple[str, int] | None = None) -> None:
+        self.db = db
+        self.objects = objects
+        self.batcher = batcher
+        self.forward_relay = forward_relay
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        raw: bytes = envelope.original_content or b""
+        rcpts: list[str] = list(envelope.rcpt_tos)
+        reply = await self.receive(raw, envelope.mail_from or "", rcpts)
+        # LMTP answers once per recipient; aiosmtpd sends one reply after
+        # DATA, so the first ones are pushed here and the last is returned.
+        for _ in rcpts[1:]:
+            await server.push(reply)
+        return reply
+
+    async def receive(self, raw: bytes, mail_from: str, rcpts: list[str]) -> str:
+        """Record one report; the LMTP reply for it."""
+        received = datetime.now(UTC)
+        try:
+            if len(raw) <= INLINE_PARSE_BYTES:
+                report = parse_report(raw, mail_from, rcpts, received)
+            else:
+                report = await asyncio.to_thread(parse_report, raw, mail_from, rcpts, received)
+        except Exception:  # parse_report is total; this guards against its bugs
+            log.exception("report parser failed rcpt=%s size=%d", ",".join(rcpts), len(raw))
+            FAILED.labels("parser").inc()
+            return "451 4.3.0 postkeep-storage: internal error parsing the report; try again"
+        REPORTS.labels(report.kind).inc()
+        tag = report.sha256.hex()[:16]
+        try:
+            if report.reason is not None:
+                await self._keep(report, raw)
+            code = await self.batcher.submit(report)
+            if code in (UNMATCHED, DUPLICATE_UNMATCHED) and report.reason is None:
+                await self._keep(report, raw)
+        except BackendError as exc:
+            FAILED.labels(exc.backend).inc()
+            log.warning("report tempfailed report=%s message=%s backend=%s reason=%r", tag,
+                        report.message_id or "-", exc.backend, exc.reason)
+            return f"451 4.3.0 postkeep-storage: {exc.backend} unavailable; try again later"
+        except Exception:
+            FAILED.labels("internal").inc()
+            log.exception("report tempfailed report=%s message=%s", tag, report.message_id or "-")
+            return "451 4.3.0 postkeep-storage: internal error; try again later"
+        return self._outcome(report, code, tag, raw)
+
+    async def _keep(self, report: Report, raw: bytes) -> None:
+        data = await asyncio.to_thread(_compressed, raw)
+        await asyncio.to_thread(self.objects.put, report_key(report.sha256), io.BytesIO(data),
+                                len(data))
+
+    def _outcome(self, report: Report, code: int, tag: str, raw: bytes) -> str:
+        mid = report.message_id or "-"
+        if code in (DUPLICATE, DUPLICATE_UNMATCHED):
+            DUPLICATES.inc()
+            log.info("report duplicate report=%s message=%s kind=%s", tag, mid, report.kind)
+            return f"250 2.0.0 report {tag} already recorded"
+        if code == UNMATCHED:
+            UNMATCHED_REPORTS.inc()
+            log.warning("report unmatched report=%s message=%s kind=%s reason=%r", tag, mid,
+                        report.kind, report.reason or "see unmatched_reports")
+            return f"250 2.0.0 report {tag} kept as unmatched"
+        now = datetime.now(UTC)
+        for o in report.outcomes:
+            LAG.observe(max(0.0, (now - o.event_at).total_seconds()))
+            STATUSES.labels(o.status).inc()
+        log.info("report recorded report=%s message=%s kind=%s outcomes=%s changed=%d", tag, mid,
+                 report.kind, ",".join(f"{o.recipient}:{o.status}" for o in report.outcomes),
+                 code)
+        if report.failure and self.forward_relay is not None and report.message_id:
+            asyncio.get_running_loop().create_task(self._forward(report, raw))
+        return f"250 2.0.0 report {tag} recorded"
+
+    async def _forward(self, report: Report, raw: bytes) -> None:
+        """Send the failure notice on to the original sender, if its org asked."""
+        assert report.message_id is not None and self.forward_relay is not None
+        try:
+            mid, expires = report.message_id, report.expires_at
+            target = await asyncio.to_thread(
+                self.db.run, lambda conn: forward_target(conn, mid, expires))
+            if target is None:
+                return
+            host, port = self.forward_relay
+            await asyncio.to_thread(_send, host, port, target, raw)
+        except Exception as exc:
+            FORWARDED.labels("failed").inc()
+            log.warning("forward failed message=%s reason=%r", report.message_id, str(exc))
+            return
+        FORWARDED.labels("sent").inc()
+        log.info("forwarded failure notice message=%s to=<%s>", report.message_id, target)
+
+
+def _send(host: str, port: int, to: str, raw: bytes) -> None:
+    with smtplib.SMTP(host, port, timeout=30) as smtp:
+        smtp.sendmail("", [to], raw)  # MAIL FROM:<>: notices never bounce back
+
+
+def record_with(db: Database) -> Callable[[Sequence[Report]], list[int]]:
+    """The batch writer over DB (retried once on a lost connection by db.run)."""
+    return lambda reports: db.run(lambda conn: record_batch(conn, reports))
