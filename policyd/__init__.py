@@ -1,4 +1,7 @@
-"""postkeep.policyd: the Postfix policy-delegation server (tier rate limits).
+"""postkeep.policyd: postkeep-policyd, the policy-delegation server (tier rate limits).
 
-Not built yet: see the policy daemon issue.
+`server` (the policy protocol's framing, asyncio) -> `service` (one request's
+way to an answer, PostgreSQL or lease mode) -> `decide` (pure: plans, verdicts,
+local counters); `protocol` parses and formats the attribute lines; `daemon`
+is the process.  Counters live in PostgreSQL (postkeep.storage.metadata.limits).
 """
