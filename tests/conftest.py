@@ -135,22 +135,31 @@ def unique_name(prefix: str = "t") -> str:
 @contextmanager
 def dashboard_role(db: psycopg.Connection, tables: str) -> Iterator[str]:
     """A login-less role that may SELECT TABLES (comma-separated), for one test:
-    row-level security applies to it as to a customer dashboard.  Yields its name."""
+    row-level security applies to it as to a customer dashboard.  Yields its name.
+
+    It may read `tenant_roles` (its own row: what the tenant policies look up),
+    as every member of postkeep_tenant may."""
     role = unique_name("dash").replace("-", "_")
     db.execute(f'CREATE ROLE "{role}" NOLOGIN')
     try:
-        db.execute(f'GRANT SELECT ON {tables} TO "{role}"')
+        db.execute(f'GRANT SELECT ON {tables}, tenant_roles TO "{role}"')
         yield role
     finally:
-        db.execute(f'REVOKE ALL ON {tables} FROM "{role}"')
+        db.execute("DELETE FROM tenant_roles WHERE role_name = %s", (role,))
+        db.execute(f'REVOKE ALL ON {tables}, tenant_roles FROM "{role}"')
         db.execute(f'DROP ROLE "{role}"')
 
 
 def act_as(db: psycopg.Connection, role: str, org_id: uuid.UUID | None = None) -> None:
-    """Inside a transaction: ROLE for the rest of it, seeing ORG_ID's rows (None: none)."""
-    db.execute(f'SET LOCAL ROLE "{role}"')
+    """Inside a transaction: ROLE for the rest of it, mapped to ORG_ID (None: to none).
+
+    The mapping is written (as the owner, before switching) the way
+    `postkeep tenant grant` writes it; it outlives the transaction only if
+    the transaction commits, and dashboard_role removes it."""
+    db.execute("DELETE FROM tenant_roles WHERE role_name = %s", (role,))
     if org_id is not None:
-        db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(org_id),))
+        db.execute("INSERT INTO tenant_roles (role_name, org_id) VALUES (%s, %s)", (role, org_id))
+    db.execute(f'SET LOCAL ROLE "{role}"')
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import act_as, dashboard_role
 from support import campaign, smtp
 from support.dedup import capture_and_commit
 from support.stack import Stack, strip_received
@@ -269,26 +270,22 @@ def test_dashboard_role_sees_only_its_organisations_parts(stack: Stack) -> None:
             " ('parts', 'attachments', 'zstd_dictionaries')")}
     assert {"parts", "attachments", "zstd_dictionaries"} <= policies
     assert rls == {"parts", "attachments", "zstd_dictionaries"}
-    role = f"dash_{uuid.uuid4().hex[:8]}"
+    key = uuid.uuid4().hex[:8]
     org_a, _ = stack.new_org("pro", dkim=False, missing_key="unsigned")
     with stack.connect() as conn:
         conn.execute(
             "INSERT INTO parts (object_key, org_id, sha256, size, stored_size, needed_until)"
-            " VALUES (%s, %s, %s, 1, 1, now())", (f"parts/{org_a}/x/{role}", org_a, b"\x01" * 32))
-        conn.execute(f"CREATE ROLE {role}")
-        conn.execute(f"GRANT SELECT ON parts TO {role}")
+            " VALUES (%s, %s, %s, 1, 1, now())", (f"parts/{org_a}/x/{key}", org_a, b"\x01" * 32))
         try:
-            with conn.transaction():
-                conn.execute(f"SET LOCAL ROLE {role}")
-                conn.execute("SELECT set_config('postkeep.org_id', %s, true)",
-                             (str(uuid.uuid4()),))
-                seen = conn.execute("SELECT count(*) FROM parts").fetchone()
-                conn.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(org_a),))
-                mine = conn.execute("SELECT count(*) FROM parts").fetchone()
+            with dashboard_role(conn, "parts") as role:
+                with conn.transaction():
+                    act_as(conn, role)  # mapped to no organisation
+                    seen = conn.execute("SELECT count(*) FROM parts").fetchone()
+                with conn.transaction():
+                    act_as(conn, role, org_a)
+                    mine = conn.execute("SELECT count(*) FROM parts").fetchone()
         finally:
-            conn.execute("DELETE FROM parts WHERE object_key = %s", (f"parts/{org_a}/x/{role}",))
-            conn.execute(f"REVOKE ALL ON parts FROM {role}")
-            conn.execute(f"DROP ROLE {role}")
+            conn.execute("DELETE FROM parts WHERE object_key = %s", (f"parts/{org_a}/x/{key}",))
     assert seen == (0,) and mine == (1,)
 
 

@@ -25,7 +25,7 @@ import dkim
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from conftest import StackEnv, TestOrg
+from conftest import StackEnv, TestOrg, act_as, dashboard_role
 
 from postkeep import cli, config
 from postkeep.config import ConfigError
@@ -110,16 +110,11 @@ def test_row_level_security_shows_a_dashboard_role_only_its_organisation(
     mine, theirs = make_org(), make_org()
     dkim_keys.create_key(db, master, mine.domain, "s1", "ed25519-sha256")
     dkim_keys.create_key(db, master, theirs.domain, "s1", "ed25519-sha256")
-    db.execute(
-        "DO $$ BEGIN CREATE ROLE postkeep_rls_probe NOLOGIN;"
-        " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
-    )
-    db.execute("GRANT SELECT ON dkim_keys TO postkeep_rls_probe")
-    with db.transaction():
-        db.execute("SET LOCAL ROLE postkeep_rls_probe")
-        db.execute("SELECT set_config('postkeep.org_id', %s, true)", (str(mine.id),))
+    with dashboard_role(db, "dkim_keys") as role, db.transaction():
+        act_as(db, role, mine.id)
         seen = db.execute(
-            "SELECT domain FROM dkim_keys WHERE domain IN (%s, %s)", (mine.domain, theirs.domain)
+            "SELECT domain FROM dkim_keys WHERE domain IN (%s, %s)",
+            (mine.domain, theirs.domain),
         ).fetchall()
     assert seen == [(mine.domain,)]
 
