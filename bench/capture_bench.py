@@ -308,7 +308,7 @@ class Bench:
         transport_maps = self.transport_maps
         if config == "U":  # the notices are made, then discarded by Postfix
             table = Path(self.pfdir, "bench-discard-transport.pcre")
-            table.write_text("/^pk-[0-9a-f]{32}(-[0-9a-f]+)?@/\tdiscard:\n")
+            table.write_text("/^pk-[0-9a-f]{32}(-[0-9a-f]+){0,2}@/\tdiscard:\n")
             transport_maps = f"pcre:{table}"
         # A reload while notices are still being delivered leaves their queue
         # files to a qmgr that skips them ("still being delivered").

@@ -96,7 +96,8 @@ def main() -> None:
             record_captures(conn, msgs[i:i + 500])
     work: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
     for m in msgs:
-        work.put_nowait((return_path(m.id, m.metadata_expires_at, "bounces.bench"),
+        work.put_nowait((return_path(m.id, m.metadata_expires_at, "bounces.bench",
+                                     cfg.return_path.key_bytes()),
                          dsn(m.id, m.recipients[0])))
     latencies: list[float] = []
 

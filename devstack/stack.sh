@@ -353,11 +353,14 @@ start_storage() {
 stop_storage() { stop_pid "$DIR/storage/storage.pid" postkeep-storage; }
 
 # ---------------------------------------------------------------- postkeep config
-dkim_keys() {  # the DKIM master key and the system-mail key, made once per stack
+dkim_keys() {  # the DKIM master key, the system-mail key and the return-path key, made once per stack
     mkdir -p "$DIR/dkim"
     chmod 700 "$DIR/dkim"
     if [ ! -s "$DIR/dkim/master.key" ]; then
         (umask 077 && head -c 32 /dev/urandom | base64 >"$DIR/dkim/master.key")
+    fi
+    if [ ! -s "$DIR/dkim/return-path.key" ]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$DIR/dkim/return-path.key")
     fi
     if [ ! -s "$DIR/dkim/system.pem" ]; then
         (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
@@ -416,6 +419,9 @@ master_key_file = "$DIR/dkim/master.key"
 system_domains = ["system.postkeep.test"]
 system_selector = "sys"
 system_key_file = "$DIR/dkim/system.pem"
+
+[return_path]
+key_file = "$DIR/dkim/return-path.key"
 EOF
     chmod 600 "$DIR/postkeep.toml"
 }
@@ -465,14 +471,16 @@ EOF
         "alias_database =" \
         "local_recipient_maps =" \
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
-        "relay_domains = sink.test, mx.test" \
+        "relay_domains = sink.test, mx.test, bounces.postkeep.test" \
         "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/stack-transport" \
         "smtpd_authorized_xclient_hosts = 127.0.0.0/8" \
         || die "postconf overrides failed for $PFDIR"
     # mx.test: a test's fake remote MX (answers per recipient; see tests).
     printf 'mx.test\tsmtp:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >"$PFDIR/stack-transport"
     # (Tests speak XCLIENT to appear as a client off the trusted networks, and
-    # mail to sink.test is relayed for such clients too.)
+    # mail to sink.test is relayed for such clients too.  The bounce domain is
+    # in relay_domains as the README asks of a production host, so remote
+    # servers' late bounces, and forgeries, come in over SMTP as they would.)
     "${pc[@]}" -F '*/*/chroot = n' || die "postconf -F chroot failed"
     "${pc[@]}" -MX smtp/inet || true
     "${pc[@]}" -M "127.0.0.1:$SMTP_PORT/inet = 127.0.0.1:$SMTP_PORT inet n - n - - smtpd" \

@@ -174,7 +174,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
         networks=networks, system=system, keyring=keyring, dictionaries=dictionaries,
-        spooler=spooler)
+        spooler=spooler, return_path_key=cfg.return_path.key_bytes())
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
              mcfg.listen, mcfg.metrics_listen, cfg.source,

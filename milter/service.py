@@ -150,8 +150,11 @@ class CaptureService:
                  *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
                  keyring: KeyRingRefresher | None = None,
                  dictionaries: DictionaryCache | None = None,
-                 spooler: OutageSpooler | None = None) -> None:
+                 spooler: OutageSpooler | None = None, return_path_key: bytes = b"") -> None:
         self.cfg = cfg
+        # Signs return paths (postkeep/envelope.py); configuration requires it
+        # whenever cfg.bounce_domain turns outcome tracking on.
+        self.return_path_key = return_path_key
         self.dictionaries = dictionaries  # None: no dictionary compression
         self.committer = committer
         self.directory = directory
@@ -341,7 +344,7 @@ class CaptureService:
         if self.cfg.bounce_domain:  # outcome tracking on
             bounce = choose_bounce_domain(org, address_domain(tx.from_address),
                                           decision.domain, self.cfg.bounce_domain)
-            rpath = return_path(tx.id, metadata_exp, bounce)
+            rpath = return_path(tx.id, metadata_exp, bounce, self.return_path_key)
         message = CapturedMessage(
             id=tx.id,
             org_id=org.id,

@@ -120,7 +120,7 @@ class MilterConfig:
     # bench showed end-to-end throughput bound by that latency, not by CPU).
     commit_linger_ms: float = field(default=0.0, metadata={"min": 0, "max": 1000})
     # The platform's bounce domain: captured mail leaves with the return path
-    # pk-<message id>@<this domain> (or the sending domain's own bounce domain,
+    # pk-<message id>-<expiry>-<MAC>@<this domain> (or the sending domain's own bounce domain,
     # `postkeep domain set-bounce`), so DSNs and bounces come back to
     # postkeep-storage.  Empty: envelopes are left alone and no outcome is
     # tracked.
@@ -288,6 +288,28 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class ReturnPathConfig:
+    """[return_path]: the key that makes return paths unforgeable.
+
+    The milter signs each return path with it (HMAC-SHA256 over the message
+    id, its expiry and the bounce domain) and postkeep-storage records a
+    report only if it arrived at a return path that verifies.  Required when
+    milter.bounce_domain is set; the same on every host of a platform.
+    Changing it turns reports for mail sent before the change into unmatched
+    ones."""
+
+    # At least 32 characters of secret (`head -c32 /dev/urandom | base64`).
+    key: str = field(default="", metadata={"secret": True, "env": "POSTKEEP_RETURN_PATH_KEY"})
+    key_file: str = ""
+
+    def key_bytes(self) -> bytes:
+        return self.key.encode()
+
+
+RETURN_PATH_KEY_MIN = 32
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     """[retention]: `postkeep retention run` and the sidecar's schedule for it."""
 
@@ -321,6 +343,7 @@ class Config:
     policyd: PolicydConfig = PolicydConfig()
     storage: StorageConfig = StorageConfig()
     retention: RetentionConfig = RetentionConfig()
+    return_path: ReturnPathConfig = ReturnPathConfig()
     source: str = "<defaults>"
 
 
@@ -333,6 +356,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "policyd": PolicydConfig,
     "storage": StorageConfig,
     "retention": RetentionConfig,
+    "return_path": ReturnPathConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named
@@ -434,6 +458,21 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     return cfg
 
 
+def _check_return_path_key(cfg: Config) -> None:
+    """Outcome tracking needs the return-path key; a key given must be long enough."""
+    key = cfg.return_path.key
+    if not (cfg.milter.bounce_domain or key) or len(key) >= RETURN_PATH_KEY_MIN:
+        return
+    why = "is empty" if not key else f"has {len(key)} characters"
+    need = ""
+    if cfg.milter.bounce_domain:
+        need = (f"; milter.bounce_domain = {cfg.milter.bounce_domain!r} turns outcome tracking"
+                " on, which signs every return path with it")
+    raise ConfigError(
+        f"return_path.key {why}: expected at least {RETURN_PATH_KEY_MIN} characters of secret"
+        f" (return_path.key_file or $POSTKEEP_RETURN_PATH_KEY){need}")
+
+
 def parse(data: dict[str, Any], source: str = "<string>") -> Config:
     """Build a Config from parsed TOML, refusing anything not declared above."""
     unknown = sorted(set(data) - set(_SECTIONS))
@@ -442,7 +481,9 @@ def parse(data: dict[str, Any], source: str = "<string>") -> Config:
             f"[{unknown[0]}]: unknown section; allowed: {', '.join(sorted(_SECTIONS))}"
         )
     built = {name: _build(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
-    return Config(**built, source=source)
+    cfg = Config(**built, source=source)
+    _check_return_path_key(cfg)
+    return cfg
 
 
 def load(path: str | None = None) -> Config:

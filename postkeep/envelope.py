@@ -2,10 +2,17 @@
 
 A captured message leaves with
 - the return path `pk-<message id, 32 hex digits>-<metadata expiry, Unix
-  seconds in hex>@<bounce domain>`, so a DSN or a remote server's late bounce
-  names the message it is about, and the partition its rows are in (the
-  tables are partitioned by metadata expiry: a lookup by id alone would
-  plan over every partition);
+  seconds in hex>-<MAC, 16 hex digits>@<bounce domain>`, so a DSN or a
+  remote server's late bounce names the message it is about, and the
+  partition its rows are in (the tables are partitioned by metadata expiry:
+  a lookup by id alone would plan over every partition).  The MAC is
+  HMAC-SHA256 under the platform's return-path key (`return_path.key`) over
+  the id, the expiry and the bounce domain, cut to 64 bits: postkeep-storage
+  records a report only if it arrived at a return path whose MAC verifies,
+  so knowing a message's id (it is in `X-Postkeep-Id`) is not enough to
+  forge its reports, nor is a return path moved to another domain.  Hex
+  survives MTAs that change the case of local parts, and the whole local
+  part stays within 64 octets;
 - `RET=HDRS ENVID=<message id>` on MAIL FROM, so Postfix's DSNs carry the id
   in `Original-Envelope-Id` and only the headers of the message;
 - `NOTIFY=SUCCESS,DELAY,FAILURE` on every recipient, set at SMTP time by the
@@ -23,6 +30,8 @@ encoding costs nothing on the wire.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import uuid
 from collections.abc import Iterable
@@ -30,38 +39,70 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 RETURN_PATH_PREFIX = "pk-"
-_RETURN_PATH = re.compile(r"^pk-([0-9a-f]{32})(?:-([0-9a-f]{1,12}))?@", re.IGNORECASE)
+MAC_HEX_DIGITS = 16
+# Also the forms from before the MAC (pk-<id>-<expiry>@, pk-<id>@): they parse,
+# so a report to one is recognised and kept, but they never verify.
+_RETURN_PATH = re.compile(
+    r"^pk-([0-9a-f]{32})(?:-([0-9a-f]{1,12}))?(?:-([0-9a-f]{16}))?@([^@\s<>]+)$",
+    re.IGNORECASE)
 _KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
 
 
+def _mac(key: bytes, message_id: uuid.UUID, expiry: int, domain: str) -> str:
+    text = f"postkeep-return-path-1:{message_id.hex}:{expiry:x}:{domain.lower().rstrip('.')}"
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:MAC_HEX_DIGITS]
+
+
 def return_path(message_id: uuid.UUID, metadata_expires_at: datetime,
-                bounce_domain: str) -> str:
+                bounce_domain: str, key: bytes) -> str:
     """The return path that carries MESSAGE_ID (and its partition) back in bounces."""
+    if not key:
+        raise ValueError("a return path needs the return-path key (return_path.key)")
     expiry = int(metadata_expires_at.timestamp())
-    return f"{RETURN_PATH_PREFIX}{message_id.hex}-{expiry:x}@{bounce_domain}"
+    mac = _mac(key, message_id, expiry, bounce_domain)
+    return f"{RETURN_PATH_PREFIX}{message_id.hex}-{expiry:x}-{mac}@{bounce_domain}"
 
 
 @dataclass(frozen=True)
 class ReturnPath:
-    """What a postkeep return path carries."""
+    """What a postkeep return path says, verified or not (see `verify_return_path`)."""
 
     message_id: uuid.UUID
-    # The message's metadata expiry to the second (floor), if the path has it.
-    expires_at: datetime | None
+    # The expiry as written (Unix seconds), None in the oldest form.
+    expiry: int | None
+    mac: str | None
+    domain: str
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """The message's metadata expiry to the second (floor), if the path has it."""
+        if self.expiry is None:
+            return None
+        try:
+            return datetime.fromtimestamp(self.expiry, UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
 
 
 def parse_return_path(address: str) -> ReturnPath | None:
-    """The message id (and expiry) carried by a postkeep return path, or None."""
+    """What a postkeep return path says (unverified), or None if ADDRESS is not one."""
     m = _RETURN_PATH.match(address.strip().strip("<>"))
     if not m:
         return None
-    expires = None
-    if m.group(2):
-        try:
-            expires = datetime.fromtimestamp(int(m.group(2), 16), UTC)
-        except (OverflowError, ValueError, OSError):
-            expires = None
-    return ReturnPath(uuid.UUID(m.group(1)), expires)
+    expiry = int(m.group(2), 16) if m.group(2) else None
+    mac = m.group(3).lower() if m.group(3) else None
+    return ReturnPath(uuid.UUID(m.group(1)), expiry, mac, m.group(4).lower().rstrip("."))
+
+
+def verify_return_path(path: ReturnPath, key: bytes) -> str | None:
+    """None if PATH was made by postkeep with KEY; otherwise why it is not trusted."""
+    if not key:
+        return "no return-path key is configured (return_path.key)"
+    if path.mac is None or path.expiry is None:
+        return "the return path carries no MAC (forged, or made before return paths were signed)"
+    if not hmac.compare_digest(path.mac, _mac(key, path.message_id, path.expiry, path.domain)):
+        return "the return path's MAC does not verify (forged or altered)"
+    return None
 
 
 def mail_from_params(message_id: uuid.UUID) -> str:

@@ -20,6 +20,7 @@ from postkeep.envelope import (
     parse_return_path,
     restored_params,
     return_path,
+    verify_return_path,
 )
 from postkeep.storage.reports.dsn import Report, parse_report, status_of
 from postkeep.storage.reports.outcomes import (
@@ -30,6 +31,8 @@ from postkeep.storage.reports.outcomes import (
 )
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+# The return-path key these tests sign and verify with (the stack has its own).
+KEY = b"test return-path key, 32 bytes!"
 
 
 # --------------------------------------------------------------- envelope
@@ -38,12 +41,14 @@ T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 def test_return_path_round_trips_id_and_expiry() -> None:
     mid = uuid.uuid4()
     expires = datetime(2027, 2, 23, 10, 0, 0, 123456, tzinfo=UTC)
-    path = return_path(mid, expires, "bounces.example")
+    path = return_path(mid, expires, "bounces.example", KEY)
     assert path.startswith(f"pk-{mid.hex}-") and path.endswith("@bounces.example")
     parsed = parse_return_path(f"<{path.upper()}>")
     assert parsed is not None and parsed.message_id == mid
     assert parsed.expires_at == expires.replace(microsecond=0)
-    unlimited = parse_return_path(return_path(mid, datetime(9999, 12, 31, tzinfo=UTC), "b.x"))
+    assert parsed.domain == "bounces.example" and verify_return_path(parsed, KEY) is None
+    far = datetime(9999, 12, 31, tzinfo=UTC)
+    unlimited = parse_return_path(return_path(mid, far, "b.x", KEY))
     assert unlimited is not None and unlimited.expires_at == datetime(9999, 12, 31, tzinfo=UTC)
 
 
@@ -55,10 +60,36 @@ def test_not_a_return_path(address: str) -> None:
     assert parse_return_path(address) is None
 
 
-def test_return_path_without_expiry_still_names_the_message() -> None:
+def test_return_paths_from_before_the_mac_name_the_message_but_never_verify() -> None:
     mid = uuid.uuid4()
-    parsed = parse_return_path(f"pk-{mid.hex}@b.example")
-    assert parsed is not None and parsed.message_id == mid and parsed.expires_at is None
+    for legacy in (f"pk-{mid.hex}@b.example", f"pk-{mid.hex}-6a1b2c3d@b.example"):
+        parsed = parse_return_path(legacy)
+        assert parsed is not None and parsed.message_id == mid and parsed.mac is None
+        assert "no MAC" in (verify_return_path(parsed, KEY) or "")
+
+
+def test_a_return_path_does_not_verify_if_anything_in_it_changes() -> None:
+    """A forger knows the id (X-Postkeep-Id) and may have seen other return paths."""
+    mid, other = uuid.uuid4(), uuid.uuid4()
+    good = return_path(mid, T0, "bounces.example", KEY)
+    local, _, domain = good.partition("@")
+    _, _, expiry, mac = local.split("-")
+    forged = [
+        f"pk-{other.hex}-{expiry}-{mac}@{domain}",             # another message, same MAC
+        f"pk-{mid.hex}-{int(expiry, 16) + 1:x}-{mac}@{domain}",  # another partition
+        f"{local}@bounces.elsewhere.example",                  # another domain
+        f"pk-{mid.hex}-{expiry}-{'0' * 16}@{domain}",           # a guessed MAC
+        return_path(mid, T0, "bounces.example", b"another platform's key, 32 bytes"),
+    ]
+    for address in forged:
+        parsed = parse_return_path(address)
+        assert parsed is not None, address
+        assert "does not verify" in (verify_return_path(parsed, KEY) or ""), address
+    parsed = parse_return_path(good)
+    assert parsed is not None and verify_return_path(parsed, KEY) is None
+    assert "no return-path key" in (verify_return_path(parsed, b"") or "")
+    with pytest.raises(ValueError, match=r"return_path\.key"):
+        return_path(mid, T0, "bounces.example", b"")
 
 
 def test_mail_from_params() -> None:
@@ -115,7 +146,7 @@ def test_postfix_dsn_is_parsed_per_recipient() -> None:
               "550 5.1.1 <b@x.example>: Recipient address\r\n    rejected"),
         block("c@x.example", "delayed", "4.3.0", "451 4.3.0 try later", original="C@X.example"),
     ])
-    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    r = parse_report(raw, "", [return_path(mid, T0, "b.example", KEY)], T0, KEY)
     assert (r.kind, r.message_id, r.reason) == ("dsn", mid, None)
     got = {o.recipient: (o.status, o.dsn_status, o.remote_mta, o.diagnostic, o.original)
            for o in r.outcomes}
@@ -131,15 +162,37 @@ def test_postfix_dsn_is_parsed_per_recipient() -> None:
     assert r.failure
 
 
-def test_message_found_by_envid_or_returned_headers() -> None:
+def test_envid_or_returned_headers_alone_attribute_nothing() -> None:
+    """Both are in every recipient's copy: anyone can quote them."""
     mid = uuid.uuid4()
-    by_envid = parse_report(dsn(mid, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0)
-    assert by_envid.message_id == mid
-    by_header = parse_report(dsn(mid, [block("a@x", "relayed", "2.0.0")], envid=False), "",
-                             ["x@y"], T0)
-    assert by_header.message_id == mid
-    nothing = parse_report(dsn(None, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0)
-    assert nothing.message_id is None and nothing.reason and "message id" in nothing.reason
+    by_envid = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")]), "", ["x@y"], T0, KEY)
+    by_header = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")], envid=False), "",
+                             ["x@y"], T0, KEY)
+    for r in (by_envid, by_header):
+        assert r.message_id is None and r.reason is not None
+        assert f"names message {mid}" in r.reason and "not trusted" in r.reason
+        assert [(o.recipient, o.status) for o in r.outcomes] == [("a@x", "bounced")]
+    nothing = parse_report(dsn(None, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0, KEY)
+    assert nothing.message_id is None and nothing.reason == "not sent to a postkeep return path"
+
+
+def test_a_report_at_a_forged_return_path_is_unmatched_with_the_reason() -> None:
+    mid = uuid.uuid4()
+    forged = f"pk-{mid.hex}@b.example"  # the form any recipient could write from the id
+    r = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")]), "", [forged], T0, KEY)
+    assert r.message_id is None and r.expires_at is None
+    assert r.reason == f"<{forged}>: the return path carries no MAC (forged, or made before" \
+        " return paths were signed)"
+    wrong_key = return_path(mid, T0, "b.example", b"another platform's key, 32 bytes")
+    r = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")]), "", [wrong_key], T0, KEY)
+    assert r.message_id is None and "does not verify" in (r.reason or "")
+    # A verified return path among the recipients is the one that counts.
+    good = return_path(mid, T0, "b.example", KEY)
+    r = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")]), "", [forged, good], T0, KEY)
+    assert (r.message_id, r.reason) == (mid, None)
+    # The sidecar without a key attributes nothing.
+    r = parse_report(dsn(mid, [block("a@x", "failed", "5.1.1")]), "", [good], T0, b"")
+    assert r.message_id is None and "no return-path key" in (r.reason or "")
 
 
 def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
@@ -155,7 +208,7 @@ def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
         "------ This is a copy of the message, including all the headers. ------\r\n\r\n"
         f"X-Postkeep-Id: {mid}\r\nSubject: hi\r\n\r\nbody\r\n"
     ).encode()
-    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    r = parse_report(raw, "", [return_path(mid, T0, "b.example", KEY)], T0, KEY)
     assert (r.kind, r.message_id, r.reason) == ("async_bounce", mid, None)
     assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
     assert r.outcomes[0].event_at == datetime(2026, 11, 25, 11, 0, tzinfo=UTC)
@@ -180,7 +233,7 @@ SIMPLE = (
 @pytest.mark.parametrize("text", [QMAIL, SIMPLE], ids=["qmail", "simplematch"])
 def test_other_common_bounce_formats(text: str) -> None:
     mid = uuid.uuid4()
-    r = parse_report(text.encode(), "", [f"pk-{mid.hex}@b.example"], T0)
+    r = parse_report(text.encode(), "", [return_path(mid, T0, "b.example", KEY)], T0, KEY)
     assert (r.kind, r.message_id, r.reason) == ("async_bounce", mid, None), r.reason
     assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
 
@@ -194,7 +247,7 @@ def test_other_common_bounce_formats(text: str) -> None:
 ])
 def test_nasty_reports_become_reports_with_a_reason(raw: bytes) -> None:
     mid = uuid.uuid4()
-    r = parse_report(raw, "", [f"pk-{mid.hex}@b.example"], T0)
+    r = parse_report(raw, "", [return_path(mid, T0, "b.example", KEY)], T0, KEY)
     assert r.reason, r
     assert not r.outcomes
     assert r.size == len(raw)
@@ -239,10 +292,10 @@ def _rollup(conn: psycopg.Connection, mid: uuid.UUID) -> str:
 
 def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example", "B@x.example"])
-    path = return_path(mid, expires, "b.example")
+    path = return_path(mid, expires, "b.example", KEY)
     first = parse_report(dsn(mid, [block("a@x.example", "relayed", "2.0.0", "250 ok"),
                                    block("b@x.example", "delayed", "4.2.0", "451 busy")]),
-                         "", [path], T0)
+                         "", [path], T0, KEY)
     assert record_batch(conn, [first]) == [2]
     assert _statuses(conn, mid) == {"a@x.example": ("relayed", "2.0.0", "250 ok"),
                                     "B@x.example": ("deferred", "4.2.0", "451 busy")}
@@ -250,7 +303,7 @@ def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection)
     # The same bytes again change nothing.
     assert record_batch(conn, [first]) == [DUPLICATE]
     later = parse_report(dsn(mid, [block("b@x.example", "failed", "5.1.1", "550 gone")],
-                             date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0)
+                             date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0, KEY)
     assert record_batch(conn, [later]) == [1]
     assert _statuses(conn, mid)["B@x.example"] == ("bounced", "5.1.1", "550 gone")
     assert _rollup(conn, mid) == "partial"
@@ -263,12 +316,12 @@ def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection)
 
 def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example"])
-    path = return_path(mid, expires, "b.example")
+    path = return_path(mid, expires, "b.example", KEY)
     relayed = parse_report(dsn(mid, [block("a@x.example", "relayed", "2.0.0", "250 ok")],
-                               date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0)
+                               date="Wed, 25 Nov 2026 10:05:00 +0000"), "", [path], T0, KEY)
     # An older delay notice arriving late, in the same batch, and after it.
     delayed = parse_report(dsn(mid, [block("a@x.example", "delayed", "4.2.0", "451 x")],
-                               date="Wed, 25 Nov 2026 10:00:00 +0000"), "", [path], T0)
+                               date="Wed, 25 Nov 2026 10:00:00 +0000"), "", [path], T0, KEY)
     assert record_batch(conn, [relayed, delayed]) == [1, 0]
     assert _statuses(conn, mid)["a@x.example"][0] == "relayed"
     assert _rollup(conn, mid) == "relayed"
@@ -281,7 +334,7 @@ def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
                                                           conn: psycopg.Connection) -> None:
     ghost = uuid.uuid4()
     r = parse_report(dsn(ghost, [block("a@x", "relayed", "2.0.0")]), "",
-                     [return_path(ghost, T0, "b.example")], T0)
+                     [return_path(ghost, T0, "b.example", KEY)], T0, KEY)
     assert record_batch(conn, [r]) == [UNMATCHED]
     assert record_batch(conn, [r]) == [DUPLICATE_UNMATCHED]
     reason = conn.execute("SELECT reason FROM unmatched_reports WHERE sha256 = %s",
@@ -290,7 +343,7 @@ def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
 
     mid, expires = _message(conn, stack, ["a@x.example"])
     stranger = parse_report(dsn(mid, [block("z@elsewhere", "failed", "5.1.1")]), "",
-                            [return_path(mid, expires, "b.example")], T0)
+                            [return_path(mid, expires, "b.example", KEY)], T0, KEY)
     assert record_batch(conn, [stranger]) == [UNMATCHED]
     assert _statuses(conn, mid)["a@x.example"][0] == "queued"
     row = conn.execute("SELECT reason FROM unmatched_reports WHERE sha256 = %s",
@@ -299,7 +352,7 @@ def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
 
 
 def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Connection) -> None:
-    r = parse_report(b"\x00garbage " + uuid.uuid4().bytes, "", ["nobody@b.example"], T0)
+    r = parse_report(b"\x00garbage " + uuid.uuid4().bytes, "", ["nobody@b.example"], T0, KEY)
     assert record_batch(conn, [r]) == [UNMATCHED]
     kind = conn.execute("SELECT kind FROM reports WHERE sha256 = %s", (r.sha256,)).fetchone()
     assert kind is not None and kind[0] in ("async_bounce", "unparsable")
@@ -336,7 +389,7 @@ def _blocked_on_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0
 def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
     """A DSN for recipient r@x.example of message M = (id, expiry), via its return path."""
     return parse_report(dsn(m[0], [block("r@x.example", action, status)]), "",
-                        [return_path(m[0], m[1], "b.example")], T0)
+                        [return_path(m[0], m[1], "b.example", KEY)], T0, KEY)
 
 
 def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Connection) -> None:
@@ -385,7 +438,7 @@ def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
     assert record_batch(conn, [seen]) == [1]
     fresh = _report_on(late, "relayed", "2.0.0")
     ghost = parse_report(dsn(uuid.uuid4(), [block("r@x.example", "relayed", "2.0.0")]), "",
-                         ["nobody@b.example"], T0)
+                         ["nobody@b.example"], T0, KEY)
     assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]
 
 
@@ -395,7 +448,7 @@ def test_a_one_recipient_message_takes_its_recipients_status(stack: Stack,
     aggregate (0011): each step must still leave the message as message_rollup
     over its recipients would."""
     mid, expires = _message(conn, stack, ["solo@x.example"])
-    path = return_path(mid, expires, "b.example")
+    path = return_path(mid, expires, "b.example", KEY)
     steps = [("delayed", "4.2.0", "Wed, 25 Nov 2026 10:00:00 +0000", 1, "deferred"),
              ("delayed", "4.4.1", "Wed, 25 Nov 2026 10:01:00 +0000", 1, "deferred"),
              ("failed", "5.1.1", "Wed, 25 Nov 2026 10:02:00 +0000", 1, "bounced"),
@@ -403,6 +456,6 @@ def test_a_one_recipient_message_takes_its_recipients_status(stack: Stack,
              ("relayed", "2.0.0", "Wed, 25 Nov 2026 09:00:00 +0000", 0, "bounced")]
     for action, status, date, changed, rollup in steps:
         r = parse_report(dsn(mid, [block("solo@x.example", action, status)], date=date), "",
-                         [path], T0)
+                         [path], T0, KEY)
         assert record_batch(conn, [r]) == [changed], (action, date)
         assert _rollup(conn, mid) == rollup == _statuses(conn, mid)["solo@x.example"][0]

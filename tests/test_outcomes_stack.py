@@ -10,6 +10,7 @@ back afterwards) so that deferred -> expired happens in seconds.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import socket
@@ -383,7 +384,8 @@ def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) 
         # A report for a message that does not exist, to two return paths:
         # kept as unmatched, one reply per recipient (LMTP).
         ghost = uuid.uuid4()
-        ghost_path = return_path(ghost, datetime.now(UTC) + timedelta(days=30), "b.test")
+        ghost_path = return_path(ghost, datetime.now(UTC) + timedelta(days=30), "b.test",
+                                 stack.config.return_path.key_bytes())
         client.command("MAIL FROM:<>", 250)
         client.command(f"RCPT TO:<{ghost_path}>", 250)
         client.command(f"RCPT TO:<{ghost_path.replace('@b.test', '@c.test')}>", 250)
@@ -414,7 +416,9 @@ def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> Non
     client = _lmtp(stack)
     try:
         client.command("MAIL FROM:<>", 250)
-        client.command(f"RCPT TO:<{return_path(uuid.uuid4(), datetime.now(UTC), 'b.t')}>", 250)
+        path = return_path(uuid.uuid4(), datetime.now(UTC), "b.t",
+                           stack.config.return_path.key_bytes())
+        client.command(f"RCPT TO:<{path}>", 250)
         client.command("DATA", 354)
         line = b"x" * 998 + b"\r\n"
         for _ in range(limit // len(line) + 2):
@@ -563,3 +567,86 @@ def test_a_sending_domain_can_have_its_own_bounce_domain(stack: Stack, fake_mx: 
     _, _, path = _relayed_message(stack, "ok", domain=domain, rcpt_domain="mx.test")
     assert path.endswith(f"@{bounce}")
     assert any(frm == path for frm, _ in fake_mx.accepted)
+
+
+# --------------------------------------------------------------- forged reports
+
+
+def _unmatched_reason(stack: Stack, report: bytes) -> str | None:
+    with stack.connect() as conn:
+        row = conn.execute("SELECT reason FROM unmatched_reports WHERE sha256 = %s",
+                           (hashlib.sha256(report).digest(),)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_forged_reports_over_lmtp_change_nothing(stack: Stack, fake_mx: FakeMX) -> None:
+    """An attacker who knows a message's id (it is in X-Postkeep-Id) reports its
+    recipient bounced: to the id's return path without a MAC, at any domain, with
+    a guessed MAC, or naming it only in Original-Envelope-Id."""
+    mid, rcpt, path = _relayed_message(stack, "forged")
+    local, _, domain = path.partition("@")
+    expiry = local.split("-")[2]
+    attempts = {
+        f"pk-{mid.hex}@attacker.example": "carries no MAC",
+        f"pk-{mid.hex}-{expiry}@{domain}": "carries no MAC",
+        f"pk-{mid.hex}-{expiry}-{'0' * 16}@{domain}": "does not verify",
+        f"{local}@bounces.attacker.example": "does not verify",
+        f"postmaster@{domain}": f"names message {mid} (Original-Envelope-Id",
+    }
+    client = _lmtp(stack)
+    try:
+        for to, why in attempts.items():
+            forged = _report(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 forged via {to}")
+            reply = client.send("", [to], forged)
+            assert reply.code == 250 and "kept as unmatched" in reply.text, (to, reply)
+            reason = _unmatched_reason(stack, forged)
+            assert reason is not None and why in reason, (to, reason)
+    finally:
+        client.close()
+    rows = _recipients(stack, mid)
+    assert rows[rcpt]["status"] == "relayed"
+    assert [s for s, _, _ in _history(stack, mid, rcpt)] == ["relayed"]
+
+
+def test_a_forged_bounce_through_postfix_is_neither_recorded_nor_forwarded(
+        stack: Stack, fake_mx: FakeMX) -> None:
+    """The same from an untrusted SMTP client, through Postfix to the bounce
+    domain (as the README has it in relay_domains), for an organisation that
+    has failure notices forwarded to the sender."""
+    org, domain = stack.new_org("basic")
+    with stack.connect() as conn:
+        conn.execute("UPDATE organisations SET forward_failures = true WHERE id = %s", (org,))
+    mid, rcpt, path = _relayed_message(stack, "viapostfix", domain)
+    forged_to = f"pk-{mid.hex}@{path.partition('@')[2]}"
+    marker = f"forged-{uuid.uuid4().hex[:8]}"
+    forged = _report(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 {marker}")
+    client = smtp.Client(*stack.smtp)
+    try:
+        client.xclient("203.0.113.9")  # TEST-NET-3: an outside, untrusted client
+        reply = client.send("", [forged_to], forged)
+    finally:
+        client.close()
+    assert reply.queue_id
+    deadline = time.monotonic() + 30
+    while (reason := _unmatched_reason_like(stack, marker)) is None:
+        assert time.monotonic() < deadline, "the forged report never reached postkeep-storage"
+        time.sleep(0.3)
+    assert "carries no MAC" in reason
+    assert _recipients(stack, mid)[rcpt]["status"] == "relayed"
+    # Nothing went on to the customer's sender (forwarded notices land in the
+    # sink; a forward starts as soon as a failure is recorded, which it was not).
+    _flush(stack)
+    assert not any(marker.encode() in p.read_bytes() for p in stack.sink_dir.glob("*.eml"))
+
+
+def _unmatched_reason_like(stack: Stack, marker: str) -> str | None:
+    """The reason of the unmatched report whose kept bytes hold MARKER (its subject or
+    text is all the row has: the marker is found through the stored object)."""
+    with stack.connect() as conn:
+        rows = conn.execute("SELECT reason, object_key FROM unmatched_reports"
+                            " WHERE received_at > now() - interval '5 minutes'").fetchall()
+    for reason, key in rows:
+        if marker.encode() in _unzstd(stack.stored(str(key))):
+            return str(reason)
+    return None
+

@@ -10,9 +10,13 @@ recipient.  Nothing here touches a database or the network.
   and bounced later, in their own formats): failed recipients found by
   Mailman's flufl.bounce.
 
-The message is found by the return path the report was sent to
-(pk-<id>@...), else the DSN's Original-Envelope-Id, else an X-Postkeep-Id
-header in the returned headers.  What cannot be matched or parsed is still a
+The message is found only by the return path the report was sent to, and
+only if that return path verifies (postkeep/envelope.py: a MAC under the
+platform's key over the id, expiry and bounce domain).  A DSN's
+Original-Envelope-Id and an X-Postkeep-Id in the returned headers are in
+every recipient's copy of the message, so anyone can quote them: alone they
+attribute nothing, and a report whose return path does not verify is kept
+unmatched with the reason.  What cannot be matched or parsed is still a
 `Report` (kind "unparsable" or a reason), so the caller keeps it.
 """
 
@@ -29,7 +33,7 @@ from datetime import UTC, datetime
 from email.message import Message
 from email.utils import parsedate_to_datetime
 
-from postkeep.envelope import ReturnPath, parse_return_path
+from postkeep.envelope import ReturnPath, parse_return_path, verify_return_path
 
 STATUSES = ("relayed", "delivered", "deferred", "bounced", "expired")
 _STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -145,9 +149,35 @@ def _envid(value: object) -> uuid.UUID | None:
         return None
 
 
+def trusted_return_path(envelope_to: Sequence[str],
+                        key: bytes) -> tuple[ReturnPath | None, str | None]:
+    """(the first recipient that is a return path verifying under KEY, None) or
+    (None, why none did: None if no recipient is a postkeep return path at all)."""
+    refusals = []
+    for address in envelope_to:
+        path = parse_return_path(address)
+        if path is None:
+            continue
+        why = verify_return_path(path, key)
+        if why is None:
+            return path, None
+        refusals.append(f"<{address.strip('<>')}>: {why}")
+    return None, "; ".join(refusals) or None
+
+
+def _unattributed(refused: str | None, claimed: uuid.UUID | None, names: str) -> str:
+    """The reason a report names no message we trust."""
+    if refused:
+        return refused
+    reason = "not sent to a postkeep return path"
+    if claimed is not None:
+        reason += f"; it names message {claimed} ({names}), which alone is not trusted"
+    return reason
+
+
 def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
-                 received_at: datetime) -> Report:
-    """Everything a report says, matched to a message if it can be."""
+                 received_at: datetime, key: bytes = b"") -> Report:
+    """Everything a report says, matched to a message if its return path verifies under KEY."""
     digest = hashlib.sha256(raw).digest()
     to = ", ".join(envelope_to)
     base = Report(sha256=digest, size=len(raw), kind="unparsable", message_id=None,
@@ -163,14 +193,12 @@ def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
                       reason="empty report")
     when = _date(msg.get("Date")) or received_at
 
-    path: ReturnPath | None = next(
-        (p for p in map(parse_return_path, envelope_to) if p is not None), None)
-    by_path = path.message_id if path else None
+    path, refused = trusted_return_path(envelope_to, key)
+    mid = path.message_id if path else None
     base = replace(base, expires_at=path.expires_at if path else None)
     dsn = _delivery_status(msg)
     if dsn is not None:
         per_message, blocks = dsn
-        mid = by_path or _envid(per_message.get("Original-Envelope-Id")) or _returned_id(raw)
         outcomes = []
         for block in blocks:
             final = _typed(block.get("Final-Recipient"))
@@ -190,7 +218,8 @@ def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
                 event_at=_date(block.get("Last-Attempt-Date")) or when))
         reason = None
         if mid is None:
-            reason = "no postkeep message id (return path, Original-Envelope-Id, X-Postkeep-Id)"
+            claimed = _envid(per_message.get("Original-Envelope-Id")) or _returned_id(raw)
+            reason = _unattributed(refused, claimed, "Original-Envelope-Id, X-Postkeep-Id")
         elif not outcomes:
             reason = "a DSN with no usable per-recipient fields (Final-Recipient, Action)"
         return replace(base, kind="dsn", message_id=mid, outcomes=tuple(outcomes), reason=reason,
@@ -198,7 +227,6 @@ def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
                                                    for o in outcomes))
 
     # Not a DSN: a remote server's own bounce format.
-    mid = by_path or _returned_id(raw)
     from flufl.bounce import all_failures
 
     try:
@@ -223,7 +251,7 @@ def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
                  for a in addresses(temporary) if a not in {o.recipient for o in outcomes}]
     reason = None
     if mid is None:
-        reason = "no postkeep message id (return path, X-Postkeep-Id)"
+        reason = _unattributed(refused, _returned_id(raw), "X-Postkeep-Id")
     elif not outcomes:
         reason = "no failed recipient found in the bounce (flufl.bounce)"
     return replace(base, kind="async_bounce", message_id=mid, outcomes=tuple(outcomes),

@@ -47,7 +47,7 @@ async def serve(cfg: Config) -> None:
     spool_stop, spool_task = _start_spool_drain(cfg, db, objects)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
         if scfg.forward_relay else None
-    handler = ReportHandler(db, objects, batcher, relay)
+    handler = ReportHandler(db, objects, batcher, relay, cfg.return_path.key_bytes())
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: LMTP(handler, data_size_limit=scfg.max_report_bytes, enable_SMTPUTF8=True,

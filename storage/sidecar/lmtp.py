@@ -167,8 +167,11 @@ class ReportHandler:
     """aiosmtpd handler: one LMTP transaction, one report, one reply per recipient."""
 
     def __init__(self, db: Database, objects: ObjectStore, batcher: Batcher,
-                 forward_relay: tuple[str, int] | None = None) -> None:
+                 forward_relay: tuple[str, int] | None = None,
+                 return_path_key: bytes = b"") -> None:
         self.db = db
+        # Only a report at a return path that verifies under it is attributed.
+        self.return_path_key = return_path_key
         self.objects = objects
         self.batcher = batcher
         self.forward_relay = forward_relay
@@ -187,10 +190,12 @@ class ReportHandler:
         """Record one report; the LMTP reply for it."""
         received = datetime.now(UTC)
         try:
+            key = self.return_path_key
             if len(raw) <= INLINE_PARSE_BYTES:
-                report = parse_report(raw, mail_from, rcpts, received)
+                report = parse_report(raw, mail_from, rcpts, received, key)
             else:
-                report = await asyncio.to_thread(parse_report, raw, mail_from, rcpts, received)
+                report = await asyncio.to_thread(parse_report, raw, mail_from, rcpts, received,
+                                                 key)
         except Exception:  # parse_report is total; this guards against its bugs
             log.exception("report parser failed rcpt=%s size=%d", ",".join(rcpts), len(raw))
             FAILED.labels("parser").inc()
