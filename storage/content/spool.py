@@ -247,6 +247,10 @@ class Spool:
         for d in (self.dir, self.tmp, self.quarantine_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    def holds(self, message_id: uuid.UUID) -> bool:
+        """Is MESSAGE_ID spooled and not yet drained (its rows may not exist yet)?"""
+        return (self.dir / f"{message_id}{SUFFIX}").exists()
+
     # -- writing (the milter) ------------------------------------------------
     def write(self, message: CapturedMessage, content: BinaryIO, reason: str,
               *, now: datetime | None = None) -> Path:

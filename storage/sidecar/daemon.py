@@ -44,10 +44,11 @@ async def serve(cfg: Config) -> None:
         log.warning("object store not ready at start: %s", exc)
     batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
     batcher.start()
-    spool_stop, spool_task = _start_spool_drain(cfg, db, objects)
+    spool_stop, spool_task, spool = _start_spool_drain(cfg, db, objects)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
         if scfg.forward_relay else None
-    handler = ReportHandler(db, objects, batcher, relay, cfg.return_path.key_bytes())
+    handler = ReportHandler(db, objects, batcher, relay, cfg.return_path.key_bytes(),
+                            spooled=spool.holds)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: LMTP(handler, data_size_limit=scfg.max_report_bytes, enable_SMTPUTF8=True,
@@ -98,7 +99,7 @@ async def serve(cfg: Config) -> None:
 
 
 def _start_spool_drain(cfg: Config, db: Any, objects: Any
-                       ) -> tuple[threading.Event, asyncio.Future[None]]:
+                       ) -> tuple[threading.Event, asyncio.Future[None], Any]:
     """Drain the milter's outage spool every storage.spool_drain_interval_seconds
     (storage/content/spool.py), on a thread of its own; spool gauges on /metrics."""
     from prometheus_client import REGISTRY
@@ -113,7 +114,7 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
     task = asyncio.ensure_future(asyncio.to_thread(
         spool_mod.drain_forever, spool, objects, spool_mod.record_with(db),
         interval=interval, stop=stop, on_pass=spool_mod.log_pass))
-    return stop, task
+    return stop, task, spool
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

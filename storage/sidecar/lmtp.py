@@ -21,6 +21,7 @@ import io
 import logging
 import smtplib
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +62,8 @@ DUPLICATES = Counter("postkeep_storage_duplicate_reports_total",
                      "Reports received again (same bytes); nothing changed")
 FAILED = Counter("postkeep_storage_report_errors_total",
                  "Reports answered 451 because a backend failed, by backend", ["backend"])
+SPOOLED_WAIT = Counter("postkeep_storage_reports_spool_wait_total",
+                       "Reports answered 451 because their message was still in the outage spool")
 FORWARDED = Counter("postkeep_storage_forwarded_total",
                     "Failure notices forwarded to the original sender, by result", ["result"])
 LAG = Histogram("postkeep_storage_outcome_lag_seconds",
@@ -168,8 +171,13 @@ class ReportHandler:
 
     def __init__(self, db: Database, objects: ObjectStore, batcher: Batcher,
                  forward_relay: tuple[str, int] | None = None,
-                 return_path_key: bytes = b"") -> None:
+                 return_path_key: bytes = b"",
+                 spooled: Callable[[uuid.UUID], bool] | None = None) -> None:
         self.db = db
+        # Whether a message is still in the outage spool (accepted, its rows not
+        # written yet): a report for it is answered 451 until the drain has
+        # written them, so that Postfix brings it back then.
+        self.spooled = spooled
         # Only a report at a return path that verifies under it is attributed.
         self.return_path_key = return_path_key
         self.objects = objects
@@ -202,6 +210,13 @@ class ReportHandler:
             return "451 4.3.0 postkeep-storage: internal error parsing the report; try again"
         REPORTS.labels(report.kind).inc()
         tag = report.sha256.hex()[:16]
+        if report.message_id is not None and self.spooled is not None \
+                and self.spooled(report.message_id):
+            SPOOLED_WAIT.inc()
+            log.info("report waits for the spool drain report=%s message=%s", tag,
+                     report.message_id)
+            return (f"451 4.3.0 postkeep-storage: message {report.message_id} is still in the"
+                    " outage spool; try again later")
         try:
             if report.reason is not None:
                 await self._keep(report, raw)
