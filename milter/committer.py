@@ -30,7 +30,16 @@ inserted in the same transaction as the message rows.
 
 Only when that statement has committed does `commit` return; if any step
 fails it raises BackendError for every message of the batch it touched, and
-the milter spools or tempfails them.  This is what keeps the S3 and
+the milter spools or tempfails them.  `commit` waits at most `timeout`
+(milter.commit_timeout_seconds) for a message no thread has taken yet: one
+still queued for upload, or uploaded and waiting for its rows, is given up
+(its rows are then never written; an uploaded object is left to the
+orphan sweep or overwritten by the spool's drain) and the caller gets a
+BackendError at once, so a stuck backend sends mail to the spool within that
+bound.  A message a thread is working on is waited for: every call there is
+bounded by the backends' own timeouts (s3.timeout_seconds, whatever a
+server's Retry-After says; postgres.connect_timeout_seconds and
+statement_timeout_ms).  This is what keeps the S3 and
 PostgreSQL cost per message low enough for the milter to keep up with
 Postfix.  While PostgreSQL is known to be down, one batch at a time waits to
 find out whether it is back; the others fail at once (milter/gate.py).
@@ -60,6 +69,13 @@ from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 log = logging.getLogger("postkeep.milter")
 
 
+# Where a message is in the pipeline.  Only QUEUED and UPLOADED ones (no
+# thread has them) can be given up by `commit`; UPLOADING and RECORDING ones
+# are a thread's until done.
+QUEUED, UPLOADING, UPLOADED, RECORDING, ABANDONED = (
+    "queued", "uploading", "uploaded", "recording", "abandoned")
+
+
 @dataclass
 class _Pending:
     message: CapturedMessage
@@ -68,6 +84,7 @@ class _Pending:
     queued: float = field(default_factory=time.perf_counter)
     error: BackendError | None = None
     part_keys: list[str] = field(default_factory=list)
+    state: str = QUEUED
 
 
 class GroupCommitter:
@@ -76,8 +93,10 @@ class GroupCommitter:
     def __init__(self, db: Database, objects: ObjectStore, *, workers: int = 2,
                  max_batch: int = 64, linger: float = 0.01,
                  small_object_bytes: int = 256 * 1024, spool_dir: str | None = None,
-                 level: int = 3) -> None:
+                 level: int = 3, timeout: float | None = None) -> None:
         self._db = db
+        self._timeout = timeout  # None: commit waits for as long as it takes
+        self._states = threading.Lock()  # guards every _Pending.state
         self._db_gate = BackendGate()
         self._linger = linger
         self._forming = threading.Lock()  # one worker forms a batch at a time
@@ -104,12 +123,38 @@ class GroupCommitter:
             t.start()
 
     def commit(self, message: CapturedMessage, content: StoredContent) -> None:
-        """Block until MESSAGE's object and rows are durable; BackendError if not."""
+        """Block until MESSAGE's object and rows are durable; BackendError if not,
+        or if no thread has taken it within the timeout (CONTENT is then the
+        caller's again: nothing reads it any more)."""
         pending = _Pending(message, content)
         self._queue.put(pending)
-        pending.done.wait()
+        if not pending.done.wait(self._timeout):
+            given_up = self._give_up(pending)
+            if given_up is not None:
+                raise given_up
+            pending.done.wait()  # a thread has it: bounded by the backends' timeouts
         if pending.error is not None:
             raise pending.error
+
+    def _give_up(self, p: _Pending) -> BackendError | None:
+        """Abandon P if no thread has it; the error to raise, or None if one has."""
+        with self._states:
+            stage = p.state
+            if stage not in (QUEUED, UPLOADED):
+                return None
+            p.state = ABANDONED
+        backend = "s3" if stage == QUEUED else "postgres"
+        metrics.COMMIT_TIMEOUTS.labels(backend).inc()
+        return BackendError(backend, f"not durable within {self._timeout:g}s"
+                            f" (milter.commit_timeout_seconds; {stage} behind a stuck {backend})")
+
+    def _claim(self, items: list[_Pending], was: str, now: str) -> list[_Pending]:
+        """The ITEMS still in state WAS, moved to NOW (the others were abandoned)."""
+        with self._states:
+            claimed = [p for p in items if p.state == was]
+            for p in claimed:
+                p.state = now
+        return claimed
 
     def close(self) -> None:
         """Finish what is queued, then stop the workers and the recorder."""
@@ -138,13 +183,14 @@ class GroupCommitter:
                 stored = []
             later: set[int] = set()  # answered by the recorder
             if stored and self._db_gate.down is None:
+                self._claim(stored, UPLOADING, UPLOADED)
                 self._uploaded.put(stored)
                 later = {id(p) for p in stored}
             elif stored:
                 # PostgreSQL is known to be down: this thread tries the rows
                 # itself, so that while one batch probes, the others fail at
                 # once (milter/gate.py) instead of queueing behind the probe.
-                self._record_rows(stored)
+                self._record_rows(self._claim(stored, UPLOADING, RECORDING))
             for p in batch:
                 if id(p) not in later:
                     p.done.set()
@@ -167,17 +213,21 @@ class GroupCommitter:
                     stopping = True
                     break
                 items.extend(more)
-            self._record_rows(items)
+            items = self._claim(items, UPLOADED, RECORDING)
+            if items:
+                self._record_rows(items)
             for p in items:
                 p.done.set()
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for a message, then gather more for up to `linger`; None: stop."""
         with self._forming:
-            first = self._queue.get()
-            if first is None:
-                return None
-            batch = [first]
+            batch: list[_Pending] = []
+            while not batch:  # a message given up while queued is skipped
+                first = self._queue.get()
+                if first is None:
+                    return None
+                batch = self._claim([first], QUEUED, UPLOADING)
             deadline = time.monotonic() + self._linger
             while len(batch) < self._max_batch:
                 remaining = deadline - time.monotonic()
@@ -189,7 +239,7 @@ class GroupCommitter:
                 if nxt is None:  # shutting down: let another worker see it too
                     self._queue.put(None)
                     break
-                batch.append(nxt)
+                batch += self._claim([nxt], QUEUED, UPLOADING)
             return batch
 
     def _record_rows(self, stored: list[_Pending]) -> None:

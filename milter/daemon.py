@@ -162,7 +162,8 @@ def main(config_path: str | None, check_config: bool) -> None:
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max,
                                linger=mcfg.commit_linger_ms / 1000,
-                               spool_dir=mcfg.spool_directory, level=mcfg.zstd_level)
+                               spool_dir=mcfg.spool_directory, level=mcfg.zstd_level,
+                               timeout=mcfg.commit_timeout_seconds)
     from postkeep.storage.content.dictionaries import DictionaryCache
 
     dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,

@@ -74,6 +74,13 @@ COMMIT_STAGE_SECONDS = Histogram(
 )
 # Bound once: observed for every batch.
 COMMIT_WAIT_SECONDS = COMMIT_STAGE_SECONDS.labels("wait")
+COMMIT_TIMEOUTS = Counter(
+    "postkeep_milter_commit_timeouts_total",
+    "Messages given up after milter.commit_timeout_seconds, by the backend they waited on",
+    ["backend"],
+)
+for _backend in ("s3", "postgres"):
+    COMMIT_TIMEOUTS.labels(_backend)
 COMMIT_S3_SECONDS = COMMIT_STAGE_SECONDS.labels("s3")
 COMMIT_POSTGRES_SECONDS = COMMIT_STAGE_SECONDS.labels("postgres")
 

@@ -119,6 +119,10 @@ class MilterConfig:
     # batch is whatever queued while the previous one was being stored (the
     # bench showed end-to-end throughput bound by that latency, not by CPU).
     commit_linger_ms: float = field(default=0.0, metadata={"min": 0, "max": 1000})
+    # The longest a message waits for the group commit before the milter
+    # gives it up and spools (or tempfails) it, whatever a backend does; a
+    # message already being written waits for the backends' own timeouts.
+    commit_timeout_seconds: float = field(default=5.0, metadata=_positive())
     # The platform's bounce domain: captured mail leaves with the return path
     # pk-<message id>-<expiry>-<MAC>@<this domain> (or the sending domain's own bounce domain,
     # `postkeep domain set-bounce`), so DSNs and bounces come back to

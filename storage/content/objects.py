@@ -71,7 +71,10 @@ class S3ObjectStore:
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=cfg.timeout_seconds, read=cfg.timeout_seconds),
             maxsize=32,
-            retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[503]),
+            # Never Retry-After: MinIO answers 503 with `Retry-After: 60` while it
+            # starts, and honouring it held the milter's uploads for a minute.
+            retries=urllib3.Retry(total=1, backoff_factor=0.1, status_forcelist=[503],
+                                  respect_retry_after_header=False),
         )
         self._http = http
         self.client = Minio(
