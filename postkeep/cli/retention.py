@@ -15,7 +15,7 @@ import click
 
 from postkeep.cli.common import fail, find_org, parse_since, session
 from postkeep.storage.content.objects import S3ObjectStore
-from postkeep.storage.lifecycle import erasure, holds, rules, stats
+from postkeep.storage.lifecycle import erasure, holds, orphans, rules, stats
 from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention, settings_of
 from postkeep.storage.metadata import audit, legal_holds
 from postkeep.storage.metadata.db import BackendError
@@ -99,16 +99,54 @@ def lifecycle_show(ctx: click.Context) -> None:
     """Show postkeep's rules as installed, and the classes they expire."""
     with session(ctx) as s:
         try:
-            rules = _store(s.cfg.s3).rules()
+            installed = _store(s.cfg.s3).rules()
         except BackendError as exc:
             fail(str(exc))
-    if rules is None:
+    if installed is None:
         click.echo("this S3 server has no lifecycle support: the sweeper deletes all content")
         return
-    if not rules:
+    if not installed:
         click.echo("no postkeep lifecycle rules installed (`postkeep retention lifecycle apply`)")
-    for r in sorted(rules, key=lambda r: r.days):
+    for r in sorted(installed, key=lambda r: r.days):
         click.echo(f"{r.rule_id:28}  prefix {r.prefix:20}  expires after {r.days} days")
+
+
+@retention.command("orphans")
+@click.option("--min-age", "min_age_minutes", type=click.IntRange(min=1), default=60,
+              show_default=True, metavar="MINUTES",
+              help="Only objects older than this (a commit may still be under way).")
+@click.option("--window-days", type=click.IntRange(1, 366), default=orphans.DEFAULT_WINDOW_DAYS,
+              show_default=True, help="How many UTC days of objects to look at.")
+@click.option("--dry-run", is_flag=True, help="Name the orphans, delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def retention_orphans(ctx: click.Context, min_age_minutes: int, window_days: int,
+                      dry_run: bool, as_json: bool) -> None:
+    """Delete message objects that no row names (left by a milter killed mid-commit)."""
+    from datetime import timedelta
+
+    from postkeep.storage.content.spool import Spool
+
+    with session(ctx) as s:
+        spool = Spool(s.cfg.milter.outage_spool_directory)
+        try:
+            result = orphans.sweep_orphans(
+                s.conn, _store(s.cfg.s3), spool.holds, min_age=timedelta(minutes=min_age_minutes),
+                window_days=window_days, dry_run=dry_run)
+        except BackendError as exc:
+            fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"examined": result.examined, "orphans": result.orphans,
+                               "deleted": result.deleted, "failed": result.failed,
+                               "dry_run": dry_run}, indent=2))
+    else:
+        for key in result.orphans:
+            click.echo(f"{'would delete' if dry_run else 'orphan'} {key}")
+        click.echo(f"{result.examined} examined, {len(result.orphans)} orphan(s),"
+                   f" {result.deleted} deleted, {len(result.failed)} failed")
+    if result.failed:
+        fail(f"s3: {len(result.failed)} orphan object(s) could not be deleted,"
+             f" e.g. {result.failed[0]}")
 
 
 @retention.command("stats")

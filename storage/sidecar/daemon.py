@@ -75,6 +75,7 @@ async def serve(cfg: Config) -> None:
             return f"{len(trained)} organisation dictionary(ies) trained"
 
         jobs.append(Job("dictionaries", scfg.dictionary_check_seconds, train))
+    jobs.append(_orphan_job(db, objects, spool, scfg.maintenance_seconds))
     # A run in progress at shutdown stops at its next batch (its thread sees
     # retention_stop); the next start carries on.
     retention_stop = threading.Event()
@@ -96,6 +97,29 @@ async def serve(cfg: Config) -> None:
     spool_stop.set()  # a drain pass stops between batches
     await spool_task
     db.close()
+
+
+def _orphan_job(db: Any, objects: Any, spool: Any, interval: float) -> Any:
+    """Delete message objects no row names (storage/lifecycle/orphans.py), hourly."""
+    from prometheus_client import Counter
+
+    from postkeep.storage.lifecycle.orphans import sweep_orphans
+    from postkeep.storage.lifecycle.rules import S3Retention
+    from postkeep.storage.sidecar.upkeep import Job
+
+    deleted = Counter("postkeep_storage_orphan_objects_deleted_total",
+                      "Message objects deleted because no row named them")
+    store = S3Retention(objects.client, objects.bucket)
+
+    def sweep() -> str:
+        result = db.run(lambda c: sweep_orphans(c, store, spool.holds))
+        deleted.inc(result.deleted)
+        if result.failed:
+            raise RuntimeError(f"{len(result.failed)} orphan object(s) not deleted,"
+                               f" e.g. {result.failed[0]}")
+        return f"{result.deleted} orphan object(s) deleted of {result.examined} examined"
+
+    return Job("orphans", interval, sweep)
 
 
 def _start_spool_drain(cfg: Config, db: Any, objects: Any
