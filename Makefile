@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint bench bench-policyd bench-retention bench-storage
+.PHONY: install run stop test lint fuzz bench bench-policyd bench-retention bench-storage
 
 install:
 	$(STACK) install
@@ -44,6 +44,20 @@ lint: install
 	@# postkeep/milter, postkeep/policyd and postkeep/storage are symlinks to the
 	@# top-level folders, so mypy reads the package straight from the tree.
 	$(VENV)/bin/mypy --config-file pyproject.toml -p postkeep
+
+# Coverage-guided fuzzing (atheris) of every target in tests/fuzz/targets.py for
+# FUZZ_SECONDS each, from the seeds and a corpus kept in .fuzz/<target>/.  A
+# crash is written to .fuzz/crash-*: fix it, then add the input to
+# tests/golden/fuzz/<target>/ so that `make test` replays it for good.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	@rc=0; for t in dsn policy mime container; do \
+		mkdir -p .fuzz/$$t; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+		( cd .fuzz && PYTHONPATH=$(CURDIR)/tests $(VENV)/bin/python -m fuzz.run $$t \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+			$$t $(CURDIR)/tests/fuzz/seeds/$$t ) || rc=1; \
+	done; exit $$rc
 
 bench: install
 	@if [ -x bench/run.sh ]; then bench/run.sh; \
