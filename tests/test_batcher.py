@@ -7,8 +7,12 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from postkeep.storage.reports.dsn import Report
 from postkeep.storage.sidecar.lmtp import Batcher
+
+pytestmark = pytest.mark.unit
 
 
 def _report(n: int) -> Report:

@@ -23,7 +23,7 @@ from support.milter_settings import milter_settings
 from support.smtp import Sent
 from support.stack import Stack, load_stack, strip_received
 
-pytestmark = [pytest.mark.stack, pytest.mark.outage]
+pytestmark = pytest.mark.outage
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -29,12 +29,15 @@ from postkeep.storage.reports.outcomes import (
     record_batch,
 )
 
+# Markers per test: envelope and parsing are unit, recording needs the stack's PostgreSQL.
+
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
 
 # --------------------------------------------------------------- envelope
 
 
+@pytest.mark.unit
 def test_return_path_round_trips_id_and_expiry() -> None:
     mid = uuid.uuid4()
     expires = datetime(2027, 2, 23, 10, 0, 0, 123456, tzinfo=UTC)
@@ -47,6 +50,7 @@ def test_return_path_round_trips_id_and_expiry() -> None:
     assert unlimited is not None and unlimited.expires_at == datetime(9999, 12, 31, tzinfo=UTC)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("address", [
     "pk-1234@b.example", "someone@b.example", "", "pk-" + "g" * 32 + "@b.example",
     "xpk-" + "a" * 32 + "@b.example",
@@ -55,17 +59,20 @@ def test_not_a_return_path(address: str) -> None:
     assert parse_return_path(address) is None
 
 
+@pytest.mark.unit
 def test_return_path_without_expiry_still_names_the_message() -> None:
     mid = uuid.uuid4()
     parsed = parse_return_path(f"pk-{mid.hex}@b.example")
     assert parsed is not None and parsed.message_id == mid and parsed.expires_at is None
 
 
+@pytest.mark.unit
 def test_mail_from_params() -> None:
     mid = uuid.uuid4()
     assert mail_from_params(mid) == f"RET=HDRS ENVID={mid}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("params", "asked"), [
     (("NOTIFY=FAILURE,DELAY,SUCCESS",), None),             # the filter's "none given"
     (("NOTIFY=success,delay,failure",), "NEVER"),
@@ -81,6 +88,7 @@ def test_client_notify_decodes_the_command_filter(params: tuple[str, ...],
     assert client_notify(params) == asked
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("params", "restored"), [
     (("NOTIFY=FAILURE,DELAY,SUCCESS",), ""),                 # none given: re-add bare
     (("NOTIFY=success,delay,failure",), "NOTIFY=NEVER"),
@@ -97,6 +105,7 @@ def test_untracked_mail_gets_the_clients_notify_back(params: tuple[str, ...],
 # --------------------------------------------------------------- parsing
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("action", "status", "want"), [
     ("relayed", "2.0.0", "relayed"), ("delivered", "2.0.0", "delivered"),
     ("expanded", "2.0.0", "delivered"), ("delayed", "4.4.1", "deferred"),
@@ -107,6 +116,7 @@ def test_status_of(action: str, status: str, want: str | None) -> None:
     assert status_of(action, status) == want
 
 
+@pytest.mark.unit
 def test_postfix_dsn_is_parsed_per_recipient() -> None:
     mid = uuid.uuid4()
     raw = dsn(mid, [
@@ -131,6 +141,7 @@ def test_postfix_dsn_is_parsed_per_recipient() -> None:
     assert r.failure
 
 
+@pytest.mark.unit
 def test_message_found_by_envid_or_returned_headers() -> None:
     mid = uuid.uuid4()
     by_envid = parse_report(dsn(mid, [block("a@x", "relayed", "2.0.0")]), "", ["x@y"], T0)
@@ -142,6 +153,7 @@ def test_message_found_by_envid_or_returned_headers() -> None:
     assert nothing.message_id is None and nothing.reason and "message id" in nothing.reason
 
 
+@pytest.mark.unit
 def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
     mid = uuid.uuid4()
     raw = (
@@ -177,6 +189,7 @@ SIMPLE = (
 )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", [QMAIL, SIMPLE], ids=["qmail", "simplematch"])
 def test_other_common_bounce_formats(text: str) -> None:
     mid = uuid.uuid4()
@@ -185,6 +198,7 @@ def test_other_common_bounce_formats(text: str) -> None:
     assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("raw", [
     b"", b"\x00\xff\xfe garbage", b"Subject: hi\r\n\r\nno bounce here",
     b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n--x\r\n",
@@ -237,6 +251,7 @@ def _rollup(conn: psycopg.Connection, mid: uuid.UUID) -> str:
     return str(row[0])
 
 
+@pytest.mark.stack
 def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example", "B@x.example"])
     path = return_path(mid, expires, "b.example")
@@ -261,6 +276,7 @@ def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection)
                       ("B@x.example", "bounced", True)]
 
 
+@pytest.mark.stack
 def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example"])
     path = return_path(mid, expires, "b.example")
@@ -277,6 +293,7 @@ def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Conne
     assert applied == [("deferred", False), ("relayed", True)]
 
 
+@pytest.mark.stack
 def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
                                                           conn: psycopg.Connection) -> None:
     ghost = uuid.uuid4()
@@ -298,6 +315,7 @@ def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
     assert row is not None and "z@elsewhere" in row[0]
 
 
+@pytest.mark.stack
 def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Connection) -> None:
     r = parse_report(b"\x00garbage " + uuid.uuid4().bytes, "", ["nobody@b.example"], T0)
     assert record_batch(conn, [r]) == [UNMATCHED]
@@ -305,6 +323,7 @@ def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Con
     assert kind is not None and kind[0] in ("async_bounce", "unparsable")
 
 
+@pytest.mark.stack
 def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Connection) -> None:
     from postkeep.storage.reports.outcomes import maintain_report_partitions
 
@@ -339,6 +358,7 @@ def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Repor
                         [return_path(m[0], m[1], "b.example")], T0)
 
 
+@pytest.mark.stack
 def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Connection) -> None:
     """Two batches naming two messages in opposite orders, lined up behind a
     third transaction's lock, both commit with their own codes.  Written in
@@ -376,6 +396,7 @@ def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Conn
     assert _statuses(conn, b)["r@x.example"][0] == "relayed"
 
 
+@pytest.mark.stack
 def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
                                                     conn: psycopg.Connection) -> None:
     """The batch is written in message-id order; each code still answers its own report."""
@@ -389,6 +410,7 @@ def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
     assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]
 
 
+@pytest.mark.stack
 def test_a_one_recipient_message_takes_its_recipients_status(stack: Stack,
                                                              conn: psycopg.Connection) -> None:
     """record_report sets a one-recipient message's status without the roll-up

@@ -30,6 +30,9 @@ from support.stack import Stack
 
 from postkeep.envelope import return_path
 
+# Markers per test: two tests stop postkeep-storage or PostgreSQL (outage), the
+# rest only use the stack.
+
 # Postfix settings for this module: retry every few seconds, give up after 25.
 FAST_QUEUE = {
     "maximal_queue_lifetime": "25s",
@@ -176,6 +179,7 @@ def _wait_for(stack: Stack, mid: uuid.UUID, want: dict[str, str],
         time.sleep(0.5)
 
 
+@pytest.mark.stack
 def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("pro")
     token = uuid.uuid4().hex[:10]
@@ -231,6 +235,7 @@ def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeM
     assert any(frm == row[1] for frm, _ in fake_mx.accepted)
 
 
+@pytest.mark.stack
 def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
                                                             fake_mx: FakeMX) -> None:
     from support.stack import strip_received
@@ -264,6 +269,7 @@ def _sink_json(stack: Stack, token: str) -> Path:
     raise AssertionError(f"no sink copy for {token}")
 
 
+@pytest.mark.stack
 def test_clients_notify_is_kept_and_untracked_mail_sends_no_success_notice(
         stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("basic")
@@ -300,6 +306,7 @@ def test_clients_notify_is_kept_and_untracked_mail_sends_no_success_notice(
     assert tracked_notice in log.read_text(errors="replace")  # the control
 
 
+@pytest.mark.stack
 def test_failure_notices_are_forwarded_when_the_org_asks(stack: Stack, fake_mx: FakeMX) -> None:
     org, domain = stack.new_org("basic")
     with stack.connect() as conn:
@@ -365,6 +372,7 @@ def _relayed_message(stack: Stack, prefix: str, domain: str = "",
     return mid, rcpt, str(row[0])
 
 
+@pytest.mark.stack
 def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
     mid, rcpt, path = _relayed_message(stack, "d")
 
@@ -409,6 +417,7 @@ def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) 
     assert b"Original-Envelope-Id: " + str(ghost).encode() in _unzstd(stack.stored(str(kept[1])))
 
 
+@pytest.mark.stack
 def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> None:
     limit = stack.config.storage.max_report_bytes
     client = _lmtp(stack)
@@ -428,6 +437,7 @@ def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> Non
         assert s.recv(100).startswith(b"220")
 
 
+@pytest.mark.stack
 def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: FakeMX) -> None:
     """Mail from sendmail(1) bypasses smtpd's command filter: with
     `-N success,delay,failure` its outcome is tracked like SMTP mail; without
@@ -462,6 +472,7 @@ def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: F
     assert rows[ok]["status"] == "queued" and rows[ok]["notify"] is None
 
 
+@pytest.mark.stack
 def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: FakeMX) -> None:
     import urllib.request
 
@@ -494,6 +505,7 @@ def _flush(stack: Stack) -> None:
                    check=True, timeout=30)
 
 
+@pytest.mark.outage
 def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
                                                             fake_mx: FakeMX) -> None:
     """postkeep-storage stopped for real: Postfix keeps the notices queued and
@@ -520,6 +532,7 @@ def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
     _wait_for(stack, mid, {ok: "relayed", gone: "bounced"}, 30)
 
 
+@pytest.mark.outage
 def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     """PostgreSQL stopped for real: the report gets 451 4.3.0 naming postgres
     (Postfix would retry); once it is back the same report is recorded."""
@@ -552,6 +565,7 @@ def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     assert _recipients(stack, mid)[rcpt]["status"] == "bounced"
 
 
+@pytest.mark.stack
 def test_a_sending_domain_can_have_its_own_bounce_domain(stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("basic")
     bounce = f"bounces.{domain}"

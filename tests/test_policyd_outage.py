@@ -22,7 +22,7 @@ from support.stack import Stack
 
 from postkeep.config import Config
 
-pytestmark = [pytest.mark.stack, pytest.mark.outage]
+pytestmark = pytest.mark.outage
 
 
 def degraded_count(metrics_port: int) -> float:

@@ -37,7 +37,7 @@ from support.stack import Stack, strip_received
 
 from postkeep.storage.content.spool import Spool
 
-pytestmark = [pytest.mark.stack, pytest.mark.outage]
+pytestmark = pytest.mark.outage
 
 RCPTS = ["r1@sink.test", "r2@sink.test"]
 TOKEN_RE = re.compile(rb"\r\nX-Test-Token: ([0-9a-f]{32})\r\n")
