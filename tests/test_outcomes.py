@@ -4,15 +4,16 @@ and recording in real PostgreSQL (duplicates, ordering, unmatched reports)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import psycopg
 import pytest
 from support.reports import block, dsn
 from support.stack import Stack
+from support.wait import until
 
 from postkeep.envelope import (
     client_notify,
@@ -341,15 +342,13 @@ def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Con
     assert maintain_report_partitions(conn, 3) == 0  # idempotent
 
 
-def _blocked_on_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _blocked_on_a_lock(conn: psycopg.Connection, pid: int) -> None:
+    def waiting() -> bool:
         row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
                            (pid,)).fetchone()
-        if row and row[0] == "Lock":
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"backend {pid} never waited on a lock")
+        return bool(row and row[0] == "Lock")
+
+    until(waiting, f"backend {pid} to wait on a lock", interval=0.02)
 
 
 def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
@@ -386,8 +385,7 @@ def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Conn
                    threading.Thread(target=write, args=("two", two, pids[1]))]
         for t, box in zip(threads, pids, strict=True):
             t.start()
-            while not box:
-                time.sleep(0.01)
+            until(partial(len, box), "the writer's connection", interval=0.01)
             _blocked_on_a_lock(conn, box[0])
     for t in threads:
         t.join(30)

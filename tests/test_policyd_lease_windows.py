@@ -109,6 +109,9 @@ def test_lease_mode_counts_a_message_once_and_settles_bytes(
 
 
 def _sleep_into_next_window(seconds: int, margin: float = 0.3) -> None:
+    # The one fixed sleep kept on purpose: a window rolling over in real time is
+    # what the test is about, and this is the least that gets there (at most
+    # one window; the burst after it has the window's length minus MARGIN).
     time.sleep(seconds - time.time() % seconds + margin)
 
 
