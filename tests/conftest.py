@@ -37,6 +37,32 @@ from postkeep.storage.metadata.db import connect
 
 STACK_VARS = REQUIRED  # one list: tests/support/stack.py
 
+# Every test carries exactly one of these (pyproject.toml describes them), so
+# `-m unit`, `-m stack` and `-m outage` between them select the whole suite
+# and nothing runs in the wrong company (an outage test stopping a service
+# under `-m stack`, a unit test silently left out of `-m unit`).
+KINDS = ("unit", "stack", "outage")
+# Fixtures that need the running stack: no `unit` test may use them.
+STACK_FIXTURES = ("stack_env", "stack")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: an unmarked test is an error too
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wrong = []
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k) is not None]
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: marked {', '.join(kinds) or 'with none of them'}")
+        elif kinds == ["unit"]:
+            needs = [f for f in STACK_FIXTURES if f in getattr(item, "fixturenames", ())]
+            if needs:
+                wrong.append(f"{item.nodeid}: marked unit but uses {', '.join(needs)}")
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one of the markers {', '.join(KINDS)}"
+            " (pytestmark in its file, or on each test of a file mixing them):\n  "
+            + "\n  ".join(wrong))
+
 
 @dataclass(frozen=True)
 class StackEnv:

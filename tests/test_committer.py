@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from support.wait import finishes, until
 
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.committer import GroupCommitter
@@ -111,7 +111,7 @@ def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
     class SlowFirstDb(FakeDb):
         def run(self, work: Any) -> Any:
             if not self.batches:
-                release.wait(5)
+                release.wait(60)
             return super().run(work)
 
     class CountingStore(MemoryObjectStore):
@@ -133,11 +133,7 @@ def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
     for t in threads:
         t.start()
     # Every object is stored (in batches of at most 2) while the first INSERT waits.
-    for _ in range(100):
-        if len(store.objects) == len(items):
-            break
-        time.sleep(0.02)
-    assert len(store.objects) == len(items)
+    until(lambda: len(store.objects) == len(items), "every object stored")
     release.set()
     for t in threads:
         t.join(10)
@@ -150,25 +146,31 @@ def test_rows_of_uploads_finished_meanwhile_share_one_insert() -> None:
 
 
 def test_while_postgres_is_down_one_batch_probes_and_the_others_fail_at_once() -> None:
-    class SlowDownDb(FakeDb):
-        delay = 0.0
+    class HangingDownDb(FakeDb):
+        hang = False
+        probing = threading.Event()
+        release = threading.Event()
 
         def run(self, work: Any) -> Any:
-            time.sleep(self.delay)  # a connect timeout, while the server is gone
+            if self.hang:  # a connect timeout, while the server is gone
+                self.probing.set()
+                self.release.wait(60)
             raise BackendError("postgres", "connection refused")
 
-    db = SlowDownDb()
+    db = HangingDownDb()
     gc = GroupCommitter(db, MemoryObjectStore(), workers=2, linger=0)  # type: ignore[arg-type]
     assert _commit_concurrently(gc, [_message()])[0] is not None  # now known to be down
-    db.delay = 1.0
-    probed = _message()
-    probe = threading.Thread(target=_commit_concurrently, args=(gc, [probed]))
+    db.hang = True
+    probe = threading.Thread(target=_commit_concurrently, args=(gc, [_message()]))
     probe.start()
-    time.sleep(0.2)  # the probe is waiting out its timeout
-    started = time.monotonic()
-    with pytest.raises(BackendError) as err:
-        gc.commit(*_message())
-    assert time.monotonic() - started < 0.5  # not queued behind the probe
+    try:
+        assert db.probing.wait(30), "the probe never reached PostgreSQL"
+        # Answered while the probe still hangs: not queued behind it.
+        with pytest.raises(BackendError) as err:
+            finishes(lambda: gc.commit(*_message()), "a commit while another batch probes")
+        assert probe.is_alive()
+    finally:
+        db.release.set()
     assert err.value.backend == "postgres"
-    probe.join(5)
+    probe.join(30)
     gc.close()

@@ -4,15 +4,16 @@ and recording in real PostgreSQL (duplicates, ordering, unmatched reports)."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import psycopg
 import pytest
 from support.reports import block, dsn
 from support.stack import Stack
+from support.wait import until
 
 from postkeep.envelope import (
     client_notify,
@@ -30,6 +31,8 @@ from postkeep.storage.reports.outcomes import (
     record_batch,
 )
 
+# Markers per test: envelope and parsing are unit, recording needs the stack's PostgreSQL.
+
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 # The return-path key these tests sign and verify with (the stack has its own).
 KEY = b"test return-path key, 32 bytes!"
@@ -38,6 +41,7 @@ KEY = b"test return-path key, 32 bytes!"
 # --------------------------------------------------------------- envelope
 
 
+@pytest.mark.unit
 def test_return_path_round_trips_id_and_expiry() -> None:
     mid = uuid.uuid4()
     expires = datetime(2027, 2, 23, 10, 0, 0, 123456, tzinfo=UTC)
@@ -52,6 +56,7 @@ def test_return_path_round_trips_id_and_expiry() -> None:
     assert unlimited is not None and unlimited.expires_at == datetime(9999, 12, 31, tzinfo=UTC)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("address", [
     "pk-1234@b.example", "someone@b.example", "", "pk-" + "g" * 32 + "@b.example",
     "xpk-" + "a" * 32 + "@b.example",
@@ -60,6 +65,7 @@ def test_not_a_return_path(address: str) -> None:
     assert parse_return_path(address) is None
 
 
+@pytest.mark.unit
 def test_return_paths_from_before_the_mac_name_the_message_but_never_verify() -> None:
     mid = uuid.uuid4()
     for legacy in (f"pk-{mid.hex}@b.example", f"pk-{mid.hex}-6a1b2c3d@b.example"):
@@ -68,6 +74,7 @@ def test_return_paths_from_before_the_mac_name_the_message_but_never_verify() ->
         assert "no MAC" in (verify_return_path(parsed, KEY) or "")
 
 
+@pytest.mark.unit
 def test_a_return_path_does_not_verify_if_anything_in_it_changes() -> None:
     """A forger knows the id (X-Postkeep-Id) and may have seen other return paths."""
     mid, other = uuid.uuid4(), uuid.uuid4()
@@ -92,11 +99,13 @@ def test_a_return_path_does_not_verify_if_anything_in_it_changes() -> None:
         return_path(mid, T0, "bounces.example", b"")
 
 
+@pytest.mark.unit
 def test_mail_from_params() -> None:
     mid = uuid.uuid4()
     assert mail_from_params(mid) == f"RET=HDRS ENVID={mid}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("params", "asked"), [
     (("NOTIFY=FAILURE,DELAY,SUCCESS",), None),             # the filter's "none given"
     (("NOTIFY=success,delay,failure",), "NEVER"),
@@ -112,6 +121,7 @@ def test_client_notify_decodes_the_command_filter(params: tuple[str, ...],
     assert client_notify(params) == asked
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("params", "restored"), [
     (("NOTIFY=FAILURE,DELAY,SUCCESS",), ""),                 # none given: re-add bare
     (("NOTIFY=success,delay,failure",), "NOTIFY=NEVER"),
@@ -128,6 +138,7 @@ def test_untracked_mail_gets_the_clients_notify_back(params: tuple[str, ...],
 # --------------------------------------------------------------- parsing
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("action", "status", "want"), [
     ("relayed", "2.0.0", "relayed"), ("delivered", "2.0.0", "delivered"),
     ("expanded", "2.0.0", "delivered"), ("delayed", "4.4.1", "deferred"),
@@ -138,6 +149,7 @@ def test_status_of(action: str, status: str, want: str | None) -> None:
     assert status_of(action, status) == want
 
 
+@pytest.mark.unit
 def test_postfix_dsn_is_parsed_per_recipient() -> None:
     mid = uuid.uuid4()
     raw = dsn(mid, [
@@ -162,6 +174,7 @@ def test_postfix_dsn_is_parsed_per_recipient() -> None:
     assert r.failure
 
 
+@pytest.mark.unit
 def test_envid_or_returned_headers_alone_attribute_nothing() -> None:
     """Both are in every recipient's copy: anyone can quote them."""
     mid = uuid.uuid4()
@@ -176,6 +189,7 @@ def test_envid_or_returned_headers_alone_attribute_nothing() -> None:
     assert nothing.message_id is None and nothing.reason == "not sent to a postkeep return path"
 
 
+@pytest.mark.unit
 def test_a_report_at_a_forged_return_path_is_unmatched_with_the_reason() -> None:
     mid = uuid.uuid4()
     forged = f"pk-{mid.hex}@b.example"  # the form any recipient could write from the id
@@ -195,6 +209,7 @@ def test_a_report_at_a_forged_return_path_is_unmatched_with_the_reason() -> None
     assert r.message_id is None and "no return-path key" in (r.reason or "")
 
 
+@pytest.mark.unit
 def test_exim_style_bounce_is_found_by_flufl_bounce() -> None:
     mid = uuid.uuid4()
     raw = (
@@ -230,6 +245,7 @@ SIMPLE = (
 )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", [QMAIL, SIMPLE], ids=["qmail", "simplematch"])
 def test_other_common_bounce_formats(text: str) -> None:
     mid = uuid.uuid4()
@@ -238,6 +254,7 @@ def test_other_common_bounce_formats(text: str) -> None:
     assert [(o.recipient, o.status) for o in r.outcomes] == [("gone@remote.example", "bounced")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("raw", [
     b"", b"\x00\xff\xfe garbage", b"Subject: hi\r\n\r\nno bounce here",
     b"Content-Type: multipart/report; report-type=delivery-status; boundary=x\r\n\r\n--x\r\n",
@@ -290,6 +307,7 @@ def _rollup(conn: psycopg.Connection, mid: uuid.UUID) -> str:
     return str(row[0])
 
 
+@pytest.mark.stack
 def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example", "B@x.example"])
     path = return_path(mid, expires, "b.example", KEY)
@@ -314,6 +332,7 @@ def test_outcomes_recorded_and_rolled_up(stack: Stack, conn: psycopg.Connection)
                       ("B@x.example", "bounced", True)]
 
 
+@pytest.mark.stack
 def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Connection) -> None:
     mid, expires = _message(conn, stack, ["a@x.example"])
     path = return_path(mid, expires, "b.example", KEY)
@@ -330,6 +349,7 @@ def test_a_delay_never_replaces_a_final_status(stack: Stack, conn: psycopg.Conne
     assert applied == [("deferred", False), ("relayed", True)]
 
 
+@pytest.mark.stack
 def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
                                                           conn: psycopg.Connection) -> None:
     ghost = uuid.uuid4()
@@ -351,6 +371,7 @@ def test_unknown_message_and_strangers_are_kept_unmatched(stack: Stack,
     assert row is not None and "z@elsewhere" in row[0]
 
 
+@pytest.mark.stack
 def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Connection) -> None:
     r = parse_report(b"\x00garbage " + uuid.uuid4().bytes, "", ["nobody@b.example"], T0, KEY)
     assert record_batch(conn, [r]) == [UNMATCHED]
@@ -358,6 +379,7 @@ def test_garbage_report_is_recorded_as_unmatched(stack: Stack, conn: psycopg.Con
     assert kind is not None and kind[0] in ("async_bounce", "unparsable")
 
 
+@pytest.mark.stack
 def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Connection) -> None:
     from postkeep.storage.reports.outcomes import maintain_report_partitions
 
@@ -375,15 +397,13 @@ def test_report_partitions_are_made_ahead_and_old_days_dropped(conn: psycopg.Con
     assert maintain_report_partitions(conn, 3) == 0  # idempotent
 
 
-def _blocked_on_a_lock(conn: psycopg.Connection, pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _blocked_on_a_lock(conn: psycopg.Connection, pid: int) -> None:
+    def waiting() -> bool:
         row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
                            (pid,)).fetchone()
-        if row and row[0] == "Lock":
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"backend {pid} never waited on a lock")
+        return bool(row and row[0] == "Lock")
+
+    until(waiting, f"backend {pid} to wait on a lock", interval=0.02)
 
 
 def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Report:
@@ -392,6 +412,7 @@ def _report_on(m: tuple[uuid.UUID, datetime], action: str, status: str) -> Repor
                         [return_path(m[0], m[1], "b.example", KEY)], T0, KEY)
 
 
+@pytest.mark.stack
 def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Connection) -> None:
     """Two batches naming two messages in opposite orders, lined up behind a
     third transaction's lock, both commit with their own codes.  Written in
@@ -419,8 +440,7 @@ def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Conn
                    threading.Thread(target=write, args=("two", two, pids[1]))]
         for t, box in zip(threads, pids, strict=True):
             t.start()
-            while not box:
-                time.sleep(0.01)
+            until(partial(len, box), "the writer's connection", interval=0.01)
             _blocked_on_a_lock(conn, box[0])
     for t in threads:
         t.join(30)
@@ -429,6 +449,7 @@ def test_batches_written_at_once_never_deadlock(stack: Stack, conn: psycopg.Conn
     assert _statuses(conn, b)["r@x.example"][0] == "relayed"
 
 
+@pytest.mark.stack
 def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
                                                     conn: psycopg.Connection) -> None:
     """The batch is written in message-id order; each code still answers its own report."""
@@ -442,6 +463,7 @@ def test_batch_codes_come_back_in_the_callers_order(stack: Stack,
     assert record_batch(conn, [ghost, fresh, seen]) == [UNMATCHED, 1, DUPLICATE]
 
 
+@pytest.mark.stack
 def test_a_one_recipient_message_takes_its_recipients_status(stack: Stack,
                                                              conn: psycopg.Connection) -> None:
     """record_report sets a one-recipient message's status without the roll-up

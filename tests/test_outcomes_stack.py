@@ -22,14 +22,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import smtp
 from support.stack import Stack
+from support.wait import until
 
 from postkeep.envelope import return_path
+
+# Markers per test: two tests stop postkeep-storage or PostgreSQL (outage), the
+# rest only use the stack.
 
 # Postfix settings for this module: retry every few seconds, give up after 25.
 FAST_QUEUE = {
@@ -80,13 +85,16 @@ class FakeMX:
         return f"250 2.0.0 Ok: queued as {qid}"
 
     def _bounce_later(self, return_path: str, rcpts: list[str], original: bytes) -> None:
-        time.sleep(1)
+        # Sent at once but dated 5 s on, as a bounce that comes later is: it is
+        # the later event whichever of it and Postfix's relayed notice arrives
+        # first (no sleep to make it arrive second).
+        dated = time.gmtime(time.time() + 5)
         failed = "".join(f"  {r}\r\n    mailbox unavailable\r\n" for r in rcpts)
         body = (
             "From: Mail Delivery System <Mailer-Daemon@mx.test>\r\n"
             f"To: {return_path}\r\n"
             "Subject: Mail delivery failed: returning message to sender\r\n"
-            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', dated)}\r\n"
             f"Message-ID: <{uuid.uuid4().hex}@mx.test>\r\n\r\n"
             "This message was created automatically by mail delivery software.\r\n\r\n"
             "A message that you sent could not be delivered to one or more of its\r\n"
@@ -177,6 +185,7 @@ def _wait_for(stack: Stack, mid: uuid.UUID, want: dict[str, str],
         time.sleep(0.5)
 
 
+@pytest.mark.stack
 def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("pro")
     token = uuid.uuid4().hex[:10]
@@ -232,6 +241,7 @@ def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeM
     assert any(frm == row[1] for frm, _ in fake_mx.accepted)
 
 
+@pytest.mark.stack
 def test_capture_stays_byte_exact_with_the_envelope_rewrite(stack: Stack,
                                                             fake_mx: FakeMX) -> None:
     from support.stack import strip_received
@@ -265,6 +275,7 @@ def _sink_json(stack: Stack, token: str) -> Path:
     raise AssertionError(f"no sink copy for {token}")
 
 
+@pytest.mark.stack
 def test_clients_notify_is_kept_and_untracked_mail_sends_no_success_notice(
         stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("basic")
@@ -291,16 +302,21 @@ def test_clients_notify_is_kept_and_untracked_mail_sends_no_success_notice(
         client.close()
     stack.sink_copy(sys_token)
     log = Path(stack.env["POSTKEEP_POSTFIX_LOG"])
-    deadline = time.monotonic() + 5
     tracked_notice = f"{reply.queue_id}: sender delivery status notification"
     system_notice = f"{sys_reply.queue_id}: sender delivery status notification"
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        assert system_notice not in text
-        time.sleep(0.5)
-    assert tracked_notice in log.read_text(errors="replace")  # the control
+    # Postfix logs a message's notices before it removes the message: once
+    # both are removed, every notice either will ever get is in the log.
+    def removed(queue_id: str | None) -> bool:
+        return f"{queue_id}: removed" in log.read_text(errors="replace")
+
+    for queue_id in (reply.queue_id, sys_reply.queue_id):
+        until(partial(removed, queue_id), f"Postfix to finish {queue_id}", 60, interval=0.2)
+    text = log.read_text(errors="replace")
+    assert tracked_notice in text  # the control
+    assert system_notice not in text
 
 
+@pytest.mark.stack
 def test_failure_notices_are_forwarded_when_the_org_asks(stack: Stack, fake_mx: FakeMX) -> None:
     org, domain = stack.new_org("basic")
     with stack.connect() as conn:
@@ -366,6 +382,7 @@ def _relayed_message(stack: Stack, prefix: str, domain: str = "",
     return mid, rcpt, str(row[0])
 
 
+@pytest.mark.stack
 def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
     mid, rcpt, path = _relayed_message(stack, "d")
 
@@ -411,6 +428,7 @@ def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) 
     assert b"Original-Envelope-Id: " + str(ghost).encode() in _unzstd(stack.stored(str(kept[1])))
 
 
+@pytest.mark.stack
 def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> None:
     limit = stack.config.storage.max_report_bytes
     client = _lmtp(stack)
@@ -432,6 +450,7 @@ def test_oversize_report_is_refused_and_the_daemon_lives_on(stack: Stack) -> Non
         assert s.recv(100).startswith(b"220")
 
 
+@pytest.mark.stack
 def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: FakeMX) -> None:
     """Mail from sendmail(1) bypasses smtpd's command filter: with
     `-N success,delay,failure` its outcome is tracked like SMTP mail; without
@@ -466,6 +485,7 @@ def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: F
     assert rows[ok]["status"] == "queued" and rows[ok]["notify"] is None
 
 
+@pytest.mark.stack
 def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: FakeMX) -> None:
     import urllib.request
 
@@ -498,6 +518,7 @@ def _flush(stack: Stack) -> None:
                    check=True, timeout=30)
 
 
+@pytest.mark.outage
 def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
                                                             fake_mx: FakeMX) -> None:
     """postkeep-storage stopped for real: Postfix keeps the notices queued and
@@ -524,6 +545,7 @@ def test_reports_wait_in_postfix_while_the_sidecar_is_down(stack: Stack,
     _wait_for(stack, mid, {ok: "relayed", gone: "bounced"}, 30)
 
 
+@pytest.mark.outage
 def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     """PostgreSQL stopped for real: the report gets 451 4.3.0 naming postgres
     (Postfix would retry); once it is back the same report is recorded."""
@@ -556,6 +578,7 @@ def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     assert _recipients(stack, mid)[rcpt]["status"] == "bounced"
 
 
+@pytest.mark.stack
 def test_a_sending_domain_can_have_its_own_bounce_domain(stack: Stack, fake_mx: FakeMX) -> None:
     _, domain = stack.new_org("basic")
     bounce = f"bounces.{domain}"
@@ -579,6 +602,7 @@ def _unmatched_reason(stack: Stack, report: bytes) -> str | None:
     return None if row is None else str(row[0])
 
 
+@pytest.mark.stack
 def test_forged_reports_over_lmtp_change_nothing(stack: Stack, fake_mx: FakeMX) -> None:
     """An attacker who knows a message's id (it is in X-Postkeep-Id) reports its
     recipient bounced: to the id's return path without a MAC, at any domain, with
@@ -608,6 +632,7 @@ def test_forged_reports_over_lmtp_change_nothing(stack: Stack, fake_mx: FakeMX) 
     assert [s for s, _, _ in _history(stack, mid, rcpt)] == ["relayed"]
 
 
+@pytest.mark.stack
 def test_a_forged_bounce_through_postfix_is_neither_recorded_nor_forwarded(
         stack: Stack, fake_mx: FakeMX) -> None:
     """The same from an untrusted SMTP client, through Postfix to the bounce

@@ -272,7 +272,7 @@ def test_hostile_clients_are_closed_and_others_unaffected() -> None:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 writer.write(hostile)
                 await writer.drain()
-                closed.append(await asyncio.wait_for(reader.read(), 2))
+                closed.append(await asyncio.wait_for(reader.read(), 30))
                 writer.close()
             good = await ask(port, [request("RCPT", "x")])
         finally:
@@ -284,21 +284,27 @@ def test_hostile_clients_are_closed_and_others_unaffected() -> None:
     assert good == [b"action=DUNNO\n\n"]
 
 
+def _backend_errors() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("postkeep_policyd_backend_errors_total") or 0.0
+
+
 def test_stalled_backend_degrades_within_the_timeout() -> None:
-    async def run() -> tuple[list[str], float]:
+    async def run() -> list[str]:
         backend = FakeBackend()
-        service = make_service(backend, degraded_processes=4)
+        # No retry of PostgreSQL during the test, however slow the host.
+        service = make_service(backend, degraded_processes=4, degraded_retry_seconds=3600)
         # warm the org cache, then the database stalls
         assert await service.decide(attrs("RCPT", "w")) == DUNNO
         backend.stall = True
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        answers = [await service.decide(attrs("DATA", f"d{i}", recipient_count="1"))
-                   for i in range(30)]
-        return answers, loop.time() - start
+        return [await service.decide(attrs("DATA", f"d{i}", recipient_count="1"))
+                for i in range(30)]
 
-    answers, elapsed = asyncio.run(run())
-    assert elapsed < 1.0  # one timeout (50 ms), then local decisions
+    before = _backend_errors()
+    answers = asyncio.run(run())  # returns at all: the stall (an hour) was cut short
+    # One decision waited out the timeout; the other 29 never asked the backend.
+    assert _backend_errors() - before == 1
     assert answers.count(DUNNO) == 25  # 100 / 4 processes
     assert answers[25].startswith("DEFER_IF_PERMIT 4.7.1") and "host share" in answers[25]
 
@@ -316,19 +322,17 @@ def test_degraded_open_and_closed_modes() -> None:
 
 
 def test_stop_closes_idle_connections_at_once() -> None:
-    async def run() -> tuple[bytes, float]:
+    async def run() -> bytes:
         server = PolicyServer(make_service(FakeBackend()).decide, Limits(), read_timeout=300)
         port = await server.start("127.0.0.1", 0)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request("RCPT", "x"))
         await reader.readuntil(b"\n\n")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await server.stop(grace=5)
-        return await asyncio.wait_for(reader.read(), 2), loop.time() - started
+        # Neither the grace nor the client's read timeout (300 s) is waited out.
+        await asyncio.wait_for(server.stop(grace=300), 30)
+        return await asyncio.wait_for(reader.read(), 30)
 
-    rest, elapsed = asyncio.run(run())
-    assert rest == b"" and elapsed < 1
+    assert asyncio.run(run()) == b""
 
 
 def test_connections_broken_by_a_restart_are_not_an_outage() -> None:

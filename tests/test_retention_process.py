@@ -1,9 +1,12 @@
 """`postkeep retention run` as real processes: two at once, and killed mid-way.
 
 The workload: three expired weeks of one organisation's mail, 200 messages a
-week with objects in MinIO, swept 25 objects per batch so a run takes long
-enough to be caught in the act.  Whatever happens to the processes, the end
-state must be exact: every partition dropped once (one audit row each),
+week with objects in MinIO, swept 25 objects per batch.  The test stops a run
+at a known point by holding a lock it needs (never by hoping to be quick):
+the sweep's watermark row, so the run has deleted one batch of objects and
+waits to record it; or the later weeks' partitions, so it has dropped the
+first week and waits for the second.  Whatever happens to the processes, the
+end state must be exact: every partition dropped once (one audit row each),
 every object gone, the daily statistics counting each message once.
 """
 
@@ -15,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +28,9 @@ import psycopg
 import pytest
 from conftest import StackEnv, TestOrg
 from support.retention import PastWeek, audit_rows, exists, past_week, put_message, stats_row
+from support.wait import until
 
+from postkeep.config import Config
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.lifecycle import rules
 from postkeep.storage.metadata import messages
@@ -32,10 +39,9 @@ pytestmark = pytest.mark.stack
 
 PER_WEEK = 200
 WEEKS = 3
+SWEEP_BATCH = 25
 SCRIPT = Path(sys.executable).with_name("postkeep")
-# Progress lines to kill at: some objects deleted, not all; one week dropped.
-MID_SWEEP = r"messages checked, [1-9]\d{2,} objects deleted"
-MID_DROPS = r"^retention: dropped messages_e"
+ZERO_ID = uuid.UUID(int=0)
 
 
 @pytest.fixture
@@ -43,7 +49,8 @@ def slow_config(stack_env: StackEnv, tmp_path: Path) -> Path:
     """The stack's configuration with small sweep batches, sweeping everything."""
     text = Path(stack_env.config_path).read_text()
     path = tmp_path / "postkeep.toml"
-    path.write_text(text + "\n[retention]\ncontent_expiry = 'sweep'\nsweep_batch = 25\n")
+    path.write_text(text + "\n[retention]\ncontent_expiry = 'sweep'\n"
+                    f"sweep_batch = {SWEEP_BATCH}\n")
     return path
 
 
@@ -77,6 +84,42 @@ def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 120) ->
     raise AssertionError(f"no {needle!r} within {timeout}s: {''.join(seen)}")
 
 
+@contextmanager
+def _holding(config: Config, statement: str, params: Sequence[object] = ()) -> Iterator[int]:
+    """STATEMENT (taking a lock) in a transaction of the test's own, kept open
+    until the block ends, then rolled back; yields its backend pid."""
+    with psycopg.connect(config.postgres.conninfo()) as conn:
+        conn.execute(statement, params)
+        try:
+            yield conn.info.backend_pid
+        finally:
+            conn.rollback()
+
+
+def _blocked_behind(db: psycopg.Connection, holder: int, proc: subprocess.Popen[str]) -> bool:
+    """Whether a backend waits for a lock HOLDER has; fails if PROC ended meanwhile."""
+    if proc.poll() is not None:
+        assert proc.stderr is not None
+        raise AssertionError(f"the run ended (exit {proc.returncode}) before it waited"
+                             f" on the test's lock: {proc.stderr.read()}")
+    row = db.execute("SELECT count(*) FROM pg_stat_activity"
+                     " WHERE %s = ANY(pg_blocking_pids(pid))", (holder,)).fetchone()
+    return bool(row and row[0])
+
+
+def _sweep_from(db: psycopg.Connection, stored: list[messages.CapturedMessage]) -> None:
+    """Put the sweep's watermark just before the first of STORED (what `--sweep-from`
+    does, done here so that a run never writes the row before its first batch)."""
+    first = min(m.content_expires_at for m in stored)
+    db.execute("INSERT INTO retention_state (name, at, id) VALUES ('sweep', %s, %s)"
+               " ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, id = EXCLUDED.id,"
+               " updated_at = now()", (first, ZERO_ID))
+
+
+# A run that has deleted a batch of objects waits here to move the watermark past it.
+SWEEP_ROW = "SELECT 1 FROM retention_state WHERE name = 'sweep' FOR UPDATE"
+
+
 def _assert_exact_end_state(db: psycopg.Connection, objects: S3ObjectStore, org: TestOrg,
                             weeks: list[PastWeek], stored: list[messages.CapturedMessage],
                             since: datetime) -> None:
@@ -97,14 +140,17 @@ def _assert_exact_end_state(db: psycopg.Connection, objects: S3ObjectStore, org:
 
 def test_two_runs_at_once_do_the_work_once(
         db: psycopg.Connection, objects: S3ObjectStore, make_org: Callable[..., TestOrg],
-        slow_config: Path) -> None:
+        config: Config, slow_config: Path) -> None:
     started = datetime.now(UTC)
     org = make_org("free")
     weeks, stored = _workload(db, objects, org)
-    since = (min(w.monday for w in weeks) - timedelta(days=60)).isoformat()
-    first = _start(slow_config, "--sweep-from", since)
-    _wait_for(first, MID_SWEEP)  # the first run holds the lock and is sweeping
-    second = _start(slow_config)
+    _sweep_from(db, stored)
+    with _holding(config, SWEEP_ROW) as holder:
+        first = _start(slow_config)
+        until(lambda: _blocked_behind(db, holder, first),
+              "the first run to hold the retention lock and wait mid-sweep")
+        second = _start(slow_config)
+        _wait_for(second, "waiting for another retention run")
     out2, err2 = second.communicate(timeout=300)
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
@@ -112,34 +158,61 @@ def test_two_runs_at_once_do_the_work_once(
     # The first dropped the weeks; the second, let in after it, found them gone.
     assert f"partitions_dropped={WEEKS}" in out1 or f"partitions_dropped={WEEKS}" in out2
     assert "messages_dropped=0" in out2
-    assert "waiting for another retention run" in err2
     _assert_exact_end_state(db, objects, org, weeks, stored, started)
 
 
-@pytest.mark.parametrize("kill_at", [MID_SWEEP, MID_DROPS])
-def test_a_run_killed_mid_way_is_finished_by_the_next(
+def test_a_run_killed_mid_sweep_is_finished_by_the_next(
         db: psycopg.Connection, objects: S3ObjectStore, make_org: Callable[..., TestOrg],
-        slow_config: Path, kill_at: str) -> None:
+        config: Config, slow_config: Path) -> None:
+    started = datetime.now(UTC)
+    org = make_org("free")
+    weeks, stored = _workload(db, objects, org)
+    _sweep_from(db, stored)
+    with _holding(config, SWEEP_ROW) as holder:
+        victim = _start(slow_config)
+        until(lambda: _blocked_behind(db, holder, victim),
+              "the run to delete a batch and wait to record it")
+        _kill(victim)
+    left = sum(1 for m in stored if _exists(objects, m.object_key))
+    # One batch of objects deleted, its watermark never written.
+    assert left == len(stored) - SWEEP_BATCH, left
+    assert all(exists(db, w.messages) for w in weeks)
+    _rerun_finishes(db, objects, org, weeks, stored, started, dropped=0, slow_config=slow_config)
+
+
+def test_a_run_killed_between_two_drops_is_finished_by_the_next(
+        db: psycopg.Connection, objects: S3ObjectStore, make_org: Callable[..., TestOrg],
+        config: Config, slow_config: Path) -> None:
     started = datetime.now(UTC)
     org = make_org("free")
     weeks, stored = _workload(db, objects, org)
     since = (min(w.monday for w in weeks) - timedelta(days=60)).isoformat()
-    victim = _start(slow_config, "--sweep-from", since)
-    _wait_for(victim, kill_at)
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL
-    store = rules.S3Retention(objects.client, objects.bucket)
-    left = sum(1 for m in stored if store.exists(m.object_key))
-    dropped = [w for w in weeks if not exists(db, w.messages)]
-    if kill_at == MID_SWEEP:
-        assert 0 < left < len(stored), "the kill did not land mid-sweep"
-        assert dropped == []
-    else:
-        assert left == 0 and 1 <= len(dropped) < WEEKS, "the kill did not land mid-drops"
+    oldest, *later = sorted(weeks, key=lambda w: w.monday)  # dropped oldest first
+    locked = ", ".join(f'"{w.messages}"' for w in later)
+    with _holding(config, f"LOCK TABLE {locked} IN ACCESS SHARE MODE"):
+        victim = _start(slow_config, "--sweep-from", since)
+        _wait_for(victim, rf"^retention: dropped {oldest.messages} ")
+        _kill(victim)  # the later weeks wait for the test's lock: none can be dropped
+    assert [m.object_key for m in stored if _exists(objects, m.object_key)] == []
+    assert [w.messages for w in weeks if not exists(db, w.messages)] == [oldest.messages]
+    _rerun_finishes(db, objects, org, weeks, stored, started, dropped=1, slow_config=slow_config)
 
+
+def _exists(objects: S3ObjectStore, key: str) -> bool:
+    return rules.S3Retention(objects.client, objects.bucket).exists(key)
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _rerun_finishes(db: psycopg.Connection, objects: S3ObjectStore, org: TestOrg,
+                    weeks: list[PastWeek], stored: list[messages.CapturedMessage],
+                    started: datetime, dropped: int, slow_config: Path) -> None:
     rerun = _start(slow_config)  # no rewind: it carries on from the watermark
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
-    assert f"partitions_dropped={WEEKS - len(dropped)} " in out
+    assert f"partitions_dropped={WEEKS - dropped} " in out
     _assert_exact_end_state(db, objects, org, weeks, stored, started)

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from support.wait import finishes, until
 
 from postkeep.cli.spool import format_status
 from postkeep.config import MilterConfig
@@ -527,7 +527,8 @@ def test_batched_uploads_are_bounded_in_bytes(spool: Spool,
     assert len(sizes) > 1 and max(sizes) <= 1000 and sum(sizes) == sum(50 + n for n in range(30))
 
 
-def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(spool: Spool) -> None:
+def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
     import threading
 
     store, rows = MemoryObjectStore(), FakeRows()
@@ -536,18 +537,17 @@ def test_drain_forever_drains_new_entries_and_yields_to_a_manual_drain(spool: Sp
     t = threading.Thread(target=spool_mod.drain_forever, args=(spool, store, rows),
                          kwargs={"interval": 0.05, "stop": stop,
                                  "on_pass": lambda r: passes.append(r.drained)})
+    caplog.set_level(logging.DEBUG, logger="postkeep.spool")
     t.start()
     try:
         with spool.drain_lock():  # an operator's drain holds the lock: passes skip
             blobs = _spool_some(spool, 3)
-            time.sleep(0.3)
+            until(lambda: any("pass skipped" in r.getMessage() for r in caplog.records),
+                  "a drain pass to find the lock taken")
             assert len(spool.entries()) == 3 and passes == []
-        deadline = time.monotonic() + 10
-        while spool.entries() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: not spool.entries(), "the first entries drained")
         more = _spool_some(spool, 2)
-        while spool.entries() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until(lambda: not spool.entries(), "the later entries drained")
     finally:
         stop.set()
         t.join(10)
@@ -570,18 +570,22 @@ def test_gate_lets_one_caller_probe_a_down_backend_and_fails_the_others_fast() -
     def probe() -> None:
         with gate.attempt():
             probing.set()
-            release.wait(10)
+            release.wait(60)
+
+    def meanwhile() -> None:
+        with gate.attempt():
+            pytest.fail("must not run while another caller probes")
 
     t = threading.Thread(target=probe)
     t.start()
-    assert probing.wait(10)
-    started = time.monotonic()
-    with pytest.raises(BackendError) as err, gate.attempt():
-        pytest.fail("must not run while another caller probes")
-    assert time.monotonic() - started < 0.1 and err.value.backend == "postgres"
-    assert "still unavailable" in err.value.reason
-    release.set()
-    t.join(10)
+    try:
+        assert probing.wait(30)
+        with pytest.raises(BackendError) as err:  # while the probe still hangs
+            finishes(meanwhile, "an attempt while another caller probes")
+    finally:
+        release.set()
+    assert err.value.backend == "postgres" and "still unavailable" in err.value.reason
+    t.join(30)
     assert gate.down is None  # the probe succeeded: open again
     with gate.attempt():
         pass
@@ -600,17 +604,17 @@ def test_directory_does_not_wait_on_postgres_it_knows_is_down() -> None:
 
     def run(work: object) -> Organisation | None:
         slow.set()
-        release.wait(10)  # the probe hangs, as a connect timeout does
+        release.wait(60)  # the probe hangs, as a connect timeout does
         raise BackendError("postgres", "no connection within 3s")
 
     db.run = run  # type: ignore[method-assign]
     t = threading.Thread(target=d.by_domain, args=("acme.example",))
     t.start()
-    assert slow.wait(10)
-    started = time.monotonic()
-    assert d.by_domain("acme.example") == known  # stale, at once
-    with pytest.raises(BackendError):
-        d.by_domain("never-seen.example")  # tempfail, at once
-    assert time.monotonic() - started < 0.1
-    release.set()
-    t.join(10)
+    try:  # both answered while the probe still hangs
+        assert slow.wait(30)
+        assert finishes(lambda: d.by_domain("acme.example"), "a known domain") == known  # stale
+        with pytest.raises(BackendError):
+            finishes(lambda: d.by_domain("never-seen.example"), "an unknown domain")  # tempfail
+    finally:
+        release.set()
+    t.join(30)
