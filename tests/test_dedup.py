@@ -201,9 +201,23 @@ def test_malformed_mime_restores_byte_for_byte(case: str) -> None:
             inner = (b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n--' + b
                      + b"\r\n" + inner + b"--" + b + b"--\r\n")
         msg = _mixed(inner)
+    # Exactly the bytes each case must split out (none: deep-nesting is past
+    # MAX_DEPTH), so a parser that silently stops splitting fails here too.
+    # The line break before a delimiter belongs to the delimiter; a part with
+    # no closing delimiter runs to the end of the message.
+    expected = {
+        "missing-close": [big],
+        "boundary-in-preamble": [big[:-2]],
+        "garbage-base64": [big[:5000] + b"!!\x00\xff garbage ==\r\n" + big[5000:-2]],
+        "part-at-end": [big[:-2]],
+        "lf-only": [big.replace(b"\r\n", b"\n")[:-1]],
+        "no-part-headers": [big[:-2]],
+        "two-large": [big[:-2], _b64(7000, 2)[:-2]],
+        "deep-nesting": [],
+    }[case]
     c, _, _ = _roundtrip(msg)
-    if case in ("missing-close", "garbage-base64", "part-at-end", "two-large"):
-        assert c.parts, f"{case}: the large part should have been split"
+    assert [(p.size, p.sha256) for p in c.parts] == [
+        (len(e), hashlib.sha256(e).digest()) for e in expected], case
 
 
 def test_small_messages_and_plain_bodies_stay_plain() -> None:

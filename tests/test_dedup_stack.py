@@ -209,6 +209,15 @@ def test_sweep_deletes_a_part_only_when_no_unexpired_message_needs_it(
     [(key, sha, state)] = _part_rows(stack, org_id)
     assert state == "live"
     with stack.connect() as conn:
+        # The premise as recorded (not as this test computed it): the two expiries
+        # straddle the first sweep, and the part is needed until the later one.
+        recorded = dict(conn.execute(
+            "SELECT id, content_expires_at FROM messages WHERE id = ANY(%s)",
+            ([short.id, long.id],)).fetchall())
+        assert recorded == {short.id: now + timedelta(days=2), long.id: now + timedelta(days=20)}
+        needed = conn.execute("SELECT needed_until FROM parts WHERE object_key = %s",
+                              (key,)).fetchone()
+        assert needed is not None and needed[0] >= recorded[long.id]
         # After the short-lived message expired, before the long one: nothing goes.
         assert sweep_parts(conn, objects, now + timedelta(days=5), org_id=org_id).deleted == 0
         assert _part_rows(stack, org_id) == [(key, sha, "live")]
@@ -219,7 +228,6 @@ def test_sweep_deletes_a_part_only_when_no_unexpired_message_needs_it(
     assert _part_rows(stack, org_id) == []
     with pytest.raises(BackendError, match="NoSuchKey"):
         stack.stored(key)
-    assert short.content_expires_at < long.content_expires_at
 
 
 def test_a_swept_part_is_uploaded_afresh_for_new_mail(stack: Stack,

@@ -276,10 +276,15 @@ def test_missing_key_policy_defaults_to_tempfail(db: psycopg.Connection, make_or
     org = make_org()  # make_org sets 'unsigned'; a plain new organisation has the default
     oid = directory.add_organisation(db, f"{org.name}-plain", "free")
     assert dkim_keys.missing_key_policy(db, oid) == "tempfail"
-    dkim_keys.set_missing_key_policy(db, org.id, "unsigned")
-    assert dkim_keys.missing_key_policy(db, org.id) == "unsigned"
+    # Set on the organisation still at the default (make_org's is 'unsigned'
+    # already, so reading 'unsigned' back there would prove nothing), both ways.
+    dkim_keys.set_missing_key_policy(db, oid, "unsigned")
+    assert dkim_keys.missing_key_policy(db, oid) == "unsigned"
+    dkim_keys.set_missing_key_policy(db, org.id, "tempfail")
+    assert dkim_keys.missing_key_policy(db, org.id) == "tempfail"
     with pytest.raises(DkimKeyError, match="'drop'"):
-        dkim_keys.set_missing_key_policy(db, org.id, "drop")
+        dkim_keys.set_missing_key_policy(db, oid, "drop")
+    assert dkim_keys.missing_key_policy(db, oid) == "unsigned"  # a refusal changes nothing
 
 
 # --- the CLI ------------------------------------------------------------------------

@@ -489,28 +489,46 @@ def test_sendmail_mail_needs_dash_n_for_success_notices(stack: Stack, fake_mx: F
 def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: FakeMX) -> None:
     import urllib.request
 
+    def scrape() -> str:
+        with urllib.request.urlopen(stack.env["POSTKEEP_STORAGE_METRICS"], timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def value(text: str, sample: str, missing: float | None = None) -> float:
+        m = re.search(r"^" + re.escape(sample) + r" (\S+)$", text, re.MULTILINE)
+        if m is None and missing is not None:
+            return missing  # a labelled sample not yet raised since the sidecar started
+        assert m, f"{sample} missing from /metrics"
+        return float(m.group(1))
+
+    # Cumulative since the sidecar started, and earlier tests raised them: what
+    # counts is what this test's one report adds, read before and after.
+    raised = ('postkeep_storage_reports_total{kind="dsn"}',
+              'postkeep_storage_statuses_total{status="relayed"}',
+              "postkeep_storage_outcome_lag_seconds_count",
+              "postkeep_storage_batch_reports_count")
+    first = scrape()
+    before = {s: value(first, s, missing=0.0) for s in raised}
     _, domain = stack.new_org("basic")
     token = uuid.uuid4().hex[:10]
     reply = smtp.send(*stack.smtp, f"app@{domain}", [f"ok-{token}@mx.test"],
                       _message(domain, token))
     _wait_for(stack, _message_id(stack, reply.queue_id or ""), {f"ok-{token}@mx.test":
                                                                  "relayed"}, 30)
-    with urllib.request.urlopen(stack.env["POSTKEEP_STORAGE_METRICS"], timeout=5) as resp:
-        text = resp.read().decode()
-
-    def value(sample: str) -> float:
-        m = re.search(r"^" + re.escape(sample) + r" (\S+)$", text, re.MULTILINE)
-        assert m, f"{sample} missing from /metrics"
-        return float(m.group(1))
-
-    assert value('postkeep_storage_reports_total{kind="dsn"}') >= 1
-    assert value('postkeep_storage_statuses_total{status="relayed"}') >= 1
-    assert value("postkeep_storage_outcome_lag_seconds_count") >= 1
-    assert value("postkeep_storage_batch_reports_count") >= 1
+    # The counters move just after the row is committed: poll, with a deadline.
+    deadline = time.monotonic() + 10
+    while True:
+        text = scrape()
+        short = [s for s in raised if value(text, s, missing=0.0) < before[s] + 1]
+        if not short or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not short, {s: (before[s], value(text, s, missing=0.0)) for s in short}
     assert "postkeep_storage_unmatched_reports_total" in text
-    # The sidecar's upkeep jobs ran at start, and succeeded.
-    assert value('postkeep_storage_upkeep_runs_total{job="report-partitions",result="ok"}') >= 1
-    assert value('postkeep_storage_upkeep_runs_total{job="dictionaries",result="ok"}') >= 1
+    # The sidecar's upkeep jobs ran at its start, and succeeded: only the
+    # sidecar raises these, so >= 1 fails if they never ran or always failed.
+    assert value(text, 'postkeep_storage_upkeep_runs_total{job="report-partitions",result="ok"}'
+                 ) >= 1
+    assert value(text, 'postkeep_storage_upkeep_runs_total{job="dictionaries",result="ok"}') >= 1
 
 
 def _flush(stack: Stack) -> None:
