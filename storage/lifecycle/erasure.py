@@ -15,9 +15,12 @@ A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
 
-Crash-safe by order: per batch, objects are deleted first, then rows are
-marked and redacted with the audit row in one transaction.  A rerun finds
-the batches not yet redacted (the address is still there) and repeats them;
+Crash-safe by order: per batch, the objects are deleted first (with any
+original a hold's move left behind), then the attachment parts only these
+messages used (storage/content/parts.py), and only then are the rows marked
+and redacted with the audit row in one transaction: a message is never
+recorded erased while S3 still holds any of its content.  A rerun finds the
+batches not yet redacted (the address is still there) and repeats them;
 deleting an object twice is harmless.  Holds the retention lock, so it never
 interleaves with a retention run.
 """
@@ -34,6 +37,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
@@ -89,7 +93,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
     S3 fails to delete (nothing of that batch is marked; rerun).
     """
     from postkeep.storage.content.parts import release_message_parts, sweep_parts
-    from postkeep.storage.lifecycle.retention import run_lock
+    from postkeep.storage.lifecycle.retention import KeyDeleter, run_lock
 
     say = progress or (lambda _line: None)
     now = now or datetime.now(UTC)
@@ -112,13 +116,23 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
             keys = [m[2] for m in batch]
-            failed = store.delete_many(keys)
+            failed = delete_content(store, keys)
             if failed:
                 raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
                                          f" {failed[0]}; nothing of this batch was marked,"
                                          " run the erasure again")
             ids = [m[0] for m in batch]
             exps = [m[1] for m in batch]
+            # Attachments stored once per organisation (storage/content/parts.py):
+            # what only these messages referenced goes before they are marked.
+            # A rerun finds the parts released here as sweepable.
+            release_message_parts(conn, ids, now)
+            try:
+                parts = sweep_parts(conn, KeyDeleter(store), now, org_id=org_id).deleted
+            except BackendError as exc:
+                raise BackendError("s3", f"erasure: attachment parts not deleted ({exc});"
+                                         " nothing of this batch was marked, run the erasure"
+                                         " again") from exc
             with conn.transaction():
                 conn.execute(
                     "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
@@ -153,18 +167,12 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     if table == "message_recipients":
                         redacted += cur.rowcount
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
-                      {"address_sha256": digest, "objects_deleted": len(keys)})
-            # Attachments stored once per organisation (storage/content/parts.py):
-            # what only these messages referenced can go now.
-            release_message_parts(conn, ids, now)
+                      {"address_sha256": digest, "objects_deleted": len(keys),
+                       "parts_deleted": parts})
             total += len(batch)
             deleted += len(keys)
-            say(f"erased {total}/{len(scope)} messages")
-        if scope:
-            from postkeep.storage.lifecycle.retention import KeyDeleter
-
-            swept = sweep_parts(conn, KeyDeleter(store), now, org_id=org_id)
-            say(f"deleted {swept.deleted} attachment part object(s) no other message needs")
+            say(f"erased {total}/{len(scope)} messages ({parts} attachment part object(s)"
+                " no other message needs deleted)")
         if not scope:
             audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
                   {"address_sha256": digest, "objects_deleted": 0})

@@ -16,6 +16,10 @@ Releasing a hold only marks it; the next `retention run` reconciles
 (`reconcile_released`): held rows go back to their own stamp (or are dropped
 if it has passed), held objects past their stamp are deleted.
 
+An original that S3 refused to delete after the move stays behind with no row
+pointing at it; whoever deletes a held copy deletes every key its original
+could have had with it (`delete_content`), so it never outlives the copy.
+
 The hold rows themselves (add, release, list, and the SQL that says what a
 hold covers) are storage/metadata/legal_holds.py.
 """
@@ -31,7 +35,15 @@ from datetime import datetime, timedelta
 import psycopg
 from psycopg import sql
 
-from postkeep.storage.content.layout import held_key, is_held_key
+from postkeep.storage.content.layout import (
+    CONTENT_CLASSES,
+    HOLD,
+    KEEP,
+    MESSAGES,
+    class_prefix,
+    held_key,
+    is_held_key,
+)
 from postkeep.storage.lifecycle import stats
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata.audit import audit
@@ -97,6 +109,35 @@ def move_children_sql(tables: list[str]) -> sql.Composed:
         " moved.held_metadata_expires_at RETURNING 1")
 
 
+# --- deleting message content --------------------------------------------------
+
+
+def left_originals(key: str) -> list[str]:
+    """Every key `protect` may have moved the held object KEY from ([] if not held).
+
+    The class is not in a held key (layout.held_key), so one candidate per
+    class, `keep` and the layout before classes: a delete of a key that is not
+    there costs the server a lookup, and only content once held pays it.
+    """
+    if not is_held_key(key):
+        return []
+    rest = key.removeprefix(class_prefix(HOLD))
+    return [MESSAGES + rest, class_prefix(KEEP) + rest,
+            *(class_prefix(f"{d}d") + rest for d in CONTENT_CLASSES)]
+
+
+def delete_content(store: RetentionStore, keys: list[str]) -> list[str]:
+    """Delete the message objects KEYS, with any original a move under messages/hold/
+    left behind (`left_originals`); return the KEYS not entirely deleted.
+
+    Used wherever content is deleted for good (sweep, erasure, release), so
+    nothing of a message stays in S3 once it is recorded gone.
+    """
+    groups = {k: [k, *left_originals(k)] for k in keys}
+    failed = set(store.delete_many([x for group in groups.values() for x in group]))
+    return [k for k, group in groups.items() if failed.intersection(group)]
+
+
 # --- content protection ------------------------------------------------------
 
 
@@ -104,6 +145,9 @@ def move_children_sql(tables: list[str]) -> sql.Composed:
 class ProtectResult:
     moved: int
     gone: int  # covered objects already deleted before the hold (nothing to keep)
+    # Originals S3 refused to delete after the move: they go with the held
+    # copy (delete_content); no lifecycle rule reaches every layout.
+    left: int = 0
 
 
 _PROTECT_BATCH = 500
@@ -118,9 +162,9 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
     after CONTENT_AFTER, the sweeper's watermark) and not erased.  Order per
     batch: copy, then repoint the rows, then delete the originals: a crash
     anywhere leaves every row pointing at an object that exists (an original
-    left behind is deleted by its lifecycle rule).
+    left behind is deleted with the held copy, see delete_content).
     """
-    moved = gone = 0
+    moved = gone = left = 0
     scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
     # Walk the organisation's messages by (created_at, id): the
     # (org_id, created_at) index serves it, whatever the size of the table.
@@ -164,13 +208,14 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
                       f"hold {hold.id}", {"to": "messages/hold/"})
             failed = store.delete_many(originals)
             if failed:
-                log.warning("hold %d: %d original objects not deleted (their lifecycle rule"
-                            " will): %s", hold.id, len(failed), failed[:3])
+                log.warning("hold %d: %d original objects not deleted after the move (they"
+                            " go with the held copy): %s", hold.id, len(failed), failed[:3])
+                left += len(failed)
             moved += len(repoint)
             if progress:
                 progress(f"hold {hold.id} ({hold.scope()}): {moved} objects moved under"
                          " messages/hold/")
-    return ProtectResult(moved, gone)
+    return ProtectResult(moved, gone, left)
 
 
 # --- release ------------------------------------------------------------------
@@ -209,7 +254,7 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
         " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
         params).fetchall()
     keys = [r[0] for r in expired_objects]
-    failed = store.delete_many(keys) if keys else []
+    failed = delete_content(store, keys) if keys else []
     if failed:
         from postkeep.storage.metadata.db import BackendError
 

@@ -356,6 +356,10 @@ def _holds(conn: psycopg.Connection, store: RetentionStore, watermark: datetime,
         try:
             res = holds.protect(conn, store, hold, watermark, report.run_id, say)
             report.held_objects_protected += res.moved
+            if res.left:
+                report.errors.append(f"hold {hold.id}: {res.left} original objects not deleted"
+                                     " after the move under messages/hold/; they go with the"
+                                     " held copies")
         except BackendError as exc:
             report.errors.append(f"hold {hold.id}: {exc}")
             say(f"hold {hold.id}: protecting content failed: {exc}")
@@ -419,7 +423,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         # Held: kept (and reconciled when the hold is released).
         doomed = [key for _exp, _mid, key, held in rows if not held]
         try:
-            failed = set(store.delete_many(doomed)) if doomed else set()
+            failed = set(holds.delete_content(store, doomed)) if doomed else set()
         except BackendError as exc:
             report.errors.append(f"sweep: {exc}")
             say(f"sweep stopped: {exc}")

@@ -13,7 +13,8 @@ import hashlib
 import io
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,7 +24,7 @@ from psycopg import sql
 
 from postkeep.storage.content.objects import S3ObjectStore, message_key
 from postkeep.storage.lifecycle import holds
-from postkeep.storage.metadata import messages
+from postkeep.storage.metadata import legal_holds, messages
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,17 @@ def audit_rows(conn: psycopg.Connection, action: str, target: str | None = None,
         (action, target, target, since or datetime(1970, 1, 1, tzinfo=UTC))
     ).fetchall()
     return [(int(r[0]), r[1]) for r in rows]
+
+
+@contextmanager
+def active_hold(conn: psycopg.Connection, org_id: uuid.UUID,
+                reason: str) -> Iterator[legal_holds.Hold]:
+    """An organisation-wide legal hold, released on the way out if the test did
+    not (a hold left active would change what later tests' runs protect)."""
+    hold = legal_holds.add_hold(conn, org_id, None, reason)
+    try:
+        yield hold
+    finally:
+        now = legal_holds.get_hold(conn, hold.id)
+        if now is not None and now.released_at is None:
+            legal_holds.release_hold(conn, hold.id)
