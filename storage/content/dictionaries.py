@@ -43,6 +43,9 @@ DEFAULT_DICT_BYTES = 112 * 1024
 # by default (milter.dictionary_max_bytes); a dictionary helps small ones only.
 DEFAULT_SAMPLE_MAX_BYTES = 64 * 1024
 MIN_SAMPLES = 20
+# This many sample messages in a row that cannot be read is object storage
+# failing, not a few lost objects: training stops with that error.
+UNREADABLE_IN_A_ROW = 5
 # A retired dictionary stays at least this long, whatever needed_until says:
 # milters may still hold it in their cache for a refresh period.
 RETIRED_GRACE = timedelta(days=1)
@@ -102,7 +105,12 @@ def recent_samples(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.
                    now: datetime, *, limit: int = 2000,
                    max_bytes: int = DEFAULT_SAMPLE_MAX_BYTES) -> list[bytes]:
     """Up to LIMIT of ORG_ID's newest messages (at most MAX_BYTES each, content
-    still available), restored from object storage."""
+    still available), restored from object storage.
+
+    One unreadable message is skipped (logged); UNREADABLE_IN_A_ROW in a row
+    is object storage failing, a BackendError: training would otherwise go
+    on through every message and then blame too few samples.
+    """
     from postkeep.storage.content import restore
 
     keys = [r[0] for r in conn.execute(
@@ -110,12 +118,26 @@ def recent_samples(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.
         " AND content_expires_at > %s ORDER BY created_at DESC LIMIT %s",
         (org_id, max_bytes, now, limit))]
     samples = []
+    unreadable: list[tuple[str, BackendError]] = []  # the current run of failures
     for key in keys:
         try:
-            samples.append(b"".join(restore.restore(objects, key)))
-        except BackendError as exc:  # one unreadable message must not stop training
-            log.warning("dictionary training: skipping %s: %s", key, exc)
+            sample = b"".join(restore.restore(objects, key))
+        except BackendError as exc:
+            unreadable.append((key, exc))
+            if len(unreadable) >= UNREADABLE_IN_A_ROW:
+                raise BackendError("s3", f"{len(unreadable)} messages in a row could not be"
+                                   f" read; the last: {exc.reason}") from exc
+            continue
+        _skipped(unreadable)
+        unreadable = []
+        samples.append(sample)
+    _skipped(unreadable)
     return samples
+
+
+def _skipped(unreadable: list[tuple[str, BackendError]]) -> None:
+    for key, exc in unreadable:
+        log.warning("dictionary training: skipping %s: %s", key, exc)
 
 
 def train(samples: list[bytes], dict_bytes: int = DEFAULT_DICT_BYTES, level: int = 3

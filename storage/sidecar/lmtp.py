@@ -5,10 +5,13 @@ LMTP (the bundle's transport_maps).  For each one the handler
 1. parses it (`reports.parse_report`; a large one in a worker thread);
 2. keeps its bytes in object storage when it cannot be matched or parsed;
 3. hands it to the `Batcher`, which writes whatever reports are waiting in
-   one transaction and one round trip (`outcomes.record_batch`);
-4. answers each LMTP recipient only once the outcome is durable: 250 when
+   one transaction and one round trip (`outcomes.record_batch`); a batch
+   that fails as a whole is written report by report;
+4. forwards a failure notice to the original sender if its organisation
+   asked (`storage.forward_relay`);
+5. answers each LMTP recipient only once all that is durable: 250 when
    recorded (or kept as unmatched, or a duplicate), 451 4.3.0 naming the
-   backend when PostgreSQL or S3 failed, so Postfix retries.
+   backend when PostgreSQL, S3 or the forward relay failed, so Postfix retries.
 A report is never lost and never crashes the daemon: anything unexpected
 becomes a 451 and a log line with the report's hash.
 """
@@ -139,18 +142,32 @@ class Batcher:
         except Exception as whole:
             if len(batch) == 1:
                 _settle(batch[0], exc=whole)
-                return
-            # One bad report must not hold back the rest: each on its own.
-            for p in batch:
-                try:
-                    _settle(p, code=(await asyncio.to_thread(self._write, [p.report]))[0])
-                except Exception as exc:
-                    _settle(p, exc=exc)
+            else:
+                log.warning("batch of %d reports failed (%s: %s); writing each on its own",
+                            len(batch), type(whole).__name__, _first_line(whole))
+                await self._one_by_one(batch)
             return
         BATCH_SIZE.observe(len(batch))
         BATCH_SECONDS.observe(time.perf_counter() - started)
         for p, code in zip(batch, codes, strict=True):
             _settle(p, code=code)
+
+    async def _one_by_one(self, batch: list[_Pending]) -> None:
+        """Each report of a failed batch on its own: one bad report must not
+        hold back the rest."""
+        for i, p in enumerate(batch):
+            try:
+                _settle(p, code=(await asyncio.to_thread(self._write, [p.report]))[0])
+            except BackendError as down:
+                # Not this report but the backend (PostgreSQL unreachable): the
+                # others would each wait out the same timeouts; all tempfail now.
+                log.warning("%s; the batch's %d other report(s) tempfail without trying",
+                            down, len(batch) - i - 1)
+                for q in batch[i:]:
+                    _settle(q, exc=down)
+                return
+            except Exception as exc:
+                _settle(p, exc=exc)
 
 
 def _settle(p: _Pending, code: int = 0, exc: BaseException | None = None) -> None:
@@ -160,6 +177,11 @@ def _settle(p: _Pending, code: int = 0, exc: BaseException | None = None) -> Non
         p.done.set_exception(exc)
     else:
         p.done.set_result(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "-"
 
 
 def _compressed(raw: bytes) -> bytes:
@@ -223,6 +245,9 @@ class ReportHandler:
             code = await self.batcher.submit(report)
             if code in (UNMATCHED, DUPLICATE_UNMATCHED) and report.reason is None:
                 await self._keep(report, raw)
+            reply = self._outcome(report, code, tag)
+            if code >= 0 or code == DUPLICATE:
+                await self._forward(report, raw)
         except BackendError as exc:
             FAILED.labels(exc.backend).inc()
             log.warning("report tempfailed report=%s message=%s backend=%s reason=%r", tag,
@@ -232,14 +257,14 @@ class ReportHandler:
             FAILED.labels("internal").inc()
             log.exception("report tempfailed report=%s message=%s", tag, report.message_id or "-")
             return "451 4.3.0 postkeep-storage: internal error; try again later"
-        return self._outcome(report, code, tag, raw)
+        return reply
 
     async def _keep(self, report: Report, raw: bytes) -> None:
         data = await asyncio.to_thread(_compressed, raw)
         await asyncio.to_thread(self.objects.put, report_key(report.sha256), io.BytesIO(data),
                                 len(data))
 
-    def _outcome(self, report: Report, code: int, tag: str, raw: bytes) -> str:
+    def _outcome(self, report: Report, code: int, tag: str) -> str:
         mid = report.message_id or "-"
         if code in (DUPLICATE, DUPLICATE_UNMATCHED):
             DUPLICATES.inc()
@@ -257,27 +282,54 @@ class ReportHandler:
         log.info("report recorded report=%s message=%s kind=%s outcomes=%s changed=%d", tag, mid,
                  report.kind, ",".join(f"{o.recipient}:{o.status}" for o in report.outcomes),
                  code)
-        if report.failure and self.forward_relay is not None and report.message_id:
-            asyncio.get_running_loop().create_task(self._forward(report, raw))
         return f"250 2.0.0 report {tag} recorded"
 
     async def _forward(self, report: Report, raw: bytes) -> None:
-        """Send the failure notice on to the original sender, if its org asked."""
-        assert report.message_id is not None and self.forward_relay is not None
-        try:
-            mid, expires = report.message_id, report.expires_at
-            target = await asyncio.to_thread(
-                self.db.run, lambda conn: forward_target(conn, mid, expires))
-            if target is None:
-                return
-            host, port = self.forward_relay
-            await asyncio.to_thread(_send, host, port, target, raw)
-        except Exception as exc:
-            FORWARDED.labels("failed").inc()
-            log.warning("forward failed message=%s reason=%r", report.message_id, str(exc))
+        """Send a failure notice on to the original sender, if its org asked.
+
+        Done before the report is answered: if the relay cannot take it now
+        (no connection, a 4xx), BackendError('forward_relay') and the report
+        is answered 451, so Postfix retries it.  The outcome is recorded
+        already; the retry is a duplicate that only forwards.  A notice may
+        so be forwarded twice, never dropped.  A 5xx refusal is final: logged
+        and counted, not retried.
+        """
+        if not (report.failure and self.forward_relay is not None and report.message_id):
             return
+        mid, expires = report.message_id, report.expires_at
+        target = await asyncio.to_thread(
+            self.db.run, lambda conn: forward_target(conn, mid, expires))
+        if target is None:
+            return
+        host, port = self.forward_relay
+        try:
+            await asyncio.to_thread(_send, host, port, target, raw)
+        except (smtplib.SMTPException, OSError) as exc:
+            code, why = _refusal(exc)
+            if code >= 500:
+                FORWARDED.labels("refused").inc()
+                log.warning("forward refused message=%s to=<%s> reply=%r; not retried", mid,
+                            target, why)
+                return
+            FORWARDED.labels("failed").inc()
+            log.warning("forward failed message=%s to=<%s> reason=%r; report tempfailed", mid,
+                        target, why)
+            raise BackendError("forward_relay", why) from exc
         FORWARDED.labels("sent").inc()
-        log.info("forwarded failure notice message=%s to=<%s>", report.message_id, target)
+        log.info("forwarded failure notice message=%s to=<%s>", mid, target)
+
+
+def _refusal(exc: BaseException) -> tuple[int, str]:
+    """The relay's reply code (0 if it never replied) and the reason, for a failed send."""
+    reply: bytes | str
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        code, reply = min(exc.recipients.values())
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        code, reply = exc.smtp_code, exc.smtp_error
+    else:
+        return 0, str(exc) or type(exc).__name__
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return code, f"{code} {text}"
 
 
 def _send(host: str, port: int, to: str, raw: bytes) -> None:
