@@ -264,12 +264,15 @@ def test_messages_show_recipients_and_delivery_status(
 
     from support.reports import block, dsn
 
+    from postkeep.envelope import return_path
     from postkeep.storage.reports.dsn import parse_report
     from postkeep.storage.reports.outcomes import record_batch
 
     m = store_message(make_org(), recipients=("a@example.net", "b@example.net"))
     report = dsn(m.id, [block("b@example.net", "failed", "5.1.1", "550 5.1.1 no such user")])
-    record_batch(db, [parse_report(report, "", ["x@bounces.example"], datetime.now(UTC))])
+    key = b"cli test return-path key 32 byte"
+    to = return_path(m.id, m.metadata_expires_at, "bounces.example", key)
+    record_batch(db, [parse_report(report, "", [to], datetime.now(UTC), key)])
     shown = json.loads(_ok(run("messages", "show", str(m.id), "--json")).stdout)
     assert shown["id"] == str(m.id) and shown["sha256"] == m.sha256.hex()
     assert shown["content_available"] is True and "content_note" not in shown

@@ -137,7 +137,7 @@ def unmatched(stack: Stack) -> tuple[bytes, uuid.UUID]:
     as unmatched: (its bytes, the unknown message id)."""
     ghost = uuid.uuid4()
     path = return_path(ghost, datetime.now(UTC) + timedelta(days=30),
-                       stack.env["POSTKEEP_BOUNCE_DOMAIN"])
+                       stack.env["POSTKEEP_BOUNCE_DOMAIN"], stack.config.return_path.key_bytes())
     date = format_datetime(datetime.now(UTC))
     report = dsn(ghost, [block(f"x-{ghost.hex[:8]}@remote.example", "failed", "5.1.1")],
                  date=date)

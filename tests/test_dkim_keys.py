@@ -306,7 +306,9 @@ def run(root: click.Group, stack_env: StackEnv,
     # copy of it without the [dkim] section.
     text = Path(stack_env.config_path).read_text()
     bare = tmp_path_factory.mktemp("cfg") / "postkeep.toml"
-    bare.write_text(text.split("\n[dkim]\n")[0] + "\n")
+    before, _, after = text.partition("\n[dkim]\n")
+    keep = after[after.index("\n[return_path]\n"):] if "\n[return_path]\n" in after else ""
+    bare.write_text(before + "\n" + keep + "\n")  # every section but [dkim]
     bare.chmod(0o600)
 
     def _run(*args: str, master: bool = True) -> Result:

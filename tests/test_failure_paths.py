@@ -117,7 +117,7 @@ def test_reports_to_keep_while_s3_is_down_are_tempfailed_then_kept(stack: Stack)
     know, which must be kept as unmatched, arrives while MinIO is stopped."""
     ghost = uuid.uuid4()
     path = return_path(ghost, datetime.now(UTC) + timedelta(days=30),
-                       stack.env["POSTKEEP_BOUNCE_DOMAIN"])
+                       stack.env["POSTKEEP_BOUNCE_DOMAIN"], stack.config.return_path.key_bytes())
     token = uuid.uuid4().hex
     report = dsn(ghost, [block(f"gone-{token}@remote.example", "failed", "5.1.1")])
     garbage = f"not a report at all {token}\r\n".encode()

@@ -38,7 +38,11 @@ END $$;
 
 -- Enable RLS on every table of this schema (partitions included) and give
 -- each one with an org_id column the tenant policy, where missing.  Returns
--- how many tables it changed.  Idempotent.
+-- how many tables it changed.  Idempotent.  Both statements need an ACCESS
+-- EXCLUSIVE lock: a table someone else holds a lock on is left for the next
+-- call (NOWAIT) instead of making partition maintenance wait behind it.  The
+-- partitions ensure_partitions() creates are new in the same transaction,
+-- so they are never skipped.
 CREATE FUNCTION secure_tenant_tables() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -54,11 +58,20 @@ BEGIN
         FROM pg_class c
         WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p')
     LOOP
+        -- tenant_roles has its own policy (reading itself would recurse).
+        CONTINUE WHEN t.relrowsecurity
+                  AND NOT (t.has_org AND NOT t.has_policy AND t.relname <> 'tenant_roles');
+        BEGIN
+            EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE NOWAIT', t.relname);
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE NOTICE 'secure_tenant_tables: % is locked; it is secured by a later call',
+                         t.relname;
+            CONTINUE;
+        END;
         IF NOT t.relrowsecurity THEN
             EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t.relname);
             changed := changed + 1;
         END IF;
-        -- tenant_roles has its own policy (reading itself would recurse).
         IF t.has_org AND NOT t.has_policy AND t.relname <> 'tenant_roles' THEN
             EXECUTE format('CREATE POLICY tenant_isolation ON %I USING (org_id IN'
                            ' (SELECT r.org_id FROM tenant_roles r WHERE r.role_name = current_user))',
