@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import pytest
 from support import smtp
 from support.milter_settings import milter_settings
+from support.refused import assert_refused_left_nothing
 from support.smtp import Sent
 from support.stack import Stack, load_stack, strip_received
 
@@ -79,12 +80,15 @@ def _assert_nothing_lost(stack: Stack, sent: list[Sent], backend: str) -> None:
     with stack.connect() as conn:
         for s in accepted:
             row = conn.execute(
-                "SELECT object_key, sha256, size FROM messages WHERE queue_id = %s",
+                "SELECT object_key, sha256, size, org_id FROM messages WHERE queue_id = %s",
                 (s.queue_id,)).fetchone()
             assert row is not None, f"accepted message {s.queue_id} has no row"
             stored = stack.restored(row[0])
             assert hashlib.sha256(stored).digest() == bytes(row[1])
             assert stored == strip_received(stack.sink_copy(s.token))
+            org_id = row[3]
+    # Stored exactly once means none of the tempfailed ones stored at all.
+    assert_refused_left_nothing(stack, org_id, [s.token for s in refused])
 
 
 def test_minio_stopped_mid_run(stack: Stack) -> None:
@@ -109,16 +113,17 @@ def test_frozen_minio_tempfails_within_timeout(stack: Stack) -> None:
     import os
     import signal
 
-    _, domain = stack.new_org("basic")
+    org_id, domain = stack.new_org("basic")
     pids = _pids_of(f"minio server {stack.env['POSTKEEP_STACK_DIR']}")
     assert pids, "MinIO process of the test stack not found"
+    refused = uuid.uuid4().hex
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
         with pytest.raises(smtp.SMTPError) as err:
             smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
-                      _message(domain, uuid.uuid4().hex))
+                      _message(domain, refused))
         waited = time.monotonic() - started
     finally:
         for pid in pids:
@@ -129,19 +134,23 @@ def test_frozen_minio_tempfails_within_timeout(stack: Stack) -> None:
     token = uuid.uuid4().hex
     reply = smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"], _message(domain, token))
     assert reply.queue_id
+    # MinIO thawed may still finish the PUT it was frozen in: that object must not stay.
+    assert_refused_left_nothing(stack, org_id, [refused])
 
 
 def test_locked_table_tempfails_with_statement_timeout(stack: Stack) -> None:
     """PostgreSQL alive but the insert cannot proceed: 451 after statement_timeout."""
-    _, domain = stack.new_org("basic")
+    org_id, domain = stack.new_org("basic")
+    refused = uuid.uuid4().hex
     with stack.connect() as locker:
         locker.autocommit = False
         locker.execute("LOCK TABLE message_recipients IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(smtp.SMTPError) as err:
             smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
-                      _message(domain, uuid.uuid4().hex))
+                      _message(domain, refused))
         locker.rollback()
     assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
     reply = smtp.send(*stack.smtp, f"out@{domain}", ["r@sink.test"],
                       _message(domain, uuid.uuid4().hex))
     assert reply.queue_id
+    assert_refused_left_nothing(stack, org_id, [refused])
