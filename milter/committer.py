@@ -43,6 +43,12 @@ statement_timeout_ms).  This is what keeps the S3 and
 PostgreSQL cost per message low enough for the milter to keep up with
 Postfix.  While PostgreSQL is known to be down, one batch at a time waits to
 find out whether it is back; the others fail at once (milter/gate.py).
+
+When the rows of uploaded objects are certainly not written (PostgreSQL
+answered with an error, or was never reached), those objects are deleted
+before `commit` raises: a tempfailed message, which its client sends again,
+leaves no copy behind.  Only a connection lost with the statement sent leaves
+that unknown; then the objects stay, as rows may point at them.
 """
 
 from __future__ import annotations
@@ -243,22 +249,53 @@ class GroupCommitter:
             return batch
 
     def _record_rows(self, stored: list[_Pending]) -> None:
-        """Write STORED's rows; every failure ends up in the items' errors."""
+        """Write STORED's rows; every failure ends up in the items' errors.
+
+        The objects of the messages whose rows are certainly not written are
+        deleted before their waiters learn of the failure: a tempfailed
+        message retried by its client must not leave a copy behind (one no
+        row points at, which no erasure or sweep would ever find).
+        """
         started = time.perf_counter()
+        failures: list[BaseException] = []  # what each attempt at the rows raised
+
+        def record(conn: psycopg.Connection) -> None:
+            try:
+                self._record(conn, stored)
+            except BaseException as exc:
+                failures.append(exc)
+                raise
+
         try:
             with self._db_gate.attempt():
-                self._db.run(lambda conn: self._record(conn, stored))
+                self._db.run(record)
             metrics.COMMIT_POSTGRES_SECONDS.observe(time.perf_counter() - started)
             metrics.COMMIT_ROWS_BATCH.observe(len(stored))
         except BackendError as exc:
-            # Objects stay: if the COMMIT reached PostgreSQL before the error,
-            # rows point at them; an object without a row is invisible.
             log.warning("%d objects written but their rows were not confirmed", len(stored))
             for p in stored:
                 if p.error is None:
                     p.error = exc
         except Exception as exc:  # never leave a waiter hanging
             _internal_error(stored, exc)
+        unrecorded = [p for p in stored if p.error is not None]
+        if not unrecorded:
+            return
+        if all(_rolled_back(f) for f in failures):
+            self._delete_objects(unrecorded)
+        else:
+            # The connection broke with the statement sent: if its COMMIT
+            # reached PostgreSQL, rows point at these objects.  Keep them.
+            log.warning("%d objects kept: their rows may have been committed before the"
+                        " connection broke (%s)", len(unrecorded), failures[-1])
+
+    def _delete_objects(self, unrecorded: list[_Pending]) -> None:
+        for p in unrecorded:
+            try:
+                self._objects.delete(p.message.object_key)
+            except BackendError as exc:
+                log.warning("object of unrecorded message id=%s left in the store: %s",
+                            p.message.id, exc.reason)
 
     def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
         """Store parts and seal containers; return the items ready to upload."""
@@ -336,6 +373,17 @@ class GroupCommitter:
             except BackendError as exc:
                 p.error = exc
         return ok
+
+
+def _rolled_back(exc: BaseException) -> bool:
+    """Did the attempt that raised EXC certainly leave no rows?
+
+    PostgreSQL reports an error (SQLSTATE) for a statement only if its
+    transaction did not commit.  A connection lost with the statement sent
+    (no SQLSTATE) leaves that unknown.  Attempts that never got a connection
+    raise nothing here at all.
+    """
+    return isinstance(exc, psycopg.Error) and exc.sqlstate is not None
 
 
 def _internal_error(batch: list[_Pending], exc: Exception) -> None:

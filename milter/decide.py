@@ -62,14 +62,27 @@ def address_domain(address: str) -> str:
     return domain
 
 
+class UnreadableHeader(ValueError):
+    """A header the milter needs that cannot be parsed at all."""
+
+
 def header_from_address(value: str | None) -> str:
-    """The first address of a From: header value, or ''."""
+    """The first address of a From: header value, or ''.
+
+    UnreadableHeader if the parser gives up on the whole value: the email
+    package recurses once per nested comment or group, so a From: nesting a
+    few hundred of them (hostile; 998 characters allow it) exceeds Python's
+    recursion limit.
+    """
     if not value:
         return ""
     try:
         pairs = getaddresses([value])
     except (ValueError, IndexError):  # the email package chokes on some garbage
         return ""
+    except RecursionError:
+        raise UnreadableHeader("the From: header nests comments or groups too deeply"
+                               " to be read") from None
     for _, addr in pairs:
         if "@" in addr:
             return addr
@@ -131,6 +144,11 @@ def tempfail_reply(backend: str) -> Reply:
         "451", "4.3.0", f"postkeep: {what} ({backend}) unavailable, message not accepted; "
         "try again later",
     )
+
+
+def unreadable_reply(exc: UnreadableHeader) -> Reply:
+    """550 5.6.0 for a message whose headers cannot be read: sending it again cannot help."""
+    return Reply("550", "5.6.0", f"postkeep: {exc}")
 
 
 def internal_error_reply() -> Reply:

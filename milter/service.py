@@ -35,6 +35,7 @@ from postkeep.milter.decide import (
     Action,
     Decision,
     Reply,
+    UnreadableHeader,
     address_domain,
     choose_bounce_domain,
     classify,
@@ -43,6 +44,7 @@ from postkeep.milter.decide import (
     refusal_reply,
     strip_brackets,
     tempfail_reply,
+    unreadable_reply,
 )
 from postkeep.milter.directory import Directory
 from postkeep.milter.keys import KeyRingRefresher
@@ -213,7 +215,10 @@ class CaptureService:
                      tx.envelope_from, ">,<".join(tx.recipients))
             return Verdict(None)
         trusted = is_trusted(tx.auth_user, tx.client_addr, tx.local, self.networks)
-        tx.from_address = header_from_address(tx.header_from)
+        try:
+            tx.from_address = header_from_address(tx.header_from)
+        except UnreadableHeader as exc:
+            return self._unreadable(tx, queue_id, exc)
         from_domain = address_domain(tx.from_address)
         if self.system is not None and trusted and (
             (from_domain or address_domain(tx.envelope_from)) in self.system.domains
@@ -271,6 +276,12 @@ class CaptureService:
         for sig in sigs:
             metrics.DKIM_SIGNATURES.labels(sig.algorithm).inc()
         return sigs
+
+    def _unreadable(self, tx: Transaction, queue_id: str, exc: UnreadableHeader) -> Verdict:
+        metrics.MESSAGES.labels("refused").inc()
+        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+                 tx.envelope_from, str(exc))
+        return Verdict(unreadable_reply(exc), reject=True)
 
     def _unsignable(self, tx: Transaction, queue_id: str, exc: DkimError) -> Verdict:
         metrics.DKIM_FAILURES.labels("from_header").inc()

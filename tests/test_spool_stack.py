@@ -8,8 +8,10 @@ what happened (messages answered, entries spooled, entries drained), never
 after a fixed time, and the kill lands mid-drain because the test holds a
 row the drain must insert.  In the end every message the client saw
 accepted is stored exactly once (one `messages` row, one row per recipient,
-an object restoring byte for byte to what the next hop received) and every
-other one got a 4xx.
+an object restoring byte for byte to what the next hop received); every
+other one got the reply meant for it (Postfix's 451 4.7.1 while the killed
+milter was down) and left nothing stored, but for the few the milter was in
+the middle of when it was killed.
 
 Also: the spool's fill level reached, or its write failing, tempfails; a
 sender PostgreSQL never resolved tempfails while a known one spools; damaged
@@ -36,6 +38,7 @@ import psycopg
 import pytest
 from support import smtp
 from support.milter_settings import milter_settings
+from support.refused import assert_refused_left_nothing, stored_for
 from support.smtp import Sent
 from support.stack import Stack, strip_received
 from support.wait import until
@@ -46,6 +49,12 @@ from postkeep.storage.metadata.messages import record_capture
 pytestmark = pytest.mark.outage
 
 RCPTS = ["r1@sink.test", "r2@sink.test"]
+SENDERS = 8  # client threads in the outage run
+# Postfix's answer while the milter cannot be reached (milter_default_action = tempfail).
+MILTER_UNAVAILABLE = (451, "4.7.1 Service unavailable - try again later")
+# The milter's reply when MinIO is down and the spool cannot take the message.
+SPOOL_REFUSED_S3 = ("4.3.0 postkeep: content store (s3) unavailable and the outage spool"
+                    " cannot take the message ")
 TOKEN_RE = re.compile(rb"\r\nX-Test-Token: ([0-9a-f]{32})\r\n")
 
 
@@ -235,7 +244,7 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     def accepted_from(since: int, more: int) -> Callable[[], bool]:
         return lambda: sum(s.accepted for s in sent[since:]) >= more
 
-    with smtp.senders(lambda stop, out: _sender(stack, domain, stop, out), 8,
+    with smtp.senders(lambda stop, out: _sender(stack, domain, stop, out), SENDERS,
                       300) as sent:
         until(accepted_from(0, 200), "mail flowing before the outage", 180)
         phases["minio stopped"] = len(sent)
@@ -280,8 +289,7 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     why = Counter(f"{s.code} {s.text[:60]}" for s in refused)
     print(f"sent {len(sent)}: accepted {len(accepted)}, tempfailed {len(refused)}; "
           f"phases (messages sent when): {phases}; tempfails: {dict(why)}")
-    for s in refused:
-        assert 400 <= s.code < 500 or s.code == 0, f"{s.token}: {s.code} {s.text}"
+    _assert_refused_as_meant(stack, org_id, sent, phases["postgres started"], spool)
     # Spooling accepted mail while MinIO and PostgreSQL were down.
     during = sent[phases["minio stopped"] + 50:phases["postgres started"]]
     assert sum(s.accepted for s in during) > 0.8 * len(during), (
@@ -293,36 +301,59 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     assert "spool drain pass: drained" in log
 
 
-def _refused_while_minio_is_down(stack: Stack, domain: str) -> smtp.Reply:
-    """Send one message with MinIO stopped for real; the refusal it gets."""
+def _assert_refused_as_meant(stack: Stack, org_id: uuid.UUID, sent: list[Sent],
+                             killed_after: int, spool: Spool) -> None:
+    """Every refusal is Postfix's for the killed milter, none before it was killed
+    (sent[killed_after:]), and left nothing stored, but for the transactions the
+    milter was in when it was killed (one per client at most): those may have
+    their row, object or spool entry though Postfix never got the answer."""
+    refused = [(i, s) for i, s in enumerate(sent) if not s.accepted]
+    for i, s in refused:
+        assert (s.code, s.text) == MILTER_UNAVAILABLE, f"{s.token}: {s.code} {s.text}"
+        assert i >= killed_after, f"{s.token}: refused before the milter was killed"
+    stored = stored_for(stack, org_id, spool)
+    left = stored.left_by(s.token for _, s in refused)
+    assert len(left) <= SENDERS, f"{len(left)} refused messages left something: {left}"
+    assert set(stored.orphans.values()) <= set(left), (
+        f"message objects with no row, not of a message the kill cut: {stored.orphans}")
+
+
+def _refused_while_minio_is_down(stack: Stack, domain: str, token: str) -> smtp.Reply:
+    """Send one message (carrying TOKEN) with MinIO stopped for real; the refusal it gets."""
     stack.stack_ctl("stop", "minio")
     try:
         with pytest.raises(smtp.SMTPError) as err:
-            smtp.send(*stack.smtp, f"out@{domain}", RCPTS, _message(domain, uuid.uuid4().hex, 1))
+            smtp.send(*stack.smtp, f"out@{domain}", RCPTS, _message(domain, token, 1))
     finally:
         stack.stack_ctl("start", "minio")
     return err.value.reply
 
 
 def test_spool_fill_level_reached_tempfails(stack: Stack) -> None:
-    _, domain = stack.new_org("basic")
+    org_id, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex
     with milter_settings(stack, outage_spool_max_fill_percent=0.001):
         _wait_until_captured(stack, domain)
-        reply = _refused_while_minio_is_down(stack, domain)
+        reply = _refused_while_minio_is_down(stack, domain, token)
     assert reply.code == 451 and reply.enhanced == "4.3.0", reply
-    assert "s3" in reply.text and "outage_spool_max_fill_percent" in reply.text, reply.text
+    assert reply.text.startswith(SPOOL_REFUSED_S3 + "(spool filesystem "), reply.text
+    assert "limit milter.outage_spool_max_fill_percent = 0.001)" in reply.text, reply.text
     assert _spool(stack).entries() == []
+    assert_refused_left_nothing(stack, org_id, [token], _spool(stack))
 
 
 def test_spool_write_failing_tempfails(stack: Stack, tmp_path: Path) -> None:
-    _, domain = stack.new_org("basic")
+    org_id, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex
     where = tmp_path / "spool"
     with milter_settings(stack, outage_spool_directory=str(where)):
         _wait_until_captured(stack, domain)
         os.rename(where, tmp_path / "moved-away")
         where.write_bytes(b"not a directory")
-        reply = _refused_while_minio_is_down(stack, domain)
-    assert reply.code == 451 and reply.enhanced == "4.3.0" and "spool write failed" in reply.text
+        reply = _refused_while_minio_is_down(stack, domain, token)
+    assert reply.code == 451 and reply.enhanced == "4.3.0"
+    assert reply.text.startswith(SPOOL_REFUSED_S3 + "(spool write failed: "), reply.text
+    assert_refused_left_nothing(stack, org_id, [token], Spool(tmp_path / "moved-away"))
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -333,28 +364,31 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_postgres_down_known_sender_spools_unknown_one_tempfails(stack: Stack) -> None:
     known_id, known = stack.new_org("basic")
-    _, never_seen = stack.new_org("basic")
+    never_seen_id, never_seen = stack.new_org("basic")
     _wait_until_captured(stack, known)
-    token = uuid.uuid4().hex
+    token, refused = uuid.uuid4().hex, uuid.uuid4().hex
     with _sidecar_stopped(stack):
-        reply, err = _known_and_unknown_while_postgres_is_down(stack, known, never_seen, token)
+        reply, err = _known_and_unknown_while_postgres_is_down(stack, known, never_seen, token,
+                                                               refused)
         drained = _cli(stack, "spool", "drain")
-    assert err.value.reply.code == 451 and "postgres" in err.value.reply.text
-    assert err.value.reply.enhanced == "4.3.0"
+    assert err.value.reply.code == 451 and err.value.reply.text == (
+        "4.3.0 postkeep: metadata database (postgres) unavailable, message not accepted;"
+        " try again later")
     assert drained.returncode == 0, drained.stderr
     assert "drained 1," in drained.stdout
     _assert_stored_exactly_once(stack, known_id, [Sent(token, True, 250, "", reply.queue_id)])
+    assert_refused_left_nothing(stack, never_seen_id, [refused], _spool(stack))
 
 
 def _known_and_unknown_while_postgres_is_down(
-        stack: Stack, known: str, never_seen: str, token: str
+        stack: Stack, known: str, never_seen: str, token: str, refused: str
 ) -> tuple[smtp.Reply, pytest.ExceptionInfo[smtp.SMTPError]]:
     stack.stack_ctl("stop", "postgres")
     try:
         reply = smtp.send(*stack.smtp, f"out@{known}", RCPTS, _message(known, token, 1))
         with pytest.raises(smtp.SMTPError) as err:
             smtp.send(*stack.smtp, f"out@{never_seen}", RCPTS,
-                      _message(never_seen, uuid.uuid4().hex, 2))
+                      _message(never_seen, refused, 2))
         status = json.loads(_cli(stack, "spool", "status", "--json").stdout)
         assert status["entries"] == 1 and status["enabled"] is True
         down = _cli(stack, "spool", "drain")
