@@ -30,6 +30,7 @@ from typing import Any
 import dkim
 import pytest
 import zstandard
+from support.feed import fed
 
 from postkeep.config import DkimConfig
 from postkeep.envelope import (
@@ -194,19 +195,7 @@ def _capture(message: bytes, *, threshold: int = 0,
              dictionary: LoadedDictionary | None = None) -> tuple[MessageCapture, StoredContent]:
     """MESSAGE through the milter's MessageCapture, fed as Postfix feeds it
     (discard the capture once the content is read)."""
-    head, _, body = message.partition(b"\r\n\r\n")
-    cap = MessageCapture(dkim_body_hash=False)
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\n" + line  # folded: Postfix passes LF between the lines
-        else:
-            fields.append(line)
-    for field in fields:
-        name, _, value = field.partition(b":")
-        cap.add_header(name, value)
-    cap.end_of_headers()
-    cap.add_body(body)
+    cap = fed(message)
     return cap, cap.finish(split_threshold=threshold, dictionary=dictionary,
                            dictionary_max=DICTIONARY_MAX)
 

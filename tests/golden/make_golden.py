@@ -2,7 +2,7 @@
 
 Run once, by hand, to add a golden file that does not exist yet:
 
-    .venv/bin/python tests/golden/make_golden.py
+    PYTHONPATH=tests .venv/bin/python tests/golden/make_golden.py
 
 It writes only files that are missing and never overwrites one: a golden
 file holds bytes an older postkeep wrote, and tests/test_golden_formats.py
@@ -27,9 +27,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import zstandard
+from support.feed import fed
 
 from postkeep.envelope import mail_from_params, return_path
-from postkeep.milter.capture import MessageCapture, StoredContent
+from postkeep.milter.capture import StoredContent
 from postkeep.signing_keys import Algorithm
 from postkeep.storage.content.container import DictionaryRef
 from postkeep.storage.content.dictionaries import LoadedDictionary, train
@@ -122,20 +123,7 @@ def _split_message(with_tail_part: bool) -> bytes:
 def _capture(message: bytes, *, threshold: int = 0,
              dictionary: LoadedDictionary | None = None) -> StoredContent:
     """MESSAGE through the milter's MessageCapture, fed as Postfix feeds it."""
-    head, _, body = message.partition(b"\r\n\r\n")
-    cap = MessageCapture(dkim_body_hash=False)
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\n" + line  # folded: Postfix passes LF between the lines
-        else:
-            fields.append(line)
-    for field in fields:
-        name, _, value = field.partition(b":")
-        cap.add_header(name, value)
-    cap.end_of_headers()
-    for i in range(0, len(body), 65535):
-        cap.add_body(body[i : i + 65535])
+    cap = fed(message)
     return cap.finish(split_threshold=threshold, dictionary=dictionary,
                       dictionary_max=DICTIONARY_MAX)
 

@@ -10,11 +10,11 @@ import dataclasses
 import uuid
 from datetime import datetime
 
-from postkeep.milter.capture import MessageCapture
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage.content.dictionaries import LoadedDictionary
 from postkeep.storage.content.objects import message_key
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
+from support.feed import fed
 
 
 def capture_and_commit(committer: GroupCommitter, org_id: uuid.UUID, domain: str,
@@ -22,20 +22,7 @@ def capture_and_commit(committer: GroupCommitter, org_id: uuid.UUID, domain: str
                        threshold: int = 128 * 1024, dictionary: LoadedDictionary | None = None,
                        dictionary_max: int = 64 * 1024) -> CapturedMessage:
     """DATA captured and committed as the milter does (no Postfix)."""
-    head, _, body = data.partition(b"\r\n\r\n")
-    cap = MessageCapture(dkim_body_hash=False)
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\n" + line  # folded: Postfix passes LF between the lines
-        else:
-            fields.append(line)
-    for field in fields:
-        name, _, value = field.partition(b":")
-        cap.add_header(name, value)
-    cap.end_of_headers()
-    for i in range(0, len(body), 65535):
-        cap.add_body(body[i : i + 65535])
+    cap = fed(data)
     content = cap.finish(split_threshold=threshold, dictionary=dictionary,
                          dictionary_max=dictionary_max)
     mid = uuid.uuid4()
