@@ -48,7 +48,7 @@ lint: install
 # Coverage-guided fuzzing (atheris) of every target in tests/fuzz/targets.py for
 # FUZZ_SECONDS each, from the seeds and a corpus kept in .fuzz/<target>/.  A
 # crash is written to .fuzz/crash-*: fix it, then add the input to
-# tests/golden/fuzz/<target>/ so that `make test` replays it for good.
+# tests/fuzz/crashes/<target>/ so that `make test` replays it for good.
 FUZZ_SECONDS ?= 300
 fuzz: install
 	@rc=0; for t in dsn policy mime container; do \

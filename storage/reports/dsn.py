@@ -109,7 +109,10 @@ def _date(value: object) -> datetime | None:
         return None
     try:
         when = parsedate_to_datetime(str(value))
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a field too large for a C long (found by fuzzing:
+        # "Date: ... 10:00111...1:00"), which raised out of parse_report and
+        # answered every retry of that report with an internal error.
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -2,7 +2,7 @@
 
 From tests/ (PYTHONPATH=tests); `make fuzz` runs every target.  A crash is
 written by libFuzzer as crash-<sha1> in the working directory: copy it to
-tests/golden/fuzz/<target>/ once fixed, so every later run replays it.
+tests/fuzz/crashes/<target>/ once fixed, so every later run replays it.
 """
 
 from __future__ import annotations

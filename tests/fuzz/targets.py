@@ -5,7 +5,7 @@ exception the code does not promise (a parser must be total), or an
 invariant broken.  The same functions serve three callers: atheris
 (coverage-guided, `python -m fuzz.run TARGET`, `make fuzz`), the short
 pass in `make test` (tests/test_fuzz.py), and the golden corpus of inputs
-that once broke a target (tests/golden/fuzz/<target>/), replayed every run.
+that once broke a target (tests/fuzz/crashes/<target>/), replayed every run.
 """
 
 from __future__ import annotations
