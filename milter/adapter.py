@@ -4,7 +4,16 @@ Thin on purpose: every callback hands plain data to the service and turns the
 service's verdict into milter actions.  Callbacks the MTA need not wait for
 are declared `noreply`, the ones never used are not overridden (so Postfix is
 never asked), and header values arrive as raw bytes with their leading space
-(`header_leading_space`), which the byte-exact capture needs.
+(`header_leading_space`), which the byte-exact capture needs.  MAIL FROM is
+answered: it is where a SASL login that is no registered submitter is refused.
+
+There is no connect callback, on purpose: for a client whose address Postfix
+does not know (XCLIENT ADDR=[UNAVAILABLE], a failed peer lookup) Postfix sends
+SMFIC_CONNECT as an IPv4 connection with the address "unknown", which
+libmilter cannot parse, so it drops the connection and Postfix tempfails
+every such message.  The client address comes from the {client_addr} macro
+instead (milter_connect_macros, sent even though the event itself is not):
+"unknown" or absent means no address, and such a client is untrusted.
 
 Every PostgreSQL and S3 call runs on threads Python created (the group
 committer's workers, the directory's lookup pool), never on libmilter's own
@@ -27,6 +36,13 @@ from postkeep.milter.service import CaptureService, Transaction
 log = logging.getLogger("postkeep.milter")
 
 
+def client_address(macro: str | None) -> str | None:
+    """The client's address from Postfix's {client_addr}; None when it has none."""
+    if not macro or macro == "unknown":
+        return None
+    return macro
+
+
 @Milter.header_leading_space
 class CaptureMilter(Milter.Base):  # type: ignore[misc]
     """One instance per SMTP connection (one libmilter thread)."""
@@ -36,29 +52,25 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.tx: Transaction | None = None
-        self.client_addr: str | None = None
-
-    @Milter.noreply
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> Any:
-        # inet: (ip, port); inet6: (ip, port, flow, scope); mail from sendmail
-        # (non_smtpd_milters) arrives with no address at all.
-        if isinstance(hostaddr, tuple) and hostaddr:
-            self.client_addr = str(hostaddr[0])
-        return Milter.CONTINUE
 
     def _reset(self) -> None:
         if self.tx is not None:
             self.tx.capture.discard()
             self.tx = None
 
-    @Milter.noreply
     def envfrom(self, mailfrom: str, *params: str) -> Any:
         self._reset()
-        # Postfix names the submitting service in {daemon_name}: "pickup" for
-        # local sendmail(1) submissions, which are trusted like a local user.
-        local = self.getsymval("{daemon_name}") == "pickup" or self.client_addr is None
-        self.tx = self.service.begin(mailfrom, self.getsymval("{auth_authen}"),
-                                     self.client_addr, local)
+        client_addr = client_address(self.getsymval("{client_addr}"))
+        auth_user = self.getsymval("{auth_authen}") or None
+        refusal = self.service.refuse_login(mailfrom, auth_user, client_addr)
+        if refusal is not None:
+            self.setreply(refusal.code, refusal.enhanced, refusal.text)
+            return Milter.REJECT
+        # {daemon_name} "pickup" marks local submission where the operator
+        # names it so (milter_macro_daemon_name); by default Postfix presents
+        # sendmail(1) mail as from localhost/127.0.0.1, a trusted network.
+        local = self.getsymval("{daemon_name}") == "pickup"
+        self.tx = self.service.begin(mailfrom, auth_user, client_addr, local)
         return Milter.CONTINUE
 
     @Milter.noreply

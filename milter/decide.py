@@ -1,10 +1,12 @@
 """What to do with a message: pure decisions, no I/O.
 
-`classify` decides from the envelope (SASL user, senders) and a directory
+`classify` decides from the envelope (SASL login, senders) and a directory
 lookup function whether a message is captured for an organisation, refused,
-or passed through uncaptured.  `tempfail_reply` and friends turn outcomes into
-the SMTP replies Postfix gives the client, each naming its cause with an
-enhanced status code.
+or passed through uncaptured.  A SASL login decides alone: a registered
+submitter's organisation, else `unknown_login` (refused, or passed uncaptured),
+never the organisation of the sender domain the client claims.
+`tempfail_reply` and friends turn outcomes into the SMTP replies Postfix
+gives the client, each naming its cause with an enhanced status code.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class Decision:
     org: Organisation | None = None
     domain: str = ""
     reason: str = ""
+    # The organisation came from the client's SASL login (a registered
+    # submitter): the client is vouched for, wherever it connects from.
+    via_login: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,19 @@ def header_from_address(value: str | None) -> str:
     return ""
 
 
+def shown_login(login: str) -> str:
+    """A SASL login as it may appear in a reply or log line (printable ASCII, bounded)."""
+    text = "".join(c if " " < c < "\x7f" else "?" for c in login)
+    return text[:64] + ("..." if len(text) > 64 else "")
+
+
+def unregistered_login(login: str, domain: str, mode: str) -> Decision:
+    """LOGIN is no registered submitter: refused, or passed uncaptured if MODE is 'pass'."""
+    reason = f"SASL login {shown_login(login)} is not a registered submitter"
+    action = Action.PASS if mode == "pass" else Action.REJECT
+    return Decision(action, None, domain, reason)
+
+
 def classify(
     *,
     auth_user: str | None,
@@ -97,28 +115,31 @@ def classify(
     by_submitter: Callable[[str], Organisation | None],
     by_domain: Callable[[str], Organisation | None],
     unknown_sender: str,
+    unknown_login: str = "reject",
 ) -> Decision:
-    """Resolve the organisation: SASL user, else the envelope sender's domain.
+    """Resolve the organisation: the SASL login's, else the envelope sender's domain's.
 
-    A null envelope sender (<>) falls back to the From: header's domain.
-    Mail from a domain of no organisation is refused or passed uncaptured,
-    as [milter].unknown_sender says.  Lookups may raise BackendError.
+    A login that is no registered submitter is refused or passed uncaptured
+    ([milter].unknown_login); the domain it claims is never looked at.
+    Without a login, a null envelope sender (<>) falls back to the From:
+    header's domain, and mail from a domain of no organisation is refused or
+    passed uncaptured, as [milter].unknown_sender says.  Lookups may raise
+    BackendError.
     """
     domain = address_domain(envelope_from) or address_domain(
         header_from_address(header_from)
     )
     if auth_user:
         org = by_submitter(auth_user)
-        if org is not None:
-            return Decision(Action.CAPTURE, org, domain or "-")
+        if org is None:
+            return unregistered_login(auth_user, domain, unknown_login)
+        return Decision(Action.CAPTURE, org, domain or "-", via_login=True)
     if domain:
         org = by_domain(domain)
         if org is not None:
             return Decision(Action.CAPTURE, org, domain)
     shown = domain or strip_brackets(envelope_from) or "<>"
     reason = f"sender domain {shown} belongs to no organisation"
-    if auth_user:
-        reason = f"SASL user {auth_user} and {reason}"
     if unknown_sender == "pass":
         return Decision(Action.PASS, None, domain, reason)
     return Decision(Action.REJECT, None, domain, reason)

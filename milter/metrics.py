@@ -45,8 +45,16 @@ DKIM_SIGNATURES = Counter(
 )
 DKIM_FAILURES = Counter(
     "postkeep_milter_dkim_unsigned_total",
-    "Messages not signed, by reason: untrusted_client, no_key, from_header.",
+    "Messages not signed, by reason: untrusted_client, no_key (the From: domain is the"
+    " organisation's but has no usable key yet), foreign_from (the From: domain is another"
+    " organisation's or none's), from_header (not exactly one From:).",
     ["reason"],
+)
+UNKNOWN_LOGINS = Counter(
+    "postkeep_milter_unknown_login_total",
+    "Messages from a SASL login that is no registered submitter, by outcome: refused"
+    " (at MAIL FROM, or at end of message), passed (uncaptured, unsigned).",
+    ["outcome"],
 )
 DKIM_SECONDS = Histogram(
     "postkeep_milter_dkim_sign_duration_seconds",

@@ -2,6 +2,8 @@
 
 `Transaction` is the plain state of one SMTP transaction as the adapter saw it
 (envelope, client, headers of interest, the streaming `MessageCapture`).
+`CaptureService.refuse_login` is asked at MAIL FROM: a SASL login that is no
+registered submitter is refused there (by default).
 `CaptureService.end_of_message` classifies it (system mail, customer mail,
 mail of no organisation), DKIM-signs what it should, makes customer mail
 durable (object + rows, the stored object being the signed message) and
@@ -45,6 +47,7 @@ from postkeep.milter.decide import (
     strip_brackets,
     tempfail_reply,
     unreadable_reply,
+    unregistered_login,
 )
 from postkeep.milter.directory import Directory
 from postkeep.milter.keys import KeyRingRefresher
@@ -60,6 +63,7 @@ from postkeep.signing_keys import DkimError, PrivateKey
 from postkeep.storage.content.dictionaries import DictionaryCache
 from postkeep.storage.content.objects import message_key
 from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.directory import Organisation
 from postkeep.storage.metadata.dkim_keys import DkimKeyError
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
 
@@ -86,8 +90,8 @@ class Transaction:
     own_headers_removed: int = 0  # client-sent copies of our id header
     from_count: int = 0
     from_address: str = ""  # first address of From:, parsed once at end of message
-    client_addr: str | None = None
-    local: bool = False  # injected with sendmail (non_smtpd_milters)
+    client_addr: str | None = None  # None: Postfix knows no address for the client
+    local: bool = False  # local submission, as {daemon_name} says
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,29 @@ class CaptureService:
         self.keyring = keyring  # None: customer signing is off (no master key)
         self.spooler = spooler  # None: outage spool off, backend failures tempfail
 
+    def refuse_login(self, envelope_from: str, auth_user: str | None,
+                     client_addr: str | None) -> Reply | None:
+        """At MAIL FROM: the 550 for a SASL login that is no registered submitter.
+
+        Only with [milter] unknown_login = "reject"; None for anything else,
+        including a lookup that fails (end of message decides that one, with
+        the outage rules).  Refusing here, the first moment the milter sees the
+        login, spares the client sending a message that would be refused anyway.
+        """
+        if not auth_user or self.cfg.unknown_login != "reject":
+            return None
+        try:
+            if self.directory.by_submitter(auth_user) is not None:
+                return None
+        except BackendError:
+            return None
+        decision = unregistered_login(auth_user, address_domain(envelope_from), "reject")
+        metrics.MESSAGES.labels("refused").inc()
+        metrics.UNKNOWN_LOGINS.labels("refused").inc()
+        log.info("refused at MAIL FROM client=%s from=<%s> reason=%r", client_addr or "-",
+                 strip_brackets(envelope_from), decision.reason)
+        return refusal_reply(decision)
+
     def begin(self, envelope_from: str, auth_user: str | None, client_addr: str | None = None,
               local: bool = False) -> Transaction:
         """A new transaction at MAIL FROM; its id goes in the id header."""
@@ -214,12 +241,27 @@ class CaptureService:
             log.info("report for postkeep-storage queue_id=%s from=<%s> to=<%s>", queue_id,
                      tx.envelope_from, ">,<".join(tx.recipients))
             return Verdict(None)
-        trusted = is_trusted(tx.auth_user, tx.client_addr, tx.local, self.networks)
+        # The client itself: a trusted network or local submission.  A login
+        # vouches for its client only as its organisation's (Decision.via_login).
+        trusted = is_trusted(tx.client_addr, tx.local, self.networks)
         try:
             tx.from_address = header_from_address(tx.header_from)
         except UnreadableHeader as exc:
             return self._unreadable(tx, queue_id, exc)
         from_domain = address_domain(tx.from_address)
+        login = tx.auth_user
+        try:
+            unknown = login is not None and self.directory.by_submitter(login) is None
+        except BackendError as exc:
+            return self._tempfail(tx, queue_id, exc)
+        if unknown and login is not None:
+            # Before anything else, system mail included: a login that is no
+            # registered submitter is refused or passed, never attributed or signed.
+            decision = unregistered_login(login, address_domain(tx.envelope_from),
+                                          self.cfg.unknown_login)
+            metrics.UNKNOWN_LOGINS.labels(
+                "refused" if decision.action is Action.REJECT else "passed").inc()
+            return self._no_organisation(tx, queue_id, decision)
         if self.system is not None and trusted and (
             (from_domain or address_domain(tx.envelope_from)) in self.system.domains
         ):
@@ -232,23 +274,29 @@ class CaptureService:
                 by_submitter=self.directory.by_submitter,
                 by_domain=self.directory.by_domain,
                 unknown_sender=self.cfg.unknown_sender,
+                unknown_login=self.cfg.unknown_login,
             )
         except BackendError as exc:
             return self._tempfail(tx, queue_id, exc)
+        if decision.action is not Action.CAPTURE:
+            return self._no_organisation(tx, queue_id, decision)
+        signed = self._sign_customer(tx, queue_id, decision, trusted or decision.via_login,
+                                     from_domain)
+        if isinstance(signed, Verdict):
+            return signed
+        return self._capture(tx, queue_id, decision, signed)
+
+    def _no_organisation(self, tx: Transaction, queue_id: str, decision: Decision) -> Verdict:
+        """Mail no organisation sends: refused (5xx) or passed uncaptured and unsigned."""
         if decision.action is Action.REJECT:
             metrics.MESSAGES.labels("refused").inc()
             log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
                      tx.envelope_from, decision.reason)
             return Verdict(refusal_reply(decision), reject=True)
-        if decision.action is Action.PASS:
-            metrics.MESSAGES.labels("passed").inc()
-            log.info("passed uncaptured queue_id=%s from=<%s> reason=%r", queue_id,
-                     tx.envelope_from, decision.reason)
-            return Verdict(None, readd_recipients=_untracked(tx))
-        signed = self._sign_customer(tx, queue_id, decision, trusted, from_domain)
-        if isinstance(signed, Verdict):
-            return signed
-        return self._capture(tx, queue_id, decision, signed)
+        metrics.MESSAGES.labels("passed").inc()
+        log.info("passed uncaptured queue_id=%s from=<%s> reason=%r", queue_id,
+                 tx.envelope_from, decision.reason)
+        return Verdict(None, readd_recipients=_untracked(tx))
 
     def _system_mail(self, tx: Transaction, queue_id: str, from_domain: str) -> Verdict:
         """Sign with the platform key; store nothing; one log line."""
@@ -292,27 +340,35 @@ class CaptureService:
 
     def _sign_customer(self, tx: Transaction, queue_id: str, decision: Decision,
                        trusted: bool, from_domain: str) -> list[Signature] | Verdict:
-        """Signatures for customer mail, or the verdict that refuses it."""
+        """Signatures for customer mail, or the verdict that refuses it.
+
+        TRUSTED: the client is on a trusted network, local, or logged in as
+        one of this organisation's submitters.
+        """
         org = decision.org
         assert org is not None
         if self.keyring is None:
             return []
         if not trusted:
             metrics.DKIM_FAILURES.labels("untrusted_client").inc()
-            log.info("not signed id=%s queue_id=%s reason='client %s neither authenticated"
-                     " nor on a trusted network'", tx.id, queue_id, tx.client_addr or "-")
+            log.info("not signed id=%s queue_id=%s reason='client %s neither a registered"
+                     " submitter nor on a trusted network'", tx.id, queue_id,
+                     tx.client_addr or "without address")
             return []
         if tx.from_count != 1:
             return self._unsignable(tx, queue_id, DkimError(
                 f"the message has {tx.from_count} From: headers; exactly one is required"))
+        try:
+            owner = self.directory.by_domain(from_domain) if from_domain else None
+        except BackendError as exc:
+            return self._tempfail(tx, queue_id, exc)
+        if owner is None or owner.id != org.id:
+            return self._foreign_from(tx, queue_id, org, from_domain)
         reason = ""
         keys = []
         try:
-            owner = self.directory.by_domain(from_domain) if from_domain else None
             ring = self.keyring() or self.keyring.reload_now()
-            if owner is None or owner.id != org.id:
-                reason = f"From: domain {from_domain or '-'} is not one of {org.name}'s domains"
-            elif ring is None:
+            if ring is None:
                 reason = "DKIM keys not loaded yet"
             else:
                 keys = ring.signing_keys(from_domain, datetime.now(UTC))
@@ -326,6 +382,7 @@ class CaptureService:
         except DkimKeyError as exc:
             reason = f"DKIM key for {from_domain} unusable: {exc}"
         if reason:
+            # The domain is the organisation's and will have a key: worth a retry.
             metrics.DKIM_FAILURES.labels("no_key").inc()
             if org.dkim_missing_key == "unsigned":
                 log.info("not signed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
@@ -337,6 +394,25 @@ class CaptureService:
             return self._sign(tx, customer_keys(keys))
         except DkimError as exc:
             return self._unsignable(tx, queue_id, exc)
+
+    def _foreign_from(self, tx: Transaction, queue_id: str, org: Organisation,
+                      from_domain: str) -> list[Signature] | Verdict:
+        """From: names a domain of another organisation or of none: never signed.
+
+        A retry would change nothing, so it is refused for good (550 5.7.1),
+        unless the organisation chose to send what it cannot sign unsigned
+        (`postkeep dkim missing-key ORG unsigned`).
+        """
+        metrics.DKIM_FAILURES.labels("foreign_from").inc()
+        what = f"From: domain {from_domain}" if from_domain else "From: address without a domain"
+        reason = f"{what} is not one of {org.name}'s domains"
+        if org.dkim_missing_key == "unsigned":
+            log.info("not signed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+            return []
+        metrics.MESSAGES.labels("refused").inc()
+        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+                 tx.envelope_from, reason)
+        return Verdict(Reply("550", "5.7.1", f"postkeep: {reason}"), reject=True)
 
     def _capture(self, tx: Transaction, queue_id: str, decision: Decision,
                  signatures: list[Signature]) -> Verdict:

@@ -1,12 +1,16 @@
 """Who gets signed, and with what: pure decisions over plain data.
 
-Signing is a privilege of mail the platform vouches for: an authenticated
-submission, a client on a trusted network, or mail injected locally
-(sendmail).  Mail that merely claims a customer's or the platform's domain
-from anywhere else is never signed.  The signing domain is the From: header's
-domain (what DMARC aligns with), and it must belong to the organisation the
-message was attributed to, so one organisation can never get another's
-signature.
+Signing is a privilege of mail the platform vouches for: a client on a
+trusted network, mail injected locally (sendmail), or a SASL login that is a
+registered submitter, for its own organisation only.  Mail that merely
+claims a customer's or the platform's domain from anywhere else is never
+signed, and neither is mail from a login that is no registered submitter
+(whatever it authenticated as) or from a client with no address.  The
+signing domain is the From: header's domain (what DMARC aligns with), and it
+must belong to the organisation the message was attributed to, so one
+organisation can never get another's signature.  The platform's own key
+(system mail) is for trusted networks and local submission only: a
+customer's login never makes the platform's signature.
 """
 
 from __future__ import annotations
@@ -33,10 +37,15 @@ def parse_networks(key: str, values: Iterable[str]) -> tuple[Network, ...]:
     return tuple(out)
 
 
-def is_trusted(auth_user: str | None, client_addr: str | None, local: bool,
-               networks: Sequence[Network]) -> bool:
-    """May this client's mail be signed?  SASL, a trusted network or local."""
-    if auth_user or local:
+def is_trusted(client_addr: str | None, local: bool, networks: Sequence[Network]) -> bool:
+    """Is the client itself vouched for: local submission or a trusted network?
+
+    A SASL login is no part of this: a login vouches for its client only once
+    it is known to be a registered submitter, and then only for that
+    submitter's organisation (`milter.decide.Decision.via_login`).  A client
+    with no (usable) address is not trusted.
+    """
+    if local:
         return True
     if not client_addr:
         return False

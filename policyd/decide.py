@@ -2,8 +2,11 @@
 
 `plan` reads a policy request and says what must be counted: nothing (system
 mail, stages that do not count, mail with no sender to attribute), or a
-stage of counting for an organisation found by SASL user, else sender
-domain (the milter's resolution).  `verdict` turns the counters' outcome into
+stage of counting for an organisation found by SASL login, else sender
+domain (the milter's resolution).  A login decides alone, whatever sender it
+names: a registered submitter is counted for its own organisation, and a
+login that is no submitter is refused (`unknown_login_action`) or passed
+uncounted, never counted for the domain it claims.  `verdict` turns the counters' outcome into
 Postfix's answer: `DUNNO` within limits (never `OK`, which would skip the
 restrictions after ours), else `DEFER_IF_PERMIT 4.7.1` naming what was
 exceeded, the tier, the limit and when the window reopens.  Shadow mode
@@ -72,11 +75,13 @@ def plan(attrs: dict[str, str], system_domains: tuple[str, ...] | frozenset[str]
     sender = attrs.get("sender", "")
     domain = sender_domain(sender)
     system = {d.lower() for d in system_domains}
-    if domain and domain in system:
-        return Plan(None, f"system mail from {domain}")
     user = attrs.get("sasl_username", "")
     if user:
+        # Before the system domains: a login names no sender that would let
+        # it escape its organisation's limits.
         lookup, key = "submitter", user
+    elif domain and domain in system:
+        return Plan(None, f"system mail from {domain}")
     elif domain:
         lookup, key = "domain", domain
     else:
@@ -89,6 +94,17 @@ def plan(attrs: dict[str, str], system_domains: tuple[str, ...] | frozenset[str]
         recipients = 1
     return Plan(stage, "", lookup, key, instance, max(recipients, 1 if stage != "check" else 0),
                 _int(attrs, "size"))
+
+
+def unknown_login_action(login: str, mode: str) -> str:
+    """The answer for a SASL LOGIN that is no registered submitter ([milter]
+    unknown_login = MODE): 550 5.7.1 naming it, or DUNNO ('pass': the milter
+    lets the mail through uncaptured; it is counted for nobody)."""
+    if mode == "pass":
+        return DUNNO
+    shown = "".join(c if " " < c < "\x7f" else "?" for c in login)
+    shown = shown[:64] + ("..." if len(shown) > 64 else "")
+    return f"550 5.7.1 postkeep: SASL login {shown} is not a registered submitter"
 
 
 def window_end(kind: str, now: datetime, windows: Windows = HOURS_AND_DAYS) -> datetime:

@@ -29,7 +29,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from postkeep.config import Config
 from postkeep.policyd import metrics
-from postkeep.policyd.decide import DUNNO, LeaseBook, LocalCounters, Plan, plan, verdict
+from postkeep.policyd.decide import (
+    DUNNO,
+    LeaseBook,
+    LocalCounters,
+    Plan,
+    plan,
+    unknown_login_action,
+    verdict,
+)
 from postkeep.storage.metadata import limits
 from postkeep.storage.metadata.limits import Grant, OrgLimits, Outcome, Unspent, Want
 from postkeep.ttlcache import TtlCache
@@ -174,6 +182,7 @@ class PolicyService:
                  wallclock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.cfg = cfg.policyd
         self.system_domains = frozenset(d.lower() for d in cfg.dkim.system_domains)
+        self.unknown_login = cfg.milter.unknown_login  # one key for milter and policyd
         self.backend = backend
         self.clock = clock
         self.wallclock = wallclock
@@ -246,6 +255,13 @@ class PolicyService:
         if org is None:
             if not fresh:
                 metrics.DEGRADED.labels("unknown_org").inc()
+                return DUNNO  # not known to be unknown: the milter decides
+            if p.lookup == "submitter":
+                action = unknown_login_action(p.key, self.unknown_login)
+                log.info("%s %s: SASL login %r is not a registered submitter (sender %s)",
+                         "refused" if action != DUNNO else "not counted",
+                         attrs.get("protocol_state", "?"), p.key, attrs.get("sender", ""))
+                return action
             return DUNNO  # unknown senders are the milter's to refuse
         now = self.wallclock()
         degraded = False

@@ -90,6 +90,13 @@ class MilterConfig:
     listen: str = "inet:8891@127.0.0.1"
     # What to do with mail whose sender domain belongs to no organisation.
     unknown_sender: str = field(default="reject", metadata=_choice("reject", "pass"))
+    # What to do with mail from a SASL login that is no registered submitter
+    # (`postkeep submitter add`): 'reject' refuses it with 550 5.7.1 as soon as
+    # the login is seen (the milter at MAIL FROM, postkeep-policyd at RCPT);
+    # 'pass' lets it through unsigned, uncaptured and not counted.  Either way
+    # it is never attributed to the organisation of the sender domain it
+    # claims.  postkeep-policyd reads this key too.
+    unknown_login: str = field(default="reject", metadata=_choice("reject", "pass"))
     metrics_listen: str = "127.0.0.1:9361"
     # Compressed content stays in memory up to this size, then spills to disk.
     spill_bytes: int = field(default=1 << 20, metadata={"min": 0})

@@ -46,12 +46,20 @@ def test_address_domain(addr: str, domain: str) -> None:
 
 def test_sasl_user_wins_over_sender_domain() -> None:
     d = _classify("beta-app", "<x@acme.example>")
-    assert d.action is Action.CAPTURE and d.org is BETA
+    assert d.action is Action.CAPTURE and d.org is BETA and d.via_login
+    assert not _classify(None, "<x@acme.example>").via_login
 
 
-def test_unknown_sasl_user_falls_back_to_domain() -> None:
-    d = _classify("stranger", "<x@acme.example>")
-    assert d.action is Action.CAPTURE and d.org is ACME
+def test_unknown_sasl_login_is_never_attributed_by_the_domain_it_claims() -> None:
+    d = _classify("stranger", "<x@acme.example>", "x@acme.example")
+    assert d.action is Action.REJECT and d.org is None
+    r = refusal_reply(d)
+    assert (r.code, r.enhanced) == ("550", "5.7.1")
+    assert "SASL login stranger is not a registered submitter" in r.text
+    passed = classify(auth_user="stranger", envelope_from="<x@acme.example>", header_from=None,
+                      by_submitter={}.get, by_domain={"acme.example": ACME}.get,
+                      unknown_sender="reject", unknown_login="pass")
+    assert passed.action is Action.PASS and passed.org is None
 
 
 def test_null_sender_uses_header_from() -> None:

@@ -132,6 +132,9 @@ def test_plan_resolution_and_system_mail() -> None:
     assert (p.stage, p.lookup, p.key) == ("check", "submitter", "app1")
     p = plan(attrs("END-OF-MESSAGE", size="1234", sender="x@Sys.Example"), ("sys.example",))
     assert p.stage is None and "system mail" in p.why
+    # A login is counted for its organisation whatever sender it names.
+    p = plan(attrs("RCPT", sender="x@sys.example", sasl_username="app1"), ("sys.example",))
+    assert (p.stage, p.lookup, p.key) == ("check", "submitter", "app1")
     assert plan(attrs("MAIL"), ()).stage is None
     assert plan(attrs("DATA", sender=""), ()).stage is None
     assert plan(attrs("END-OF-MESSAGE", size="77"), ()).size == 77

@@ -261,8 +261,10 @@ def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str) ->
 @click.argument("policy", type=click.Choice(["tempfail", "unsigned"]))
 @click.pass_context
 def missing_key(ctx: click.Context, org_name: str, policy: str) -> None:
-    """What ORG's mail does when its domain has no active key: tempfail (451 4.7.5,
-    the default) or go out unsigned (logged and counted)."""
+    """What ORG's mail does when it cannot be signed: with 'tempfail' (the
+    default) its domain without an active key gets 451 4.7.5 and a From: domain
+    that is not ORG's gets 550 5.7.1; with 'unsigned' both go out unsigned
+    (logged and counted)."""
     with session(ctx) as s:
         target = find_org(s.conn, org_name)
         dkim_keys.set_missing_key_policy(s.conn, target.id, policy)

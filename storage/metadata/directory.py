@@ -32,8 +32,9 @@ class Organisation:
     tier: str
     content_days: int
     metadata_days: int | None  # None: kept without limit
-    # What the milter does when the From domain has no active DKIM key:
-    # 'tempfail' (451 4.7.5) or 'unsigned' (send unsigned, logged and counted).
+    # What the milter does when it cannot sign: 'tempfail' (no active DKIM
+    # key for the From domain: 451 4.7.5; a From domain not the
+    # organisation's: 550 5.7.1) or 'unsigned' (send unsigned, logged and counted).
     dkim_missing_key: str = "tempfail"
     # (sending domain, its own bounce domain) for the domains that have one;
     # the others use the platform's bounce domain.
