@@ -83,7 +83,8 @@ def test_malformed_requests_are_refused_alone_and_do_not_degrade(stack: Stack) -
         assert _over_limit(first.ask(_data(full)))
         before = _degraded(stack)
         watch = LogWatch(log_path(stack, "policyd"))
-        peer = "%s:%d" % first.sock.getsockname()[:2]
+        host, port = first.sock.getsockname()[:2]
+        peer = f"{host}:{port}"
 
         for kw, attribute, code in MALFORMED:
             reply = first.ask(_data(fine, **kw))
