@@ -5,7 +5,9 @@ for each reply, so each connection is served in order.  Hostile input (a
 line without `=`, binary garbage, an oversized line or request, a request
 cut off by EOF, a client that stalls past `policyd.read_timeout_seconds`)
 is logged with the reason and the connection closed; nothing it sends can
-reach the other connections.
+reach the other connections.  A well-framed request with an invalid value
+(a number out of range, bytes that are not UTF-8) is answered, refused by
+the service, and the connection goes on.
 """
 
 from __future__ import annotations
