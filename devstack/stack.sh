@@ -188,26 +188,85 @@ open_parents() {
     done
 }
 
+# ---------------------------------------------------------------- secrets
+# Every file holding a secret is 0600 (root) in a 0700 directory: DIR/env,
+# DIR/postkeep.toml, DIR/minio/credentials, DIR/dkim/*, DIR/secrets/*.
+# Secrets never go on a command line (other users see those in ps): they
+# are written with printf, a shell builtin, to files or to psql's stdin.
+secret_file() {  # FILE: made once, 48 hex digits from /dev/urandom
+    [ -s "$1" ] && { chmod 600 "$1"; return 0; }
+    (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$1")
+}
+
+# PostgreSQL's passwords, made once per stack: postgres (the stack's own
+# administration, in start_postgres) and postkeep (daemons, CLI, tests and
+# psql: postkeep.toml's password_file, and DIR/secrets/pgpass, which DIR/env
+# names as PGPASSFILE).
+pg_secrets() {
+    mkdir -p "$DIR/secrets"
+    chmod 700 "$DIR/secrets"
+    secret_file "$DIR/secrets/pg-postgres.password"
+    secret_file "$DIR/secrets/pg-postkeep.password"
+    PGPASS_FILE="$DIR/secrets/pgpass"
+    (umask 077
+     printf '*:%s:*:postgres:%s\n*:%s:*:postkeep:%s\n' \
+         "$PG_PORT" "$(cat "$DIR/secrets/pg-postgres.password")" \
+         "$PG_PORT" "$(cat "$DIR/secrets/pg-postkeep.password")" >"$PGPASS_FILE.tmp")
+    mv "$PGPASS_FILE.tmp" "$PGPASS_FILE"
+}
+
+# Content and secrets of the stack's own (root) processes: no other user
+# lists or reads them (stacks made before this get their modes fixed here).
+# DIR itself, DIR/pg and DIR/postfix stay traversable for postgres and postfix.
+close_dirs() {
+    local d
+    for d in "$DIR/minio" "$DIR/milter" "$DIR/sink" "$DIR/dkim" "$DIR/secrets"; do
+        if [ -d "$d" ]; then chmod 700 "$d"; fi
+    done
+    for d in "$DIR/env" "$DIR/postkeep.toml" "$DIR/minio/credentials" "$DIR"/dkim/*; do
+        if [ -f "$d" ]; then chmod 600 "$d"; fi
+    done
+}
+
 # ---------------------------------------------------------------- postgres
+# Authentication: a password (scram-sha-256) for every role, over TCP and
+# over the socket; only the postgres OS user gets in without one, as the
+# postgres role on the socket (peer).  Rewritten at every start, so a stack
+# made before this (trust) is switched over at its next start.
+write_pg_hba() {
+    local hba="$DIR/pg/data/pg_hba.conf"
+    cat >"$hba.tmp" <<EOF
+# postkeep dev stack (written by devstack/stack.sh at every start).
+local all postgres peer
+local all all scram-sha-256
+host  all all 127.0.0.1/32 scram-sha-256
+host  all all ::1/128 scram-sha-256
+EOF
+    chown postgres:postgres "$hba.tmp"
+    chmod 600 "$hba.tmp"
+    mv "$hba.tmp" "$hba"
+}
+
 start_postgres() {
     local data="$DIR/pg/data" run="$DIR/pg/run"
     mkdir -p "$DIR/pg" "$run"
     chown postgres:postgres "$DIR/pg" "$run"
     chmod 700 "$DIR/pg"
     chmod o+x "$DIR/pg"
+    pg_secrets
     if [ ! -f "$data/PG_VERSION" ]; then
         log "initdb $data"
         rm -rf "$data"
-        runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust \
+        # initdb (as postgres) reads the superuser's password from a file it owns
+        local pwfile="$DIR/pg/initdb.pw"
+        (umask 077 && cat "$DIR/secrets/pg-postgres.password" >"$pwfile")
+        chown postgres:postgres "$pwfile"
+        runuser -u postgres -- "$PG_BIN/initdb" -D "$data" -U postgres \
+            --auth-local=peer --auth-host=scram-sha-256 --pwfile="$pwfile" \
             -E UTF8 --locale=C.UTF-8 >"$DIR/pg/initdb.log" 2>&1 \
-            || die "initdb failed, see $DIR/pg/initdb.log"
-        cat >"$data/pg_hba.conf" <<EOF
-# postkeep dev stack: trust on the socket and loopback only.
-local all all trust
-host  all all 127.0.0.1/32 trust
-host  all all ::1/128 trust
-EOF
-        chown postgres:postgres "$data/pg_hba.conf"
+            || { rm -f "$pwfile"; die "initdb failed, see $DIR/pg/initdb.log"; }
+        rm -f "$pwfile"
+        write_pg_hba
     fi
     # Unix socket paths are limited to 107 bytes: long DIRs get TCP only.
     local sockdir="$run"
@@ -224,10 +283,19 @@ EOF
             -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k '$sockdir'" start >/dev/null 9>&- \
             || die "postgres failed to start on 127.0.0.1:$PG_PORT, see $DIR/pg/postgres.log"
     fi
-    local psql=("$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qAtX)
+    local psql=(env PGPASSFILE="$PGPASS_FILE" "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT"
+                -U postgres -d postgres -qAtXw -v ON_ERROR_STOP=1)
+    # The postgres password first: a stack made before passwords still trusts
+    # loopback until the reload below; one made since asks for it.
+    printf "alter role postgres password '%s';\n" "$(cat "$DIR/secrets/pg-postgres.password")" \
+        | "${psql[@]}" || die "setting the postgres role's password failed, see $DIR/pg/postgres.log"
+    write_pg_hba
+    "${psql[@]}" -c "select pg_reload_conf()" >/dev/null || die "reloading pg_hba.conf failed"
     if [ "$("${psql[@]}" -c "select 1 from pg_roles where rolname='postkeep'")" != 1 ]; then
         "${psql[@]}" -c "create role postkeep login superuser" || die "creating role postkeep failed"
     fi
+    printf "alter role postkeep password '%s';\n" "$(cat "$DIR/secrets/pg-postkeep.password")" \
+        | "${psql[@]}" || die "setting the postkeep role's password failed"
     if [ "$("${psql[@]}" -c "select 1 from pg_database where datname='postkeep'")" != 1 ]; then
         "${psql[@]}" -c "create database postkeep owner postkeep" || die "creating database postkeep failed"
     fi
@@ -244,6 +312,7 @@ stop_postgres() {
 minio_keys() {
     local f="$DIR/minio/credentials"
     mkdir -p "$DIR/minio"
+    chmod 700 "$DIR/minio"  # the credentials and every stored object
     if [ ! -f "$f" ]; then
         (umask 077
          printf 'MINIO_ROOT_USER=postkeep%s\nMINIO_ROOT_PASSWORD=%s\n' \
@@ -292,6 +361,7 @@ stop_minio() { stop_pid "$DIR/minio/minio.pid" minio; }
 # ---------------------------------------------------------------- sink
 start_sink() {
     mkdir -p "$DIR/sink"
+    chmod 700 "$DIR/sink"  # the messages it received
     if pid_alive "$DIR/sink.pid"; then
         log "sink already running"
         return 0
@@ -329,6 +399,7 @@ start_daemon() {
 
 start_milter() {
     mkdir -p "$DIR/milter/tmp"
+    chmod 700 "$DIR/milter"  # messages being captured, and the outage spool
     if ! pid_alive "$DIR/milter/milter.pid" && ! milter_importable; then
         (cd / && "$PY" -c 'import postkeep.milter.daemon') || true
         die "postkeep.milter.daemon does not import in $VENV (see above)"
@@ -371,13 +442,15 @@ dkim_keys() {  # the DKIM master key, the system-mail key and the return-path ke
 write_config() {
     minio_keys
     dkim_keys
-    cat >"$DIR/postkeep.toml" <<EOF
+    (umask 077 && : >"$DIR/postkeep.toml.tmp")
+    cat >"$DIR/postkeep.toml.tmp" <<EOF
 # Written by devstack/stack.sh for the stack in $DIR.
 [postgres]
 host = "127.0.0.1"
 port = $PG_PORT
 dbname = "postkeep"
 user = "postkeep"
+password_file = "$DIR/secrets/pg-postkeep.password"
 
 [s3]
 endpoint = "127.0.0.1:$S3_PORT"
@@ -423,7 +496,7 @@ system_key_file = "$DIR/dkim/system.pem"
 [return_path]
 key_file = "$DIR/dkim/return-path.key"
 EOF
-    chmod 600 "$DIR/postkeep.toml"
+    mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"
 }
 
 postkeep_cli() {  # the `postkeep` CLI
@@ -533,6 +606,7 @@ stop_postfix() {
 # ---------------------------------------------------------------- env
 write_env() {
     minio_keys
+    (umask 077 && : >"$DIR/env.tmp")
     cat >"$DIR/env.tmp" <<EOF
 # postkeep dev stack in $DIR (written by devstack/stack.sh up); source this file.
 export POSTKEEP_STACK_DIR='$DIR'
@@ -555,6 +629,7 @@ export PGHOST='127.0.0.1'
 export PGPORT='$PG_PORT'
 export PGDATABASE='postkeep'
 export PGUSER='postkeep'
+export PGPASSFILE='$DIR/secrets/pgpass'
 export POSTKEEP_S3_ENDPOINT='127.0.0.1:$S3_PORT'
 export POSTKEEP_S3_BUCKET='postkeep'
 export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'
@@ -620,6 +695,7 @@ cmd_up() {
     configure_postfix
     start_postfix
     write_env
+    close_dirs
     log "stack up in $DIR (smtpd 127.0.0.1:$SMTP_PORT); env: $DIR/env"
 }
 

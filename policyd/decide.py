@@ -15,6 +15,10 @@ against per-window allowances: in degraded mode a per-process share of each
 limit, in lease mode (`LeaseBook`) the units this process leased from the
 shared counters.  Time is always passed in, so window roll-over is tested
 without waiting.
+
+`invalid` finds a value `plan` would read that no Postfix sends (a number
+out of range, text that is not UTF-8): that request alone is refused, before
+anything reaches the counters or PostgreSQL.
 """
 
 from __future__ import annotations
@@ -64,6 +68,67 @@ def _int(attrs: dict[str, str], name: str) -> int:
         return max(0, int(attrs.get(name, "0") or "0"))
     except ValueError:
         return 0
+
+
+# Largest values accepted.  Postfix counts recipients in a C int (PostgreSQL's
+# `integer` too).  No Postfix accepts a message near MAX_SIZE (1 PiB), and it
+# keeps the daily byte counters (bigint) far from overflowing: that would take
+# 8,192 such messages in a day.
+MAX_RECIPIENTS = 2**31 - 1
+MAX_SIZE = 2**50
+NUMBERS = {"recipient_count": MAX_RECIPIENTS, "size": MAX_SIZE}
+# The text attributes `plan` reads: they reach PostgreSQL, which takes UTF-8 only.
+TEXTS = ("sender", "sasl_username", "instance", "queue_id")
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """An attribute value no Postfix sends: the request is refused, nothing counted."""
+
+    attribute: str
+    problem: str
+    code: str = "550 5.5.4"  # invalid command arguments
+
+    @property
+    def action(self) -> str:
+        return f"{self.code} Invalid policy request: {self.attribute} {self.problem}"
+
+
+def invalid(attrs: Mapping[str, str]) -> Invalid | None:
+    """The first attribute `plan` reads whose value is not valid, else None (pure).
+
+    Numbers are ASCII digits within range (empty or absent is 0); text is
+    valid UTF-8 (`protocol.parse_attribute` keeps undecodable bytes as lone
+    surrogates).  Attributes policyd does not read are not looked at.
+    """
+    for name, top in NUMBERS.items():
+        value = attrs.get(name, "")
+        if not value:
+            continue
+        if not (value.isascii() and value.isdigit()):
+            return Invalid(name, f"is not a number: {_shown(value)}")
+        if len(value) > 20 or int(value) > top:
+            code = "552 5.3.4" if name == "size" else "550 5.5.4"  # 5.3.4: message too big
+            return Invalid(name, f"is out of range (0 to {top}): {_shown(value)}", code)
+    for name in TEXTS:
+        if not _utf8(attrs.get(name, "")):
+            code = "550 5.1.7" if name == "sender" else "550 5.5.4"  # 5.1.7: bad sender syntax
+            return Invalid(name, "is not valid UTF-8", code)
+    return None
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value: str, limit: int = 24) -> str:
+    """VALUE for a reply line: printable ASCII only, cut at LIMIT characters."""
+    text = ascii(value[:limit])
+    return text + ("..." if len(value) > limit else "")
 
 
 def plan(attrs: dict[str, str], system_domains: tuple[str, ...] | frozenset[str]) -> Plan:

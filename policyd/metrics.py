@@ -7,7 +7,7 @@ from prometheus_client import Counter, Histogram
 REQUESTS = Counter(
     "postkeep_policyd_requests_total",
     "Policy requests answered, by protocol_state (RCPT, DATA, END-OF-MESSAGE, other)"
-    " and action (dunno, defer).",
+    " and action (dunno, defer, refuse: a 5xx for an invalid request).",
     ["stage", "action"],
 )
 DECISION_SECONDS = Histogram(
@@ -30,6 +30,12 @@ PROTOCOL_ERRORS = Counter(
     "postkeep_policyd_protocol_errors_total",
     "Connections closed for hostile or malformed input, or a stalled client.",
 )
+INVALID_REQUESTS = Counter(
+    "postkeep_policyd_invalid_requests_total",
+    "Requests refused alone for an attribute value no Postfix sends (a number out of"
+    " range, text that is not UTF-8), by attribute.",
+    ["attribute"],
+)
 BACKEND_ERRORS = Counter(
     "postkeep_policyd_backend_errors_total",
     "PostgreSQL failures or timeouts that sent a decision to degraded mode.",
@@ -46,7 +52,7 @@ LEASED_UNITS = Counter(
 )
 
 for _stage in ("RCPT", "DATA", "END-OF-MESSAGE", "other"):
-    for _action in ("dunno", "defer"):
+    for _action in ("dunno", "defer", "refuse"):
         REQUESTS.labels(_stage, _action)
 for _mode in ("share", "open", "closed", "unknown_org"):
     DEGRADED.labels(_mode)

@@ -97,7 +97,8 @@ def parse_attribute(body: bytes) -> tuple[str, str]:
     if any(b < 0x20 and b != 0x09 for b in value) or b"\x7f" in value:
         raise ProtocolError(f"control byte in the value of {name.decode()}")
     # Postfix passes 8-bit addresses (SMTPUTF8) as UTF-8; anything else is
-    # kept, undecodable bytes escaped, rather than refused.
+    # kept, undecodable bytes escaped (lone surrogates), rather than refused:
+    # `decide.invalid` refuses them where policyd reads them, with an answer.
     return name.decode(), value.decode("utf-8", "surrogateescape")
 
 

@@ -5,7 +5,9 @@ for each reply, so each connection is served in order.  Hostile input (a
 line without `=`, binary garbage, an oversized line or request, a request
 cut off by EOF, a client that stalls past `policyd.read_timeout_seconds`)
 is logged with the reason and the connection closed; nothing it sends can
-reach the other connections.
+reach the other connections.  A well-framed request with an invalid value
+(a number out of range, bytes that are not UTF-8) is answered, refused by
+the service, and the connection goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from postkeep.policyd.protocol import Limits, ProtocolError, RequestBuilder, for
 
 log = logging.getLogger("postkeep.policyd")
 
-Decide = Callable[[dict[str, str]], Awaitable[str]]
+# (request, "host:port" of the policy client) -> action
+Decide = Callable[[dict[str, str], str], Awaitable[str]]
 
 
 class PolicyServer:
@@ -54,7 +57,7 @@ class PolicyServer:
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
-        peer = writer.get_extra_info("peername")
+        peer = _hostport(writer.get_extra_info("peername"))
         builder = RequestBuilder(self.limits)
         try:
             while True:
@@ -81,12 +84,12 @@ class PolicyServer:
                     return
                 for request in builder.feed(data):
                     started = time.perf_counter()
-                    action = await self.decide(request)
+                    action = await self.decide(request, peer)
                     metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
                     stage = request.get("protocol_state", "")
                     metrics.REQUESTS.labels(
                         stage if stage in ("RCPT", "DATA", "END-OF-MESSAGE") else "other",
-                        "dunno" if action == "DUNNO" else "defer").inc()
+                        _kind(action)).inc()
                     writer.write(format_reply(action))
                 await writer.drain()
         except ProtocolError as exc:
@@ -103,3 +106,17 @@ class PolicyServer:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+
+
+def _hostport(peer: object) -> str:
+    """'host:port' for an asyncio peername (a tuple for TCP), else its str."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+def _kind(action: str) -> str:
+    """The REQUESTS metric's action label."""
+    if action == "DUNNO":
+        return "dunno"
+    return "refuse" if action.startswith("5") else "defer"

@@ -31,9 +31,11 @@ from postkeep.config import Config
 from postkeep.policyd import metrics
 from postkeep.policyd.decide import (
     DUNNO,
+    Invalid,
     LeaseBook,
     LocalCounters,
     Plan,
+    invalid,
     plan,
     unknown_login_action,
     verdict,
@@ -174,6 +176,10 @@ class BackendDown(Exception):
     pass
 
 
+class RequestRefused(Exception):
+    """PostgreSQL refused this request's values (not an outage): answer it alone."""
+
+
 class PolicyService:
     """Decides one request at a time; shared by every connection of the process."""
 
@@ -222,6 +228,11 @@ class PolicyService:
             raise BackendDown("degraded")
         try:
             return await asyncio.wait_for(self._attempt(work), self._timeout)
+        except (psycopg.DataError, UnicodeError) as exc:
+            # A value of this request (PostgreSQL's SQLSTATE class 22, or text
+            # that is not UTF-8): the database is fine, the request is not.
+            # `invalid` should have caught it; never let it degrade everyone.
+            raise RequestRefused(str(exc).splitlines()[0] or type(exc).__name__) from exc
         except (TimeoutError, psycopg.Error, OSError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0]
             if not self.degraded:
@@ -245,8 +256,29 @@ class PolicyService:
         self._cache.put((p.lookup, p.key), org, now + self.cfg.directory_cache_seconds)
         return org, True
 
-    async def decide(self, attrs: dict[str, str]) -> str:
-        """The action for one request (never raises for backend trouble)."""
+    async def decide(self, attrs: dict[str, str], peer: str = "") -> str:
+        """The action for one request from PEER (never raises for backend trouble).
+
+        A request with an invalid value is refused alone: it counts nothing,
+        and only a real backend failure (`_bounded`) degrades.
+        """
+        bad = invalid(attrs)
+        if bad is None:
+            try:
+                return await self._decide(attrs)
+            except RequestRefused as exc:
+                log.warning("policy request from %s: PostgreSQL refused a value: %s",
+                            peer or "?", exc)
+                bad = Invalid("request", "has a value PostgreSQL refused", "450 4.3.0")
+        metrics.INVALID_REQUESTS.labels(bad.attribute).inc()
+        log.warning("invalid policy request from %s (client_address=%s client_name=%s"
+                    " sasl_username=%s): %s %s; refused %s", peer or "?",
+                    ascii(attrs.get("client_address", "")), ascii(attrs.get("client_name", "")),
+                    ascii(attrs.get("sasl_username", "")), bad.attribute, bad.problem,
+                    bad.code)
+        return bad.action
+
+    async def _decide(self, attrs: dict[str, str]) -> str:
         p = plan(attrs, self.system_domains)
         stage = p.stage
         if stage is None:
