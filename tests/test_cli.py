@@ -3,13 +3,16 @@
 Most tests drive the click tree in-process (CliRunner keeps stdout, stderr
 and exit status apart); the content round trip also runs the installed
 `postkeep` console script, because binary stdout through a real process is
-what an operator piping `messages raw` into a file gets.
+what an operator piping `messages raw` into a file gets.  `messages raw` is
+run on objects the real milter stored (mail sent through Postfix), and its
+output is held to the copy the sink received (tests/support/captured.py).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import smtplib
 import subprocess
 import sys
@@ -21,11 +24,15 @@ from pathlib import Path
 import click
 import psycopg
 import pytest
+import zstandard
 from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg, unique_name, zstd_frames
+from conftest import StackEnv, StoreMessage, TestOrg, unique_name
+from support.captured import Captured, awkward_message, send_captured
+from support.stack import Stack
 
 from postkeep import cli
 from postkeep.cli.common import check_domain, parse_since
+from postkeep.storage.content import container
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.metadata import directory
 
@@ -318,43 +325,59 @@ def test_messages_show_unknown_id(run: Invoke, db: psycopg.Connection) -> None:
     assert garbage.exit_code == 1 and "'not-an-id' is not a message id" in garbage.stderr
 
 
-HEADERS = b"From: Sender <s@example.com>\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n  folded\r\n\r\n"
-BODY = b"line one\r\n\x00\xff\xfe raw 8-bit\r\n" + b"0123456789abcdef" * 80_000
+@pytest.fixture
+def captured(stack: Stack, make_org: Callable[..., TestOrg]) -> Captured:
+    """A message the real milter stored, its attachment in a part object of its own
+    (a container object): `messages raw` is tested on what the capture path
+    wrote, never on an object the test wrote with its own writer."""
+    org = make_org()
+    token = uuid.uuid4().hex
+    sender = f"app@{org.domain}"
+    data = awkward_message(sender, token, os.urandom(300_000))
+    c = send_captured(stack, sender, data, token)
+    assert stack.stored(c.object_key)[:len(container.MAGIC)] == container.MAGIC
+    return c
 
 
 @pytest.mark.stack
-def test_messages_raw_restores_exact_bytes(
-    run: Invoke, make_org: Callable[..., TestOrg], store_message: StoreMessage
-) -> None:
-    m = store_message(make_org(), parts=(HEADERS, BODY))
-    result = _ok(run("messages", "raw", str(m.id)))
-    assert result.stdout_bytes == HEADERS + BODY
+def test_messages_raw_restores_exact_bytes(run: Invoke, captured: Captured) -> None:
+    result = _ok(run("messages", "raw", str(captured.id)))
+    assert result.stdout_bytes == captured.delivered
 
 
 @pytest.mark.stack
 def test_messages_raw_through_the_console_script(
-    stack_env: StackEnv, make_org: Callable[..., TestOrg], store_message: StoreMessage
+    stack_env: StackEnv, captured: Captured
 ) -> None:
-    m = store_message(make_org(), parts=(HEADERS, BODY))
     script = Path(sys.executable).with_name("postkeep")
     proc = subprocess.run(
-        [str(script), "--config", stack_env.config_path, "messages", "raw", str(m.id)],
+        [str(script), "--config", stack_env.config_path, "messages", "raw", str(captured.id)],
         capture_output=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stdout == HEADERS + BODY
+    assert proc.stdout == captured.delivered
 
 
 @pytest.mark.stack
 def test_messages_raw_detects_a_truncated_object(
-    run: Invoke, objects: S3ObjectStore, make_org: Callable[..., TestOrg],
-    store_message: StoreMessage,
+    run: Invoke, stack: Stack, objects: S3ObjectStore, make_org: Callable[..., TestOrg]
 ) -> None:
-    m = store_message(make_org(), parts=(HEADERS, BODY))
-    headers_only = zstd_frames([HEADERS])  # the body frame lost
-    objects.put(m.object_key, io.BytesIO(headers_only), len(headers_only))
+    org = make_org()
+    token = uuid.uuid4().hex
+    sender = f"app@{org.domain}"
+    m = send_captured(stack, sender, (
+        f"From: {sender}\r\nSubject: frames\r\nX-Test-Token: {token}\r\n\r\n".encode()
+        + b"body line\r\n" * 2000), token)
+    stored = stack.stored(m.object_key)
+    # The milter's object ends its first zstd frame with the header block: drop
+    # the frames after it, as an upload cut short at a frame boundary would.
+    rest = zstandard.ZstdDecompressor().decompressobj()
+    head = rest.decompress(stored)
+    assert rest.unused_data and head == m.delivered[:len(head)]
+    truncated = stored[:len(stored) - len(rest.unused_data)]
+    objects.put(m.object_key, io.BytesIO(truncated), len(truncated))
     result = run("messages", "raw", str(m.id))
-    assert result.exit_code == 1
+    assert result.exit_code == 1 and result.stdout_bytes == head
     assert "do not match the recorded" in result.stderr and m.object_key in result.stderr
 
 

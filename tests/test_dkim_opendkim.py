@@ -4,16 +4,27 @@
 public keys from `TestPublicKeys` (the records `postkeep dkim dns` prints),
 so no DNS is involved.  OpenDKIM comes with the stack (`stack.sh install`);
 without it the tests fail naming it, as stack tests do.
+
+Every message of the corpus (tests/support/corpus.py) is sent through the
+stack's Postfix and signed by postkeep-milter with an RSA and an Ed25519 key;
+OpenDKIM verifies each of the two signatures of the copy the sink received
+on its own.  It has to be asked one signature at a time: given several, it
+reports one good signature and says nothing of the others.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from support import corpus, smtp
+from support.stack import Stack
 from test_dkim_sign import DOMAIN, MESSAGES, SELECTOR, T
 
 from postkeep import signing_keys
@@ -78,3 +89,63 @@ def test_opendkim_verifies_and_rejects_a_changed_body_byte(
     tampered = signed[:body_at] + b"X\r\n" + signed[body_at:]
     verdict = _verify(opendkim, tmp_path, key, tampered)
     assert "failed" in verdict and "succeeded" not in verdict, verdict
+
+
+# --- every corpus message, signed by the milter ------------------------------
+
+SIGNATURE = re.compile(rb"DKIM-Signature:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+CASES = [c.name for c in corpus.build("s@x.example", "t")]
+
+
+@pytest.fixture(scope="module")
+def dual_domain(stack: Stack) -> str:
+    """A domain whose mail the milter signs twice: RSA (selector s1), Ed25519 (ed1).
+    Both keys exist before its first message, so the milter loads both at once."""
+    _, domain = stack.new_org("pro")
+    with stack.connect() as conn:
+        dkim_keys.create_key(conn, stack.master_key(), domain, "ed1", "ed25519-sha256",
+                             active_from=datetime.now(UTC))
+    return domain
+
+
+def _opendkim_alone(opendkim: str, tmp: Path, stack: Stack, domain: str, message: bytes,
+                    keep: int) -> str:
+    """OpenDKIM's verdict on MESSAGE with every DKIM-Signature but the KEEP-th removed."""
+    at = message.index(b"\r\n\r\n") + 2
+    head, body = message[:at], message[at:]
+    signatures = list(SIGNATURE.finditer(head))
+    for i, m in reversed(list(enumerate(signatures))):
+        if i != keep:
+            head = head[:m.start()] + head[m.end():]
+    records = {name: value for name, value in stack.public_keys().items()
+               if name.endswith(f"._domainkey.{domain}.".encode())}
+    (tmp / "keys").write_text("".join(f"{n.decode().rstrip('.')} {v.decode()}\n"
+                                      for n, v in records.items()))
+    (tmp / "opendkim.conf").write_text(
+        f"Mode v\nTestPublicKeys {tmp / 'keys'}\nSyslog no\nLogResults yes\n")
+    (tmp / "msg.eml").write_bytes(head + body)
+    r = subprocess.run([opendkim, "-x", str(tmp / "opendkim.conf"), "-t", str(tmp / "msg.eml")],
+                       capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("case_name", CASES)
+def test_opendkim_verifies_both_signatures_the_milter_put_on_every_corpus_message(
+        opendkim: str, stack: Stack, dual_domain: str, tmp_path: Path, case_name: str) -> None:
+    token = uuid.uuid4().hex
+    sender = f"sender@{dual_domain}"
+    case = next(c for c in corpus.build(sender, token) if c.name == case_name)
+    smtp.send(*stack.smtp, sender, list(case.rcpts), case.data)
+    delivered = stack.sink_copy(f"{token}-{case_name}")
+    head = delivered[:delivered.index(b"\r\n\r\n") + 2]
+    selectors = [re.search(rb"[; ]s=([^;]+);", re.sub(rb"\r\n[ \t]+", b" ", m.group()))
+                 for m in SIGNATURE.finditer(head)]
+    assert [m.group(1) if m else None for m in selectors] == [b"s1", b"ed1"], head[:2000]
+    body_at = delivered.index(b"\r\n\r\n") + 4
+    tampered = delivered[:body_at] + b"X\r\n" + delivered[body_at:]
+    for keep, selector in enumerate(("s1", "ed1")):
+        verdict = _opendkim_alone(opendkim, tmp_path, stack, dual_domain, delivered, keep)
+        assert f"verification (s={selector}, d={dual_domain}," in verdict, verdict
+        assert "succeeded" in verdict and "failed" not in verdict, verdict
+        verdict = _opendkim_alone(opendkim, tmp_path, stack, dual_domain, tampered, keep)
+        assert "failed" in verdict and "succeeded" not in verdict, verdict

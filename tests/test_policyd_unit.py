@@ -3,6 +3,8 @@
 Protocol framing with golden requests as Postfix 3.7 sends them and hostile
 input; decisions and local (degraded) counting with an injected clock across
 window roll-over; the server on loopback with a fake backend that can stall.
+Lease mode, which needs the real rate_lease(), is tested on the stack
+(tests/test_policyd_lease_windows.py), as is LocalCounters against rate_consume().
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import pytest
 from postkeep.config import parse
 from postkeep.policyd.decide import (
     DUNNO,
-    LeaseBook,
     LocalCounters,
     plan,
     verdict,
@@ -195,10 +196,14 @@ def test_local_counts_a_message_once_and_expires_reservations() -> None:
 
 
 class FakeBackend:
-    """Counts in memory like the database; `stall` makes every call hang."""
+    """A stand-in for PostgreSQL that counts messages by the plainest rule there is,
+    so that these tests' expectations do not rest on LocalCounters (the code
+    under test in degraded mode): each new instance at DATA or END-OF-MESSAGE is
+    one message against messages_per_hour; nothing expires, no other kind counts.
+    `stall` makes every call hang."""
 
     def __init__(self) -> None:
-        self.local = LocalCounters(processes=1)
+        self.messages: set[str] = set()
         self.stall = False
         self.broken = 0  # this many calls fail as on connections a restart broke
         self.orgs = {("domain", "acme.example"): ORG}
@@ -218,7 +223,15 @@ class FakeBackend:
                       size: int, ttl_seconds: int) -> Outcome:
         if self.stall:
             await asyncio.sleep(3600)
-        return self.local.consume(stage, org, instance, recipients, size, T0)
+        used, limit = len(self.messages), org.messages_per_hour
+        assert limit is not None
+        if stage != "check" and instance in self.messages:
+            return Outcome("dup")
+        if used + 1 > limit:
+            return Outcome("over", "messages", used, limit)
+        if stage != "check":
+            self.messages.add(instance)
+        return Outcome("ok")
 
     async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
         raise AssertionError("no organisation of this backend is in lease mode")
@@ -376,122 +389,6 @@ def test_local_expiry_gives_back_only_unsettled_reservations_in_order() -> None:
     later = t + timedelta(minutes=11, seconds=30)
     assert local.consume("reserve", org, "d", 1, 0, later).result == "ok"
     assert local.consume("reserve", org, "e", 1, 0, later).result == "over"
-
-
-class SharedCounter:
-    """rate_lease()'s rule in memory: the block if the limit leaves it, else the need."""
-
-    def __init__(self) -> None:
-        self.used: dict[tuple[object, str, datetime], int] = {}
-
-    def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
-        grants = []
-        for w in wants:
-            key = (org.org_id, w.kind, w.window)
-            used, limit = self.used.get(key, 0), org.limit(w.kind)
-            grant = (w.want if limit is None or limit - used >= w.want
-                     else w.need if limit - used >= w.need else 0)
-            self.used[key] = used + grant
-            grants.append(Grant(w.kind, w.window, grant, used))
-        return grants
-
-    def release(self, org_id: object, unspent: list[Unspent]) -> None:
-        for u in unspent:
-            self.used[(org_id, u.kind, u.window)] -= u.units
-
-
-def leased_decision(book: LeaseBook, shared: SharedCounter, stage: str, org: OrgLimits,
-                    instance: str, recipients: int, size: int, now: datetime) -> Outcome:
-    for g in shared.lease(org, book.shortfall(stage, org, instance, recipients, size, now)):
-        book.grant(org.org_id, g.kind, g.window, g.granted, now)
-    return book.consume(stage, org, instance, recipients, size, now)
-
-
-def test_lease_books_never_admit_more_than_the_limit_and_strand_at_most_a_block_each() -> None:
-    import random
-
-    org = OrgLimits(uuid.uuid4(), "big", "enterprise", 1000, None, None)
-    shared = SharedCounter()
-    books = [LeaseBook(0.05, timedelta(seconds=2)) for _ in range(3)]  # blocks of 50
-    rng = random.Random(7)
-    admitted, first_refusal = 0, None
-    for i in range(1500):
-        book = rng.choice(books)
-        if leased_decision(book, shared, "reserve", org, f"m{i}", 1, 0, T0).result == "ok":
-            admitted += 1
-        elif first_refusal is None:
-            first_refusal = admitted
-    assert admitted <= 1000
-    assert first_refusal is not None and first_refusal >= 1000 - (3 - 1) * 50
-    # every unspent unit goes back when the books stop; then the counter is what was admitted
-    for book in books:
-        for oid, unspent in book.unspent(T0, everything=True).items():
-            shared.release(oid, unspent)
-    hour = Windows().start("messages", T0)
-    assert shared.used[(org.org_id, "messages", hour)] == admitted
-    # and what is left is admissible again, exactly
-    for i in range(100):
-        admitted += leased_decision(books[i % 3], shared, "reserve", org, f"n{i}", 1, 0,
-                                    T0).result == "ok"
-    assert admitted == 1000
-
-
-def test_lease_book_counts_once_gives_back_idle_units_and_forgets_ended_windows() -> None:
-    org = OrgLimits(uuid.uuid4(), "big", "enterprise", 100, 1000, 10**6)
-    shared = SharedCounter()
-    book = LeaseBook(0.1, timedelta(seconds=2), ttl=timedelta(minutes=15))
-    assert book.shortfall("reserve", org, "a", 3, 0, T0) == [
-        Want("messages", datetime(2026, 11, 25, 10, tzinfo=UTC), 1, 10),
-        Want("recipients", datetime(2026, 11, 25, tzinfo=UTC), 3, 100)]
-    assert leased_decision(book, shared, "reserve", org, "a", 3, 0, T0).result == "ok"
-    assert book.shortfall("reserve", org, "a", 3, 0, T0) == []  # a duplicate needs nothing
-    assert leased_decision(book, shared, "reserve", org, "a", 3, 0, T0).result == "dup"
-    # END-OF-MESSAGE needs only the bytes
-    [want] = book.shortfall("settle", org, "a", 3, 5000, T0)
-    assert (want.kind, want.need, want.want) == ("bytes", 5000, 100000)
-    assert leased_decision(book, shared, "settle", org, "a", 3, 5000, T0).result == "ok"
-    assert book.unspent(T0 + timedelta(seconds=1)) == {}  # not idle yet
-    back = book.unspent(T0 + timedelta(seconds=2))[org.org_id]
-    assert sorted((u.kind, u.units) for u in back) == [
-        ("bytes", 95000), ("messages", 9), ("recipients", 97)]
-    # an unsettled reservation that expires gives its units back to the book, then to the
-    # shared counter
-    assert leased_decision(book, shared, "reserve", org, "b", 2, 0, T0).result == "ok"
-    book.unspent(T0, everything=True)
-    later = T0 + timedelta(minutes=16)  # 11:15:30: a new hour; b's reservation expired
-    assert leased_decision(book, shared, "check", org, "", 0, 0, later).result == "ok"
-    back = book.unspent(later, everything=True)[org.org_id]
-    # b's 2 recipients (the day goes on) and the new hour's block; the ended hour's
-    # block is forgotten, never given back
-    assert {(u.kind, u.window.hour, u.units) for u in back} == {
-        ("recipients", 0, 2), ("messages", 11, 10)}
-
-
-def test_service_in_lease_mode_asks_the_backend_once_per_block() -> None:
-    class LeaseBackend(FakeBackend):
-        def __init__(self) -> None:
-            super().__init__()
-            self.shared = SharedCounter()
-            self.leases = 0
-            self.orgs = {("domain", "big.example"):
-                         OrgLimits(uuid.uuid4(), "big", "enterprise", 100, None, None)}
-
-        async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
-            self.leases += 1
-            return self.shared.lease(org, wants)
-
-    async def run() -> tuple[list[str], int]:
-        backend = LeaseBackend()
-        service = make_service(backend, lease_tiers=["enterprise"], lease_fraction=0.1)
-        answers = [await service.decide(attrs("DATA", f"m{i}", sender="a@big.example",
-                                               recipient_count="1")) for i in range(101)]
-        return answers, backend.leases
-
-    answers, leases = asyncio.run(run())
-    assert answers[:100] == [DUNNO] * 100
-    assert answers[100].startswith("DEFER_IF_PERMIT 4.7.1 Rate limit: big: messages per hour"
-                                   " limit of the enterprise tier reached (100 of 100)")
-    assert leases == 11  # ten blocks of 10, and the refusal
 
 
 def test_completed_messages_are_forgotten_after_settled_ttl_behind_a_stuck_one() -> None:

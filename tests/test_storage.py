@@ -3,13 +3,16 @@
 Unit tests cover the pure pieces (expiry stamping, content decompression
 across frames, the reader's filter); stack tests check what operators rely
 on: migrations that can be re-run, captures that read back unchanged,
-unlimited metadata in the partition that is never dropped, and row-level
-security that keeps one organisation's dashboard out of another's messages.
+content the milter stored (sent through Postfix, never written by the test)
+restoring to what the next hop received, unlimited metadata in the
+partition that is never dropped, and row-level security that keeps one
+organisation's dashboard out of another's messages.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,8 +20,10 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from conftest import StoreMessage, TestOrg, act_as, dashboard_role, zstd_frames
+from support.captured import awkward_message, send_captured
+from support.stack import Stack
 
-from postkeep.storage.content import restore
+from postkeep.storage.content import container, restore
 from postkeep.storage.content.objects import MemoryObjectStore, S3ObjectStore, read_all
 from postkeep.storage.metadata import messages, migrate
 from postkeep.storage.metadata.db import BackendError
@@ -150,16 +155,24 @@ def test_record_capture_reads_back_unchanged(
 
 
 @pytest.mark.stack
-def test_content_round_trips_through_s3(
-    objects: S3ObjectStore, make_org: Callable[..., TestOrg], store_message: StoreMessage
+@pytest.mark.parametrize("attachment", [0, 300_000], ids=["plain object", "container"])
+def test_content_the_milter_stored_restores_exactly(
+    stack: Stack, objects: S3ObjectStore, make_org: Callable[..., TestOrg], attachment: int
 ) -> None:
-    headers = b"From: x@example.com\r\n Folded: keeps its leading space\r\n\r\n"
-    body = b"\x00\xff 8-bit body\r\n" * 50_000
-    m = store_message(make_org(), parts=(headers, body))
-    assert read_all(objects, m.object_key)[:4] == b"\x28\xb5\x2f\xfd"  # zstd magic
-    restored = b"".join(restore.restore(objects, m.object_key))
+    """Objects written by the real capture path (through Postfix), not by the test:
+    restore must give back what the next hop received, whichever format the
+    milter chose (plain zstd frames; a container whose large part is an object
+    of its own)."""
+    org = make_org()
+    token = uuid.uuid4().hex
+    sender = f"s@{org.domain}"
+    m = send_captured(stack, sender, awkward_message(sender, token, os.urandom(attachment)),
+                      token)
+    magic = container.MAGIC if attachment else b"\x28\xb5\x2f\xfd"  # zstd frame magic
+    assert read_all(objects, m.object_key)[:4] == magic
+    restored = b"".join(restore.restore(objects, m.object_key, chunk_size=4096))
     assert hashlib.sha256(restored).digest() == m.sha256
-    assert restored == headers + body
+    assert restored == m.delivered
 
 
 @pytest.mark.stack
