@@ -1,4 +1,4 @@
--- 0012: the RCPT check no longer counts reservations that have expired.
+-- 0013: the RCPT check no longer counts reservations that have expired.
 --
 -- rate_consume()'s 'check' stage (RCPT) read the counters as they were, but
 -- units of a message that reserved at DATA and never completed go back to
