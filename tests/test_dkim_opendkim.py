@@ -100,11 +100,17 @@ CASES = [c.name for c in corpus.build("s@x.example", "t")]
 @pytest.fixture(scope="module")
 def dual_domain(stack: Stack) -> str:
     """A domain whose mail the milter signs twice: RSA (selector s1), Ed25519 (ed1).
-    Both keys exist before its first message, so the milter loads both at once."""
-    _, domain = stack.new_org("pro")
-    with stack.connect() as conn:
+
+    Both keys are committed in one transaction: the milter's background reload
+    sees both or neither (then its first message forces a reload), never the
+    RSA key alone for a reload period."""
+    _, domain = stack.new_org("pro", dkim=False)
+    with stack.connect() as conn, conn.transaction():
+        now = datetime.now(UTC)
+        dkim_keys.create_key(conn, stack.master_key(), domain, "s1", "rsa-sha256",
+                             active_from=now)
         dkim_keys.create_key(conn, stack.master_key(), domain, "ed1", "ed25519-sha256",
-                             active_from=datetime.now(UTC))
+                             active_from=now)
     return domain
 
 
