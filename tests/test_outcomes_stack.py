@@ -525,11 +525,14 @@ def test_storage_metrics_count_reports_statuses_and_lag(stack: Stack, fake_mx: F
         time.sleep(0.2)
     assert not short, {s: (before[s], value(text, s, missing=0.0)) for s in short}
     assert "postkeep_storage_unmatched_reports_total" in text
-    # The sidecar's upkeep jobs ran at its start, and succeeded: only the
-    # sidecar raises these, so >= 1 fails if they never ran or always failed.
-    assert value(text, 'postkeep_storage_upkeep_runs_total{job="report-partitions",result="ok"}'
-                 ) >= 1
-    assert value(text, 'postkeep_storage_upkeep_runs_total{job="dictionaries",result="ok"}') >= 1
+    # The sidecar's upkeep jobs run at its start and succeed: only the sidecar
+    # raises these, so this fails if they never run or always fail.  An
+    # earlier test may have restarted the sidecar a moment ago, and a job's
+    # first run (dictionaries over every organisation) takes a while: poll.
+    jobs = [f'postkeep_storage_upkeep_runs_total{{job="{job}",result="ok"}}'
+            for job in ("report-partitions", "dictionaries", "orphans")]
+    until(lambda: all(value(scrape(), j, missing=0.0) >= 1 for j in jobs),
+          f"the sidecar's upkeep jobs to succeed once: {jobs}", 120)
 
 
 def _flush(stack: Stack) -> None:

@@ -294,7 +294,9 @@ def test_outages_with_kills_lose_and_duplicate_nothing(stack: Stack) -> None:
     during = sent[phases["minio stopped"] + 50:phases["postgres started"]]
     assert sum(s.accepted for s in during) > 0.8 * len(during), (
         "most mail during the outage should have been accepted into the spool")
-    assert sent[-1].accepted or sent[-2].accepted
+    # Mail is accepted again after the restarts: shown above by waiting for 300
+    # accepted messages (accepted_from).  Which of the 8 senders' last messages
+    # came back first is timing, not an outcome.
     _assert_stored_exactly_once(stack, org_id, accepted)
     assert list(spool.quarantine_dir.iterdir()) == []
     log = Path(stack.env["POSTKEEP_STACK_DIR"], "storage", "storage.log").read_text()
