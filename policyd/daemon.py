@@ -78,8 +78,8 @@ async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
     host = pcfg.listen_host if sock is None else sock.getsockname()[0]
     upkeep = asyncio.create_task(service.lease_upkeep()) if pcfg.lease_tiers else None
     log.info("postkeep-policyd listening on %s:%d%s (degraded mode %s, shadow %s, lease tiers"
-             " %s, config %s)", host, port, " (inherited socket)" if sock else "", pcfg.degraded_mode, pcfg.shadow,
-             ",".join(pcfg.lease_tiers) or "none", cfg.source)
+             " %s, config %s)", host, port, " (inherited socket)" if sock else "",
+             pcfg.degraded_mode, pcfg.shadow, ",".join(pcfg.lease_tiers) or "none", cfg.source)
     notify_systemd("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
