@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import click
@@ -25,10 +28,45 @@ from postkeep.process import notify_systemd, split_hostport
 
 log = logging.getLogger("postkeep.policyd")
 
+# sd_listen_fds(3): systemd passes sockets from fd 3 on.
+LISTEN_FDS_START = 3
 
 
+def inherited_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd's socket activation passed us, else None.
 
-async def serve(cfg: Config) -> None:
+    As sd_listen_fds(3): only if LISTEN_PID names this process (the variables
+    may have been inherited by a child that was not meant to have them); the
+    variables are then removed so nothing this process starts inherits them.
+    policyd listens on one socket: LISTEN_FDS other than 1, or fd 3 not a
+    listening stream socket, is a configuration error.  While systemd holds the
+    socket, Postfix's connections wait in its backlog across a restart of
+    policyd instead of being refused (README, "When policyd is down").
+    """
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()) or "LISTEN_FDS" not in env:
+        return None
+    count = env.pop("LISTEN_FDS")
+    env.pop("LISTEN_PID", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if count != "1":
+        raise ConfigError(f"LISTEN_FDS={count!r}: postkeep-policyd takes exactly one socket"
+                          " (one ListenStream= in postkeep-policyd.socket)")
+    try:
+        sock = socket.socket(fileno=LISTEN_FDS_START)
+    except OSError as exc:
+        raise ConfigError(f"LISTEN_FDS=1 but fd {LISTEN_FDS_START} is not a socket: {exc}"
+                          ) from exc
+    os.set_inheritable(LISTEN_FDS_START, False)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ConfigError(f"fd {LISTEN_FDS_START} passed by LISTEN_FDS is not a listening"
+                          " stream socket")
+    return sock
+
+
+async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     pcfg = cfg.policyd
     backend = PgBackend(cfg)
@@ -36,11 +74,12 @@ async def serve(cfg: Config) -> None:
     service = PolicyService(cfg, backend)
     server = PolicyServer(service.decide, Limits(pcfg.max_line_bytes, pcfg.max_request_bytes,
                                                  pcfg.max_attributes), pcfg.read_timeout_seconds)
-    port = await server.start(pcfg.listen_host, pcfg.listen_port)
+    port = await server.start(pcfg.listen_host, pcfg.listen_port, sock)
+    host = pcfg.listen_host if sock is None else sock.getsockname()[0]
     upkeep = asyncio.create_task(service.lease_upkeep()) if pcfg.lease_tiers else None
-    log.info("postkeep-policyd listening on %s:%d (degraded mode %s, shadow %s, lease tiers"
-             " %s, config %s)", pcfg.listen_host, port, pcfg.degraded_mode, pcfg.shadow,
-             ",".join(pcfg.lease_tiers) or "none", cfg.source)
+    log.info("postkeep-policyd listening on %s:%d%s (degraded mode %s, shadow %s, lease tiers"
+             " %s, config %s)", host, port, " (inherited socket)" if sock else "",
+             pcfg.degraded_mode, pcfg.shadow, ",".join(pcfg.lease_tiers) or "none", cfg.source)
     notify_systemd("READY=1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,6 +122,7 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
                                                                        **overrides))
         metrics_host, metrics_port = split_hostport("policyd.metrics_listen",
                                                      cfg.policyd.metrics_listen)
+        sock = inherited_socket()
     except ConfigError as exc:
         click.echo(f"postkeep-policyd: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -99,4 +139,4 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     from prometheus_client import start_http_server
 
     start_http_server(metrics_port, addr=metrics_host)
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, sock))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 
@@ -36,9 +37,13 @@ class PolicyServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._idle: set[asyncio.Task[None]] = set()  # waiting for a new request
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on HOST:PORT; returns the port (0 picks a free one)."""
-        self._server = await asyncio.start_server(self._serve, host, port, backlog=1024)
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listen on HOST:PORT, or on SOCK if given (a listening socket passed in by
+        systemd's socket activation); returns the port (0 picks a free one)."""
+        if sock is not None:
+            self._server = await asyncio.start_server(self._serve, sock=sock, backlog=1024)
+        else:
+            self._server = await asyncio.start_server(self._serve, host, port, backlog=1024)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float = 5.0) -> None:

@@ -112,7 +112,8 @@ def test_shipped_bundle_has_the_product_settings() -> None:
     assert values["smtpd_end_of_data_restrictions"] == policy
     assert "smtpd_relay_restrictions" not in values
     assert values["smtpd_policy_service_default_action"] == "DUNNO"
-    assert values["smtpd_policy_service_timeout"] == "10s"
+    assert values["smtpd_policy_service_timeout"] == "5s"
+    assert values["smtpd_policy_service_try_limit"] == "2"  # README, "When policyd is down"
 
 
 @pytest.mark.unit
