@@ -243,7 +243,8 @@ def test_messages_list_filters(
 
     def ids(*args: str) -> list[str]:
         """The ids `messages list --json ARGS` prints."""
-        return [m["id"] for m in json.loads(_ok(run("messages", "list", "--json", *args)).stdout)["messages"]]
+        page = json.loads(_ok(run("messages", "list", "--json", *args)).stdout)
+        return [m["id"] for m in page["messages"]]
 
     assert ids("--org", org.name) == [str(recent.id), str(older.id), str(oldest.id)]
     assert ids("--org", str(org.id), "--limit", "2") == [str(recent.id), str(older.id)]
