@@ -74,7 +74,19 @@ def _org_row(db: psycopg.Connection, org_id: uuid.UUID) -> tuple[object, ...] | 
 
 def test_org_set_changes_tier_overrides_and_forward_failures(
         run: Invoke, db: psycopg.Connection, make_org: Callable[..., TestOrg]) -> None:
-    org = make_org("free")
+    org, legacy = make_org("free"), make_org("free")
+    # another organisation already in conflict (written by SQL before these
+    # commands existed) must not block changes to this one
+    db.execute("UPDATE organisations SET content_days = 100, metadata_days = 10 WHERE id = %s",
+               (legacy.id,))
+    try:
+        _org_set_checks(run, db, org)
+    finally:  # other tests may list organisations
+        db.execute("UPDATE organisations SET content_days = NULL, metadata_days = NULL"
+                   " WHERE id = %s", (legacy.id,))
+
+
+def _org_set_checks(run: Invoke, db: psycopg.Connection, org: TestOrg) -> None:
     _ok(run("org", "set", org.name, "--tier", "basic", "--content-days", "20",
             "--messages-per-hour", "55", "--bytes-per-day", "1000000",
             "--forward-failures", "on"))

@@ -103,7 +103,10 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
     the log.  Exit 3 if a backend is still down (entries stay).
     """
     cfg = _config(ctx)
-    st = Spool(cfg.milter.outage_spool_directory).status()
+    try:
+        st = Spool(cfg.milter.outage_spool_directory).status()
+    except OSError as exc:
+        fail(f"spool {cfg.milter.outage_spool_directory}: {exc.strerror or exc}")
     what = (f"store {min(st.entries, limit) if limit else st.entries} spooled entries"
             f" ({st.bytes} bytes in {st.directory}) and remove each from the spool once stored")
     if dry_run:

@@ -199,14 +199,18 @@ def _set(conn: psycopg.Connection, table: str, key: str, ident: object,
     return cur.rowcount == 1
 
 
-def retention_conflicts(conn: psycopg.Connection) -> list[tuple[str, int, int]]:
-    """(organisation, content days, metadata days) where content would outlive metadata."""
+def retention_conflicts(conn: psycopg.Connection, *, org_id: uuid.UUID | None = None,
+                        tier: str | None = None) -> list[tuple[str, int, int]]:
+    """(organisation, content days, metadata days) where content would outlive
+    metadata, among ORG_ID or the organisations on TIER."""
     return [(o.name, o.content_days, o.metadata_days) for o in list_organisations(conn)
-            if o.metadata_days is not None and o.content_days > o.metadata_days]
+            if (o.id == org_id or o.tier == tier)
+            and o.metadata_days is not None and o.content_days > o.metadata_days]
 
 
-def _refuse_conflicts(conn: psycopg.Connection) -> None:
-    bad = retention_conflicts(conn)
+def _refuse_conflicts(conn: psycopg.Connection, *, org_id: uuid.UUID | None = None,
+                      tier: str | None = None) -> None:
+    bad = retention_conflicts(conn, org_id=org_id, tier=tier)
     if bad:
         name, content, metadata = bad[0]
         raise ValueError(f"organisation {name!r} would keep content {content} days but"
@@ -222,7 +226,7 @@ def update_tier(conn: psycopg.Connection, name: str, changes: dict[str, int | No
     with conn.transaction():
         if not _set(conn, "tiers", "name", name, dict(changes), TIER_COLUMNS):
             return False
-        _refuse_conflicts(conn)
+        _refuse_conflicts(conn, tier=name)
     return True
 
 
@@ -265,7 +269,7 @@ def update_organisation(conn: psycopg.Connection, org_id: uuid.UUID,
     with conn.transaction():
         _set(conn, "organisations", "id", org_id, dict(changes),
              ("tier", *OVERRIDE_COLUMNS, *ORG_FLAGS))
-        _refuse_conflicts(conn)
+        _refuse_conflicts(conn, org_id=org_id)
 
 
 def rename_organisation(conn: psycopg.Connection, org_id: uuid.UUID, new_name: str) -> None:
