@@ -93,7 +93,7 @@ def main() -> int:
           f"{args.count / wrote:.0f} spool writes/s (fsync'd)")
     venv = Path(sys.executable).parent
     started = time.monotonic()
-    result = subprocess.run([str(venv / "postkeep"), "spool", "drain", "--batch",
+    result = subprocess.run([str(venv / "postkeep"), "spool", "drain", "--yes", "--batch",
                              str(args.batch)], cwd="/", capture_output=True, text=True)
     took = time.monotonic() - started
     print(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "")

@@ -86,7 +86,7 @@ def test_dkim_retire_stops_signing_and_publishing(stack: Stack, postkeep: Run) -
     refused = _refused(postkeep("dkim", "retire", domain, "s9"))
     assert refused == f"postkeep: no key with selector 's9' for domain '{domain}'"
 
-    out = _ok(postkeep("dkim", "retire", domain, "S1"))
+    out = _ok(postkeep("dkim", "retire", "--yes", domain, "S1"))
     assert out.startswith(f"{domain} s1 (rsa-sha256): retired from ")
     retired_at = datetime.fromisoformat(out.strip().rsplit(" ", 1)[1])
     with stack.connect() as conn:
@@ -254,13 +254,13 @@ def test_dict_sweep_deletes_only_versions_no_message_needs(
     # version stays marked and its object stays, for the next sweep to finish.
     secret = stack.env["POSTKEEP_S3_SECRET_KEY"]
     config = _config_with(stack, tmp_path, f'secret_key = "{secret}"', 'secret_key = "wrong"')
-    refused = _refused(postkeep("dict", "sweep", config=config))
+    refused = _refused(postkeep("dict", "sweep", "--yes", config=config))
     assert refused.startswith("postkeep: s3: delete dictionaries/"), refused
     assert "SignatureDoesNotMatch" in refused, refused
     assert states() == {1: "deleting", 2: "retired", 3: "current"}
     assert stack.stored(keys[1]) == b"dictionary"
 
-    out = _ok(postkeep("dict", "sweep"))
+    out = _ok(postkeep("dict", "sweep", "--yes"))
     assert out.endswith(" dictionary versions deleted\n") and int(out.split()[0]) >= 1, out
     assert states() == {2: "retired", 3: "current"}
     assert [o.object_name for o in objects.client.list_objects(

@@ -218,7 +218,7 @@ def test_cli_show_reset_and_shadow_take_effect_without_restart(
     assert asyncio.run(answers(3, 2)) == ["DUNNO", "DUNNO"]  # decided, logged, not deferred
     assert postkeep_cli(config, "limits", "shadow", org.name, "inherit").returncode == 0
     assert asyncio.run(answers(5, 1))[0].startswith("DEFER_IF_PERMIT 4.7.1")
-    assert postkeep_cli(config, "limits", "reset", org.name).returncode == 0
+    assert postkeep_cli(config, "limits", "reset", "--yes", org.name).returncode == 0
     assert asyncio.run(answers(6, 1)) == ["DUNNO"]
     missing = postkeep_cli(config, "limits", "show", "no-such-org")
     assert missing.returncode == 1 and "no organisation 'no-such-org'" in missing.stderr

@@ -127,10 +127,10 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
         day = (stamp - timedelta(days=30)).date()
 
     # Erasure under the hold is refused, naming it; elsewhere it goes ahead.
-    refused = _postkeep("erase", "--org", held_name, "--address", "erin@sink.test")
+    refused = _postkeep("erase", "--yes", "--org", held_name, "--address", "erin@sink.test")
     assert refused.returncode == 1
     assert f"hold {hold_id} on org {held_name} (litigation 42)" in refused.stderr
-    erased = _postkeep("erase", "--org", free_name, "--address", "erin@sink.test")
+    erased = _postkeep("erase", "--yes", "--org", free_name, "--address", "erin@sink.test")
     assert erased.returncode == 0, erased.stderr
     assert erased.stdout.startswith("erased 1 messages of erin@sink.test")
 
@@ -195,7 +195,7 @@ def test_mail_through_postfix_expires_is_held_and_erased(stack: Stack) -> None:
     assert "content:             content erased on request" in show.stdout
 
     # Released: the next run applies the retention the hold held back.
-    assert _postkeep("hold", "remove", str(hold_id)).returncode == 0
+    assert _postkeep("hold", "remove", "--yes", str(hold_id)).returncode == 0
     run = _postkeep("retention", "run", "--content-expiry", "sweep")
     assert run.returncode == 0, run.stdout + run.stderr
     with stack.connect() as conn:

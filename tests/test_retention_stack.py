@@ -358,7 +358,7 @@ def test_cli_hold_list_stats_and_lifecycle_show(
                                          org.name, "--address", "zed@example.net",
                                          "--reason", "dup"])
     assert again.exit_code == 1 and "already active" in again.stderr
-    run("hold", "remove", str(hold_id))
+    run("hold", "remove", "--yes", str(hold_id))
     assert "releasing" in run("hold", "list", "--org", org.name, "--all")
     gone = CliRunner().invoke(cli.cli, ["--config", config_path, "hold", "remove",
                                         str(hold_id)])

@@ -198,7 +198,7 @@ def _wait_until_captured(stack: Stack, domain: str, timeout: float = 120) -> Non
         assert time.monotonic() < deadline, "the milter never captured directly again"
         time.sleep(1)
     if _spool(stack).entries():
-        result = _cli(stack, "spool", "drain", "--wait", "60")
+        result = _cli(stack, "spool", "drain", "--yes", "--wait", "60")
         assert result.returncode == 0, result.stderr
 
 
@@ -372,7 +372,7 @@ def test_postgres_down_known_sender_spools_unknown_one_tempfails(stack: Stack) -
     with _sidecar_stopped(stack):
         reply, err = _known_and_unknown_while_postgres_is_down(stack, known, never_seen, token,
                                                                refused)
-        drained = _cli(stack, "spool", "drain")
+        drained = _cli(stack, "spool", "drain", "--yes")
     assert err.value.reply.code == 451 and err.value.reply.text == (
         "4.3.0 postkeep: metadata database (postgres) unavailable, message not accepted;"
         " try again later")
@@ -393,8 +393,8 @@ def _known_and_unknown_while_postgres_is_down(
                       _message(never_seen, refused, 2))
         status = json.loads(_cli(stack, "spool", "status", "--json").stdout)
         assert status["entries"] == 1 and status["enabled"] is True
-        down = _cli(stack, "spool", "drain")
-        assert down.returncode == 1 and "postgres unavailable" in down.stderr, down.stderr
+        down = _cli(stack, "spool", "drain", "--yes")
+        assert down.returncode == 3 and "postgres unavailable" in down.stderr, down.stderr
     finally:
         stack.stack_ctl("start", "postgres")
     return reply, err
@@ -423,7 +423,7 @@ def _damage_and_drain(stack: Stack, spool: Spool, domain: str, tokens: list[str]
     victim.write_bytes(victim.read_bytes()[:-100])  # truncated
     garbage = spool.dir / f"{uuid.uuid4()}.spool"
     garbage.write_bytes(b"\x00" * 17)
-    result = _cli(stack, "spool", "drain")
+    result = _cli(stack, "spool", "drain", "--yes")
     assert result.returncode == 0, result.stderr
     assert f"file={victim}" in result.stderr and f"file={garbage}" in result.stderr
     assert "quarantined" in result.stderr

@@ -218,7 +218,7 @@ def test_tenant_cli_grants_lists_refuses_and_revokes(
     assert code == 1 and "no database role 'no_such_role_here'" in err
     assert db.execute("SELECT count(*) FROM tenant_roles WHERE role_name IN (%s, %s)",
                       (stack_env.pg_user, "no_such_role_here")).fetchone() == (0,)
-    code, out, _ = run("revoke", login_role.role)
+    code, out, _ = run("revoke", "--yes", login_role.role)
     assert code == 0
     member = db.execute("SELECT pg_has_role(%s, 'postkeep_tenant', 'MEMBER')",
                         (login_role.role,)).fetchone()

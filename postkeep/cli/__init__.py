@@ -57,7 +57,11 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Entry point: configuration errors are one line naming the key, exit 2."""
+    """Entry point: configuration errors are one line naming the key, exit 2;
+    a backend failure no command caught is one line too, exit 3 if unreachable
+    (the statuses are postkeep.cli.common's)."""
+    from postkeep.cli.common import BACKEND_ERRORS, backend_message
+
     _register()
     try:
         # Outside standalone mode click returns (not raises) the status of an
@@ -73,5 +77,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except BACKEND_ERRORS as exc:
+        line, code = backend_message(exc)
+        click.echo(f"postkeep: {line}", err=True)
+        sys.exit(code)
     if isinstance(status, int) and status != 0:
         sys.exit(status)

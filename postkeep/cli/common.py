@@ -5,27 +5,46 @@ opens one autocommit connection (`session`), calls a reader or writer in
 `postkeep.storage` and hands the plain values to a small pure formatting or
 parsing function, which the unit tests exercise without any server.
 
-Failures are one line on stderr and exit status 1 (`fail`): a backend failure
-as `postkeep: postgres: …` (or `s3`), anything the operator typed wrong as
-`postkeep: …` naming the offending value.  Configuration errors propagate to
-`postkeep.cli.main`, which reports them with exit status 2.
+Failures are one line on stderr.  Exit statuses, decided here and nowhere
+else (README, "The postkeep command"):
+
+- 1 (`EXIT_FAILED`): not found, refused, or not confirmed: `postkeep: …`
+  naming the offending value;
+- 2: usage errors (click's own) and configuration errors (`postkeep.cli.main`);
+- 3 (`EXIT_UNAVAILABLE`): a backend could not be reached (PostgreSQL refusing
+  connections or gone mid-command, S3 unreachable or answering 5xx):
+  `postkeep: postgres: …` or `postkeep: s3: …` (`backend_failure`).
+
+Destructive commands take `@destructive` (--yes, --dry-run) and call
+`confirm` before they change anything.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import psycopg
+import urllib3
+from minio.error import S3Error, ServerError
+from psycopg_pool import PoolTimeout
 
 from postkeep import config as config_mod
 from postkeep.storage.metadata import directory
 from postkeep.storage.metadata.db import BackendError, connect
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+# S3 error codes that mean "the service is not there right now", not "no such thing".
+_S3_UNAVAILABLE = {"ServiceUnavailable", "SlowDown", "InternalError", "RequestTimeout",
+                   "XMinioServerNotInitialized"}
 
 _RELATIVE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -73,11 +92,84 @@ def iso(when: datetime | None) -> str | None:
     return None if when is None else when.astimezone(UTC).isoformat()
 
 
-
-def fail(message: str) -> NoReturn:
-    """Print one `postkeep: …` line on stderr and exit 1."""
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print one `postkeep: …` line on stderr and exit CODE (1: not found, refused)."""
     click.echo(f"postkeep: {message}", err=True)
-    raise click.exceptions.Exit(1)
+    raise click.exceptions.Exit(code)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True if EXC (or what caused it) says a backend could not be reached.
+
+    Connection failures are psycopg's OperationalError (refused, reset, the
+    server shutting down), a pool timeout, and for S3 a transport error
+    (urllib3, OSError) or a 5xx answer.  An S3 4xx (NoSuchKey, AccessDenied)
+    or a SQL error is the backend answering: not "unavailable".
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, psycopg.OperationalError | PoolTimeout | ServerError):
+            return True
+        if isinstance(cur, S3Error):
+            return cur.code in _S3_UNAVAILABLE
+        if isinstance(cur, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+BACKEND_ERRORS = (BackendError, psycopg.Error, PoolTimeout, S3Error, ServerError,
+                  urllib3.exceptions.HTTPError)
+
+
+def backend_message(exc: BaseException) -> tuple[str, int]:
+    """The one line (without `postkeep: `) and the exit status for a backend failure."""
+    code = EXIT_UNAVAILABLE if unavailable(exc) else EXIT_FAILED
+    if isinstance(exc, BackendError):
+        return _first_line(exc), code
+    if isinstance(exc, psycopg.Error | PoolTimeout):
+        return f"postgres: {_first_line(exc)}", code
+    return f"s3: {_first_line(exc)}", code
+
+
+def backend_failure(exc: BaseException) -> NoReturn:
+    """One line naming the backend; exit 3 if it was unreachable, else 1."""
+    fail(*backend_message(exc))
+
+
+def destructive(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--yes and --dry-run for a command that deletes or removes something.
+
+    The command receives `yes` and `dry_run`; it describes what it would
+    change, returns after that under --dry-run, else calls `confirm`.
+    """
+    command = click.option("--dry-run", is_flag=True,
+                           help="Show what would change; change nothing.")(command)
+    return click.option("--yes", "-y", "yes", is_flag=True,
+                        help="Do not ask for confirmation.")(command)
+
+
+def confirm(what: str, yes: bool) -> None:
+    """Ask (on stderr, answer on stdin) before WHAT happens; exit 1 unless agreed.
+
+    Without a terminal, an answer can still be piped in; none (EOF) is a no.
+    """
+    if yes:
+        return
+    try:
+        agreed = click.confirm(f"{what}: go ahead?", default=False, err=True)
+    except click.exceptions.Abort:
+        agreed = False
+    if not agreed:
+        click.echo("", err=True)
+        fail("not confirmed, nothing changed (--yes skips the question)")
 
 
 @dataclass
@@ -97,11 +189,8 @@ def session(ctx: click.Context) -> Iterator[Session]:
         conn = connect(cfg.postgres)
         with conn:
             yield Session(cfg, conn)
-    except BackendError as exc:
-        fail(str(exc))
-    except psycopg.Error as exc:
-        text = str(exc).strip().splitlines()
-        fail(f"postgres: {text[0] if text else type(exc).__name__}")
+    except (BackendError, psycopg.Error) as exc:
+        backend_failure(exc)
 
 
 def find_org(conn: psycopg.Connection, name_or_id: str) -> directory.Organisation:
@@ -112,3 +201,41 @@ def find_org(conn: psycopg.Connection, name_or_id: str) -> directory.Organisatio
     return org
 
 
+
+
+# What Override returns for 'tier' (organisations) or 'unlimited' (tiers): NULL.
+CLEAR = "clear"
+
+
+class Override(click.ParamType[Any]):
+    """A number, or 'tier' (an organisation's: back to the tier's value), or
+    'unlimited' (a tier's: no limit); both return CLEAR, stored as NULL."""
+
+    name = "N|tier"
+
+    def __init__(self, minimum: int, allow_tier: bool = True) -> None:
+        self.minimum = minimum
+        self.allow_tier = allow_tier
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, int) or value is None:
+            return value
+        text = str(value).strip().lower()
+        if self.allow_tier and text in ("tier", "default", "inherit"):
+            return CLEAR  # NULL: the tier's value
+        if text in ("unlimited", "none") and not self.allow_tier:
+            return CLEAR  # NULL: no limit
+        try:
+            n = int(text)
+        except ValueError:
+            extra = "or 'tier'" if self.allow_tier else "or 'unlimited'"
+            self.fail(f"{value!r}: expected a whole number {extra}", param, ctx)
+        if n < self.minimum:
+            self.fail(f"{value!r}: must be at least {self.minimum}", param, ctx)
+        return n
+
+
+def changes_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The options given (not None), CLEAR as None (NULL in the row)."""
+    return {k: (None if v == CLEAR else v) for k, v in values.items() if v is not None}

@@ -8,11 +8,12 @@ message may need them (`dict sweep` removes the others).
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import click
 
-from postkeep.cli.common import fail, find_org, session
+from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
 from postkeep.storage.content import dictionaries
 from postkeep.storage.content.dictionaries import DictionaryError, DictionaryRow
 from postkeep.storage.content.objects import S3ObjectStore
@@ -29,6 +30,14 @@ def format_dictionaries(rows: list[DictionaryRow], names: dict[str, str]) -> str
                      f"  {r.state:8}  {r.size:>7}  {r.samples:>7}"
                      f"  {r.created_at:%Y-%m-%d %H:%M}  {needed}")
     return "\n".join(lines)
+
+
+def dictionary_to_json(r: DictionaryRow, names: dict[str, str]) -> dict[str, object]:
+    """A dictionary version as a JSON-ready dict (pure)."""
+    return {"org_id": str(r.org_id), "org": names.get(str(r.org_id)), "version": r.version,
+            "state": r.state, "size": r.size, "samples": r.samples, "dict_id": r.dict_id,
+            "created_at": iso(r.created_at),
+            "needed_until": None if r.needed_until.year <= 1970 else iso(r.needed_until)}
 
 
 @click.group("dict")
@@ -68,22 +77,35 @@ def train(ctx: click.Context, org_name: str, samples: int, dict_bytes: int,
 
 @dict_group.command("list")
 @click.option("--org", "org_name", default=None, help="Only this organisation (name or id).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
-def list_cmd(ctx: click.Context, org_name: str | None) -> None:
+def list_cmd(ctx: click.Context, org_name: str | None, as_json: bool) -> None:
     """Every dictionary version, its state and until when stored mail needs it."""
     with session(ctx) as s:
         org = find_org(s.conn, org_name) if org_name else None
         rows = dictionaries.list_dictionaries(s.conn, org.id if org else None)
         names = {str(oid): name for oid, name in s.conn.execute(
             "SELECT id, name FROM organisations")}
+    if as_json:
+        click.echo(json.dumps([dictionary_to_json(r, names) for r in rows], indent=2))
+    else:
         click.echo(format_dictionaries(rows, names))
 
 
 @dict_group.command("sweep")
+@destructive
 @click.pass_context
-def sweep(ctx: click.Context) -> None:
+def sweep(ctx: click.Context, yes: bool, dry_run: bool) -> None:
     """Delete retired versions that no stored message can need any more."""
     with session(ctx) as s:
+        doomed = dictionaries.sweepable(s.conn, datetime.now(UTC))
+        if dry_run:
+            for org_id, version, key in doomed:
+                click.echo(f"would delete {org_id} version {version} ({key})")
+            click.echo(f"{len(doomed)} dictionary versions would be deleted")
+            return
+        if doomed:
+            confirm(f"delete {len(doomed)} retired dictionary versions (objects and rows)", yes)
         n = dictionaries.sweep_dictionaries(s.conn, S3ObjectStore(s.cfg.s3), datetime.now(UTC))
         click.echo(f"{n} dictionary versions deleted")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from postkeep.cli.common import check_domain, fail, find_org, iso, session
+from postkeep.cli.common import check_domain, confirm, destructive, fail, find_org, iso, session
 from postkeep.signing_keys import Algorithm
 from postkeep.storage.metadata import directory, dkim_keys
 from postkeep.storage.metadata.dkim_keys import DkimKey, DkimKeyError, State
@@ -188,8 +188,9 @@ def list_(ctx: click.Context, domain_name: str | None, as_json: bool) -> None:
 
 @dkim.command("dns")
 @click.argument("domain_name", metavar="DOMAIN")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of records.")
 @click.pass_context
-def dns(ctx: click.Context, domain_name: str) -> None:
+def dns(ctx: click.Context, domain_name: str, as_json: bool) -> None:
     """Print every TXT record DOMAIN must publish now (active, staged and grace keys)."""
     name = _domain_arg(domain_name)
     now = datetime.now(UTC)
@@ -198,6 +199,12 @@ def dns(ctx: click.Context, domain_name: str) -> None:
         keys = dkim_keys.published(dkim_keys.list_keys(s.conn, name), now)
     if not keys:
         fail(f"no key to publish for {name} (create one with `postkeep dkim keygen {name}`)")
+    if as_json:
+        click.echo(json.dumps([{"name": dkim_keys.dns_name(k.domain, k.selector) + ".",
+                                "type": "TXT", "selector": k.selector,
+                                "algorithm": k.algorithm, "value": k.txt_value,
+                                "zone_record": k.zone_record} for k in keys], indent=2))
+        return
     for k in keys:
         click.echo(k.zone_record)
 
@@ -239,8 +246,10 @@ def activate(
 @click.argument("selector")
 @click.option("--at", "at_text", default="now", show_default=True, metavar="ISO|now",
               help="When the key stops signing and its record may be removed.")
+@destructive
 @click.pass_context
-def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str) -> None:
+def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str, yes: bool,
+           dry_run: bool) -> None:
     """Stop using SELECTOR for DOMAIN at --at; its DNS record may go after that."""
     name = _domain_arg(domain_name)
     try:
@@ -249,6 +258,14 @@ def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str) ->
         fail(str(exc))
     with session(ctx) as s:
         _known_domain(s.conn, name)
+        found = [k for k in dkim_keys.list_keys(s.conn, name) if k.selector == selector.lower()]
+        if found and (dry_run or not yes):
+            what = (f"retire {name} {found[0].selector} ({found[0].algorithm}) from {iso(at)}:"
+                    " it stops signing then")
+            if dry_run:
+                click.echo(f"would {what}")
+                return
+            confirm(what, yes)
         try:
             key = dkim_keys.retire(s.conn, name, selector.lower(), at)
         except DkimKeyError as exc:

@@ -8,10 +8,13 @@ restart.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import click
 import psycopg
 
-from postkeep.cli.common import fail, session
+from postkeep.cli.common import confirm, destructive, fail, iso, session
 from postkeep.storage.metadata import limits
 from postkeep.storage.metadata.limits import OrgLimits, Usage
 
@@ -33,6 +36,17 @@ def format_usage(org: OrgLimits, rows: list[Usage]) -> str:
     return "\n".join(lines)
 
 
+def usage_to_json(org: OrgLimits, rows: list[Usage]) -> dict[str, Any]:
+    """`limits show --json` (pure)."""
+    return {"org_id": str(org.org_id), "name": org.name, "tier": org.tier,
+            "shadow": org.shadow,
+            "windows": [{"kind": u.kind, "window": _WINDOW[u.kind],
+                         "window_start": iso(u.window_start), "used": u.used,
+                         "limit": u.limit,
+                         "remaining": None if u.limit is None else max(0, u.limit - u.used)}
+                        for u in rows]}
+
+
 def _limits_of(conn: psycopg.Connection, name: str) -> OrgLimits:
     org = limits.find_by_name(conn, name)
     if org is None:
@@ -47,21 +61,32 @@ def limits_group() -> None:
 
 @limits_group.command("show")
 @click.argument("org")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
-def show(ctx: click.Context, org: str) -> None:
+def show(ctx: click.Context, org: str, as_json: bool) -> None:
     """Use and remaining of ORG (name or id) in the current windows."""
     with session(ctx) as s:
         lim = _limits_of(s.conn, org)
-        click.echo(format_usage(lim, limits.usage(s.conn, lim, s.cfg.policyd.windows)))
+        rows = limits.usage(s.conn, lim, s.cfg.policyd.windows)
+    click.echo(json.dumps(usage_to_json(lim, rows), indent=2) if as_json
+               else format_usage(lim, rows))
 
 
 @limits_group.command("reset")
 @click.argument("org")
+@destructive
 @click.pass_context
-def reset(ctx: click.Context, org: str) -> None:
+def reset(ctx: click.Context, org: str, yes: bool, dry_run: bool) -> None:
     """Forget ORG's counters and open reservations (its windows start empty)."""
     with session(ctx) as s:
         lim = _limits_of(s.conn, org)
+        what = f"reset the rate counters of {lim.name}"
+        if dry_run:
+            used = ", ".join(f"{u.kind} {u.used}" for u in
+                             limits.usage(s.conn, lim, s.cfg.policyd.windows))
+            click.echo(f"would {what} (now used: {used})")
+            return
+        confirm(what, yes)
         n = limits.reset(s.conn, lim.org_id)
         click.echo(f"{lim.name}: counters reset ({n} rows removed)")
 

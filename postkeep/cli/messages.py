@@ -6,6 +6,7 @@ and checks them against the recorded size and sha256.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
@@ -121,17 +122,41 @@ def format_message_detail(d: messages.MessageDetail, now: datetime,
     return "\n".join(lines)
 
 
-def _message_id(text: str) -> uuid.UUID:
-    """A message id parsed from the command line, or exit naming it."""
+def encode_cursor(m: messages.MessageRow) -> str:
+    """The opaque `--cursor` token for the page after row M (pure)."""
+    raw = f"{m.created_at.astimezone(UTC).isoformat()}|{m.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[datetime, uuid.UUID]:
+    """(created_at, id) from a `--cursor` token, or ValueError naming it (pure)."""
     try:
-        return uuid.UUID(text)
-    except ValueError:
-        fail(f"{text!r} is not a message id (a UUID, see `postkeep messages list`)")
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        when, _, ident = raw.partition("|")
+        at = datetime.fromisoformat(when)
+        if at.tzinfo is None:
+            raise ValueError(when)
+        return at, uuid.UUID(ident)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"--cursor {token!r}: not a cursor printed by"
+                         " `postkeep messages list`") from None
 
 
 def _detail(conn: psycopg.Connection, text: str) -> messages.MessageDetail:
-    """The message named by TEXT, or exit saying there is none."""
-    detail = messages.get_message(conn, _message_id(text))
+    """The message named by TEXT (postkeep id, with or without dashes, or
+    Postfix queue id), or exit saying there is none."""
+    try:
+        ident = uuid.UUID(text)
+    except ValueError:
+        ids = messages.ids_by_queue_id(conn, text.strip())
+        if not ids:
+            fail(f"no message with id or Postfix queue id {text!r} (unknown, or its"
+                 " metadata has expired)")
+        if len(ids) > 1:
+            fail(f"Postfix queue id {text!r} names {len(ids)} messages (queue ids are"
+                 f" reused): {', '.join(map(str, ids))}; give the postkeep id")
+        ident = ids[0]
+    detail = messages.get_message(conn, ident)
     if detail is None:
         fail(f"no message with id {text} (unknown, or its metadata has expired)")
     return detail
@@ -147,8 +172,12 @@ def messages_group() -> None:
 @click.option("--sender", help="Envelope sender (case-insensitive).")
 @click.option("--recipient", help="A recipient address (case-insensitive).")
 @click.option("--since", help="ISO 8601 time, or an age: 30m, 1h, 2d, 1w.")
-@click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--until", help="Only messages created before this (ISO 8601 or an age).")
+@click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True,
+              help="Messages per page.")
+@click.option("--cursor", help="Continue after the page that printed this token.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"messages": [...], "next_cursor": TOKEN or null}.')
 @click.pass_context
 def messages_list(
     ctx: click.Context,
@@ -156,24 +185,40 @@ def messages_list(
     sender: str | None,
     recipient: str | None,
     since: str | None,
+    until: str | None,
     limit: int,
+    cursor: str | None,
     as_json: bool,
 ) -> None:
-    """List captured messages, newest first."""
+    """List captured messages, newest first, a page at a time.
+
+    When more match, the last line (on stderr) gives the `--cursor` for the
+    next page: run the same command with it, as often as needed.
+    """
     now = datetime.now(UTC)
     try:
         since_at = parse_since(since, now) if since else None
+        after = decode_cursor(cursor) if cursor else None
     except ValueError as exc:
         fail(str(exc))
+    try:
+        until_at = parse_since(until, now) if until else None
+    except ValueError as exc:
+        fail(str(exc).replace("--since", "--until", 1))
     with session(ctx) as s:
         org_id = find_org(s.conn, org_name).id if org_name else None
         rows = messages.list_messages(
-            s.conn, messages.MessageFilter(org_id, sender, recipient, since_at, limit)
-        )
+            s.conn, messages.MessageFilter(org_id, sender, recipient, since_at, limit + 1,
+                                           until=until_at, after=after))
+    more, rows = len(rows) > limit, rows[:limit]
+    token = encode_cursor(rows[-1]) if more else None
     if as_json:
-        click.echo(json.dumps([message_to_json(m, now) for m in rows], indent=2))
+        click.echo(json.dumps({"messages": [message_to_json(m, now) for m in rows],
+                               "next_cursor": token}, indent=2))
     else:
         click.echo(format_message_list(rows))
+        if token:
+            click.echo(f"more: --cursor {token}", err=True)
 
 
 @messages_group.command("show")
@@ -181,7 +226,7 @@ def messages_list(
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_context
 def messages_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
-    """Show message ID with each recipient's delivery status."""
+    """Show message ID (postkeep id, or Postfix queue id) with each recipient's status."""
     now = datetime.now(UTC)
     with session(ctx) as s:
         detail = _detail(s.conn, message_id)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import click
 
-from postkeep.cli.common import fail, iso, parse_since, session
+from postkeep.cli.common import backend_failure, fail, iso, parse_since, session
 from postkeep.storage.content import restore
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.metadata.db import BackendError
@@ -73,7 +73,7 @@ def reports_raw(ctx: click.Context, report: str) -> None:
             for chunk in restore.restore(S3ObjectStore(s.cfg.s3), rows[0].object_key):
                 sys.stdout.buffer.write(chunk)
         except BackendError as exc:
-            fail(f"{exc.backend}: {exc.reason}")
+            backend_failure(exc)
     sys.stdout.buffer.flush()
 
 

@@ -13,7 +13,16 @@ from datetime import UTC, datetime
 
 import click
 
-from postkeep.cli.common import fail, find_org, parse_since, session
+from postkeep.cli.common import (
+    backend_failure,
+    backend_message,
+    confirm,
+    destructive,
+    fail,
+    find_org,
+    parse_since,
+    session,
+)
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.lifecycle import erasure, holds, orphans, rules, stats
 from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention, settings_of
@@ -86,7 +95,7 @@ def lifecycle_apply(ctx: click.Context) -> None:
         try:
             total = _store(s.cfg.s3).apply_rules(rules.planned_rules())
         except BackendError as exc:
-            fail(str(exc))
+            backend_failure(exc)
         audit.audit(s.conn, None, "lifecycle_applied", len(rules.planned_rules()), None,
                     None, {"bucket_rules": total})
     click.echo(f"installed {len(rules.planned_rules())} postkeep rules;"
@@ -94,14 +103,22 @@ def lifecycle_apply(ctx: click.Context) -> None:
 
 
 @lifecycle_group.command("show")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object (rules: null when the server has no lifecycle support).")
 @click.pass_context
-def lifecycle_show(ctx: click.Context) -> None:
+def lifecycle_show(ctx: click.Context, as_json: bool) -> None:
     """Show postkeep's rules as installed, and the classes they expire."""
     with session(ctx) as s:
         try:
             installed = _store(s.cfg.s3).rules()
         except BackendError as exc:
-            fail(str(exc))
+            backend_failure(exc)
+    if as_json:
+        click.echo(json.dumps({"lifecycle_supported": installed is not None, "rules": None
+                               if installed is None else
+                               [{"id": r.rule_id, "prefix": r.prefix, "days": r.days}
+                                for r in sorted(installed, key=lambda r: r.days)]}, indent=2))
+        return
     if installed is None:
         click.echo("this S3 server has no lifecycle support: the sweeper deletes all content")
         return
@@ -117,16 +134,22 @@ def lifecycle_show(ctx: click.Context) -> None:
               help="Only objects older than this (a commit may still be under way).")
 @click.option("--window-days", type=click.IntRange(1, 366), default=orphans.DEFAULT_WINDOW_DAYS,
               show_default=True, help="How many UTC days of objects to look at.")
-@click.option("--dry-run", is_flag=True, help="Name the orphans, delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@destructive
 @click.pass_context
 def retention_orphans(ctx: click.Context, min_age_minutes: int, window_days: int,
-                      dry_run: bool, as_json: bool) -> None:
-    """Delete message objects that no row names (left by a milter killed mid-commit)."""
+                      dry_run: bool, as_json: bool, yes: bool) -> None:
+    """Delete message objects that no row names (left by a milter killed mid-commit).
+
+    --dry-run names the orphans and deletes nothing.
+    """
     from datetime import timedelta
 
     from postkeep.storage.content.spool import Spool
 
+    if not dry_run:
+        confirm(f"delete message objects older than {min_age_minutes} minutes of the last"
+                f" {window_days} days that no row names", yes)
     with session(ctx) as s:
         spool = Spool(s.cfg.milter.outage_spool_directory)
         try:
@@ -134,7 +157,7 @@ def retention_orphans(ctx: click.Context, min_age_minutes: int, window_days: int
                 s.conn, _store(s.cfg.s3), spool.holds, min_age=timedelta(minutes=min_age_minutes),
                 window_days=window_days, dry_run=dry_run)
         except BackendError as exc:
-            fail(str(exc))
+            backend_failure(exc)
     if as_json:
         click.echo(json.dumps({"examined": result.examined, "orphans": result.orphans,
                                "deleted": result.deleted, "failed": result.failed,
@@ -178,8 +201,9 @@ def retention_stats(ctx: click.Context, org_name: str, since: str | None,
 @click.command("erase")
 @click.option("--org", "org_name", required=True, help="Organisation name or id.")
 @click.option("--address", required=True, help="The address whose mail is erased.")
+@destructive
 @click.pass_context
-def erase(ctx: click.Context, org_name: str, address: str) -> None:
+def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: bool) -> None:
     """Erase (GDPR) the content of every message to or from ADDRESS in ORG.
 
     Objects are deleted, rows marked so readers say "content erased", and the
@@ -192,6 +216,12 @@ def erase(ctx: click.Context, org_name: str, address: str) -> None:
         fail(str(exc))
     with session(ctx) as s:
         target = find_org(s.conn, org_name)
+        n = erasure.messages_in_scope(s.conn, target.id, addr)
+        what = f"erase the content of {n} messages to or from {addr} in org {target.name}"
+        if dry_run:
+            click.echo(f"would {what} (refused if a legal hold covers any)")
+            return
+        confirm(what, yes)
         try:
             rep = erasure.erase_address(s.conn, _store(s.cfg.s3), target.id, addr,
                                         progress=_progress)
@@ -234,17 +264,28 @@ def hold_add(ctx: click.Context, org_name: str, address: str | None, reason: str
                                     progress=_progress)
         except BackendError as exc:
             fail(f"hold {h.id} is active, but moving its content failed ({exc});"
-                  " `postkeep retention run` retries")
+                 " `postkeep retention run` retries", backend_message(exc)[1])
     click.echo(f"{res.moved} objects moved under messages/hold/"
                + (f"; {res.gone} were already deleted" if res.gone else ""))
 
 
 @hold.command("remove")
 @click.argument("hold_id", type=int)
+@destructive
 @click.pass_context
-def hold_remove(ctx: click.Context, hold_id: int) -> None:
+def hold_remove(ctx: click.Context, hold_id: int, yes: bool, dry_run: bool) -> None:
     """Release hold HOLD_ID; the next `postkeep retention run` applies retention again."""
     with session(ctx) as s:
+        found = legal_holds.get_hold(s.conn, hold_id)
+        if found is not None and found.released_at is None:
+            what = (f"release hold {found.id} on {found.scope()} ({found.reason}): retention"
+                    " then expires what it kept")
+            if dry_run:
+                click.echo(f"would {what}")
+                return
+            confirm(what, yes)
+        elif found is None and dry_run:
+            fail(f"no legal hold {hold_id} (see `postkeep hold list --all`)")
         try:
             h = legal_holds.release_hold(s.conn, hold_id)
         except legal_holds.HoldError as exc:

@@ -20,7 +20,7 @@ from types import FrameType
 import click
 
 from postkeep import config as config_mod
-from postkeep.cli.common import fail
+from postkeep.cli.common import EXIT_UNAVAILABLE, confirm, destructive, fail
 from postkeep.storage.content.spool import DrainResult, Spool, SpoolBusy, SpoolStatus
 
 
@@ -89,18 +89,35 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="If another drain (e.g. the sidecar's) is running, wait this long for it.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every drained message (id, queue id).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@destructive
 @click.pass_context
 def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: int,
               limit: int | None, metrics_listen: str | None, wait: float,
-              verbose: bool) -> None:
+              verbose: bool, as_json: bool, yes: bool, dry_run: bool) -> None:
     """Store spooled messages (oldest first) and remove them from the spool.
 
     Safe to interrupt or kill at any point and to run again: each entry's
     object is put, then its rows are inserted (ON CONFLICT DO NOTHING), then
     it is removed.  Damaged entries are moved to quarantine/ and named in
-    the log.  Exit 1 if a backend is still down (entries stay).
+    the log.  Exit 3 if a backend is still down (entries stay).
     """
     cfg = _config(ctx)
+    try:
+        st = Spool(cfg.milter.outage_spool_directory).status()
+    except OSError as exc:
+        fail(f"spool {cfg.milter.outage_spool_directory}: {exc.strerror or exc}")
+    what = (f"store {min(st.entries, limit) if limit else st.entries} spooled entries"
+            f" ({st.bytes} bytes in {st.directory}) and remove each from the spool once stored")
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({"dry_run": True, "entries": st.entries, "bytes": st.bytes,
+                                   "would_drain": min(st.entries, limit) if limit
+                                   else st.entries}))
+        else:
+            click.echo(f"would {what}" + (" (and keep following)" if follow else ""))
+        return
+    confirm(what + (", then keep draining until stopped" if follow else ""), yes)
     logging.basicConfig(
         level=logging.INFO if (verbose or follow) else logging.WARNING,
         format="%(asctime)s postkeep-spool[%(process)d] %(levelname)s %(message)s",
@@ -135,7 +152,7 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
         now = time.monotonic()
         if now - last[0] >= 1.0:
             last[0] = now
-            click.echo(_progress_line(r))
+            click.echo(_progress_line(r), err=as_json)
 
     try:
         if follow:
@@ -160,10 +177,18 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
         fail(str(exc))
     finally:
         db.close()
-    click.echo(_progress_line(result))
+    if as_json:
+        click.echo(json.dumps({
+            "dry_run": False, "drained": result.drained, "quarantined": result.quarantined,
+            "rejected": result.rejected, "remaining": result.remaining,
+            "seconds": round(result.seconds, 3),
+            "stopped": None if result.stopped is None else str(result.stopped)}))
+    else:
+        click.echo(_progress_line(result))
     if result.stopped is not None:
+        # A pass stops only for a backend outage: always "unavailable".
         fail(f"drain stopped: {result.stopped.backend} unavailable ({result.stopped.reason});"
-              f" {result.remaining} entries wait")
+             f" {result.remaining} entries wait", EXIT_UNAVAILABLE)
 
 
 COMMANDS = (spool_group,)

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from postkeep.cli.common import fail, find_org, iso, session
+from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
 from postkeep.storage.metadata import tenants
 
 
@@ -45,10 +45,20 @@ def grant(ctx: click.Context, org_name: str, role: str) -> None:
 
 @tenant_group.command("revoke")
 @click.argument("role")
+@destructive
 @click.pass_context
-def revoke(ctx: click.Context, role: str) -> None:
+def revoke(ctx: click.Context, role: str, yes: bool, dry_run: bool) -> None:
     """Take ROLE's tenant access away (the role itself stays)."""
     with session(ctx) as s:
+        mapped = [r for r in tenants.list_roles(s.conn, None) if r.role_name == role]
+        if mapped:
+            what = f"revoke role {role}'s access to organisation {mapped[0].org_name}"
+            if dry_run:
+                click.echo(f"would {what}")
+                return
+            confirm(what, yes)
+        elif dry_run:
+            fail(f"role {role!r} is not a tenant role (see `postkeep tenant list`)")
         if not tenants.revoke_role(s.conn, role):
             fail(f"role {role!r} is not a tenant role (see `postkeep tenant list`)")
         click.echo(f"role {role} no longer reads any organisation")

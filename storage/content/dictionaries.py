@@ -379,6 +379,14 @@ def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
     return d
 
 
+def sweepable(conn: psycopg.Connection, now: datetime) -> list[tuple[uuid.UUID, int, str]]:
+    """(org_id, version, object_key) that sweep_dictionaries would delete at NOW."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT org_id, version, object_key FROM zstd_dictionaries WHERE state = 'deleting'"
+        " OR (state = 'retired' AND needed_until < %s AND retired_at < %s)"
+        " ORDER BY org_id, version", (now, now - RETIRED_GRACE))]
+
+
 def sweep_dictionaries(conn: psycopg.Connection, objects: Deleter, now: datetime) -> int:
     """Delete retired versions no stored message can need any more; return how many.
 

@@ -84,6 +84,11 @@ def _scope(conn: psycopg.Connection, org_id: uuid.UUID, addr: str) -> list[tuple
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def messages_in_scope(conn: psycopg.Connection, org_id: uuid.UUID, addr: str) -> int:
+    """How many messages erase_address would erase (for `erase --dry-run`)."""
+    return len(_scope(conn, org_id, addr))
+
+
 def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.UUID,
                   address: str, now: datetime | None = None,
                   progress: Progress | None = None) -> ErasureReport:

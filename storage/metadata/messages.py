@@ -203,6 +203,9 @@ class MessageFilter:
     recipient: str | None = None
     since: datetime | None = None
     limit: int = 50
+    until: datetime | None = None  # created strictly before
+    # keyset cursor: only rows after this (created_at, id) in newest-first order
+    after: tuple[datetime, uuid.UUID] | None = None
 
 
 _MESSAGE_COLUMNS = """
@@ -257,6 +260,13 @@ def _where(f: MessageFilter) -> tuple[str, list[object]]:
     if f.since is not None:
         clauses.append("m.created_at >= %s")
         params.append(f.since)
+    if f.until is not None:
+        clauses.append("m.created_at < %s")
+        params.append(f.until)
+    if f.after is not None:
+        # Keyset paging: the row comparison matches ORDER BY created_at DESC, id DESC.
+        clauses.append("(m.created_at, m.id) < (%s, %s)")
+        params.extend(f.after)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -270,6 +280,13 @@ def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow
             [*params, f.limit],
         )
         return cur.fetchall()
+
+
+def ids_by_queue_id(conn: psycopg.Connection, queue_id: str) -> list[uuid.UUID]:
+    """Ids of the messages Postfix queued as QUEUE_ID (reused ids: several), newest first."""
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM messages WHERE queue_id = %s ORDER BY created_at DESC, id DESC",
+        (queue_id,))]
 
 
 def get_message(conn: psycopg.Connection, message_id: uuid.UUID) -> MessageDetail | None:
