@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from postkeep import build_info
+
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
     "Messages by outcome: captured, spooled (accepted into the outage spool), system"
@@ -92,13 +94,15 @@ for _backend in ("s3", "postgres"):
 COMMIT_S3_SECONDS = COMMIT_STAGE_SECONDS.labels("s3")
 COMMIT_POSTGRES_SECONDS = COMMIT_STAGE_SECONDS.labels("postgres")
 
-for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed"):
+# Every label value a counter is incremented with exists at zero from start, so that
+# rate() and increase() in alert rules see the first event (monitoring/).
+for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed", "report"):
     MESSAGES.labels(_outcome)
 for _backend in ("s3", "postgres"):
     BACKEND_ERRORS.labels(_backend)
 for _algorithm in ("rsa-sha256", "ed25519-sha256"):
     DKIM_SIGNATURES.labels(_algorithm)
-for _reason in ("untrusted_client", "no_key", "from_header"):
+for _reason in ("untrusted_client", "no_key", "foreign_from", "from_header"):
     DKIM_FAILURES.labels(_reason)
 
 PARTS = Counter(
@@ -117,3 +121,7 @@ DICTIONARY_MESSAGES = Counter(
 )
 for _outcome in ("uploaded", "reused"):
     PARTS.labels(_outcome)
+for _outcome in ("refused", "passed"):
+    UNKNOWN_LOGINS.labels(_outcome)
+
+build_info.export("milter")
