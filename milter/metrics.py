@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from postkeep import build_info
 
@@ -84,6 +84,11 @@ COMMIT_STAGE_SECONDS = Histogram(
 )
 # Bound once: observed for every batch.
 COMMIT_WAIT_SECONDS = COMMIT_STAGE_SECONDS.labels("wait")
+DKIM_OLDEST_ACTIVE_KEY = Gauge(
+    "postkeep_milter_dkim_oldest_active_key_timestamp_seconds",
+    "When the longest-serving active DKIM key became active (Unix time; 0: no active"
+    " key). time() minus it is the age of the key most overdue for rotation.",
+)
 COMMIT_TIMEOUTS = Counter(
     "postkeep_milter_commit_timeouts_total",
     "Messages given up after milter.commit_timeout_seconds, by the backend they waited on",

@@ -70,7 +70,7 @@ class TextFormatter(logging.Formatter):
         self.program = program
 
     def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
+        text = record.getMessage().rstrip("\r\n")
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -89,7 +89,7 @@ class JsonFormatter(logging.Formatter):
         self.program = program
 
     def format(self, record: logging.LogRecord) -> str:
-        msg = record.getMessage()
+        msg = record.getMessage().rstrip("\r\n")
         doc: dict[str, Any] = {
             "ts": utc_timestamp(record.created), "level": record.levelname.lower(),
             "program": self.program, "pid": record.process, "logger": record.name,
