@@ -130,3 +130,25 @@ def test_the_dashboard_is_grafana_json() -> None:
     for p in doc["panels"]:
         if p["type"] != "row":
             assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
+
+
+def test_the_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Each panel's query, Grafana's variables filled in, parses as PromQL: promtool
+    checks it as the expression of a recording rule."""
+    grafana = {"$__rate_interval": "5m", "$instance": ".*"}
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    doc = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    for i, q in enumerate(queries):
+        for var, value in grafana.items():
+            q = q.replace(var, value)
+        assert "$" not in q, q
+        lines += [f"      - record: dashboard:query{i}", f"        expr: {json.dumps(q)}"]
+    rules = tmp_path / "dashboard-rules.yml"
+    rules.write_text("\n".join(lines) + "\n")
+    exe = shutil.which("promtool")
+    assert exe
+    res = subprocess.run([exe, "check", "rules", str(rules)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in res.stdout
