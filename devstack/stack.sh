@@ -99,8 +99,34 @@ install_venv() {
     esac
 }
 
+# promtool (tests/test_monitoring.py checks monitoring/ with it) ships in Debian's
+# prometheus package, whose postinst would start a Prometheus server on :9090 and
+# enable it at boot: a test machine wants the tool, not the server.  A
+# policy-rc.d that refuses every start is in place during the install only (unless
+# the machine has one already), and the unit is disabled where systemd runs.
+install_promtool() {
+    command -v promtool >/dev/null && return 0
+    log "installing Debian's prometheus for promtool (the server is not started)"
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local rc=0
+    apt-get install -y -q --no-install-recommends prometheus \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; } \
+        || rc=$?
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install prometheus failed"
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+    command -v promtool >/dev/null || die "promtool missing after installing prometheus"
+}
+
 cmd_install() {
     install_apt
+    install_promtool
     install_minio
     install_venv
     log "install complete (venv $(venv_dir))"

@@ -294,8 +294,8 @@ class GroupCommitter:
             try:
                 self._objects.delete(p.message.object_key)
             except BackendError as exc:
-                log.warning("object of unrecorded message id=%s left in the store: %s",
-                            p.message.id, exc.reason)
+                log.warning("object of unrecorded message pk_id=%s left in the store: %s",
+                            p.message.id.hex, exc.reason)
 
     def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
         """Store parts and seal containers; return the items ready to upload."""

@@ -16,6 +16,7 @@ import sys
 
 import click
 
+import postkeep.logs
 from postkeep.config import ConfigError, load
 from postkeep.milter.service import system_signing
 from postkeep.milter.signing import parse_networks
@@ -108,11 +109,7 @@ def main(config_path: str | None, check_config: bool) -> None:
         click.echo(f"postkeep-milter: configuration error: {exc}", err=True)
         sys.exit(2)
 
-    logging.basicConfig(
-        level=mcfg.log_level.upper(),
-        format="%(asctime)s postkeep-milter[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    postkeep.logs.setup("postkeep-milter", mcfg.log_level, cfg.log.format)
     log = logging.getLogger("postkeep.milter")
     _limit_malloc_arenas()
     # A crash inside a C extension (libmilter, pymilter) otherwise leaves no
@@ -138,7 +135,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     from postkeep.milter.service import CaptureService
     from postkeep.milter.spool import OutageSpooler
     from postkeep.storage.content.objects import S3ObjectStore
-    from postkeep.storage.content.spool import Spool, SpoolCollector
+    from postkeep.storage.content.spool import Spool
     from postkeep.storage.metadata.db import BackendError, Database
     from postkeep.storage.metadata.dkim_keys import load_master_key
 
@@ -152,11 +149,10 @@ def main(config_path: str | None, check_config: bool) -> None:
     db.open()
     spooler = None
     if mcfg.outage_spool:
-        from prometheus_client import REGISTRY
-
+        # The spool's gauges are served by its drain (postkeep-storage), not here too:
+        # a sum() over every target would count each entry twice.
         spool = Spool(mcfg.outage_spool_directory)
         spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent)
-        REGISTRY.register(SpoolCollector(spool))
     start_http_server(metrics_port, addr=metrics_host)
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,

@@ -14,11 +14,18 @@ import time
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
+from postkeep.milter import metrics
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.dkim_keys import DkimKeyError, KeyRing, KeyRingSource, MasterKey
 from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.milter")
+
+
+def _export_key_age(ring: KeyRing) -> None:
+    """The oldest active key's activation time on /metrics (rotation overdue alert)."""
+    starts = [k.active_from for k in ring.active_keys(datetime.now(UTC)) if k.active_from]
+    metrics.DKIM_OLDEST_ACTIVE_KEY.set(min(starts).timestamp() if starts else 0)
 
 
 class KeyRingRefresher:
@@ -91,6 +98,7 @@ class KeyRingRefresher:
             log.info("DKIM keys loaded: version %s, %d domains", ring.version,
                      len(ring.domains()))
         self._ring = ring
+        _export_key_age(ring)
         return None
 
     def _run(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
+
+from postkeep import build_info
 
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
@@ -82,6 +84,11 @@ COMMIT_STAGE_SECONDS = Histogram(
 )
 # Bound once: observed for every batch.
 COMMIT_WAIT_SECONDS = COMMIT_STAGE_SECONDS.labels("wait")
+DKIM_OLDEST_ACTIVE_KEY = Gauge(
+    "postkeep_milter_dkim_oldest_active_key_timestamp_seconds",
+    "When the longest-serving active DKIM key became active (Unix time; 0: no active"
+    " key). time() minus it is the age of the key most overdue for rotation.",
+)
 COMMIT_TIMEOUTS = Counter(
     "postkeep_milter_commit_timeouts_total",
     "Messages given up after milter.commit_timeout_seconds, by the backend they waited on",
@@ -92,13 +99,15 @@ for _backend in ("s3", "postgres"):
 COMMIT_S3_SECONDS = COMMIT_STAGE_SECONDS.labels("s3")
 COMMIT_POSTGRES_SECONDS = COMMIT_STAGE_SECONDS.labels("postgres")
 
-for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed"):
+# Every label value a counter is incremented with exists at zero from start, so that
+# rate() and increase() in alert rules see the first event (monitoring/).
+for _outcome in ("captured", "spooled", "system", "passed", "refused", "tempfailed", "report"):
     MESSAGES.labels(_outcome)
 for _backend in ("s3", "postgres"):
     BACKEND_ERRORS.labels(_backend)
 for _algorithm in ("rsa-sha256", "ed25519-sha256"):
     DKIM_SIGNATURES.labels(_algorithm)
-for _reason in ("untrusted_client", "no_key", "from_header"):
+for _reason in ("untrusted_client", "no_key", "foreign_from", "from_header"):
     DKIM_FAILURES.labels(_reason)
 
 PARTS = Counter(
@@ -117,3 +126,7 @@ DICTIONARY_MESSAGES = Counter(
 )
 for _outcome in ("uploaded", "reused"):
     PARTS.labels(_outcome)
+for _outcome in ("refused", "passed"):
+    UNKNOWN_LOGINS.labels(_outcome)
+
+build_info.export("milter")

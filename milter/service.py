@@ -225,7 +225,7 @@ class CaptureService:
         try:
             verdict = self._finish(tx, queue_id)
         except Exception:
-            log.exception("internal error id=%s queue_id=%s", tx.id, queue_id)
+            log.exception("internal error pk_id=%s queue_id=%s", tx.id.hex, queue_id)
             metrics.MESSAGES.labels("tempfailed").inc()
             verdict = Verdict(internal_error_reply())
         finally:
@@ -290,7 +290,7 @@ class CaptureService:
         """Mail no organisation sends: refused (5xx) or passed uncaptured and unsigned."""
         if decision.action is Action.REJECT:
             metrics.MESSAGES.labels("refused").inc()
-            log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+            log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex, queue_id,
                      tx.envelope_from, decision.reason)
             return Verdict(refusal_reply(decision), reject=True)
         metrics.MESSAGES.labels("passed").inc()
@@ -327,14 +327,14 @@ class CaptureService:
 
     def _unreadable(self, tx: Transaction, queue_id: str, exc: UnreadableHeader) -> Verdict:
         metrics.MESSAGES.labels("refused").inc()
-        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+        log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex, queue_id,
                  tx.envelope_from, str(exc))
         return Verdict(unreadable_reply(exc), reject=True)
 
     def _unsignable(self, tx: Transaction, queue_id: str, exc: DkimError) -> Verdict:
         metrics.DKIM_FAILURES.labels("from_header").inc()
         metrics.MESSAGES.labels("refused").inc()
-        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+        log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex, queue_id,
                  tx.envelope_from, str(exc))
         return Verdict(Reply("550", "5.6.0", f"postkeep: {exc}"), reject=True)
 
@@ -351,8 +351,8 @@ class CaptureService:
             return []
         if not trusted:
             metrics.DKIM_FAILURES.labels("untrusted_client").inc()
-            log.info("not signed id=%s queue_id=%s reason='client %s neither a registered"
-                     " submitter nor on a trusted network'", tx.id, queue_id,
+            log.info("not signed pk_id=%s queue_id=%s reason='client %s neither a registered"
+                     " submitter nor on a trusted network'", tx.id.hex, queue_id,
                      tx.client_addr or "without address")
             return []
         if tx.from_count != 1:
@@ -385,10 +385,10 @@ class CaptureService:
             # The domain is the organisation's and will have a key: worth a retry.
             metrics.DKIM_FAILURES.labels("no_key").inc()
             if org.dkim_missing_key == "unsigned":
-                log.info("not signed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+                log.info("not signed pk_id=%s queue_id=%s reason=%r", tx.id.hex, queue_id, reason)
                 return []
             metrics.MESSAGES.labels("tempfailed").inc()
-            log.warning("tempfailed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+            log.warning("tempfailed pk_id=%s queue_id=%s reason=%r", tx.id.hex, queue_id, reason)
             return Verdict(Reply("451", "4.7.5", f"postkeep: {reason}; try again later"))
         try:
             return self._sign(tx, customer_keys(keys))
@@ -407,10 +407,10 @@ class CaptureService:
         what = f"From: domain {from_domain}" if from_domain else "From: address without a domain"
         reason = f"{what} is not one of {org.name}'s domains"
         if org.dkim_missing_key == "unsigned":
-            log.info("not signed id=%s queue_id=%s reason=%r", tx.id, queue_id, reason)
+            log.info("not signed pk_id=%s queue_id=%s reason=%r", tx.id.hex, queue_id, reason)
             return []
         metrics.MESSAGES.labels("refused").inc()
-        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+        log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex, queue_id,
                  tx.envelope_from, reason)
         return Verdict(Reply("550", "5.7.1", f"postkeep: {reason}"), reject=True)
 
@@ -480,9 +480,9 @@ class CaptureService:
             if content.dictionary is not None:
                 metrics.DICTIONARY_MESSAGES.inc()
         log.info(
-            "%s id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
+            "%s pk_id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
             " parts=%d dict=%s",
-            outcome, tx.id, queue_id, org.name, tx.envelope_from, len(tx.recipients),
+            outcome, tx.id.hex, queue_id, org.name, tx.envelope_from, len(tx.recipients),
             content.size, content.compressed_size, message.object_key, len(content.parts),
             content.dictionary.version if content.dictionary else "-",
         )
@@ -497,6 +497,6 @@ class CaptureService:
                   reply: Reply | None = None) -> Verdict:
         metrics.BACKEND_ERRORS.labels(exc.backend).inc()
         metrics.MESSAGES.labels("tempfailed").inc()
-        log.warning("tempfailed id=%s queue_id=%s from=<%s> backend=%s reason=%r", tx.id,
+        log.warning("tempfailed pk_id=%s queue_id=%s from=<%s> backend=%s reason=%r", tx.id.hex,
                     queue_id, tx.envelope_from, exc.backend, exc.reason)
         return Verdict(reply or tempfail_reply(exc.backend))

@@ -88,12 +88,12 @@ class OutageSpooler:
         except OSError as err:
             return self._refused(message, exc, f"spool write failed: {err}")
         metrics.SPOOL_WRITE_SECONDS.observe(time.perf_counter() - started)
-        log.warning("spool write id=%s queue_id=%s backend=%s reason=%r file=%s", message.id,
+        log.warning("spool write pk_id=%s queue_id=%s backend=%s reason=%r file=%s", message.id.hex,
                     message.queue_id, exc.backend, exc.reason, path)
         return None
 
     def _refused(self, message: CapturedMessage, exc: BackendError, why: str) -> Reply:
         metrics.SPOOL_REFUSED.inc()
-        log.error("spool refused id=%s queue_id=%s backend=%s reason=%r", message.id,
+        log.error("spool refused pk_id=%s queue_id=%s backend=%s reason=%r", message.id.hex,
                   message.queue_id, exc.backend, why)
         return spool_refused_reply(exc.backend, why)

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+import postkeep.logs
 from postkeep.config import Config, ConfigError, load
 from postkeep.policyd.protocol import Limits
 from postkeep.policyd.server import PolicyServer
@@ -131,10 +132,7 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
         click.echo(f"configuration OK ({cfg.source}): listen {p.listen_host}:{p.listen_port},"
                    f" metrics {p.metrics_listen}, degraded mode {p.degraded_mode}")
         return
-    logging.basicConfig(
-        level=cfg.policyd.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s postkeep-policyd[%(process)d] %(levelname)s %(message)s",
-    )
+    postkeep.logs.setup("postkeep-policyd", cfg.policyd.log_level, cfg.log.format)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from prometheus_client import start_http_server
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from postkeep import build_info
+
 REQUESTS = Counter(
     "postkeep_policyd_requests_total",
     "Policy requests answered, by protocol_state (RCPT, DATA, END-OF-MESSAGE, other)"
@@ -56,3 +58,5 @@ for _stage in ("RCPT", "DATA", "END-OF-MESSAGE", "other"):
         REQUESTS.labels(_stage, _action)
 for _mode in ("share", "open", "closed", "unknown_org"):
     DEGRADED.labels(_mode)
+
+build_info.export("policyd")

@@ -290,9 +290,10 @@ class PolicyService:
                 return DUNNO  # not known to be unknown: the milter decides
             if p.lookup == "submitter":
                 action = unknown_login_action(p.key, self.unknown_login)
-                log.info("%s %s: SASL login %r is not a registered submitter (sender %s)",
-                         "refused" if action != DUNNO else "not counted",
-                         attrs.get("protocol_state", "?"), p.key, attrs.get("sender", ""))
+                log.info("%s %s queue_id=%s: SASL login %r is not a registered submitter"
+                         " (sender %s)", "refused" if action != DUNNO else "not counted",
+                         attrs.get("protocol_state", "?"), attrs.get("queue_id") or "-", p.key,
+                         attrs.get("sender", ""))
                 return action
             return DUNNO  # unknown senders are the milter's to refuse
         now = self.wallclock()
@@ -321,9 +322,11 @@ class PolicyService:
         if d.over:
             mode = "shadow" if d.shadowed else "defer"
             metrics.DEFERRALS.labels(org.tier, d.over, mode).inc()
-            log.info("%s %s instance=%s sasl=%s sender=%s: %s",
+            # queue_id as the milter and postkeep-storage log it (postkeep/logs.py); the
+            # pk id does not exist yet: the milter assigns it after policyd's answers.
+            log.info("%s %s queue_id=%s instance=%s sasl=%s sender=%s: %s",
                      "shadow (not deferred)" if d.shadowed else "deferred",
-                     attrs.get("protocol_state", "?"), p.instance,
+                     attrs.get("protocol_state", "?"), attrs.get("queue_id") or "-", p.instance,
                      attrs.get("sasl_username", ""), attrs.get("sender", ""), d.reason)
         return d.action
 

@@ -345,6 +345,15 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """[log]: the daemons' log lines (postkeep/logs.py)."""
+
+    # 'text': one line per event, `<UTC time> <program>[<pid>] <LEVEL> key=value ...`;
+    # 'json': one JSON object per line, each key=value pair a field.
+    format: str = field(default="text", metadata=_choice("text", "json"))
+
+
+@dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
     s3: S3Config = S3Config()
@@ -355,6 +364,7 @@ class Config:
     storage: StorageConfig = StorageConfig()
     retention: RetentionConfig = RetentionConfig()
     return_path: ReturnPathConfig = ReturnPathConfig()
+    log: LogConfig = LogConfig()
     source: str = "<defaults>"
 
 
@@ -368,6 +378,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "retention": RetentionConfig,
     "return_path": ReturnPathConfig,
+    "log": LogConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named

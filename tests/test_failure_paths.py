@@ -268,7 +268,8 @@ def test_a_failure_notice_is_never_dropped_when_the_forward_relay_fails(stack: S
         assert (failed.code, failed.text) == (
             451, "4.3.0 postkeep-storage: forward_relay unavailable; try again later"), failed
         assert statuses(stack, mid) == {f"fw-{tag}@sink.test": "bounced"}
-        log.wait_for(rf"forward failed message={mid} to=<app@{re.escape(domain)}> reason=.*"
+        log.wait_for(rf"forward failed pk_id={mid.hex} queue_id=\S+"
+                     rf" to=<app@{re.escape(domain)}> reason=.*"
                      r"Connection refused")
         quiet_reply = deliver(stack, qpath, failure_report(qmid, f"q-{tag}@sink.test"))
         assert quiet_reply.code == 250 and quiet_reply.text.endswith(" recorded"), quiet_reply
@@ -293,7 +294,8 @@ def test_a_failure_notice_is_never_dropped_when_the_forward_relay_fails(stack: S
             mid2, path2 = relayed_message(stack, domain, [f"fw2-{tag}@sink.test"])
             refused = deliver(stack, path2, failure_report(mid2, f"fw2-{tag}@sink.test"))
             assert refused.code == 250 and refused.text.endswith(" recorded"), refused
-            log.wait_for(rf"forward refused message={mid2} to=<app@{re.escape(domain)}>"
+            log.wait_for(rf"forward refused pk_id={mid2.hex} queue_id=\S+"
+                         rf" to=<app@{re.escape(domain)}>"
                          r" reply='550 5\.1\.1 no such user'; not retried")
             assert _forwarded(stack, "refused") == refused_before + 1
         with stack.connect() as conn:

@@ -183,7 +183,7 @@ def test_a_dkim_key_that_does_not_decrypt_is_never_used(stack: Stack, damage: st
     assert f"postkeep: DKIM key for {strict} unusable: key s1._domainkey.{strict} " \
            f"{_WHY[damage]}" in reply.text, reply.text
     assert reply.text.endswith("; try again later"), reply.text
-    log.wait_for(rf"WARNING tempfailed id=\S+ queue_id=\S+ reason='DKIM key for"
+    log.wait_for(rf"WARNING tempfailed pk_id=\S+ queue_id=\S+ reason='DKIM key for"
                  rf" {re.escape(strict)} unusable: key s1\._domainkey\.{re.escape(strict)}"
                  rf" {_WHY[damage]}")
     with stack.connect() as conn:
@@ -194,7 +194,7 @@ def test_a_dkim_key_that_does_not_decrypt_is_never_used(stack: Stack, damage: st
     token = uuid.uuid4().hex
     smtp.send(*stack.smtp, f"app@{lax}", ["r@sink.test"], _message(lax, token))
     assert b"DKIM-Signature" not in stack.sink_copy(token)
-    log.wait_for(rf"INFO not signed id=\S+ queue_id=\S+ reason='DKIM key for {re.escape(lax)}"
+    log.wait_for(rf"INFO not signed pk_id=\S+ queue_id=\S+ reason='DKIM key for {re.escape(lax)}"
                  rf" unusable: key s1\._domainkey\.{re.escape(lax)} {_WHY[damage]}")
 
 

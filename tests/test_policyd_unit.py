@@ -10,6 +10,7 @@ Lease mode, which needs the real rate_lease(), is tested on the stack
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -408,3 +409,20 @@ def test_completed_messages_are_forgotten_after_settled_ttl_behind_a_stuck_one()
     assert local.held(org.org_id, "stuck") is None
     hour = Windows().start("messages", T0)
     assert local.used(org.org_id, "messages", hour) == 100  # the stuck one given back
+
+
+def test_a_deferral_is_logged_with_the_postfix_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+    """policyd's lines name the message by Postfix's queue id, as the milter's and
+    postkeep-storage's do (postkeep/logs.py), so one grep finds it in every log."""
+    async def run() -> str:
+        service = make_service(FakeBackend())
+        answer = DUNNO
+        for i in range(101):  # ORG allows 100 messages an hour
+            answer = await service.decide(attrs("DATA", f"m{i}", recipient_count="1",
+                                                queue_id=f"4QID{i}"))
+        return answer
+
+    with caplog.at_level(logging.INFO, logger="postkeep.policyd"):
+        assert asyncio.run(run()).startswith("DEFER_IF_PERMIT")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deferred")]
+    assert len(lines) == 1 and lines[0].startswith("deferred DATA queue_id=4QID100 instance=m100")

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from types import FrameType
 
 import click
 
+import postkeep.logs
 from postkeep import config as config_mod
 from postkeep.cli.common import EXIT_UNAVAILABLE, confirm, destructive, fail
 from postkeep.storage.content.spool import DrainResult, Spool, SpoolBusy, SpoolStatus
@@ -118,10 +118,8 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
             click.echo(f"would {what}" + (" (and keep following)" if follow else ""))
         return
     confirm(what + (", then keep draining until stopped" if follow else ""), yes)
-    logging.basicConfig(
-        level=logging.INFO if (verbose or follow) else logging.WARNING,
-        format="%(asctime)s postkeep-spool[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr)
+    postkeep.logs.setup("postkeep-spool", "info" if verbose or follow else "warning",
+                        cfg.log.format)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     from postkeep.storage.content.objects import S3ObjectStore
     from postkeep.storage.content.spool import (

@@ -540,7 +540,7 @@ def _remove_drained(spool: Spool, recorded: list[SpoolEntry]) -> None:
     """Unlink entries whose object and rows are durable; one log line each."""
     for e in recorded:
         spool.remove(e.path)
-        log.info("spool drained id=%s queue_id=%s key=%s spooled_at=%s", e.message.id,
+        log.info("spool drained pk_id=%s queue_id=%s key=%s spooled_at=%s", e.message.id.hex,
                  e.message.queue_id, e.message.object_key, e.spooled_at.isoformat())
     DRAINED.inc(len(recorded))
 
@@ -625,8 +625,8 @@ def _record(record: RecordRows, entries: list[SpoolEntry],
         except Exception as exc:
             DRAIN_FAILURES.labels("rejected").inc()
             result.rejected += 1
-            log.error("spool entry rejected by postgres file=%s id=%s queue_id=%s reason=%r"
-                      " (kept in the spool)", e.path, e.message.id, e.message.queue_id,
+            log.error("spool entry rejected by postgres file=%s pk_id=%s queue_id=%s reason=%r"
+                      " (kept in the spool)", e.path, e.message.id.hex, e.message.queue_id,
                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return done
 

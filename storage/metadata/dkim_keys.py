@@ -479,6 +479,10 @@ class KeyRing:
     def domains(self) -> list[str]:
         return sorted(self._by_domain)
 
+    def active_keys(self, at: datetime) -> list[DkimKey]:
+        """Every key that signs at AT, one per (domain, algorithm)."""
+        return [k for keys in self._by_domain.values() for k in select_active(keys, at).values()]
+
     def signing_keys(self, domain: str, at: datetime) -> list[SigningKey]:
         """The keys to sign DOMAIN's mail with at AT, one per algorithm (rsa first);
         empty if none is active.  DkimKeyError if a key does not decrypt."""

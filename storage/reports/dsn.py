@@ -73,6 +73,9 @@ class Report:
     envelope_from: str | None = None
     envelope_to: str | None = None
     failure: bool = False          # reports a failure (forwarding candidate)
+    # The reported message's Postfix queue id (a Postfix DSN's X-Postfix-Queue-ID),
+    # logged beside pk_id so one grep finds the message in every log.
+    queue_id: str | None = None
 
 
 def _text(value: object, limit: int = TEXT_MAX) -> str | None:
@@ -130,6 +133,12 @@ def _delivery_status(msg: Message) -> tuple[Message, list[Message]] | None:
             if len(blocks) == len(payload):
                 return blocks[0], blocks[1:]
     return None
+
+
+def _queue_id(value: object) -> str | None:
+    """A Postfix queue id as reported (letters and digits only; anything else: None)."""
+    text = _text(value, 32)
+    return text if text and text.isascii() and text.isalnum() else None
 
 
 def _returned_id(raw: bytes) -> uuid.UUID | None:
@@ -226,7 +235,8 @@ def parse_report(raw: bytes, envelope_from: str, envelope_to: Sequence[str],
         elif not outcomes:
             reason = "a DSN with no usable per-recipient fields (Final-Recipient, Action)"
         return replace(base, kind="dsn", message_id=mid, outcomes=tuple(outcomes), reason=reason,
-                      subject=subject, failure=any(o.status in ("bounced", "expired")
+                      subject=subject, queue_id=_queue_id(per_message.get("X-Postfix-Queue-ID")),
+                      failure=any(o.status in ("bounced", "expired")
                                                    for o in outcomes))
 
     # Not a DSN: a remote server's own bounce format.

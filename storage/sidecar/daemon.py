@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+import postkeep.logs
 from postkeep.config import Config, ConfigError, load
 from postkeep.process import notify_systemd, split_hostport
 
@@ -177,10 +178,7 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
         click.echo(f"configuration OK ({cfg.source}): LMTP {s.lmtp_host}:{s.lmtp_port},"
                    f" metrics {s.metrics_listen}, forward relay {s.forward_relay or '-'}")
         return
-    logging.basicConfig(
-        level=s.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s postkeep-storage[%(process)d] %(levelname)s %(message)s",
-    )
+    postkeep.logs.setup("postkeep-storage", s.log_level, cfg.log.format)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command lines

@@ -33,6 +33,7 @@ from typing import Any
 import zstandard
 from prometheus_client import Counter, Histogram
 
+from postkeep import build_info
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.reports.dsn import Report, parse_report
@@ -76,6 +77,15 @@ BATCH_SIZE = Histogram("postkeep_storage_batch_reports", "Reports per database r
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 BATCH_SECONDS = Histogram("postkeep_storage_batch_seconds",
                           "Time to record one batch of reports in PostgreSQL")
+# Every label value these counters are incremented with exists at zero from
+# start, so that rate() and increase() in alert rules see the first event.
+for _kind in ("dsn", "async_bounce", "unparsable"):
+    REPORTS.labels(_kind)
+for _backend in ("postgres", "s3", "forward_relay", "parser", "internal"):
+    FAILED.labels(_backend)
+for _result in ("sent", "failed", "refused"):
+    FORWARDED.labels(_result)
+build_info.export("storage")
 
 
 @dataclass
@@ -235,8 +245,7 @@ class ReportHandler:
         if report.message_id is not None and self.spooled is not None \
                 and self.spooled(report.message_id):
             SPOOLED_WAIT.inc()
-            log.info("report waits for the spool drain report=%s message=%s", tag,
-                     report.message_id)
+            log.info("report waits for the spool drain report=%s %s", tag, _ids(report))
             return (f"451 4.3.0 postkeep-storage: message {report.message_id} is still in the"
                     " outage spool; try again later")
         try:
@@ -250,12 +259,12 @@ class ReportHandler:
                 await self._forward(report, raw)
         except BackendError as exc:
             FAILED.labels(exc.backend).inc()
-            log.warning("report tempfailed report=%s message=%s backend=%s reason=%r", tag,
-                        report.message_id or "-", exc.backend, exc.reason)
+            log.warning("report tempfailed report=%s %s backend=%s reason=%r", tag,
+                        _ids(report), exc.backend, exc.reason)
             return f"451 4.3.0 postkeep-storage: {exc.backend} unavailable; try again later"
         except Exception:
             FAILED.labels("internal").inc()
-            log.exception("report tempfailed report=%s message=%s", tag, report.message_id or "-")
+            log.exception("report tempfailed report=%s %s", tag, _ids(report))
             return "451 4.3.0 postkeep-storage: internal error; try again later"
         return reply
 
@@ -265,21 +274,21 @@ class ReportHandler:
                                 len(data))
 
     def _outcome(self, report: Report, code: int, tag: str) -> str:
-        mid = report.message_id or "-"
+        ids = _ids(report)
         if code in (DUPLICATE, DUPLICATE_UNMATCHED):
             DUPLICATES.inc()
-            log.info("report duplicate report=%s message=%s kind=%s", tag, mid, report.kind)
+            log.info("report duplicate report=%s %s kind=%s", tag, ids, report.kind)
             return f"250 2.0.0 report {tag} already recorded"
         if code == UNMATCHED:
             UNMATCHED_REPORTS.inc()
-            log.warning("report unmatched report=%s message=%s kind=%s reason=%r", tag, mid,
+            log.warning("report unmatched report=%s %s kind=%s reason=%r", tag, ids,
                         report.kind, report.reason or "see unmatched_reports")
             return f"250 2.0.0 report {tag} kept as unmatched"
         now = datetime.now(UTC)
         for o in report.outcomes:
             LAG.observe(max(0.0, (now - o.event_at).total_seconds()))
             STATUSES.labels(o.status).inc()
-        log.info("report recorded report=%s message=%s kind=%s outcomes=%s changed=%d", tag, mid,
+        log.info("report recorded report=%s %s kind=%s outcomes=%s changed=%d", tag, ids,
                  report.kind, ",".join(f"{o.recipient}:{o.status}" for o in report.outcomes),
                  code)
         return f"250 2.0.0 report {tag} recorded"
@@ -308,15 +317,22 @@ class ReportHandler:
             code, why = _refusal(exc)
             if code >= 500:
                 FORWARDED.labels("refused").inc()
-                log.warning("forward refused message=%s to=<%s> reply=%r; not retried", mid,
-                            target, why)
+                log.warning("forward refused %s to=<%s> reply=%r; not retried",
+                            _ids(report), target, why)
                 return
             FORWARDED.labels("failed").inc()
-            log.warning("forward failed message=%s to=<%s> reason=%r; report tempfailed", mid,
-                        target, why)
+            log.warning("forward failed %s to=<%s> reason=%r; report tempfailed",
+                        _ids(report), target, why)
             raise BackendError("forward_relay", why) from exc
         FORWARDED.labels("sent").inc()
-        log.info("forwarded failure notice message=%s to=<%s>", mid, target)
+        log.info("forwarded failure notice %s to=<%s>", _ids(report), target)
+
+
+def _ids(report: Report) -> str:
+    """`pk_id=<hex> queue_id=<id>` of the reported message ('-' where unknown), the
+    form every postkeep log line names a message in (postkeep/logs.py)."""
+    pk_id = report.message_id.hex if report.message_id else "-"
+    return f"pk_id={pk_id} queue_id={report.queue_id or '-'}"
 
 
 def _refusal(exc: BaseException) -> tuple[int, str]:

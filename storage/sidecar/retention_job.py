@@ -34,6 +34,8 @@ LAST_SUCCESS = Gauge("postkeep_retention_last_success_timestamp_seconds",
                      "Unix time the last retention run finished without errors")
 ROWS_DROPPED = Counter("postkeep_retention_rows_dropped_total",
                        "Message and recipient rows removed by partition drops")
+for _result in ("ok", "errors", "failed"):
+    RUNS.labels(_result)  # at zero from start, for increase() in alert rules
 OBJECTS_SWEPT = Counter("postkeep_retention_objects_swept_total",
                         "Content objects deleted by the sweeper")
 

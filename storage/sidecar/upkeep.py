@@ -36,6 +36,9 @@ class Job:
 
 async def run_jobs(jobs: Sequence[Job], stop: asyncio.Event) -> None:
     """Run every job on its interval until STOP is set."""
+    for job in jobs:  # every job's series at zero from start, for alert rules
+        for result in ("ok", "failed"):
+            RUNS.labels(job.name, result)
     await asyncio.gather(*(_loop(job, stop) for job in jobs))
 
 
