@@ -270,8 +270,9 @@ def _mailbox(value: object) -> str | None:
         rest = text
     rest = rest.strip()
     bare = rest.strip("<>").strip()
-    if (not sep or kind.strip().lower() == "rfc822") and _ADDRESS.fullmatch(bare):
-        return bare
+    if (not sep or kind.strip().lower() == "rfc822") and (
+            _ADDRESS.fullmatch(bare) or re.fullmatch(r"[^\s@<>/|]+@[^\s@<>]+", bare)):
+        return bare  # (an address of an rfc822 type: a dotless domain is one too)
     return _address_in(rest)
 
 
@@ -425,13 +426,13 @@ def _reply_near(notice: str, address: str, others: Sequence[str]) -> tuple[str |
         windows.append((at, min(end, at + 2000)))
     windows.append((0, len(notice)))
     for lo, hi in windows:
-        # A code in the server's reply ("550 5.1.1 ...") before one in prose.
-        m = _REPLY_CODE.search(notice, lo, hi)
-        code = m.group(1) if m else None
-        if m is None:
-            m = _TEXT_CODE.search(notice, lo, hi)
-            code = m.group(0) if m else None
-        if m is not None and code is not None:
+        # A code in the server's reply ("550 5.1.1 ...") before one in prose;
+        # never a 2.x.x (a version number, a transcript's "250 2.1.5 Ok").
+        found = [(m, m.group(1)) for m in _REPLY_CODE.finditer(notice, lo, hi)]
+        found += [(m, m.group(0)) for m in _TEXT_CODE.finditer(notice, lo, hi)]
+        for m, code in found:
+            if code.startswith("2"):
+                continue
             line_start = notice.rfind("\n", 0, m.start()) + 1
             line_end = notice.find("\n\n", m.end())
             line = notice[line_start:line_end if line_end >= 0 else len(notice)]
