@@ -133,3 +133,26 @@ def test_a_plain_bounce_at_a_recipients_verp_return_path_bounces_that_recipient(
             "SELECT count(*) FROM unmatched_reports WHERE envelope_to LIKE %s",
             (f"%{mid.hex}%",)).fetchone()
     assert unmatched is not None and unmatched[0] == 0
+
+
+def test_a_plain_bounce_at_a_single_recipient_messages_return_path_is_that_recipients(
+        stack: Stack, remote_mx: RemoteMX) -> None:
+    # Sent to the message's plain return path (as a server that strips the VERP
+    # part, or mail that left without VERP, would): with one recipient, the
+    # report can only concern it, whatever its format.
+    _, domain = stack.new_org("pro")
+    token = uuid.uuid4().hex[:10]
+    only = f"only-{token}@mx.test"
+    body = (f"From: app@{domain}\r\nTo: {only}\r\nSubject: single {token}\r\n"
+            f"Message-ID: <{token}@{domain}>\r\nX-Test-Token: {token}\r\n\r\nHello.\r\n").encode()
+    reply = smtp.send(*stack.smtp, f"app@{domain}", [only], body)
+    with stack.connect() as conn:
+        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
+                           (reply.queue_id,)).fetchone()
+    assert row is not None
+    mid, rpath = uuid.UUID(str(row[0])), str(row[1])
+    until(lambda: _recipients(stack, mid)[only][0] == "relayed", "Postfix's relayed notice")
+    smtp.send(*stack.smtp, "", [rpath], _plain_bounce(rpath))
+    rows = until(lambda: (r := _recipients(stack, mid))[only][0] == "bounced" and r,
+                 "the late bounce to be recorded for the only recipient", timeout=60)
+    assert rows[only][1] == "5.2.1"
