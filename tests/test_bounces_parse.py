@@ -169,3 +169,16 @@ def test_unsigned_or_foreign_paths_still_attribute_nothing() -> None:
     expires = EXPIRES - timedelta(days=1)
     other = return_path(mid, expires, "bounces.example", b"another key, 32 bytes long!!!!!")
     assert parse_report(NO_RECIPIENT, "", [other], T0, KEY).message_id is None
+
+
+def test_a_dsn_naming_its_verp_recipient_is_read_as_it_says() -> None:
+    # A standard DSN at B's path that reports A and B: each keeps its own outcome.
+    mid = uuid.uuid4()
+    raw = dsn(mid, [{"Final-Recipient": "rfc822; a@far.example", "Action": "relayed",
+                     "Status": "2.0.0"},
+                    {"Final-Recipient": "rfc822; b@far.example", "Action": "failed",
+                     "Status": "5.1.1"}])
+    report = parse_report(raw, "", [_verp(mid, "b@far.example")], T0, KEY)
+    got = {o.recipient: (o.status, o.dsn_status)
+           for o in resolve(report, ["a@far.example", "b@far.example"]).outcomes}
+    assert got == {"a@far.example": ("relayed", "2.0.0"), "b@far.example": ("bounced", "5.1.1")}

@@ -657,20 +657,22 @@ def _anonymous(blocks: Sequence[Message], notice: str, subject: str | None,
 
 
 def attribute_to(report: Report, recipient: str) -> Report:
-    """REPORT as concerning RECIPIENT alone, because of where it arrived (its
-    VERP return path names RECIPIENT, or the message had no other recipient).
+    """REPORT attributed to RECIPIENT because of where it arrived (its VERP
+    return path names RECIPIENT, or the message had no other recipient).
 
-    The report's own outcome for RECIPIENT if it names it; else its first
-    outcome, or the failure it states without a readable recipient (an X.400
-    address, a spool path, a plain-text notice that names nobody), now
-    RECIPIENT's.  A report that states nothing (an auto-reply) is left as it is.
+    The report as it is if it names RECIPIENT; else its first outcome, or the
+    failure it states without a readable recipient (an X.400 address, a spool
+    path, a plain-text notice that names nobody), as RECIPIENT's alone.  A
+    report that states nothing (an auto-reply) is left as it is.
     """
     want = recipient.lower()
     named = [o for o in report.outcomes
              if want in (o.recipient.lower(), (o.original or "").lower())]
     if named:
-        chosen = named[0]
-    elif report.outcomes:
+        # It names RECIPIENT itself: it is read as it says (a DSN may report
+        # other recipients of the message too, each in its own fields).
+        return replace(report, reason=None)
+    if report.outcomes:
         first = report.outcomes[0]
         note = f" (the report names {first.recipient})"
         chosen = replace(first, original=None,
