@@ -176,18 +176,23 @@ def _unattributed(refused: str | None, claimed: uuid.UUID | None, names: str) ->
 
 
 # An addr-spec as bounces write it (dot-atom local part, a dotted domain).
+# Linear on hostile text: a match starts only where a run of local-part
+# characters starts, and the groups are atomic (no backtracking into them).
+_LOCAL_CHARS = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _ADDRESS = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
+    rf"(?<![{_LOCAL_CHARS}.])(?>[{_LOCAL_CHARS}]+(?:\.[{_LOCAL_CHARS}]+)*)"
+    r"@(?>[A-Za-z0-9-]+)(?:\.(?>[A-Za-z0-9-]+))+")
+# At most this many failed recipients are read from one notice.
+MAX_RECIPIENTS = 100
 # An enhanced status code in free text: not part of an IP address or a version.
 _TEXT_CODE = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?!\.?\d)(?!\w)")
 _DSN_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _RECIPIENT_FIELDS = ("Final-Recipient", "Original-Recipient", "X-Actual-Recipient")
 # Where the human-readable notice ends and the returned message begins.
 _RETURNED = re.compile(
-    r"^[ \t>]*(?:-+ ?)?(?:this is a copy of|below this line is a copy|below is a copy of"
+    r"^(?>[ \t>]*)(?>-+ ?)?(?:this is a copy of|below this line is a copy|below is a copy of"
     r"|a copy of the original message|original message (?:headers|follows)"
-    r"|-+ ?original message|returned message|the original message|start of returned"
+    r"|original message|returned message|the original message|start of returned"
     r"|unsent message below|message headers follow)"
     r"|^(?:Return-Path|Received|Message-ID|DKIM-Signature):[ \t]",
     re.IGNORECASE | re.MULTILINE)
@@ -195,7 +200,7 @@ _RETURNED = re.compile(
 _NOT_RECIPIENT = re.compile(
     r"^(?:mailer-daemon|postmaster|double-bounce|no-?reply|bounces?)(?:[+-].*)?@",
     re.IGNORECASE)
-_ENVELOPE_SENDER = re.compile(r"MAIL FROM:\s*<[^>]*>", re.IGNORECASE)
+_ENVELOPE_SENDER = re.compile(r"MAIL FROM:\s*<[^<>]*>", re.IGNORECASE)
 # A failure notice rather than an auto-reply or a human answer.
 _FAILURE_WORDS = re.compile(
     r"undeliver|not (?:be )?deliver|could not be delivered|delivery (?:status )?(?:notification"
@@ -288,8 +293,8 @@ def _decoded(part: Message) -> str:
     except LookupError:
         text = payload.decode("latin-1")
     if part.get_content_type() == "text/html":
-        text = html.unescape(re.sub(r"<[^>]*>", " ", re.sub(
-            r"(?is)<(?:br|p|div|tr)\b[^>]*>", "\n", text)))
+        text = html.unescape(re.sub(r"<[^<>]*>", " ", re.sub(
+            r"(?is)<(?:br|p|div|tr)\b[^<>]*>", "\n", text)))
     return text
 
 
@@ -388,7 +393,8 @@ def _candidates(msg: Message, notice: str, envelope_to: Sequence[str]) -> list[s
 
     def add(address: str) -> None:
         a = address.strip(".").lower()
-        if a in exclude or a in out or _NOT_RECIPIENT.match(a) or parse_return_path(a):
+        if (len(out) >= MAX_RECIPIENTS or a in exclude or a in out or _NOT_RECIPIENT.match(a)
+                or parse_return_path(a)):
             return
         out.append(a)
 
@@ -524,6 +530,7 @@ def _bounce_outcomes(msg: Message, notice: str, envelope_to: Sequence[str], subj
     found += [(a, True) for a in addresses(temporary) if a not in dict(found)]
     if not found:
         found = [(a, False) for a in _candidates(msg, notice, envelope_to)]
+    found = found[:MAX_RECIPIENTS]
     names = [a for a, _ in found]
     outcomes = []
     for address, temporary_failure in found:
