@@ -13,6 +13,18 @@ A captured message leaves with
   forge its reports, nor is a return path moved to another domain.  Hex
   survives MTAs that change the case of local parts, and the whole local
   part stays within 64 octets;
+- with Postfix's own VERP (`XVERP` on MAIL FROM, added by the command
+  filter; default `verp_delimiter_filter` `+=`), each recipient's copy
+  leaves from `pk-<id>-<expiry>-<MAC>+<rcpt local part>=<rcpt domain>@<bounce
+  domain>`, so a report tells which recipient it is about by where it
+  arrives, whatever its format.  Postfix inserts the recipient after the
+  milter changed the sender (the VERP delimiters are a queue-file record of
+  their own, which smfi_chgfrom does not touch), so the MAC cannot cover the
+  recipient: `verify_return_path` checks the id, expiry and domain as before,
+  and postkeep-storage accepts the recipient part only if it is one of the
+  message's recipients in the database.  A recipient can so name another
+  recipient of the same message, which it could already do by writing a
+  DSN naming that recipient to the plain return path;
 - `RET=HDRS ENVID=<message id>` on MAIL FROM, so Postfix's DSNs carry the id
   in `Original-Envelope-Id` and only the headers of the message;
 - `NOTIFY=SUCCESS,DELAY,FAILURE` on every recipient, set at SMTP time by the
@@ -43,8 +55,11 @@ MAC_HEX_DIGITS = 16
 # Also the forms from before the MAC (pk-<id>-<expiry>@, pk-<id>@): they parse,
 # so a report to one is recognised and kept, but they never verify.
 _RETURN_PATH = re.compile(
-    r"^pk-([0-9a-f]{32})(?:-([0-9a-f]{1,12}))?(?:-([0-9a-f]{16}))?@([^@\s<>]+)$",
+    r"^pk-([0-9a-f]{32})(?:-([0-9a-f]{1,12}))?(?:-([0-9a-f]{16}))?"
+    r"(?:\+([^@\s<>]*=[^@=\s<>]+))?@([^@\s<>]+)$",
     re.IGNORECASE)
+# Postfix's default verp_delimiter_filter/verp_delimiters: '+' then '='.
+VERP_DELIMITERS = "+="
 _KEYWORDS = ("SUCCESS", "DELAY", "FAILURE")
 
 
@@ -72,6 +87,9 @@ class ReturnPath:
     expiry: int | None
     mac: str | None
     domain: str
+    # The recipient Postfix's VERP wrote into the address (not covered by the
+    # MAC: check it against the message's recipients), None without VERP.
+    recipient: str | None = None
 
     @property
     def expires_at(self) -> datetime | None:
@@ -91,7 +109,13 @@ def parse_return_path(address: str) -> ReturnPath | None:
         return None
     expiry = int(m.group(2), 16) if m.group(2) else None
     mac = m.group(3).lower() if m.group(3) else None
-    return ReturnPath(uuid.UUID(m.group(1)), expiry, mac, m.group(4).lower().rstrip("."))
+    recipient = None
+    if m.group(4):
+        # The recipient's local part may hold '=' itself; its domain cannot.
+        local, _, domain = m.group(4).rpartition("=")
+        recipient = f"{local}@{domain}" if local and domain else None
+    return ReturnPath(uuid.UUID(m.group(1)), expiry, mac, m.group(5).lower().rstrip("."),
+                      recipient)
 
 
 def verify_return_path(path: ReturnPath, key: bytes) -> str | None:

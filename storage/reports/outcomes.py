@@ -88,6 +88,18 @@ def forward_target(conn: psycopg.Connection, message_id: uuid.UUID,
     return str(row[0]) if row else None
 
 
+def message_recipients(conn: psycopg.Connection, message_id: uuid.UUID,
+                       expires_at: datetime | None) -> list[str]:
+    """The message's recipients, to attribute a report by where it arrived."""
+    rows = conn.execute(
+        "SELECT recipient FROM message_recipients WHERE message_id = %s"
+        " AND in_window(metadata_expires_at, %s::timestamptz, %s::timestamptz)"
+        " ORDER BY recipient",
+        (message_id, *expiry_window(expires_at)),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 @dataclass(frozen=True)
 class Event:
     """One line of a recipient's status history."""

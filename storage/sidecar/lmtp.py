@@ -36,12 +36,13 @@ from prometheus_client import Counter, Histogram
 from postkeep import build_info
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.metadata.db import BackendError, Database
-from postkeep.storage.reports.dsn import Report, parse_report
+from postkeep.storage.reports.dsn import Report, needs_recipients, parse_report, resolve
 from postkeep.storage.reports.outcomes import (
     DUPLICATE,
     DUPLICATE_UNMATCHED,
     UNMATCHED,
     forward_target,
+    message_recipients,
     record_batch,
     report_key,
 )
@@ -249,6 +250,14 @@ class ReportHandler:
             return (f"451 4.3.0 postkeep-storage: message {report.message_id} is still in the"
                     " outage spool; try again later")
         try:
+            if needs_recipients(report):
+                # Attributed by where it arrived too: its VERP recipient, or
+                # the message's only recipient (reports.resolve).
+                mid, expires = report.message_id, report.expires_at
+                assert mid is not None
+                rcpts_of = await asyncio.to_thread(
+                    self.db.run, lambda conn: message_recipients(conn, mid, expires))
+                report = resolve(report, rcpts_of)
             if report.reason is not None:
                 await self._keep(report, raw)
             code = await self.batcher.submit(report)
