@@ -55,8 +55,10 @@ class LineBreaker:
         if chunk.endswith(b"\r"):  # decided by the next chunk (or flush)
             chunk = chunk[:-1]
             self._cr = True
-        out = bytearray()
         pieces = chunk.split(_CRLF)
+        if len(pieces) > 1 and self._fits(pieces):
+            return chunk  # the common case: lengths noted, nothing to break
+        out = bytearray()
         for i, piece in enumerate(pieces):
             self._content(piece, out)
             if i < len(pieces) - 1:
@@ -71,6 +73,18 @@ class LineBreaker:
             self._cr = False
             self._content(b"\r", out)
         return bytes(out)
+
+    def _fits(self, pieces: list[bytes]) -> bool:
+        """Whether no line of PIECES (a chunk split at CRLF) needs breaking;
+        if so the state moves past them (the chunk is passed on as it is)."""
+        first = len(pieces[0])
+        middle = max(map(len, pieces[1:-1]), default=0)
+        last = len(pieces[-1])
+        if self.limit and (self._col + first > self.limit or max(middle, last) > self.limit):
+            return False
+        self._longest = max(self._longest, self._line + first, middle)
+        self._line = self._col = last
+        return True
 
     @property
     def longest(self) -> int:

@@ -6,6 +6,8 @@ and the % in reply texts that libmilter reads as a format."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import zstandard
 
@@ -110,6 +112,23 @@ def test_any_chunking_gives_the_same_bytes(chunk: int) -> None:
     out += breaker.flush()
     assert out == break_lines(text)
     assert breaker.broke and breaker.longest == 5000
+
+
+def test_random_lines_and_chunks_match_postfix() -> None:
+    rng = random.Random(14)
+    for _ in range(200):
+        text = b"".join(bytes(rng.choice(b"ab.\r ") for _ in range(rng.choice(
+            (0, 1, 996, 997, 998, 999, 1000, 1995, 1996, 2048, 3000, rng.randrange(6000)))))
+            + b"\r\n" for _ in range(rng.randrange(1, 6)))
+        breaker, out, i = LineBreaker(), b"", 0
+        while i < len(text):
+            n = rng.choice((1, 2, 997, 998, 999, 4096, 65535))
+            out += breaker.feed(text[i : i + n])
+            i += n
+        out += breaker.flush()
+        want = postfix_smtp_text_out(records(text))
+        assert out == want
+        assert breaker.longest == longest_line(text[:-2])
 
 
 def test_short_lines_untouched_and_limit_zero_disables() -> None:
