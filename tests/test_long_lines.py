@@ -11,6 +11,7 @@ import random
 import pytest
 import zstandard
 
+from postkeep import config
 from postkeep.milter.adapter import reply_text
 from postkeep.milter.capture import MessageCapture, restore
 from postkeep.milter.longlines import LineBreaker, break_lines, longest_line
@@ -188,3 +189,14 @@ def test_reply_text_doubles_every_percent() -> None:
     assert reply_text("login mal%lory is not") == "login mal%%lory is not"
     assert reply_text("100%% odd %%% end%") == "100%%%% odd %%%%%% end%%"
     assert reply_text("no percent") == "no percent"
+
+
+def test_long_lines_key_defaults_to_fold_and_takes_only_its_choices(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("POSTKEEP_S3_ACCESS_KEY", "POSTKEEP_S3_SECRET_KEY", "POSTKEEP_DKIM_MASTER_KEY",
+                 "POSTKEEP_SYSTEM_DKIM_KEY", "PGPASSWORD", "POSTKEEP_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    assert config.parse({}).milter.long_lines == "fold"
+    assert config.parse({"milter": {"long_lines": "reject"}}).milter.long_lines == "reject"
+    with pytest.raises(config.ConfigError, match="long_lines"):
+        config.parse({"milter": {"long_lines": "wrap"}})
