@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from cryptography.hazmat.primitives import serialization
 from support import smtp
 from support.milter_settings import milter_settings
 from support.refused import assert_refused_left_nothing
 from support.stack import Stack, strip_received
+
+from postkeep import signing_keys
+from postkeep.storage.metadata import dkim_keys
 
 pytestmark = pytest.mark.stack
 
@@ -62,6 +67,22 @@ def test_long_lines_folded_signed_and_stored_as_delivered(stack: Stack) -> None:
                            (reply.queue_id,)).fetchone()
     assert row is not None, "accepted but not captured"
     assert stack.restored(row[0]) == strip_received(delivered)
+
+
+def test_system_mail_with_a_long_line_verifies_as_delivered(stack: Stack) -> None:
+    # signed with the platform key and not stored: the body is replaced all the same
+    domain = stack.config.dkim.system_domains[0]
+    sender, token = f"no-reply@{domain}", uuid.uuid4().hex
+    smtp.send(*stack.smtp, sender, ["user@sink.test"], _message(sender, domain, token))
+    delivered = stack.sink_copy(token)
+    assert f"d={domain}".encode() in delivered
+    pem = Path(stack.config.dkim.system_key_file).read_bytes()
+    key = serialization.load_pem_private_key(pem, password=None)
+    txt = dkim_keys.dns_txt_value(signing_keys.algorithm_of(key),  # type: ignore[arg-type]
+                                  dkim_keys.public_key_bytes(key))  # type: ignore[arg-type]
+    name = f"{stack.config.dkim.system_selector}._domainkey.{domain}.".encode()
+    assert dkimpy.verify(delivered, dnsfunc=lambda n, timeout=5: txt.encode() if n == name
+                         else None), "delivered system mail does not verify"
 
 
 def test_long_lines_refused_when_configured(stack: Stack) -> None:
