@@ -31,9 +31,23 @@ from typing import Any
 
 import Milter
 
+from postkeep.milter.decide import Reply
 from postkeep.milter.service import CaptureService, Transaction
 
 log = logging.getLogger("postkeep.milter")
+
+
+# Postfix takes a replaced body in pieces of this size (SMFIR_REPLBODY).
+BODY_PIECE = 65535
+
+
+def reply_text(text: str) -> str:
+    """TEXT for setreply: libmilter reads it as a format, so every % is doubled.
+
+    pymilter raises ValueError on a single % (a login such as mal%lory named in
+    a refusal), which became a 451 from an untrapped exception.
+    """
+    return text.replace("%", "%%")
 
 
 def client_address(macro: str | None) -> str | None:
@@ -58,13 +72,16 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
             self.tx.capture.discard()
             self.tx = None
 
+    def _setreply(self, reply: Reply) -> None:
+        self.setreply(reply.code, reply.enhanced, reply_text(reply.text))
+
     def envfrom(self, mailfrom: str, *params: str) -> Any:
         self._reset()
         client_addr = client_address(self.getsymval("{client_addr}"))
         auth_user = self.getsymval("{auth_authen}") or None
         refusal = self.service.refuse_login(mailfrom, auth_user, client_addr)
         if refusal is not None:
-            self.setreply(refusal.code, refusal.enhanced, refusal.text)
+            self._setreply(refusal)
             return Milter.REJECT
         # {daemon_name} "pickup" marks local submission where the operator
         # names it so (milter_macro_daemon_name); by default Postfix presents
@@ -108,9 +125,15 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         queue_id = self.getsymval("i") or "-"
         verdict = self.service.end_of_message(tx, queue_id)
         if verdict.reply is not None:
-            r = verdict.reply
-            self.setreply(r.code, r.enhanced, r.text)
+            self._setreply(verdict.reply)
             return Milter.REJECT if verdict.reject else Milter.TEMPFAIL
+        if verdict.body is not None:
+            # Long lines broken as Postfix's smtp client would break them: what
+            # was signed and stored.  pymilter asks Postfix for every action it
+            # offers (no set_flags), SMFIF_CHGBODY included.
+            with verdict.body as body:
+                while piece := body.read(BODY_PIECE):
+                    self.replacebody(piece)
         # Client-sent copies of our id header are removed: only ours counts.
         # Last first, so earlier indexes stay valid.
         for index in range(tx.own_headers_removed, 0, -1):

@@ -49,6 +49,7 @@ from typing import BinaryIO
 import zstandard
 
 from postkeep.milter.dkim import BodyHasher
+from postkeep.milter.longlines import SMTP_LINE_LIMIT, LineBreaker, break_lines, longest_line
 from postkeep.milter.mime_split import large_parts, top_boundary
 from postkeep.storage.content.container import DictionaryRef, Manifest, PartRef, encode_header
 from postkeep.storage.content.dictionaries import LoadedDictionary
@@ -177,8 +178,17 @@ class MessageCapture:
     """Accumulates one message's headers and body, compressing as it goes."""
 
     def __init__(self, *, level: int = 3, spill_bytes: int = 1 << 20,
-                 spool_dir: str | None = None, dkim_body_hash: bool = True) -> None:
+                 spool_dir: str | None = None, dkim_body_hash: bool = True,
+                 fold_lines: bool = False) -> None:
         self._level = level
+        # Lines over 998 octets (longlines.py): with FOLD_LINES the capture
+        # holds them broken as Postfix's smtp client will break them, so what
+        # is hashed, signed and stored is what is delivered; either way the
+        # longest line is known (to refuse such mail instead).
+        self._fold = fold_lines
+        self._breaker = LineBreaker(SMTP_LINE_LIMIT if fold_lines else 0)
+        self.longest_header_line = 0
+        self._frame_done = False
         self._spill = spill_bytes
         self._spool_dir = spool_dir
         self._headers: list[bytes] = []
@@ -201,7 +211,13 @@ class MessageCapture:
         """A header field from the client, in order."""
         if self._header_block is not None:
             raise RuntimeError("header after end of headers")
-        self._headers.append(header_line(name, value))
+        line = header_line(name, value)
+        self.longest_header_line = max(self.longest_header_line, longest_line(line[:-2]))
+        # Postfix's smtp client breaks a header's lines as it breaks body
+        # lines (the same smtp_text_out): folded here alike, the stored and
+        # signed header is what the next hop receives, with no change asked
+        # of Postfix.
+        self._headers.append(break_lines(line) if self._fold else line)
 
     def add_own_header(self, name: str, value: str) -> None:
         """A header postkeep adds (placed after the client's, as Postfix does)."""
@@ -232,6 +248,11 @@ class MessageCapture:
         """A body chunk, compressed and hashed on arrival, never kept whole."""
         self.end_of_headers()
         assert self._body_writer is not None
+        chunk = self._breaker.feed(chunk)
+        self._add_body(chunk)
+
+    def _add_body(self, chunk: bytes) -> None:
+        assert self._body_writer is not None
         if self._hash is not None:
             self._hash.update(chunk)
         if self.body_hasher is not None:
@@ -240,6 +261,47 @@ class MessageCapture:
         out = self._body_writer.compress(chunk)
         if out:
             self._body.write(out)
+
+    @property
+    def longest_body_line(self) -> int:
+        """Octets of the longest body line as received (CRLF not counted)."""
+        return self._breaker.longest
+
+    @property
+    def lines_broken(self) -> bool:
+        """Whether folding changed the body (it must then replace Postfix's copy)."""
+        return self._breaker.broke
+
+    def folded_body(self) -> BinaryIO:
+        """The body as captured (lines broken), to replace Postfix's copy with.
+
+        Closes the body frame if finish() has not yet; the caller closes the
+        file (in memory up to spill_bytes, else in the spool directory).
+        """
+        self.end_body()
+        self._body.seek(0)
+        out = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=self._spill, dir=self._spool_dir)
+        reader = zstandard.ZstdDecompressor().stream_reader(self._body, closefd=False)
+        while chunk := reader.read(256 * 1024):
+            out.write(chunk)
+        self._body.seek(0)
+        out.seek(0)
+        return out  # type: ignore[return-value]
+
+    def end_body(self) -> None:
+        """The end of the body: the breaker's last bytes, then the frame's end."""
+        self.end_of_headers()
+        if self._frame_done:
+            return
+        tail = self._breaker.flush()
+        if tail:
+            self._add_body(tail)
+        assert self._body_writer is not None
+        self._body.seek(0, io.SEEK_END)
+        self._body.write(self._body_writer.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
+        self._frame_done = True
+        self._body_writer = None  # closed: the context may go back to the pool
 
     # -- finish ------------------------------------------------------------
     def finish(self, prefix: bytes = b"", *, split_threshold: int = 0,
@@ -253,11 +315,9 @@ class MessageCapture:
         message (or skeleton) of at most DICTIONARY_MAX bytes is compressed
         with DICTIONARY.
         """
-        self.end_of_headers()
-        assert self._body_writer is not None
+        self.end_body()
         header_block = prefix + self.header_block
-        self._body.write(self._body_writer.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
-        body_compressed = self._body.tell()
+        body_compressed = self._body.seek(0, io.SEEK_END)
         self._body.seek(0)
         size = len(header_block) + self.body_size
         # Only a multipart message has parts to cut out: anything else is not

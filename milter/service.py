@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 from postkeep.config import DkimConfig, MilterConfig
 from postkeep.envelope import (
@@ -51,6 +52,7 @@ from postkeep.milter.decide import (
 )
 from postkeep.milter.directory import Directory
 from postkeep.milter.keys import KeyRingRefresher
+from postkeep.milter.longlines import SMTP_LINE_LIMIT
 from postkeep.milter.signing import (
     Network,
     Signature,
@@ -109,6 +111,9 @@ class Verdict:
     # back in place of the command filter's (no success notices to senders
     # that never asked for them).
     readd_recipients: tuple[tuple[str, str], ...] = ()
+    # The body to replace Postfix's with (its long lines broken as Postfix's
+    # smtp client would, [milter] long_lines = "fold"); the adapter closes it.
+    body: BinaryIO | None = None
 
 
 def _untracked(tx: Transaction) -> tuple[tuple[str, str], ...]:
@@ -198,7 +203,8 @@ class CaptureService:
         tid = uuid7()
         capture = MessageCapture(level=self.cfg.zstd_level, spill_bytes=self.cfg.spill_bytes,
                                  spool_dir=self.cfg.spool_directory,
-                                 dkim_body_hash=self.keyring is not None or self.system is not None)
+                                 dkim_body_hash=self.keyring is not None or self.system is not None,
+                                 fold_lines=self.cfg.long_lines == "fold")
         capture.add_own_header(self.cfg.id_header, str(tid))
         return Transaction(tid, datetime.now(UTC), strip_brackets(envelope_from),
                            auth_user or None, capture, client_addr=client_addr, local=local)
@@ -241,6 +247,10 @@ class CaptureService:
             log.info("report for postkeep-storage queue_id=%s from=<%s> to=<%s>", queue_id,
                      tx.envelope_from, ">,<".join(tx.recipients))
             return Verdict(None)
+        if self.cfg.long_lines == "reject":
+            refused = self._long_lines(tx, queue_id)
+            if refused is not None:
+                return refused
         # The client itself: a trusted network or local submission.  A login
         # vouches for its client only as its organisation's (Decision.via_login).
         trusted = is_trusted(tx.client_addr, tx.local, self.networks)
@@ -298,6 +308,25 @@ class CaptureService:
                  tx.envelope_from, decision.reason)
         return Verdict(None, readd_recipients=_untracked(tx))
 
+    def _long_lines(self, tx: Transaction, queue_id: str) -> Verdict | None:
+        """[milter] long_lines = "reject": 550 5.6.0 for a line over 998 octets."""
+        where, longest = "body", tx.capture.longest_body_line
+        if tx.capture.longest_header_line > longest:
+            where, longest = "header", tx.capture.longest_header_line
+        if longest <= SMTP_LINE_LIMIT:
+            return None
+        reason = (f"a {where} line of {longest} octets is longer than the {SMTP_LINE_LIMIT}"
+                  " allowed (RFC 5322 2.1.1); relaying would break it")
+        metrics.MESSAGES.labels("refused").inc()
+        log.info("refused id=%s queue_id=%s from=<%s> reason=%r", tx.id, queue_id,
+                 tx.envelope_from, reason)
+        return Verdict(Reply("550", "5.6.0", f"postkeep: {reason}"), reject=True)
+
+    @staticmethod
+    def _replacement_body(tx: Transaction) -> BinaryIO | None:
+        """The folded body when folding changed it, else None (nothing to replace)."""
+        return tx.capture.folded_body() if tx.capture.lines_broken else None
+
     def _system_mail(self, tx: Transaction, queue_id: str, from_domain: str) -> Verdict:
         """Sign with the platform key; store nothing; one log line."""
         system = self.system
@@ -311,11 +340,13 @@ class CaptureService:
         log.info("system mail queue_id=%s message_id=%s from=<%s> nrcpt=%d signed=%s",
                  queue_id, tx.message_id_header or "-", tx.envelope_from, len(tx.recipients),
                  system.selector)
-        return Verdict(None, signatures=tuple(sigs), readd_recipients=_untracked(tx))
+        return Verdict(None, signatures=tuple(sigs), readd_recipients=_untracked(tx),
+                       body=self._replacement_body(tx))
 
     def _sign(self, tx: Transaction, keys: list[tuple[str, str, str, PrivateKey]]
               ) -> list[Signature]:
         started = time.perf_counter()
+        tx.capture.end_body()  # the body hash covers the whole (folded) body
         hasher = tx.capture.body_hasher
         assert hasher is not None  # made whenever a key ring or system key exists
         sigs = sign_all(tx.capture.header_block, hasher.digest(), keys,
@@ -426,6 +457,8 @@ class CaptureService:
                                     split_threshold=self.cfg.part_split_bytes,
                                     dictionary=dictionary,
                                     dictionary_max=self.cfg.dictionary_max_bytes)
+        # Taken before the commit: the upload consumes and closes the body frame.
+        body = self._replacement_body(tx)
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
         rpath = None
         if self.cfg.bounce_domain:  # outcome tracking on
@@ -458,6 +491,8 @@ class CaptureService:
             self.committer.commit(message, content)
         except BackendError as exc:
             if self.spooler is None or exc.backend not in SPOOLABLE_BACKENDS:
+                if body is not None:
+                    body.close()
                 return self._tempfail(tx, queue_id, exc)
             spooled, spooled_message = content, message
             if content.parts or content.dictionary is not None:
@@ -468,6 +503,8 @@ class CaptureService:
                     message, compressed_size=spooled.compressed_size)
             refused = self.spooler.store(spooled_message, spooled, exc)
             if refused is not None:
+                if body is not None:
+                    body.close()
                 return self._tempfail(tx, queue_id, exc, refused)
             metrics.BACKEND_ERRORS.labels(exc.backend).inc()
             outcome = "spooled"  # accepted: durable on local disk, drained later
@@ -488,10 +525,11 @@ class CaptureService:
         )
         if rpath is None:
             return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
-                           signatures=tuple(signatures), readd_recipients=_untracked(tx))
+                           signatures=tuple(signatures), readd_recipients=_untracked(tx),
+                           body=body)
         return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),
                        signatures=tuple(signatures),
-                       change_from=(rpath, mail_from_params(tx.id)))
+                       change_from=(rpath, mail_from_params(tx.id)), body=body)
 
     def _tempfail(self, tx: Transaction, queue_id: str, exc: BackendError,
                   reply: Reply | None = None) -> Verdict:

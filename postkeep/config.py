@@ -159,6 +159,13 @@ class MilterConfig:
     # Tempfail instead of spooling once the spool's filesystem would be fuller
     # than this (percent, as `df` counts it).
     outage_spool_max_fill_percent: float = field(default=90.0, metadata={"min": 0, "max": 100})
+    # -- lines over 998 octets (issue 21, point 14) --
+    # Postfix's smtp client breaks lines longer than smtp_line_length_limit
+    # (998) with CRLF SPACE when it relays.  'fold': the milter breaks them
+    # the same way first (the body is replaced, headers are folded as Postfix
+    # will), so the DKIM signature and the stored copy are of the bytes
+    # delivered.  'reject': such mail is refused with 550 5.6.0.
+    long_lines: str = field(default="fold", metadata=_choice("fold", "reject"))
 
 
 @dataclass(frozen=True)
