@@ -53,8 +53,8 @@ def awkward_message(sender: str, token: str, attachment: bytes) -> bytes:
     """A message whose bytes a reader could get wrong: folded and encoded
     headers, an 8-bit text part, a long line, and ATTACHMENT in base64 (over
     milter.part_split_bytes, the milter stores it as a part object of its own).
-    Lines stay under 998 bytes: Postfix folds longer ones on the way to the
-    sink, and the sink's copy would no longer be the oracle."""
+    Lines stay under 998 bytes, so the stored copy is also the one submitted
+    (longer lines are broken before storing: tests/test_long_lines*.py)."""
     b64 = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
     return (
         f"From: Sender <{sender}>\r\nTo: r@sink.test\r\n".encode()
