@@ -29,7 +29,7 @@ ARCH="$(dpkg --print-architecture)"
 DEB="$OUT/postkeep_${VERSION}_${ARCH}.deb"
 
 WORK="$(mktemp -d /var/tmp/postkeep-deb.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 ROOT="$WORK/root"
 STAGE="$ROOT$PREFIX"
 
@@ -62,6 +62,8 @@ mkdir -p "$(dirname "$STAGE")"
 "$PY" -m venv --without-pip "$STAGE"
 "${BPIP[@]}" --python "$STAGE/bin/python" install --no-index --find-links "$WHEELS" \
     --no-compile "$WHEEL" || die "installing postkeep into the staged venv failed"
+# The wheel's temporary path: not where postkeep came from for anyone.
+find "$STAGE" -path '*.dist-info/direct_url.json' -delete
 # Absolute staging paths (scripts' #! lines, pyvenv.cfg) become /opt/postkeep.
 grep -rlI --null -F "$STAGE" "$STAGE" | xargs -0 -r sed -i "s#$STAGE#$PREFIX#g"
 # Byte-code compiled now (the units' /opt is read-only), naming /opt paths.
@@ -89,10 +91,19 @@ echo /etc/postkeep/postkeep.toml >"$ROOT/DEBIAN/conffiles"
 
 # Shared libraries the venv's extensions need from Debian (pymilter's
 # libmilter; the other wheels are manylinux and carry their own).
-LIBDEPS="$(find "$STAGE" -name '*.so*' -type f -print0 | xargs -0 -r ldd 2>/dev/null \
-    | awk '/=> \// {print $3}' | sort -u | grep -v "^$STAGE" \
-    | xargs -r dpkg -S 2>/dev/null | cut -d: -f1 | sort -u \
-    | grep -vx -e libc6 -e "libpython$PYVER" -e "libpython${PYVER}t64" || true)"
+owner() {  # LIBRARY: the Debian package owning it (/lib and /usr/lib: merged /usr)
+    local p="$1"
+    dpkg -S "$p" 2>/dev/null || dpkg -S "/usr$p" 2>/dev/null || dpkg -S "${p#/usr}" 2>/dev/null \
+        || dpkg -S "$(readlink -f "$p")" 2>/dev/null || echo "?: $p"
+}
+LIBDEPS=""
+for lib in $(find "$STAGE" -name '*.so*' -type f -print0 | xargs -0 -r ldd 2>/dev/null \
+        | awk '/=> \// {print $3}' | sort -u | grep -v "^$STAGE"); do
+    pkg="$(owner "$lib" | head -1 | cut -d: -f1)"
+    [ "$pkg" != "?" ] || die "no Debian package provides $lib (needed by the venv)"
+    LIBDEPS="$LIBDEPS $pkg"
+done
+LIBDEPS="$(printf '%s\n' $LIBDEPS | sort -u | grep -vx -e libc6 || true)"
 DEPENDS="python3 (>= $PYVER), python3 (<< $PYNEXT), libc6, systemd | adduser, passwd"
 for p in $LIBDEPS; do DEPENDS="$DEPENDS, $p"; done
 SIZE="$(du -sk "$ROOT" | cut -f1)"
