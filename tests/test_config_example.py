@@ -55,7 +55,8 @@ def test_every_declared_key_is_in_the_example() -> None:
 
 
 def test_the_example_names_no_unknown_key() -> None:
-    unknown = sorted(f"{s}.{k}" for s, k in _entries(EXAMPLE.read_text()) if (s, k) not in _declared())
+    declared = _declared()
+    unknown = sorted(f"{s}.{k}" for s, k in _entries(EXAMPLE.read_text()) if (s, k) not in declared)
     assert not unknown, f"keys in {EXAMPLE} that postkeep/config.py does not know: {unknown}"
 
 

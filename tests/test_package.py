@@ -55,10 +55,12 @@ APT = ("apt-get", "-q", "-y", "-o", "DPkg::Lock::Timeout=300")
 ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-def run(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
-    assert out.returncode == 0, f"{shlex.join(args)}: exit {out.returncode}\n{out.stdout}\n{out.stderr}"
-    return out  # type: ignore[no-any-return]
+def run(*args: str, cwd: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    assert out.returncode == 0, (
+        f"{shlex.join(args)}: exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
 
 
 def installed() -> bool:
@@ -120,7 +122,7 @@ def verify(path: Path) -> tuple[int, str]:
 def test_package_is_installed_the_debian_way(package: Package) -> None:
     for path in SHIPPED:
         assert os.path.exists(path), path
-    for name in DAEMONS + ("postkeep",):
+    for name in (*DAEMONS, "postkeep"):
         assert os.readlink(f"/usr/bin/{name}") == f"/opt/postkeep/bin/{name}"
     # the venv runs Debian's interpreter, never one found earlier on PATH (pyenv)
     assert os.path.realpath("/opt/postkeep/bin/python").startswith("/usr/bin/python3")
@@ -222,7 +224,8 @@ class Daemon:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.sock_path))
         self.sock_path.chmod(0o666)
-        self.log = tempfile.TemporaryFile()
+        # closed in stop()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115
         prefix = ["setpriv", f"--reuid={self.user}", f"--regid={self.group}", "--init-groups"]
         if unit.get("NoNewPrivileges") == "yes":
             prefix.append("--no-new-privs")
@@ -261,6 +264,7 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait(30)
         self.sock.close()
+        self.log.close()
 
 
 def stock_postfix(pfdir: Path, base: int, sink_port: int, stack_dir: Path) -> str:
