@@ -4,12 +4,14 @@
 file installs it with apt-get on the test machine, checks every installed unit
 with `systemd-analyze verify`, runs postkeep-milter, postkeep-policyd and
 postkeep-storage as their installed units say (ExecStart, User, Group, UMask,
-NoNewPrivileges, the working directory /, a fresh environment, $NOTIFY_SOCKET
-for Type=notify) with /etc/postkeep/postkeep.toml pointing at the test stack's
-PostgreSQL and MinIO, sends a message through a private Postfix instance made
-from Debian's stock main.cf and configured by the installed `postkeep postfix
-apply`, checks it landed (row and object), then purges the package and checks
-the purge removed what the package created and nothing else.
+NoNewPrivileges; ProtectSystem=strict with ReadWritePaths=, PrivateTmp= and
+ProtectHome= emulated in a private mount namespace; the working directory /, a
+fresh environment, $NOTIFY_SOCKET for Type=notify) with
+/etc/postkeep/postkeep.toml pointing at the test stack's PostgreSQL and MinIO,
+sends a message through a private Postfix instance made from Debian's stock
+main.cf and configured by the installed `postkeep postfix apply`, checks it
+landed (row and object), then purges the package and checks the purge removed
+what the package created and nothing else.
 
 The tests run in file order on one installation (module fixture); the last
 one purges.  Ports: the stack's SMTP port + 15 .. + 21 (17040.. for 17025).
@@ -49,8 +51,10 @@ SHIPPED = ("/opt/postkeep/bin/python", "/usr/bin/postkeep", "/usr/bin/postkeep-m
            "/usr/lib/sysusers.d/postkeep.conf", "/usr/lib/tmpfiles.d/postkeep.conf",
            "/usr/share/postkeep/postfix-conf/main.cf", "/usr/share/doc/postkeep/README.md",
            "/usr/share/doc/postkeep/copyright", *(str(UNIT_DIR / u) for u in UNITS))
-CREATED = ("/var/spool/postkeep", "/var/spool/postkeep/outage", "/var/lib/postkeep",
-           "/etc/postkeep")
+# Made by postinst; purge removes /var/spool/postkeep (and the user and group)
+# only if postinst made them, /etc/postkeep and /var/lib/postkeep always.
+SPOOL = "/var/spool/postkeep"
+CREATED = ("/var/lib/postkeep", "/etc/postkeep")
 APT = ("apt-get", "-q", "-y", "-o", "DPkg::Lock::Timeout=300")
 ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -84,6 +88,7 @@ def host_postfix(name: str) -> bytes:
 class Package:
     deb: Path
     before: tuple[str, str]  # /etc/passwd and /etc/group before the install
+    had_spool: bool  # /var/spool/postkeep existed before the install
     host_postfix: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -95,7 +100,8 @@ def package() -> Iterator[Package]:
         run(*APT, "purge", "postkeep", env=ENV)
     for path in (*SHIPPED, *CREATED):
         assert not os.path.lexists(path), f"{path} exists before the package is installed"
-    pkg = Package(deb, accounts(), {n: host_postfix(n) for n in ("main.cf", "master.cf")})
+    pkg = Package(deb, accounts(), os.path.lexists(SPOOL),
+                  {n: host_postfix(n) for n in ("main.cf", "master.cf")})
     run(*APT, "install", str(deb), env=ENV)
     try:
         yield pkg
@@ -129,7 +135,7 @@ def test_package_is_installed_the_debian_way(package: Package) -> None:
     fields = run("dpkg-deb", "-f", str(package.deb), "Depends").stdout
     assert "python3 (>= 3.11)" in fields and "python3 (<< 3.12)" in fields, fields
     assert run("dpkg-query", "-W", "-f=${Conffiles}", "postkeep").stdout.split()[0] == str(CONFIG)
-    st = os.stat("/var/spool/postkeep")
+    st = os.stat(SPOOL)
     assert (st.st_mode & 0o7777, st.st_uid) == (0o700, int(run("id", "-u", "postkeep").stdout))
     run("id", "-g", "postkeep")
     # the shipped configuration loads as the daemons' user reads it
@@ -212,6 +218,42 @@ master_key_file = "{master}"
 """)
 
 
+def sandbox(unit: dict[str, str]) -> str:
+    """A shell script giving its command (\"$@\") the unit's file system view, in a
+    private mount namespace: ProtectSystem=strict (every mount read-only but /dev,
+    /proc, /sys), ReadWritePaths= writable, PrivateTmp= and ProtectHome= as empty
+    tmpfs.  Then the daemon can write only where its unit lets it."""
+    assert unit.get("ProtectSystem") == "strict", unit.get("ProtectSystem")
+    rw = []
+    for path in unit.get("ReadWritePaths", "").split():
+        optional = path.startswith("-")
+        path = path.removeprefix("-")
+        assert optional or os.path.isdir(path), f"ReadWritePaths={path} missing"
+        if os.path.isdir(path):
+            rw.append(path)
+    lines = [f"mount --bind {shlex.quote(p)} {shlex.quote(p)}" for p in rw]
+    private = []
+    if unit.get("PrivateTmp") == "yes":
+        private += ["/tmp", "/var/tmp"]
+        lines += [f"mount -t tmpfs -o mode=1777 tmpfs {d}" for d in ("/tmp", "/var/tmp")]
+    if unit.get("ProtectHome") == "yes":
+        for home in ("/home", "/root", "/run/user"):
+            if os.path.isdir(home):
+                private.append(home)
+                lines.append(f"mount -t tmpfs -o mode=0755,ro tmpfs {home}")
+    keep = " | ".join(shlex.quote(p) for p in (*rw, *private)) or "''"
+    lines += [
+        "mount -o remount,bind,ro /",
+        "awk '{print $2}' /proc/self/mounts | while read -r m; do",
+        "  case \"$m\" in /|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue ;; esac",
+        f"  case \"$m\" in {keep}) continue ;; esac",
+        "  mount -o remount,bind,ro \"$m\" 2>/dev/null || true",
+        "done",
+        'exec "$@"',
+    ]
+    return "\n".join(lines)
+
+
 class Daemon:
     """One daemon started as its installed unit would start it."""
 
@@ -226,11 +268,13 @@ class Daemon:
         self.sock_path.chmod(0o666)
         # closed in stop()
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        prefix = ["setpriv", f"--reuid={self.user}", f"--regid={self.group}", "--init-groups"]
+        setpriv = ["setpriv", f"--reuid={self.user}", f"--regid={self.group}", "--init-groups"]
         if unit.get("NoNewPrivileges") == "yes":
-            prefix.append("--no-new-privs")
+            setpriv.append("--no-new-privs")
         self.proc = subprocess.Popen(
-            [*prefix, "--", *self.argv], cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-euc",
+             sandbox(unit), "sandbox", *setpriv, "--", *self.argv],
+            cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
             umask=int(unit.get("UMask", "0022"), 8),
             env={**ENV, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(self.sock_path)})
@@ -315,7 +359,8 @@ def test_daemons_run_as_their_units_and_mail_lands(package: Package, stack: Stac
     stack_dir = Path(stack.env["POSTKEEP_STACK_DIR"])
     pfdir = stack_dir / "pkg-postfix" / "etc"
     shipped = CONFIG.read_bytes()
-    notify_dir = Path(tempfile.mkdtemp(prefix="postkeep-notify-"))
+    # not under /tmp: PrivateTmp= hides it from the daemons
+    notify_dir = Path(tempfile.mkdtemp(prefix="postkeep-notify-", dir="/run"))
     notify_dir.chmod(0o711)
     daemons: list[Daemon] = []
     try:
@@ -330,6 +375,15 @@ def test_daemons_run_as_their_units_and_mail_lands(package: Package, stack: Stac
         finish_instance(pfdir, base, sink_port)
         run("/usr/bin/postkeep", "--config", str(CONFIG), "db", "migrate", cwd="/", env=env)
 
+        # the sandbox holds: as root even, only the unit's ReadWritePaths are writable
+        milter_unit = unit_service("postkeep-milter.service")
+        probe = run("unshare", "--mount", "--propagation", "private", "--", "sh", "-euc",
+                    sandbox(milter_unit), "sandbox", "sh", "-c",
+                    "touch /var/spool/postkeep/probe && rm /var/spool/postkeep/probe"
+                    " && ! touch /opt/postkeep/probe 2>/dev/null"
+                    " && ! touch /etc/postkeep/probe 2>/dev/null"
+                    " && ! ls /root/.pyenv >/dev/null 2>&1 && echo sandboxed")
+        assert probe.stdout.strip() == "sandboxed", probe
         for name in DAEMONS:
             daemons.append(Daemon(name, notify_dir))
         uid = run("id", "-u", "postkeep").stdout.strip()
@@ -379,8 +433,10 @@ def test_daemons_run_as_their_units_and_mail_lands(package: Package, stack: Stac
 def test_purge_removes_what_it_created_and_nothing_else(package: Package) -> None:
     run(*APT, "purge", "postkeep", env=ENV)
     assert not installed()
-    left = [p for p in (*SHIPPED, *CREATED, "/opt/postkeep") if os.path.lexists(p)]
+    left = [p for p in (*SHIPPED, *CREATED, "/opt/postkeep", "/run/postkeep")
+            if os.path.lexists(p)]
     assert not left, f"left after purge: {left}"
+    assert os.path.lexists(SPOOL) == package.had_spool, "purge and /var/spool/postkeep"
     assert accounts() == package.before, "purge did not restore /etc/passwd and /etc/group"
     # the host's Postfix as it was (but for the test instance's registration)
     for name, text in package.host_postfix.items():
