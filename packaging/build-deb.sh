@@ -79,7 +79,9 @@ for b in postkeep postkeep-milter postkeep-policyd postkeep-storage; do
     [ -x "$STAGE/bin/$b" ] || die "the venv has no bin/$b"
     ln -s "$PREFIX/bin/$b" "$ROOT/usr/bin/$b"
 done
-install -m 0644 "$REPO"/systemd/*.service "$REPO"/systemd/*.timer "$ROOT/lib/systemd/system/"
+# Every unit in systemd/ (services, timers, sockets), as it is there.
+(shopt -s nullglob
+ install -m 0644 "$REPO"/systemd/*.{service,timer,socket,path} "$ROOT/lib/systemd/system/")
 install -m 0644 "$REPO/systemd/postkeep.sysusers.conf" "$ROOT/usr/lib/sysusers.d/postkeep.conf"
 install -m 0644 "$REPO/systemd/postkeep.tmpfiles.conf" "$ROOT/usr/lib/tmpfiles.d/postkeep.conf"
 install -m 0640 "$REPO/packaging/postkeep.toml" "$ROOT/etc/postkeep/postkeep.toml"

@@ -40,8 +40,9 @@ from support.stack import Stack, strip_received
 pytestmark = pytest.mark.stack
 
 UNIT_DIR = Path("/lib/systemd/system")
-UNITS = ("postkeep-milter.service", "postkeep-policyd.service", "postkeep-storage.service",
-         "postkeep-retention.service", "postkeep-retention.timer")
+# Every unit in the repository's systemd/ folder is shipped.
+UNITS = tuple(sorted(p.name for p in (Path(__file__).resolve().parents[1] / "systemd").iterdir()
+                     if p.suffix in (".service", ".timer", ".socket", ".path")))
 DAEMONS = ("postkeep-milter", "postkeep-policyd", "postkeep-storage")
 CONFIG = Path("/etc/postkeep/postkeep.toml")
 SECRETS = Path("/etc/postkeep/secrets")
@@ -249,6 +250,7 @@ def sandbox(unit: dict[str, str]) -> str:
         f"  case \"$m\" in {keep}) continue ;; esac",
         "  mount -o remount,bind,ro \"$m\" 2>/dev/null || true",
         "done",
+        '[ -z "${LISTEN_FDS:-}" ] || export LISTEN_PID=$$',
         'exec "$@"',
     ]
     return "\n".join(lines)
@@ -257,7 +259,8 @@ def sandbox(unit: dict[str, str]) -> str:
 class Daemon:
     """One daemon started as its installed unit would start it."""
 
-    def __init__(self, name: str, notify_dir: Path) -> None:
+    def __init__(self, name: str, notify_dir: Path,
+                 listen: tuple[str, int] | None = None) -> None:
         unit = unit_service(f"{name}.service")
         self.argv = shlex.split(unit["ExecStart"])
         assert self.argv[0] == f"/usr/bin/{name}", unit["ExecStart"]
@@ -271,13 +274,23 @@ class Daemon:
         setpriv = ["setpriv", f"--reuid={self.user}", f"--regid={self.group}", "--init-groups"]
         if unit.get("NoNewPrivileges") == "yes":
             setpriv.append("--no-new-privs")
+        env = {**ENV, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(self.sock_path)}
+        # Socket activation, where the package ships NAME.socket: the listening
+        # socket as fd 3, LISTEN_FDS=1 and LISTEN_PID (set by the script below,
+        # in the process that execs the daemon).  Its address is the test's.
+        self.listener: socket.socket | None = None
+        if listen is not None:
+            self.listener = socket.create_server(listen, backlog=1024)
+            env["LISTEN_FDS"] = "1"
+            lfd = self.listener.fileno()
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-euc",
              sandbox(unit), "sandbox", *setpriv, "--", *self.argv],
             cwd="/", stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True,
-            umask=int(unit.get("UMask", "0022"), 8),
-            env={**ENV, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(self.sock_path)})
+            umask=int(unit.get("UMask", "0022"), 8), env=env,
+            pass_fds=(3,) if self.listener else (),
+            preexec_fn=(lambda: os.dup2(lfd, 3)) if self.listener else None)
 
     def output(self) -> str:
         self.log.seek(0)
@@ -309,6 +322,8 @@ class Daemon:
                 self.proc.wait(30)
         self.sock.close()
         self.log.close()
+        if self.listener:
+            self.listener.close()
 
 
 def stock_postfix(pfdir: Path, base: int, sink_port: int, stack_dir: Path) -> str:
@@ -384,8 +399,11 @@ def test_daemons_run_as_their_units_and_mail_lands(package: Package, stack: Stac
                     " && ! touch /etc/postkeep/probe 2>/dev/null"
                     " && ! ls /root/.pyenv >/dev/null 2>&1 && echo sandboxed")
         assert probe.stdout.strip() == "sandboxed", probe
+        test_listen = {"postkeep-policyd": ("127.0.0.1", base + 2)}  # the config's ports
         for name in DAEMONS:
-            daemons.append(Daemon(name, notify_dir))
+            activated = (UNIT_DIR / f"{name}.socket").exists()
+            assert not activated or name in test_listen, f"{name}.socket: add its test port"
+            daemons.append(Daemon(name, notify_dir, test_listen[name] if activated else None))
         uid = run("id", "-u", "postkeep").stdout.strip()
         gid = run("id", "-g", "postkeep").stdout.strip()
         for d in daemons:
