@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint fuzz bench bench-policyd bench-retention bench-storage
+.PHONY: install run stop test lint fuzz bench bench-policyd bench-retention bench-storage deb
 
 install:
 	$(STACK) install
@@ -25,7 +25,7 @@ stop:
 
 # Always tears the test stack down, and exits with pytest's status.  Runs that
 # share a work tree (and so TEST_DIR and its ports) take turns through a lock.
-test: install
+test: install deb
 	@mkdir -p $(TEST_DIR); exec 9>$(TEST_DIR)/.lock; \
 	flock -n 9 || { echo "make test: waiting for another 'make test' on $(TEST_DIR)" >&2; flock 9; }; \
 	rc=0; \
@@ -38,6 +38,17 @@ test: install
 	fi; \
 	$(STACK) down $(TEST_DIR) || echo "make test: stack down failed" >&2; \
 	exit $$rc
+
+# The Debian package (packaging/build-deb.sh): rebuilt only when a file it is
+# made of changed; tests/test_package.py installs it ($$POSTKEEP_DEB) and purges it.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+DEB := $(CURDIR)/postkeep_$(VERSION)_$(shell dpkg --print-architecture).deb
+DEB_SOURCES := $(shell git ls-files pyproject.toml README.md LICENSE postkeep milter policyd \
+	storage postfix-conf systemd packaging 2>/dev/null)
+export POSTKEEP_DEB := $(DEB)
+deb: $(DEB)
+$(DEB): $(DEB_SOURCES)
+	packaging/build-deb.sh $(CURDIR)
 
 lint: install
 	$(VENV)/bin/ruff check .
