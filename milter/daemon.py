@@ -1,10 +1,18 @@
 """postkeep-milter: the process.
 
 Loads and checks the configuration (refusing bad values with the key),
-opens the PostgreSQL pool and the S3 client, serves /metrics, tells systemd
-it is ready and hands the socket to libmilter.  libmilter runs one thread per
-Postfix connection and handles SIGTERM itself: it stops accepting, lets the
-main loop return, and we close the pool after in-flight callbacks finish.
+opens the PostgreSQL pool and the S3 client, serves /metrics, opens the
+milter socket, tells systemd it is ready (READY=1 once the socket listens)
+and hands the socket to libmilter.  libmilter runs one thread per Postfix
+connection and takes SIGTERM itself, on a thread of its own that waits for it:
+it stops accepting and its main loop returns; we tell systemd STOPPING=1, wait
+for the connections in flight to finish their messages, then close the pool.
+Every signal libmilter waits for must be blocked in every other thread, so
+they are blocked before the first thread starts (process.block_stop_signals).
+
+libmilter's signal thread treats SIGHUP as a stop too, so the milter reloads
+on SIGUSR1 (the unit's ExecReload): it re-reads the configuration file and
+applies milter.log_level.
 """
 
 from __future__ import annotations
@@ -12,15 +20,36 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
 
 import click
 
-from postkeep.config import ConfigError, load
+from postkeep import __version__
+from postkeep.config import ConfigError, load, require
 from postkeep.milter.service import system_signing
 from postkeep.milter.signing import parse_networks
-from postkeep.process import notify_systemd, split_hostport
+from postkeep.process import (
+    bind_error,
+    block_stop_signals,
+    fail,
+    notify_systemd,
+    split_hostport,
+    test_hooks_enabled,
+    watchdog_interval,
+)
 from postkeep.signing_keys import DkimError
+
+NAME = "postkeep-milter"
+# The longest the drain waits for connections in flight after SIGTERM; the
+# unit's TimeoutStopSec (150 s) is above it, Postfix's milter_content_timeout
+# (120 s in the bundle) below.
+DRAIN_SECONDS = 140.0
 
 
 def _limit_malloc_arenas(count: int = 2) -> None:
@@ -68,7 +97,132 @@ def _check_outage_spool(path: str) -> None:
         ) from exc
 
 
+class Sessions:
+    """Milter connections open right now, so the drain can wait for them."""
+
+    def __init__(self) -> None:
+        self._open = 0
+        self._changed = threading.Condition()
+
+    def opened(self) -> None:
+        with self._changed:
+            self._open += 1
+
+    def closed(self) -> None:
+        with self._changed:
+            self._open -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Block until none is open or TIMEOUT passes; how many are still open."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._open <= 0, timeout)
+            return self._open
+
+
+def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
+                  on_listening: Callable[[], None]) -> None:
+    """Milter.runmilter, with the socket opened before READY=1 is sent and every
+    connection counted (Sessions).  Returns when libmilter stops (SIGTERM)."""
+    import Milter
+
+    # pymilter's C extension, as Milter itself imported it (mypy would take the
+    # name `milter` for this repository's milter/ folder).
+    milter: Any = Milter.milter
+
+    def connect(ctx: Any, *args: Any) -> Any:
+        sessions.opened()
+        return Milter.connect_callback(ctx, *args)
+
+    def close(ctx: Any) -> Any:
+        try:
+            return Milter.close_callback(ctx)
+        finally:
+            sessions.closed()
+
+    milter.set_connect_callback(connect)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(close)
+    milter.setconn(listen)
+    if timeout > 0:
+        milter.settimeout(timeout)
+    milter.register(name, data=lambda ctx: ctx.getpriv().data(),
+                    unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                    negotiate=Milter.negotiate_callback)
+    try:
+        milter.opensocket(True)
+    except milter.error as exc:
+        raise OSError(f"libmilter: {exc}") from exc
+    on_listening()
+    milter.main()
+
+
+def _port_free(listen: str) -> None:
+    """libmilter only says "cannot open connection": try the inet port ourselves
+    first so a busy port is named as such."""
+    import socket
+
+    kind, _, rest = listen.partition(":")
+    if kind not in ("inet", "inet6"):
+        return
+    port, _, host = rest.partition("@")
+    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host or ("::" if kind == "inet6" else "0.0.0.0"), int(port)))
+
+
+def _watchdog(interval: float, lookups: Executor, stop: threading.Event) -> None:
+    """WATCHDOG=1 every INTERVAL while the lookup threads (the milter's backend
+    work: every message's organisation lookup runs there) answer: a probe that
+    does not come back in time means they are wedged, and the pings stop."""
+    while not stop.wait(interval):
+        try:
+            lookups.submit(lambda: None).result(timeout=interval)
+        except Exception:
+            logging.getLogger("postkeep.milter").warning(
+                "watchdog: the lookup threads did not answer within %gs; no ping", interval)
+            continue
+        notify_systemd("WATCHDOG=1")
+
+
+def _on_signals(handlers: dict[int, Callable[[], None]]) -> None:
+    """Run each handler on its (blocked) signal, from a thread waiting for them."""
+    def wait() -> None:
+        while True:
+            handlers[signal.sigwait(set(handlers))]()
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
+
+
+def _reload(config_path: str | None) -> None:
+    log = logging.getLogger("postkeep.milter")
+    try:
+        level = load(config_path).milter.log_level
+    except ConfigError as exc:
+        log.error("reload refused, configuration unchanged: %s", exc)
+        return
+    logging.getLogger().setLevel(level.upper())
+    log.info("reloaded: milter.log_level = %s", level)
+
+
+def _hang_lookups(lookups: Executor) -> None:
+    """Test hook (POSTKEEP_TEST_HOOKS=1, SIGUSR2): every lookup thread wedged."""
+    from postkeep.process import TEST_HANG_SECONDS
+
+    for _ in range(64):
+        lookups.submit(time.sleep, TEST_HANG_SECONDS)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=NAME)
 @click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
               metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
               "else /etc/postkeep/postkeep.toml).")
@@ -104,6 +258,7 @@ def main(config_path: str | None, check_config: bool) -> None:
             from postkeep.storage.metadata.dkim_keys import load_master_key
 
             load_master_key(cfg.dkim)  # refuses a malformed key now, naming its source
+        require(cfg, "s3")
     except ConfigError as exc:
         click.echo(f"postkeep-milter: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -113,7 +268,6 @@ def main(config_path: str | None, check_config: bool) -> None:
         format="%(asctime)s postkeep-milter[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    log = logging.getLogger("postkeep.milter")
     _limit_malloc_arenas()
     # A crash inside a C extension (libmilter, pymilter) otherwise leaves no
     # trace: dump every thread's Python stack to stderr on a fatal signal.
@@ -125,6 +279,29 @@ def main(config_path: str | None, check_config: bool) -> None:
                    f"metrics {mcfg.metrics_listen}, unknown_sender {mcfg.unknown_sender}")
         return
 
+    try:
+        _run(cfg, config_path, networks, system, metrics_host, metrics_port)
+    except ConfigError as exc:
+        fail(NAME, f"start-up refused: {exc}")
+    except Exception as exc:
+        fail(NAME, f"failed: {type(exc).__name__}: {exc}", 1)
+
+
+def _port_free_or_refuse(listen: str) -> None:
+    try:
+        _port_free(listen)
+    except OSError as exc:
+        raise ConfigError(bind_error("milter.listen", listen, exc)) from exc
+
+
+def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
+         metrics_host: str, metrics_port: int) -> None:
+    mcfg = cfg.milter
+    log = logging.getLogger("postkeep.milter")
+    # Before the first thread starts (the pool's, the committer's, /metrics):
+    # SIGTERM must reach libmilter's signal thread, never a thread that dies of it.
+    block_stop_signals()
+    _port_free_or_refuse(mcfg.listen)
     # Imported here so --help and config errors work without the C extension.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -157,7 +334,10 @@ def main(config_path: str | None, check_config: bool) -> None:
         spool = Spool(mcfg.outage_spool_directory)
         spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent)
         REGISTRY.register(SpoolCollector(spool))
-    start_http_server(metrics_port, addr=metrics_host)
+    try:
+        start_http_server(metrics_port, addr=metrics_host)
+    except OSError as exc:
+        raise ConfigError(bind_error("milter.metrics_listen", mcfg.metrics_listen, exc)) from exc
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max,
@@ -180,11 +360,35 @@ def main(config_path: str | None, check_config: bool) -> None:
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
              mcfg.listen, mcfg.metrics_listen, cfg.source,
              mcfg.outage_spool_directory if mcfg.outage_spool else "off")
-    notify_systemd("READY=1")
+    sessions = Sessions()
+    stop = threading.Event()
+    handlers: dict[int, Callable[[], None]] = {signal.SIGUSR1: lambda: _reload(config_path)}
+    if test_hooks_enabled():
+        handlers[signal.SIGUSR2] = lambda: _hang_lookups(lookups)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    _on_signals(handlers)
+
+    def listening() -> None:
+        notify_systemd("READY=1")
+        interval = watchdog_interval()
+        if interval is not None:
+            threading.Thread(target=_watchdog, args=(interval, lookups, stop),
+                             name="watchdog", daemon=True).start()
+
     try:
-        Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
-    finally:
+        try:
+            _serve_milter("postkeep", mcfg.listen, mcfg.mta_timeout_seconds, sessions,
+                          listening)
+        except OSError as exc:
+            raise ConfigError(bind_error("milter.listen", mcfg.listen, exc)) from exc
         notify_systemd("STOPPING=1")
+        log.info("postkeep-milter stopping: no new connections; finishing those in flight")
+        left = sessions.wait_idle(DRAIN_SECONDS)
+        if left:
+            log.warning("%d connection(s) still open after %gs; stopping anyway", left,
+                        DRAIN_SECONDS)
+    finally:
+        stop.set()
         committer.close()
         if keyring is not None:
             keyring.close()
