@@ -37,9 +37,11 @@ from postkeep.milter.signing import parse_networks
 from postkeep.process import (
     bind_error,
     block_stop_signals,
+    ensure_port_free,
     fail,
     notify_systemd,
     split_hostport,
+    test_hang_seconds,
     test_hooks_enabled,
     watchdog_interval,
 )
@@ -164,21 +166,6 @@ def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
     milter.main()
 
 
-def _port_free(listen: str) -> None:
-    """libmilter only says "cannot open connection": try the inet port ourselves
-    first so a busy port is named as such."""
-    import socket
-
-    kind, _, rest = listen.partition(":")
-    if kind not in ("inet", "inet6"):
-        return
-    port, _, host = rest.partition("@")
-    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host or ("::" if kind == "inet6" else "0.0.0.0"), int(port)))
-
-
 def _watchdog(interval: float, lookups: Executor, stop: threading.Event) -> None:
     """WATCHDOG=1 every INTERVAL while the lookup threads (the milter's backend
     work: every message's organisation lookup runs there) answer: a probe that
@@ -213,12 +200,11 @@ def _reload(config_path: str | None) -> None:
     log.info("reloaded: milter.log_level = %s", level)
 
 
-def _hang_lookups(lookups: Executor) -> None:
+def _hang_lookups(lookups: Executor, threads: int) -> None:
     """Test hook (POSTKEEP_TEST_HOOKS=1, SIGUSR2): every lookup thread wedged."""
-    from postkeep.process import TEST_HANG_SECONDS
-
-    for _ in range(64):
-        lookups.submit(time.sleep, TEST_HANG_SECONDS)
+    seconds = test_hang_seconds()
+    for _ in range(threads):
+        lookups.submit(time.sleep, seconds)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -236,6 +222,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     """
     try:
         cfg = load(config_path)
+        require(cfg, "s3")
         mcfg = cfg.milter
         _check_listen(mcfg.listen)
         metrics_host, metrics_port = split_hostport("milter.metrics_listen", mcfg.metrics_listen)
@@ -258,7 +245,6 @@ def main(config_path: str | None, check_config: bool) -> None:
             from postkeep.storage.metadata.dkim_keys import load_master_key
 
             load_master_key(cfg.dkim)  # refuses a malformed key now, naming its source
-        require(cfg, "s3")
     except ConfigError as exc:
         click.echo(f"postkeep-milter: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -287,11 +273,16 @@ def main(config_path: str | None, check_config: bool) -> None:
         fail(NAME, f"failed: {type(exc).__name__}: {exc}", 1)
 
 
-def _port_free_or_refuse(listen: str) -> None:
-    try:
-        _port_free(listen)
-    except OSError as exc:
-        raise ConfigError(bind_error("milter.listen", listen, exc)) from exc
+def _port_free_or_refuse(listen: str, metrics_host: str, metrics_port: int) -> None:
+    """libmilter only says "cannot open connection": try the ports ourselves
+    first so a busy one is named, before anything starts."""
+    kind, _, rest = listen.partition(":")
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if port.isdigit():
+            ensure_port_free("milter.listen", host or ("::" if kind == "inet6" else "0.0.0.0"),
+                             int(port))
+    ensure_port_free("milter.metrics_listen", metrics_host, metrics_port)
 
 
 def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
@@ -301,7 +292,7 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     # Before the first thread starts (the pool's, the committer's, /metrics):
     # SIGTERM must reach libmilter's signal thread, never a thread that dies of it.
     block_stop_signals()
-    _port_free_or_refuse(mcfg.listen)
+    _port_free_or_refuse(mcfg.listen, metrics_host, metrics_port)
     # Imported here so --help and config errors work without the C extension.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -364,8 +355,7 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     stop = threading.Event()
     handlers: dict[int, Callable[[], None]] = {signal.SIGUSR1: lambda: _reload(config_path)}
     if test_hooks_enabled():
-        handlers[signal.SIGUSR2] = lambda: _hang_lookups(lookups)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        handlers[signal.SIGUSR2] = lambda: _hang_lookups(lookups, mcfg.backend_threads)
     _on_signals(handlers)
 
     def listening() -> None:

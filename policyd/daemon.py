@@ -26,6 +26,7 @@ from postkeep.policyd.server import PolicyServer
 from postkeep.policyd.service import PgBackend, PolicyService
 from postkeep.process import (
     bind_error,
+    ensure_port_free,
     fail,
     notify_systemd,
     reload_log_level,
@@ -121,6 +122,8 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     from prometheus_client import start_http_server
 
     try:
+        ensure_port_free("policyd.listen_port", cfg.policyd.listen_host, cfg.policyd.listen_port)
+        ensure_port_free("policyd.metrics_listen", metrics_host, metrics_port)
         try:
             start_http_server(metrics_port, addr=metrics_host)
         except OSError as exc:

@@ -67,14 +67,22 @@ class WatchdogPinger:
 
 
 # Test hook, off unless POSTKEEP_TEST_HOOKS=1: SIGUSR2 makes the daemon's work
-# loop hang for this many seconds, as a wedged backend call would (tests of the
-# watchdog: pings must stop).  SIGSTOP would freeze every thread, which no
-# watchdog design could tell apart from a healthy daemon.
-TEST_HANG_SECONDS = 30.0
-
-
+# loop hang for $POSTKEEP_TEST_HANG_SECONDS (default 30), as a wedged backend
+# call would, after telling the notify socket STATUS=test hook: hanging (tests
+# of the watchdog: the pings must stop, then resume).  SIGSTOP would freeze
+# every thread, the pinging one included, and prove nothing about where the
+# pings come from.
 def test_hooks_enabled() -> bool:
     return os.environ.get("POSTKEEP_TEST_HOOKS") == "1"
+
+
+def test_hang_seconds() -> float:
+    notify_systemd("STATUS=test hook: hanging")
+    return float(os.environ.get("POSTKEEP_TEST_HANG_SECONDS", "30"))
+
+
+def _hang() -> None:
+    time.sleep(test_hang_seconds())
 
 
 def fail(daemon: str, message: str, status: int = 2) -> NoReturn:
@@ -96,6 +104,24 @@ def bind_error(key: str, value: str, exc: OSError) -> str:
     return f"{key} = {value!r}: cannot listen: {why}"
 
 
+def ensure_port_free(key: str, host: str, port: int) -> None:
+    """ConfigError naming KEY if HOST:PORT cannot be listened on: checked before
+    anything starts, so a busy port is the one line the daemon prints."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"{key} = {f'{host}:{port}'!r}: cannot resolve {host!r}"
+                          f" ({exc.strerror})") from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(bind_error(key, f"{host}:{port}", exc)) from exc
+
+
 def block_stop_signals() -> None:
     """Block SIGTERM, SIGINT, SIGHUP and SIGUSR1 in this thread and so in every
     thread started from it, before any is started.
@@ -104,8 +130,10 @@ def block_stop_signals() -> None:
     would take it with the default action (the process dies at once, no drain).
     With all of them blocked, only a thread waiting for the signal on purpose
     (libmilter's signal thread, `sigwait`) receives it."""
-    signal.pthread_sigmask(signal.SIG_BLOCK,
-                           {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+    blocked = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    if test_hooks_enabled():
+        blocked.add(signal.SIGUSR2)
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
 
 
 def reload_log_level(config_path: str | None, section: str, log: logging.Logger) -> None:
@@ -137,7 +165,7 @@ def supervise(stop: asyncio.Event, reload: Callable[[], None]) -> asyncio.Task[N
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
     if test_hooks_enabled():
-        loop.add_signal_handler(signal.SIGUSR2, time.sleep, TEST_HANG_SECONDS)
+        loop.add_signal_handler(signal.SIGUSR2, _hang)
     interval = watchdog_interval()
     if interval is None:
         return None

@@ -23,6 +23,7 @@ from postkeep import __version__
 from postkeep.config import Config, ConfigError, load, require
 from postkeep.process import (
     bind_error,
+    ensure_port_free,
     fail,
     notify_systemd,
     reload_log_level,
@@ -208,6 +209,8 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     from prometheus_client import start_http_server
 
     try:
+        ensure_port_free("storage.lmtp_port", s.lmtp_host, s.lmtp_port)
+        ensure_port_free("storage.metrics_listen", metrics_host, metrics_port)
         try:
             start_http_server(metrics_port, addr=metrics_host)
         except OSError as exc:
