@@ -3,16 +3,21 @@
 Loads and checks the configuration (refusing bad values with the key),
 opens the PostgreSQL pool and the S3 client, serves /metrics, opens the
 milter socket, tells systemd it is ready (READY=1 once the socket listens)
-and hands the socket to libmilter.  libmilter runs one thread per Postfix
-connection and takes SIGTERM itself, on a thread of its own that waits for it:
-it stops accepting and its main loop returns; we tell systemd STOPPING=1, wait
-for the connections in flight to finish their messages, then close the pool.
-Every signal libmilter waits for must be blocked in every other thread, so
-they are blocked before the first thread starts (process.block_stop_signals).
+and hands the socket to libmilter, which runs one thread per Postfix
+connection.
 
-libmilter's signal thread treats SIGHUP as a stop too, so the milter reloads
-on SIGUSR1 (the unit's ExecReload): it re-reads the configuration file and
-applies milter.log_level.
+The stop signals are blocked before the first thread starts
+(process.block_stop_signals) and unblocked in the main thread alone, which
+takes them as Python signal handlers while libmilter runs on a thread of its
+own.  (libmilter's own signal thread stops the listener at once, and with the
+worker pool Debian's libmilter is built with, the connections in flight are
+then never served again: Postfix saw "Connection reset" and tempfailed.)  On
+SIGTERM the milter refuses new connections, waits for those in flight, then
+stops libmilter (smfi_stop).
+
+The milter reloads on SIGUSR1 (the unit's ExecReload): it re-reads the
+configuration file and applies milter.log_level.  Not SIGHUP: should it reach
+libmilter's signal thread, that one stops.
 """
 
 from __future__ import annotations
@@ -105,6 +110,10 @@ class Sessions:
     def __init__(self) -> None:
         self._open = 0
         self._changed = threading.Condition()
+        self.refusing = False
+
+    def refuse_new(self) -> None:
+        self.refusing = True
 
     def opened(self) -> None:
         with self._changed:
@@ -132,9 +141,15 @@ def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
     # name `milter` for this repository's milter/ folder).
     milter: Any = Milter.milter
 
-    def connect(ctx: Any, *args: Any) -> Any:
+    # Every connection starts with option negotiation (pymilter makes the
+    # CaptureMilter there; CONNECT itself is negotiated away, unused) and ends
+    # with close.
+    def negotiate(ctx: Any, *args: Any) -> Any:
         sessions.opened()
-        return Milter.connect_callback(ctx, *args)
+        answer = Milter.negotiate_callback(ctx, *args)
+        # Draining: a new connection is refused (Postfix applies
+        # milter_default_action, tempfail, as if the milter were down).
+        return Milter.TEMPFAIL if sessions.refusing else answer
 
     def close(ctx: Any) -> Any:
         try:
@@ -142,7 +157,7 @@ def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
         finally:
             sessions.closed()
 
-    milter.set_connect_callback(connect)
+    milter.set_connect_callback(Milter.connect_callback)
     milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
     milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
     milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
@@ -157,7 +172,7 @@ def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
         milter.settimeout(timeout)
     milter.register(name, data=lambda ctx: ctx.getpriv().data(),
                     unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-                    negotiate=Milter.negotiate_callback)
+                    negotiate=negotiate)
     try:
         milter.opensocket(True)
     except milter.error as exc:
@@ -180,13 +195,32 @@ def _watchdog(interval: float, lookups: Executor, stop: threading.Event) -> None
         notify_systemd("WATCHDOG=1")
 
 
-def _on_signals(handlers: dict[int, Callable[[], None]]) -> None:
-    """Run each handler on its (blocked) signal, from a thread waiting for them."""
-    def wait() -> None:
-        while True:
-            handlers[signal.sigwait(set(handlers))]()
+def _handle_signals(stopping: threading.Event, config_path: str | None, lookups: Executor,
+                    threads: int) -> None:
+    """SIGTERM/SIGINT start the drain, SIGUSR1 reloads; unblocked in this
+    (main) thread only, after every other thread has started blocking them."""
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
 
-    threading.Thread(target=wait, name="signals", daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _reload(config_path))
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    if test_hooks_enabled():
+        signal.signal(signal.SIGUSR2, lambda signum, frame: _hang_lookups(lookups, threads))
+        wanted.add(signal.SIGUSR2)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+
+
+def _drain(sessions: Sessions, log: logging.Logger) -> None:
+    """Refuse new connections, let those in flight finish (at most DRAIN_SECONDS)."""
+    notify_systemd("STOPPING=1")
+    sessions.refuse_new()
+    log.info("postkeep-milter stopping: no new connections; finishing those in flight")
+    left = sessions.wait_idle(DRAIN_SECONDS)
+    if left:
+        log.warning("%d connection(s) still open after %gs; stopping anyway", left,
+                    DRAIN_SECONDS)
 
 
 def _reload(config_path: str | None) -> None:
@@ -353,10 +387,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
              mcfg.outage_spool_directory if mcfg.outage_spool else "off")
     sessions = Sessions()
     stop = threading.Event()
-    handlers: dict[int, Callable[[], None]] = {signal.SIGUSR1: lambda: _reload(config_path)}
-    if test_hooks_enabled():
-        handlers[signal.SIGUSR2] = lambda: _hang_lookups(lookups, mcfg.backend_threads)
-    _on_signals(handlers)
+    stopping = threading.Event()
+    served: list[BaseException] = []
 
     def listening() -> None:
         notify_systemd("READY=1")
@@ -365,18 +397,35 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
             threading.Thread(target=_watchdog, args=(interval, lookups, stop),
                              name="watchdog", daemon=True).start()
 
-    try:
+    def serve() -> None:
         try:
             _serve_milter("postkeep", mcfg.listen, mcfg.mta_timeout_seconds, sessions,
                           listening)
-        except OSError as exc:
-            raise ConfigError(bind_error("milter.listen", mcfg.listen, exc)) from exc
-        notify_systemd("STOPPING=1")
-        log.info("postkeep-milter stopping: no new connections; finishing those in flight")
-        left = sessions.wait_idle(DRAIN_SECONDS)
-        if left:
-            log.warning("%d connection(s) still open after %gs; stopping anyway", left,
-                        DRAIN_SECONDS)
+        except BaseException as exc:
+            served.append(exc)
+        finally:
+            stopping.set()
+
+    # libmilter runs on a thread of its own, started while the stop signals are
+    # blocked: its signal thread (which would stop the listener at once, and
+    # with Debian's worker pool abandon the connections in flight) inherits the
+    # mask but never gets them.  The main thread takes them instead, as Python
+    # signal handlers: the kernel gives a process-directed signal to the main
+    # thread first when it does not block it.
+    libmilter = threading.Thread(target=serve, name="libmilter", daemon=True)
+    libmilter.start()
+    _handle_signals(stopping, config_path, lookups, mcfg.backend_threads)
+    try:
+        while not stopping.wait(1.0):
+            pass
+        if served:
+            failure = served[0]
+            if isinstance(failure, OSError):
+                raise ConfigError(bind_error("milter.listen", mcfg.listen, failure)) from failure
+            raise failure
+        _drain(sessions, log)
+        Milter.milter.stop()  # smfi_stop: the listener ends, main() returns
+        libmilter.join(30)
     finally:
         stop.set()
         committer.close()
