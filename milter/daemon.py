@@ -112,6 +112,11 @@ class Sessions:
         self._changed = threading.Condition()
         self.refusing = False
 
+    @property
+    def open(self) -> int:
+        with self._changed:
+            return self._open
+
     def refuse_new(self) -> None:
         self.refusing = True
 
@@ -217,10 +222,14 @@ def _drain(sessions: Sessions, log: logging.Logger) -> None:
     notify_systemd("STOPPING=1")
     sessions.refuse_new()
     log.info("postkeep-milter stopping: no new connections; finishing those in flight")
+    began, open_at_stop = time.monotonic(), sessions.open
     left = sessions.wait_idle(DRAIN_SECONDS)
     if left:
         log.warning("%d connection(s) still open after %gs; stopping anyway", left,
                     DRAIN_SECONDS)
+    else:
+        log.info("drained: %d connection(s) open at the stop signal, closed within %.1fs",
+                 open_at_stop, time.monotonic() - began)
 
 
 def _reload(config_path: str | None) -> None:
