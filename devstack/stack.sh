@@ -28,7 +28,8 @@ MINIO_BIN="$MINIO_DIR/minio"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
-# make deb (Debian's python3 with venv) and tests/test_package.py (systemd-analyze).
+# make deb (Debian's python3 with venv) and tests/test_package.py (systemd-analyze), and the daemon tests
+# (systemd-analyze security --offline=true; systemd need not be PID 1).
 APT_PACKAGES+=(python3-venv systemd)
 SERVICES=(postgres minio sink milter policyd storage postfix)
 

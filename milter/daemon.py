@@ -1,10 +1,23 @@
 """postkeep-milter: the process.
 
 Loads and checks the configuration (refusing bad values with the key),
-opens the PostgreSQL pool and the S3 client, serves /metrics, tells systemd
-it is ready and hands the socket to libmilter.  libmilter runs one thread per
-Postfix connection and handles SIGTERM itself: it stops accepting, lets the
-main loop return, and we close the pool after in-flight callbacks finish.
+opens the PostgreSQL pool and the S3 client, serves /metrics, opens the
+milter socket, tells systemd it is ready (READY=1 once the socket listens)
+and hands the socket to libmilter, which runs one thread per Postfix
+connection.
+
+The stop signals are blocked before the first thread starts
+(process.block_stop_signals) and unblocked in the main thread alone, which
+takes them as Python signal handlers while libmilter runs on a thread of its
+own.  (libmilter's own signal thread stops the listener at once, and with the
+worker pool Debian's libmilter is built with, the connections in flight are
+then never served again: Postfix saw "Connection reset" and tempfailed.)  On
+SIGTERM the milter refuses new connections, waits for those in flight, then
+stops libmilter (smfi_stop).
+
+The milter reloads on SIGUSR1 (the unit's ExecReload): it re-reads the
+configuration file and applies milter.log_level.  Not SIGHUP: should it reach
+libmilter's signal thread, that one stops.
 """
 
 from __future__ import annotations
@@ -12,16 +25,39 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
 
 import click
 
 import postkeep.logs
-from postkeep.config import ConfigError, load
+from postkeep import __version__
+from postkeep.config import ConfigError, load, require
 from postkeep.milter.service import system_signing
 from postkeep.milter.signing import parse_networks
-from postkeep.process import notify_systemd, split_hostport
+from postkeep.process import (
+    bind_error,
+    block_stop_signals,
+    ensure_port_free,
+    fail,
+    notify_systemd,
+    split_hostport,
+    test_hang_seconds,
+    test_hooks_enabled,
+    watchdog_interval,
+)
 from postkeep.signing_keys import DkimError
+
+NAME = "postkeep-milter"
+# The longest the drain waits for connections in flight after SIGTERM; the
+# unit's TimeoutStopSec (150 s) is above it, Postfix's milter_content_timeout
+# (120 s in the bundle) below.
+DRAIN_SECONDS = 140.0
 
 
 def _limit_malloc_arenas(count: int = 2) -> None:
@@ -69,7 +105,154 @@ def _check_outage_spool(path: str) -> None:
         ) from exc
 
 
+class Sessions:
+    """Milter connections open right now, so the drain can wait for them."""
+
+    def __init__(self) -> None:
+        self._open = 0
+        self._changed = threading.Condition()
+        self.refusing = False
+
+    @property
+    def open(self) -> int:
+        with self._changed:
+            return self._open
+
+    def refuse_new(self) -> None:
+        self.refusing = True
+
+    def opened(self) -> None:
+        with self._changed:
+            self._open += 1
+
+    def closed(self) -> None:
+        with self._changed:
+            self._open -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> int:
+        """Block until none is open or TIMEOUT passes; how many are still open."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._open <= 0, timeout)
+            return self._open
+
+
+def _serve_milter(name: str, listen: str, timeout: int, sessions: Sessions,
+                  on_listening: Callable[[], None]) -> None:
+    """Milter.runmilter, with the socket opened before READY=1 is sent and every
+    connection counted (Sessions).  Returns when libmilter stops (SIGTERM)."""
+    import Milter
+
+    # pymilter's C extension, as Milter itself imported it (mypy would take the
+    # name `milter` for this repository's milter/ folder).
+    milter: Any = Milter.milter
+
+    # Every connection starts with option negotiation (pymilter makes the
+    # CaptureMilter there; CONNECT itself is negotiated away, unused) and ends
+    # with close.
+    def negotiate(ctx: Any, *args: Any) -> Any:
+        sessions.opened()
+        answer = Milter.negotiate_callback(ctx, *args)
+        # Draining: a new connection is refused (Postfix applies
+        # milter_default_action, tempfail, as if the milter were down).
+        return Milter.TEMPFAIL if sessions.refusing else answer
+
+    def close(ctx: Any) -> Any:
+        try:
+            return Milter.close_callback(ctx)
+        finally:
+            sessions.closed()
+
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(close)
+    milter.setconn(listen)
+    if timeout > 0:
+        milter.settimeout(timeout)
+    milter.register(name, data=lambda ctx: ctx.getpriv().data(),
+                    unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                    negotiate=negotiate)
+    try:
+        milter.opensocket(True)
+    except milter.error as exc:
+        raise OSError(f"libmilter: {exc}") from exc
+    on_listening()
+    milter.main()
+
+
+def _watchdog(interval: float, lookups: Executor, stop: threading.Event) -> None:
+    """WATCHDOG=1 every INTERVAL while the lookup threads (the milter's backend
+    work: every message's organisation lookup runs there) answer: a probe that
+    does not come back in time means they are wedged, and the pings stop."""
+    while not stop.wait(interval):
+        try:
+            lookups.submit(lambda: None).result(timeout=interval)
+        except Exception:
+            logging.getLogger("postkeep.milter").warning(
+                "watchdog: the lookup threads did not answer within %gs; no ping", interval)
+            continue
+        notify_systemd("WATCHDOG=1")
+
+
+def _handle_signals(stopping: threading.Event, config_path: str | None, lookups: Executor,
+                    threads: int) -> None:
+    """SIGTERM/SIGINT start the drain, SIGUSR1 reloads; unblocked in this
+    (main) thread only, after every other thread has started blocking them."""
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _reload(config_path))
+    wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+    if test_hooks_enabled():
+        signal.signal(signal.SIGUSR2, lambda signum, frame: _hang_lookups(lookups, threads))
+        wanted.add(signal.SIGUSR2)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+
+
+def _drain(sessions: Sessions, log: logging.Logger) -> None:
+    """Refuse new connections, let those in flight finish (at most DRAIN_SECONDS)."""
+    notify_systemd("STOPPING=1")
+    sessions.refuse_new()
+    log.info("postkeep-milter stopping: no new connections; finishing those in flight")
+    began, open_at_stop = time.monotonic(), sessions.open
+    left = sessions.wait_idle(DRAIN_SECONDS)
+    if left:
+        log.warning("%d connection(s) still open after %gs; stopping anyway", left,
+                    DRAIN_SECONDS)
+    else:
+        log.info("drained: %d connection(s) open at the stop signal, closed within %.1fs",
+                 open_at_stop, time.monotonic() - began)
+
+
+def _reload(config_path: str | None) -> None:
+    log = logging.getLogger("postkeep.milter")
+    try:
+        level = load(config_path).milter.log_level
+    except ConfigError as exc:
+        log.error("reload refused, configuration unchanged: %s", exc)
+        return
+    logging.getLogger().setLevel(level.upper())
+    log.info("reloaded: milter.log_level = %s", level)
+
+
+def _hang_lookups(lookups: Executor, threads: int) -> None:
+    """Test hook (POSTKEEP_TEST_HOOKS=1, SIGUSR2): every lookup thread wedged."""
+    seconds = test_hang_seconds()
+    for _ in range(threads):
+        lookups.submit(time.sleep, seconds)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=NAME)
 @click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
               metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
               "else /etc/postkeep/postkeep.toml).")
@@ -83,6 +266,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     """
     try:
         cfg = load(config_path)
+        require(cfg, "s3")
         mcfg = cfg.milter
         _check_listen(mcfg.listen)
         metrics_host, metrics_port = split_hostport("milter.metrics_listen", mcfg.metrics_listen)
@@ -110,7 +294,6 @@ def main(config_path: str | None, check_config: bool) -> None:
         sys.exit(2)
 
     postkeep.logs.setup("postkeep-milter", mcfg.log_level, cfg.log.format)
-    log = logging.getLogger("postkeep.milter")
     _limit_malloc_arenas()
     # A crash inside a C extension (libmilter, pymilter) otherwise leaves no
     # trace: dump every thread's Python stack to stderr on a fatal signal.
@@ -122,6 +305,34 @@ def main(config_path: str | None, check_config: bool) -> None:
                    f"metrics {mcfg.metrics_listen}, unknown_sender {mcfg.unknown_sender}")
         return
 
+    try:
+        _run(cfg, config_path, networks, system, metrics_host, metrics_port)
+    except ConfigError as exc:
+        fail(NAME, f"start-up refused: {exc}")
+    except Exception as exc:
+        fail(NAME, f"failed: {type(exc).__name__}: {exc}", 1)
+
+
+def _port_free_or_refuse(listen: str, metrics_host: str, metrics_port: int) -> None:
+    """libmilter only says "cannot open connection": try the ports ourselves
+    first so a busy one is named, before anything starts."""
+    kind, _, rest = listen.partition(":")
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if port.isdigit():
+            ensure_port_free("milter.listen", host or ("::" if kind == "inet6" else "0.0.0.0"),
+                             int(port))
+    ensure_port_free("milter.metrics_listen", metrics_host, metrics_port)
+
+
+def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
+         metrics_host: str, metrics_port: int) -> None:
+    mcfg = cfg.milter
+    log = logging.getLogger("postkeep.milter")
+    # Before the first thread starts (the pool's, the committer's, /metrics):
+    # SIGTERM must reach libmilter's signal thread, never a thread that dies of it.
+    block_stop_signals()
+    _port_free_or_refuse(mcfg.listen, metrics_host, metrics_port)
     # Imported here so --help and config errors work without the C extension.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -153,7 +364,10 @@ def main(config_path: str | None, check_config: bool) -> None:
         # a sum() over every target would count each entry twice.
         spool = Spool(mcfg.outage_spool_directory)
         spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent)
-    start_http_server(metrics_port, addr=metrics_host)
+    try:
+        start_http_server(metrics_port, addr=metrics_host)
+    except OSError as exc:
+        raise ConfigError(bind_error("milter.metrics_listen", mcfg.metrics_listen, exc)) from exc
     lookups = ThreadPoolExecutor(mcfg.backend_threads, thread_name_prefix="lookup")
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max,
@@ -176,11 +390,52 @@ def main(config_path: str | None, check_config: bool) -> None:
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
              mcfg.listen, mcfg.metrics_listen, cfg.source,
              mcfg.outage_spool_directory if mcfg.outage_spool else "off")
-    notify_systemd("READY=1")
+    sessions = Sessions()
+    stop = threading.Event()
+    stopping = threading.Event()
+    served: list[BaseException] = []
+
+    def listening() -> None:
+        notify_systemd("READY=1")
+        interval = watchdog_interval()
+        if interval is not None:
+            threading.Thread(target=_watchdog, args=(interval, lookups, stop),
+                             name="watchdog", daemon=True).start()
+
+    def serve() -> None:
+        try:
+            _serve_milter("postkeep", mcfg.listen, mcfg.mta_timeout_seconds, sessions,
+                          listening)
+        except BaseException as exc:
+            served.append(exc)
+        finally:
+            stopping.set()
+
+    # libmilter runs on a thread of its own, started while the stop signals are
+    # blocked: its signal thread (which would stop the listener at once, and
+    # with Debian's worker pool abandon the connections in flight) inherits the
+    # mask but never gets them.  The main thread takes them instead, as Python
+    # signal handlers: the kernel gives a process-directed signal to the main
+    # thread first when it does not block it.
+    libmilter = threading.Thread(target=serve, name="libmilter", daemon=True)
+    libmilter.start()
+    _handle_signals(stopping, config_path, lookups, mcfg.backend_threads)
     try:
-        Milter.runmilter("postkeep", mcfg.listen, timeout=mcfg.mta_timeout_seconds)
+        while not stopping.wait(1.0):
+            pass
+        if served:
+            failure = served[0]
+            if isinstance(failure, OSError):
+                raise ConfigError(bind_error("milter.listen", mcfg.listen, failure)) from failure
+            raise failure
+        _drain(sessions, log)
+        Milter.milter.stop()  # smfi_stop: the listener ends, main() returns
+        # ... within libmilter's 5 s poll for the stop flag.  Nothing is left
+        # for it to do (no connection open, new ones refused): wait briefly,
+        # not those 5 s at every restart.
+        libmilter.join(1.0)
     finally:
-        notify_systemd("STOPPING=1")
+        stop.set()
         committer.close()
         if keyring is not None:
             keyring.close()

@@ -2,8 +2,11 @@
 
 Loads and checks the configuration, opens the PostgreSQL pool (lazily: the
 daemon starts and answers in degraded mode even if PostgreSQL is down),
-serves /metrics on loopback, listens for Postfix, tells systemd it is ready,
-and on SIGTERM stops accepting and lets in-flight requests finish.
+serves /metrics on loopback, listens for Postfix, tells systemd it is ready
+(READY=1 once it listens), pings systemd's watchdog from its event loop, and
+on SIGTERM stops accepting and lets in-flight requests finish.  SIGHUP (the
+unit's ExecReload) re-reads the configuration file for policyd.log_level and
+forgets the organisations and limits cached (policyd.directory_cache_seconds).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import MutableMapping
@@ -21,13 +23,24 @@ from typing import Any
 import click
 
 import postkeep.logs
+from postkeep import __version__
 from postkeep.config import Config, ConfigError, load
 from postkeep.policyd.protocol import Limits
 from postkeep.policyd.server import PolicyServer
 from postkeep.policyd.service import PgBackend, PolicyService
-from postkeep.process import notify_systemd, split_hostport
+from postkeep.process import (
+    bind_error,
+    ensure_port_free,
+    fail,
+    notify_systemd,
+    reload_log_level,
+    split_hostport,
+    supervise,
+)
+from postkeep.ttlcache import TtlCache
 
 log = logging.getLogger("postkeep.policyd")
+NAME = "postkeep-policyd"
 
 # sd_listen_fds(3): systemd passes sockets from fd 3 on.
 LISTEN_FDS_START = 3
@@ -67,7 +80,8 @@ def inherited_socket(environ: MutableMapping[str, str] | None = None) -> socket.
     return sock
 
 
-async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
+async def serve(cfg: Config, sock: socket.socket | None = None,
+                config_path: str | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     pcfg = cfg.policyd
     backend = PgBackend(cfg)
@@ -75,20 +89,30 @@ async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
     service = PolicyService(cfg, backend)
     server = PolicyServer(service.decide, Limits(pcfg.max_line_bytes, pcfg.max_request_bytes,
                                                  pcfg.max_attributes), pcfg.read_timeout_seconds)
-    port = await server.start(pcfg.listen_host, pcfg.listen_port, sock)
+    try:
+        port = await server.start(pcfg.listen_host, pcfg.listen_port, sock)
+    except OSError as exc:
+        await backend.close()
+        raise ConfigError(bind_error("policyd.listen_port",
+                                     f"{pcfg.listen_host}:{pcfg.listen_port}", exc)) from exc
     host = pcfg.listen_host if sock is None else sock.getsockname()[0]
     upkeep = asyncio.create_task(service.lease_upkeep()) if pcfg.lease_tiers else None
     log.info("postkeep-policyd listening on %s:%d%s (degraded mode %s, shadow %s, lease tiers"
              " %s, config %s)", host, port, " (inherited socket)" if sock else "",
              pcfg.degraded_mode, pcfg.shadow, ",".join(pcfg.lease_tiers) or "none", cfg.source)
-    notify_systemd("READY=1")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        reload_log_level(config_path, "policyd", log)
+        service._cache = TtlCache()  # the next decisions ask PostgreSQL afresh
+
+    watchdog = supervise(stop, reload)
+    notify_systemd("READY=1")
     await stop.wait()
     log.info("postkeep-policyd stopping")
     notify_systemd("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     await server.stop()
     if upkeep is not None:
         upkeep.cancel()
@@ -97,6 +121,7 @@ async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=NAME)
 @click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
               metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
               "else /etc/postkeep/postkeep.toml).")
@@ -136,5 +161,18 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     from prometheus_client import start_http_server
 
-    start_http_server(metrics_port, addr=metrics_host)
-    asyncio.run(serve(cfg, sock))
+    try:
+        if sock is None:  # an inherited socket is the port, held open by systemd
+            ensure_port_free("policyd.listen_port", cfg.policyd.listen_host,
+                             cfg.policyd.listen_port)
+        ensure_port_free("policyd.metrics_listen", metrics_host, metrics_port)
+        try:
+            start_http_server(metrics_port, addr=metrics_host)
+        except OSError as exc:
+            raise ConfigError(bind_error("policyd.metrics_listen", cfg.policyd.metrics_listen,
+                                         exc)) from exc
+        asyncio.run(serve(cfg, sock, config_path))
+    except ConfigError as exc:
+        fail(NAME, f"start-up refused: {exc}")
+    except Exception as exc:
+        fail(NAME, f"failed: {type(exc).__name__}: {exc}", 1)

@@ -3,8 +3,11 @@
 Each key is declared once, here, as a dataclass field with its default; the
 loader walks these declarations, so an unknown key, a wrong type or a value
 outside what is allowed is refused at start with the key, the value and what
-is allowed (`ConfigError`).  Secrets may come from the environment or from a
-file (`*_file` keys) instead of the TOML file itself.
+is allowed (`ConfigError`).  Secrets may come from the environment, from a
+file (`*_file` keys) or from a systemd credential (`LoadCredential=NAME:...`
+puts the file $CREDENTIALS_DIRECTORY/NAME, NAME being the key, e.g.
+`s3.secret_key`) instead of the TOML file itself; a TOML file that holds a
+secret inline must be readable by its owner only, as key files are.
 """
 
 from __future__ import annotations
@@ -454,6 +457,35 @@ def _read_secret_file(key: str, path: str) -> str:
     return text
 
 
+def _credential(key: str) -> str | None:
+    """The systemd credential named KEY ($CREDENTIALS_DIRECTORY/KEY), if there is one.
+
+    systemd makes that directory and its files readable by the service alone,
+    so their mode is not checked again here."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / key
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read the credential {str(path)!r}"
+                          f" ({exc.strerror})") from exc
+
+
+def _check_s3_endpoint(endpoint: str) -> None:
+    """minio-py takes HOST[:PORT] only and raises ValueError at start otherwise."""
+    if "://" in endpoint:
+        raise ConfigError(
+            f"s3.endpoint = {endpoint!r}: expected HOST:PORT without a scheme"
+            " (s3.secure = true for https)")
+    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", "")
+    if "/" in endpoint or not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ConfigError(f"s3.endpoint = {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:9000")
+
+
 def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}]: expected a table, got {type(raw).__name__}")
@@ -474,7 +506,14 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
         if name.endswith("_file") and values.get(name):
             target = name.removesuffix("_file")
             values[target] = _read_secret_file(f"{section}.{name}", values[name])
+    for name, f in fields.items():
+        if f.metadata.get("secret") and not values.get(name):
+            secret = _credential(f"{section}.{name}")
+            if secret:
+                values[name] = secret
     cfg = cls(**values)
+    if section == "s3":
+        _check_s3_endpoint(cfg.endpoint)
     if section == "postgres" and cfg.pool_min > cfg.pool_max:
         raise ConfigError(
             f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"
@@ -515,14 +554,54 @@ def parse(data: dict[str, Any], source: str = "<string>") -> Config:
     return cfg
 
 
+def _refuse_readable_secrets(path: str, mode: int, data: dict[str, Any]) -> None:
+    """A TOML file holding a secret inline is a key file: owner-only, like the *_file ones."""
+    if not mode & 0o077:
+        return
+    for section, cls in _SECTIONS.items():
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("secret") and table.get(f.name):
+                raise ConfigError(
+                    f"{section}.{f.name} = <secret> in {path}: the file is readable by other"
+                    f" users (mode {mode & 0o777:o}); allowed: 0600 or 0400, or move the"
+                    f" secret to {section}.{f.name}_file or a systemd credential")
+
+
 def load(path: str | None = None) -> Config:
     """Load the TOML file named by PATH, $POSTKEEP_CONFIG or the default path."""
     path = path or os.environ.get("POSTKEEP_CONFIG") or DEFAULT_PATH
     try:
         with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
             data = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such configuration file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    _refuse_readable_secrets(path, mode, data)
     return parse(data, source=path)
+
+
+# What each daemon cannot work without, whatever the defaults: an empty
+# configuration file must not pass its --check-config.  The S3 credentials
+# have no sensible default; PostgreSQL's do (the local socket with peer
+# authentication as user postkeep).
+_REQUIRED = {
+    "s3": (("s3.access_key", "$POSTKEEP_S3_ACCESS_KEY"),
+           ("s3.secret_key", "s3.secret_key_file, $POSTKEEP_S3_SECRET_KEY or the credential"
+                             " s3.secret_key")),
+}
+
+
+def require(cfg: Config, *needs: str) -> None:
+    """ConfigError naming the first key NEEDS call for that has no value."""
+    for need in needs:
+        for key, sources in _REQUIRED[need]:
+            section, _, name = key.partition(".")
+            if not getattr(getattr(cfg, section), name):
+                raise ConfigError(f"{key} is not set: required (or {sources})")

@@ -49,6 +49,7 @@ def slow_config(stack_env: StackEnv, tmp_path: Path) -> Path:
     """The stack's configuration with small sweep batches, sweeping everything."""
     text = Path(stack_env.config_path).read_text()
     path = tmp_path / "postkeep.toml"
+    path.touch(0o600)  # it holds the stack's inline S3 secret: owner-only, or refused
     path.write_text(text + "\n[retention]\ncontent_expiry = 'sweep'\n"
                     f"sweep_batch = {SWEEP_BATCH}\n")
     return path

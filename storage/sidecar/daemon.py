@@ -2,8 +2,10 @@
 
 Loads and checks the configuration, opens PostgreSQL and the object store
 (lazily: reports tempfail with 451 until they are reachable), serves
-/metrics on loopback, listens for Postfix's LMTP, tells systemd it is ready,
-and on SIGTERM stops accepting and lets in-flight reports finish.
+/metrics on loopback, listens for Postfix's LMTP, tells systemd it is ready
+(READY=1 once it listens), pings systemd's watchdog from its event loop, and
+on SIGTERM stops accepting and lets in-flight reports finish.  SIGHUP (the
+unit's ExecReload) re-reads the configuration file for storage.log_level.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import sys
 import threading
 from typing import Any
@@ -19,13 +20,23 @@ from typing import Any
 import click
 
 import postkeep.logs
-from postkeep.config import Config, ConfigError, load
-from postkeep.process import notify_systemd, split_hostport
+from postkeep import __version__
+from postkeep.config import Config, ConfigError, load, require
+from postkeep.process import (
+    bind_error,
+    ensure_port_free,
+    fail,
+    notify_systemd,
+    reload_log_level,
+    split_hostport,
+    supervise,
+)
 
 log = logging.getLogger("postkeep.storage")
+NAME = "postkeep-storage"
 
 
-async def serve(cfg: Config) -> None:
+async def serve(cfg: Config, config_path: str | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
     from aiosmtpd.lmtp import LMTP
 
@@ -51,16 +62,23 @@ async def serve(cfg: Config) -> None:
     handler = ReportHandler(db, objects, batcher, relay, cfg.return_path.key_bytes(),
                             spooled=spool.holds)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: LMTP(handler, data_size_limit=scfg.max_report_bytes, enable_SMTPUTF8=True,
-                     ident="postkeep-storage", timeout=300),
-        host=scfg.lmtp_host, port=scfg.lmtp_port, reuse_address=True)
+    try:
+        server = await loop.create_server(
+            lambda: LMTP(handler, data_size_limit=scfg.max_report_bytes, enable_SMTPUTF8=True,
+                         ident="postkeep-storage", timeout=300),
+            host=scfg.lmtp_host, port=scfg.lmtp_port, reuse_address=True)
+    except OSError as exc:
+        spool_stop.set()
+        await batcher.stop()
+        await spool_task
+        db.close()
+        raise ConfigError(bind_error("storage.lmtp_port", f"{scfg.lmtp_host}:{scfg.lmtp_port}",
+                                     exc)) from exc
     log.info("postkeep-storage listening for LMTP on %s:%d (config %s)", scfg.lmtp_host,
              scfg.lmtp_port, cfg.source)
-    notify_systemd("READY=1")
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    watchdog = supervise(stop, lambda: reload_log_level(config_path, "storage", log))
+    notify_systemd("READY=1")
     jobs = [
         Job("report-partitions", scfg.maintenance_seconds,
             lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
@@ -90,6 +108,8 @@ async def serve(cfg: Config) -> None:
     await stop.wait()
     log.info("postkeep-storage stopping")
     notify_systemd("STOPPING=1")
+    if watchdog is not None:
+        watchdog.cancel()
     retention_stop.set()
     server.close()
     await server.wait_closed()
@@ -143,6 +163,7 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=NAME)
 @click.option("--config", "config_path", envvar="POSTKEEP_CONFIG", default=None,
               metavar="FILE", help="postkeep.toml (default: $POSTKEEP_CONFIG, "
               "else /etc/postkeep/postkeep.toml).")
@@ -170,6 +191,7 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
                                                      cfg.storage.metrics_listen)
         if cfg.storage.forward_relay:
             split_hostport("storage.forward_relay", cfg.storage.forward_relay)
+        require(cfg, "s3")
     except ConfigError as exc:
         click.echo(f"postkeep-storage: configuration error: {exc}", err=True)
         sys.exit(2)
@@ -184,5 +206,16 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command lines
     from prometheus_client import start_http_server
 
-    start_http_server(metrics_port, addr=metrics_host)
-    asyncio.run(serve(cfg))
+    try:
+        ensure_port_free("storage.lmtp_port", s.lmtp_host, s.lmtp_port)
+        ensure_port_free("storage.metrics_listen", metrics_host, metrics_port)
+        try:
+            start_http_server(metrics_port, addr=metrics_host)
+        except OSError as exc:
+            raise ConfigError(bind_error("storage.metrics_listen", s.metrics_listen,
+                                         exc)) from exc
+        asyncio.run(serve(cfg, config_path))
+    except ConfigError as exc:
+        fail(NAME, f"start-up refused: {exc}")
+    except Exception as exc:
+        fail(NAME, f"failed: {type(exc).__name__}: {exc}", 1)

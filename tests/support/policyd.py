@@ -97,6 +97,7 @@ def config_with(source: str, target: Path, section: str, **values: object) -> st
     lines = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
     text = text.replace(header, header + lines, 1)
     tomllib.loads(text)  # fail here, not in the daemon, if it is not TOML
+    target.touch(0o600)  # it holds the stack's inline S3 secret: owner-only, or refused
     target.write_text(text)
     return str(target)
 
