@@ -334,8 +334,10 @@ def _postconf(config_directory: str, args: Iterable[str]) -> str:
 
 
 def current_values(config_directory: str, names: Iterable[str]) -> dict[str, str]:
-    """Effective values of NAMES in the instance at CONFIG_DIRECTORY."""
-    return parse_postconf(_postconf(config_directory, names))
+    """Effective values of NAMES in the instance at CONFIG_DIRECTORY, $names
+    expanded (postconf -x): `non_smtpd_milters = $smtpd_milters` merged
+    unexpanded would name postkeep's milter twice."""
+    return parse_postconf(_postconf(config_directory, ["-x", *names]))
 
 
 def explicit_values(config_directory: str, names: Iterable[str]) -> dict[str, str]:
