@@ -19,13 +19,15 @@ import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 
+from postkeep.cli.common import session
 from postkeep.config import PostfixConfig, load
+from postkeep.storage.reports import outcomes
 
 # Where the bundle is looked for, first match wins: $POSTKEEP_POSTFIX_BUNDLE, the
 # source tree (editable installs, the dev stack), the packaged location.
@@ -686,3 +688,119 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None,
         sys.exit(1)
     if not as_json:
         click.echo(f"{target.config_directory}: all {len(names)} bundle parameters match")
+
+
+# --- Queue hygiene ----------------------------------------------------------
+#
+# Postfix returns mail it cannot deliver within maximal_queue_lifetime (1 h
+# in the bundle), but never expires the hold queue: a held message would sit
+# there, full content and all, for ever.  expire-queue removes queue files
+# older than --max-age from the queues Postfix does not expire itself, after
+# recording every recipient as 'expired' with the reason (never a silent loss).
+UNEXPIRED_QUEUES = ("hold",)
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """One queue file as `postqueue -j` lists it."""
+
+    queue_name: str
+    queue_id: str
+    arrival_time: int
+    recipients: tuple[str, ...]
+
+
+def parse_postqueue_json(output: str) -> list[QueuedMessage]:
+    """`postqueue -j` output: one JSON object per line."""
+    out = []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        out.append(QueuedMessage(obj["queue_name"], obj["queue_id"], int(obj["arrival_time"]),
+                                 tuple(r["address"] for r in obj.get("recipients", []))))
+    return out
+
+
+def too_old(messages: Sequence[QueuedMessage], ages: Mapping[str, float], max_age: float
+            ) -> list[QueuedMessage]:
+    """Messages of UNEXPIRED_QUEUES whose queue file is older than MAX_AGE seconds.
+
+    AGES: the queue file's age by queue id (its mtime; postsuper -h and -H
+    keep it), falling back to the arrival time for a file not found.
+    """
+    return [m for m in messages
+            if m.queue_name in UNEXPIRED_QUEUES and ages.get(m.queue_id, 0.0) > max_age]
+
+
+def _file_ages(queue_directory: str, messages: Sequence[QueuedMessage], now: float
+               ) -> dict[str, float]:
+    ages = {}
+    for m in messages:
+        base = Path(queue_directory, m.queue_name)
+        found = [p for p in (base / m.queue_id, *base.glob(f"*/{m.queue_id}")) if p.exists()]
+        stamp = found[0].stat().st_mtime if found else float(m.arrival_time)
+        ages[m.queue_id] = now - stamp
+    return ages
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age like 90s, 30m, 1h, 2d."""
+    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r}: expected an age like 30m, 1h, 2d")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _run(cmd: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{cmd[0]} not found: is Postfix installed?") from exc
+    if proc.returncode != 0:
+        raise click.ClickException(
+            f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+@postfix.command("expire-queue")
+@_DIR_OPTION
+@click.option("--max-age", default="1h", show_default=True, metavar="AGE",
+              help="Remove queue files older than this (30m, 1h, 2d).")
+@_DRY_RUN_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.pass_context
+def expire_queue(ctx: click.Context, config_directory: str | None, max_age: str,
+                 dry_run: bool, as_json: bool) -> None:
+    """Remove held mail older than --max-age; its recipients become 'expired'."""
+    limit = parse_age(max_age)
+    cfg = load((ctx.find_root().obj or {}).get("config_path"))
+    directory = os.path.abspath(config_directory or cfg.postfix.config_directory)
+    queued = parse_postqueue_json(_run(["postqueue", "-c", directory, "-j"]))
+    queue_directory = _run(["postconf", "-c", directory, "-xh", "queue_directory"]).strip()
+    now = datetime.now(UTC)
+    old = too_old(queued, _file_ages(queue_directory, queued, now.timestamp()), limit)
+    removed = []
+    if old and not dry_run:
+        with session(ctx) as s:
+            for m in old:
+                reason = (f"removed from Postfix's {m.queue_name} queue by postkeep after"
+                          f" {max_age} (queue id {m.queue_id})")
+                arrival = datetime.fromtimestamp(m.arrival_time, UTC)
+                # recorded first: if the removal fails, the next run removes it
+                outcomes.expire_queued(s.conn, m.queue_id, m.recipients, reason, now,
+                                       since=arrival - timedelta(days=1))
+                _run(["postsuper", "-c", directory, "-d", m.queue_id, m.queue_name])
+                removed.append(m)
+    if as_json:
+        click.echo(json.dumps({
+            "config_directory": directory, "max_age_seconds": limit, "dry_run": dry_run,
+            "messages": [{**asdict(m), "recipients": list(m.recipients)} for m in old],
+            "removed": len(removed)}, indent=2))
+        return
+    for m in old:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{m.queue_id} ({m.queue_name}): {verb}; "
+                   f"{len(m.recipients)} recipient(s) expired")
+    click.echo(f"{directory}: {len(old)} message(s) older than {max_age} in "
+               f"{', '.join(UNEXPIRED_QUEUES)}" + (" (dry run)" if dry_run else ""), err=True)
