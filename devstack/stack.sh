@@ -28,6 +28,9 @@ MINIO_BIN="$MINIO_DIR/minio"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
+# Log retention and unit tests (issue 16): a private rsyslogd and logrotate
+# run the shipped fragments; systemd-analyze verifies the units (not PID 1).
+APT_PACKAGES+=(rsyslog logrotate systemd)
 SERVICES=(postgres minio sink milter policyd storage postfix)
 
 log() { printf 'stack: %s\n' "$*" >&2; }
