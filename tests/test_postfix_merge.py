@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from postkeep.cli.postfix import merge_milters, merge_restrictions, policy_position
+from postkeep.cli.postfix import (
+    QueuedMessage,
+    merge_milters,
+    merge_restrictions,
+    parse_age,
+    parse_postqueue_json,
+    policy_position,
+    too_old,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -55,6 +63,19 @@ def _debian_stock(pfdir: Path) -> None:
     subprocess.run(["postconf", "-c", str(pfdir), "-e", "smtpd_relay_restrictions="
                     "permit_mynetworks permit_sasl_authenticated defer_unauth_destination"],
                    check=True)
+    # then what its debconf answers add ("Internet Site"; this host's name)
+    with (pfdir / "main.cf").open("a") as f:
+        f.write("myhostname = mail.example.test\n"
+                "alias_maps = hash:/etc/aliases\n"
+                "alias_database = hash:/etc/aliases\n"
+                "mydestination = $myhostname, mail.example.test, localhost.localdomain, ,"
+                " localhost\n"
+                "relayhost = \n"
+                "mynetworks = 127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128\n"
+                "mailbox_size_limit = 0\n"
+                "recipient_delimiter = +\n"
+                "inet_interfaces = all\n"
+                "inet_protocols = all\n")
     shutil.copyfile("/usr/share/postfix/master.cf.dist", pfdir / "master.cf")
 
 
@@ -217,3 +238,18 @@ def test_check_honours_config_directory(tmp_path: Path, toml: Path) -> None:
     assert {d["name"] for d in report["differences"]} == {
         "smtpd_command_filter", "transport_maps"}
     assert report["differences"][-1]["want"] == f"pcre:{b}/postkeep-transport.pcre, ..."
+
+
+def test_expire_queue_picks_old_held_files_only() -> None:
+    out = "\n".join([
+        '{"queue_name": "hold", "queue_id": "A1", "arrival_time": 100, "recipients":'
+        ' [{"address": "a@x.test"}, {"address": "b@x.test", "delay_reason": "held"}]}',
+        '{"queue_name": "deferred", "queue_id": "B2", "arrival_time": 100, "recipients": []}',
+        '{"queue_name": "hold", "queue_id": "C3", "arrival_time": 100, "recipients": []}',
+        ""])
+    queued = parse_postqueue_json(out)
+    assert queued[0] == QueuedMessage("hold", "A1", 100, ("a@x.test", "b@x.test"))
+    # deferred is Postfix's own to expire (maximal_queue_lifetime); C3 is young
+    ages = {"A1": 3601.0, "B2": 99999.0, "C3": 3599.0}
+    assert [m.queue_id for m in too_old(queued, ages, parse_age("1h"))] == ["A1"]
+    assert parse_age("90s") == 90 and parse_age("2d") == 172800

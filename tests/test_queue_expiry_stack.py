@@ -97,6 +97,7 @@ def test_held_mail_older_than_the_limit_is_removed_and_expired(stack: Stack) -> 
         report = json.loads(done.stdout)
         assert report["removed"] == 1
         assert report["messages"][0]["recipients"] == [old_rcpt]
+        assert report["messages"][0]["expired_recipients"] == 1
         queue = _queue(stack)
         assert old_id not in queue
         assert queue[young_id]["queue_name"] == "hold"  # younger than the limit: kept

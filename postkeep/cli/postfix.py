@@ -337,9 +337,14 @@ def _postconf(config_directory: str, args: Iterable[str]) -> str:
 
 def current_values(config_directory: str, names: Iterable[str]) -> dict[str, str]:
     """Effective values of NAMES in the instance at CONFIG_DIRECTORY, $names
-    expanded (postconf -x): `non_smtpd_milters = $smtpd_milters` merged
-    unexpanded would name postkeep's milter twice."""
-    return parse_postconf(_postconf(config_directory, ["-x", *names]))
+    expanded: `non_smtpd_milters = $smtpd_milters` merged unexpanded would
+    name postkeep's milter twice.  Only values with a `$` are asked again with
+    postconf -x (it takes seconds on some hosts: it expands every parameter)."""
+    values = parse_postconf(_postconf(config_directory, names))
+    macros = [name for name, value in values.items() if "$" in value]
+    if macros:
+        values.update(parse_postconf(_postconf(config_directory, ["-x", *macros])))
+    return values
 
 
 def explicit_values(config_directory: str, names: Iterable[str]) -> dict[str, str]:
@@ -504,9 +509,9 @@ def _read(path: Path) -> str:
 
 def _edited(directory: str, changes: Sequence[Change]) -> dict[str, str]:
     """main.cf and master.cf as postconf leaves them after CHANGES, made on
-    copies in a scratch directory beside them (the diff shown is the file
-    written)."""
-    with tempfile.TemporaryDirectory(prefix=".postkeep-", dir=directory) as scratch:
+    copies in a scratch directory (the diff shown is the file written; a dry
+    run needs no write access to DIRECTORY)."""
+    with tempfile.TemporaryDirectory(prefix="postkeep-postconf-") as scratch:
         for name in ("main.cf", "master.cf"):
             src = Path(directory, name)
             if src.exists():
@@ -780,7 +785,7 @@ def expire_queue(ctx: click.Context, config_directory: str | None, max_age: str,
     queue_directory = _run(["postconf", "-c", directory, "-xh", "queue_directory"]).strip()
     now = datetime.now(UTC)
     old = too_old(queued, _file_ages(queue_directory, queued, now.timestamp()), limit)
-    removed = []
+    expired: dict[str, int] = {}  # queue id: recipients whose status changed
     if old and not dry_run:
         with session(ctx) as s:
             for m in old:
@@ -788,19 +793,25 @@ def expire_queue(ctx: click.Context, config_directory: str | None, max_age: str,
                           f" {max_age} (queue id {m.queue_id})")
                 arrival = datetime.fromtimestamp(m.arrival_time, UTC)
                 # recorded first: if the removal fails, the next run removes it
-                outcomes.expire_queued(s.conn, m.queue_id, m.recipients, reason, now,
-                                       since=arrival - timedelta(days=1))
+                expired[m.queue_id] = outcomes.expire_queued(
+                    s.conn, m.queue_id, m.recipients, reason, now,
+                    since=arrival - timedelta(days=1))
                 _run(["postsuper", "-c", directory, "-d", m.queue_id, m.queue_name])
-                removed.append(m)
     if as_json:
         click.echo(json.dumps({
             "config_directory": directory, "max_age_seconds": limit, "dry_run": dry_run,
-            "messages": [{**asdict(m), "recipients": list(m.recipients)} for m in old],
-            "removed": len(removed)}, indent=2))
+            "messages": [{**asdict(m), "recipients": list(m.recipients),
+                          "expired_recipients": expired.get(m.queue_id)} for m in old],
+            "removed": len(expired)}, indent=2))
         return
     for m in old:
-        verb = "would remove" if dry_run else "removed"
-        click.echo(f"{m.queue_id} ({m.queue_name}): {verb}; "
-                   f"{len(m.recipients)} recipient(s) expired")
+        if dry_run:
+            click.echo(f"{m.queue_id} ({m.queue_name}): would remove; "
+                       f"{len(m.recipients)} recipient(s) would be expired")
+        else:
+            # a message postkeep never captured has no recipient to mark:
+            # this line (the journal, under the timer) is its only record
+            click.echo(f"{m.queue_id} ({m.queue_name}): removed; {expired[m.queue_id]} of "
+                       f"{len(m.recipients)} recipient(s) recorded expired in postkeep")
     click.echo(f"{directory}: {len(old)} message(s) older than {max_age} in "
                f"{', '.join(UNEXPIRED_QUEUES)}" + (" (dry run)" if dry_run else ""), err=True)
