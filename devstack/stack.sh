@@ -31,6 +31,9 @@ APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-ess
 # make deb (Debian's python3 with venv) and tests/test_package.py (systemd-analyze), and the daemon tests
 # (systemd-analyze security --offline=true; systemd need not be PID 1).
 APT_PACKAGES+=(python3-venv systemd)
+# Log retention and unit tests (issue 16): a private rsyslogd and logrotate
+# run the shipped fragments; systemd-analyze verifies the units (not PID 1).
+APT_PACKAGES+=(rsyslog logrotate)
 SERVICES=(postgres minio sink milter policyd storage postfix)
 
 log() { printf 'stack: %s\n' "$*" >&2; }

@@ -9,6 +9,7 @@ report is retried on its own, so one bad report cannot hold back the others.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from postkeep.storage.reports.dsn import Report
+from postkeep.storage.reports.dsn import Outcome, Report
 
 DUPLICATE = -1
 UNMATCHED = -2
@@ -167,3 +168,29 @@ def maintain_report_partitions(conn: psycopg.Connection, keep_days: int) -> int:
     """Create the next days' report partitions, drop those past KEEP_DAYS."""
     row = conn.execute("SELECT maintain_report_partitions(%s)", (keep_days,)).fetchone()
     return int(row[0]) if row else 0
+
+
+def expire_queued(conn: psycopg.Connection, queue_id: str, recipients: Sequence[str],
+                  reason: str, event_at: datetime, since: datetime) -> int:
+    """Record that Postfix's queue file QUEUE_ID was removed unsent (queue hygiene).
+
+    Every listed recipient of the message captured under QUEUE_ID since SINCE
+    (queue ids are reused over time) gets the final status 'expired' with
+    REASON, through record_report like any notice, so its history shows why.
+    The report is keyed by message and queue id: a second run that removes
+    the same file (the first failed after recording) is a duplicate.
+    Returns the number of recipients whose status changed.
+    """
+    rows = conn.execute(
+        "SELECT m.id, m.metadata_expires_at FROM messages m WHERE m.queue_id = %s"
+        " AND m.created_at >= %s", (queue_id, since)).fetchall()
+    changed = 0
+    for message_id, expires_at in rows:
+        key = hashlib.sha256(f"queue-expiry:{message_id}:{queue_id}".encode()).digest()
+        report = Report(
+            sha256=key, size=0, kind="queue_expiry", message_id=message_id,
+            expires_at=expires_at,
+            outcomes=tuple(Outcome(r, None, "expired", None, None, reason, event_at)
+                           for r in recipients))
+        changed += max(record_batch(conn, [report])[0], 0)
+    return changed
