@@ -44,7 +44,7 @@ test: install deb
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
 DEB := $(CURDIR)/postkeep_$(VERSION)_$(shell dpkg --print-architecture).deb
 DEB_SOURCES := $(shell git ls-files pyproject.toml README.md LICENSE postkeep milter policyd \
-	storage postfix-conf systemd packaging 2>/dev/null)
+	storage postfix-conf systemd packaging monitoring 2>/dev/null)
 export POSTKEEP_DEB := $(DEB)
 deb: $(DEB)
 $(DEB): $(DEB_SOURCES)

@@ -86,6 +86,9 @@ install -m 0644 "$REPO/systemd/postkeep.sysusers.conf" "$ROOT/usr/lib/sysusers.d
 install -m 0644 "$REPO/systemd/postkeep.tmpfiles.conf" "$ROOT/usr/lib/tmpfiles.d/postkeep.conf"
 install -m 0640 "$REPO/packaging/postkeep.toml" "$ROOT/etc/postkeep/postkeep.toml"
 cp -r "$REPO/postfix-conf" "$ROOT/usr/share/postkeep/postfix-conf"
+# Prometheus alert rules (with their promtool tests) and the Grafana dashboard.
+install -d "$ROOT/usr/share/postkeep/monitoring"
+install -m 0644 "$REPO"/monitoring/* "$ROOT/usr/share/postkeep/monitoring/"
 install -m 0644 "$REPO/README.md" "$ROOT/usr/share/doc/postkeep/README.md"
 install -m 0644 "$REPO/LICENSE" "$ROOT/usr/share/doc/postkeep/copyright"
 install -m 0755 "$REPO"/packaging/deb/{postinst,prerm,postrm} "$ROOT/DEBIAN/"

@@ -51,6 +51,8 @@ SHIPPED = ("/opt/postkeep/bin/python", "/usr/bin/postkeep", "/usr/bin/postkeep-m
            "/usr/bin/postkeep-policyd", "/usr/bin/postkeep-storage",
            "/usr/lib/sysusers.d/postkeep.conf", "/usr/lib/tmpfiles.d/postkeep.conf",
            "/usr/share/postkeep/postfix-conf/main.cf", "/usr/share/doc/postkeep/README.md",
+           "/usr/share/postkeep/monitoring/postkeep-alerts.yml",
+           "/usr/share/postkeep/monitoring/postkeep-dashboard.json",
            "/usr/share/doc/postkeep/copyright", *(str(UNIT_DIR / u) for u in UNITS))
 # Made by postinst; purge removes /var/spool/postkeep (and the user and group)
 # only if postinst made them, /etc/postkeep and /var/lib/postkeep always.

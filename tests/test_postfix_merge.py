@@ -108,7 +108,7 @@ def _apply(toml: Path, pfdir: Path, *extra: str) -> subprocess.CompletedProcess[
 
 
 def _remove(toml: Path, pfdir: Path) -> None:
-    done = _postkeep(toml, "postfix", "remove", "--config-directory", str(pfdir))
+    done = _postkeep(toml, "postfix", "remove", "--yes", "--config-directory", str(pfdir))
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -92,7 +92,7 @@ def test_held_mail_older_than_the_limit_is_removed_and_expired(stack: Stack) -> 
         assert old_id in _queue(stack)
         assert _recipient(stack, old_id, old_rcpt)[0] != "expired"
 
-        done = _postkeep(stack, "postfix", "expire-queue", "--max-age", "1h", "--json")
+        done = _postkeep(stack, "postfix", "expire-queue", "--max-age", "1h", "--yes", "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(done.stdout)
         assert report["removed"] == 1

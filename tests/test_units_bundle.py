@@ -44,7 +44,7 @@ def test_queue_expiry_units_verify(tmp_path: Path) -> None:
     shutil.copyfile(UNITS / timer.name, timer)
     done = _verify(service, timer)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
-    assert "expire-queue --max-age 1h" in service.read_text()
+    assert "expire-queue --max-age 1h --yes" in service.read_text()
 
 
 def test_queue_expiry_service_is_hardened(tmp_path: Path) -> None:
@@ -61,6 +61,8 @@ def test_queue_expiry_service_is_hardened(tmp_path: Path) -> None:
 @pytest.mark.parametrize("unit", DAEMONS)
 def test_log_namespace_dropin_verifies(tmp_path: Path, unit: str) -> None:
     service = _copy(f"{unit}.service", tmp_path)
+    for companion in UNITS.glob(f"{unit}.socket"):  # a unit it Requires=
+        _copy(companion.name, tmp_path)
     (tmp_path / f"{unit}.service.d").mkdir()
     shutil.copyfile(DROPIN, tmp_path / f"{unit}.service.d" / "log-namespace.conf")
     done = _verify(service)

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from postkeep.cli.common import session
+from postkeep.cli.common import confirm, session
 from postkeep.config import PostfixConfig, load
 from postkeep.storage.reports import outcomes
 
@@ -620,9 +620,10 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
 @_DIR_OPTION
 @_BUNDLE_OPTION
 @_DRY_RUN_OPTION
+@click.option("--yes", "-y", "yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
-           dry_run: bool) -> None:
+           dry_run: bool, yes: bool) -> None:
     """Restore the host's own values of what apply changed (its record)."""
     target = _target(ctx, config_directory, bundle)
     directory = target.config_directory
@@ -644,6 +645,8 @@ def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
         for path in maps:
             click.echo(f"{path}: would be deleted")
         return
+    confirm(f"{directory}: restore {len(changes)} parameter(s) of main.cf and delete"
+            f" {len(maps)} postkeep table(s)", yes)
     backup = _backup(directory)
     click.echo(f"{backup}: backup of main.cf and master.cf")
     _write_files(directory, old, new)
@@ -773,10 +776,11 @@ def _run(cmd: Sequence[str]) -> str:
 @click.option("--max-age", default="1h", show_default=True, metavar="AGE",
               help="Remove queue files older than this (30m, 1h, 2d).")
 @_DRY_RUN_OPTION
+@click.option("--yes", "-y", "yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.pass_context
 def expire_queue(ctx: click.Context, config_directory: str | None, max_age: str,
-                 dry_run: bool, as_json: bool) -> None:
+                 dry_run: bool, yes: bool, as_json: bool) -> None:
     """Remove held mail older than --max-age; its recipients become 'expired'."""
     limit = parse_age(max_age)
     cfg = load((ctx.find_root().obj or {}).get("config_path"))
@@ -787,6 +791,8 @@ def expire_queue(ctx: click.Context, config_directory: str | None, max_age: str,
     old = too_old(queued, _file_ages(queue_directory, queued, now.timestamp()), limit)
     expired: dict[str, int] = {}  # queue id: recipients whose status changed
     if old and not dry_run:
+        confirm(f"remove {len(old)} message(s) held longer than {max_age} from Postfix's"
+                " queue, recording their recipients as expired", yes)
         with session(ctx) as s:
             for m in old:
                 reason = (f"removed from Postfix's {m.queue_name} queue by postkeep after"
