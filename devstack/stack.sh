@@ -585,6 +585,7 @@ EOF
 
 start_postfix() {
     [ -f "$PFDIR/main.cf" ] || configure_postfix
+    private_log "$PFLOG"  # Postfix's log, written by postlogd as root
     if postfix -c "$PFDIR" status >/dev/null 2>&1; then
         log "postfix already running"
     else

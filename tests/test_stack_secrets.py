@@ -80,11 +80,12 @@ def test_secret_files_are_0600_and_unreadable_to_another_user(stack: Stack) -> N
 def _daemon_logs(stack: Stack) -> list[Path]:
     d = Path(stack.env["POSTKEEP_STACK_DIR"])
     return [d / "milter" / "milter.log", d / "policyd" / "policyd.log",
-            d / "storage" / "storage.log", d / "sink.log"]
+            d / "storage" / "storage.log", d / "sink.log",
+            Path(stack.env["POSTKEEP_POSTFIX_LOG"])]
 
 
 def test_daemon_logs_are_0600_and_unreadable_to_another_user(stack: Stack) -> None:
-    """The daemons' and the sink's logs name senders and recipients."""
+    """The daemons', the sink's and Postfix's logs name senders and recipients."""
     for path in _daemon_logs(stack):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is mode {mode:o}"
