@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint fuzz bench bench-policyd bench-retention bench-storage deb
+.PHONY: install run stop test test-lower-bounds lint fuzz bench bench-policyd bench-retention bench-storage deb
 
 install:
 	$(STACK) install
@@ -23,9 +23,17 @@ run: install
 stop:
 	$(STACK) down $(RUN_DIR)
 
+# The unit tests again with every runtime dependency at its lower bound
+# (devstack/lower-bounds.sh, tests/lower-bounds.txt; a cached second venv, ~20 s).
+# `make test` runs it first on a whole-suite run (no PYTEST_ARGS); LOWER_BOUNDS=1
+# or 0 forces it on or off.
+LOWER_BOUNDS ?= $(if $(strip $(PYTEST_ARGS)),0,1)
+test-lower-bounds: install
+	devstack/lower-bounds.sh
+
 # Always tears the test stack down, and exits with pytest's status.  Runs that
 # share a work tree (and so TEST_DIR and its ports) take turns through a lock.
-test: install deb
+test: install deb $(if $(filter 1,$(LOWER_BOUNDS)),test-lower-bounds)
 	@mkdir -p $(TEST_DIR); exec 9>$(TEST_DIR)/.lock; \
 	flock -n 9 || { echo "make test: waiting for another 'make test' on $(TEST_DIR)" >&2; flock 9; }; \
 	rc=0; \

@@ -168,6 +168,15 @@ load_state() {
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# private_log FILE: FILE exists, mode 0600, before a daemon appends to it: the
+# daemons' and the sink's logs name senders and recipients.  chmod too, for a
+# log an older stack left readable (appended to, never recreated).  Only the
+# log: the daemon keeps its own umask for what it creates.
+private_log() {
+    (umask 077 && : >>"$1")
+    chmod 600 "$1"
+}
+
 smtp_banner() {  # PORT: print the server's first line, if any
     timeout 6 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 0
         read -r -t 5 line <&3 || true; printf "QUIT\r\n" >&3 || true; echo "$line"' _ "$1" \
@@ -399,6 +408,7 @@ start_sink() {
         return 0
     fi
     require_free "$SINK_PORT" "sink"
+    private_log "$DIR/sink.log"
     setsid "$PY" "$REPO/devstack/sink.py" --host 127.0.0.1 --port "$SINK_PORT" --dir "$DIR/sink" \
         >>"$DIR/sink.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/sink.pid"
@@ -422,6 +432,7 @@ start_daemon() {
     fi
     require_free "$port" "$name"
     require_free "$mport" "$name metrics"
+    private_log "$DIR/$name/$name.log"
     setsid "$VENV/bin/$binary" --config "$DIR/postkeep.toml" \
         >>"$DIR/$name/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/$name/$name.pid"
@@ -606,6 +617,7 @@ EOF
 
 start_postfix() {
     [ -f "$PFDIR/main.cf" ] || configure_postfix
+    private_log "$PFLOG"  # Postfix's log, written by postlogd as root
     if postfix -c "$PFDIR" status >/dev/null 2>&1; then
         log "postfix already running"
     else

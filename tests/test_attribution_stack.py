@@ -18,12 +18,11 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import dkim as dkimpy
 import pytest
 from support import smtp
-from support.milter_settings import with_milter_settings
+from support.daemon_settings import daemon_settings
 from support.policyd import PolicyClient, request
 from support.stack import Stack
 
@@ -154,21 +153,9 @@ def test_registered_login_signs_and_counts_only_for_its_own_organisation(
 @contextmanager
 def _unknown_login_passes(stack: Stack) -> Iterator[None]:
     """Milter and policyd run with [milter] unknown_login = "pass" inside the block."""
-    path = Path(stack.env["POSTKEEP_CONFIG"])
-    original = path.read_text()
-
-    def restart() -> None:
-        for service in ("milter", "policyd"):
-            stack.stack_ctl("stop", service)
-            stack.stack_ctl("start", service)
-
-    path.write_text(with_milter_settings(original, {"unknown_login": "pass"}))
-    try:
-        restart()
+    with daemon_settings(stack, "milter", {"unknown_login": "pass"},
+                         services=("milter", "policyd")):
         yield
-    finally:
-        path.write_text(original)
-        restart()
 
 
 def test_unknown_login_passed_unsigned_and_uncaptured_when_configured(stack: Stack) -> None:

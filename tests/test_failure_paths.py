@@ -41,6 +41,7 @@ import pytest
 import zstandard
 from conftest import StoreMessage, TestOrg
 from support import campaign, smtp
+from support.daemon_settings import daemon_settings
 from support.policyd import PolicyClient, config_with, free_port, policyds, request
 from support.reports import block, dsn
 from support.sidecar import (
@@ -53,7 +54,6 @@ from support.sidecar import (
     statuses,
 )
 from support.stack import Stack
-from support.storage_settings import storage_settings
 
 from postkeep.config import Config
 from postkeep.envelope import return_path
@@ -251,7 +251,7 @@ def _forwarded(stack: Stack, result: str) -> float:
 
 def test_a_failure_notice_is_never_dropped_when_the_forward_relay_fails(stack: Stack) -> None:
     port = free_port()
-    with storage_settings(stack, forward_relay=f"127.0.0.1:{port}"):
+    with daemon_settings(stack, "storage", {"forward_relay": f"127.0.0.1:{port}"}):
         org, domain = stack.new_org("basic")
         with stack.connect() as conn:
             conn.execute("UPDATE organisations SET forward_failures = true WHERE id = %s",

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from support import smtp
-from support.milter_settings import milter_settings
+from support.daemon_settings import daemon_settings
 from support.refused import assert_refused_left_nothing
 from support.smtp import Sent
 from support.stack import Stack, load_stack, strip_received
@@ -37,7 +37,7 @@ def _tempfailed(backend: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _outage_spool_off(stack: Stack) -> Iterator[None]:
     """Every test here runs against a milter with the outage spool off."""
-    with milter_settings(stack, outage_spool=False):
+    with daemon_settings(stack, "milter", {"outage_spool": False}):
         yield
 
 

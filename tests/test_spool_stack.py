@@ -37,7 +37,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from support import smtp
-from support.milter_settings import milter_settings
+from support.daemon_settings import daemon_settings
 from support.refused import assert_refused_left_nothing, stored_for
 from support.smtp import Sent
 from support.stack import Stack, strip_received
@@ -334,7 +334,7 @@ def _refused_while_minio_is_down(stack: Stack, domain: str, token: str) -> smtp.
 def test_spool_fill_level_reached_tempfails(stack: Stack) -> None:
     org_id, domain = stack.new_org("basic")
     token = uuid.uuid4().hex
-    with milter_settings(stack, outage_spool_max_fill_percent=0.001):
+    with daemon_settings(stack, "milter", {"outage_spool_max_fill_percent": 0.001}):
         _wait_until_captured(stack, domain)
         reply = _refused_while_minio_is_down(stack, domain, token)
     assert reply.code == 451 and reply.enhanced == "4.3.0", reply
@@ -348,7 +348,7 @@ def test_spool_write_failing_tempfails(stack: Stack, tmp_path: Path) -> None:
     org_id, domain = stack.new_org("basic")
     token = uuid.uuid4().hex
     where = tmp_path / "spool"
-    with milter_settings(stack, outage_spool_directory=str(where)):
+    with daemon_settings(stack, "milter", {"outage_spool_directory": str(where)}):
         _wait_until_captured(stack, domain)
         os.rename(where, tmp_path / "moved-away")
         where.write_bytes(b"not a directory")

@@ -3,7 +3,8 @@
 Everything that holds a secret (the env file with MinIO's root secret, the
 MinIO credentials, postkeep.toml, PostgreSQL's password files, the DKIM and
 return-path keys) is mode 0600 and unreadable to another user, and so is
-the stored content (MinIO's data, the milter's spools).  PostgreSQL asks
+the stored content (MinIO's data, the milter's spools), and so are the
+daemons' logs, which name senders and recipients.  PostgreSQL asks
 everyone for a password (scram-sha-256), over TCP and over its Unix socket:
 another user gets nothing without it.  The stack's own tools still work:
 `psql` with only the env file's variables, the `postkeep` CLI, and tenant
@@ -74,6 +75,34 @@ def test_secret_files_are_0600_and_unreadable_to_another_user(stack: Stack) -> N
                   d / "sink"):
         got = _as_outsider("ls", "-R", str(where))
         assert got.returncode != 0 and "Permission denied" in got.stderr, (where, got)
+
+
+def _daemon_logs(stack: Stack) -> list[Path]:
+    d = Path(stack.env["POSTKEEP_STACK_DIR"])
+    return [d / "milter" / "milter.log", d / "policyd" / "policyd.log",
+            d / "storage" / "storage.log", d / "sink.log",
+            Path(stack.env["POSTKEEP_POSTFIX_LOG"])]
+
+
+def test_daemon_logs_are_0600_and_unreadable_to_another_user(stack: Stack) -> None:
+    """The daemons', the sink's and Postfix's logs name senders and recipients."""
+    for path in _daemon_logs(stack):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is mode {mode:o}"
+        got = _as_outsider("cat", str(path))
+        assert got.returncode != 0 and "Permission denied" in got.stderr, (path, got)
+
+
+def test_a_daemon_log_left_readable_is_made_0600_at_start(stack: Stack) -> None:
+    """A log kept from an older stack (appended to, never recreated) is closed too."""
+    log = Path(stack.env["POSTKEEP_STACK_DIR"]) / "storage" / "storage.log"
+    stack.stack_ctl("stop", "storage")
+    try:
+        log.chmod(0o644)
+    finally:
+        stack.stack_ctl("start", "storage")
+    mode = stat.S_IMODE(log.stat().st_mode)
+    assert mode == 0o600, f"{log} is mode {mode:o}"
 
 
 def _psql_as_outsider(host: str, port: str, user: str) -> subprocess.CompletedProcess[str]:
