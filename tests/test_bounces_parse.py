@@ -182,3 +182,13 @@ def test_a_dsn_naming_its_verp_recipient_is_read_as_it_says() -> None:
     got = {o.recipient: (o.status, o.dsn_status)
            for o in resolve(report, ["a@far.example", "b@far.example"]).outcomes}
     assert got == {"a@far.example": ("relayed", "2.0.0"), "b@far.example": ("bounced", "5.1.1")}
+
+
+@pytest.mark.parametrize("named", ["smtp=userx@example.com", "SMTP:userx@example.com",
+                                   "rfc822;<userx@example.com>", "userx@example.com"])
+def test_an_address_type_prefix_is_not_part_of_the_address(named: str) -> None:
+    # Exchange's notices write "smtp=user@host"; flufl.bounce 4 (the tested lower
+    # bound) passes it on and the notice's own text holds it too.
+    from postkeep.storage.reports.dsn import _untyped
+
+    assert _untyped(named.lower()) == "userx@example.com"

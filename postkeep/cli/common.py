@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import psycopg
@@ -201,13 +201,19 @@ def find_org(conn: psycopg.Connection, name_or_id: str) -> directory.Organisatio
     return org
 
 
-
-
 # What Override returns for 'tier' (organisations) or 'unlimited' (tiers): NULL.
 CLEAR = "clear"
 
+# click's ParamType is generic from 8.4 on (its type hints need the parameter);
+# at run time it is subscripted only where click allows it, so the tested
+# lower bound (8.2, tests/lower-bounds.txt) still imports this module.
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[Any]
+else:
+    _ParamType = click.ParamType
 
-class Override(click.ParamType[Any]):
+
+class Override(_ParamType):
     """A number, or 'tier' (an organisation's: back to the tier's value), or
     'unlimited' (a tier's: no limit); both return CLEAR, stored as NULL."""
 

@@ -389,6 +389,12 @@ def _returned_headers(msg: Message) -> Message | None:
     return None
 
 
+def _untyped(address: str) -> str:
+    """ADDRESS without an address-type prefix: Exchange's notices write
+    "smtp=user@host" (or "SMTP:user@host"), which an address pattern takes whole."""
+    return re.sub(r"^(?:smtp|rfc822)[=:;]\s*", "", address, flags=re.I).strip("<>")
+
+
 def _candidates(msg: Message, notice: str, envelope_to: Sequence[str]) -> list[str]:
     """Addresses the notice names as failed, in order: its own X-Failed-Recipients,
     then any address in the notice that is not the sender, the report's own
@@ -401,7 +407,7 @@ def _candidates(msg: Message, notice: str, envelope_to: Sequence[str]) -> list[s
     out: list[str] = []
 
     def add(address: str) -> None:
-        a = address.strip(".").lower()
+        a = _untyped(address.strip(".").lower())
         if (len(out) >= MAX_RECIPIENTS or a in exclude or a in out or _NOT_RECIPIENT.match(a)
                 or parse_return_path(a)):
             return
@@ -524,6 +530,7 @@ def _bounce_outcomes(msg: Message, notice: str, envelope_to: Sequence[str], subj
         for a in sorted(found):
             text = a.decode("utf-8", "replace") if isinstance(a, bytes) else str(a)
             text = text.strip().strip("<>").lower()
+            text = _untyped(text)
             if text and "@" in text and not parse_return_path(text):
                 out.append(text)
         return out
