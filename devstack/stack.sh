@@ -538,6 +538,11 @@ system_key_file = "$DIR/dkim/system.pem"
 
 [return_path]
 key_file = "$DIR/dkim/return-path.key"
+
+# Application tags (issue 17): tests/test_tags_stack.py.
+[tags]
+headers = { "X-Campaign-Id" = "campaign_id", "X-Template-Id" = "template_id", "X-Lead-Id" = "lead_id" }
+strip = true
 EOF
     mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"
 }

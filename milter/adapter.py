@@ -138,6 +138,10 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         # Last first, so earlier indexes stay valid.
         for index in range(tx.own_headers_removed, 0, -1):
             self.chgheader(self.service.cfg.id_header, index, "")
+        # Tag headers with [tags] strip: never signed, stored or delivered.
+        # Indexes count per name, so the last of each name goes first.
+        for name, index in reversed(tx.strip_headers):
+            self.chgheader(name, index, "")
         # With leading space negotiated, Postfix writes our value verbatim after
         # the colon; the capture stored it as "Name: value", so match that.
         lead = " " if self._protocol & Milter.P_HDR_LEADSPC else ""

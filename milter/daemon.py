@@ -385,7 +385,7 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
         networks=networks, system=system, keyring=keyring, dictionaries=dictionaries,
-        spooler=spooler, return_path_key=cfg.return_path.key_bytes())
+        spooler=spooler, return_path_key=cfg.return_path.key_bytes(), tags=cfg.tags)
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
              mcfg.listen, mcfg.metrics_listen, cfg.source,

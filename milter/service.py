@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from postkeep.config import DkimConfig, MilterConfig
+from postkeep.config import DkimConfig, MilterConfig, TagsConfig
 from postkeep.envelope import (
     client_notify,
     mail_from_params,
@@ -61,6 +61,7 @@ from postkeep.milter.signing import (
     sign_all,
 )
 from postkeep.milter.spool import SPOOLABLE_BACKENDS, OutageSpooler
+from postkeep.milter.tags import TagError, is_tag_header, read_tags
 from postkeep.signing_keys import DkimError, PrivateKey
 from postkeep.storage.content.dictionaries import DictionaryCache
 from postkeep.storage.content.objects import message_key
@@ -94,6 +95,13 @@ class Transaction:
     from_address: str = ""  # first address of From:, parsed once at end of message
     client_addr: str | None = None  # None: Postfix knows no address for the client
     local: bool = False  # local submission, as {daemon_name} says
+    # Application tags: the tag headers as sent (name, raw value), in order,
+    # and, with [tags] strip, (name, index among headers of that name) of
+    # each, for the adapter to delete; the tags read from them at end of message.
+    tag_headers: list[tuple[str, bytes]] = field(default_factory=list)
+    strip_headers: list[tuple[str, int]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    header_counts: dict[str, int] = field(default_factory=dict)  # lower-case name -> seen
 
 
 @dataclass(frozen=True)
@@ -161,8 +169,10 @@ class CaptureService:
                  *, networks: tuple[Network, ...] = (), system: SystemSigning | None = None,
                  keyring: KeyRingRefresher | None = None,
                  dictionaries: DictionaryCache | None = None,
-                 spooler: OutageSpooler | None = None, return_path_key: bytes = b"") -> None:
+                 spooler: OutageSpooler | None = None, return_path_key: bytes = b"",
+                 tags: TagsConfig | None = None) -> None:
         self.cfg = cfg
+        self.tags = tags or TagsConfig()
         # Signs return paths (postkeep/envelope.py); configuration requires it
         # whenever cfg.bounce_domain turns outcome tracking on.
         self.return_path_key = return_path_key
@@ -215,6 +225,15 @@ class CaptureService:
         if lname == self.cfg.id_header.lower():
             tx.own_headers_removed += 1  # the adapter deletes it; not stored
             return
+        # Postfix's chgheader counts headers of one name, whatever their case.
+        index = tx.header_counts[lname] = tx.header_counts.get(lname, 0) + 1
+        if is_tag_header(self.tags, name):
+            tx.tag_headers.append((name, value))
+            if self.tags.strip:
+                # Deleted by the adapter: neither signed nor stored, so the
+                # archive holds what was signed and delivered.
+                tx.strip_headers.append((name, index))
+                return
         tx.capture.add_header(name, value)
         if lname == "from":
             tx.from_count += 1
@@ -251,6 +270,14 @@ class CaptureService:
             refused = self._long_lines(tx, queue_id)
             if refused is not None:
                 return refused
+        if tx.tag_headers:
+            try:
+                tx.tags = read_tags(self.tags, tx.tag_headers)
+            except TagError as exc:
+                metrics.MESSAGES.labels("refused").inc()
+                log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex,
+                         queue_id, tx.envelope_from, str(exc))
+                return Verdict(exc.reply(), reject=True)
         # The client itself: a trusted network or local submission.  A login
         # vouches for its client only as its organisation's (Decision.via_login).
         trusted = is_trusted(tx.client_addr, tx.local, self.networks)
@@ -485,6 +512,7 @@ class CaptureService:
             subject=tx.subject,
             return_path=rpath,
             notify=tuple(client_notify(p) for p in tx.rcpt_params),
+            tags=tx.tags,
         )
         outcome = "captured"
         try:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,6 +366,64 @@ class LogConfig:
     format: str = field(default="text", metadata=_choice("text", "json"))
 
 
+# --- [tags] (issue 17: application tags) ---------------------------------
+
+# A tag key: lower-case ASCII, as a JSON key and a CLI filter take it as is.
+TAG_KEY = re.compile(r"[a-z][a-z0-9_]{0,62}")
+# A header field name (RFC 5322 2.2: printable ASCII but the colon).
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
+# Headers a message cannot do without, or that signing and tracing rely on:
+# never tag headers (stripping one would change the message itself).
+_NOT_TAG_HEADERS = frozenset({
+    "from", "sender", "reply-to", "to", "cc", "bcc", "subject", "date", "message-id",
+    "in-reply-to", "references", "mime-version", "content-type",
+    "content-transfer-encoding", "content-disposition", "received", "return-path",
+    "dkim-signature", "list-unsubscribe", "list-unsubscribe-post", "auto-submitted",
+})
+
+
+@dataclass(frozen=True)
+class TagsConfig:
+    """[tags]: what a message belongs to, told by the platform in headers.
+
+    Each header named in `headers` gives one tag (its value); the free header
+    gives any tag as `key=value`.  Tags land in `messages.tags` (JSONB) and the
+    tag `campaign_id` in `messages.campaign_id` too.  Malformed or oversized
+    tags are refused with 550 5.6.0 (postkeep/milter/tags.py)."""
+
+    # Header name -> tag key, e.g. { "X-Campaign-Id" = "campaign_id" }.
+    headers: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    # The free tag header, each one `key=value`; "" turns it off.
+    free_header: str = "X-Postkeep-Tag"
+    # true: tag headers are removed before signing and delivery (recipients
+    # never see them; the archive keeps the message as delivered).
+    strip: bool = True
+    # At most this many tags per message, each value at most this many characters.
+    max_tags: int = field(default=16, metadata={"min": 1, "max": 256})
+    max_value_length: int = field(default=256, metadata={"min": 1, "max": 998})
+
+
+def _check_tags(cfg: TagsConfig, id_header: str) -> None:
+    """Header names are field names, keys are tag keys, none collides."""
+    seen: dict[str, str] = {}
+    for name, key in cfg.headers.items():
+        where = f"tags.headers.{name}"
+        if not _FIELD_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: {name!r} is not a header field name")
+        if name.lower() in _NOT_TAG_HEADERS or name.lower() == id_header.lower():
+            raise ConfigError(f"{where}: {name} cannot be a tag header (the message needs it)")
+        if not TAG_KEY.fullmatch(key):
+            raise ConfigError(f"{where} = {key!r}: expected a tag key ({TAG_KEY.pattern})")
+        if name.lower() in seen:
+            raise ConfigError(f"{where}: named twice (also as {seen[name.lower()]})")
+        seen[name.lower()] = name
+    free = cfg.free_header
+    if free and (not _FIELD_NAME.fullmatch(free) or free.lower() in _NOT_TAG_HEADERS
+                 or free.lower() == id_header.lower() or free.lower() in seen):
+        raise ConfigError(f"tags.free_header = {free!r}: expected a header field name that is"
+                          " no mapped tag header and none the message needs")
+
+
 @dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
@@ -375,6 +436,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     return_path: ReturnPathConfig = ReturnPathConfig()
     log: LogConfig = LogConfig()
+    tags: TagsConfig = TagsConfig()
     source: str = "<defaults>"
 
 
@@ -389,12 +451,14 @@ _SECTIONS: dict[str, type[Any]] = {
     "retention": RetentionConfig,
     "return_path": ReturnPathConfig,
     "log": LogConfig,
+    "tags": TagsConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named
 # in a refusal.
 _LIST_OF_STR = "tuple[str, ...]"
-_TYPE_NAMES = {_LIST_OF_STR: "list of strings"}
+_MAP_OF_STR = "Mapping[str, str]"
+_TYPE_NAMES = {_LIST_OF_STR: "list of strings", _MAP_OF_STR: "table of strings"}
 
 
 def _describe(meta: Any, ftype: str) -> str:
@@ -422,6 +486,7 @@ def _check(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         _LIST_OF_STR: isinstance(value, list) and all(isinstance(v, str) for v in value),
+        _MAP_OF_STR: isinstance(value, dict) and all(isinstance(v, str) for v in value.values()),
     }[ftype]
     if not ok_type:
         raise ConfigError(f"{key} = {shown}: expected {want}")
@@ -429,6 +494,8 @@ def _check(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
         value = float(value)
     if ftype == _LIST_OF_STR:
         value = tuple(value)  # frozen configuration: lists become tuples
+    if ftype == _MAP_OF_STR:
+        value = types.MappingProxyType(dict(value))  # and tables read-only mappings
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key} = {shown}: expected {want}")
     if "min" in meta and (
@@ -551,6 +618,7 @@ def parse(data: dict[str, Any], source: str = "<string>") -> Config:
     built = {name: _build(name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()}
     cfg = Config(**built, source=source)
     _check_return_path_key(cfg)
+    _check_tags(cfg.tags, cfg.milter.id_header)
     return cfg
 
 

@@ -39,7 +39,8 @@ def _entries(text: str) -> dict[tuple[str, str], tuple[bool, str, int]]:
 
 
 def _declared() -> dict[tuple[str, str], Any]:
-    return {(name, f.name): f.default
+    return {(name, f.name): f.default if f.default_factory is dataclasses.MISSING
+            else f.default_factory()
             for name, cls in config._SECTIONS.items() for f in dataclasses.fields(cls)}
 
 

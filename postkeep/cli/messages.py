@@ -19,6 +19,7 @@ import click
 import psycopg
 
 from postkeep.cli.common import fail, find_org, iso, parse_since, session
+from postkeep.config import TAG_KEY
 from postkeep.storage.content import restore
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.metadata import messages
@@ -52,6 +53,7 @@ def message_to_json(m: messages.MessageRow, now: datetime) -> dict[str, Any]:
             "messages/hold/"),
         "content_erased_at": iso(m.content_erased_at),
         "content_available": messages.content_available(m, now),
+        "tags": dict(m.tags),
     }
 
 
@@ -128,6 +130,15 @@ def encode_cursor(m: messages.MessageRow) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def parse_tag_filter(text: str) -> tuple[str, str]:
+    """(key, value) from `--tag key=value`, or ValueError naming it (pure)."""
+    key, sep, value = text.partition("=")
+    if not sep or not TAG_KEY.fullmatch(key) or not value:
+        raise ValueError(f"--tag {text!r}: expected KEY=VALUE, KEY of lower-case letters,"
+                         " digits and _")
+    return key, value
+
+
 def decode_cursor(token: str) -> tuple[datetime, uuid.UUID]:
     """(created_at, id) from a `--cursor` token, or ValueError naming it (pure)."""
     try:
@@ -176,6 +187,8 @@ def messages_group() -> None:
 @click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True,
               help="Messages per page.")
 @click.option("--cursor", help="Continue after the page that printed this token.")
+@click.option("--tag", "tag_filters", multiple=True, metavar="KEY=VALUE",
+              help="Only messages with this application tag (repeatable: all must match).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"messages": [...], "next_cursor": TOKEN or null}.')
 @click.pass_context
@@ -188,6 +201,7 @@ def messages_list(
     until: str | None,
     limit: int,
     cursor: str | None,
+    tag_filters: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """List captured messages, newest first, a page at a time.
@@ -199,6 +213,7 @@ def messages_list(
     try:
         since_at = parse_since(since, now) if since else None
         after = decode_cursor(cursor) if cursor else None
+        tags = tuple(parse_tag_filter(t) for t in tag_filters)
     except ValueError as exc:
         fail(str(exc))
     try:
@@ -209,7 +224,7 @@ def messages_list(
         org_id = find_org(s.conn, org_name).id if org_name else None
         rows = messages.list_messages(
             s.conn, messages.MessageFilter(org_id, sender, recipient, since_at, limit + 1,
-                                           until=until_at, after=after))
+                                           until=until_at, after=after, tags=tags))
     more, rows = len(rows) > limit, rows[:limit]
     token = encode_cursor(rows[-1]) if more else None
     if as_json:

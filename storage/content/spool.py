@@ -102,11 +102,18 @@ class SpoolBusy(Exception):
 # --- the entry format (pure) -------------------------------------------------
 
 
+# Fields newer than the format, written only when set (the reader gives a
+# missing field its default): application tags (issue 17).
+_OMITTED_WHEN_EMPTY = frozenset({"tags"})
+
+
 def encode_metadata(m: CapturedMessage, *, spooled_at: datetime, reason: str) -> bytes:
     """The JSON metadata of an entry: every CapturedMessage field, plus why and when."""
     doc: dict[str, object] = {}
     for f in fields(CapturedMessage):
         value = getattr(m, f.name)
+        if f.name in _OMITTED_WHEN_EMPTY and not value:
+            continue  # an entry without them stays byte for byte as before
         if isinstance(value, uuid.UUID):
             value = str(value)
         elif isinstance(value, datetime):

@@ -15,6 +15,7 @@ rewrite rows.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class CapturedMessage:
     # The client's own NOTIFY per recipient (None: none given), same order.
     notify: tuple[str | None, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    # Application tags (postkeep/milter/tags.py): messages.tags, and the tag
+    # campaign_id also messages.campaign_id (migration 0016).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 # One statement, so one round trip and atomic even on an autocommit
@@ -75,20 +79,21 @@ WITH msg AS (
     INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
         envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, status, recipient_count, created_at,
-        accepted_at, return_path)
+        accepted_at, return_path, tags, campaign_id)
     SELECT id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
         header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, 'queued', recipient_count, created_at, now(),
-        return_path
+        return_path, tags::jsonb, tags::jsonb ->> 'campaign_id'
     FROM unnest(%(id)s::uuid[], %(org_id)s::uuid[], %(domain)s::text[], %(direction)s::text[],
         %(queue_id)s::text[], %(message_id)s::text[], %(envelope_from)s::text[],
         %(header_from)s::text[], %(subject)s::text[], %(size)s::bigint[],
         %(object_key)s::text[], %(compressed_size)s::bigint[], %(sha256)s::bytea[],
         %(content_exp)s::timestamptz[], %(metadata_exp)s::timestamptz[], %(nrcpt)s::int[],
-        %(created)s::timestamptz[], %(return_path)s::text[])
+        %(created)s::timestamptz[], %(return_path)s::text[], %(tags)s::text[])
         AS m(id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
              header_from, subject, size, object_key, compressed_size, sha256,
-             content_expires_at, metadata_expires_at, recipient_count, created_at, return_path)
+             content_expires_at, metadata_expires_at, recipient_count, created_at, return_path,
+             tags)
     ON CONFLICT DO NOTHING
 )
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
@@ -130,6 +135,7 @@ def record_captures(conn: psycopg.Connection, batch: Sequence[CapturedMessage]) 
             "nrcpt": [len(m.recipients) for m in batch],
             "created": [m.created_at for m in batch],
             "return_path": [m.return_path for m in batch],
+            "tags": [json.dumps(m.tags) for m in batch],
             "r_message": [m.id for m, _ in rcpts], "r_org": [m.org_id for m, _ in rcpts],
             "r_rcpt": [r for _, r in rcpts],
             "r_metadata_exp": [m.metadata_expires_at for m, _ in rcpts],
@@ -172,6 +178,7 @@ class MessageRow:
     accepted_at: datetime | None
     content_erased_at: datetime | None = None  # erased on request (postkeep erase)
     held_metadata_expires_at: datetime | None = None  # own stamp while under a legal hold
+    tags: dict[str, str] = field(default_factory=dict)  # application tags (0016)
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,7 @@ class MessageFilter:
     until: datetime | None = None  # created strictly before
     # keyset cursor: only rows after this (created_at, id) in newest-first order
     after: tuple[datetime, uuid.UUID] | None = None
+    tags: tuple[tuple[str, str], ...] = ()  # (key, value): all must match
 
 
 _MESSAGE_COLUMNS = """
@@ -213,7 +221,7 @@ _MESSAGE_COLUMNS = """
     m.envelope_from, m.header_from, m.subject, m.size, m.object_key,
     m.compressed_size, m.sha256, m.content_expires_at, m.metadata_expires_at,
     m.status, m.recipient_count, m.created_at, m.accepted_at, m.content_erased_at,
-    m.held_metadata_expires_at
+    m.held_metadata_expires_at, m.tags
 """
 
 CONTENT_EXPIRED = "content expired per retention policy"
@@ -263,6 +271,15 @@ def _where(f: MessageFilter) -> tuple[str, list[object]]:
     if f.until is not None:
         clauses.append("m.created_at < %s")
         params.append(f.until)
+    if f.tags:
+        # Containment, which the GIN index (jsonb_path_ops) answers; the
+        # campaign_id column's b-tree, when that is the tag asked for.
+        clauses.append("m.tags @> %s::jsonb")
+        params.append(json.dumps(dict(f.tags)))
+        campaign = dict(f.tags).get("campaign_id")
+        if campaign is not None:
+            clauses.append("m.campaign_id = %s")
+            params.append(campaign)
     if f.after is not None:
         # Keyset paging: the row comparison matches ORDER BY created_at DESC, id DESC.
         clauses.append("(m.created_at, m.id) < (%s, %s)")
