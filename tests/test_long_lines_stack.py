@@ -88,7 +88,8 @@ def test_system_mail_with_a_long_line_verifies_as_delivered(stack: Stack) -> Non
 def test_long_lines_refused_when_configured(stack: Stack) -> None:
     org_id, domain = stack.new_org("pro")
     sender, token = f"app@{domain}", uuid.uuid4().hex
-    with daemon_settings(stack, "milter", {"long_lines": "reject"}), pytest.raises(smtp.SMTPError) as err:
+    with (daemon_settings(stack, "milter", {"long_lines": "reject"}),
+          pytest.raises(smtp.SMTPError) as err):
         smtp.send(*stack.smtp, sender, ["r@sink.test"], _message(sender, domain, token))
     exc = err.value
     assert (exc.stage, exc.reply.code, exc.reply.enhanced) == ("end of data", 550, "5.6.0"), exc
