@@ -141,9 +141,18 @@ def test_package_is_installed_the_debian_way(package: Package) -> None:
     st = os.stat(SPOOL)
     assert (st.st_mode & 0o7777, st.st_uid) == (0o700, int(run("id", "-u", "postkeep").stdout))
     run("id", "-g", "postkeep")
-    # the shipped configuration loads as the daemons' user reads it
-    run("setpriv", "--reuid=postkeep", "--regid=postkeep", "--init-groups", "--",
-        "/usr/bin/postkeep-milter", "--config", str(CONFIG), "--check-config", cwd="/", env=ENV)
+    # The shipped configuration loads as the daemons' user reads it: policyd's
+    # defaults work as they are; the milter refuses it, in one line naming the
+    # first key an admin must fill in (S3 credentials are required).
+    as_postkeep = ("setpriv", "--reuid=postkeep", "--regid=postkeep", "--init-groups", "--")
+    run(*as_postkeep, "/usr/bin/postkeep-policyd", "--config", str(CONFIG), "--check-config",
+        cwd="/", env=ENV)
+    milter = subprocess.run([*as_postkeep, "/usr/bin/postkeep-milter", "--config", str(CONFIG),
+                             "--check-config"], capture_output=True, text=True, timeout=300,
+                            cwd="/", env=ENV)
+    said = milter.stderr.strip().splitlines()
+    assert milter.returncode == 2 and len(said) == 1 and "s3.access_key" in said[0], (
+        milter.returncode, milter.stderr)
 
 
 def test_every_installed_unit_verifies(package: Package) -> None:
