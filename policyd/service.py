@@ -387,7 +387,7 @@ class PolicyService:
         hit = await self._lookup_suppression(org.org_id, address)
         if hit is None:
             return None
-        action = suppression.reply(address, hit)
+        action = suppression.reply(hit)
         metrics.SUPPRESSED.labels(hit.reason, hit.mode).inc()
         log.info("%s RCPT queue_id=%s org=%s sender=%s recipient=%s: %s",
                  "suppressed (refused)" if hit.enforced else "suppression shadow (not refused)",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -84,12 +84,18 @@ def _printable(text: str, limit: int) -> str:
     return shown[:limit] + ("..." if len(shown) > limit else "")
 
 
-def reply(address: str, hit: Hit) -> str:
-    """Postfix's answer for a suppressed ADDRESS (pure), e.g.
-    `550 5.7.1 <a@x.example>: suppressed: hard bounce on 2026-12-04 (5.1.1)`."""
+def reply(hit: Hit) -> str:
+    """policyd's answer for a suppressed recipient (pure): `550 5.7.1 suppressed: hard
+    bounce on 2026-12-04 (5.1.1)` (the date in UTC; the detail printable ASCII).
+
+    Postfix puts the address in front of a policy service's text, so the
+    client reads `550 5.7.1 <a@x.example>: Recipient address rejected:
+    suppressed: hard bounce on 2026-12-04 (5.1.1)`.
+    """
     detail = f" ({_printable(hit.detail, 60)})" if hit.detail else ""
-    return (f"550 5.7.1 <{_printable(address, 254)}>: suppressed:"
-            f" {_LABELS.get(hit.reason, hit.reason)} on {hit.suppressed_at:%Y-%m-%d}{detail}")
+    day = hit.suppressed_at.astimezone(UTC)
+    return (f"550 5.7.1 suppressed: {_LABELS.get(hit.reason, hit.reason)} on {day:%Y-%m-%d}"
+            f"{detail}")
 
 
 LOOKUP = (
