@@ -298,3 +298,15 @@ def test_recording_outcomes_still_works_without_suppressing_relayed(
         soft = conn.execute("SELECT count(*) FROM suppression_soft_bounces WHERE org_id = %s",
                             (org,)).fetchone()
     assert soft == (0,)
+
+
+def test_policyds_lookup_is_an_index_probe(stack: Stack, tier: str) -> None:
+    # Whatever the table's size: with sequential scans priced out, a plan
+    # without an index on (org_id, address) would still be a Seq Scan.
+    org, _ = stack.new_org(tier)
+    with stack.connect() as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(str(r[0]) for r in conn.execute(
+            "EXPLAIN " + suppression.LOOKUP, (org, "a@b.example")).fetchall())
+    assert "Index Scan using suppressions_pkey on suppressions" in plan, plan
+    assert "Seq Scan on suppressions" not in plan, plan
