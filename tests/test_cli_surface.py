@@ -85,7 +85,8 @@ def test_every_destructive_command_has_yes_and_dry_run(root: click.Group) -> Non
     names = {" ".join(p) for p, _ in destructive}
     assert {"org remove", "domain remove", "submitter remove", "tier remove", "erase",
             "tenant revoke", "hold remove", "limits reset", "dict sweep", "spool drain",
-            "dkim retire", "retention orphans", "suppression remove"} <= names
+            "dkim retire", "retention orphans", "suppression remove",
+            "suppression purge"} <= names
     missing = [" ".join(p) for p, c in destructive
                if not {"--yes", "--dry-run"} <= _options(c)]
     assert missing == []

@@ -166,6 +166,28 @@ def remove(ctx: click.Context, org: str, addresses: tuple[str, ...], yes: bool,
         click.echo(f"{o.name}: removed {len(found)} address(es)")
 
 
+@suppression_group.command("purge")
+@destructive
+@click.pass_context
+def purge(ctx: click.Context, yes: bool, dry_run: bool) -> None:
+    """Delete expired entries and soft-bounce counts past their window (every organisation).
+
+    Readers ignore both already; postkeep-storage runs this every
+    storage.maintenance_seconds.
+    """
+    with session(ctx) as s:
+        found = suppression.purge(s.conn, dry_run=True)
+        what = (f"delete {found.expired} expired suppression(s) and {found.soft_bounces}"
+                " stale soft-bounce count(s)")
+        if dry_run:
+            click.echo(f"would {what}")
+            return
+        confirm(what, yes)
+        done = suppression.purge(s.conn)
+    click.echo(f"deleted {done.expired} expired suppression(s) and {done.soft_bounces}"
+               " stale soft-bounce count(s)")
+
+
 @suppression_group.command("mode")
 @click.argument("org")
 @click.argument("mode", type=click.Choice(suppression.MODES))

@@ -218,6 +218,22 @@ def set_tier(conn: psycopg.Connection, tier: str, changes: dict[str, int | None]
     return cur.rowcount > 0
 
 
-def purge_expired(conn: psycopg.Connection) -> int:
-    """Delete expired entries (readers ignore them anyway); how many."""
-    return conn.execute("DELETE FROM suppressions WHERE expires_at <= now()").rowcount
+@dataclass(frozen=True)
+class Purged:
+    expired: int       # suppressions past their expiry
+    soft_bounces: int  # soft-bounce counts whose newest bounce left the tier's window
+
+
+def purge(conn: psycopg.Connection, *, dry_run: bool = False) -> Purged:
+    """Delete what no reader uses any more (or count it, DRY_RUN)."""
+    expired = "FROM suppressions WHERE expires_at <= now()"
+    stale = ("FROM suppression_soft_bounces b WHERE EXISTS (SELECT 1 FROM organisations o"
+             " JOIN tiers t ON t.name = o.tier WHERE o.id = b.org_id"
+             " AND (SELECT max(x) FROM unnest(b.bounce_at) x)"
+             " <= now() - make_interval(days => t.soft_bounce_window_days))")
+    if dry_run:
+        counts = [conn.execute(f"SELECT count(*) {q}").fetchone() for q in (expired, stale)]
+        return Purged(*(int(c[0]) if c else 0 for c in counts))
+    with conn.transaction():
+        return Purged(conn.execute(f"DELETE {expired}").rowcount,
+                      conn.execute(f"DELETE {stale}").rowcount)
