@@ -24,7 +24,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from support import smtp
-from support.sidecar import LogWatch, log_path, metric
+from support.sidecar import LogWatch, deliver, failure_report, log_path, metric
 from support.stack import Stack
 from support.wait import until
 
@@ -103,6 +103,13 @@ def _status(stack: Stack, mid: uuid.UUID) -> tuple[str, str | None]:
     return str(row[0]), row[1]
 
 
+def _events(stack: Stack, mid: uuid.UUID, rcpt: str) -> int:
+    with stack.connect() as conn:
+        row = conn.execute("SELECT count(*) FROM recipient_events WHERE message_id = %s"
+                           " AND recipient = %s AND status = 'bounced'", (mid, rcpt)).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _rcpt(stack: Stack, sender: str, rcpt: str) -> smtp.Reply:
     """Postfix's answer to RCPT TO:<RCPT> (nothing is sent: the session ends there)."""
     client = smtp.Client(*stack.smtp)
@@ -162,6 +169,16 @@ def test_soft_bounces_suppress_after_the_tiers_count_in_its_window(
     until(lambda: _status(stack, first) == ("bounced", "5.2.2"), "the first 5.2.2",
           timeout=60)
     assert _entry(stack, org, rcpt) is None  # one soft bounce is not enough
+    # A second notice of the same failure (the remote server's own, late) is
+    # still one failed message: one soft bounce.
+    with stack.connect() as conn:
+        row = conn.execute("SELECT return_path FROM messages WHERE id = %s",
+                           (first,)).fetchone()
+    assert row is not None
+    late = failure_report(first, rcpt, "5.2.2", "550 5.2.2 mailbox full (late notice)")
+    assert deliver(stack, str(row[0]), late).code == 250
+    until(lambda: _events(stack, first, rcpt) == 2, "the late notice to be recorded")
+    assert _entry(stack, org, rcpt) is None
     second = _send(stack, domain, rcpt)
     until(lambda: _status(stack, second) == ("bounced", "5.2.2"), "the second 5.2.2",
           timeout=60)

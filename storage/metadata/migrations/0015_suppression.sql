@@ -24,8 +24,9 @@
 --     tiers.soft_bounce_window_days: every other final failure ('bounced'
 --     with 5.2.2 mailbox full, 5.1.0/5.1.4, 5.3.x, 5.4.x, 5.5.x, a 4.x.x code
 --     given up on, no code at all) and 'expired' (Postfix gave up after
---     retries; not an operator's queue expiry).  Delay notices ('deferred')
---     are not bounces and never count;
+--     retries; not an operator's queue expiry), one per failed message
+--     however many notices report it.  Delay notices ('deferred') are not
+--     bounces and never count;
 --   complaint, at once: a 'complained' event (feedback reports).
 -- Entries expire tiers.suppression_days after they were made (NULL: never);
 -- an expired entry is ignored by every reader and replaced by a new one.
@@ -143,6 +144,15 @@ BEGIN
         FROM organisations o JOIN tiers t ON t.name = o.tier WHERE o.id = NEW.org_id;
         IF lim IS NULL THEN
             RETURN NULL;  -- this tier never suppresses for soft bounces
+        END IF;
+        -- One failed message is one soft bounce, however many notices say
+        -- so (Postfix's own and the remote server's, say).
+        IF EXISTS (SELECT 1 FROM recipient_events e
+                   WHERE e.message_id = NEW.message_id AND e.recipient = NEW.recipient
+                     AND e.metadata_expires_at = NEW.metadata_expires_at
+                     AND e.status IN ('bounced', 'expired')
+                     AND e.report_sha256 <> NEW.report_sha256) THEN
+            RETURN NULL;
         END IF;
         INSERT INTO suppression_soft_bounces AS b (org_id, address, bounce_at)
         VALUES (NEW.org_id, addr, ARRAY[NEW.event_at])
