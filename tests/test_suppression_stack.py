@@ -71,8 +71,9 @@ def remote_mx(stack: Stack) -> Iterator[RemoteMX]:
 
 
 @pytest.fixture(scope="module")
-def tier(stack: Stack) -> str:
-    """A tier like pro, unlimited rates, suppression 30 days, 2 soft bounces a day."""
+def tier(stack: Stack) -> Iterator[str]:
+    """A tier like pro, unlimited rates, suppression 30 days, 2 soft bounces a day;
+    afterwards its organisations move to pro and it is gone (other tests list tiers)."""
     name = f"suppr-{uuid.uuid4().hex[:8]}"
     with stack.connect() as conn:
         conn.execute(
@@ -80,7 +81,12 @@ def tier(stack: Stack) -> str:
             " soft_bounce_limit, soft_bounce_window_days)"
             " SELECT %s, content_days, metadata_days, 30, 2, 1 FROM tiers WHERE name = 'pro'",
             (name,))
-    return name
+    try:
+        yield name
+    finally:
+        with stack.connect() as conn, conn.transaction():
+            conn.execute("UPDATE organisations SET tier = 'pro' WHERE tier = %s", (name,))
+            conn.execute("DELETE FROM tiers WHERE name = %s", (name,))
 
 
 def _send(stack: Stack, domain: str, rcpt: str) -> uuid.UUID:
