@@ -86,7 +86,7 @@ async def serve(cfg: Config, sock: socket.socket | None = None,
     pcfg = cfg.policyd
     backend = PgBackend(cfg)
     await backend.open()
-    service = PolicyService(cfg, backend)
+    service = PolicyService(cfg, backend, suppressions=backend)
     server = PolicyServer(service.decide, Limits(pcfg.max_line_bytes, pcfg.max_request_bytes,
                                                  pcfg.max_attributes), pcfg.read_timeout_seconds)
     try:

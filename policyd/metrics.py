@@ -52,6 +52,16 @@ LEASED_UNITS = Counter(
     " by kind (messages, recipients, bytes).",
     ["kind", "action"],
 )
+SUPPRESSED = Counter(
+    "postkeep_policyd_suppressed_total",
+    "Recipients on their organisation's suppression list, by reason and whether they were"
+    " refused (enforce) or only logged (shadow).",
+    ["reason", "mode"],
+)
+SUPPRESSION_UNCHECKED = Counter(
+    "postkeep_policyd_suppression_unchecked_total",
+    "Recipients let through without a suppression check because PostgreSQL could not answer.",
+)
 
 for _stage in ("RCPT", "DATA", "END-OF-MESSAGE", "other"):
     for _action in ("dunno", "defer", "refuse"):

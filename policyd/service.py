@@ -9,6 +9,16 @@ are cached for `policyd.directory_cache_seconds`; a stale entry is still used
 while PostgreSQL is down.  Organisations of `policyd.lease_tiers` are counted
 in memory against leased blocks (`LeaseBook`): PostgreSQL is asked only when
 a block runs out, and idle blocks are given back by `lease_upkeep`.
+
+At RCPT a recipient on its organisation's suppression list (issue 17,
+storage/metadata/suppression.py) is refused with 550 5.7.1 naming why, or
+only logged and counted for an organisation in shadow mode, before anything
+is counted.  Answers (on the list or not) are cached per organisation and
+address for `policyd.suppression_cache_seconds`: an address suppressed now
+is refused at the latest that long after.  If PostgreSQL cannot answer, a
+stale cached answer is used, else the recipient passes unchecked (counted in
+postkeep_policyd_suppression_unchecked_total): suppression never makes mail
+wait on the database.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from postkeep.policyd.decide import (
     unknown_login_action,
     verdict,
 )
-from postkeep.storage.metadata import limits
+from postkeep.storage.metadata import limits, suppression
 from postkeep.storage.metadata.limits import Grant, OrgLimits, Outcome, Unspent, Want
 from postkeep.ttlcache import TtlCache
 
@@ -59,6 +69,10 @@ class Backend(Protocol):
     async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]: ...
 
     async def release(self, org_id: uuid.UUID, unspent: list[Unspent]) -> None: ...
+
+
+class SuppressionBackend(Protocol):
+    async def suppressed(self, org_id: uuid.UUID, address: str) -> suppression.Hit | None: ...
 
 
 @dataclass
@@ -171,6 +185,11 @@ class PgBackend:
         async with self.pool.connection() as conn:
             await limits.release_async(conn, org_id, unspent)
 
+    async def suppressed(self, org_id: uuid.UUID, address: str) -> suppression.Hit | None:
+        """ADDRESS's live suppression entry for ORG_ID (a primary-key probe), or None."""
+        async with self.pool.connection() as conn:
+            return await suppression.lookup_async(conn, org_id, address)
+
 
 class BackendDown(Exception):
     pass
@@ -185,8 +204,13 @@ class PolicyService:
 
     def __init__(self, cfg: Config, backend: Backend,
                  clock: Callable[[], float] = time.monotonic,
-                 wallclock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 suppressions: SuppressionBackend | None = None) -> None:
         self.cfg = cfg.policyd
+        # None: recipients are not checked against suppression lists.
+        self.suppressions = suppressions
+        self._suppression_cache: TtlCache[tuple[uuid.UUID, str], suppression.Hit | None] = (
+            TtlCache())
         self.system_domains = frozenset(d.lower() for d in cfg.dkim.system_domains)
         self.unknown_login = cfg.milter.unknown_login  # one key for milter and policyd
         self.backend = backend
@@ -296,6 +320,26 @@ class PolicyService:
                          attrs.get("sender", ""))
                 return action
             return DUNNO  # unknown senders are the milter's to refuse
+        if stage == "check" and self.suppressions is not None and attrs.get("recipient"):
+            # Both are reads at RCPT (the check counts nothing): a suppression
+            # lookup that misses the cache runs beside the rate check, so the
+            # answer still costs one round trip, not two.
+            address = suppression.normalise(attrs["recipient"])
+            cached = self._suppression_cache.get((org.org_id, address))
+            if cached is not None and cached.fresh(self.clock()):
+                hit = cached.value
+            else:
+                hit, action = await asyncio.gather(
+                    self._lookup_suppression(org.org_id, address),
+                    self._rate(stage, org, p, fresh, attrs))
+                return self._suppressed(org, address, hit, attrs) or action
+            return self._suppressed(org, address, hit, attrs) or await self._rate(
+                stage, org, p, fresh, attrs)
+        return await self._rate(stage, org, p, fresh, attrs)
+
+    async def _rate(self, stage: str, org: OrgLimits, p: Plan, fresh: bool,
+                    attrs: dict[str, str]) -> str:
+        """The rate-limit answer for this stage of ORG's message."""
         now = self.wallclock()
         degraded = False
         try:
@@ -329,6 +373,39 @@ class PolicyService:
                      attrs.get("protocol_state", "?"), attrs.get("queue_id") or "-", p.instance,
                      attrs.get("sasl_username", ""), attrs.get("sender", ""), d.reason)
         return d.action
+
+    async def _lookup_suppression(self, org_id: uuid.UUID,
+                                  address: str) -> suppression.Hit | None:
+        """The cached or fresh suppression entry; a stale one (or None) if PostgreSQL fails."""
+        assert self.suppressions is not None
+        backend = self.suppressions
+        now = self.clock()
+        key = (org_id, address)
+        hit = self._suppression_cache.get(key)
+        if hit is not None and hit.fresh(now):
+            return hit.value
+        try:
+            value = await self._bounded(lambda: backend.suppressed(org_id, address))
+        except BackendDown:
+            if hit is None:
+                metrics.SUPPRESSION_UNCHECKED.inc()
+                return None
+            return hit.value
+        self._suppression_cache.put(key, value, now + self.cfg.suppression_cache_seconds)
+        return value
+
+    def _suppressed(self, org: OrgLimits, address: str, hit: suppression.Hit | None,
+                    attrs: dict[str, str]) -> str | None:
+        """The refusal for a suppressed recipient (enforce), else None (also in shadow)."""
+        if hit is None:
+            return None
+        action = suppression.reply(hit)
+        metrics.SUPPRESSED.labels(hit.reason, hit.mode).inc()
+        log.info("%s RCPT queue_id=%s org=%s sender=%s recipient=%s: %s",
+                 "suppressed (refused)" if hit.enforced else "suppression shadow (not refused)",
+                 attrs.get("queue_id") or "-", org.name, attrs.get("sender", ""),
+                 ascii(address)[1:-1], action)
+        return action if hit.enforced else None
 
     async def _leased(self, stage: str, org: OrgLimits, p: Plan, now: datetime) -> Outcome:
         """Lease mode: decide in memory, leasing a block first if this message needs it.

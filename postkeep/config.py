@@ -208,6 +208,10 @@ class PolicydConfig:
     reservation_seconds: int = field(default=900, metadata={"min": 10, "max": 86400})
     # How long an organisation and its limits are trusted before asking again.
     directory_cache_seconds: float = field(default=5.0, metadata={"min": 0})
+    # Suppression lists (issue 17): how long a recipient's answer (on the
+    # list or not) is trusted before asking PostgreSQL again.  An address
+    # suppressed now is refused at the latest this long after.  0: ask every time.
+    suppression_cache_seconds: float = field(default=5.0, metadata={"min": 0, "max": 3600})
     # PostgreSQL synchronous_commit for policyd's sessions.  'off': a decision
     # does not wait for its WAL flush; counters stay exact across processes
     # (visibility and locks are unchanged), only a PostgreSQL crash may forget

@@ -33,7 +33,7 @@ from postkeep.storage.metadata.messages import MessageRow
 pytestmark = pytest.mark.unit
 
 # Commands that only read: each must offer --json.
-READ_NAMES = {"list", "show", "dns", "status", "stats", "unmatched", "check"}
+READ_NAMES = {"list", "show", "dns", "status", "stats", "unmatched", "check", "export"}
 # spool drain changes state but reports counts a script wants as JSON (issue 16).
 ALSO_JSON = {("spool", "drain")}
 # Words that make a command destructive: each must offer --yes and --dry-run.
@@ -73,6 +73,7 @@ def test_every_read_command_has_json(root: click.Group) -> None:
     assert ("limits", "show") in reads and ("dkim", "dns") in reads
     assert ("retention", "lifecycle", "show") in reads and ("dict", "list") in reads
     assert ("tier", "list") in reads and ("org", "show") in reads
+    assert ("suppression", "list") in reads and ("suppression", "export") in reads
     commands = dict(_commands(root))
     missing = [" ".join(p) for p in reads if "--json" not in _options(commands[p])]
     assert missing == []
@@ -84,7 +85,8 @@ def test_every_destructive_command_has_yes_and_dry_run(root: click.Group) -> Non
     names = {" ".join(p) for p, _ in destructive}
     assert {"org remove", "domain remove", "submitter remove", "tier remove", "erase",
             "tenant revoke", "hold remove", "limits reset", "dict sweep", "spool drain",
-            "dkim retire", "retention orphans"} <= names
+            "dkim retire", "retention orphans", "suppression remove",
+            "suppression purge"} <= names
     missing = [" ".join(p) for p, c in destructive
                if not {"--yes", "--dry-run"} <= _options(c)]
     assert missing == []
@@ -121,6 +123,7 @@ def _script(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     ("org", "list"), ("tier", "list", "--json"), ("messages", "list"),
     ("messages", "show", "ABC123"), ("limits", "show", "--json", "acme"),
     ("org", "remove", "--yes", "acme"), ("dict", "list", "--json"), ("db", "migrate"),
+    ("suppression", "list", "--json", "acme"),
 ])
 def test_postgres_unreachable_is_exit_3_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
     done = _script(tmp_path, *args)

@@ -225,3 +225,28 @@ def test_tenant_cli_grants_lists_refuses_and_revokes(
     assert member == (False,)
     code, _, err = run("revoke", login_role.role)
     assert code == 1 and "is not a tenant role" in err
+
+
+def test_suppression_lists_show_a_tenant_only_its_own(
+        db: psycopg.Connection, config: config_mod.Config, login_role: Login,
+        make_org: Callable[..., TestOrg]) -> None:
+    """Issue 17: the suppression list is readable by its organisation's dashboard
+    and by nobody else's; the soft-bounce counts are not granted at all."""
+    from postkeep.storage.metadata import suppression
+
+    mine, theirs = make_org(), make_org()
+    shared = f"{uuid.uuid4().hex[:8]}@shared.example"
+    suppression.suppress(db, mine.id, shared, "unsubscribe", "test")
+    suppression.suppress(db, theirs.id, shared, "complaint", "test")
+    suppression.suppress(db, theirs.id, f"only-{shared}", "hard_bounce", "test")
+    db.execute("INSERT INTO suppression_soft_bounces (org_id, address, bounce_at)"
+               " VALUES (%s, %s, ARRAY[now()])", (theirs.id, shared))
+    tenants.grant_role(db, mine.id, login_role.role)
+    # An administrator's mistake: the side table granted directly.
+    db.execute(f'GRANT SELECT ON suppression_soft_bounces TO "{login_role.role}"')
+    with connect_as(config, login_role) as conn:
+        rows = conn.execute("SELECT org_id, address, reason FROM suppressions").fetchall()
+        assert rows == [(mine.id, shared, "unsubscribe")]
+        assert conn.execute("SELECT count(*) FROM suppression_soft_bounces").fetchone() == (0,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM suppressions")

@@ -3,8 +3,9 @@
 One module per command group, each a thin click adapter over postkeep.storage
 (or, for `postfix`, over Postfix's own postconf): `db`, `directory` (org,
 domain, submitter), `messages`, `dkim`, `limits`, `reports`, `retention`
-(retention, erase, hold), `dictionaries` (dict), `spool`, `tenants` (tenant), `postfix`.  What they
-share (a session, one-line failures, time and domain parsing) is `common`.
+(retention, erase, hold), `dictionaries` (dict), `spool`, `tenants` (tenant),
+`suppression`, `postfix`.  What they share (a session, one-line failures,
+time and domain parsing) is `common`.
 The CLI stands on storage and the ground floor; it never imports a daemon.
 """
 
@@ -46,11 +47,12 @@ def _register() -> None:
         reports,
         retention,
         spool,
+        suppression,
         tenants,
     )
 
     for module in (db, directory, messages, dkim, limits, reports, retention, dictionaries,
-                   spool, tenants):
+                   spool, tenants, suppression):
         for group in module.COMMANDS:
             cli.add_command(group)
     cli.add_command(postfix.postfix)

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -95,6 +96,8 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
 
         jobs.append(Job("dictionaries", scfg.dictionary_check_seconds, train))
     jobs.append(_orphan_job(db, objects, spool, scfg.maintenance_seconds))
+    # Suppression lists (issue 17): expired entries, stale soft-bounce counts.
+    jobs.append(Job("suppression-purge", scfg.maintenance_seconds, _purge_suppressions(db)))
     # A run in progress at shutdown stops at its next batch (its thread sees
     # retention_stop); the next start carries on.
     retention_stop = threading.Event()
@@ -141,6 +144,17 @@ def _orphan_job(db: Any, objects: Any, spool: Any, interval: float) -> Any:
         return f"{result.deleted} orphan object(s) deleted of {result.examined} examined"
 
     return Job("orphans", interval, sweep)
+
+
+def _purge_suppressions(db: Any) -> Callable[[], str]:
+    from postkeep.storage.metadata.suppression import purge
+
+    def run() -> str:
+        done = db.run(purge)
+        return (f"{done.expired} expired suppression(s), {done.soft_bounces} stale soft-bounce"
+                " count(s) deleted")
+
+    return run
 
 
 def _start_spool_drain(cfg: Config, db: Any, objects: Any
