@@ -522,6 +522,10 @@ config_directory = "$PFDIR"
 milter_address = "inet:127.0.0.1:$MILTER_PORT"
 policy_address = "inet:127.0.0.1:$POLICYD_PORT"
 storage_lmtp_address = "inet:127.0.0.1:$STORAGE_PORT"
+# The system mail lane leaves from its own loopback address and name
+# (tests/test_system_lane_stack.py tells the lanes apart by them).
+system_bind_address = "127.0.0.2"
+system_helo_name = "system-lane.postkeep-stack.localdomain"
 
 [storage]
 lmtp_host = "127.0.0.1"
@@ -598,6 +602,10 @@ EOF
         || die "postconf overrides failed for $PFDIR"
     # mx.test: a test's fake remote MX (answers per recipient; see tests).
     printf 'mx.test\tsmtp:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >"$PFDIR/stack-transport"
+    # lane.test: the same fake MX, but a next hop only and outside relay_domains,
+    # so the sender picks the transport (smtp, or postkeep-system for the
+    # system domains; tests/test_system_lane_stack.py).
+    printf 'lane.test\t:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >>"$PFDIR/stack-transport"
     # (Tests speak XCLIENT to appear as a client off the trusted networks, and
     # mail to sink.test is relayed for such clients too.  The bounce domain is
     # in relay_domains as the README asks of a production host, so remote

@@ -250,6 +250,11 @@ class PostfixConfig:
     # How Postfix delivers reports to postkeep-storage over LMTP (Postfix
     # syntax: inet:HOST:PORT or unix:PATH).
     storage_lmtp_address: str = "inet:127.0.0.1:10027"
+    # The system mail lane (postfix-conf/master.cf, transport postkeep-system):
+    # the source address its SMTP client binds to (smtp_bind_address; empty:
+    # the host's choice, as for customer mail) and the name it gives in HELO.
+    system_bind_address: str = ""
+    system_helo_name: str = "$myhostname"
 
 
 @dataclass(frozen=True)

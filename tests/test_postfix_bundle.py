@@ -121,9 +121,11 @@ def test_shipped_bundle_is_accepted_by_postconf(tmp_path: Path) -> None:
     """Every bundle parameter is one this Postfix knows (no typo goes unnoticed)."""
     (tmp_path / "main.cf").write_text("")
     # Per-transport parameters (lmtp_destination_concurrency_limit) exist only
-    # for master.cf's services: Debian's master.cf has lmtp.
-    (tmp_path / "master.cf").write_text("lmtp unix - - n - - lmtp\n")
+    # for master.cf's services: Debian's master.cf has lmtp, the bundle's own
+    # master.cf the system lane (postkeep-system_*).
     bundle = BUNDLE_CANDIDATES[0]
+    (tmp_path / "master.cf").write_text(
+        "lmtp unix - - n - - lmtp\n" + bundle.with_name("master.cf").read_text())
     names = [n for n, _ in parse_bundle(bundle.read_text(), PLACEHOLDERS)]
     done = subprocess.run(
         ["postconf", "-c", str(tmp_path), *names], capture_output=True, text=True, check=False

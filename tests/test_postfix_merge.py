@@ -229,15 +229,16 @@ def test_check_honours_config_directory(tmp_path: Path, toml: Path) -> None:
     _apply(toml, a)
     b.mkdir()
     for name in ("main.cf", "master.cf", "postkeep-transport.pcre",
-                 "postkeep-command-filter.pcre"):
+                 "postkeep-command-filter.pcre", "postkeep-system-senders"):
         shutil.copyfile(a / name, b / name)
     check = _postkeep(toml, "postfix", "check", "--config-directory", str(b), "--json")
     assert check.returncode == 1, check.stdout
     report = json.loads(check.stdout)
     assert report["match"] is False
     assert {d["name"] for d in report["differences"]} == {
-        "smtpd_command_filter", "transport_maps"}
-    assert report["differences"][-1]["want"] == f"pcre:{b}/postkeep-transport.pcre, ..."
+        "smtpd_command_filter", "transport_maps", "sender_dependent_default_transport_maps"}
+    wants = {d["name"]: d["want"] for d in report["differences"]}
+    assert wants["transport_maps"] == f"pcre:{b}/postkeep-transport.pcre, ..."
 
 
 def test_expire_queue_picks_old_held_files_only() -> None:

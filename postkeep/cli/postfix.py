@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,9 @@ BUNDLE_CANDIDATES = (
     Path("/usr/share/postkeep/postfix-conf/main.cf"),
 )
 
-_LINE = re.compile(r"^([A-Za-z0-9_]+)\s*=\s*(.*?)\s*$")
+# Per-transport parameters carry the master.cf service name, hyphens and all
+# (postkeep-system_destination_concurrency_limit).
+_LINE = re.compile(r"^([A-Za-z0-9_-]+)\s*=\s*(.*?)\s*$")
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 
 
@@ -47,6 +49,7 @@ _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 MAP_FILES = (
     ("command-filter.pcre", "postkeep-command-filter.pcre"),
     ("transport.pcre", "postkeep-transport.pcre"),
+    ("system-senders", "postkeep-system-senders"),
 )
 
 
@@ -357,12 +360,14 @@ class _Target:
     config_directory: str
     wanted: list[tuple[str, str]]
     maps: list[tuple[Path, str]]  # installed path, wanted content
+    services: list[tuple[str, str]] = field(default_factory=list)  # master.cf: key, entry
 
 
-def load_maps(bundle: Path, postfix_cfg: PostfixConfig, config_directory: str
-              ) -> list[tuple[Path, str]]:
+def load_maps(bundle: Path, postfix_cfg: PostfixConfig, config_directory: str,
+              extra: Mapping[str, str] | None = None) -> list[tuple[Path, str]]:
     """The bundle's lookup tables, rendered, with where they are installed."""
-    placeholders = {**asdict(postfix_cfg), "config_directory": config_directory}
+    placeholders = {**asdict(postfix_cfg), "config_directory": config_directory,
+                    **(extra or {})}
     out = []
     for source, installed in MAP_FILES:
         path = bundle.parent / source
@@ -394,8 +399,10 @@ def _target(ctx: click.Context, config_directory: str | None, bundle: str | None
     if not Path(directory, "main.cf").is_file():
         raise click.ClickException(f"{directory}/main.cf not found (postfix.config_directory)")
     found = find_bundle(bundle)
+    senders = {"system_senders": system_senders_table(cfg.dkim.system_domains)}
     return _Target(directory, load_bundle(found, cfg.postfix, directory),
-                   load_maps(found, cfg.postfix, directory))
+                   load_maps(found, cfg.postfix, directory, senders),
+                   load_services(found, cfg.postfix))
 
 
 _DIR_OPTION = click.option(
@@ -416,6 +423,132 @@ def _differences(target: _Target) -> list[Difference]:
     """Every bundle parameter whose value in the instance differs from the bundle."""
     names = [name for name, _ in target.wanted]
     return diff(target.wanted, current_values(target.config_directory, names))
+
+
+# --- master.cf services (the system mail lane) ------------------------------
+#
+# The bundle's postfix-conf/master.cf holds whole service entries (the
+# postkeep-system transport).  apply adds or replaces each with
+# `postconf -c DIR -M "service/type = entry"` and records the entry it found
+# before (usually none); remove gives that back exactly (`postconf -MX` for
+# an entry apply added), and leaves an entry the admin edited since alone.
+SERVICES_FILE = "master.cf"  # beside the bundle's main.cf
+SYSTEM_TRANSPORT = "postkeep-system"
+
+
+def system_senders_table(domains: Iterable[str]) -> str:
+    """postkeep-system-senders: every system domain's senders -> the lane."""
+    return "".join(f"@{d.lower().rstrip('.')}\t{SYSTEM_TRANSPORT}\n" for d in domains)
+
+
+def fold_entry(entry: str) -> str:
+    """A master.cf entry as one line, whitespace runs folded (as compared)."""
+    return " ".join(entry.split())
+
+
+def parse_services(text: str, placeholders: Mapping[str, str], source: str = "<master.cf>"
+                   ) -> list[tuple[str, str]]:
+    """Ordered (service/type, entry) pairs of a master.cf fragment, rendered.
+
+    An indented line continues the entry before it (master.cf's own rule);
+    an entry needs its 8 fields; a service/type given twice is refused.
+    """
+    entries: list[tuple[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        line = render(raw.strip(), placeholders)
+        if raw[0].isspace():
+            if not entries:
+                raise BundleError(f"{source}:{number}: continuation line before any service")
+            key, entry = entries[-1]
+            entries[-1] = (key, f"{entry} {line}")
+            continue
+        fields = line.split()
+        if len(fields) < 8:
+            raise BundleError(f"{source}:{number}: expected a master.cf service entry"
+                              f" (8 fields), got {raw!r}")
+        key = f"{fields[0]}/{fields[1]}"
+        if key in (k for k, _ in entries):
+            raise BundleError(f"{source}:{number}: {key} is given twice")
+        entries.append((key, line))
+    return [(key, fold_entry(entry)) for key, entry in entries]
+
+
+def parse_master(output: str) -> dict[str, str]:
+    """`postconf -M` output (one line per entry) by service/type, folded."""
+    found: dict[str, str] = {}
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) >= 8:
+            found[f"{fields[0]}/{fields[1]}"] = " ".join(fields)
+    return found
+
+
+def load_services(bundle: Path, postfix_cfg: PostfixConfig) -> list[tuple[str, str]]:
+    """The bundle's master.cf entries, rendered from [postfix]."""
+    path = bundle.parent / SERVICES_FILE
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        return parse_services(text, asdict(postfix_cfg), source=str(path))
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def current_services(config_directory: str) -> dict[str, str]:
+    """The instance's master.cf entries (postconf -M), folded."""
+    return parse_master(_postconf(config_directory, ["-M"]))
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    """One master.cf entry apply writes (or remove restores)."""
+
+    key: str  # service/type
+    before: str | None  # None: no such entry
+    after: str | None  # None: delete it (postconf -MX)
+
+
+def plan_services(wanted: Sequence[tuple[str, str]], have: Mapping[str, str]
+                  ) -> list[ServiceChange]:
+    """The bundle's entries the instance does not carry as they are."""
+    return [ServiceChange(key, have.get(key), entry) for key, entry in wanted
+            if fold_entry(have.get(key) or "") != entry]
+
+
+def plan_remove_services(state: Mapping[str, Any], have: Mapping[str, str]
+                         ) -> tuple[list[ServiceChange], list[str]]:
+    """What remove does to master.cf, and warnings for entries edited since."""
+    changes: list[ServiceChange] = []
+    warnings: list[str] = []
+    for key, rec in state.get("services", {}).items():
+        now = have.get(key)
+        if now is not None and fold_entry(now) == rec["applied"]:
+            changes.append(ServiceChange(key, now, rec["before"]))
+        elif now is None and rec["before"] is None:
+            warnings.append(f"master.cf {key}: already gone")
+        else:
+            warnings.append(f"master.cf {key}: changed since apply ({now!r}); left as it is")
+    return changes, warnings
+
+
+def service_args(changes: Sequence[ServiceChange]) -> list[list[str]]:
+    """The postconf invocations that make CHANGES to master.cf."""
+    return [["-MX", c.key] if c.after is None else ["-M", f"{c.key} = {c.after}"]
+            for c in changes]
+
+
+def record_services(old: Mapping[str, Any] | None, changes: Sequence[ServiceChange]
+                    ) -> dict[str, Any]:
+    """The services part of the state: the first recorded 'before' wins."""
+    services: dict[str, Any] = dict((old or {}).get("services", {}))
+    for c in changes:
+        before = services[c.key]["before"] if c.key in services else c.before
+        services[c.key] = {"before": before, "applied": c.after}
+    return services
 
 
 # --- Backup and the record of what apply changed ----------------------------
@@ -507,7 +640,8 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _edited(directory: str, changes: Sequence[Change]) -> dict[str, str]:
+def _edited(directory: str, changes: Sequence[Change],
+            services: Sequence[ServiceChange] = ()) -> dict[str, str]:
     """main.cf and master.cf as postconf leaves them after CHANGES, made on
     copies in a scratch directory (the diff shown is the file written; a dry
     run needs no write access to DIRECTORY)."""
@@ -516,7 +650,7 @@ def _edited(directory: str, changes: Sequence[Change]) -> dict[str, str]:
             src = Path(directory, name)
             if src.exists():
                 shutil.copyfile(src, Path(scratch, name))
-        for args in postconf_args(changes):
+        for args in [*service_args(services), *postconf_args(changes)]:
             _postconf(scratch, args)
         return {name: _read(Path(scratch, name)) for name in ("main.cf", "master.cf")}
 
@@ -586,17 +720,19 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
     changes = plan_apply(target.wanted, current_values(directory, names),
                          explicit_values(directory, names))
     stale = stale_maps(target.maps)
+    services = plan_services(target.services, current_services(directory))
     old = {name: _read(Path(directory, name)) for name in ("main.cf", "master.cf")}
-    new = _edited(directory, changes) if changes else old
+    new = _edited(directory, changes, services) if changes or services else old
     if dry_run:
         for name in ("main.cf", "master.cf"):
             click.echo(unified(Path(directory, name), old[name], new[name]), nl=False)
         for path in stale:
             click.echo(unified(path, _read(path), dict(target.maps)[path]), nl=False)
-        click.echo(f"{directory}: dry run, {len(changes)} parameter(s) and "
+        click.echo(f"{directory}: dry run, {len(changes)} parameter(s), "
+                   f"{len(services)} master.cf service(s) and "
                    f"{len(stale)} table(s) would change", err=True)
         return
-    if not changes and not stale:
+    if not changes and not stale and not services:
         click.echo(f"{directory}: all {len(names)} bundle parameters already set")
         return
     backup = _backup(directory)
@@ -604,14 +740,21 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
     for path in stale:
         _replace(path, dict(target.maps)[path])
         click.echo(f"{path}: installed")
-    state = record_state(_load_state(directory), changes, [p for p, _ in target.maps], backup)
+    previous = _load_state(directory)
+    state = record_state(previous, changes, [p for p, _ in target.maps], backup)
+    state["services"] = record_services(previous, services)
     _replace(_state_path(directory), json.dumps(state, indent=2, sort_keys=True) + "\n")
     _write_files(directory, old, new)
     for c in changes:
         click.echo(f"{c.name}: {'<unset>' if c.before is None else repr(c.before)} -> {c.after!r}")
+    for s in services:
+        click.echo(f"master.cf {s.key}: {'<none>' if s.before is None else repr(s.before)}"
+                   f" -> {s.after!r}")
     left = _differences(target)
     if left:
         raise click.ClickException("postconf did not take: " + "; ".join(str(d) for d in left))
+    if plan_services(target.services, current_services(directory)):
+        raise click.ClickException("postconf -M did not take: master.cf differs from the bundle")
     click.echo(f"{directory}: {len(changes)} parameter(s) changed; "
                "run 'postfix reload' for a running instance")
 
@@ -634,10 +777,11 @@ def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
     names = list(state.get("parameters", {}))
     changes, warnings = plan_remove(state, explicit_values(directory, names),
                                     dict(target.wanted))
-    for w in warnings:
+    services, service_warnings = plan_remove_services(state, current_services(directory))
+    for w in [*warnings, *service_warnings]:
         click.echo(f"warning: {w}", err=True)
     old = {name: _read(Path(directory, name)) for name in ("main.cf", "master.cf")}
-    new = _edited(directory, changes) if changes else old
+    new = _edited(directory, changes, services) if changes or services else old
     maps = [Path(p) for p in state.get("maps", []) if Path(p).exists()]
     if dry_run:
         for name in ("main.cf", "master.cf"):
@@ -645,7 +789,8 @@ def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
         for path in maps:
             click.echo(f"{path}: would be deleted")
         return
-    confirm(f"{directory}: restore {len(changes)} parameter(s) of main.cf and delete"
+    confirm(f"{directory}: restore {len(changes)} parameter(s) of main.cf and"
+            f" {len(services)} service(s) of master.cf and delete"
             f" {len(maps)} postkeep table(s)", yes)
     backup = _backup(directory)
     click.echo(f"{backup}: backup of main.cf and master.cf")
@@ -655,6 +800,9 @@ def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
         click.echo(f"{path}: deleted")
     for c in changes:
         click.echo(f"{c.name}: {c.before!r} -> {'<unset>' if c.after is None else repr(c.after)}")
+    for s in services:
+        click.echo(f"master.cf {s.key}: {s.before!r} -> "
+                   f"{'<deleted>' if s.after is None else repr(s.after)}")
     _state_path(directory).rename(Path(backup, STATE_FILE))  # kept with the last backup
     click.echo(f"{directory}: {len(changes)} parameter(s) restored; "
                "run 'postfix reload' for a running instance")
@@ -672,20 +820,25 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None,
     names = [name for name, _ in target.wanted]
     differences = _differences(target)
     stale = stale_maps(target.maps)
+    services = plan_services(target.services, current_services(target.config_directory))
     if as_json:
         click.echo(json.dumps({
             "config_directory": target.config_directory,
             "parameters": len(names),
-            "match": not differences and not stale,
+            "match": not differences and not stale and not services,
             "differences": [asdict(d) for d in differences],
             "stale_maps": [str(p) for p in stale],
+            "services": [{"service": s.key, "have": s.before, "want": s.after}
+                         for s in services],
         }, indent=2))
     else:
         for d in differences:
             click.echo(str(d))
         for path in stale:
             click.echo(f"{path}: missing or not the bundle's (fix: postkeep postfix apply)")
-    if differences or stale:
+        for s in services:
+            click.echo(f"master.cf {s.key}: have {s.before!r}, want {s.after!r}")
+    if differences or stale or services:
         click.echo(
             f"{target.config_directory}: {len(differences)} of {len(names)} bundle "
             "parameters differ (fix: postkeep postfix apply)",
