@@ -54,7 +54,8 @@ _FAILURE_SUBJECT = re.compile(
     r"returned mail|failure notice|mail delivery (?:failed|system)|"
     r"could not be delivered|non[- ]?delivery|failure delivery|delivery status notification",
     re.IGNORECASE)
-_DAEMON = re.compile(r"mailer-daemon|^\W*postmaster\b|<postmaster@|mail[ .]delivery[ .]s(?:ub)?system",
+_DAEMON = re.compile(r"mailer-daemon|^\W*postmaster\b|<postmaster@"
+                     r"|mail[ .]delivery[ .]s(?:ub)?system",
                      re.IGNORECASE)
 _MSGID = re.compile(r"<[^<>\s]+@[^<>\s]+>")
 _QUOTED_ID = re.compile(

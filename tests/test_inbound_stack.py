@@ -1,0 +1,143 @@
+"""Inbound mail through the real stack: captured, classified, linked (issue 17).
+
+A client off the trusted networks (XCLIENT ADDR=198.51.100.x) sends mail to
+an organisation's domain after `postkeep domain set-inbound`: Postfix accepts
+it (relay_domains map), the milter captures it as direction 'inbound' with
+its message_type, links a reply to the sent message by In-Reply-To, a
+complaint through the original it carries (marking that recipient
+'complained'), never across organisations, and Postfix relays it to the
+organisation's host (the sink) or discards it (archive only).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from support import smtp
+from support.stack import Stack
+from support.wait import until
+
+from postkeep.cli import root
+from postkeep.storage.metadata import directory
+
+pytestmark = pytest.mark.stack
+
+OUTSIDE = "198.51.100.23"  # TEST-NET-2: off the stack's trusted networks
+
+
+def _cli(stack: Stack, *args: str) -> str:
+    result = CliRunner().invoke(root, ["--config", stack.env["POSTKEEP_CONFIG"], *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _send(stack: Stack, rcpt: str, data: bytes, sender: str, outside: bool) -> None:
+    """One message; from OUTSIDE, retried while Postfix is still re-reading its maps."""
+    def attempt() -> bool:
+        client = smtp.Client(*stack.smtp)
+        try:
+            if outside:
+                client.xclient(OUTSIDE, "mx.sender.example")
+            else:
+                client.command("EHLO test.example", 250)
+            client.send(sender, [rcpt], data)
+            return True
+        except smtp.SMTPError as exc:
+            if "Relay access denied" not in str(exc):
+                raise
+            return False
+        finally:
+            client.close()
+    until(attempt, f"Postfix accepts mail for {rcpt}")
+
+
+def _row(stack: Stack, token: str) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        with stack.connect() as conn:
+            cur = conn.execute(
+                "SELECT id, org_id, direction, message_type, parent_message_id, object_key,"
+                " recipient_count, message_id_header FROM messages WHERE subject = %s", (token,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            return dict(zip([d.name for d in cur.description or ()], row, strict=True))
+    found = until(find, f"message {token} captured")
+    assert found is not None
+    return found
+
+
+def _sent(stack: Stack, domain: str, rcpt: str) -> dict[str, Any]:
+    token = f"sent-{uuid.uuid4().hex[:10]}"
+    data = (f"From: news@{domain}\r\nTo: {rcpt}\r\nSubject: {token}\r\n"
+            f"Message-ID: <{token}@{domain}>\r\n\r\nOffer\r\n").encode()
+    _send(stack, rcpt, data, f"news@{domain}", outside=False)
+    return _row(stack, token)
+
+
+def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
+    org, domain = stack.new_org()
+    other_org, other_domain = stack.new_org()
+    sent = _sent(stack, domain, "reader@sink.test")
+    foreign = _sent(stack, other_domain, "reader@sink.test")
+    sink_port = int(stack.env["POSTKEEP_SMTP_PORT"]) + 1
+    _cli(stack, "domain", "set-inbound", domain, "--relay-to", f"127.0.0.1:{sink_port}")
+
+    token = f"reply-{uuid.uuid4().hex[:10]}"
+    _send(stack, f"news@{domain}", (
+        f"From: Reader <reader@sink.test>\r\nTo: news@{domain}\r\nSubject: {token}\r\n"
+        f"X-Test-Token: {token}\r\nIn-Reply-To: {sent['message_id_header']}\r\n"
+        f"References: {sent['message_id_header']}\r\n\r\nThanks!\r\n").encode(),
+        "reader@sink.test", outside=True)
+    reply = _row(stack, token)
+    assert (reply["org_id"], reply["direction"], reply["message_type"]) == (
+        org, "inbound", "reply")
+    assert reply["parent_message_id"] == sent["id"]
+    assert token.encode() in stack.restored(reply["object_key"])
+    with stack.connect() as conn:
+        rcpts = conn.execute("SELECT recipient FROM message_recipients WHERE message_id = %s",
+                             (reply["id"],)).fetchall()
+    assert rcpts == [(f"news@{domain}",)]
+    stack.sink_copy(token)  # relayed to the organisation's own host
+
+    # A reply quoting another organisation's Message-ID is captured, never linked.
+    stray = f"stray-{uuid.uuid4().hex[:10]}"
+    _send(stack, f"news@{domain}", (
+        f"From: reader@sink.test\r\nTo: news@{domain}\r\nSubject: {stray}\r\n"
+        f"In-Reply-To: {foreign['message_id_header']}\r\n\r\nhm\r\n").encode(),
+        "reader@sink.test", outside=True)
+    row = _row(stack, stray)
+    assert (row["message_type"], row["parent_message_id"]) == ("reply", None)
+
+    # An ARF complaint carrying the sent message marks its recipient complained.
+    complaint = f"arf-{uuid.uuid4().hex[:10]}"
+    arf = (
+        f"From: feedback@fbl.example\r\nTo: abuse@{domain}\r\nSubject: {complaint}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report;"
+        ' boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n'
+        "--b1\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+        "User-Agent: fbl/1.0\r\nVersion: 1\r\nOriginal-Rcpt-To: <reader@sink.test>\r\n\r\n"
+        "--b1\r\nContent-Type: message/rfc822\r\n\r\n"
+        f"From: news@{domain}\r\nTo: reader@sink.test\r\n"
+        f"Message-ID: {sent['message_id_header']}\r\nSubject: offer\r\n\r\nOffer\r\n"
+        "--b1--\r\n").encode()
+    with stack.connect() as conn:
+        directory.add_domain(conn, org, f"in.{domain}")
+    _cli(stack, "domain", "set-inbound", f"in.{domain}", "--archive-only")
+    _send(stack, f"abuse@in.{domain}", arf.replace(b"abuse@", b"abuse@in."), "", outside=True)
+    row = _row(stack, complaint)
+    assert (row["direction"], row["message_type"], row["parent_message_id"]) == (
+        "inbound", "complaint", sent["id"])
+    with stack.connect() as conn:
+        status = conn.execute("SELECT status FROM message_recipients WHERE message_id = %s",
+                              (sent["id"],)).fetchone()
+    assert status == ("complained",)
+
+    shown = json.loads(_cli(stack, "messages", "show", str(sent["id"]), "--json"))
+    assert [(c["id"], c["message_type"]) for c in shown["thread"]] == [
+        (str(reply["id"]), "reply"), (str(row["id"]), "complaint")]
+    assert "thread (2):" in _cli(stack, "messages", "show", str(sent["id"]))
+    assert other_org != org
