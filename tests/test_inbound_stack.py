@@ -12,7 +12,9 @@ organisation's host (the sink) or discards it (archive only).
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from support import smtp
 from support.stack import Stack
 from support.wait import until
 
-from postkeep.cli import root
+from postkeep import cli
 from postkeep.storage.metadata import directory
 
 pytestmark = pytest.mark.stack
@@ -30,7 +32,8 @@ OUTSIDE = "198.51.100.23"  # TEST-NET-2: off the stack's trusted networks
 
 
 def _cli(stack: Stack, *args: str) -> str:
-    result = CliRunner().invoke(root, ["--config", stack.env["POSTKEEP_CONFIG"], *args])
+    cli._register()
+    result = CliRunner().invoke(cli.cli, ["--config", stack.env["POSTKEEP_CONFIG"], *args])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -55,12 +58,22 @@ def _send(stack: Stack, rcpt: str, data: bytes, sender: str, outside: bool) -> N
     until(attempt, f"Postfix accepts mail for {rcpt}")
 
 
+def _logged(stack: Stack, pattern: str) -> str:
+    """A line of Postfix's log matching PATTERN (waited for)."""
+    log = Path(stack.env["POSTKEEP_POSTFIX_LOG"])
+
+    def find() -> str | None:
+        return next((line for line in log.read_text(errors="replace").splitlines()
+                     if re.search(pattern, line)), None)
+    return until(find, f"Postfix log line matching {pattern!r}")
+
+
 def _row(stack: Stack, token: str) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         with stack.connect() as conn:
             cur = conn.execute(
                 "SELECT id, org_id, direction, message_type, parent_message_id, object_key,"
-                " recipient_count, message_id_header FROM messages WHERE subject = %s", (token,))
+                " recipient_count, message_id_header, return_path FROM messages WHERE subject = %s", (token,))
             row = cur.fetchone()
             if row is None:
                 return None
@@ -83,8 +96,10 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
     other_org, other_domain = stack.new_org()
     sent = _sent(stack, domain, "reader@sink.test")
     foreign = _sent(stack, other_domain, "reader@sink.test")
-    sink_port = int(stack.env["POSTKEEP_SMTP_PORT"]) + 1
-    _cli(stack, "domain", "set-inbound", domain, "--relay-to", f"127.0.0.1:{sink_port}")
+    # The organisation's own inbound host: the stack's second smtpd (PORTBASE+12,
+    # no milter), which hands it on to the sink; not the relayhost (the sink).
+    own_host = int(stack.env["POSTKEEP_SMTP_PORT"]) + 12
+    _cli(stack, "domain", "set-inbound", domain, "--relay-to", f"127.0.0.1:{own_host}")
 
     token = f"reply-{uuid.uuid4().hex[:10]}"
     _send(stack, f"news@{domain}", (
@@ -101,7 +116,9 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
         rcpts = conn.execute("SELECT recipient FROM message_recipients WHERE message_id = %s",
                              (reply["id"],)).fetchall()
     assert rcpts == [(f"news@{domain}",)]
-    stack.sink_copy(token)  # relayed to the organisation's own host
+    stack.sink_copy(token)
+    _logged(stack, rf"to=<news@{re.escape(domain)}>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:"
+                   rf"{own_host},.*status=sent")  # relayed to the organisation's own host
 
     # A reply quoting another organisation's Message-ID is captured, never linked.
     stray = f"stray-{uuid.uuid4().hex[:10]}"
@@ -131,6 +148,8 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
     row = _row(stack, complaint)
     assert (row["direction"], row["message_type"], row["parent_message_id"]) == (
         "inbound", "complaint", sent["id"])
+    _logged(stack, rf"discard\[\d+\]: \w+: to=<abuse@in\.{re.escape(domain)}>, relay=none,"
+                   r".*status=sent \(archived by postkeep\)")  # archive only
     with stack.connect() as conn:
         status = conn.execute("SELECT status FROM message_recipients WHERE message_id = %s",
                               (sent["id"],)).fetchone()
@@ -141,3 +160,37 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
         (str(reply["id"]), "reply"), (str(row["id"]), "complaint")]
     assert "thread (2):" in _cli(stack, "messages", "show", str(sent["id"]))
     assert other_org != org
+
+
+def test_auto_replies_linked_by_verified_return_path_or_quoted_id_never_across_orgs(
+        stack: Stack) -> None:
+    org, domain = stack.new_org()
+    _, other_domain = stack.new_org()
+    sent = _sent(stack, domain, "reader@sink.test")
+    quoted = _sent(stack, domain, "reader@sink.test")
+    foreign = _sent(stack, other_domain, "reader@sink.test")
+    _cli(stack, "domain", "set-inbound", domain, "--archive-only")
+    path = sent["return_path"]
+    assert path and path.startswith("pk-")
+
+    def auto_reply(token: str, quote: str) -> dict[str, Any]:
+        _send(stack, f"news@{domain}", (
+            f"From: reader@sink.test\r\nTo: news@{domain}\r\nSubject: {token}\r\n"
+            "Auto-Submitted: auto-replied\r\n\r\nI am away.\r\n\r\n"
+            f"Your message:\r\n{quote}\r\n").encode(), "", outside=True)
+        return _row(stack, token)
+
+    # The original's Return-Path quoted (its MAC verifies): linked.
+    row = auto_reply(f"auto-{uuid.uuid4().hex[:8]}", f"Return-Path: <{path}>")
+    assert (row["direction"], row["message_type"], row["parent_message_id"]) == (
+        "inbound", "auto_reply", sent["id"])
+    # A quoted X-Postkeep-Id of the organisation's own message: linked.
+    row = auto_reply(f"auto-{uuid.uuid4().hex[:8]}", f"X-Postkeep-Id: {quoted['id']}")
+    assert row["parent_message_id"] == quoted["id"]
+    # A forged return path (MAC altered), another organisation's id: not linked.
+    forged = re.sub(r"-([0-9a-f]{16})@", lambda m: "-" + "0" * 16 + "@", path)
+    assert forged != path
+    row = auto_reply(f"auto-{uuid.uuid4().hex[:8]}",
+                     f"Return-Path: <{forged}>\r\nX-Postkeep-Id: {foreign['id']}")
+    assert (row["org_id"], row["message_type"], row["parent_message_id"]) == (
+        org, "auto_reply", None)

@@ -26,7 +26,7 @@ CREATE INDEX messages_parent_idx ON messages (parent_message_id)
 ALTER TABLE domains ADD COLUMN inbound_mode text CHECK (inbound_mode IN ('archive', 'relay'));
 ALTER TABLE domains ADD COLUMN inbound_relay text
     CHECK (inbound_relay IS NULL OR inbound_relay ~ '^[A-Za-z0-9.:\[\]-]+$');
-ALTER TABLE domains ADD CONSTRAINT domains_inbound_relay_check
+ALTER TABLE domains ADD CONSTRAINT domains_inbound_mode_relay_check
     CHECK ((inbound_mode = 'relay') = (inbound_relay IS NOT NULL));
 
 -- 'complained': delivered, then reported as spam by its recipient (ARF).
