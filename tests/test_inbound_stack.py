@@ -73,7 +73,8 @@ def _row(stack: Stack, token: str) -> dict[str, Any]:
         with stack.connect() as conn:
             cur = conn.execute(
                 "SELECT id, org_id, direction, message_type, parent_message_id, object_key,"
-                " recipient_count, message_id_header, return_path FROM messages WHERE subject = %s", (token,))
+                " recipient_count, message_id_header, return_path FROM messages"
+                " WHERE subject = %s", (token,))
             row = cur.fetchone()
             if row is None:
                 return None
