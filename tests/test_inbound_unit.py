@@ -65,3 +65,21 @@ def test_inbound_maps() -> None:
         "acme.example\tinbound", "beta.example\tinbound"]
     assert [ln for ln in transport.splitlines() if not ln.startswith("#")] == [
         "acme.example\tsmtp:[mx.acme.example]:25", "beta.example\tdiscard:archived by postkeep"]
+
+
+def test_inbound_message_survives_the_outage_spool_format() -> None:
+    """An inbound message spooled during an outage keeps its type and clues."""
+    from datetime import UTC, datetime
+
+    from postkeep.storage.content.spool import decode_metadata, encode_metadata
+    from postkeep.storage.metadata.inbound import ParentClues
+    from postkeep.storage.metadata.messages import CapturedMessage
+
+    now = datetime.now(UTC)
+    clues = ParentClues(((uuid.uuid4(), now),), (uuid.uuid4(),), ("<a@b>",), "r@x.example",
+                        "abuse")
+    m = CapturedMessage(uuid.uuid4(), uuid.uuid4(), "acme.example", "Q1", "", ("s@acme.example",),
+                        10, b"\0" * 32, "k", 5, now, now, now, direction="inbound",
+                        message_type="complaint", clues=clues)
+    back, _, _ = decode_metadata(encode_metadata(m, spooled_at=now, reason="s3 down"))
+    assert back == m

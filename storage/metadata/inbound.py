@@ -34,6 +34,25 @@ class ParentClues:
     complained: str | None = None
     feedback_type: str | None = None
 
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict (the outage spool keeps it with the message)."""
+        return {"return_paths": [[str(i), e.isoformat()] for i, e in self.return_paths],
+                "ids": [str(i) for i in self.ids], "message_ids": list(self.message_ids),
+                "complained": self.complained, "feedback_type": self.feedback_type}
+
+    @classmethod
+    def from_json(cls, doc: object) -> ParentClues:
+        """Back from to_json(); TypeError/ValueError/KeyError if DOC is not one."""
+        if not isinstance(doc, dict):
+            raise TypeError(f"{doc!r} is not an object")
+        complained, feedback = doc["complained"], doc["feedback_type"]
+        if not all(v is None or isinstance(v, str) for v in (complained, feedback)):
+            raise TypeError("complained/feedback_type must be strings")
+        return cls(tuple((uuid.UUID(str(i)), datetime.fromisoformat(str(e)))
+                         for i, e in doc["return_paths"]),
+                   tuple(uuid.UUID(str(i)) for i in doc["ids"]),
+                   tuple(str(m) for m in doc["message_ids"]), complained, feedback)
+
 
 @dataclass(frozen=True)
 class Parent:
