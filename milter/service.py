@@ -152,10 +152,12 @@ def inbound_clues(tx: Transaction, key: bytes) -> tuple[str, ParentClues]:
             paths.append((path.message_id, path.expires_at))
     message_ids = kinds.references(msg)
     complained = feedback = None
-    if kind == kinds.COMPLAINT:
+    if kind in (kinds.COMPLAINT, kinds.BOUNCE):
+        # A report names the sent message by the copy of it that it carries.
         orig = kinds.original(msg)
         carried = (orig.get("Message-ID") if orig is not None else None) or ""
-        message_ids = [" ".join(str(carried).split())] if carried else []
+        message_ids = ([" ".join(str(carried).split())] if carried else []) + message_ids
+    if kind == kinds.COMPLAINT:
         complained, feedback = kinds.complained_recipient(msg), kinds.feedback_type(msg)
     return kind, ParentClues(tuple(paths), tuple(i for i in kinds.quoted_ids(raw) if i != tx.id),
                              tuple(message_ids), complained, feedback)

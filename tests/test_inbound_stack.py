@@ -195,3 +195,24 @@ def test_auto_replies_linked_by_verified_return_path_or_quoted_id_never_across_o
                      f"Return-Path: <{forged}>\r\nX-Postkeep-Id: {foreign['id']}")
     assert (row["org_id"], row["message_type"], row["parent_message_id"]) == (
         org, "auto_reply", None)
+
+
+def test_out_of_band_bounce_linked_by_the_original_it_carries(stack: Stack) -> None:
+    _, domain = stack.new_org()
+    sent = _sent(stack, domain, "reader@sink.test")
+    _cli(stack, "domain", "set-inbound", domain, "--archive-only")
+    token = f"oob-{uuid.uuid4().hex[:8]}"
+    # A late failure notice sent to the From: address rather than the return path.
+    _send(stack, f"news@{domain}", (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.sink.test>\r\n"
+        f"To: news@{domain}\r\nSubject: {token}\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/report; report-type=delivery-status; boundary=b2\r\n\r\n"
+        "--b2\r\nContent-Type: text/plain\r\n\r\nThe mailbox is full.\r\n"
+        "--b2\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.sink.test"
+        "\r\n\r\nFinal-Recipient: rfc822; reader@sink.test\r\nAction: failed\r\n"
+        "Status: 5.2.2\r\n\r\n--b2\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"From: news@{domain}\r\nMessage-ID: {sent['message_id_header']}\r\n\r\n"
+        "--b2--\r\n").encode(), "", outside=True)
+    row = _row(stack, token)
+    assert (row["direction"], row["message_type"], row["parent_message_id"]) == (
+        "inbound", "bounce", sent["id"])
