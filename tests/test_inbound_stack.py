@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ def _row(stack: Stack, token: str) -> dict[str, Any]:
         with stack.connect() as conn:
             cur = conn.execute(
                 "SELECT id, org_id, direction, message_type, parent_message_id, object_key,"
-                " recipient_count, message_id_header, return_path FROM messages"
+                " recipient_count, message_id_header, return_path, created_at,"
+                " content_expires_at, metadata_expires_at FROM messages"
                 " WHERE subject = %s", (token,))
             row = cur.fetchone()
             if row is None:
@@ -113,6 +115,9 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
         org, "inbound", "reply")
     assert reply["parent_message_id"] == sent["id"]
     assert token.encode() in stack.restored(reply["object_key"])
+    # Kept as the organisation's tier says (new_org: 'free', 7 and 30 days).
+    assert reply["content_expires_at"] - reply["created_at"] == timedelta(days=7)
+    assert reply["metadata_expires_at"] - reply["created_at"] == timedelta(days=30)
     with stack.connect() as conn:
         rcpts = conn.execute("SELECT recipient FROM message_recipients WHERE message_id = %s",
                              (reply["id"],)).fetchall()
