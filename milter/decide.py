@@ -174,3 +174,33 @@ def unreadable_reply(exc: UnreadableHeader) -> Reply:
 
 def internal_error_reply() -> Reply:
     return Reply("451", "4.3.0", "postkeep: internal error, message not accepted; try again later")
+
+
+def inbound(
+    *,
+    auth_user: str | None,
+    trusted: bool,
+    recipients: list[str],
+    by_inbound_domain: Callable[[str], Organisation | None],
+) -> Decision | None:
+    """Is this mail for an organisation arriving from outside?  Its decision, or None.
+
+    Inbound: no SASL login (not a submission), a client off the trusted
+    networks and not local, and every recipient at a domain that takes
+    inbound mail (`postkeep domain set-inbound`), all of ONE organisation.
+    Anything else (a submission, a client of ours, mail to several
+    organisations or to the wider world) is classified as outgoing mail.
+    The decision's domain is the first recipient's.  Lookups may raise
+    BackendError.
+    """
+    if auth_user or trusted or not recipients:
+        return None
+    org: Organisation | None = None
+    first = ""
+    for rcpt in recipients:
+        domain = address_domain(rcpt)
+        owner = by_inbound_domain(domain) if domain else None
+        if owner is None or (org is not None and owner.id != org.id):
+            return None
+        org, first = owner, first or domain
+    return Decision(Action.CAPTURE, org, first)

@@ -21,7 +21,12 @@ import psycopg
 
 from postkeep.milter.gate import BackendGate
 from postkeep.storage.metadata.db import BackendError, Database
-from postkeep.storage.metadata.directory import Organisation, find_by_domain, find_by_submitter
+from postkeep.storage.metadata.directory import (
+    Organisation,
+    find_by_domain,
+    find_by_inbound_domain,
+    find_by_submitter,
+)
 from postkeep.ttlcache import TtlCache
 
 _Query = Callable[[psycopg.Connection, str], Organisation | None]
@@ -67,3 +72,7 @@ class Directory:
 
     def by_domain(self, domain: str) -> Organisation | None:
         return self._lookup("domain", domain, find_by_domain)
+
+    def by_inbound_domain(self, domain: str) -> Organisation | None:
+        """The organisation whose DOMAIN takes inbound mail (see find_by_inbound_domain)."""
+        return self._lookup("inbound", domain, find_by_inbound_domain)

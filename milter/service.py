@@ -29,6 +29,7 @@ from postkeep.envelope import (
     parse_return_path,
     restored_params,
     return_path,
+    verify_return_path,
 )
 from postkeep.ids import uuid7
 from postkeep.milter import metrics
@@ -43,6 +44,7 @@ from postkeep.milter.decide import (
     choose_bounce_domain,
     classify,
     header_from_address,
+    inbound,
     internal_error_reply,
     refusal_reply,
     strip_brackets,
@@ -68,7 +70,9 @@ from postkeep.storage.content.objects import message_key
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.directory import Organisation
 from postkeep.storage.metadata.dkim_keys import DkimKeyError
+from postkeep.storage.metadata.inbound import ParentClues
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
+from postkeep.storage.reports import classify as kinds
 
 log = logging.getLogger("postkeep.milter")
 
@@ -132,6 +136,39 @@ def _untracked(tx: Transaction) -> tuple[tuple[str, str], ...]:
         if restored is not None:
             out.append((rcpt, restored))
     return tuple(out)
+
+
+# Inbound mail is read this far to classify and link it (a report's copy of
+# the original comes early; message_size_limit bounds the rest anyway).
+INBOUND_READ_MAX = 4 << 20
+
+
+def inbound_clues(tx: Transaction, key: bytes) -> tuple[str, ParentClues]:
+    """What inbound mail is (classify.py) and what it names of the sent message."""
+    body = tx.capture.folded_body()
+    try:
+        raw = tx.capture.header_block + body.read(INBOUND_READ_MAX)
+    finally:
+        body.close()
+    msg = kinds.parse(raw)
+    kind = kinds.message_type(msg, tx.envelope_from)
+    paths = []
+    for text in kinds.quoted_return_paths(raw):
+        path = parse_return_path(text)
+        if path is not None and path.expires_at is not None \
+                and verify_return_path(path, key) is None:
+            paths.append((path.message_id, path.expires_at))
+    message_ids = kinds.references(msg)
+    complained = feedback = None
+    if kind in (kinds.COMPLAINT, kinds.BOUNCE):
+        # A report names the sent message by the copy of it that it carries.
+        orig = kinds.original(msg)
+        carried = (orig.get("Message-ID") if orig is not None else None) or ""
+        message_ids = ([" ".join(str(carried).split())] if carried else []) + message_ids
+    if kind == kinds.COMPLAINT:
+        complained, feedback = kinds.complained_recipient(msg), kinds.feedback_type(msg)
+    return kind, ParentClues(tuple(paths), tuple(i for i in kinds.quoted_ids(raw) if i != tx.id),
+                             tuple(message_ids), complained, feedback)
 
 
 def _text(value: bytes, limit: int = METADATA_TEXT_MAX) -> str:
@@ -304,6 +341,14 @@ class CaptureService:
         ):
             return self._system_mail(tx, queue_id, from_domain)
         try:
+            incoming = inbound(auth_user=login, trusted=trusted, recipients=tx.recipients,
+                               by_inbound_domain=self.directory.by_inbound_domain)
+        except BackendError as exc:
+            return self._tempfail(tx, queue_id, exc)
+        if incoming is not None:
+            return self._capture(tx, queue_id, incoming, [], inbound_clues(
+                tx, self.return_path_key))
+        try:
             decision = classify(
                 auth_user=tx.auth_user,
                 envelope_from=tx.envelope_from,
@@ -473,7 +518,10 @@ class CaptureService:
         return Verdict(Reply("550", "5.7.1", f"postkeep: {reason}"), reject=True)
 
     def _capture(self, tx: Transaction, queue_id: str, decision: Decision,
-                 signatures: list[Signature]) -> Verdict:
+                 signatures: list[Signature],
+                 incoming: tuple[str, ParentClues] | None = None) -> Verdict:
+        """Make the message durable; INCOMING: inbound mail, its type and clues
+        (no return path of ours, never signed: it is not the organisation's)."""
         org = decision.org
         assert org is not None
         dictionary = None
@@ -488,7 +536,7 @@ class CaptureService:
         body = self._replacement_body(tx)
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)
         rpath = None
-        if self.cfg.bounce_domain:  # outcome tracking on
+        if self.cfg.bounce_domain and incoming is None:  # outcome tracking on
             bounce = choose_bounce_domain(org, address_domain(tx.from_address),
                                           decision.domain, self.cfg.bounce_domain)
             rpath = return_path(tx.id, metadata_exp, bounce, self.return_path_key)
@@ -514,6 +562,9 @@ class CaptureService:
             notify=tuple(client_notify(p) for p in tx.rcpt_params),
             tags=tx.tags,
         )
+        if incoming is not None:
+            message = dataclasses.replace(message, direction="inbound",
+                                          message_type=incoming[0], clues=incoming[1])
         outcome = "captured"
         try:
             self.committer.commit(message, content)
@@ -546,10 +597,11 @@ class CaptureService:
                 metrics.DICTIONARY_MESSAGES.inc()
         log.info(
             "%s pk_id=%s queue_id=%s org=%s from=<%s> nrcpt=%d size=%d stored=%d key=%s"
-            " parts=%d dict=%s",
+            " parts=%d dict=%s direction=%s type=%s",
             outcome, tx.id.hex, queue_id, org.name, tx.envelope_from, len(tx.recipients),
             content.size, content.compressed_size, message.object_key, len(content.parts),
             content.dictionary.version if content.dictionary else "-",
+            message.direction, message.message_type,
         )
         if rpath is None:
             return Verdict(None, add_headers=((self.cfg.id_header, str(tx.id)),),

@@ -351,6 +351,9 @@ class _Directory:
             raise self.error
         return self.org
 
+    def by_inbound_domain(self, domain: str) -> Organisation | None:
+        return None  # no domain here takes inbound mail
+
 
 def _service(spool: Spool | None, backend: str = "s3",
              directory: _Directory | None = None) -> CaptureService:

@@ -10,7 +10,11 @@ cache periods; nothing needs a restart.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -27,7 +31,7 @@ from postkeep.cli.common import (
     session,
 )
 from postkeep.storage.content.objects import S3ObjectStore
-from postkeep.storage.metadata import audit, directory, migrate
+from postkeep.storage.metadata import audit, directory, inbound, migrate
 
 
 def check_retention(content_days: int, metadata_days: int | None) -> None:
@@ -178,6 +182,86 @@ def domain_set_bounce(ctx: click.Context, domain_name: str, bounce_domain: str |
         if not directory.set_bounce_domain(s.conn, name, bounce):
             fail(f"domain {name!r} belongs to no organisation (postkeep domain add)")
     click.echo(f"{name}: bounces to {bounce or 'the platform default (milter.bounce_domain)'}")
+
+
+INBOUND_DOMAINS_MAP = "postkeep-inbound-domains"
+INBOUND_TRANSPORT_MAP = "postkeep-inbound-transport"
+_RELAY_TARGET = re.compile(r"^(?:\[?([A-Za-z0-9.-]+)\]?)(?::(\d{1,5}))?$")
+
+
+def relay_transport(target: str) -> str:
+    """HOST[:PORT] as a Postfix transport: smtp:[HOST]:PORT (no MX lookup)."""
+    m = _RELAY_TARGET.match(target.strip())
+    if not m or (m.group(2) and not 0 < int(m.group(2)) < 65536):
+        raise ValueError(f"{target!r} is not HOST or HOST:PORT")
+    return f"smtp:[{m.group(1)}]" + (f":{m.group(2)}" if m.group(2) else "")
+
+
+def inbound_maps(rows: list[inbound.InboundDomain]) -> tuple[str, str]:
+    """The texthash maps Postfix reads: relay domains, and each domain's transport.
+
+    Archive-only mail is discarded once the milter has captured it.
+    """
+    head = "# Written by `postkeep domain set-inbound` from PostgreSQL; do not edit.\n"
+    domains = head + "".join(f"{r.domain}\tinbound\n" for r in rows)
+    transport = head + "".join(
+        f"{r.domain}\t" + (relay_transport(r.relay) if r.mode == inbound.RELAY and r.relay
+                           else "discard:archived by postkeep") + "\n" for r in rows)
+    return domains, transport
+
+
+def write_inbound_maps(config_directory: str, rows: list[inbound.InboundDomain]) -> None:
+    """Replace both maps atomically, then have Postfix re-read them (postfix reload)."""
+    domains, transport = inbound_maps(rows)
+    for name, text in ((INBOUND_DOMAINS_MAP, domains), (INBOUND_TRANSPORT_MAP, transport)):
+        path = Path(config_directory) / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    done = subprocess.run(["postfix", "-c", config_directory, "reload"], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        fail(f"maps written, but 'postfix reload' failed: {done.stderr.strip()}")
+
+
+@domain.command("set-inbound")
+@click.argument("domain_name", metavar="DOMAIN")
+@click.option("--archive-only", is_flag=True, help="Capture inbound mail, deliver it nowhere.")
+@click.option("--relay-to", metavar="HOST[:PORT]",
+              help="Capture inbound mail, then relay it to the organisation's own host.")
+@click.option("--off", is_flag=True, help="Take no inbound mail for DOMAIN any more.")
+@click.option("--config-directory", default=None, metavar="DIR",
+              help="Postfix configuration directory (default: [postfix].config_directory).")
+@click.pass_context
+def domain_set_inbound(ctx: click.Context, domain_name: str, archive_only: bool,
+                       relay_to: str | None, off: bool, config_directory: str | None) -> None:
+    """What happens to mail for DOMAIN arriving from outside (this host its MX).
+
+    It is captured (direction inbound) and then discarded (--archive-only) or
+    relayed to HOST[:PORT] (--relay-to).  The setting is kept in PostgreSQL;
+    the Postfix maps postkeep-inbound-domains (relay_domains) and
+    postkeep-inbound-transport (transport_maps) are rewritten from it and
+    Postfix reloaded.
+    """
+    if archive_only + (relay_to is not None) + off != 1:
+        fail("give exactly one of --archive-only, --relay-to HOST[:PORT], --off")
+    try:
+        name = check_domain(domain_name)
+        if relay_to is not None:
+            relay_transport(relay_to)
+    except ValueError as exc:
+        fail(str(exc))
+    mode = None if off else (inbound.ARCHIVE if archive_only else inbound.RELAY)
+    with session(ctx) as s:
+        if not inbound.set_inbound(s.conn, name, mode, relay_to):
+            fail(f"domain {name!r} belongs to no organisation (postkeep domain add)")
+        rows = inbound.inbound_domains(s.conn)
+        directory_ = config_directory or s.cfg.postfix.config_directory
+    write_inbound_maps(directory_, rows)
+    what = {None: "no inbound mail", inbound.ARCHIVE: "inbound mail archived only",
+            inbound.RELAY: f"inbound mail archived and relayed to {relay_to}"}[mode]
+    click.echo(f"{name}: {what}")
 
 
 @click.group()

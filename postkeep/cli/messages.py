@@ -22,7 +22,7 @@ from postkeep.cli.common import fail, find_org, iso, parse_since, session
 from postkeep.config import TAG_KEY
 from postkeep.storage.content import restore
 from postkeep.storage.content.objects import S3ObjectStore
-from postkeep.storage.metadata import messages
+from postkeep.storage.metadata import inbound, messages
 from postkeep.storage.reports import outcomes
 
 CONTENT_EXPIRED = messages.CONTENT_EXPIRED
@@ -34,6 +34,8 @@ def message_to_json(m: messages.MessageRow, now: datetime) -> dict[str, Any]:
         "org_id": str(m.org_id),
         "domain": m.domain,
         "direction": m.direction,
+        "message_type": m.message_type,
+        "parent_message_id": str(m.parent_message_id) if m.parent_message_id else None,
         "queue_id": m.queue_id,
         "message_id_header": m.message_id_header,
         "envelope_from": m.envelope_from,
@@ -75,10 +77,18 @@ def event_to_json(e: outcomes.Event) -> dict[str, Any]:
             "recorded_at": iso(e.recorded_at), "report": e.report_kind, "applied": e.applied}
 
 
+def child_to_json(c: inbound.Child) -> dict[str, Any]:
+    return {"id": str(c.id), "message_type": c.message_type, "envelope_from": c.envelope_from,
+            "header_from": c.header_from, "subject": c.subject, "created_at": iso(c.created_at)}
+
+
 def detail_to_json(d: messages.MessageDetail, now: datetime,
-                   history: Sequence[outcomes.Event] = ()) -> dict[str, Any]:
-    """`messages show --json`: the row plus its recipients and their histories."""
+                   history: Sequence[outcomes.Event] = (),
+                   thread: Sequence[inbound.Child] = ()) -> dict[str, Any]:
+    """`messages show --json`: the row plus its recipients and their histories,
+    and the replies and complaints linked to it (thread)."""
     out = message_to_json(d.message, now)
+    out["thread"] = [child_to_json(c) for c in thread]
     out["recipients"] = [
         recipient_to_json(r) | {"history": [event_to_json(e) for e in history
                                             if e.recipient == r.recipient]}
@@ -101,7 +111,8 @@ def format_message_list(rows: list[messages.MessageRow]) -> str:
 
 
 def format_message_detail(d: messages.MessageDetail, now: datetime,
-                          history: Sequence[outcomes.Event] = ()) -> str:
+                          history: Sequence[outcomes.Event] = (),
+                          thread: Sequence[inbound.Child] = ()) -> str:
     """`messages show`: the row as aligned key/value lines, then each recipient
     with its outcome and the history of reports about it."""
     data = message_to_json(d.message, now)
@@ -121,6 +132,10 @@ def format_message_detail(d: messages.MessageDetail, now: datetime,
                 shown = "" if e.applied else " (superseded)"
                 lines.append(f"    {iso(e.event_at)}  {e.status}{shown}  {e.dsn_status or '-'}"
                              f"  {e.diagnostic or ''}  [{e.report_kind}]".rstrip())
+    if thread:
+        lines.append(f"thread ({len(thread)}):")
+        lines += [f"  {c.id}  {iso(c.created_at)}  {c.message_type:10}  {c.envelope_from or '<>'}"
+                  f"  {c.subject or ''}".rstrip() for c in thread]
     return "\n".join(lines)
 
 
@@ -247,10 +262,11 @@ def messages_show(ctx: click.Context, message_id: str, as_json: bool) -> None:
         detail = _detail(s.conn, message_id)
         history = outcomes.recipient_history(s.conn, detail.message.id,
                                              detail.message.metadata_expires_at)
+        thread = inbound.children(s.conn, detail.message.id, detail.message.org_id)
     if as_json:
-        click.echo(json.dumps(detail_to_json(detail, now, history), indent=2))
+        click.echo(json.dumps(detail_to_json(detail, now, history, thread), indent=2))
     else:
-        click.echo(format_message_detail(detail, now, history))
+        click.echo(format_message_detail(detail, now, history, thread))
 
 
 @messages_group.command("raw")

@@ -59,6 +59,7 @@ from prometheus_client.registry import Collector
 
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.metadata.inbound import ParentClues
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 
 log = logging.getLogger("postkeep.spool")
@@ -102,9 +103,11 @@ class SpoolBusy(Exception):
 # --- the entry format (pure) -------------------------------------------------
 
 
-# Fields newer than the format, written only when set (the reader gives a
-# missing field its default): application tags (issue 17).
-_OMITTED_WHEN_EMPTY = frozenset({"tags"})
+# Fields newer than the format, written only when they differ from their
+# default (decode_metadata gives a missing field its default), so entries
+# without them stay byte for byte what they were: application tags and
+# inbound mail's type and link clues (issue 17).
+_WRITTEN_ONLY_IF_SET = frozenset({"tags", "message_type", "clues"})
 
 
 def encode_metadata(m: CapturedMessage, *, spooled_at: datetime, reason: str) -> bytes:
@@ -112,8 +115,9 @@ def encode_metadata(m: CapturedMessage, *, spooled_at: datetime, reason: str) ->
     doc: dict[str, object] = {}
     for f in fields(CapturedMessage):
         value = getattr(m, f.name)
-        if f.name in _OMITTED_WHEN_EMPTY and not value:
-            continue  # an entry without them stays byte for byte as before
+        unset = not value if f.name == "tags" else value == f.default  # tags: a factory
+        if f.name in _WRITTEN_ONLY_IF_SET and unset:
+            continue  # outbound entries stay byte for byte what they were
         if isinstance(value, uuid.UUID):
             value = str(value)
         elif isinstance(value, datetime):
@@ -122,6 +126,8 @@ def encode_metadata(m: CapturedMessage, *, spooled_at: datetime, reason: str) ->
             value = value.hex()
         elif isinstance(value, tuple):
             value = list(value)
+        elif isinstance(value, ParentClues):
+            value = value.to_json()
         doc[f.name] = value
     doc["_spooled_at"] = spooled_at.isoformat()
     doc["_reason"] = reason
@@ -157,6 +163,8 @@ def _decode_field(ftype: str, raw: object) -> object:
         return datetime.fromisoformat(str(raw))
     if ftype == "bytes":
         return bytes.fromhex(str(raw))
+    if ftype == "ParentClues | None":
+        return None if raw is None else ParentClues.from_json(raw)
     if ftype == "int":
         if not isinstance(raw, int) or isinstance(raw, bool):
             raise TypeError(f"{raw!r} is not an integer")

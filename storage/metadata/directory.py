@@ -77,6 +77,16 @@ def find_by_domain(conn: psycopg.Connection, domain: str) -> Organisation | None
     return _org(row)
 
 
+def find_by_inbound_domain(conn: psycopg.Connection, domain: str) -> Organisation | None:
+    """The organisation whose domain DOMAIN takes inbound mail (`domain set-inbound`), if any."""
+    row = conn.execute(
+        f"SELECT {_ORG_COLUMNS} FROM domains d JOIN organisations o ON o.id = d.org_id"
+        " JOIN tiers t ON t.name = o.tier WHERE d.domain = %s AND d.inbound_mode IS NOT NULL",
+        (domain.lower(),),
+    ).fetchone()
+    return _org(row)
+
+
 def find_by_name(conn: psycopg.Connection, name_or_id: str) -> Organisation | None:
     """An organisation by its name or its id."""
     try:

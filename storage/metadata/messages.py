@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg.rows import class_row
 
+from postkeep.storage.metadata.inbound import ParentClues
+
 UNLIMITED = datetime(9999, 12, 31, tzinfo=UTC)
 
 
@@ -69,6 +71,10 @@ class CapturedMessage:
     # Application tags (postkeep/milter/tags.py): messages.tags, and the tag
     # campaign_id also messages.campaign_id (migration 0016).
     tags: dict[str, str] = field(default_factory=dict)
+    # Inbound mail: what it is (storage/reports/classify.py) and what it names
+    # of the sent message it answers (linked once its rows are in).
+    message_type: str = "email"
+    clues: ParentClues | None = None
 
 
 # One statement, so one round trip and atomic even on an autocommit
@@ -79,21 +85,22 @@ WITH msg AS (
     INSERT INTO messages (id, org_id, domain, direction, queue_id, message_id_header,
         envelope_from, header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, status, recipient_count, created_at,
-        accepted_at, return_path, tags, campaign_id)
+        accepted_at, return_path, tags, campaign_id, message_type)
     SELECT id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
         header_from, subject, size, object_key, compressed_size, sha256,
         content_expires_at, metadata_expires_at, 'queued', recipient_count, created_at, now(),
-        return_path, tags::jsonb, tags::jsonb ->> 'campaign_id'
+        return_path, tags::jsonb, tags::jsonb ->> 'campaign_id', message_type
     FROM unnest(%(id)s::uuid[], %(org_id)s::uuid[], %(domain)s::text[], %(direction)s::text[],
         %(queue_id)s::text[], %(message_id)s::text[], %(envelope_from)s::text[],
         %(header_from)s::text[], %(subject)s::text[], %(size)s::bigint[],
         %(object_key)s::text[], %(compressed_size)s::bigint[], %(sha256)s::bytea[],
         %(content_exp)s::timestamptz[], %(metadata_exp)s::timestamptz[], %(nrcpt)s::int[],
-        %(created)s::timestamptz[], %(return_path)s::text[], %(tags)s::text[])
+        %(created)s::timestamptz[], %(return_path)s::text[], %(tags)s::text[],
+        %(message_type)s::text[])
         AS m(id, org_id, domain, direction, queue_id, message_id_header, envelope_from,
              header_from, subject, size, object_key, compressed_size, sha256,
              content_expires_at, metadata_expires_at, recipient_count, created_at, return_path,
-             tags)
+             tags, message_type)
     ON CONFLICT DO NOTHING
 )
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
@@ -136,6 +143,7 @@ def record_captures(conn: psycopg.Connection, batch: Sequence[CapturedMessage]) 
             "created": [m.created_at for m in batch],
             "return_path": [m.return_path for m in batch],
             "tags": [json.dumps(m.tags) for m in batch],
+            "message_type": [m.message_type for m in batch],
             "r_message": [m.id for m, _ in rcpts], "r_org": [m.org_id for m, _ in rcpts],
             "r_rcpt": [r for _, r in rcpts],
             "r_metadata_exp": [m.metadata_expires_at for m, _ in rcpts],
@@ -179,6 +187,8 @@ class MessageRow:
     content_erased_at: datetime | None = None  # erased on request (postkeep erase)
     held_metadata_expires_at: datetime | None = None  # own stamp while under a legal hold
     tags: dict[str, str] = field(default_factory=dict)  # application tags (0016)
+    message_type: str = "email"  # inbound: reply, auto_reply, bounce, complaint (0014)
+    parent_message_id: uuid.UUID | None = None  # the sent message it answers
 
 
 @dataclass(frozen=True)
@@ -221,7 +231,7 @@ _MESSAGE_COLUMNS = """
     m.envelope_from, m.header_from, m.subject, m.size, m.object_key,
     m.compressed_size, m.sha256, m.content_expires_at, m.metadata_expires_at,
     m.status, m.recipient_count, m.created_at, m.accepted_at, m.content_erased_at,
-    m.held_metadata_expires_at, m.tags
+    m.held_metadata_expires_at, m.tags, m.message_type, m.parent_message_id
 """
 
 CONTENT_EXPIRED = "content expired per retention policy"

@@ -39,7 +39,7 @@ from email.utils import parsedate_to_datetime
 
 from postkeep.envelope import ReturnPath, parse_return_path, verify_return_path
 
-STATUSES = ("relayed", "delivered", "deferred", "bounced", "expired")
+STATUSES = ("relayed", "delivered", "deferred", "bounced", "expired", "complained")
 _STATUS_CODE = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 _ID_HEADER = re.compile(rb"^X-Postkeep-Id:[ \t]*([0-9a-fA-F-]{32,36})[ \t]*\r?$",
                         re.IGNORECASE | re.MULTILINE)

@@ -43,18 +43,23 @@ def expiry_window(expires_at: datetime | None) -> tuple[datetime | None, datetim
     return lo, lo + timedelta(seconds=1)
 
 
-def _params(r: Report) -> tuple[object, ...]:
+def _params(r: Report, object_key: str | None = None) -> tuple[object, ...]:
     o = r.outcomes
     lo, hi = expiry_window(r.expires_at)
-    return (r.sha256, r.kind, r.message_id, lo, hi, report_key(r.sha256), r.size, r.reason,
+    return (r.sha256, r.kind, r.message_id, lo, hi, object_key or report_key(r.sha256), r.size,
+            r.reason,
             r.envelope_from, r.envelope_to, r.subject,
             [x.recipient for x in o], [x.original for x in o], [x.status for x in o],
             [x.dsn_status for x in o], [x.remote_mta for x in o], [x.diagnostic for x in o],
             [x.event_at for x in o])
 
 
-def record_batch(conn: psycopg.Connection, reports: Sequence[Report]) -> list[int]:
+def record_batch(conn: psycopg.Connection, reports: Sequence[Report], *,
+                 object_key: str | None = None) -> list[int]:
     """Record REPORTS in one transaction and one round trip; codes per report.
+
+    OBJECT_KEY: where the reports' bytes already are (a complaint captured as
+    an inbound message), instead of report_key().
 
     A code is the number of recipients whose status changed, or DUPLICATE,
     UNMATCHED or DUPLICATE_UNMATCHED.
@@ -64,7 +69,7 @@ def record_batch(conn: psycopg.Connection, reports: Sequence[Report]) -> list[in
     # never wait on each other in a cycle.
     order = sorted(range(len(reports)), key=lambda i: _lock_order(reports[i]))
     with conn.transaction(), conn.pipeline():
-        cursors = {i: conn.execute(_RECORD, _params(reports[i])) for i in order}
+        cursors = {i: conn.execute(_RECORD, _params(reports[i], object_key)) for i in order}
     out = []
     for i in range(len(reports)):
         row = cursors[i].fetchone()
