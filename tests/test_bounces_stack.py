@@ -10,8 +10,6 @@ recipient's return path bounces that recipient and no other.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 from support import smtp
+from support.smtp_server import smtp_server
 from support.stack import Stack
 from support.wait import until
 
@@ -47,21 +46,9 @@ class RemoteMX:
 
 @pytest.fixture
 def remote_mx(stack: Stack) -> Iterator[RemoteMX]:
-    from aiosmtpd.smtp import SMTP
-
     mx = RemoteMX()
-    loop = asyncio.new_event_loop()
-    port = int(stack.env["POSTKEEP_FAKE_MX_PORT"])
-    server = loop.run_until_complete(loop.create_server(
-        lambda: SMTP(mx, hostname="mx.test", ident="remote-mx"), "127.0.0.1", port))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with smtp_server(mx, int(stack.env["POSTKEEP_FAKE_MX_PORT"]), "mx.test", "remote-mx"):
         yield mx
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 def _recipients(stack: Stack, mid: uuid.UUID) -> dict[str, tuple[str, str | None, str | None]]:

@@ -21,11 +21,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,6 +51,7 @@ from support.sidecar import (
     relayed_message,
     statuses,
 )
+from support.smtp_server import smtp_server
 from support.stack import Stack
 
 from postkeep.config import Config
@@ -228,20 +227,9 @@ class Relay:
 
 @contextmanager
 def relay_on(port: int) -> Iterator[Relay]:
-    from aiosmtpd.smtp import SMTP
-
     relay = Relay()
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(loop.create_server(
-        lambda: SMTP(relay, hostname="relay.test", ident="fake-relay"), "127.0.0.1", port))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with smtp_server(relay, port, "relay.test", "fake-relay", join_seconds=10):
         yield relay
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def _forwarded(stack: Stack, result: str) -> float:

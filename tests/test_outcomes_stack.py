@@ -9,7 +9,6 @@ back afterwards) so that deferred -> expired happens in seconds.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import re
@@ -28,6 +27,7 @@ from typing import Any
 
 import pytest
 from support import smtp
+from support.smtp_server import smtp_server
 from support.stack import Stack
 from support.wait import until
 
@@ -126,21 +126,9 @@ def fast_queue(stack: Stack) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def fake_mx(stack: Stack, fast_queue: None) -> Iterator[FakeMX]:
-    from aiosmtpd.smtp import SMTP
-
     mx = FakeMX(stack.smtp)
-    loop = asyncio.new_event_loop()
-    port = int(stack.env["POSTKEEP_FAKE_MX_PORT"])
-    server = loop.run_until_complete(loop.create_server(
-        lambda: SMTP(mx, hostname="mx.test", ident="fake-mx"), "127.0.0.1", port))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with smtp_server(mx, int(stack.env["POSTKEEP_FAKE_MX_PORT"]), "mx.test", "fake-mx"):
         yield mx
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 def _unverp(sender: str) -> str:

@@ -12,9 +12,7 @@ day suppress.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from support import smtp
 from support.sidecar import LogWatch, deliver, failure_report, log_path, metric
+from support.smtp_server import smtp_server
 from support.stack import Stack
 from support.wait import until
 
@@ -53,21 +52,9 @@ class RemoteMX:
 
 @pytest.fixture
 def remote_mx(stack: Stack) -> Iterator[RemoteMX]:
-    from aiosmtpd.smtp import SMTP
-
     mx = RemoteMX()
-    loop = asyncio.new_event_loop()
-    port = int(stack.env["POSTKEEP_FAKE_MX_PORT"])
-    server = loop.run_until_complete(loop.create_server(
-        lambda: SMTP(mx, hostname="mx.test", ident="remote-mx"), "127.0.0.1", port))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with smtp_server(mx, int(stack.env["POSTKEEP_FAKE_MX_PORT"]), "mx.test", "remote-mx"):
         yield mx
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")
