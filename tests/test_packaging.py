@@ -179,3 +179,15 @@ def test_a_metadata_cause_of_warnings_is_caught(tmp_path: Path) -> None:
     pyproject.write_text(text.replace('license = "MIT"\n', 'license = { text = "MIT" }\n'))
     log, _ = build_wheel(src, tmp_path / "out")
     assert warnings_in(log) != []
+
+
+def test_no_module_subscripts_click_param_type_at_run_time() -> None:
+    # click.ParamType is generic only from click 8.4; the tested lower bound is
+    # 8.2, where `click.ParamType[...]` raises at import (postkeep.cli.common's
+    # ParamType alias subscripts it for type checking alone).
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for d in ("postkeep", "milter", "policyd", "storage")
+                 for p in (root / d).rglob("*.py") if not p.is_symlink()
+                 if re.search(r"click\.ParamType\[", p.read_text())
+                 and p.name != "common.py"]
+    assert offenders == []

@@ -139,6 +139,9 @@ class _Directory:
     def by_domain(self, domain: str) -> Organisation | None:
         return self.org
 
+    def by_inbound_domain(self, domain: str) -> Organisation | None:
+        return None  # no domain here takes inbound mail
+
 
 def _send(strip: bool, headers: list[tuple[str, bytes]]) -> tuple[Verdict, Any, _Keep]:
     keep = _Keep()

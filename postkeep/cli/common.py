@@ -208,12 +208,12 @@ CLEAR = "clear"
 # at run time it is subscripted only where click allows it, so the tested
 # lower bound (8.2, tests/lower-bounds.txt) still imports this module.
 if TYPE_CHECKING:
-    _ParamType = click.ParamType[Any]
+    ParamType = click.ParamType[Any]
 else:
-    _ParamType = click.ParamType
+    ParamType = click.ParamType
 
 
-class Override(_ParamType):
+class Override(ParamType):
     """A number, or 'tier' (an organisation's: back to the tier's value), or
     'unlimited' (a tier's: no limit); both return CLEAR, stored as NULL."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import ParamType, confirm, destructive, fail, find_org, iso, session
 from postkeep.storage.metadata import suppression
 from postkeep.storage.metadata.suppression import Suppression
 
@@ -54,7 +54,7 @@ def to_csv(rows: list[Suppression]) -> str:
     return out.getvalue()
 
 
-class Days(click.ParamType[Any]):
+class Days(ParamType):  # (common.ParamType: click < 8.4)
     """A whole number of days, or 'never'/'off' (None)."""
 
     name = "N|never"
