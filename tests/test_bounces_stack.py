@@ -13,41 +13,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 from support import smtp
-from support.smtp_server import smtp_server
+from support.smtp_server import RemoteMX, serve_remote_mx
 from support.stack import Stack
 from support.wait import until
 
 pytestmark = pytest.mark.stack
 
 
-@dataclass
-class RemoteMX:
-    """A remote MX on loopback (mx.test): 550 5.1.1 for unknown-*, 250 for the rest;
-    remembers the envelope sender of every copy it took or refused."""
-
-    senders: dict[str, str] = field(default_factory=dict)  # recipient -> MAIL FROM
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        self.senders[address.lower()] = envelope.mail_from
-        if address.split("@")[0].lower().startswith("unknown-"):
-            return f"550 5.1.1 <{address}>: user unknown here"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return "250 2.0.0 Ok: queued"
-
 
 @pytest.fixture
 def remote_mx(stack: Stack) -> Iterator[RemoteMX]:
-    mx = RemoteMX()
-    with smtp_server(mx, int(stack.env["POSTKEEP_FAKE_MX_PORT"]), "mx.test", "remote-mx"):
+    with serve_remote_mx(int(stack.env["POSTKEEP_FAKE_MX_PORT"])) as mx:
         yield mx
 
 

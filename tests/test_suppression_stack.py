@@ -18,14 +18,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import click
 import pytest
 from click.testing import CliRunner
 from support import smtp
 from support.sidecar import LogWatch, deliver, failure_report, log_path, metric
-from support.smtp_server import smtp_server
+from support.smtp_server import RemoteMX, serve_remote_mx
 from support.stack import Stack
 from support.wait import until
 
@@ -35,27 +34,10 @@ from postkeep.storage.metadata import suppression
 pytestmark = pytest.mark.stack
 
 
-class RemoteMX:
-    """mx.test: 550 5.1.1 for unknown-*, 550 5.2.2 for full-*, 250 for the rest."""
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          options: list[str]) -> str:
-        local = address.split("@")[0].lower()
-        if local.startswith("unknown-"):
-            return f"550 5.1.1 <{address}>: user unknown here"
-        if local.startswith("full-"):
-            return f"550 5.2.2 <{address}>: mailbox full"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return "250 2.0.0 Ok: queued"
-
 
 @pytest.fixture
 def remote_mx(stack: Stack) -> Iterator[RemoteMX]:
-    mx = RemoteMX()
-    with smtp_server(mx, int(stack.env["POSTKEEP_FAKE_MX_PORT"]), "mx.test", "remote-mx"):
+    with serve_remote_mx(int(stack.env["POSTKEEP_FAKE_MX_PORT"])) as mx:
         _flush(stack, every=0)
         yield mx
 

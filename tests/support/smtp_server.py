@@ -7,6 +7,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -30,3 +31,34 @@ def smtp_server(handler: Any, port: int, hostname: str, ident: str,
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(join_seconds)
+
+
+@dataclass
+class RemoteMX:
+    """A remote MX on loopback (mx.test): 550 5.1.1 for unknown-*, 550 5.2.2 for
+    full-*, 250 for the rest; remembers the envelope sender of every copy it
+    took or refused."""
+
+    senders: dict[str, str] = field(default_factory=dict)  # recipient -> MAIL FROM
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        self.senders[address.lower()] = envelope.mail_from
+        local = address.split("@")[0].lower()
+        if local.startswith("unknown-"):
+            return f"550 5.1.1 <{address}>: user unknown here"
+        if local.startswith("full-"):
+            return f"550 5.2.2 <{address}>: mailbox full"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 2.0.0 Ok: queued"
+
+
+@contextmanager
+def serve_remote_mx(port: int) -> Iterator[RemoteMX]:
+    """RemoteMX served on 127.0.0.1:PORT (the stack's POSTKEEP_FAKE_MX_PORT)."""
+    mx = RemoteMX()
+    with smtp_server(mx, port, "mx.test", "remote-mx"):
+        yield mx
