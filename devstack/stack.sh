@@ -315,12 +315,6 @@ start_postgres() {
         warn "$run is too long for a Unix socket; PostgreSQL listens on TCP only"
         sockdir=""
     fi
-    # Creating a long retention's weekly partitions (tenant policies on each)
-    # takes a lock per partition in one transaction: the default lock table
-    # (64 per connection) ran out once an organisation kept ten years.  Set in
-    # the data directory so every start (the outage tests' too) has it.
-    grep -q '^max_locks_per_transaction' "$data/postgresql.conf" \
-        || echo 'max_locks_per_transaction = 1024' >>"$data/postgresql.conf"
     if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         log "postgres already running"
     else
