@@ -229,7 +229,8 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
             fail(f"erase {addr} in org {target.name}: {exc}")
     click.echo(f"erased {rep.messages} messages of {addr} in org {target.name}:"
                f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
-               f" recipient rows redacted (audit: address sha256 {rep.address_sha256})")
+               f" recipient rows redacted, {rep.suppressions_kept} suppression entries kept"
+               f" under a pseudonym (audit: address sha256 {rep.address_sha256})")
 
 
 @click.group()

@@ -39,6 +39,7 @@ import psycopg
 
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
+from postkeep.storage.metadata import suppression
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.legal_holds import Hold, holds_covering, involves_sql, list_holds
@@ -66,6 +67,8 @@ class ErasureReport:
     objects_deleted: int
     recipient_rows_redacted: int
     address_sha256: str
+    # Suppression entries kept under a pseudonym (0023_suppression_erasure.sql).
+    suppressions_kept: int = 0
 
 
 def pg_regex_literal(text: str) -> str:
@@ -178,7 +181,14 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             deleted += len(keys)
             say(f"erased {total}/{len(scope)} messages ({parts} attachment part object(s)"
                 " no other message needs deleted)")
-        if not scope:
-            audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
-                  {"address_sha256": digest, "objects_deleted": 0})
-    return ErasureReport(total, deleted, redacted, digest)
+        # Still suppressed, no longer named (an erasure is no consent to be mailed).
+        literal = re.compile(re.escape(address), re.IGNORECASE)
+        with conn.transaction():
+            kept = suppression.keep_erased(
+                conn, org_id, address,
+                lambda text: None if text is None else literal.sub(REDACTED, text))
+            if not scope:
+                audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
+                      {"address_sha256": digest, "objects_deleted": 0,
+                       "suppressions_kept": kept})
+    return ErasureReport(total, deleted, redacted, digest, kept)
