@@ -32,7 +32,7 @@ from postkeep.storage.metadata.db import BackendError
 
 def _store(cfg_s3: object) -> rules.S3Retention:
     s3 = S3ObjectStore(cfg_s3)  # type: ignore[arg-type]
-    return rules.S3Retention(s3.client, s3.bucket)
+    return rules.S3Retention(s3.client, s3.bucket, s3.locks_objects)
 
 
 def _progress(line: str) -> None:
@@ -230,6 +230,11 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
     click.echo(f"erased {rep.messages} messages of {addr} in org {target.name}:"
                f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
                f" recipient rows redacted (audit: address sha256 {rep.address_sha256})")
+    if rep.objects_locked and rep.locked_until is not None:
+        click.echo(f"  {rep.objects_locked} objects are under Object Lock (compliance): S3"
+                   f" refused their delete; their bytes remain in S3 until"
+                   f" {rep.locked_until:%Y-%m-%d %H:%M} UTC, when retention deletes them."
+                   " The metadata is erased and no reader serves the content.")
 
 
 @click.group()

@@ -21,7 +21,7 @@ from typing import BinaryIO, Protocol
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import GOVERNANCE, SnowballObject
+from minio.commonconfig import COMPLIANCE, GOVERNANCE, SnowballObject
 from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
@@ -50,7 +50,10 @@ def message_key(org_id: str, message_id: str, created: datetime,
 
 
 class ObjectStore(Protocol):
-    def put(self, key: str, data: BinaryIO, length: int) -> None: ...
+    # RETAIN_UNTIL: an Object Lock retention date (compliance mode), honoured
+    # by stores that lock objects (`locks_objects`), ignored by the others.
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None: ...
     def get(self, key: str) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
     def can_batch(self) -> bool: ...
@@ -58,6 +61,16 @@ class ObjectStore(Protocol):
 
 
 log = logging.getLogger("postkeep.storage")
+
+
+def put_content(store: ObjectStore, key: str, data: BinaryIO, length: int,
+                content_expires_at: datetime | None) -> None:
+    """Put a message's object; on a locking store retained until its content
+    expiry (s3.object_lock), so no one can delete it before, and anyone after."""
+    if content_expires_at is not None and getattr(store, "locks_objects", False):
+        store.put(key, data, length, retain_until=content_expires_at)
+    else:
+        store.put(key, data, length)
 
 
 class S3ObjectStore:
@@ -105,15 +118,25 @@ class S3ObjectStore:
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendError("s3", f"bucket {self.bucket!r}: {exc}") from exc
 
-    def put(self, key: str, data: BinaryIO, length: int) -> None:
-        if length > self.STREAM_ABOVE:
+    @property
+    def locks_objects(self) -> bool:
+        """Whether objects are written with an Object Lock retention (s3.object_lock)."""
+        return self.cfg.object_lock == "compliance"
+
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None:
+        retention = (Retention(COMPLIANCE, retain_until)
+                     if retain_until is not None and self.locks_objects else None)
+        # A retained object goes through put_object (its retention headers are
+        # signed there), in 5 MiB parts held in memory: large mail is rare.
+        if length > self.STREAM_ABOVE and retention is None:
             self._put_streamed(key, data, length)
             return
         try:
             self.client.put_object(
                 self.bucket, key, data, length,
                 content_type="application/zstd", part_size=self.PART_SIZE,
-                num_parallel_uploads=1,
+                num_parallel_uploads=1, retention=retention,
             )
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise BackendError("s3", f"put {key}: {exc}") from exc
@@ -211,7 +234,8 @@ class MemoryObjectStore:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
-    def put(self, key: str, data: BinaryIO, length: int) -> None:
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None:
         body = data.read(length)
         if len(body) != length:
             raise BackendError("s3", f"put {key}: short read {len(body)} of {length}")

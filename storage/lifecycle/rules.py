@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 import urllib3
@@ -24,6 +25,7 @@ from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from postkeep.storage.content.layout import CONTENT_CLASSES, class_prefix
+from postkeep.storage.content.probe import MISSING, status_of_error
 from postkeep.storage.metadata.db import BackendError
 
 RULE_PREFIX = "postkeep-content-"
@@ -51,6 +53,7 @@ class RetentionStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def apply_rules(self, rules: list[PlannedRule]) -> int: ...
     def rules(self) -> list[PlannedRule] | None: ...
+    def retained_until(self, key: str) -> datetime | None: ...
 
 
 _ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError)
@@ -59,25 +62,59 @@ _ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError)
 class S3Retention:
     """RetentionStore on the bucket of an S3ObjectStore (its minio client)."""
 
-    def __init__(self, client: object, bucket: str) -> None:
+    def __init__(self, client: object, bucket: str, object_lock: bool = False) -> None:
         self.client = client
         self.bucket = bucket
+        # s3.object_lock: the bucket is versioned, where a plain DELETE only
+        # adds a delete marker and leaves the bytes; delete the versions.
+        self.object_lock = object_lock
 
     def delete_many(self, keys: list[str]) -> list[str]:
         """Delete KEYS (one request per 1,000); return the keys that failed.
 
         A key that is already gone is not a failure: S3 deletes are idempotent.
+        With Object Lock the current version of each key is deleted by id, so
+        the server refuses (a failure) while its retention lasts.
         """
         failed: list[str] = []
         try:
             for i in range(0, len(keys), 1000):
-                chunk = [DeleteObject(k) for k in keys[i:i + 1000]]
+                chunk = (self._versions(keys[i:i + 1000]) if self.object_lock
+                         else [DeleteObject(k) for k in keys[i:i + 1000]])
                 for err in self.client.remove_objects(self.bucket, chunk):  # type: ignore[attr-defined]
                     if err.code != "NoSuchKey":
                         failed.append(err.name)
         except _ERRORS as exc:
             raise BackendError("s3", f"delete of {len(keys)} objects: {exc}") from exc
         return failed
+
+    def _versions(self, keys: list[str]) -> list[DeleteObject]:
+        """DeleteObjects naming the current version of each of KEYS that exists."""
+        out: list[DeleteObject] = []
+        for key in keys:
+            try:
+                st = self.client.stat_object(self.bucket, key)  # type: ignore[attr-defined]
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchVersion"):
+                    continue
+                raise
+            out.append(DeleteObject(key, st.version_id))
+        return out
+
+    def retained_until(self, key: str) -> datetime | None:
+        """KEY's Object Lock retention date, None if it has none (or is gone)."""
+        if not self.object_lock:
+            return None
+        try:
+            ret = self.client.get_object_retention(self.bucket, key)  # type: ignore[attr-defined]
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchObjectLockConfiguration",
+                            "ObjectLockConfigurationNotFoundError", "InvalidRequest"):
+                return None
+            raise BackendError("s3", f"get retention {key}: {exc.code}") from exc
+        except _ERRORS as exc:
+            raise BackendError("s3", f"get retention {key}: {exc}") from exc
+        return ret.retain_until_date if ret is not None else None
 
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy of SRC to DST (same bucket)."""
@@ -107,7 +144,7 @@ class S3Retention:
         try:
             cfg = self.client.get_bucket_lifecycle(self.bucket)  # type: ignore[attr-defined]
         except S3Error as exc:
-            if exc.code in ("NotImplemented", "MethodNotAllowed"):
+            if status_of_error(exc.code) == MISSING:  # as the storage probe says
                 return None
             raise BackendError("s3", f"get lifecycle: {exc.code}") from exc
         except _ERRORS as exc:
@@ -157,11 +194,15 @@ class MemoryRetention:
         self.lifecycle = lifecycle
         self.installed: list[PlannedRule] = []
         self.fail_deletes: set[str] = set()
+        self.locked: dict[str, datetime] = {}  # Object Lock: key -> retain until
+        self.now = datetime.now(UTC)
 
     def delete_many(self, keys: list[str]) -> list[str]:
-        failed = [k for k in keys if k in self.fail_deletes]
+        refused = self.fail_deletes | {k for k, until in self.locked.items()
+                                       if until > self.now and k in self.objects}
+        failed = [k for k in keys if k in refused]
         for k in keys:
-            if k not in self.fail_deletes:
+            if k not in refused:
                 self.objects.pop(k, None)
         return failed
 
@@ -172,6 +213,9 @@ class MemoryRetention:
 
     def exists(self, key: str) -> bool:
         return key in self.objects
+
+    def retained_until(self, key: str) -> datetime | None:
+        return self.locked.get(key) if key in self.objects else None
 
     def rules(self) -> list[PlannedRule] | None:
         return list(self.installed) if self.lifecycle else None

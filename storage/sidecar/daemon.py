@@ -140,7 +140,7 @@ def _orphan_job(db: Any, objects: Any, spool: Any, interval: float) -> Any:
 
     deleted = Counter("postkeep_storage_orphan_objects_deleted_total",
                       "Message objects deleted because no row named them")
-    store = S3Retention(objects.client, objects.bucket)
+    store = S3Retention(objects.client, objects.bucket, objects.locks_objects)
 
     def sweep() -> str:
         result = db.run(lambda c: sweep_orphans(c, store, spool.holds))
