@@ -29,9 +29,9 @@ from support.retention import put_message
 
 from postkeep import config as config_mod
 from postkeep.storage.content.objects import S3ObjectStore, put_content, read_all
-from postkeep.storage.lifecycle import erasure, rules
+from postkeep.storage.lifecycle import erasure, holds, rules
 from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention
-from postkeep.storage.metadata import messages
+from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
@@ -190,3 +190,65 @@ def test_erasure_of_locked_content_erases_metadata_and_reports_the_bytes_kept(
     (audit,), = db.execute("SELECT detail FROM retention_audit WHERE action = 'erased'"
                            " AND org_id = %s", (org.id,)).fetchall()
     assert audit["objects_locked"] == 1 and audit["objects_deleted"] == 0
+
+
+def test_object_lock_leaves_content_to_the_sweeper_and_versions_to_a_noncurrent_rule(
+        db: psycopg.Connection, locked: S3ObjectStore) -> None:
+    store = rules.S3Retention(locked.client, locked.bucket, object_lock=True)
+    report = run_retention(db, store, settings=RetentionSettings(content_expiry="auto"))
+    assert not report.errors, report.errors
+    assert report.mode == "sweep"  # no class rule may put a delete marker over held content
+    if SERVER == "versitygw":
+        assert store.rules() is None
+    else:
+        assert store.versioned()
+        assert store.rules() == [rules.PlannedRule(rules.NONCURRENT_RULE, "messages/", 1,
+                                                   noncurrent=True)]
+
+
+def test_a_legal_hold_sets_the_object_lock_flag_instead_of_copying(
+        db: psycopg.Connection, locked: S3ObjectStore,
+        make_org: Callable[..., TestOrg]) -> None:
+    org = make_org("basic")
+    now = datetime.now(UTC)
+    until = now + timedelta(seconds=3)
+    m = put_message(db, _Retaining(locked, until), org.id, org.domain,  # type: ignore[arg-type]
+                    created=now, recipients=(("frank@example.net", "delivered"),))
+    store = rules.S3Retention(locked.client, locked.bucket, object_lock=True)
+    hold = legal_holds.add_hold(db, org.id, None, "case 19")
+
+    res = holds.protect(db, store, hold, now - timedelta(days=1))
+
+    assert res.moved == 1
+    assert locked.client.is_object_legal_hold_enabled(locked.bucket, m.object_key)
+    row = messages.get_message(db, m.id)
+    assert row is not None and row.message.object_key == m.object_key  # not moved
+    assert not store.exists(layout_held(m.object_key))  # and not copied
+    assert holds.protect(db, store, hold, now - timedelta(days=1)).moved == 0  # walked once
+    assert store.delete_many([m.object_key]) == [m.object_key]  # retained and held
+    # Past its retention date the flag alone must refuse the delete.  MinIO
+    # does; versitygw v1.8.0 does not (a version whose retention has passed
+    # is deleted despite its legal hold; one without a retention is refused),
+    # so this is asserted on MinIO only.  postkeep itself never deletes held
+    # content (the sweeper skips it).
+    if SERVER != "versitygw":
+        deadline = time.monotonic() + 60
+        while datetime.now(UTC) <= until + timedelta(seconds=1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.delete_many([m.object_key]) == [m.object_key]
+        assert store.exists(m.object_key)
+
+    released = legal_holds.release_hold(db, hold.id)
+    holds.reconcile_released(db, store, released, datetime.now(UTC))
+
+    assert not locked.client.is_object_legal_hold_enabled(locked.bucket, m.object_key)
+    deadline = time.monotonic() + 60  # (versitygw: its retention may not have passed yet)
+    while store.delete_many([m.object_key]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not store.exists(m.object_key)
+
+
+def layout_held(key: str) -> str:
+    from postkeep.storage.content.layout import held_key
+
+    return held_key(key)

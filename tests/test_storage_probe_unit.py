@@ -189,3 +189,15 @@ def test_a_locking_store_keeps_its_objects_out_of_snowball_batches() -> None:
                                      object_lock="compliance"))
     assert not plain.locks_objects
     assert locking.locks_objects and locking.can_batch() is False
+
+
+def test_versioned_buckets_get_a_noncurrent_rule_and_locked_ones_no_class_rules() -> None:
+    from postkeep.storage.lifecycle.rules import NONCURRENT_RULE, planned_rules
+
+    plain = planned_rules()
+    assert all(not r.noncurrent for r in plain) and len(plain) == 15
+    versioned = planned_rules(versioned=True)
+    assert versioned[:-1] == plain
+    assert (versioned[-1].rule_id, versioned[-1].prefix, versioned[-1].noncurrent) == (
+        NONCURRENT_RULE, "messages/", True)
+    assert [r.rule_id for r in planned_rules(object_lock=True)] == [NONCURRENT_RULE]

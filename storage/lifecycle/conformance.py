@@ -19,7 +19,8 @@ from postkeep.storage.lifecycle.rules import planned_rules
 def probe(store: S3ObjectStore) -> ProbeReport:
     """Run the probe on STORE's bucket under its configuration."""
     return run_probe(S3ProbeStore(store), store.cfg.endpoint, store.bucket,
-                     store.cfg.object_lock, [r.rule_id for r in planned_rules()])
+                     store.cfg.object_lock,
+                     [r.rule_id for r in planned_rules(object_lock=store.locks_objects)])
 
 
 def check_at_start(store: S3ObjectStore, log: logging.Logger) -> ProbeReport:

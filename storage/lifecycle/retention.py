@@ -320,7 +320,12 @@ def _lifecycle(conn: psycopg.Connection, store: RetentionStore, settings: Retent
         installed = store.rules() if settings.content_expiry != "sweep" else None
         report.mode = choose_mode(settings.content_expiry, installed is not None)
         if report.mode == "lifecycle":
-            wanted = planned_rules()
+            lock = bool(getattr(store, "object_lock", False))
+            wanted = planned_rules(lock or store.versioned(), lock)
+            if lock:
+                # Object Lock: no class rules (planned_rules); content goes by
+                # the sweeper, version by version, once its retention passed.
+                report.mode = "sweep"
             if sorted(installed or [], key=lambda r: r.rule_id) != sorted(
                     wanted, key=lambda r: r.rule_id):
                 total = store.apply_rules(wanted)

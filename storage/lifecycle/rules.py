@@ -22,9 +22,9 @@ import urllib3
 from minio.commonconfig import ENABLED, CopySource, Filter
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error
-from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+from minio.lifecycleconfig import Expiration, LifecycleConfig, NoncurrentVersionExpiration, Rule
 
-from postkeep.storage.content.layout import CONTENT_CLASSES, class_prefix
+from postkeep.storage.content.layout import CONTENT_CLASSES, MESSAGES, class_prefix
 from postkeep.storage.content.probe import MISSING, status_of_error
 from postkeep.storage.metadata.db import BackendError
 
@@ -38,11 +38,28 @@ class PlannedRule:
     rule_id: str
     prefix: str
     days: int
+    # A NoncurrentVersionExpiration rule (versioned buckets), DAYS after an
+    # object version stopped being current, not an Expiration.
+    noncurrent: bool = False
 
 
-def planned_rules() -> list[PlannedRule]:
-    """The rules for every class: bounded by len(CONTENT_CLASSES), never per org."""
-    return [PlannedRule(f"{RULE_PREFIX}{d}d", class_prefix(f"{d}d"), d) for d in CONTENT_CLASSES]
+NONCURRENT_RULE = f"{RULE_PREFIX}noncurrent"
+
+
+def planned_rules(versioned: bool = False, object_lock: bool = False) -> list[PlannedRule]:
+    """The rules for every class: bounded by len(CONTENT_CLASSES), never per org.
+
+    On a versioned bucket a delete (a rule's or the sweeper's) only makes the
+    object a noncurrent version: one more rule reclaims those a day later.
+    Under Object Lock (always versioned) there are no class rules: an expiry
+    by rule would put a delete marker over held content; the sweeper deletes
+    each version by id once its retention has passed.
+    """
+    classes = [] if object_lock else [
+        PlannedRule(f"{RULE_PREFIX}{d}d", class_prefix(f"{d}d"), d) for d in CONTENT_CLASSES]
+    if versioned or object_lock:
+        classes.append(PlannedRule(NONCURRENT_RULE, MESSAGES, 1, noncurrent=True))
+    return classes
 
 
 class RetentionStore(Protocol):
@@ -54,6 +71,8 @@ class RetentionStore(Protocol):
     def apply_rules(self, rules: list[PlannedRule]) -> int: ...
     def rules(self) -> list[PlannedRule] | None: ...
     def retained_until(self, key: str) -> datetime | None: ...
+    def versioned(self) -> bool: ...
+    def set_legal_hold(self, key: str, on: bool) -> bool: ...
 
 
 _ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError)
@@ -116,6 +135,34 @@ class S3Retention:
             raise BackendError("s3", f"get retention {key}: {exc}") from exc
         return ret.retain_until_date if ret is not None else None
 
+    def set_legal_hold(self, key: str, on: bool) -> bool:
+        """Set or clear the Object Lock legal hold of KEY's current version;
+        False if there is no such object."""
+        try:
+            if on:
+                self.client.enable_object_legal_hold(self.bucket, key)  # type: ignore[attr-defined]
+            else:
+                self.client.disable_object_legal_hold(self.bucket, key)  # type: ignore[attr-defined]
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NoSuchVersion"):
+                return False
+            raise BackendError("s3", f"legal hold {key}: {exc.code}: {exc.message}") from exc
+        except _ERRORS as exc:
+            raise BackendError("s3", f"legal hold {key}: {exc}") from exc
+        return True
+
+    def versioned(self) -> bool:
+        """Whether the bucket keeps object versions (a delete leaves a noncurrent one)."""
+        try:
+            cfg = self.client.get_bucket_versioning(self.bucket)  # type: ignore[attr-defined]
+        except S3Error as exc:
+            if status_of_error(exc.code) == MISSING:
+                return False
+            raise BackendError("s3", f"get versioning: {exc.code}") from exc
+        except _ERRORS as exc:
+            raise BackendError("s3", f"get versioning: {exc}") from exc
+        return bool(cfg.status == "Enabled")
+
     def copy(self, src: str, dst: str) -> None:
         """Server-side copy of SRC to DST (same bucket)."""
         try:
@@ -162,6 +209,9 @@ class S3Retention:
             others = [r for r in (cfg.rules if cfg else [])
                       if not (r.rule_id or "").startswith(RULE_PREFIX)]
             mine = [Rule(ENABLED, rule_filter=Filter(prefix=r.prefix), rule_id=r.rule_id,
+                         noncurrent_version_expiration=NoncurrentVersionExpiration(r.days))
+                    if r.noncurrent else
+                    Rule(ENABLED, rule_filter=Filter(prefix=r.prefix), rule_id=r.rule_id,
                          expiration=Expiration(days=r.days)) for r in rules]
             total = others + mine
             if len(total) > 1000:
@@ -182,8 +232,11 @@ def _ours(rules: Iterable[Rule]) -> Iterator[PlannedRule]:
             continue
         prefix = r.rule_filter.prefix if r.rule_filter is not None else None
         days = r.expiration.days if r.expiration is not None else None
+        gone = r.noncurrent_version_expiration
         if prefix is not None and days is not None:
             yield PlannedRule(rid, prefix, int(days))
+        elif prefix is not None and gone is not None and gone.noncurrent_days is not None:
+            yield PlannedRule(rid, prefix, int(gone.noncurrent_days), noncurrent=True)
 
 
 class MemoryRetention:
@@ -195,11 +248,12 @@ class MemoryRetention:
         self.installed: list[PlannedRule] = []
         self.fail_deletes: set[str] = set()
         self.locked: dict[str, datetime] = {}  # Object Lock: key -> retain until
+        self.legal_holds: set[str] = set()  # Object Lock legal-hold flags
         self.now = datetime.now(UTC)
 
     def delete_many(self, keys: list[str]) -> list[str]:
-        refused = self.fail_deletes | {k for k, until in self.locked.items()
-                                       if until > self.now and k in self.objects}
+        refused = self.fail_deletes | self.legal_holds | {
+            k for k, until in self.locked.items() if until > self.now and k in self.objects}
         failed = [k for k in keys if k in refused]
         for k in keys:
             if k not in refused:
@@ -216,6 +270,15 @@ class MemoryRetention:
 
     def retained_until(self, key: str) -> datetime | None:
         return self.locked.get(key) if key in self.objects else None
+
+    def versioned(self) -> bool:
+        return False
+
+    def set_legal_hold(self, key: str, on: bool) -> bool:
+        if key not in self.objects:
+            return False
+        (self.legal_holds.add if on else self.legal_holds.discard)(key)
+        return True
 
     def rules(self) -> list[PlannedRule] | None:
         return list(self.installed) if self.lifecycle else None
