@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -124,6 +125,25 @@ def test_probe_refuses_compliance_on_a_bucket_without_object_lock(
     assert done.returncode == 1, done.stdout + done.stderr
     assert "object_lock missing" in done.stderr
     assert "bucket has no Object Lock configuration" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_daemon_refuses_to_start_naming_the_lock_the_bucket_lacks(
+        stack_env: StackEnv, tmp_path: Path) -> None:
+    path = _config_file(tmp_path, stack_env.config_path, object_lock="compliance")
+    venv = os.environ["POSTKEEP_STACK_VENV"]
+    done = subprocess.run(
+        [f"{venv}/bin/postkeep-storage", "--config", path,
+         "--listen", f"127.0.0.1:{_free_port()}", "--metrics", f"127.0.0.1:{_free_port()}"],
+        capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 2, done.stderr
+    assert "start-up refused: storage probe" in done.stderr
+    assert "object_lock missing" in done.stderr and "(s3.object_lock)" in done.stderr
 
 
 def test_probe_sees_object_lock_enforced_on_a_locked_bucket(
