@@ -92,13 +92,18 @@ def lifecycle_group() -> None:
 def lifecycle_apply(ctx: click.Context) -> None:
     """Install postkeep's rules on the bucket, keeping any other rules there."""
     with session(ctx) as s:
+        store = _store(s.cfg.s3)
         try:
-            total = _store(s.cfg.s3).apply_rules(rules.planned_rules())
+            # Versioned buckets also get the noncurrent-version rule; under
+            # Object Lock there are no class rules (see rules.planned_rules).
+            wanted = rules.planned_rules(store.object_lock or store.versioned(),
+                                         store.object_lock)
+            total = store.apply_rules(wanted)
         except BackendError as exc:
             backend_failure(exc)
-        audit.audit(s.conn, None, "lifecycle_applied", len(rules.planned_rules()), None,
+        audit.audit(s.conn, None, "lifecycle_applied", len(wanted), None,
                     None, {"bucket_rules": total})
-    click.echo(f"installed {len(rules.planned_rules())} postkeep rules;"
+    click.echo(f"installed {len(wanted)} postkeep rules;"
                f" the bucket has {total} rules")
 
 

@@ -156,7 +156,8 @@ class S3Retention:
         try:
             cfg = self.client.get_bucket_versioning(self.bucket)  # type: ignore[attr-defined]
         except S3Error as exc:
-            if status_of_error(exc.code) == MISSING:
+            # No versioning support; or no bucket, which the next call names.
+            if status_of_error(exc.code) == MISSING or exc.code == "NoSuchBucket":
                 return False
             raise BackendError("s3", f"get versioning: {exc.code}") from exc
         except _ERRORS as exc:
