@@ -272,3 +272,29 @@ def layout_held(key: str) -> str:
     from postkeep.storage.content.layout import held_key
 
     return held_key(key)
+
+
+def test_the_sweeper_deletes_erased_content_once_its_lock_has_passed(
+        db: psycopg.Connection, locked: S3ObjectStore,
+        make_org: Callable[..., TestOrg]) -> None:
+    """Content expired in the database, but its object still retained for a
+    few seconds: erasure leaves the bytes, and the next run after the lock
+    passed deletes them (erased rows are swept under Object Lock)."""
+    org = make_org("basic")
+    created = datetime.now(UTC) - timedelta(days=2)
+    until = datetime.now(UTC) + timedelta(seconds=3)
+    target = "gina@example.net"
+    m = put_message(db, _Retaining(locked, until), org.id, org.domain,  # type: ignore[arg-type]
+                    created=created, content_days=1, recipients=((target, "delivered"),))
+    store = rules.S3Retention(locked.client, locked.bucket, object_lock=True)
+    assert erasure.erase_address(db, store, org.id, target).objects_locked == 1
+    deadline = time.monotonic() + 60
+    while datetime.now(UTC) <= until + timedelta(seconds=1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert store.exists(m.object_key)
+
+    report = run_retention(db, store, settings=RetentionSettings(content_expiry="auto"),
+                           sweep_from=created - timedelta(days=1))
+
+    assert not report.errors, report.errors
+    assert not store.exists(m.object_key)
