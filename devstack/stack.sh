@@ -9,6 +9,11 @@
 #   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
 #   stack.sh status DIR              one line per service
 #
+# S3_SERVER=versitygw stack.sh up DIR PORTBASE runs versitygw (posix backend,
+# bucket versioning and Object Lock available) instead of MinIO on the same
+# port; the choice is kept in DIR/s3server, and the service keeps the name
+# `minio` (stop/start DIR minio act on whichever S3 server the stack runs).
+#
 # Daemons are started with fd 9 closed: `make test` holds its lock there.
 # Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
 # +4 MinIO console, +5 milter, +6 milter metrics, +7 policyd, +8 policyd metrics,
@@ -25,6 +30,10 @@ CACHE=/var/cache/postkeep
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO_DIR="$CACHE/minio-$(echo "$MINIO_VERSION" | cut -d- -f2 | cut -c1-8)"
 MINIO_BIN="$MINIO_DIR/minio"
+# versitygw (issue 19): a maintained S3 server, built from its public module.
+VERSITYGW_VERSION=v1.8.0
+VERSITYGW_DIR="$CACHE/versitygw-$VERSITYGW_VERSION"
+VERSITYGW_BIN="$VERSITYGW_DIR/versitygw"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
@@ -74,6 +83,24 @@ install_minio() {
         "$go" install "github.com/minio/minio@$MINIO_VERSION" \
         || die "building MinIO failed"
     [ -x "$MINIO_BIN" ] || die "MinIO build produced no $MINIO_BIN"
+}
+
+# versitygw: `go install` of the pinned module (about a minute, once), cached
+# outside the clone by version like MinIO.
+install_versitygw() {
+    [ -x "$VERSITYGW_BIN" ] && return 0
+    command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "go is needed to build versitygw"
+    local go; go="$(command -v go || echo /usr/local/go/bin/go)"
+    log "building versitygw $VERSITYGW_VERSION into $VERSITYGW_DIR (about a minute)"
+    rm -rf "$VERSITYGW_DIR.tmp"
+    mkdir -p "$VERSITYGW_DIR.tmp" "$CACHE/gopath"
+    GOBIN="$VERSITYGW_DIR.tmp" GOPATH="$CACHE/gopath" GOFLAGS=-modcacherw \
+        "$go" install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" \
+        || die "building versitygw failed"
+    [ -x "$VERSITYGW_DIR.tmp/versitygw" ] || die "versitygw build produced no binary"
+    mkdir -p "$VERSITYGW_DIR"
+    mv "$VERSITYGW_DIR.tmp/versitygw" "$VERSITYGW_BIN"
+    rmdir "$VERSITYGW_DIR.tmp"
 }
 
 install_venv() {
@@ -134,6 +161,7 @@ cmd_install() {
     install_apt
     install_promtool
     install_minio
+    install_versitygw
     install_venv
     log "install complete (venv $(venv_dir))"
 }
@@ -159,6 +187,18 @@ load_state() {
     STORAGE_METRICS_PORT=$((PORTBASE + 10))
     FAKE_MX_PORT=$((PORTBASE + 11))
     REINJECT_PORT=$((PORTBASE + 12))
+    # The S3 server: what `up` chose (S3_SERVER, default minio), else DIR/s3server.
+    if [ -n "${S3_SERVER_CHOSEN:-}" ]; then
+        S3_SERVER="$S3_SERVER_CHOSEN"
+    elif [ -f "$DIR/s3server" ]; then
+        S3_SERVER="$(cat "$DIR/s3server")"
+    else
+        S3_SERVER=minio
+    fi
+    case "$S3_SERVER" in
+        minio|versitygw) ;;
+        *) die "S3_SERVER must be minio or versitygw, got '$S3_SERVER'" ;;
+    esac
     VENV="$(venv_dir)"
     PY="$VENV/bin/python"
     PFDIR="$DIR/postfix/etc"
@@ -365,6 +405,7 @@ minio_keys() {
 }
 
 start_minio() {
+    if [ "$S3_SERVER" = versitygw ]; then start_versitygw; return; fi
     minio_keys
     mkdir -p "$DIR/minio/data"
     if pid_alive "$DIR/minio/minio.pid"; then
@@ -397,7 +438,37 @@ if not c.bucket_exists("postkeep"):
 EOF
 }
 
-stop_minio() { stop_pid "$DIR/minio/minio.pid" minio; }
+stop_minio() { stop_pid "$DIR/minio/minio.pid" "$S3_SERVER"; }
+
+# versitygw in MinIO's place (S3_SERVER=versitygw): same port, credentials and
+# pid file; posix backend under DIR/minio/vgw-data, with a versioning directory
+# so that buckets can have versioning and Object Lock (it has no lifecycle).
+start_versitygw() {
+    minio_keys
+    mkdir -p "$DIR/minio/vgw-data" "$DIR/minio/vgw-versions"
+    if pid_alive "$DIR/minio/minio.pid"; then
+        log "versitygw already running"
+    else
+        [ -x "$VERSITYGW_BIN" ] || die "$VERSITYGW_BIN missing: run 'stack.sh install'"
+        require_free "$S3_PORT" "versitygw"
+        private_log "$DIR/minio/versitygw.log"
+        ROOT_ACCESS_KEY="$MINIO_ROOT_USER" ROOT_SECRET_KEY="$MINIO_ROOT_PASSWORD" \
+            setsid "$VERSITYGW_BIN" --port "127.0.0.1:$S3_PORT" --quiet \
+            posix --versioning-dir "$DIR/minio/vgw-versions" "$DIR/minio/vgw-data" \
+            >>"$DIR/minio/versitygw.log" 2>&1 </dev/null 9>&- &
+        echo $! >"$DIR/minio/minio.pid"
+    fi
+    wait_port "$S3_PORT" 30 "$DIR/minio/minio.pid" \
+        || die "versitygw not listening on 127.0.0.1:$S3_PORT, see $DIR/minio/versitygw.log"
+    "$PY" - "127.0.0.1:$S3_PORT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
+        || die "creating bucket postkeep on versitygw failed"
+import sys
+from minio import Minio
+c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
+if not c.bucket_exists("postkeep"):
+    c.make_bucket("postkeep")
+EOF
+}
 
 # ---------------------------------------------------------------- sink
 start_sink() {
@@ -694,6 +765,7 @@ export POSTKEEP_S3_ENDPOINT='127.0.0.1:$S3_PORT'
 export POSTKEEP_S3_BUCKET='postkeep'
 export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'
 export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'
+export POSTKEEP_S3_SERVER='$S3_SERVER'
 EOF
     mv "$DIR/env.tmp" "$DIR/env"
 }
@@ -737,6 +809,15 @@ cmd_up() {
         (PORTBASE="$(cat "$DIR/portbase")"; load_state "$DIR"; cmd_down_loaded)
     fi
     echo "$PORTBASE" >"$DIR/portbase"
+    # S3_SERVER (minio by default): switching a stack's server stops the old one.
+    local want="${S3_SERVER_REQUESTED:-minio}"
+    if [ -f "$DIR/s3server" ] && [ "$(cat "$DIR/s3server")" != "$want" ]; then
+        log "S3 server changed to $want: stopping $S3_SERVER"
+        stop_minio
+    fi
+    echo "$want" >"$DIR/s3server"
+    S3_SERVER_CHOSEN="$want"
+    S3_SERVER="$want"
     open_parents "$DIR"
     chmod o+x "$DIR"
     start_postgres
@@ -780,7 +861,7 @@ cmd_down() {
 cmd_status() {
     load_state "$1"
     local s
-    pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s"
+    pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s ($S3_SERVER)"
     pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
@@ -789,6 +870,10 @@ cmd_status() {
         && s=up || s=down; echo "postgres $s"
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
+
+# S3_SERVER from the caller's environment is read by `up` only.
+S3_SERVER_REQUESTED="${S3_SERVER:-}"
+unset S3_SERVER
 
 main() {
     local cmd="${1:-}"

@@ -67,7 +67,7 @@ from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
 from postkeep.storage.content.dictionaries import DictionaryUse
-from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
@@ -370,8 +370,8 @@ class GroupCommitter:
             large = p.content.compressed_size > self._small
             try:
                 with self._large if large else contextlib.nullcontext():
-                    self._objects.put(p.message.object_key, p.content.stream,
-                                      p.content.compressed_size)
+                    put_content(self._objects, p.message.object_key, p.content.stream,
+                                p.content.compressed_size, p.message.content_expires_at)
                 ok.append(p)
             except BackendError as exc:
                 p.error = exc

@@ -357,6 +357,11 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
         objects.can_batch()  # probe now rather than on the first message
     except BackendError as exc:  # not fatal: messages tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
+    # What the server does (issue 19): one line; refused only if it lacks
+    # what postkeep cannot work without (ConfigError names it).
+    from postkeep.storage.lifecycle.conformance import check_at_start
+
+    check_at_start(objects, log)
     db.open()
     spooler = None
     if mcfg.outage_spool:

@@ -85,6 +85,11 @@ class S3Config:
     # "auto": store many small objects in one request where the server can
     # (MinIO's snowball auto-extract; probed at start), else one PUT each.
     batch_uploads: str = field(default="auto", metadata=_choice("auto", "off"))
+    # WORM storage (issue 19): "compliance" creates the bucket with Object Lock
+    # and writes every message object with a compliance-mode retention until
+    # its content expiry; the daemons refuse to start if the bucket does not
+    # enforce it (`postkeep storage probe`).  "off": plain objects.
+    object_lock: str = field(default="off", metadata=_choice("off", "compliance"))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from postkeep.storage.metadata.db import BackendError
 
 def _store(cfg_s3: object) -> rules.S3Retention:
     s3 = S3ObjectStore(cfg_s3)  # type: ignore[arg-type]
-    return rules.S3Retention(s3.client, s3.bucket)
+    return rules.S3Retention(s3.client, s3.bucket, s3.locks_objects)
 
 
 def _progress(line: str) -> None:
@@ -96,14 +96,19 @@ def lifecycle_group() -> None:
 def lifecycle_apply(ctx: click.Context) -> None:
     """Install postkeep's rules on the bucket, keeping any other rules there."""
     with session(ctx) as s:
+        store = _store(s.cfg.s3)
         try:
-            total = _store(s.cfg.s3).apply_rules(rules.planned_rules())
+            # Versioned buckets also get the noncurrent-version rule; under
+            # Object Lock there are no class rules (see rules.planned_rules).
+            wanted = rules.planned_rules(store.object_lock or store.versioned(),
+                                         store.object_lock)
+            total = store.apply_rules(wanted)
         except BackendError as exc:
             backend_failure(exc)
-        audit.audit(s.conn, None, "lifecycle_applied", len(rules.planned_rules()), None,
+        audit.audit(s.conn, None, "lifecycle_applied", len(wanted), None,
                     None, {"bucket_rules": total})
-    say(f"installed {len(rules.planned_rules())} postkeep rules; the bucket has {total} rules",
-        installed=len(rules.planned_rules()), bucket_rules=total)
+    say(f"installed {len(wanted)} postkeep rules; the bucket has {total} rules",
+        installed=len(wanted), bucket_rules=total)
 
 
 @lifecycle_group.command("show")
@@ -233,14 +238,21 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
                                         progress=_progress)
         except erasure.ErasureRefused as exc:
             fail(f"erase {addr} in org {target.name}: {exc}")
+    locked = ""
+    if rep.objects_locked and rep.locked_until is not None:
+        locked = (f"\n  {rep.objects_locked} objects are under Object Lock (compliance): S3"
+                  f" refused their delete; their bytes remain in S3 until"
+                  f" {rep.locked_until:%Y-%m-%d %H:%M} UTC, when retention deletes them."
+                  " The metadata is erased and no reader serves the content.")
     say(f"erased {rep.messages} messages of {addr} in org {target.name}:"
         f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
         f" recipient rows redacted, {rep.suppressions_kept} suppression entries kept"
-        f" under a pseudonym (audit: address sha256 {rep.address_sha256})",
+        f" under a pseudonym (audit: address sha256 {rep.address_sha256})" + locked,
         org=target.name, org_id=str(target.id), messages=rep.messages,
         objects_deleted=rep.objects_deleted,
         recipient_rows_redacted=rep.recipient_rows_redacted,
-        suppressions_kept=rep.suppressions_kept, address_sha256=rep.address_sha256)
+        suppressions_kept=rep.suppressions_kept, address_sha256=rep.address_sha256,
+        objects_locked=rep.objects_locked, locked_until=rep.locked_until)
 
 
 @click.group()

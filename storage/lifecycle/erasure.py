@@ -15,6 +15,14 @@ A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
 
+On WORM storage (`s3.object_lock = "compliance"`) the server refuses to
+delete an object before its retention date (its content expiry): erasure
+then still erases the metadata and marks the content erased (no reader
+serves it), and reports how many objects keep their bytes in S3 and until
+when (`ErasureReport.objects_locked`, `locked_until`, the audit row); the
+retention sweeper deletes them once the lock has passed.  Destroying the
+bytes at once needs per-message keys (crypto-shredding), a later change.
+
 Crash-safe by order: per batch, the objects are deleted first (with any
 original a hold's move left behind), then the attachment parts only these
 messages used (storage/content/parts.py), and only then are the rows marked
@@ -69,6 +77,17 @@ class ErasureReport:
     address_sha256: str
     # Suppression entries kept under a pseudonym (0023_suppression_erasure.sql).
     suppressions_kept: int = 0
+    # Objects Object Lock kept (their bytes stay in S3 until locked_until).
+    objects_locked: int = 0
+    locked_until: datetime | None = None
+
+
+def split_locked(failed: list[str], retained: dict[str, datetime | None],
+                 now: datetime) -> tuple[list[str], list[str]]:
+    """(locked, failed) of the keys S3 did not delete: locked while a
+    retention date after NOW explains the refusal; anything else a failure."""
+    locked = [k for k in failed if (retained.get(k) or now) > now]
+    return locked, [k for k in failed if k not in locked]
 
 
 def pg_regex_literal(text: str) -> str:
@@ -115,7 +134,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                      if h.address == address and h not in covering]
         if covering:
             raise ErasureRefused(covering)
-        total = deleted = redacted = 0
+        total = deleted = redacted = locked_n = 0
+        locked_until: datetime | None = None
         pattern = pg_regex_literal(address)
         # The redacted recipient is the same in the current status and in the
         # history of one message (so they still pair up), unguessable without
@@ -125,6 +145,10 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             batch = scope[i:i + BATCH]
             keys = [m[2] for m in batch]
             failed = delete_content(store, keys)
+            locked: list[str] = []
+            if failed:
+                locked, failed = split_locked(
+                    failed, {k: store.retained_until(k) for k in failed}, now)
             if failed:
                 raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
                                          f" {failed[0]}; nothing of this batch was marked,"
@@ -175,10 +199,16 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     if table == "message_recipients":
                         redacted += cur.rowcount
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
-                      {"address_sha256": digest, "objects_deleted": len(keys),
-                       "parts_deleted": parts})
+                      {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
+                       "parts_deleted": parts, "objects_locked": len(locked)})
             total += len(batch)
-            deleted += len(keys)
+            deleted += len(keys) - len(locked)
+            if locked:
+                locked_n += len(locked)
+                last = max(d for d in (store.retained_until(k) for k in locked) if d)
+                locked_until = max(locked_until or last, last)
+                say(f"{len(locked)} object(s) under Object Lock: S3 refused the delete; their"
+                    f" bytes remain until {last:%Y-%m-%d %H:%M} UTC (metadata erased now)")
             say(f"erased {total}/{len(scope)} messages ({parts} attachment part object(s)"
                 " no other message needs deleted)")
         # Still suppressed, no longer named (an erasure is no consent to be mailed).
@@ -191,4 +221,4 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": 0,
                        "suppressions_kept": kept})
-    return ErasureReport(total, deleted, redacted, digest, kept)
+    return ErasureReport(total, deleted, redacted, digest, kept, locked_n, locked_until)

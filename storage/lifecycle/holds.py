@@ -20,6 +20,14 @@ An original that S3 refused to delete after the move stays behind with no row
 pointing at it; whoever deletes a held copy deletes every key its original
 could have had with it (`delete_content`), so it never outlives the copy.
 
+With Object Lock (`s3.object_lock`) content is not copied: `protect` sets the
+legal-hold flag of each covered object, which the server enforces (no
+delete of that version, by anyone, until it is cleared), and
+`reconcile_released` clears the flags of what no other hold covers before
+deleting what expired.  The walk's position per hold is kept in
+`retention_state` (`hold-flag-<id>`), so a run flags only mail captured
+since the last one.
+
 The hold rows themselves (add, release, list, and the SQL that says what a
 hold covers) are storage/metadata/legal_holds.py.
 """
@@ -31,6 +39,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -164,6 +173,8 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
     anywhere leaves every row pointing at an object that exists (an original
     left behind is deleted with the held copy, see delete_content).
     """
+    if getattr(store, "object_lock", False):
+        return _flag(conn, store, hold, content_after, run_id, progress)
     moved = gone = left = 0
     scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
     # Walk the organisation's messages by (created_at, id): the
@@ -218,6 +229,63 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
     return ProtectResult(moved, gone, left)
 
 
+def _flag_state(hold: Hold) -> str:
+    return f"hold-flag-{hold.id}"
+
+
+def _flag(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
+          content_after: datetime, run_id: uuid.UUID | None,
+          progress: Progress | None) -> ProtectResult:
+    """protect() under Object Lock: the legal-hold flag on every covered object
+    captured since the last run (rows stay where they are: nothing moves)."""
+    flagged = gone = 0
+    scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
+    row = conn.execute("SELECT at, id FROM retention_state WHERE name = %s",
+                       (_flag_state(hold),)).fetchone()
+    last: tuple[datetime, uuid.UUID] = (row[0], row[1]) if row else (
+        datetime.min.replace(tzinfo=HELD_AT.tzinfo), uuid.UUID(int=0))
+    while True:
+        rows = conn.execute(
+            "SELECT m.id, m.object_key, m.created_at FROM messages m"
+            " WHERE m.org_id = %(org)s AND (m.created_at, m.id) > (%(c)s, %(after)s)"
+            f" AND m.content_erased_at IS NULL AND m.content_expires_at > %(content_after)s{scope}"
+            " ORDER BY m.created_at, m.id LIMIT %(n)s",
+            {"org": hold.org_id, "addr": hold.address, "c": last[0], "after": last[1],
+             "content_after": content_after, "n": _PROTECT_BATCH}).fetchall()
+        if not rows:
+            break
+        n = 0
+        for _mid, key, _created in rows:
+            if store.set_legal_hold(key, True):
+                n += 1
+            else:
+                gone += 1
+        last = (rows[-1][2], rows[-1][0])
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO retention_state (name, at, id) VALUES (%s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, id = EXCLUDED.id,"
+                " updated_at = now()", (_flag_state(hold), *last))
+            audit(conn, run_id, "hold_protected", n, hold.org_id, f"hold {hold.id}",
+                  {"object_lock_legal_hold": True})
+        flagged += n
+        if progress:
+            progress(f"hold {hold.id} ({hold.scope()}): {flagged} objects given the Object"
+                     " Lock legal hold")
+    return ProtectResult(flagged, gone)
+
+
+def _unflag(conn: psycopg.Connection, store: RetentionStore, free: str,
+            params: dict[str, Any], hold: Hold) -> int:
+    """Clear the legal-hold flags of what HOLD covered and no other hold does."""
+    keys = [r[0] for r in conn.execute(
+        f"SELECT m.object_key FROM messages m WHERE {free} AND m.content_erased_at IS NULL",
+        params).fetchall()]
+    cleared = sum(1 for k in keys if store.set_legal_hold(k, False))
+    conn.execute("DELETE FROM retention_state WHERE name = %s", (_flag_state(hold),))
+    return cleared
+
+
 # --- release ------------------------------------------------------------------
 
 
@@ -248,6 +316,8 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
     # (a day's margin before it for a sweeper that runs at least daily).
     # Deleting a key that is already gone is harmless.
     params["since"] = hold.created_at - timedelta(days=1)
+    if getattr(store, "object_lock", False):
+        _unflag(conn, store, free, params, hold)
     expired_objects = conn.execute(
         f"SELECT m.object_key FROM messages m WHERE {free}"
         " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"

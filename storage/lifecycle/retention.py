@@ -320,7 +320,12 @@ def _lifecycle(conn: psycopg.Connection, store: RetentionStore, settings: Retent
         installed = store.rules() if settings.content_expiry != "sweep" else None
         report.mode = choose_mode(settings.content_expiry, installed is not None)
         if report.mode == "lifecycle":
-            wanted = planned_rules()
+            lock = bool(getattr(store, "object_lock", False))
+            wanted = planned_rules(lock or store.versioned(), lock)
+            if lock:
+                # Object Lock: no class rules (planned_rules); content goes by
+                # the sweeper, version by version, once its retention passed.
+                report.mode = "sweep"
             if sorted(installed or [], key=lambda r: r.rule_id) != sorted(
                     wanted, key=lambda r: r.rule_id):
                 total = store.apply_rules(wanted)
@@ -387,7 +392,8 @@ _RULED = r"^messages/[0-9]+d/"
 _SWEEP_BATCH = sql.SQL(
     "SELECT m.content_expires_at, m.id, m.object_key, {covered} FROM messages m"
     " WHERE (m.content_expires_at, m.id) > (%(at)s, %(id)s) AND m.content_expires_at <= %(now)s"
-    " AND m.content_erased_at IS NULL AND NOT (%(ruled)s AND m.object_key ~ %(pattern)s)"
+    " AND (m.content_erased_at IS NULL OR %(locking)s)"
+    " AND NOT (%(ruled)s AND m.object_key ~ %(pattern)s)"
     " ORDER BY m.content_expires_at, m.id LIMIT %(n)s"
 ).format(covered=sql.SQL(covered_sql("m")))
 
@@ -398,10 +404,14 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
            ) -> tuple[datetime, uuid.UUID]:
     """Delete expired content nothing else will delete; return the new watermark."""
     ruled = report.mode == "lifecycle"
+    # With Object Lock an erasure may have left the bytes (the server refused
+    # the delete until the content expiry): erased rows are swept too then.
+    locking = bool(getattr(store, "object_lock", False))
     todo_row = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE %s AND m.object_key ~ %s) FROM messages m"
         " WHERE (m.content_expires_at, m.id) > (%s, %s) AND m.content_expires_at <= %s"
-        " AND m.content_erased_at IS NULL", (ruled, _RULED, *watermark, now)).fetchone()
+        " AND (m.content_erased_at IS NULL OR %s)",
+        (ruled, _RULED, *watermark, now, locking)).fetchone()
     expired, by_rules = (int(todo_row[0]), int(todo_row[1])) if todo_row else (0, 0)
     todo = expired - by_rules
     report.objects_left_to_lifecycle = by_rules
@@ -416,6 +426,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         if stop():
             raise Stopped
         rows = conn.execute(_SWEEP_BATCH, {"at": at, "id": last, "now": now, "ruled": ruled,
+                                           "locking": locking,
                                            "pattern": _RULED, "n": settings.sweep_batch}
                             ).fetchall()
         if not rows:

@@ -55,6 +55,13 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         await asyncio.to_thread(objects.ensure_bucket)
     except BackendError as exc:  # not fatal: unmatched reports tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
+    from postkeep.storage.lifecycle.conformance import check_at_start
+
+    try:
+        await asyncio.to_thread(check_at_start, objects, log)
+    except ConfigError:
+        db.close()
+        raise
     batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
     batcher.start()
     spool_stop, spool_task, spool = _start_spool_drain(cfg, db, objects)
@@ -133,7 +140,7 @@ def _orphan_job(db: Any, objects: Any, spool: Any, interval: float) -> Any:
 
     deleted = Counter("postkeep_storage_orphan_objects_deleted_total",
                       "Message objects deleted because no row named them")
-    store = S3Retention(objects.client, objects.bucket)
+    store = S3Retention(objects.client, objects.bucket, objects.locks_objects)
 
     def sweep() -> str:
         result = db.run(lambda c: sweep_orphans(c, store, spool.holds))
