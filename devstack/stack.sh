@@ -130,9 +130,39 @@ install_promtool() {
     command -v promtool >/dev/null || die "promtool missing after installing prometheus"
 }
 
+# ---- PostgreSQL that fails over (issue 20; devstack/pgha.sh): Debian's patroni
+# and etcd.  etcd-server's postinst would start a system etcd on :2379 (and
+# patroni's a service): as for prometheus, a policy-rc.d refuses every start
+# during the install only; pgha.sh runs its own etcd and Patroni per stack.
+PGHA_PACKAGES=(patroni etcd-server etcd-client)
+install_pgha() {
+    local missing=() p
+    for p in "${PGHA_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages for pgha.sh: ${missing[*]} (their services are not started)"
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local rc=0
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+        || rc=$?
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd.service patroni.service >/dev/null 2>&1 || true
+    fi
+}
+
 cmd_install() {
     install_apt
     install_promtool
+    install_pgha
     install_minio
     install_venv
     log "install complete (venv $(venv_dir))"
