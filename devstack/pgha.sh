@@ -9,6 +9,7 @@
 #   pgha.sh kill DIR NODE       kill -9 NODE's Patroni and PostgreSQL (a lost host)
 #   pgha.sh start DIR NODE      start NODE's Patroni again (it rejoins as it can)
 #   pgha.sh leader DIR          the node holding the leader key (node1|node2)
+#   pgha.sh sync DIR            the synchronous standby (node1|node2), if any
 #   pgha.sh switchover DIR      patronictl switchover to the replica, waited for
 #   pgha.sh status DIR          patronictl list
 #
@@ -67,7 +68,7 @@ until_ok() {  # SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s until it succe
     die "$what not reached after ${secs}s (logs in $DIR)"
 }
 
-rest_ok() { curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$(rest_port "$1")/$2"; }
+rest_ok() { curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$(rest_port "$1")/$2" 2>/dev/null; }
 
 secret_file() {  # FILE: made once, 48 hex digits
     [ -s "$1" ] && return 0
@@ -382,15 +383,37 @@ cmd_down() {
     log "pgha in $DIR stopped"
 }
 
+sync_standby() {  # the node Patroni holds as synchronous standby, or nothing
+    local node
+    for node in "${NODES[@]}"; do
+        if rest_ok "$node" sync; then echo "$node"; return 0; fi
+    done
+    return 1
+}
+
 cmd_switchover() {
-    local from to
+    local from to i
     from="$(leader)" || die "no leader"
     to=node1
     [ "$from" = node1 ] && to=node2
-    patronictl -c "$DIR/$from/patroni.yml" switchover "$SCOPE" --leader "$from" --candidate "$to" \
-        --force >"$DIR/switchover.log" 2>&1 || { cat "$DIR/switchover.log" >&2; die "switchover failed"; }
-    until_ok 120 "$to leading" rest_ok "$to" primary
-    echo "$to"
+    # In synchronous mode Patroni switches over to the synchronous standby
+    # only (412 otherwise), and patronictl exits 0 when it refuses: retry
+    # until the leader changed.
+    for ((i = 0; i < 10; i++)); do
+        until_ok 120 "$to as synchronous standby" rest_ok "$to" sync
+        patronictl -c "$DIR/$from/patroni.yml" switchover "$SCOPE" --leader "$from" \
+            --candidate "$to" --force >>"$DIR/switchover.log" 2>&1 || true
+        if grep -q "Switchover failed" "$DIR/switchover.log"; then
+            mv "$DIR/switchover.log" "$DIR/switchover-failed.log"
+            sleep 1
+            continue
+        fi
+        until_ok 120 "$to leading" rest_ok "$to" primary
+        echo "$to"
+        return 0
+    done
+    cat "$DIR/switchover-failed.log" >&2
+    die "switchover from $from to $to failed 10 times"
 }
 
 main() {
@@ -402,10 +425,11 @@ main() {
         kill) [ $# -eq 2 ] || die "usage: pgha.sh kill DIR NODE"; load_state "$1"; node_index "$2" >/dev/null; kill_node "$2" ;;
         start) [ $# -eq 2 ] || die "usage: pgha.sh start DIR NODE"; load_state "$1"; node_index "$2" >/dev/null; start_node "$2" ;;
         leader) [ $# -eq 1 ] || die "usage: pgha.sh leader DIR"; load_state "$1"; leader ;;
+        sync) [ $# -eq 1 ] || die "usage: pgha.sh sync DIR"; load_state "$1"; sync_standby ;;
         switchover) [ $# -eq 1 ] || die "usage: pgha.sh switchover DIR"; load_state "$1"; cmd_switchover ;;
         status) [ $# -eq 1 ] || die "usage: pgha.sh status DIR"; load_state "$1"
                 patronictl -c "$DIR/node1/patroni.yml" list ;;
-        *) die "usage: pgha.sh up DIR PORTBASE | down DIR | kill|start DIR NODE | leader|switchover|status DIR" ;;
+        *) die "usage: pgha.sh up DIR PORTBASE | down DIR | kill|start DIR NODE | leader|sync|switchover|status DIR" ;;
     esac
 }
 
