@@ -49,13 +49,16 @@ def main() -> int:
                 results[kind].append(_one(c, kind))
     print()
     print("| failover | runs | new leader after (median) | spooled/tempfailed for (median)"
-          " | each run (s) |")
-    print("|---|---|---|---|---|")
+          " | each run (s) | messages spooled (each run) | slowest answer (median) |")
+    print("|---|---|---|---|---|---|---|")
     for kind, runs in results.items():
         led = statistics.median(d.leader_seconds for d in runs)
         disrupted = statistics.median(d.disrupted_seconds for d in runs)
+        slowest = statistics.median(d.slowest_seconds for d in runs)
         each = ", ".join(f"{d.disrupted_seconds:.1f}" for d in runs)
-        print(f"| {kind} | {len(runs)} | {led:.1f} s | {disrupted:.1f} s | {each} |")
+        spooled = ", ".join(str(d.spooled) for d in runs)
+        print(f"| {kind} | {len(runs)} | {led:.1f} s | {disrupted:.1f} s | {each} | {spooled}"
+              f" | {slowest:.1f} s |")
     return 0
 
 

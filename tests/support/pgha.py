@@ -183,7 +183,8 @@ class Disruption:
     old_leader: str
     new_leader: str
     leader_seconds: float  # from the kill/switchover until the other node led
-    disrupted_seconds: float  # from then until the last message not captured directly
+    disrupted_seconds: float  # from it until the last message not captured directly
+    slowest_seconds: float  # the longest a message answered after it waited for its reply
     spooled: int
     tempfailed: int
     accepted: int
@@ -192,7 +193,8 @@ class Disruption:
         return (f"{self.kind}: {self.old_leader} -> {self.new_leader}: new leader after"
                 f" {self.leader_seconds:.1f}s; spooled or tempfailed for"
                 f" {self.disrupted_seconds:.1f}s ({self.spooled} spooled, {self.tempfailed}"
-                f" tempfailed, {self.accepted} accepted in all)")
+                f" tempfailed, {self.accepted} accepted in all); slowest answer"
+                f" {self.slowest_seconds:.1f}s")
 
 
 def fail_over(c: Cluster, load: Load, kind: str) -> Disruption:
@@ -224,6 +226,7 @@ def fail_over(c: Cluster, load: Load, kind: str) -> Disruption:
            if not a.accepted or outcomes.get(a.queue_id or "") != "captured"]
     return Disruption(kind, str(old), str(new), led,
                       max((a.ended for a in bad), default=t0) - t0,
+                      max((a.ended - a.started for a in after), default=0.0),
                       sum(outcomes.get(a.queue_id or "") == "spooled" for a in after),
                       sum(not a.accepted for a in after),
                       sum(a.accepted for a in load.answers))
