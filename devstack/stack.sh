@@ -892,8 +892,10 @@ cmd_status() {
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
     pid_alive "$DIR/storage/storage.pid" && s=up || s=down; echo "storage $s"
+    if pg_external; then echo "postgres external"; else
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
         && s=up || s=down; echo "postgres $s"
+    fi
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
 
