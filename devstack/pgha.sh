@@ -107,6 +107,10 @@ write_patroni_config() {  # NODE
     chown postgres:postgres "$nd" "$nd/run"
     chmod 700 "$nd"
     chmod o+x "$nd"  # (the socket directory below it)
+    # Unix socket paths are limited to 107 bytes: long DIRs get TCP only
+    # (as in stack.sh; Patroni itself connects over TCP).
+    local sockdir="$nd/run"
+    [ "${#sockdir}" -gt 90 ] && sockdir=""
     (umask 077 && : >"$nd/patroni.yml.tmp")
     cat >"$nd/patroni.yml.tmp" <<EOF
 # Written by devstack/pgha.sh for $DIR ($node).
@@ -166,7 +170,7 @@ postgresql:
       username: postgres
       password: $(cat "$DIR/secrets/pg-postgres.password")
   parameters:
-    unix_socket_directories: '$nd/run'
+    unix_socket_directories: '$sockdir'
   pg_hba:
     - local all postgres peer
     - local all all scram-sha-256
