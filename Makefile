@@ -8,7 +8,7 @@ TEST_DIR := $(CURDIR)/.stack-test
 TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test test-versitygw test-lower-bounds lint fuzz bench bench-policyd bench-retention bench-storage deb
+.PHONY: install run stop test test-versitygw test-lower-bounds lint fuzz bench bench-policyd bench-retention bench-storage deb bench-pgha
 
 install:
 	$(STACK) install
@@ -157,3 +157,13 @@ bench-storage: install
 	$(call on_private_stack,$(BENCH_STORAGE_DIR),$(BENCH_STORAGE_PORT),\
 	  $(VENV)/bin/python $(CURDIR)/bench/storage_bench.py --config "$$POSTKEEP_CONFIG" \
 	    --smtp "$$POSTKEEP_SMTP_HOST:$$POSTKEEP_SMTP_PORT" $(BENCH_STORAGE_ARGS))
+
+# Seconds of spooling or tempfail per PostgreSQL failover (issue 20): a stack
+# (BENCH_PGHA_PORT..+12) on devstack/pgha.sh (+50..+55), the primary killed -9
+# and a switchover, each a few times under load (bench/pgha_bench.py; its own
+# stacks, made afresh and taken down).  BENCH_PGHA_ARGS='--runs 5'.
+BENCH_PGHA_PORT ?= 22025
+BENCH_PGHA_ARGS ?=
+bench-pgha: install
+	cd /tmp && $(VENV)/bin/python $(CURDIR)/bench/pgha_bench.py --port $(BENCH_PGHA_PORT) \
+	  --dir $(CURDIR)/.stack-bench-pgha $(BENCH_PGHA_ARGS)

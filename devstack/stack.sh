@@ -157,9 +157,39 @@ install_promtool() {
     command -v promtool >/dev/null || die "promtool missing after installing prometheus"
 }
 
+# ---- PostgreSQL that fails over (issue 20; devstack/pgha.sh): Debian's patroni
+# and etcd.  etcd-server's postinst would start a system etcd on :2379 (and
+# patroni's a service): as for prometheus, a policy-rc.d refuses every start
+# during the install only; pgha.sh runs its own etcd and Patroni per stack.
+PGHA_PACKAGES=(patroni etcd-server etcd-client)
+install_pgha() {
+    local missing=() p
+    for p in "${PGHA_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages for pgha.sh: ${missing[*]} (their services are not started)"
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local rc=0
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+        || rc=$?
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd.service patroni.service >/dev/null 2>&1 || true
+    fi
+}
+
 cmd_install() {
     install_apt
     install_promtool
+    install_pgha
     install_minio
     install_versitygw
     install_venv
@@ -329,6 +359,7 @@ EOF
 }
 
 start_postgres() {
+    if pg_external; then log "PostgreSQL is external (DIR/external-pg): not started"; return 0; fi
     local data="$DIR/pg/data" run="$DIR/pg/run"
     mkdir -p "$DIR/pg" "$run"
     chown postgres:postgres "$DIR/pg" "$run"
@@ -383,10 +414,77 @@ start_postgres() {
 }
 
 stop_postgres() {
+    if pg_external; then return 0; fi
     local data="$DIR/pg/data"
     [ -f "$data/postmaster.pid" ] || return 0
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null 2>&1 \
         || warn "pg_ctl stop failed for $data"
+}
+
+# ---------------------------------------------------------------- external PostgreSQL
+# PK_EXTERNAL_PG_DSN (libpq keyword=value, no password: host, port, dbname,
+# user, target_session_attrs; multi-host lists as libpq takes them, e.g. from
+# devstack/pgha.sh) and PK_EXTERNAL_PG_PASSWORD_FILE (the role's password)
+# at `up`: the stack starts no PostgreSQL of its own and the daemons, the CLI
+# and DIR/env use that one; PK_EXTERNAL_PG_PASSFILE (a pgpass file) for psql.
+# Recorded in DIR/external-pg, so that start/stop/down leave it alone; an `up`
+# without them goes back to the stack's own PostgreSQL.
+pg_external() { [ -f "$DIR/external-pg" ]; }
+
+pg_external_record() {  # at up: DIR/external-pg from the environment, or none
+    if [ -z "${PK_EXTERNAL_PG_DSN:-}" ]; then
+        rm -f "$DIR/external-pg"
+        return 0
+    fi
+    [ -s "${PK_EXTERNAL_PG_PASSWORD_FILE:-}" ] \
+        || die "PK_EXTERNAL_PG_DSN needs PK_EXTERNAL_PG_PASSWORD_FILE (the role's password)"
+    local word key value
+    local -A kv=()
+    for word in $PK_EXTERNAL_PG_DSN; do
+        key="${word%%=*}" value="${word#*=}"
+        case "$key" in
+            host|port|dbname|user|target_session_attrs) kv[$key]="$value" ;;
+            *) die "PK_EXTERNAL_PG_DSN: '$key' not taken (host, port, dbname, user, target_session_attrs)" ;;
+        esac
+    done
+    [ -n "${kv[host]:-}" ] && [ -n "${kv[port]:-}" ] || die "PK_EXTERNAL_PG_DSN needs host and port"
+    (umask 077
+     printf "PGX_HOST='%s'\nPGX_PORT='%s'\nPGX_DBNAME='%s'\nPGX_USER='%s'\nPGX_TSA='%s'\nPGX_PASSWORD_FILE='%s'\nPGX_PASSFILE='%s'\n" \
+        "${kv[host]}" "${kv[port]}" "${kv[dbname]:-postkeep}" "${kv[user]:-postkeep}" \
+        "${kv[target_session_attrs]:-read-write}" "$PK_EXTERNAL_PG_PASSWORD_FILE" \
+        "${PK_EXTERNAL_PG_PASSFILE:-}" >"$DIR/external-pg")
+    log "PostgreSQL: external (${kv[host]} ports ${kv[port]})"
+}
+
+pg_external_config() {  # FILE: its [postgres] table (up to the first blank line) for the external one
+    # shellcheck disable=SC1091
+    . "$DIR/external-pg"
+    local tmp="$1.pg"
+    (umask 077 && awk -v host="$PGX_HOST" -v ports="$PGX_PORT" -v db="$PGX_DBNAME" \
+        -v user="$PGX_USER" -v tsa="$PGX_TSA" -v pw="$PGX_PASSWORD_FILE" '
+        $0 == "[postgres]" { print; skip = 1
+            printf "host = \"%s\"\nports = \"%s\"\ntarget_session_attrs = \"%s\"\n", host, ports, tsa
+            printf "dbname = \"%s\"\nuser = \"%s\"\npassword_file = \"%s\"\n", db, user, pw
+            next }
+        skip && $0 == "" { skip = 0 }
+        !skip { print }' "$1" >"$tmp")
+    mv "$tmp" "$1"
+}
+
+pg_external_env() {  # DIR/env's PG* for the external one
+    # shellcheck disable=SC1091
+    . "$DIR/external-pg"
+    local passfile="$PGX_PASSFILE"
+    if [ -z "$passfile" ]; then
+        passfile="$DIR/secrets/pgpass-external"
+        mkdir -p "$DIR/secrets" && chmod 700 "$DIR/secrets"
+        (umask 077 && printf '*:*:*:%s:%s\n' "$PGX_USER" "$(cat "$PGX_PASSWORD_FILE")" >"$passfile")
+    fi
+    sed -i -e "s|^export PGHOST=.*|export PGHOST='$PGX_HOST'|" \
+        -e "s|^export PGPORT=.*|export PGPORT='$PGX_PORT'\nexport PGTARGETSESSIONATTRS='$PGX_TSA'|" \
+        -e "s|^export PGDATABASE=.*|export PGDATABASE='$PGX_DBNAME'|" \
+        -e "s|^export PGUSER=.*|export PGUSER='$PGX_USER'|" \
+        -e "s|^export PGPASSFILE=.*|export PGPASSFILE='$passfile'|" "$DIR/env"
 }
 
 # ---------------------------------------------------------------- minio
@@ -619,6 +717,7 @@ key_file = "$DIR/dkim/return-path.key"
 headers = { "X-Campaign-Id" = "campaign_id", "X-Template-Id" = "template_id", "X-Lead-Id" = "lead_id" }
 strip = true
 EOF
+    if pg_external; then pg_external_config "$DIR/postkeep.toml.tmp"; fi
     mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"
 }
 
@@ -768,6 +867,7 @@ export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'
 export POSTKEEP_S3_SERVER='$S3_SERVER'
 EOF
     mv "$DIR/env.tmp" "$DIR/env"
+    if pg_external; then pg_external_env; fi
 }
 
 # ---------------------------------------------------------------- commands
@@ -820,6 +920,7 @@ cmd_up() {
     S3_SERVER="$want"
     open_parents "$DIR"
     chmod o+x "$DIR"
+    pg_external_record
     start_postgres
     start_minio
     start_sink
@@ -866,8 +967,10 @@ cmd_status() {
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
     pid_alive "$DIR/storage/storage.pid" && s=up || s=down; echo "storage $s"
+    if pg_external; then echo "postgres external"; else
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
         && s=up || s=down; echo "postgres $s"
+    fi
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
 

@@ -45,6 +45,15 @@ class PostgresConfig:
 
     host: str = "/var/run/postgresql"
     port: int = field(default=5432, metadata={"min": 1, "max": 65535})
+    # Several servers (a primary and its replicas, issue 20): host lists them
+    # comma-separated as libpq does ("10.0.0.1,10.0.0.2") and ports gives one
+    # port per host ("5432,5433"; empty: `port` for all).  libpq tries them in
+    # order and keeps the first that target_session_attrs accepts, so after a
+    # failover a new connection finds the new primary with no change here.
+    ports: str = ""
+    # Every postkeep component writes: never settle on a standby.
+    target_session_attrs: str = field(default="read-write", metadata=_choice(
+        "read-write", "primary", "any"))
     dbname: str = "postkeep"
     user: str = "postkeep"
     password: str = field(default="", metadata={"secret": True, "env": "PGPASSWORD"})
@@ -60,7 +69,8 @@ class PostgresConfig:
 
         return make_conninfo(
             host=self.host,
-            port=self.port,
+            port=self.ports or self.port,
+            target_session_attrs=self.target_session_attrs,
             dbname=self.dbname,
             user=self.user,
             password=self.password or None,
@@ -567,6 +577,18 @@ def _check_s3_endpoint(endpoint: str) -> None:
         raise ConfigError(f"s3.endpoint = {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:9000")
 
 
+def _check_postgres_ports(host: str, ports: str) -> None:
+    """postgres.ports: one port (1..65535) per host of postgres.host, or empty."""
+    if not ports:
+        return
+    items = ports.split(",")
+    hosts = host.split(",")
+    if not all(p.strip().isdigit() and 0 < int(p) < 65536 for p in items) or (
+            len(items) != len(hosts)):
+        raise ConfigError(f"postgres.ports = {ports!r}: expected one port (1..65535) per host"
+                          f" of postgres.host ({len(hosts)}), comma-separated")
+
+
 def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}]: expected a table, got {type(raw).__name__}")
@@ -595,6 +617,8 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     cfg = cls(**values)
     if section == "s3":
         _check_s3_endpoint(cfg.endpoint)
+    if section == "postgres":
+        _check_postgres_ports(cfg.host, cfg.ports)
     if section == "postgres" and cfg.pool_min > cfg.pool_max:
         raise ConfigError(
             f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"
