@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -259,3 +260,51 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
                             (org,)).fetchone()
     assert left == (0,)
     check("after the metadata expired")
+
+
+def test_out_of_office_at_the_return_path_is_an_inbound_auto_reply_linked_to_its_message(
+        stack: Stack) -> None:
+    org, domain = stack.new_org()
+    campaign = f"ooo-{uuid.uuid4().hex[:6]}"
+    sent = _sent(stack, domain, f"away-{uuid.uuid4().hex[:8]}@sink.test", campaign)
+    until(lambda: _status(stack, sent["id"]) == "relayed", "the message relayed")
+    with stack.connect() as conn:
+        row = conn.execute("SELECT return_path FROM messages WHERE id = %s",
+                           (sent["id"],)).fetchone()
+    assert row is not None and str(row[0]).startswith("pk-")
+    token = f"ooo-{uuid.uuid4().hex[:10]}"
+    ooo = (f"From: {sent['rcpt']}\r\nTo: {row[0]}\r\nSubject: Out of office: {token}\r\n"
+           "Auto-Submitted: auto-replied\r\nX-Auto-Response-Suppress: All\r\n"
+           f"Message-ID: <{token}@sink.test>\r\n\r\nI am away until Monday.\r\n").encode()
+    # A remote server's out-of-office to the return path, through Postfix
+    # (relay_domains, then the bundle's transport to postkeep-storage), twice.
+    for _ in range(2):
+        _send_in(stack, str(row[0]), "", ooo)
+
+    def inbound() -> list[tuple[Any, ...]]:
+        with stack.connect() as conn:
+            return conn.execute(
+                "SELECT id, org_id, direction, message_type, parent_message_id, object_key"
+                " FROM messages WHERE subject = %s", (f"Out of office: {token}",)).fetchall()
+    rows = until(inbound, "the out-of-office recorded as an inbound message")
+    _, row_org, direction, mtype, parent, key = rows[0]
+    assert (row_org, direction, mtype, parent) == (org, "inbound", "auto_reply", sent["id"])
+    kept = stack.restored(key)  # as delivered: Postfix added Received: and Date:
+    assert f"Message-ID: <{token}@sink.test>\r\n".encode() in kept
+    assert kept.endswith(b"\r\n\r\nI am away until Monday.\r\n")
+    assert _inbound(stack, org) == {"auto_reply": sent["id"]}
+    with stack.connect() as conn:
+        unmatched = conn.execute("SELECT count(*) FROM unmatched_reports WHERE subject = %s",
+                                 (f"Out of office: {token}",)).fetchone()
+        answered = conn.execute("SELECT auto_replied_at IS NOT NULL, replied_at IS NULL"
+                                " FROM message_recipients WHERE message_id = %s",
+                                (sent["id"],)).fetchone()
+    assert unmatched == (0,) and answered == (True, True)
+    # The second delivery of the same bytes recorded nothing more.
+    log = Path(stack.env["POSTKEEP_POSTFIX_LOG"])
+    until(lambda: "already recorded as message" in log.read_text(errors="replace"),
+          "the second copy answered as a duplicate (Postfix's log of the LMTP reply)")
+    assert len(inbound()) == 1
+    by_campaign = _stats(stack, org, "campaign")
+    assert _pick(by_campaign[campaign], "sent", "delivered", "auto_replied", "replied") == (
+        1, 1, 1, 0)
