@@ -18,8 +18,8 @@ records nothing twice.
 from __future__ import annotations
 
 import hashlib
-import io
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
@@ -28,7 +28,6 @@ import psycopg
 import zstandard
 
 from postkeep.ids import uuid7
-from postkeep.storage.content.objects import ObjectStore, message_key
 from postkeep.storage.metadata import directory
 from postkeep.storage.metadata.inbound import ParentClues
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates, record_capture
@@ -77,8 +76,14 @@ def sent_message(conn: psycopg.Connection, report: Report) -> SentMessage | None
     return SentMessage(row[0], row[1], org, str(row[3]), str(row[4]))
 
 
+# Where a message's object lives: (org id, message id, created, content days,
+# held) -> key; storage/content's message_key, passed in by the daemon
+# (storage/reports stands below storage/content).
+KeyOf = Callable[[str, str, datetime, int, bool], str]
+
+
 def prepare(raw: bytes, envelope_from: str, kind: str, sent: SentMessage, report: Report,
-            now: datetime) -> tuple[CapturedMessage, bytes]:
+            now: datetime, key_of: KeyOf) -> tuple[CapturedMessage, bytes]:
     """The inbound message to record and its object's bytes (zstd, as captured)."""
     msg = classify.parse(raw)
     blob = zstandard.ZstdCompressor(level=3).compress(raw)
@@ -90,8 +95,8 @@ def prepare(raw: bytes, envelope_from: str, kind: str, sent: SentMessage, report
         queue_id=report.queue_id or "lmtp", envelope_from=envelope_from,
         # It was written to the sender the return path stands for.
         recipients=(sent.sender,), size=len(raw), sha256=hashlib.sha256(raw).digest(),
-        object_key=message_key(str(sent.org.id), str(mid), now,
-                               content_days=sent.org.content_days, held=sent.org.legal_hold),
+        object_key=key_of(str(sent.org.id), str(mid), now, sent.org.content_days,
+                          sent.org.legal_hold),
         compressed_size=len(blob), created_at=now, content_expires_at=content_at,
         metadata_expires_at=metadata_at,
         message_id_header=_header(msg, "Message-ID"), header_from=_header(msg, "From"),
@@ -117,10 +122,6 @@ def already(conn: psycopg.Connection, sent: SentMessage,
         " AND direction = 'inbound' AND (sha256 = %s OR message_id_header = %s) LIMIT 1",
         (sent.id, sent.org.id, m.sha256, m.message_id_header)).fetchone()
     return None if row is None else uuid.UUID(str(row[0]))
-
-
-def put_object(objects: ObjectStore, m: CapturedMessage, blob: bytes) -> None:
-    objects.put(m.object_key, io.BytesIO(blob), len(blob))
 
 
 def record_returned(conn: psycopg.Connection, sent: SentMessage,

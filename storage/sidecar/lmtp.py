@@ -34,7 +34,7 @@ import zstandard
 from prometheus_client import Counter, Histogram
 
 from postkeep import build_info
-from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.objects import ObjectStore, message_key
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.reports import returned
 from postkeep.storage.reports.dsn import Report, needs_recipients, parse_report, resolve
@@ -298,8 +298,11 @@ class ReportHandler:
                                        lambda conn: returned.sent_message(conn, report))
         if sent is None:
             return None
-        m, blob = returned.prepare(raw, mail_from, kind, sent, report, received)
-        await asyncio.to_thread(returned.put_object, self.objects, m, blob)
+        m, blob = returned.prepare(
+            raw, mail_from, kind, sent, report, received,
+            lambda org, mid, at, days, held: message_key(org, mid, at, content_days=days,
+                                                         held=held))
+        await asyncio.to_thread(self.objects.put, m.object_key, io.BytesIO(blob), len(blob))
         dup = await asyncio.to_thread(self.db.run,
                                       lambda conn: returned.record_returned(conn, sent, m))
         if dup is not None:
