@@ -766,8 +766,8 @@ EOF
         "alias_database =" \
         "local_recipient_maps =" \
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
-        "relay_domains = sink.test, mx.test, bounces.postkeep.test, texthash:$PFDIR/postkeep-inbound-domains" \
-        "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/stack-transport, texthash:$PFDIR/postkeep-inbound-transport" \
+        "relay_domains = texthash:$PFDIR/postkeep-inbound-domains, sink.test, mx.test, bounces.postkeep.test" \
+        "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/postkeep-inbound-transport, texthash:$PFDIR/stack-transport" \
         "smtpd_authorized_xclient_hosts = 127.0.0.0/8" \
         || die "postconf overrides failed for $PFDIR"
     # mx.test: a test's fake remote MX (answers per recipient; see tests).
@@ -776,7 +776,9 @@ EOF
     # so the sender picks the transport (smtp, or postkeep-system for the
     # system domains; tests/test_system_lane_stack.py).
     printf 'lane.test\t:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >>"$PFDIR/stack-transport"
-    # Inbound domains (issue 17): `postkeep domain set-inbound` rewrites these.
+    # Inbound domains (issue 17): the bundle names these tables first in
+    # relay_domains and transport_maps (kept so above, so `postkeep postfix
+    # check` matches); `postkeep domain set-inbound` rewrites them.
     : >"$PFDIR/postkeep-inbound-domains"
     : >"$PFDIR/postkeep-inbound-transport"
     # (Tests speak XCLIENT to appear as a client off the trusted networks, and
