@@ -263,14 +263,17 @@ def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow
     """
     if f.org_id is None:
         f = replace(f, org_id=tenant_org(conn))
-    where, params = search.where(f)
     with conn.cursor(row_factory=class_row(MessageRow)) as cur:
-        cur.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m{where}"
-            " ORDER BY m.created_at DESC, m.id DESC LIMIT %s",
-            [*params, f.limit],
-        )
+        cur.execute(*search_query(f))
         return cur.fetchall()
+
+
+def search_query(f: MessageFilter) -> tuple[str, list[object]]:
+    """The SELECT list_messages runs for F, and its parameters (pure; the
+    search benchmark EXPLAINs it)."""
+    where, params = search.where(f)
+    return (f"SELECT {_MESSAGE_COLUMNS} FROM messages m{where}"
+            " ORDER BY m.created_at DESC, m.id DESC LIMIT %s", [*params, f.limit])
 
 
 def ids_by_queue_id(conn: psycopg.Connection, queue_id: str) -> list[uuid.UUID]:

@@ -72,7 +72,7 @@ def _recipient_clause(f: MessageFilter) -> tuple[str, list[object]]:
              "r.metadata_expires_at = m.metadata_expires_at"]
     params: list[object] = []
     if f.recipient is not None:
-        conds.append("lower(r.recipient) = lower(%s)")
+        conds.append("(r.recipient COLLATE postkeep_ci) = %s")
         params.append(f.recipient)
     if f.status is not None:
         conds.append("r.status = %s")
@@ -92,7 +92,8 @@ def where(f: MessageFilter) -> tuple[str, list[object]]:
     if f.org_id is not None:
         add("m.org_id = %s", f.org_id)
     if f.sender is not None:
-        add("lower(m.envelope_from) = lower(%s)", f.sender)
+        # The collation (0019), not lower(): an index condition under RLS too.
+        add("(m.envelope_from COLLATE postkeep_ci) = %s", f.sender)
     if f.recipient is not None or f.status is not None:
         clause, values = _recipient_clause(f)
         add(clause, *values)
