@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,6 +44,7 @@ PAGE = 50
 # Organisation by slot (a 1000-slot array filled by Zipf weights: a lookup,
 # not a search per row).  Outbound 90 %, inbound replies/auto-replies/bounces
 # /complaints the rest; recipient status delivered 85 %, bounced 5 % ...
+# Recipient addresses: about a million per k, distinct within a message.
 _GENERATE = """
 WITH m AS (
     INSERT INTO messages (id, org_id, domain, direction, message_type, queue_id,
@@ -73,7 +73,7 @@ WITH m AS (
 )
 INSERT INTO message_recipients (message_id, org_id, recipient, status, metadata_expires_at,
     created_at, updated_at)
-SELECT m.id, m.org_id, 'u' || (hashtext(m.id::text || k) & 1048575) || '@example.net',
+SELECT m.id, m.org_id, 'u' || ((hashtext(m.id::text) & 1048575) * 16 + k) || '@example.net',
     CASE WHEN r < 0.85 THEN 'delivered' WHEN r < 0.90 THEN 'bounced'
          WHEN r < 0.93 THEN 'deferred' WHEN r < 0.935 THEN 'complained' ELSE 'relayed' END,
     m.metadata_expires_at, m.created_at, m.created_at
@@ -118,30 +118,41 @@ def dashboard_logins(conn: psycopg.Connection, orgs: list[uuid.UUID],
     return logins
 
 
-Shape = Callable[[dict[str, object]], MessageFilter]
+@dataclass(frozen=True)
+class Sample:
+    """One real (message, recipient) row: the parameters of a run."""
+
+    org_id: uuid.UUID
+    envelope_from: str
+    subject: str
+    campaign_id: str
+    lead_id: str
+    created_at: datetime
+    recipient: str
+
+
+Shape = Callable[[Sample], MessageFilter]
 
 # Each shape from one sampled row (its org's dashboard runs it: no org_id in
 # the filter, list_messages finds the login's organisation).
 SHAPES: dict[str, Shape] = {
-    "recipient exact": lambda r: MessageFilter(recipient=str(r["recipient"]).upper()),
-    "sender": lambda r: MessageFilter(sender=str(r["envelope_from"])),
-    "subject substring": lambda r: MessageFilter(subject=str(r["subject"]).split()[-2]),
-    "tag campaign_id": lambda r: MessageFilter(tags=(("campaign_id", str(r["campaign_id"])),)),
-    "tag lead_id": lambda r: MessageFilter(tags=(("lead_id", str(r["lead_id"])),)),
+    "recipient exact": lambda r: MessageFilter(recipient=r.recipient.upper()),
+    "sender": lambda r: MessageFilter(sender=r.envelope_from),
+    "subject substring": lambda r: MessageFilter(subject=r.subject.split()[-2]),
+    "tag campaign_id": lambda r: MessageFilter(tags=(("campaign_id", r.campaign_id),)),
+    "tag lead_id": lambda r: MessageFilter(tags=(("lead_id", r.lead_id),)),
     "status complained": lambda r: MessageFilter(status="complained"),
     "status bounced": lambda r: MessageFilter(status="bounced"),
     "inbound complaint": lambda r: MessageFilter(direction="inbound", message_type="complaint"),
     "time range (1 day)": lambda r: MessageFilter(
-        since=r["created_at"] - timedelta(hours=12),  # type: ignore[operator]
-        until=r["created_at"] + timedelta(hours=12)),  # type: ignore[operator]
+        since=r.created_at - timedelta(hours=12), until=r.created_at + timedelta(hours=12)),
     "combined": lambda r: MessageFilter(
-        sender=str(r["envelope_from"]), status="delivered",
-        tags=(("campaign_id", str(r["campaign_id"])),),
-        since=r["created_at"] - timedelta(days=7)),  # type: ignore[operator]
+        sender=r.envelope_from, status="delivered", tags=(("campaign_id", r.campaign_id),),
+        since=r.created_at - timedelta(days=7)),
 }
 
 
-def samples(conn: psycopg.Connection, n: int) -> list[dict[str, object]]:
+def samples(conn: psycopg.Connection, n: int) -> list[Sample]:
     """N real (message, one recipient) rows, organisations weighted by size."""
     cur = conn.execute(
         "SELECT m.org_id, m.envelope_from, m.subject, m.campaign_id, m.tags ->> 'lead_id',"
@@ -149,12 +160,10 @@ def samples(conn: psycopg.Connection, n: int) -> list[dict[str, object]]:
         " JOIN message_recipients r ON r.message_id = m.id"
         " AND r.metadata_expires_at = m.metadata_expires_at"
         " ORDER BY random() LIMIT %s", (n,))
-    keys = ("org_id", "envelope_from", "subject", "campaign_id", "lead_id", "created_at",
-            "recipient")
-    return [dict(zip(keys, row, strict=True)) for row in cur]
+    return [Sample(*row) for row in cur]
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(
         values) > 1 else values[0]
 
@@ -198,25 +207,26 @@ def main() -> None:
                                          user=role, password=password, autocommit=True)
         return conns[org]
 
-    sizes = dict(conn.execute("SELECT org_id, count(*) FROM messages GROUP BY org_id"))
+    sizes: dict[uuid.UUID, int] = dict(
+        conn.execute("SELECT org_id, count(*) FROM messages GROUP BY org_id").fetchall())
     results: dict[str, list[float]] = {}
     explain: list[str] = []
     for name, shape in SHAPES.items():
         times = []
         for row in rows:
-            dash = as_dashboard(row["org_id"])  # type: ignore[arg-type]
+            dash = as_dashboard(row.org_id)
             f = replace(shape(row), limit=PAGE)
             t1 = time.perf_counter()
             messages.list_messages(dash, f)
             times.append((time.perf_counter() - t1) * 1000)
         results[name] = times
         # EXPLAIN the largest organisation's run: the worst case of a shape.
-        big = max(rows, key=lambda r: sizes.get(r["org_id"], 0))
-        dash = as_dashboard(big["org_id"])  # type: ignore[arg-type]
+        big = max(rows, key=lambda r: sizes.get(r.org_id, 0))
+        dash = as_dashboard(big.org_id)
         f = replace(shape(big), limit=PAGE, org_id=messages.tenant_org(dash))
         query, params = messages.search_query(f)
         plan = dash.execute("EXPLAIN (ANALYZE, BUFFERS) " + query, params).fetchall()
-        explain += [f"=== {name} (organisation of {sizes.get(big['org_id'])} messages,"
+        explain += [f"=== {name} (organisation of {sizes.get(big.org_id)} messages,"
                     f" as its dashboard role)", *[p[0] for p in plan], ""]
         say(f"{name}: p50 {pct(times, 50):.1f} ms, p95 {pct(times, 95):.1f} ms")
     Path(args.explain).write_text("\n".join(explain))

@@ -271,9 +271,7 @@ def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow
 def search_query(f: MessageFilter) -> tuple[str, list[object]]:
     """The SELECT list_messages runs for F, and its parameters (pure; the
     search benchmark EXPLAINs it)."""
-    where, params = search.where(f)
-    return (f"SELECT {_MESSAGE_COLUMNS} FROM messages m{where}"
-            " ORDER BY m.created_at DESC, m.id DESC LIMIT %s", [*params, f.limit])
+    return search.select(f, _MESSAGE_COLUMNS)
 
 
 def ids_by_queue_id(conn: psycopg.Connection, queue_id: str) -> list[uuid.UUID]:

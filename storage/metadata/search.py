@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 DIRECTIONS = ("outbound", "inbound")
@@ -121,3 +121,37 @@ def where(f: MessageFilter) -> tuple[str, list[object]]:
         # Keyset paging: the row comparison matches ORDER BY created_at DESC, id DESC.
         add("(m.created_at, m.id) < (%s, %s)", *f.after)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+_ORDER = " ORDER BY m.created_at DESC, m.id DESC LIMIT %s"
+
+
+def select(f: MessageFilter, columns: str) -> tuple[str, list[object]]:
+    """The whole SELECT of COLUMNS (of `messages m`) for F, newest first, at
+    most f.limit rows, and its parameters.
+
+    With a recipient, the query starts from that address's recipient rows
+    (an index scan on (org_id, recipient)) and looks each message up by its
+    key, a nested loop the LATERAL forces (OFFSET 0 keeps the planner from
+    flattening it): left to itself the planner estimates at least a row per
+    partition, 60 and more with mostly empty future ones, and hashes the
+    organisation's whole messages table instead (EXPLAIN in BENCHMARKS.md
+    "Search").  A recipient's messages are few against an organisation's.
+    """
+    if f.recipient is None:
+        where_sql, params = where(f)
+        return f"SELECT {columns} FROM messages m{where_sql}{_ORDER}", [*params, f.limit]
+    conds = ["(r.recipient COLLATE postkeep_ci) = %s"]
+    hit_params: list[object] = [f.recipient]
+    for clause, value in (("r.org_id = %s", f.org_id), ("r.status = %s", f.status),
+                          ("r.created_at >= %s", f.since), ("r.created_at < %s", f.until)):
+        if value is not None:  # recipient rows carry the message's created_at
+            conds.append(clause)
+            hit_params.append(value)
+    rest, params = where(replace(f, recipient=None, status=None))
+    keyed = ("m.id = hit.message_id AND m.metadata_expires_at = hit.metadata_expires_at"
+             + (" AND " + rest.removeprefix(" WHERE ") if rest else ""))
+    return (f"SELECT m.* FROM (SELECT DISTINCT r.message_id, r.metadata_expires_at"
+            f" FROM message_recipients r WHERE {' AND '.join(conds)}) AS hit,"
+            f" LATERAL (SELECT {columns} FROM messages m WHERE {keyed} OFFSET 0) AS m"
+            f"{_ORDER}", [*hit_params, *params, f.limit])
