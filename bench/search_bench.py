@@ -77,7 +77,9 @@ SELECT m.id, m.org_id, 'u' || ((hashtext(m.id::text) & 1048575) * 16 + k) || '@e
     CASE WHEN r < 0.85 THEN 'delivered' WHEN r < 0.90 THEN 'bounced'
          WHEN r < 0.93 THEN 'deferred' WHEN r < 0.935 THEN 'complained' ELSE 'relayed' END,
     m.metadata_expires_at, m.created_at, m.created_at
-FROM m CROSS JOIN generate_series(1, %(k)s) AS k, LATERAL (SELECT random() AS r) AS rr
+FROM m CROSS JOIN generate_series(1, %(k)s) AS k,
+    -- per row (an uncorrelated random() would be drawn once per statement)
+    LATERAL (SELECT (hashtext(m.id::text || k) & 65535) / 65536.0 AS r) AS rr
 """
 
 
