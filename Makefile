@@ -9,6 +9,7 @@ TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
 .PHONY: install run stop test test-versitygw test-lower-bounds lint fuzz bench bench-policyd bench-retention bench-storage deb bench-pgha
+.PHONY: bench-search
 
 install:
 	$(STACK) install
@@ -147,6 +148,18 @@ bench-retention: install
 	@$(STACK) down $(BENCH_RETENTION_DIR) >/dev/null 2>&1; rm -rf $(BENCH_RETENTION_DIR)
 	$(call on_private_stack,$(BENCH_RETENTION_DIR),$(BENCH_RETENTION_PORT),\
 	  $(VENV)/bin/python $(CURDIR)/bench/retention_bench.py $(BENCH_RETENTION_ARGS))
+
+# `messages search` query shapes as organisations' dashboard roles over generated
+# rows (bench/search_bench.py), on a stack made afresh each run.
+# BENCH_SEARCH_ARGS='--messages 200000 --recipients 400000' to run smaller.
+BENCH_SEARCH_DIR := $(CURDIR)/.stack-bench-search
+BENCH_SEARCH_PORT ?= 16025
+BENCH_SEARCH_ARGS ?=
+bench-search: install
+	@$(STACK) down $(BENCH_SEARCH_DIR) >/dev/null 2>&1; rm -rf $(BENCH_SEARCH_DIR)
+	$(call on_private_stack,$(BENCH_SEARCH_DIR),$(BENCH_SEARCH_PORT),\
+	  $(VENV)/bin/python $(CURDIR)/bench/search_bench.py \
+	    --explain $(CURDIR)/bench/search-explain.txt $(BENCH_SEARCH_ARGS))
 
 # Bytes stored per byte received (split parts, dictionaries) and what they cost
 # the capture path (bench/storage_bench.py).

@@ -88,8 +88,9 @@ def test_filter_where_clause_has_one_parameter_per_condition() -> None:
     where, params = messages._where(
         messages.MessageFilter(oid, "s@x.test", "r@y.test", T0, limit=5)
     )
-    assert where.count("%s") == len(params) == 4
-    assert params == [oid, "s@x.test", "r@y.test", T0]
+    # since bounds created_at and, for partition pruning, metadata_expires_at
+    assert where.count("%s") == len(params) == 5
+    assert params == [oid, "s@x.test", "r@y.test", T0, T0]
     assert messages._where(messages.MessageFilter()) == ("", [])
 
 
