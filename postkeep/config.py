@@ -85,6 +85,10 @@ class S3Config:
     # "auto": store many small objects in one request where the server can
     # (MinIO's snowball auto-extract; probed at start), else one PUT each.
     batch_uploads: str = field(default="auto", metadata=_choice("auto", "off"))
+    # "packs": the small messages one group commit writes for one organisation
+    # and retention class go into one object (a pack) indexed in PostgreSQL;
+    # "objects": one object per message (the layout before packs).
+    layout: str = field(default="packs", metadata=_choice("packs", "objects"))
 
 
 @dataclass(frozen=True)

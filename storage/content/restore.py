@@ -25,6 +25,7 @@ import zstandard
 
 from postkeep.storage.content import container
 from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.packs import Location, open_entry
 from postkeep.storage.metadata.db import BackendError
 
 CHUNK_SIZE = 256 * 1024
@@ -75,10 +76,20 @@ def decompress_stream(chunks: Iterable[bytes], chunk_size: int = CHUNK_SIZE,
         raise BackendError("s3", f"corrupt zstd content: {exc}") from exc
 
 
-def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """The original message bytes of the object at KEY, streamed."""
+def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
+            where: Location | None = None) -> Iterator[bytes]:
+    """The original message bytes of the object at KEY, streamed.
+
+    WHERE: the message is an entry in the pack KEY (storage/content/packs.py):
+    one ranged GET of its bytes, then the same as a message's own object.
+    """
+    if where is not None:
+        chunks = open_entry(where.format, key,
+                            store.get_range(where.pack_key, where.offset, where.length))
+    else:
+        chunks = store.get(key)
     try:
-        manifest, rest = container.read_header(store.get(key))
+        manifest, rest = container.read_header(chunks)
     except container.ContainerError as exc:
         raise BackendError("s3", f"{key}: {exc}") from exc
     if manifest is None:
