@@ -112,7 +112,6 @@ def recent_samples(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.
     on through every message and then blame too few samples.
     """
     from postkeep.storage.content import restore
-
     from postkeep.storage.content.packs import Location
 
     rows = conn.execute(

@@ -170,3 +170,42 @@ def forget(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> int:
     bytes in their packs, reclaimed when the pack expires or is compacted."""
     return conn.execute("DELETE FROM message_packs WHERE message_id = ANY(%s)",
                         (message_ids,)).rowcount
+
+
+@dataclass(frozen=True)
+class PackSweep:
+    deleted: int = 0
+    failed: int = 0
+
+
+def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]],
+          now: datetime, batch: int = 1000) -> PackSweep:
+    """Delete every pack whose expires_at has passed, whole: the object (a
+    lifecycle rule may have done so already: deletes are idempotent), then its
+    rows (message_packs go with it).  A pack with a message an active legal
+    hold covers that is still read from it (not yet copied out by the hold's
+    protection) is kept.  DELETE_MANY returns the keys it failed to delete;
+    those stay for the next run.
+    """
+    from postkeep.storage.metadata.legal_holds import covered_sql
+
+    deleted = failed = 0
+    after = ""
+    while True:
+        keys = [r[0] for r in conn.execute(
+            "SELECT k.object_key FROM packs k WHERE k.expires_at <= %(now)s"
+            " AND k.object_key > %(after)s AND NOT EXISTS (SELECT 1 FROM message_packs mp"
+            " JOIN messages m ON m.id = mp.message_id AND m.org_id = mp.org_id"
+            f" WHERE mp.pack_key = k.object_key AND {covered_sql('m')})"
+            " ORDER BY k.object_key LIMIT %(n)s",
+            {"now": now, "after": after, "n": batch}).fetchall()]
+        if not keys:
+            return PackSweep(deleted, failed)
+        after = keys[-1]
+        bad = set(delete_many(keys))
+        done = [k for k in keys if k not in bad]
+        conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (done,))
+        deleted += len(done)
+        failed += len(bad)
+        if len(keys) < batch:
+            return PackSweep(deleted, failed)

@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from postkeep.storage.content import packs
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata.audit import audit
@@ -120,7 +122,10 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
         salt = os.urandom(16).hex()
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
-            keys = [m[2] for m in batch]
+            # A packed message's bytes cannot be deleted alone: its index row
+            # goes (below, with the mark) and its pack keeps dead bytes until
+            # the pack expires or is compacted (storage/content/packs.py).
+            keys = [m[2] for m in batch if not is_pack_key(m[2])]
             failed = delete_content(store, keys)
             if failed:
                 raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
@@ -139,6 +144,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                                          " nothing of this batch was marked, run the erasure"
                                          " again") from exc
             with conn.transaction():
+                forgotten = packs.forget(conn, ids)
                 conn.execute(
                     "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
                     " %(now)s),"
@@ -173,7 +179,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                         redacted += cur.rowcount
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys),
-                       "parts_deleted": parts})
+                       "pack_entries_dropped": forgotten, "parts_deleted": parts})
             total += len(batch)
             deleted += len(keys)
             say(f"erased {total}/{len(scope)} messages ({parts} attachment part object(s)"

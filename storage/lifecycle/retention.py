@@ -46,6 +46,8 @@ from psycopg import errors, sql
 
 from postkeep.config import RetentionConfig
 from postkeep.ids import uuid7
+from postkeep.storage.content import packs
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle import holds, stats
 from postkeep.storage.lifecycle.holds import HELD_AT
 from postkeep.storage.lifecycle.rules import RetentionStore, planned_rules
@@ -100,6 +102,7 @@ class RunReport:
     holds_reconciled: int = 0
     stats_rows: int = 0
     parts_swept: int = 0
+    packs_swept: int = 0
     dictionaries_swept: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -228,6 +231,7 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
         try:
             _holds(conn, store, watermark[0], now, report, say)
             watermark = _sweep(conn, store, watermark, now, settings, report, say, stop)
+            _packs(conn, store, now, report, say)
             weeks = droppable(list_weeks(conn), min(now, watermark[0]))
             _drop(conn, weeks, settings, report, say, stop)
             _shared_content(conn, store, now, report, say)
@@ -252,6 +256,25 @@ class KeyDeleter:
     def delete(self, key: str) -> None:
         if self.store.delete_many([key]):
             raise BackendError("s3", f"could not delete {key}")
+
+
+def _packs(conn: psycopg.Connection, store: RetentionStore, now: datetime,
+           report: RunReport, say: Progress) -> None:
+    """Packs whose every message's content has expired go whole
+    (storage/content/packs.py), in either mode."""
+    try:
+        swept = packs.sweep(conn, store.delete_many, now)
+    except (BackendError, psycopg.Error) as exc:
+        report.errors.append(f"pack sweep: {exc}")
+        say(f"pack sweep failed: {exc}")
+        return
+    report.packs_swept = swept.deleted
+    if swept.failed:
+        report.errors.append(f"pack sweep: {swept.failed} packs not deleted")
+    if swept.deleted:
+        audit(conn, report.run_id, "packs_swept", swept.deleted, None, None,
+              {"failed": swept.failed})
+        say(f"swept {swept.deleted} expired pack(s)")
 
 
 def _shared_content(conn: psycopg.Connection, store: RetentionStore, now: datetime,
@@ -420,8 +443,9 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
                             ).fetchall()
         if not rows:
             break
-        # Held: kept (and reconciled when the hold is released).
-        doomed = [key for _exp, _mid, key, held in rows if not held]
+        # Held: kept (and reconciled when the hold is released).  A pack is
+        # never deleted for one message: the pack sweep deletes it whole.
+        doomed = [key for _exp, _mid, key, held in rows if not held and not is_pack_key(key)]
         try:
             failed = set(holds.delete_content(store, doomed)) if doomed else set()
         except BackendError as exc:
