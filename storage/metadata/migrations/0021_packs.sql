@@ -36,5 +36,14 @@ CREATE TABLE message_packs (
 );
 CREATE INDEX message_packs_pack_idx ON message_packs (pack_key);
 
+-- Objects `postkeep storage repack` / `compact` replaced: listed in the same
+-- transaction that points the rows at the new pack, deleted afterwards, so a
+-- crash between the two leaves them here for the next run, never forgotten.
+CREATE TABLE pack_leftovers (
+    object_key  text PRIMARY KEY,
+    org_id      uuid NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
 SELECT secure_tenant_tables();
 GRANT SELECT ON packs, message_packs TO postkeep_tenant;
