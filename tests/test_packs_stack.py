@@ -233,6 +233,8 @@ def test_a_held_packed_message_is_copied_out_and_outlives_its_pack(
         # The pack expires (both messages' content stamps pass): swept whole,
         # the held copy stays.
         past = datetime.now(UTC) - timedelta(hours=1)
+        db.execute("UPDATE messages SET content_expires_at = %s WHERE id = ANY(%s)",
+                   (past, [m for m, _, _ in old]))
         db.execute("UPDATE packs SET expires_at = %s WHERE object_key = %s",
                    (past, pack.pack_key))
         swept = packs.sweep(db, store.delete_many, datetime.now(UTC))

@@ -36,7 +36,7 @@ import io
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -178,27 +178,38 @@ class PackSweep:
     failed: int = 0
 
 
+# A pack may go when no message still reads from it: every indexed member's
+# content stamp has passed (or its row is gone with its partition), and no
+# member is covered by an active legal hold (not yet copied out).  A pack
+# whose members were all erased, held out or compacted away has none left.
+_DEAD = (
+    "NOT EXISTS (SELECT 1 FROM message_packs mp JOIN messages m ON m.id = mp.message_id"
+    " AND m.org_id = mp.org_id WHERE mp.pack_key = k.object_key"
+    " AND (m.content_expires_at > %(now)s OR {covered}))")
+
+
 def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]],
-          now: datetime, batch: int = 1000) -> PackSweep:
-    """Delete every pack whose expires_at has passed, whole: the object (a
-    lifecycle rule may have done so already: deletes are idempotent), then its
-    rows (message_packs go with it).  A pack with a message an active legal
-    hold covers that is still read from it (not yet copied out by the hold's
-    protection) is kept.  DELETE_MANY returns the keys it failed to delete;
-    those stay for the next run.
+          now: datetime, candidates: Collection[str] = (), batch: int = 1000) -> PackSweep:
+    """Delete, whole, every pack no message reads from any more (`_DEAD`):
+    those past their expires_at (the latest member stamp when written), those
+    with no member left, and CANDIDATES (packs of messages the message sweep
+    found expired: their stamps may have moved since).  The object first (a
+    lifecycle rule may have deleted it already: deletes are idempotent), then
+    its rows (message_packs go with it).  DELETE_MANY returns the keys it
+    failed to delete; those stay for the next run.
     """
     from postkeep.storage.metadata.legal_holds import covered_sql
 
+    dead = _DEAD.format(covered=covered_sql("m"))
     deleted = failed = 0
     after = ""
     while True:
         keys = [r[0] for r in conn.execute(
-            "SELECT k.object_key FROM packs k WHERE k.expires_at <= %(now)s"
-            " AND k.object_key > %(after)s AND NOT EXISTS (SELECT 1 FROM message_packs mp"
-            " JOIN messages m ON m.id = mp.message_id AND m.org_id = mp.org_id"
-            f" WHERE mp.pack_key = k.object_key AND {covered_sql('m')})"
-            " ORDER BY k.object_key LIMIT %(n)s",
-            {"now": now, "after": after, "n": batch}).fetchall()]
+            "SELECT k.object_key FROM packs k WHERE k.object_key > %(after)s"
+            " AND (k.expires_at <= %(now)s OR k.object_key = ANY(%(cands)s)"
+            "  OR NOT EXISTS (SELECT 1 FROM message_packs e WHERE e.pack_key = k.object_key))"
+            f" AND {dead} ORDER BY k.object_key LIMIT %(n)s",
+            {"now": now, "after": after, "n": batch, "cands": sorted(candidates)}).fetchall()]
         if not keys:
             return PackSweep(deleted, failed)
         after = keys[-1]
@@ -209,3 +220,12 @@ def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]
         failed += len(bad)
         if len(keys) < batch:
             return PackSweep(deleted, failed)
+
+
+def emptied_by(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> list[str]:
+    """Packs that MESSAGE_IDS are the only indexed members of (erasing them
+    leaves nothing there to read)."""
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT mp.pack_key FROM message_packs mp WHERE mp.message_id = ANY(%(ids)s)"
+        " AND NOT EXISTS (SELECT 1 FROM message_packs o WHERE o.pack_key = mp.pack_key"
+        " AND o.message_id <> ALL(%(ids)s))", {"ids": message_ids})]

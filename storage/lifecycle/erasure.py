@@ -125,7 +125,10 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             # A packed message's bytes cannot be deleted alone: its index row
             # goes (below, with the mark) and its pack keeps dead bytes until
             # the pack expires or is compacted (storage/content/packs.py).
-            keys = [m[2] for m in batch if not is_pack_key(m[2])]
+            # A pack left with no other message is deleted like an own object.
+            ids = [m[0] for m in batch]
+            emptied = packs.emptied_by(conn, ids)
+            keys = [m[2] for m in batch if not is_pack_key(m[2])] + emptied
             failed = delete_content(store, keys)
             if failed:
                 raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
@@ -145,6 +148,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                                          " again") from exc
             with conn.transaction():
                 forgotten = packs.forget(conn, ids)
+                conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (emptied,))
                 conn.execute(
                     "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
                     " %(now)s),"

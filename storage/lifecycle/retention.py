@@ -230,8 +230,10 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
         watermark = _watermark(conn, sweep_from, report.run_id)
         try:
             _holds(conn, store, watermark[0], now, report, say)
-            watermark = _sweep(conn, store, watermark, now, settings, report, say, stop)
-            _packs(conn, store, now, report, say)
+            expired_packs: set[str] = set()
+            watermark = _sweep(conn, store, watermark, now, settings, report, say, stop,
+                               expired_packs)
+            _packs(conn, store, now, report, say, expired_packs)
             weeks = droppable(list_weeks(conn), min(now, watermark[0]))
             _drop(conn, weeks, settings, report, say, stop)
             _shared_content(conn, store, now, report, say)
@@ -259,11 +261,11 @@ class KeyDeleter:
 
 
 def _packs(conn: psycopg.Connection, store: RetentionStore, now: datetime,
-           report: RunReport, say: Progress) -> None:
+           report: RunReport, say: Progress, candidates: set[str]) -> None:
     """Packs whose every message's content has expired go whole
     (storage/content/packs.py), in either mode."""
     try:
-        swept = packs.sweep(conn, store.delete_many, now)
+        swept = packs.sweep(conn, store.delete_many, now, candidates)
     except (BackendError, psycopg.Error) as exc:
         report.errors.append(f"pack sweep: {exc}")
         say(f"pack sweep failed: {exc}")
@@ -417,9 +419,14 @@ _SWEEP_BATCH = sql.SQL(
 
 def _sweep(conn: psycopg.Connection, store: RetentionStore,
            watermark: tuple[datetime, uuid.UUID], now: datetime, settings: RetentionSettings,
-           report: RunReport, say: Progress, stop: Callable[[], bool]
-           ) -> tuple[datetime, uuid.UUID]:
-    """Delete expired content nothing else will delete; return the new watermark."""
+           report: RunReport, say: Progress, stop: Callable[[], bool],
+           expired_packs: set[str]) -> tuple[datetime, uuid.UUID]:
+    """Delete expired content nothing else will delete; return the new watermark.
+
+    Packs are never deleted here (one message's expiry is not its pack's):
+    the keys of packs holding expired messages go into EXPIRED_PACKS for
+    the pack sweep.
+    """
     ruled = report.mode == "lifecycle"
     todo_row = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE %s AND m.object_key ~ %s) FROM messages m"
@@ -446,6 +453,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         # Held: kept (and reconciled when the hold is released).  A pack is
         # never deleted for one message: the pack sweep deletes it whole.
         doomed = [key for _exp, _mid, key, held in rows if not held and not is_pack_key(key)]
+        expired_packs.update(key for _exp, _mid, key, _held in rows if is_pack_key(key))
         try:
             failed = set(holds.delete_content(store, doomed)) if doomed else set()
         except BackendError as exc:
