@@ -176,50 +176,62 @@ def forget(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> int:
 class PackSweep:
     deleted: int = 0
     failed: int = 0
+    keys: tuple[str, ...] = ()  # the packs deleted
 
 
-# A pack may go when no message still reads from it: every indexed member's
-# content stamp has passed (or its row is gone with its partition), and no
-# member is covered by an active legal hold (not yet copied out).  A pack
-# whose members were all erased, held out or compacted away has none left.
-_DEAD = (
-    "NOT EXISTS (SELECT 1 FROM message_packs mp JOIN messages m ON m.id = mp.message_id"
-    " AND m.org_id = mp.org_id WHERE mp.pack_key = k.object_key"
-    " AND (m.content_expires_at > %(now)s OR {covered}))")
+def _alive(conn: psycopg.Connection, keys: list[str], now: datetime) -> set[str]:
+    """The KEYS some message still reads from: an indexed member whose content
+    stamp has not passed, or that an active legal hold covers (not yet copied
+    out).  Members whose row is gone (dropped with its partition) do not count.
+    One query over message_packs, then one over messages by id (a single plan
+    for the partitioned table, not one per pack)."""
+    from postkeep.storage.metadata.legal_holds import covered_sql
+
+    members: dict[uuid.UUID, str] = {r[0]: r[1] for r in conn.execute(
+        "SELECT message_id, pack_key FROM message_packs WHERE pack_key = ANY(%s)", (keys,))}
+    if not members:
+        return set()
+    live = conn.execute(
+        f"SELECT m.id FROM messages m WHERE m.id = ANY(%(ids)s) AND (m.content_expires_at >"
+        f" %(now)s OR {covered_sql('m')})", {"ids": list(members), "now": now}).fetchall()
+    return {members[r[0]] for r in live}
 
 
 def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]],
-          now: datetime, candidates: Collection[str] = (), batch: int = 1000) -> PackSweep:
-    """Delete, whole, every pack no message reads from any more (`_DEAD`):
+          now: datetime, candidates: Collection[str] = (), batch: int = 1000,
+          only: bool = False) -> PackSweep:
+    """Delete, whole, every pack no message reads from any more (`_alive`):
     those past their expires_at (the latest member stamp when written), those
     with no member left, and CANDIDATES (packs of messages the message sweep
     found expired: their stamps may have moved since).  The object first (a
     lifecycle rule may have deleted it already: deletes are idempotent), then
     its rows (message_packs go with it).  DELETE_MANY returns the keys it
-    failed to delete; those stay for the next run.
+    failed to delete; those stay for the next run.  ONLY: just the CANDIDATES
+    (the message sweep, batch by batch).
     """
-    from postkeep.storage.metadata.legal_holds import covered_sql
-
-    dead = _DEAD.format(covered=covered_sql("m"))
-    deleted = failed = 0
+    which = ("k.object_key = ANY(%(cands)s)" if only else
+             "(k.expires_at <= %(now)s OR k.object_key = ANY(%(cands)s)"
+             " OR NOT EXISTS (SELECT 1 FROM message_packs e WHERE e.pack_key = k.object_key))")
+    gone: list[str] = []
+    failed = 0
     after = ""
     while True:
-        keys = [r[0] for r in conn.execute(
-            "SELECT k.object_key FROM packs k WHERE k.object_key > %(after)s"
-            " AND (k.expires_at <= %(now)s OR k.object_key = ANY(%(cands)s)"
-            "  OR NOT EXISTS (SELECT 1 FROM message_packs e WHERE e.pack_key = k.object_key))"
-            f" AND {dead} ORDER BY k.object_key LIMIT %(n)s",
+        found = [r[0] for r in conn.execute(
+            f"SELECT k.object_key FROM packs k WHERE k.object_key > %(after)s AND {which}"
+            " ORDER BY k.object_key LIMIT %(n)s",
             {"now": now, "after": after, "n": batch, "cands": sorted(candidates)}).fetchall()]
-        if not keys:
-            return PackSweep(deleted, failed)
-        after = keys[-1]
-        bad = set(delete_many(keys))
+        if not found:
+            return PackSweep(len(gone), failed, tuple(gone))
+        after = found[-1]
+        alive = _alive(conn, found, now)
+        keys = [k for k in found if k not in alive]
+        bad = set(delete_many(keys)) if keys else set()
         done = [k for k in keys if k not in bad]
         conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (done,))
-        deleted += len(done)
+        gone += done
         failed += len(bad)
-        if len(keys) < batch:
-            return PackSweep(deleted, failed)
+        if len(found) < batch:
+            return PackSweep(len(gone), failed, tuple(gone))
 
 
 def emptied_by(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> list[str]:

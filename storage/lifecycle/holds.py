@@ -269,9 +269,12 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
         " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"
         " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
         params).fetchall()
-    # Packs are deleted whole by the pack sweep, never for one message.
+    # A pack goes whole, and only once no message reads from it any more.
     keys = [r[0] for r in expired_objects if not is_pack_key(r[0])]
     failed = delete_content(store, keys) if keys else []
+    in_packs = {r[0] for r in expired_objects if is_pack_key(r[0])}
+    if in_packs:
+        keys += packs.sweep(conn, store.delete_many, now, in_packs, only=True).keys
     if failed:
         from postkeep.storage.metadata.db import BackendError
 

@@ -453,9 +453,14 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         # Held: kept (and reconciled when the hold is released).  A pack is
         # never deleted for one message: the pack sweep deletes it whole.
         doomed = [key for _exp, _mid, key, held in rows if not held and not is_pack_key(key)]
-        expired_packs.update(key for _exp, _mid, key, _held in rows if is_pack_key(key))
+        in_packs = {key for _exp, _mid, key, held in rows if not held and is_pack_key(key)}
+        expired_packs.update(in_packs)
         try:
             failed = set(holds.delete_content(store, doomed)) if doomed else set()
+            # Packs whose every message has now expired go here, whole; the
+            # others when their last message does (the pack sweep).
+            packs_gone = set(packs.sweep(conn, store.delete_many, now, in_packs,
+                                         only=True).keys) if in_packs else set()
         except BackendError as exc:
             report.errors.append(f"sweep: {exc}")
             say(f"sweep stopped: {exc}")
@@ -472,6 +477,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
                                  f" {sorted(failed)[0]}")
         done_keys = {r[2] for r in done}
         deleted = sum(1 for k in doomed if k not in failed and k in done_keys)
+        deleted += sum(1 for r in done if r[2] in packs_gone)
         if done:
             at, last = done[-1][0], done[-1][1]
             with conn.transaction():
