@@ -390,6 +390,9 @@ class CountingStore:
         return getattr(self.inner, name)
 
 
+LINGER_MS: dict[str, float] = {}  # --linger-ms: milter.commit_linger_ms for (e)
+
+
 def minio_cpu_seconds(pid: int) -> float:
     """utime + stime of process PID (and its waited-for children), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -416,7 +419,7 @@ def layout_run(cfg: Config, db: Database, org: Org, layout: str, n: int, session
     store = CountingStore(S3ObjectStore(cfg.s3))
     committer = GroupCommitter(db, store, workers=cfg.milter.commit_threads,  # type: ignore[arg-type]
                                max_batch=cfg.milter.commit_batch_max,
-                               linger=cfg.milter.commit_linger_ms / 1000,
+                               linger=LINGER_MS.get("ms", cfg.milter.commit_linger_ms) / 1000,
                                level=cfg.milter.zstd_level, layout=layout)
     now = datetime.now(UTC)
     msgs = [campaign.message(i, org.domain, pdf=pdf if pdf and i % 5 == 0 else None)
@@ -454,7 +457,8 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
             " threads (one per session) through the real GroupCommitter"
             f" (commit_threads={cfg.milter.commit_threads},"
             f" commit_batch_max={cfg.milter.commit_batch_max}, linger"
-            f" {cfg.milter.commit_linger_ms:g} ms) into MinIO + PostgreSQL; {reps} pairs,"
+            f" {LINGER_MS.get('ms', cfg.milter.commit_linger_ms):g} ms) into MinIO +"
+            f" PostgreSQL; {reps} pairs,"
             " order swapped every pair. S3 PUTs: objects written (MinIO's snowball batch"
             " is one request, but any other S3 server, AWS included, takes a PUT per"
             " object); MinIO CPU: utime+stime of the MinIO process (/proc/PID/stat) over"
@@ -535,6 +539,8 @@ def main() -> None:
                     help="(e) messages per run")
     ap.add_argument("--sessions", type=int, default=20, help="(e) concurrent sessions")
     ap.add_argument("--layout-reps", type=int, default=3, help="(e) pairs of runs")
+    ap.add_argument("--linger-ms", type=float, default=None,
+                    help="(e) milter.commit_linger_ms for these runs (default: the config's)")
     ap.add_argument("--put-price", type=float, default=0.005, help="$ per 1,000 PUTs")
     ap.add_argument("--gb-month", type=float, default=0.023, help="$ per GB-month")
     ap.add_argument("--minio-pid", type=int, default=0,
@@ -558,6 +564,8 @@ def main() -> None:
         if "c" in args.parts:
             cost_run(cfg, db, committer, args.threads, args.reps, args.cost_n, pdf, out)
         if "e" in args.parts:
+            if args.linger_ms is not None:
+                LINGER_MS["ms"] = args.linger_ms
             pid = args.minio_pid or int((Path(cfg_dir(args.config)) / "minio" / "minio.pid")
                                         .read_text().split()[0])
             layouts_run(cfg, db, args.layout_n, args.sessions, args.layout_reps, pdf,
