@@ -378,7 +378,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
                                max_batch=mcfg.commit_batch_max,
                                linger=mcfg.commit_linger_ms / 1000,
                                spool_dir=mcfg.spool_directory, level=mcfg.zstd_level,
-                               timeout=mcfg.commit_timeout_seconds)
+                               timeout=mcfg.commit_timeout_seconds,
+                               layout=cfg.s3.effective_layout())
     from postkeep.storage.content.dictionaries import DictionaryCache
 
     dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,

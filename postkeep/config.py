@@ -103,6 +103,17 @@ class S3Config:
     # its content expiry; the daemons refuse to start if the bucket does not
     # enforce it (`postkeep storage probe`).  "off": plain objects.
     object_lock: str = field(default="off", metadata=_choice("off", "compliance"))
+    # "packs": the small messages one group commit writes for one organisation
+    # and retention class go into one object (a pack) indexed in PostgreSQL;
+    # "objects": one object per message (the layout before packs).
+    layout: str = field(default="packs", metadata=_choice("packs", "objects"))
+
+    def effective_layout(self) -> str:
+        """The layout new content is written in: one object per message under
+        Object Lock (a pack carries one retention date and one legal-hold flag
+        for all its messages, and holds and erasure act per object there;
+        packs on WORM storage wait for per-message keys), else `layout`."""
+        return "objects" if self.object_lock != "off" else self.layout
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,9 @@ def test_a_server_ignoring_range_fails_ranged_get_naming_it() -> None:
     check = report.get("ranged_get")
     assert check is not None and check.status == FAILED
     assert "ignored the Range header" in check.detail
+    # Packed messages are restored by ranged GET: the daemons refuse, naming it.
+    why = refusal(report)
+    assert why is not None and "ranged_get" in why
 
 
 def test_multipart_not_implemented_is_missing_and_listing_still_checked() -> None:

@@ -43,6 +43,7 @@ def _register() -> None:
         dkim,
         limits,
         messages,
+        packs,
         postfix,
         reports,
         retention,
@@ -54,7 +55,7 @@ def _register() -> None:
     )
 
     for module in (db, directory, messages, dkim, limits, reports, retention, dictionaries,
-                   spool, tenants, suppression, storage, stats):
+                   spool, tenants, suppression, storage, stats, packs):
         for group in module.COMMANDS:
             cli.add_command(group)
     cli.add_command(postfix.postfix)

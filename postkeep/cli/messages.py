@@ -321,7 +321,8 @@ def messages_raw(ctx: click.Context, message_id: str) -> None:
             fail(f"message {m.id}: {reason}")
         out = sys.stdout.buffer
         digest, size = hashlib.sha256(), 0
-        for chunk in restore.restore(S3ObjectStore(s.cfg.s3), m.object_key):
+        for chunk in restore.restore_message(s.conn, S3ObjectStore(s.cfg.s3), m.id,
+                                               m.object_key):
             digest.update(chunk)
             size += len(chunk)
             out.write(chunk)

@@ -19,7 +19,8 @@ from postkeep.storage.lifecycle.conformance import probe
 
 @click.group("storage")
 def storage() -> None:
-    """Object storage: what the S3 server supports."""
+    """Object storage: what the S3 server supports (probe), the content layout
+    (repack, compact: see README, Packs)."""
 
 
 @storage.command("probe")

@@ -55,6 +55,7 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: BinaryIO, length: int,
             retain_until: datetime | None = None) -> None: ...
     def get(self, key: str) -> Iterator[bytes]: ...
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
     def can_batch(self) -> bool: ...
     def put_many(self, items: list[tuple[str, bytes]]) -> None: ...
@@ -221,6 +222,20 @@ class S3ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        """LENGTH bytes of KEY from OFFSET: one ranged GET (a packed message)."""
+        try:
+            resp = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            raise BackendError("s3", f"get {key} [{offset}+{length}]: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendError("s3", f"get {key} [{offset}+{length}]: {exc}") from exc
+        try:
+            yield from resp.stream(256 * 1024)
+        finally:
+            resp.close()
+            resp.release_conn()
+
     def delete(self, key: str) -> None:
         try:
             self.client.remove_object(self.bucket, key)
@@ -245,6 +260,11 @@ class MemoryObjectStore:
         if key not in self.objects:
             raise BackendError("s3", f"get {key}: NoSuchKey")
         yield self.objects[key]
+
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        if key not in self.objects:
+            raise BackendError("s3", f"get {key}: NoSuchKey")
+        yield self.objects[key][offset:offset + length]
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)

@@ -35,9 +35,11 @@ FAILED = "failed"
 PREFIX = "postkeep-probe/"
 
 # What postkeep cannot work without, whatever the configuration (object_lock
-# joins them when it is configured).  Lifecycle is not here: without it the
-# retention sweeper deletes expired content itself.
-ALWAYS_REQUIRED = ("put_get",)
+# joins them when it is configured): ranged GET restores a packed message
+# (s3.layout = "packs", the default) and reads old packs under any layout.
+# Lifecycle is not here: without it the retention sweeper deletes expired
+# content itself.
+ALWAYS_REQUIRED = ("put_get", "ranged_get")
 
 # Error codes by which a server says "I do not implement this".
 _NOT_IMPLEMENTED = frozenset({"NotImplemented", "MethodNotAllowed", "XNotImplemented",

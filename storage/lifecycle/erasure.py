@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from postkeep.storage.content import packs
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata import suppression
@@ -143,7 +145,13 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
         salt = os.urandom(16).hex()
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
-            keys = [m[2] for m in batch]
+            # A packed message's bytes cannot be deleted alone: its index row
+            # goes (below, with the mark) and its pack keeps dead bytes until
+            # the pack expires or is compacted (storage/content/packs.py).
+            # A pack left with no other message is deleted like an own object.
+            ids = [m[0] for m in batch]
+            emptied = packs.emptied_by(conn, ids)
+            keys = [m[2] for m in batch if not is_pack_key(m[2])] + emptied
             failed = delete_content(store, keys)
             locked: list[str] = []
             if failed:
@@ -166,6 +174,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                                          " nothing of this batch was marked, run the erasure"
                                          " again") from exc
             with conn.transaction():
+                forgotten = packs.forget(conn, ids)
+                conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (emptied,))
                 conn.execute(
                     "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
                     " %(now)s),"
@@ -200,7 +210,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                         redacted += cur.rowcount
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
-                       "parts_deleted": parts, "objects_locked": len(locked)})
+                       "pack_entries_dropped": forgotten, "parts_deleted": parts,
+                       "objects_locked": len(locked)})
             total += len(batch)
             deleted += len(keys) - len(locked)
             if locked:

@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from postkeep.storage.content import packs
 from postkeep.storage.content.layout import (
     CONTENT_CLASSES,
     HOLD,
@@ -53,6 +54,7 @@ from postkeep.storage.content.layout import (
     held_key,
     is_held_key,
 )
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle import stats
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata.audit import audit
@@ -196,8 +198,21 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
         last = (rows[-1][3], rows[-1][0])
         repoint: list[tuple[uuid.UUID, datetime, str]] = []
         originals: list[str] = []
+        forget: list[uuid.UUID] = []  # packed messages copied out of their pack
         for mid, mexp, key, _created in rows:
             if is_held_key(key):
+                continue
+            if is_pack_key(key):
+                # Its bytes are a range of a pack that expires whole: copy the
+                # range out to the message's own held object.  The pack stays.
+                where = packs.location(conn, mid)
+                if where is None:
+                    gone += 1
+                    continue
+                dst = held_key(f"{key.rsplit('/', 1)[0]}/{mid}.eml.zst")
+                store.copy_range(key, where.offset, where.length, dst)
+                repoint.append((mid, mexp, dst))
+                forget.append(mid)
                 continue
             dst = held_key(key)
             if not store.exists(key):
@@ -215,9 +230,10 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
                     ([r[0] for r in repoint], [r[1] for r in repoint], [r[2] for r in repoint],
                      hold.org_id),
                 )
+                packs.forget(conn, forget)
                 audit(conn, run_id, "hold_protected", len(repoint), hold.org_id,
                       f"hold {hold.id}", {"to": "messages/hold/"})
-            failed = store.delete_many(originals)
+            failed = store.delete_many(originals) if originals else []
             if failed:
                 log.warning("hold %d: %d original objects not deleted after the move (they"
                             " go with the held copy): %s", hold.id, len(failed), failed[:3])
@@ -323,8 +339,12 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
         " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"
         " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
         params).fetchall()
-    keys = [r[0] for r in expired_objects]
+    # A pack goes whole, and only once no message reads from it any more.
+    keys = [r[0] for r in expired_objects if not is_pack_key(r[0])]
     failed = delete_content(store, keys) if keys else []
+    in_packs = {r[0] for r in expired_objects if is_pack_key(r[0])}
+    if in_packs:
+        keys += packs.sweep(conn, store.delete_many, now, in_packs, only=True).keys
     if failed:
         from postkeep.storage.metadata.db import BackendError
 

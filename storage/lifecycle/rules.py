@@ -67,6 +67,7 @@ class RetentionStore(Protocol):
 
     def delete_many(self, keys: list[str]) -> list[str]: ...
     def copy(self, src: str, dst: str) -> None: ...
+    def copy_range(self, src: str, offset: int, length: int, dst: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def apply_rules(self, rules: list[PlannedRule]) -> int: ...
     def rules(self) -> list[PlannedRule] | None: ...
@@ -174,6 +175,30 @@ class S3Retention:
         except _ERRORS as exc:
             raise BackendError("s3", f"copy {src} -> {dst}: {exc}") from exc
 
+    def copy_range(self, src: str, offset: int, length: int, dst: str) -> None:
+        """LENGTH bytes of SRC from OFFSET as the object DST (a packed message
+        copied out of its pack): a ranged GET and a PUT."""
+        import io
+
+        try:
+            resp = self.client.get_object(  # type: ignore[attr-defined]
+                self.bucket, src, offset=offset, length=length)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+            if len(data) != length:
+                raise BackendError("s3", f"copy {src}[{offset}+{length}] -> {dst}: got"
+                                         f" {len(data)} bytes")
+            self.client.put_object(  # type: ignore[attr-defined]
+                self.bucket, dst, io.BytesIO(data), length, content_type="application/zstd")
+        except S3Error as exc:
+            raise BackendError("s3", f"copy {src}[{offset}+{length}] -> {dst}: {exc.code}"
+                               ) from exc
+        except _ERRORS as exc:
+            raise BackendError("s3", f"copy {src}[{offset}+{length}] -> {dst}: {exc}") from exc
+
     def exists(self, key: str) -> bool:
         """Whether an object KEY exists."""
         try:
@@ -265,6 +290,11 @@ class MemoryRetention:
         if src not in self.objects:
             raise BackendError("s3", f"copy {src} -> {dst}: NoSuchKey")
         self.objects[dst] = self.objects[src]
+
+    def copy_range(self, src: str, offset: int, length: int, dst: str) -> None:
+        if src not in self.objects:
+            raise BackendError("s3", f"copy {src} -> {dst}: NoSuchKey")
+        self.objects[dst] = self.objects[src][offset:offset + length]
 
     def exists(self, key: str) -> bool:
         return key in self.objects
