@@ -170,6 +170,7 @@ def test_conninfo_carries_the_timeouts() -> None:
     cfg = config.parse({"postgres": {"host": "db.internal", "statement_timeout_ms": 750}})
     info = cfg.postgres.conninfo()
     assert "host=db.internal" in info and "statement_timeout=750" in info
+    assert "jit=off" in info  # JIT over hundreds of partitions: seconds per query
 
 
 def test_load_reads_the_named_file(tmp_path: Path) -> None:
