@@ -219,8 +219,9 @@ def test_cmd(ctx: click.Context, endpoint: str, timeout: float, as_json: bool) -
         except store.WebhookError as exc:
             fail(str(exc))
     event_id = 0
-    payload: dict[str, object] = {"id": f"test-{uuid.uuid4()}", "type": "test", "org_id": str(ep.org_id),
-               "message_id": None, "created_at": iso(datetime.now(UTC)), "schema_version": 1}
+    payload: dict[str, object] = {
+        "id": f"test-{uuid.uuid4()}", "type": "test", "org_id": str(ep.org_id),
+        "message_id": None, "created_at": iso(datetime.now(UTC)), "schema_version": 1}
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "postkeep-webhook/1",
                signing.SIGNATURE_HEADER: signing.signature_header(keys, int(time.time()), body),
