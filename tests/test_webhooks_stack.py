@@ -12,6 +12,7 @@ import json
 import threading
 import uuid
 
+import psycopg
 import pytest
 from support.sidecar import metric
 from support.stack import Stack
@@ -148,3 +149,28 @@ def test_cli_test_event_and_errors(stack: Stack) -> None:
     assert missing.returncode == 1 and "no webhook endpoint" in missing.stderr
     removed = cli(stack, "webhook", "remove", endpoint, "--yes")
     assert endpoint in removed.stdout
+
+
+def test_tenants_read_their_endpoints_never_the_sealed_secrets(stack: Stack) -> None:
+    org_a, _ = stack.new_org(dkim=False)
+    org_b, _ = stack.new_org(dkim=False)
+    ep_a, _ = add_endpoint(stack, org_a, "https://a.example/hook")
+    add_endpoint(stack, org_b, "https://b.example/hook")
+    role = f"dash_{uuid.uuid4().hex[:12]}"
+    with stack.connect() as conn:
+        conn.execute(f'CREATE ROLE "{role}" NOLOGIN IN ROLE postkeep_tenant')
+        try:
+            with conn.transaction():
+                conn.execute("INSERT INTO tenant_roles (role_name, org_id) VALUES (%s, %s)",
+                             (role, org_a))
+                conn.execute(f'SET LOCAL ROLE "{role}"')
+                seen = conn.execute("SELECT id::text, url FROM webhook_endpoints").fetchall()
+                assert seen == [(ep_a, "https://a.example/hook")]
+                conn.execute("SAVEPOINT s")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("SELECT secret_sealed FROM webhook_endpoints")
+                conn.execute("ROLLBACK TO SAVEPOINT s")
+                conn.execute("RESET ROLE")
+                conn.execute("DELETE FROM tenant_roles WHERE role_name = %s", (role,))
+        finally:
+            conn.execute(f'DROP ROLE "{role}"')
