@@ -242,19 +242,19 @@ class Pending:
     now: datetime
 
 
-def pending_head(conn: psycopg.Connection, endpoint_id: uuid.UUID) -> Pending | None:
-    """The pending delivery with the lowest event id (head of line), or None."""
-    row = conn.execute(
+def pending_heads(conn: psycopg.Connection, endpoint_id: uuid.UUID,
+                  limit: int = 100) -> list[Pending]:
+    """The first LIMIT pending deliveries in event id order (the head of line first)."""
+    rows = conn.execute(
         "SELECT d.event_id, d.event_type, d.message_id, d.event_created_at, d.attempts,"
         " d.next_attempt_at, o.payload, now()"
         " FROM webhook_deliveries d"
         " LEFT JOIN event_outbox o ON o.id = d.event_id AND o.created_at = d.event_created_at"
         " WHERE d.endpoint_id = %s AND d.state = 'pending'"
-        " ORDER BY d.event_id LIMIT 1", (endpoint_id,)).fetchone()
-    if row is None:
-        return None
-    payload = row[6] if isinstance(row[6], dict) or row[6] is None else json.loads(row[6])
-    return Pending(row[0], row[1], row[2], row[3], row[4], row[5], payload, row[7])
+        " ORDER BY d.event_id LIMIT %s", (endpoint_id, limit)).fetchall()
+    return [Pending(r[0], r[1], r[2], r[3], r[4], r[5],
+                    r[6] if isinstance(r[6], dict) or r[6] is None else json.loads(r[6]), r[7])
+            for r in rows]
 
 
 def record_success(conn: psycopg.Connection, endpoint_id: uuid.UUID, event_id: int,

@@ -173,27 +173,40 @@ class Worker:
                     await asyncio.wait_for(_first(stop, wake), min(sleep, idle))
 
     async def _step(self, ep: store.Endpoint) -> float:
-        """Deliver what is due; seconds until there may be more to do (0: at once)."""
+        """Deliver what is due, in order; seconds until there may be more (0: at once)."""
         await self._db(lambda c: store.fan_out(c, ep.id))
-        head = await self._db(lambda c: store.pending_head(c, ep.id))
-        if head is None:
+        batch = await self._db(lambda c: store.pending_heads(c, ep.id))
+        if not batch:
             return self.cfg.poll_seconds
-        due_in = (head.next_attempt_at - head.now).total_seconds()
-        if due_in > 0:
-            return due_in
-        if head.payload is None:
-            await self._db(lambda c: store.dead_letter(c, ep.id, head.event_id,
-                                                       "the event left the outbox"))
-            DEAD.inc()
-            return 0
         fresh = await self._db(lambda c: store.get_endpoint(c, ep.id))
         if fresh is None:
             return self.cfg.poll_seconds
         secrets_ = store.secrets_of(self.master, fresh, datetime.now(UTC))
+        started = time.monotonic()
+        for head in batch:
+            # Each one is due by the database's clock when the batch was read.
+            due_in = (head.next_attempt_at - head.now).total_seconds() \
+                - (time.monotonic() - started)
+            if due_in > 0:
+                return due_in
+            retry = await self._attempt(fresh, secrets_, head)
+            if retry is not None:
+                return retry  # head of line: nothing after it goes before it
+        return 0
+
+    async def _attempt(self, ep: store.Endpoint, secrets_: list[str],
+                       head: store.Pending) -> float | None:
+        """One POST of HEAD; None if it is done with (delivered or dead), else the
+        seconds until its retry."""
+        if head.payload is None:
+            await self._db(lambda c: store.dead_letter(c, ep.id, head.event_id,
+                                                       "the event left the outbox"))
+            DEAD.inc()
+            return None
         body = body_of(head.payload)
         headers = headers_for(secrets_, head.event_id, body, head.attempts + 1)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.http, signing.post, fresh.url, body, headers,
+        result = await loop.run_in_executor(self.http, signing.post, ep.url, body, headers,
                                             self.cfg.request_timeout_seconds)
         ATTEMPTS.labels(result.result).inc()
         if result.ok:
@@ -203,7 +216,7 @@ class Worker:
             if lag is not None:
                 DELIVERED.labels(head.event_type).inc()
                 LAG.observe(max(lag, 0.0))
-            return 0
+            return None
         retry = signing.retry_delay(head.attempts + 1, self.cfg.retry_initial_seconds,
                                     self.cfg.retry_max_seconds)
         error = result.error or f"HTTP {result.status}"
@@ -213,7 +226,7 @@ class Worker:
             DEAD.inc()
             log.warning("webhooks: endpoint %s: event %d dead-lettered after %d attempts (%s)",
                         ep.id, head.event_id, head.attempts + 1, error)
-            return 0
+            return None
         log.info("webhooks: endpoint %s: event %d attempt %d failed (%s); again in %.1fs",
                  ep.id, head.event_id, head.attempts + 1, error, retry)
         return retry
