@@ -59,8 +59,9 @@ def main() -> None:
     conn = psycopg.connect(cfg.postgres.conninfo(), autocommit=True)
     org = directory.add_organisation(conn, f"bench-{uuid.uuid4().hex[:10]}", "free")
     url = f"http://127.0.0.1:{server.server_address[1]}/bench"
-    subprocess.run(["postkeep", "webhook", "add", str(org), url, "--json"], check=True,
-                   capture_output=True)
+    added = subprocess.run(["postkeep", "webhook", "add", str(org), url, "--json"],
+                           check=True, capture_output=True, text=True)
+    endpoint = json.loads(added.stdout)["id"]
     messages = [uuid.uuid4() for _ in range(args.messages)]
     written: dict[int, float] = {}
     start = time.monotonic()
@@ -87,6 +88,9 @@ def main() -> None:
     q = statistics.quantiles(lags, n=100) if len(lags) > 1 else lags * 99
     print(f"webhook lag over {len(lags)}/{len(written)} events at {args.rate:g}/s:"
           f" p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms")
+    # Gone with its receiver: a left-over endpoint would be retried for 24 h.
+    subprocess.run(["postkeep", "webhook", "remove", endpoint, "--yes"], check=True,
+                   capture_output=True)
     server.shutdown()
 
 
