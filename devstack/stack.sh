@@ -559,7 +559,7 @@ strip = true
 retry_initial_seconds = 0.2
 retry_max_seconds = 2.0
 poll_seconds = 1.0
-request_timeout_seconds = 5.0
+request_timeout_seconds = 30.0
 EOF
     mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"
 }

@@ -116,7 +116,7 @@ def test_slow_org_does_not_delay_another(stack: Stack) -> None:
         gate = threading.Event()
         slow = Behaviour(gate=gate)
         rx.behave("/slow", slow)
-        _, _ = add_endpoint(stack, slow_org, rx.url("/slow"))
+        slow_endpoint, _ = add_endpoint(stack, slow_org, rx.url("/slow"))
         _, fast_secret = add_endpoint(stack, fast_org, rx.url("/fast"))
         emit(stack, slow_org, uuid.uuid4(), "accepted", 0)
         until(slow.held.is_set, "the slow endpoint holding a request", timeout=60)
@@ -124,6 +124,13 @@ def test_slow_org_does_not_delay_another(stack: Stack) -> None:
         # While the slow organisation's request is still held, the fast one's arrive.
         until(lambda: len(rx.got("/fast")) >= 3, "the fast organisation's events", timeout=60)
         assert not gate.is_set() and not rx.got("/slow")
+        # ... and the slow one's first attempt has not ended yet (no timeout, no retry:
+        # the stack's request_timeout_seconds is 30): they never queued behind it.
+        assert len(rx.seen_at("/slow")) == 1
+        with stack.connect() as conn:
+            tried = conn.execute("SELECT attempts FROM webhook_deliveries WHERE endpoint_id = %s",
+                                 (slow_endpoint,)).fetchall()
+        assert tried == [(0,)], tried
         check_arrivals(rx.got("/fast"), fast_secret, ids)
         gate.set()
 
