@@ -716,6 +716,13 @@ key_file = "$DIR/dkim/return-path.key"
 [tags]
 headers = { "X-Campaign-Id" = "campaign_id", "X-Template-Id" = "template_id", "X-Lead-Id" = "lead_id" }
 strip = true
+
+# Webhooks (issue 18): quick retries and polls for tests/test_webhooks_*.py.
+[webhooks]
+retry_initial_seconds = 0.2
+retry_max_seconds = 2.0
+poll_seconds = 1.0
+request_timeout_seconds = 30.0
 EOF
     if pg_external; then pg_external_config "$DIR/postkeep.toml.tmp"; fi
     mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"

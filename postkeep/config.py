@@ -462,6 +462,33 @@ def _check_tags(cfg: TagsConfig, id_header: str) -> None:
                           " no mapped tag header and none the message needs")
 
 
+# --- [webhooks] (issue 18: event delivery) -----------------------------------
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks]: postkeep-storage delivers the event outbox to each
+    organisation's endpoints (`postkeep webhook add`).  Endpoint secrets are
+    sealed under the DKIM master key ([dkim] master_key_file): without it the
+    worker does not run."""
+
+    # Whether postkeep-storage runs the delivery worker.
+    enabled: bool = True
+    # Seconds one POST may take (connect, send, answer) before it counts as failed.
+    request_timeout_seconds: float = field(default=10.0, metadata={"min": 0.1, "max": 300})
+    # POSTs in flight at once over all endpoints (each endpoint has at most one).
+    concurrency: int = field(default=32, metadata={"min": 1, "max": 1024})
+    # Retry delays: the first, doubled each failure up to the maximum, each
+    # with up to half of it taken off at random (jitter).
+    retry_initial_seconds: float = field(default=5.0, metadata={"min": 0.01, "max": 3600})
+    retry_max_seconds: float = field(default=3600.0, metadata={"min": 0.01, "max": 86400})
+    # An event not delivered this long after it was written is dead-lettered.
+    give_up_after_seconds: float = field(default=86400.0, metadata={"min": 1, "max": 604800})
+    # The safety net behind LISTEN postkeep_events: every endpoint looks
+    # for new events at least this often.
+    poll_seconds: float = field(default=5.0, metadata={"min": 0.1, "max": 3600})
+    # Delivered rows are kept this many days (`postkeep webhook deliveries`).
+    keep_delivered_days: int = field(default=7, metadata={"min": 1, "max": 366})
+
+
 @dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
@@ -475,6 +502,7 @@ class Config:
     return_path: ReturnPathConfig = ReturnPathConfig()
     log: LogConfig = LogConfig()
     tags: TagsConfig = TagsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     source: str = "<defaults>"
 
 
@@ -490,6 +518,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "return_path": ReturnPathConfig,
     "log": LogConfig,
     "tags": TagsConfig,
+    "webhooks": WebhooksConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named

@@ -65,7 +65,7 @@ def test_unknown_key_is_named_with_allowed_keys() -> None:
 def test_unknown_section_is_named_with_allowed_sections() -> None:
     assert _refusal({"postgress": {}}) == (
         "[postgress]: unknown section; allowed: dkim, log, milter, policyd, postfix, postgres,"
-        " retention, return_path, s3, storage, tags"
+        " retention, return_path, s3, storage, tags, webhooks"
     )
 
 

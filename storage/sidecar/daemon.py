@@ -115,6 +115,10 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         log.info("retention runs every %gs (retention.interval_seconds)",
                  cfg.retention.interval_seconds)
     upkeep = asyncio.create_task(run_jobs(jobs, stop), name="upkeep")
+    # Webhooks (issue 18): the event outbox delivered to each organisation's endpoints.
+    from postkeep.storage.sidecar import webhooks
+
+    webhook_task = webhooks.start(cfg, stop)
     await stop.wait()
     log.info("postkeep-storage stopping")
     notify_systemd("STOPPING=1")
@@ -125,6 +129,8 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
     await server.wait_closed()
     await batcher.stop()
     await upkeep
+    if webhook_task is not None:
+        await webhook_task
     spool_stop.set()  # a drain pass stops between batches
     await spool_task
     db.close()
