@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from postkeep import webhooks as signing
-from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import confirm, destructive, fail, find_org, iso, json_flag, say, session
 from postkeep.config import Config
 from postkeep.storage.metadata import webhooks as store
 from postkeep.storage.metadata.dkim_keys import MasterKey, load_master_key
@@ -118,6 +118,7 @@ def list_cmd(ctx: click.Context, org_name: str | None, as_json: bool) -> None:
 @webhook_group.command("remove")
 @click.argument("endpoint")
 @destructive
+@json_flag
 @click.pass_context
 def remove(ctx: click.Context, endpoint: str, yes: bool, dry_run: bool) -> None:
     """Stop delivering to ENDPOINT (its pending and past deliveries go too)."""
@@ -125,11 +126,11 @@ def remove(ctx: click.Context, endpoint: str, yes: bool, dry_run: bool) -> None:
         ep = _find(s.conn, endpoint)
         what = f"remove webhook endpoint {ep.id} ({ep.url})"
         if dry_run:
-            click.echo(f"would {what}")
+            say(f"would {what}", dry_run=True, endpoint=str(ep.id), url=ep.url)
             return
         confirm(what, yes)
         store.remove_endpoint(s.conn, ep.id)
-    click.echo(f"removed webhook endpoint {ep.id}")
+    say(f"removed webhook endpoint {ep.id}", endpoint=str(ep.id), url=ep.url)
 
 
 @webhook_group.command("rotate-secret")
