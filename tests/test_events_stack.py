@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime
 
 import psycopg
 import pytest
@@ -177,3 +177,25 @@ def test_a_reply_linked_to_its_sent_message_emits_replied(
     inbound.set_parent(db, reply.id, reply.metadata_expires_at,
                        inbound.Parent(sent.id, sent.metadata_expires_at))
     assert len(events.fetch_events(db, org.id)) == 3
+
+
+def test_partitions_are_made_ahead_and_old_days_dropped(db: psycopg.Connection) -> None:
+    old = "event_outbox_d20200101"
+    db.execute(f"CREATE TABLE IF NOT EXISTS {old} PARTITION OF event_outbox"
+               " FOR VALUES FROM ('2020-01-01 00:00+00') TO ('2020-01-02 00:00+00')")
+    assert events.maintain_event_partitions(db, 7) >= 1
+    parts = {r[0] for r in db.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = 'event_outbox'::regclass").fetchall()}
+    assert old not in parts
+    day = db.execute("SELECT (now() AT TIME ZONE 'UTC')::date").fetchone()
+    assert day is not None
+    for ahead in range(3):
+        d = date.fromordinal(day[0].toordinal() + ahead)
+        assert f"event_outbox_d{d:%Y%m%d}" in parts, parts
+    assert "event_outbox_default" in parts
+    # Every partition is secured for tenants (RLS on, the tenant policy).
+    assert db.execute("SELECT count(*) FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid"
+                      " WHERE i.inhparent = 'event_outbox'::regclass"
+                      " AND NOT c.relrowsecurity").fetchone() == (0,)
+    assert events.maintain_event_partitions(db, 7) == 0  # idempotent
