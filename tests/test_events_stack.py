@@ -11,11 +11,13 @@ only its organisation's events.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import date, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -26,6 +28,8 @@ from support.stack import Stack
 from support.wait import until
 
 from postkeep.storage.metadata import events
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "events.schema.json").read_text())
 
 pytestmark = pytest.mark.stack
 
@@ -98,6 +102,9 @@ def test_a_bounced_message_emits_accepted_bounced_suppressed_in_order_and_notifi
         assert (p["postkeep_id"], p["message_id"], p["org_id"]) == (str(mid), header, str(org))
         assert (e.org_id, e.message_id) == (org, mid)
         assert p["tags"].get("lead_id") == "981", p
+        # The documented schema: every required field, a known type.
+        assert set(SCHEMA["required"]) <= p.keys(), p
+        assert p["type"] in SCHEMA["properties"]["type"]["enum"]
         datetime.fromisoformat(p["event_at"].replace("Z", "+00:00"))
         datetime.fromisoformat(p["recorded_at"].replace("Z", "+00:00"))
     assert accepted.recipient is None and accepted.payload["recipients"] == [rcpt]
