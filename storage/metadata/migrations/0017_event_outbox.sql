@@ -123,7 +123,7 @@ CREATE FUNCTION event_emit(p_type text, p_org uuid, p_postkeep_id uuid, p_recipi
                            p_payload jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
-    new_id bigint := nextval(pg_get_serial_sequence('event_outbox', 'id'));
+    new_id bigint := nextval('event_outbox_id_seq'::regclass);
 BEGIN
     INSERT INTO event_outbox (id, org_id, message_id, recipient, event_type, payload)
     OVERRIDING SYSTEM VALUE
@@ -145,7 +145,7 @@ BEGIN
     OVERRIDING SYSTEM VALUE
     SELECT e.id, e.org_id, e.mid, NULL, 'accepted', e.payload || jsonb_build_object('id', e.id)
     FROM (
-        SELECT nextval(pg_get_serial_sequence('event_outbox', 'id')) AS id, m.org_id,
+        SELECT nextval('event_outbox_id_seq'::regclass) AS id, m.org_id,
                m.id AS mid,
                event_payload('accepted', m.org_id, m.id, m.message_id_header, NULL, 'accepted',
                              NULL, NULL, m.tags, m.campaign_id,
