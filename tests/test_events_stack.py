@@ -206,3 +206,14 @@ def test_partitions_are_made_ahead_and_old_days_dropped(db: psycopg.Connection) 
                       " WHERE i.inhparent = 'event_outbox'::regclass"
                       " AND NOT c.relrowsecurity").fetchone() == (0,)
     assert events.maintain_event_partitions(db, 7) == 0  # idempotent
+
+
+def test_a_retried_capture_writes_no_second_accepted(
+        db: psycopg.Connection, make_org, store_message) -> None:  # type: ignore[no-untyped-def]
+    from postkeep.storage.metadata import messages
+
+    org = make_org()
+    m = store_message(org)
+    # A retry after a lost COMMIT reply (ON CONFLICT DO NOTHING): no new rows, no event.
+    messages.record_captures(db, [m])
+    assert [e.event_type for e in events.fetch_events(db, org.id)] == ["accepted"]
