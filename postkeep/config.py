@@ -311,6 +311,10 @@ class StorageConfig:
     # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
     # older days of the reports table are dropped whole.
     report_days: int = field(default=3, metadata={"min": 1, "max": 90})
+    # How long the event outbox keeps an event (issue 18): the webhook
+    # worker retries for 24 h, so a few days more lets an operator replay;
+    # older days of event_outbox are dropped whole.
+    event_days: int = field(default=7, metadata={"min": 2, "max": 90})
     # How often the sidecar runs its upkeep (report partitions).
     maintenance_seconds: float = field(default=3600.0, metadata={"min": 10})
     # How often the sidecar looks for organisations due a new zstd dictionary

@@ -51,6 +51,9 @@ KNOWN_EXCEPTIONS: dict[str, dict[str, str]] = {
     "zstd_dictionaries": {"zstd_dictionaries_object_key_key": "object_key alone; "
                           "the key embeds the org, so (org_id, object_key) is equivalent"},
     "legal_holds": {"legal_holds_pkey": "bigserial id; make it (org_id, id)"},
+    # The webhook contract (issue 18): one global id, partitioned by day.
+    "event_outbox": {"event_outbox_pkey": "(id, created_at): identity id, the "
+                     "webhook idempotency key; make it (org_id, id, created_at)"},
     "retention_audit": {"retention_audit_pkey": "bigserial id, org_id nullable "
                         "(platform-wide runs); append-only log: distribute or keep "
                         "on the coordinator"},

@@ -92,6 +92,9 @@ def ensure_partitions(conn: psycopg.Connection) -> int:
         # The days ahead for received reports (postkeep-storage drops old ones).
         if conn.execute("SELECT to_regproc('maintain_report_partitions')").fetchone() != (None,):
             conn.execute("SELECT maintain_report_partitions(NULL)")
+        # The days ahead of the event outbox (postkeep-storage drops old ones).
+        if conn.execute("SELECT to_regproc('maintain_event_partitions')").fetchone() != (None,):
+            conn.execute("SELECT maintain_event_partitions(NULL)")
     return created
 
 

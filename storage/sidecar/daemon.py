@@ -43,6 +43,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
 
     from postkeep.storage.content.objects import S3ObjectStore
     from postkeep.storage.metadata.db import BackendError, Database
+    from postkeep.storage.metadata.events import maintain_event_partitions
     from postkeep.storage.reports.outcomes import maintain_report_partitions
     from postkeep.storage.sidecar.lmtp import Batcher, ReportHandler, record_with
     from postkeep.storage.sidecar.upkeep import Job, run_jobs
@@ -91,6 +92,9 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         Job("report-partitions", scfg.maintenance_seconds,
             lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
                     f" report partitions created or dropped"),
+        Job("event-partitions", scfg.maintenance_seconds,
+            lambda: f"{db.run(lambda c: maintain_event_partitions(c, scfg.event_days))}"
+                    f" event partitions created or dropped"),
     ]
     if scfg.dictionary_check_seconds:
         from datetime import UTC, datetime
