@@ -386,6 +386,13 @@ start_postgres() {
         warn "$run is too long for a Unix socket; PostgreSQL listens on TCP only"
         sockdir=""
     fi
+    # A statement over every partition of a long retention (an organisation's
+    # removal, the parts sweep) locks each partition and its indexes until
+    # commit: with the ten years some tests keep, PostgreSQL's default lock
+    # table (64 per connection) runs out ("out of shared memory").  Partitions
+    # are created in batches (migrate.ensure_partitions); the rest needs room.
+    grep -q '^max_locks_per_transaction' "$data/postgresql.conf" \
+        || echo 'max_locks_per_transaction = 1024' >>"$data/postgresql.conf"
     if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
         log "postgres already running"
     else

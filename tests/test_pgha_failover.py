@@ -79,18 +79,18 @@ def _assert_every_accepted_stored(c: Cluster, org_id: uuid.UUID, load: Load) -> 
     # A tempfail is allowed (the client retries); a 5xx or no answer never.
     assert all(a.code == 451 for a in refused), {(a.code, a.text) for a in refused}
     with c.connect_admin() as conn:
-        rows: dict[str, list[tuple[str, bytes]]] = {}
-        for qid, key, sha in conn.execute(
-                "SELECT queue_id, object_key, sha256 FROM messages WHERE org_id = %s",
+        rows: dict[str, list[tuple[str, bytes, uuid.UUID]]] = {}
+        for qid, key, sha, mid in conn.execute(
+                "SELECT queue_id, object_key, sha256, id FROM messages WHERE org_id = %s",
                 (org_id,)).fetchall():
-            rows.setdefault(qid, []).append((key, bytes(sha)))
+            rows.setdefault(qid, []).append((key, bytes(sha), mid))
     missing = [a.queue_id for a in accepted if len(rows.get(a.queue_id or "", [])) != 1]
     assert not missing, (f"{len(missing)} of {len(accepted)} accepted messages have no row"
                          f" (or several): {missing[:5]}")
     # Content too, for a sample spread over the run (every one costs a restore).
     for a in accepted[:: max(1, len(accepted) // 20)]:
-        key, sha = rows[a.queue_id or ""][0]
-        stored = c.stack.restored(key)
+        key, sha, mid = rows[a.queue_id or ""][0]
+        stored = c.stack.restored(key, mid)  # messages accepted together share a pack
         assert hashlib.sha256(stored).digest() == sha
         assert stored == strip_received(c.stack.sink_copy(a.token, timeout=120)), a.token
 
