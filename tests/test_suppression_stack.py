@@ -372,6 +372,11 @@ def test_an_erased_address_stays_suppressed_under_a_pseudonym(
             " (SELECT address FROM suppressions WHERE org_id = %(o)s)",
             {"o": org, "a": rcpt}).fetchone()
     assert named is not None and named[:2] == (0, 0), named
+    with stack.connect() as conn:  # nor do the message's delivery events
+        events = conn.execute("SELECT count(*) FROM event_outbox WHERE org_id = %s"
+                              " AND (recipient ILIKE %s OR payload::text ILIKE %s)",
+                              (org, rcpt, f"%{rcpt}%")).fetchone()
+    assert events == (0,), events
     assert str(named[2]).startswith("sha256:") and len(str(named[2])) == 71, named
     # Still refused at RCPT, with the reason (policyd may answer from its
     # cache of the send's own lookup for suppression_cache_seconds first).

@@ -208,6 +208,11 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     )
                     if table == "message_recipients":
                         redacted += cur.rowcount
+                # The delivery events of these messages name their recipients
+                # and subjects (event_outbox, kept storage.event_days for the
+                # webhooks): they go with the content, undelivered ones too.
+                conn.execute("DELETE FROM event_outbox WHERE org_id = %s"
+                             " AND message_id = ANY(%s)", (org_id, ids))
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
                        "pack_entries_dropped": forgotten, "parts_deleted": parts,
