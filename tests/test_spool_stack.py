@@ -316,7 +316,11 @@ def _assert_refused_as_meant(stack: Stack, org_id: uuid.UUID, sent: list[Sent],
     stored = stored_for(stack, org_id, spool)
     left = stored.left_by(s.token for _, s in refused)
     assert len(left) <= SENDERS, f"{len(left)} refused messages left something: {left}"
-    assert set(stored.orphans.values()) <= set(left), (
+    # A pack the kill cut before its rows were written, whose messages the
+    # outage spool then stored under their own rows, is garbage for the orphan
+    # sweep (retention orphans): its token has a row, nothing is lost.
+    stored_again = {t for t in stored.orphans.values() if t in stored.rows}
+    assert set(stored.orphans.values()) <= set(left) | stored_again, (
         f"message objects with no row, not of a message the kill cut: {stored.orphans}")
 
 
