@@ -5,8 +5,8 @@
 interval after start (a restart loop must not turn into a retention loop),
 in a worker thread on a connection of its own borrowed from the pool, so the
 LMTP side never waits for it.  A run that fails is logged and counted, and
-the next one comes at the next interval; two sidecars (or a sidecar and
-`postkeep retention run`) take turns on the run's advisory lock.
+runs again after upkeep's backoff (10 s doubling, at most one interval);
+two sidecars (or a sidecar and `postkeep retention run`) take turns on the run's advisory lock.
 """
 
 from __future__ import annotations
