@@ -188,6 +188,10 @@ def test_dashboard_logins_find_only_their_own_messages_with_every_filter(
             MessageFilter(status=status, subject=orgs.token),
             MessageFilter(direction="outbound", message_type="email", subject=orgs.token),
             MessageFilter(since=since, subject=orgs.token),
+            MessageFilter(status=status),  # walks the status index (0028)
+            MessageFilter(status=status, since=since),
+            MessageFilter(recipient=first.recipient, status=status),
+            MessageFilter(tags=(("campaign_id", first.campaign),), status=status),
         ]
         # and the attacker's: another organisation's id, postkeep.org_id set to it
         for options in ("", f"-c postkeep.org_id={other}"):
@@ -209,3 +213,44 @@ def test_dashboard_logins_find_only_their_own_messages_with_every_filter(
         literal = [m.queue_id for m in messages.list_messages(
             conn, MessageFilter(subject="100% off_", since=since))]
         assert literal == [orgs.a[0].queue_id]
+
+
+def test_the_search_function_serves_only_the_callers_own_organisation(
+        stack: Stack, orgs: Orgs, logins: dict[uuid.UUID, Login]) -> None:
+    """search_messages (0028) runs as the owner, without row-level security:
+    what an attacker with a database login tries against it directly."""
+    a, b = orgs.a[0], orgs.b[0]
+    query = "SELECT org_id, queue_id FROM search_messages(%s::jsonb)"
+    with _connect(stack, logins[a.org_id]) as conn:
+        # another organisation's id in the filter: nothing, not B's rows
+        assert conn.execute(query, (json.dumps({"org_id": str(b.org_id)}),)).fetchall() == []
+        # no organisation named: A's own, never B's
+        own = conn.execute(query, (json.dumps({"subject": orgs.token}),)).fetchall()
+        assert own and {r[0] for r in own} == {a.org_id}
+        # SQL in a value is data
+        assert conn.execute(query, (json.dumps(
+            {"subject": "x' OR true --", "sender": "' OR 1=1 --"}),)).fetchall() == []
+        # a temporary table named messages does not stand in for the real one
+        conn.execute("CREATE TEMP TABLE messages (LIKE public.messages)")
+        conn.execute("SET search_path = pg_temp, public")
+        again = conn.execute(query, (json.dumps({"subject": orgs.token}),)).fetchall()
+        assert sorted(again) == sorted(own)
+    with stack.connect() as db:
+        # a login in the dashboard group but mapped to no organisation, and a
+        # login outside it: refused, not "every organisation"
+        unmapped, outsider = (unique_name(n).replace("-", "_") for n in ("unmapped", "outsider"))
+        password = uuid.uuid4().hex
+        try:
+            for role in (unmapped, outsider):
+                db.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)))
+            db.execute(sql.SQL("GRANT postkeep_tenant TO {}").format(sql.Identifier(unmapped)))
+            with _connect(stack, Login(unmapped, password)) as conn, pytest.raises(
+                    psycopg.errors.InsufficientPrivilege, match="not a dashboard login"):
+                conn.execute(query, (json.dumps({"org_id": str(b.org_id)}),))
+            with _connect(stack, Login(outsider, password)) as conn, pytest.raises(
+                    psycopg.errors.InsufficientPrivilege, match="permission denied"):
+                conn.execute(query, ("{}",))
+        finally:
+            for role in (unmapped, outsider):
+                db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -12,6 +12,7 @@ organisation's dashboard out of another's messages.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -83,15 +84,14 @@ def test_restore_from_store_and_garbage_is_a_backend_error() -> None:
 
 
 @pytest.mark.unit
-def test_filter_where_clause_has_one_parameter_per_condition() -> None:
+def test_the_filter_is_one_json_parameter_of_the_search_function() -> None:
     oid = uuid.uuid4()
-    where, params = messages._where(
-        messages.MessageFilter(oid, "s@x.test", "r@y.test", T0, limit=5)
-    )
-    # since bounds created_at and, for partition pruning, metadata_expires_at
-    assert where.count("%s") == len(params) == 5
-    assert params == [oid, "s@x.test", "r@y.test", T0, T0]
-    assert messages._where(messages.MessageFilter()) == ("", [])
+    sql, params = messages.search_query(
+        messages.MessageFilter(oid, "s@x.test", "r@y.test", T0, limit=5))
+    assert "FROM search_messages(%s::jsonb) m" in sql and sql.count("%s") == len(params) == 1
+    assert json.loads(str(params[0])) == {"org_id": str(oid), "sender": "s@x.test",
+                                          "recipient": "r@y.test", "since": T0.isoformat(),
+                                          "limit": 5}
 
 
 # --- stack: migrations and partitions ---------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -255,14 +255,11 @@ def tenant_org(conn: psycopg.Connection) -> uuid.UUID | None:
 def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow]:
     """Messages matching the filter, newest first, at most `f.limit`.
 
-    The search function of the CLI and of a dashboard alike.  On a tenant's
-    login row-level security limits it to the login's organisation; the
-    filter then also names that organisation, so the planner can use the
-    per-organisation indexes (it cannot read the organisation out of the
-    policy's subquery).  A filter naming another organisation finds nothing.
+    The search function of the CLI and of a dashboard alike: the SQL
+    function search_messages (migration 0028) searches a tenant login's own
+    organisation only, with the per-organisation indexes; a filter naming
+    another organisation finds nothing.
     """
-    if f.org_id is None:
-        f = replace(f, org_id=tenant_org(conn))
     with conn.cursor(row_factory=class_row(MessageRow)) as cur:
         cur.execute(*search_query(f))
         return cur.fetchall()
@@ -298,6 +295,3 @@ def get_message(conn: psycopg.Connection, message_id: uuid.UUID) -> MessageDetai
         recipients: Sequence[RecipientRow] = cur.fetchall()
     return MessageDetail(row, tuple(recipients))
 
-
-# The filter's SQL lives in search.py; the name older callers use.
-_where = search.where
