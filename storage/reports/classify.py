@@ -143,6 +143,16 @@ def is_auto_reply(msg: Message) -> bool:
         re.search(r"\bauto", subject, re.IGNORECASE))
 
 
+def is_unsubscribe(msg: Message) -> bool:
+    """A request to unsubscribe: the subject is `unsubscribe` (any case, RFC
+    2047 decoded, surrounding space ignored), as the mailto: form of
+    `List-Unsubscribe` (RFC 2369, `?subject=unsubscribe`) and mail clients'
+    unsubscribe buttons send it; never an auto-reply or a notice (an
+    out-of-office quoting the subject is not the reader asking)."""
+    subject = " ".join(_decoded_header(msg, "Subject").split()).casefold()
+    return subject == "unsubscribe" and not is_auto_reply(msg) and not is_complaint(msg)
+
+
 def references(msg: Message) -> list[str]:
     """The Message-IDs MSG answers, nearest first: In-Reply-To, then References
     from the last (the parent) back to the thread's start; no duplicates."""

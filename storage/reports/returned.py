@@ -8,6 +8,10 @@ return path verified and that is a `reply` or an `auto_reply` is recorded as
 what it is, an inbound message of the sent message's organisation linked to
 it (`record_returned`), not as an unmatched report.  The return path's MAC
 is the link (never across organisations: the parent is the message it names).
+A request to unsubscribe (subject `unsubscribe`, what a `List-Unsubscribe:
+<mailto:...?subject=unsubscribe>` sends) is recorded as a reply and puts the
+recipient it comes from on the organisation's suppression list, if that
+address is one of the sent message's recipients.
 
 The object is written before the rows (rows never name a missing object,
 and a duplicate's object is deleted again); a retry of the same delivery
@@ -17,6 +21,7 @@ records nothing twice.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import uuid
 from collections.abc import Callable
@@ -28,7 +33,7 @@ import psycopg
 import zstandard
 
 from postkeep.ids import uuid7
-from postkeep.storage.metadata import directory
+from postkeep.storage.metadata import directory, suppression
 from postkeep.storage.metadata.inbound import ParentClues
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates, record_capture
 from postkeep.storage.reports import classify
@@ -42,12 +47,36 @@ def reply_type(raw: bytes, envelope_from: str, report: Report) -> str | None:
     """'reply' or 'auto_reply' if REPORT (at a verified return path) is one, else None.
 
     A DSN is a notice whatever its text says; anything else is classified as
-    inbound mail is (complaint > bounce > auto_reply > reply > email).
+    inbound mail is (complaint > bounce > auto_reply > reply > email).  A
+    request to unsubscribe (classify.is_unsubscribe) is a reply, whether or
+    not it names the message it answers.
     """
     if report.message_id is None or report.expires_at is None or report.kind == "dsn":
         return None
-    kind = classify.message_type(classify.parse(raw), envelope_from)
+    msg = classify.parse(raw)
+    kind = classify.message_type(msg, envelope_from)
+    if kind == classify.EMAIL and classify.is_unsubscribe(msg):
+        return classify.REPLY
     return kind if kind in ANSWERS else None
+
+
+def unsubscriber(raw: bytes, envelope_from: str, report: Report) -> tuple[str, ...]:
+    """Who may be asking to unsubscribe, best first, if RAW is such a request
+    (else ()): the recipient its VERP return path names, its From: address,
+    its envelope sender.  `record_returned` suppresses the first of them that
+    is a recipient of the sent message, so a request can never put anyone
+    else on the list (pure)."""
+    msg = classify.parse(raw)
+    if not classify.is_unsubscribe(msg):
+        return ()
+    found: list[str] = []
+    if report.verp_recipient:
+        found.append(report.verp_recipient)
+    _, from_addr = email.utils.parseaddr(_header(msg, "From") or "")
+    for addr in (from_addr, envelope_from.strip("<>")):
+        if "@" in addr and addr not in found:
+            found.append(addr)
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -124,10 +153,21 @@ def already(conn: psycopg.Connection, sent: SentMessage,
     return None if row is None else uuid.UUID(str(row[0]))
 
 
-def record_returned(conn: psycopg.Connection, sent: SentMessage,
-                    m: CapturedMessage) -> uuid.UUID | None:
-    """Write M's rows and link it to SENT in one transaction: None, or the id of
-    the message it duplicates (`already`: then nothing is written).
+@dataclass(frozen=True)
+class Recorded:
+    """What record_returned did: the message M duplicates (nothing written),
+    or the address it put on the suppression list as unsubscribed."""
+
+    duplicate_of: uuid.UUID | None = None
+    unsubscribed: str | None = None
+
+
+def record_returned(conn: psycopg.Connection, sent: SentMessage, m: CapturedMessage,
+                    unsubscribe: tuple[str, ...] = ()) -> Recorded:
+    """Write M's rows and link it to SENT in one transaction (nothing if it
+    duplicates one: `already`).  UNSUBSCRIBE (`unsubscriber`): the first of
+    these that is one of SENT's recipients goes on the organisation's
+    suppression list (reason unsubscribe), in the same transaction.
 
     Two copies at once take turns on a lock per sent message, so the second
     sees the first.
@@ -136,10 +176,32 @@ def record_returned(conn: psycopg.Connection, sent: SentMessage,
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 17))", (str(sent.id),))
         dup = already(conn, sent, m)
         if dup is not None:
-            return dup
+            return Recorded(duplicate_of=dup)
         record_capture(conn, m)
         parent = link_inbound(conn, m)
         # The parent was read moments ago: gone now means it expired meanwhile.
         if parent is None:
             raise LookupError(f"sent message of {m.id} no longer present")
+        address = _sent_to(conn, sent, unsubscribe)
+        if address is not None:
+            suppression.suppress(conn, sent.org.id, address, "unsubscribe", "return_path",
+                                 detail=f"unsubscribe mail {m.id}", message_id=sent.id,
+                                 at=m.created_at)
+    return Recorded(unsubscribed=address)
+
+
+def _sent_to(conn: psycopg.Connection, sent: SentMessage,
+             candidates: tuple[str, ...]) -> str | None:
+    """The first of CANDIDATES that SENT was addressed to (the recipient as
+    recorded), or None."""
+    if not candidates:
+        return None
+    rows = conn.execute(
+        "SELECT recipient FROM message_recipients WHERE message_id = %s AND org_id = %s"
+        " AND metadata_expires_at = %s", (sent.id, sent.org.id, sent.metadata_expires_at))
+    recipients = {suppression.normalise(str(r[0])): str(r[0]) for r in rows}
+    for c in candidates:
+        hit = recipients.get(suppression.normalise(c))
+        if hit is not None:
+            return hit
     return None

@@ -303,9 +303,11 @@ class ReportHandler:
             lambda org, mid, at, days, held: message_key(org, mid, at, content_days=days,
                                                          held=held))
         await asyncio.to_thread(self.objects.put, m.object_key, io.BytesIO(blob), len(blob))
-        dup = await asyncio.to_thread(self.db.run,
-                                      lambda conn: returned.record_returned(conn, sent, m))
-        if dup is not None:
+        asking = returned.unsubscriber(raw, mail_from, report)
+        done = await asyncio.to_thread(
+            self.db.run, lambda conn: returned.record_returned(conn, sent, m, asking))
+        if done.duplicate_of is not None:
+            dup = done.duplicate_of
             await asyncio.to_thread(self.objects.delete, m.object_key)  # no row names it
             DUPLICATES.inc()
             log.info("%s at return path already recorded pk_id=%s report=%s", kind, dup.hex,
@@ -314,6 +316,12 @@ class ReportHandler:
         ANSWERS.labels(kind).inc()
         log.info("%s at return path recorded pk_id=%s parent=%s report=%s", kind, m.id.hex,
                  sent.id.hex, tag)
+        if done.unsubscribed is not None:
+            log.info("unsubscribe at return path suppressed recipient=%s org=%s parent=%s"
+                     " pk_id=%s", done.unsubscribed, sent.org.id, sent.id.hex, m.id.hex)
+        elif asking:
+            log.warning("unsubscribe at return path names no recipient of its message"
+                        " (not suppressed) parent=%s pk_id=%s", sent.id.hex, m.id.hex)
         return f"250 2.0.0 {kind} {tag} recorded as message {m.id}"
 
     async def _keep(self, report: Report, raw: bytes) -> None:

@@ -21,9 +21,10 @@
 --
 -- Plans: with a recipient, or a status and no condition on the message
 -- itself, the search walks that organisation's recipient rows newest first
--- on (org_id, recipient|status, created_at), looks each message up by key,
--- skips a message's further recipient rows (adjacent in that order) and
--- stops at the limit: a cursor, so it reads no more than it returns.  Else
+-- on (org_id, recipient|status, created_at) through a cursor, skips a
+-- message's further recipient rows (adjacent in that order), and looks the
+-- messages up by key a page at a time until the page is full: it reads
+-- little more than it returns.  Else
 -- it selects messages and probes a status per message (OFFSET 0 keeps that
 -- EXISTS a per-row probe instead of a hash join over every recipient row).
 
@@ -39,9 +40,13 @@ DECLARE
     r_conds text[] := '{}';
     by_recipient boolean;
     q text;
-    row messages;
+    mq text;
+    hit record;
     last_id uuid;
+    ids uuid[] := '{}';
+    expiries timestamptz[] := '{}';
     n integer := 0;
+    got integer;
 BEGIN
     SELECT t.org_id INTO org FROM tenant_roles t WHERE t.role_name = session_user;
     IF org IS NOT NULL THEN
@@ -112,22 +117,36 @@ BEGIN
             r_conds := array_append(r_conds, '(r.created_at, r.message_id) < '
                 '(($2->>''after_at'')::timestamptz, ($2->>''after_id'')::uuid)');
         END IF;
-        q := 'SELECT m.* FROM message_recipients r CROSS JOIN LATERAL (SELECT m.* FROM messages m'
-             ' WHERE m.id = r.message_id AND m.metadata_expires_at = r.metadata_expires_at'
-             ' AND m.org_id = r.org_id'
-             || CASE WHEN cardinality(m_conds) > 0
-                     THEN ' AND ' || array_to_string(m_conds, ' AND ') ELSE '' END
-             || ' OFFSET 0) m'
+        -- Two steps, so that no query plans every partition twice over: the
+        -- recipient rows' keys newest first, then their messages, a page at a
+        -- time, by key: the expiries are constants, so the planner keeps
+        -- only their partitions (planning over hundreds of partitions, as a
+        -- ten-year tier makes, costs more than the search itself).
+        q := 'SELECT r.message_id, r.metadata_expires_at FROM message_recipients r'
              || CASE WHEN cardinality(r_conds) > 0
                      THEN ' WHERE ' || array_to_string(r_conds, ' AND ') ELSE '' END
              || ' ORDER BY r.created_at DESC, r.message_id DESC';
-        FOR row IN EXECUTE q USING org, filter LOOP
-            CONTINUE WHEN row.id = last_id;  -- the same message's next recipient row
-            last_id := row.id;
-            RETURN NEXT row;
-            n := n + 1;
-            EXIT WHEN n >= lim;
+        mq := 'SELECT m.* FROM messages m WHERE m.id = ANY($3) AND m.metadata_expires_at = ANY($4)'
+              || CASE WHEN cardinality(m_conds) > 0
+                      THEN ' AND ' || array_to_string(m_conds, ' AND ') ELSE '' END
+              || ' ORDER BY m.created_at DESC, m.id DESC LIMIT ';
+        FOR hit IN EXECUTE q USING org, filter LOOP
+            CONTINUE WHEN hit.message_id = last_id;  -- the same message's next recipient row
+            last_id := hit.message_id;
+            ids := ids || hit.message_id;
+            expiries := expiries || hit.metadata_expires_at;
+            IF cardinality(ids) >= lim - n THEN
+                RETURN QUERY EXECUTE mq || (lim - n) USING org, filter, ids, expiries;
+                GET DIAGNOSTICS got = ROW_COUNT;
+                n := n + got;
+                ids := '{}';
+                expiries := '{}';
+                EXIT WHEN n >= lim;
+            END IF;
         END LOOP;
+        IF cardinality(ids) > 0 THEN
+            RETURN QUERY EXECUTE mq || (lim - n) USING org, filter, ids, expiries;
+        END IF;
         RETURN;
     END IF;
 
