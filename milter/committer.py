@@ -73,7 +73,7 @@ from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
-from postkeep.storage.reports.inbound import link_inbound
+from postkeep.storage.reports.inbound import link_each
 
 log = logging.getLogger("postkeep.milter")
 
@@ -339,7 +339,7 @@ class GroupCommitter:
         delete one between the check and the commit."""
         if not any(p.part_keys for p in stored) and not any(p.pack for p in stored):
             record_captures(conn, [p.message for p in stored])
-            _link_inbound(conn, [p.message for p in stored])
+            link_each(conn, [p.message for p in stored])
             return
         with conn.transaction():
             keys = {k for p in stored for k in p.part_keys}
@@ -362,7 +362,7 @@ class GroupCommitter:
                 record_captures(conn, [p.message for p in ok])
                 packs.record(conn, _packs_of(ok))
                 record_attachments(conn, rows)
-                _link_inbound(conn, [p.message for p in ok])
+                link_each(conn, [p.message for p in ok])
 
     def _upload(self, batch: list[_Pending]) -> list[_Pending]:
         """Put every object; return the items now in the store."""
@@ -435,27 +435,6 @@ def _packs_of(items: list[_Pending]) -> list[packs.Pack]:
             members = {m: loc for m, loc in p.pack.members.items() if m in ids}
             out[p.pack.key] = dataclasses.replace(p.pack, members=members)
     return list(out.values())
-
-
-def _link_inbound(conn: psycopg.Connection, messages: list[CapturedMessage]) -> None:
-    """Link inbound replies and complaints to what was sent, once their rows are in.
-
-    Each in its own savepoint: a link that fails on a statement error is
-    logged and left out, never a reason to refuse the mail it belongs to.
-    """
-    for m in messages:
-        if m.direction != "inbound" or m.clues is None:
-            continue
-        try:
-            with conn.transaction():
-                parent = link_inbound(conn, m)
-        except psycopg.Error as exc:
-            if exc.sqlstate is None:
-                raise  # the connection itself: the batch's commit is unknown
-            log.warning("inbound pk_id=%s not linked: %s", m.id.hex, exc)
-            continue
-        log.info("inbound pk_id=%s type=%s parent=%s", m.id.hex, m.message_type,
-                 parent.id.hex if parent else "-")
 
 
 def _rolled_back(exc: BaseException) -> bool:

@@ -213,3 +213,35 @@ def test_a_row_postgres_refuses_stays_spooled_and_the_rest_are_drained(
     again = drain(spool, objects, record)
     assert (again.drained, again.rejected) == (0, 1)
     assert _stored(db, [*spooled, bad.id]) == (rows, rcpts)
+
+
+def test_a_spooled_reply_is_linked_to_what_was_sent_when_drained(
+        spool: Spool, config: Config, _migrated: None, db: psycopg.Connection,
+        objects: S3ObjectStore, make_org: Callable[..., TestOrg]) -> None:
+    """Inbound mail captured during an outage keeps its link clues in the
+    spool; the drain (as postkeep-storage and `postkeep spool drain` run it,
+    with storage.reports.inbound.link_each) links it like a direct capture,
+    and a drain run again changes nothing."""
+    from postkeep.storage.metadata.inbound import ParentClues
+    from postkeep.storage.metadata.messages import record_captures
+    from postkeep.storage.reports.inbound import link_each
+
+    org = make_org()
+    sent = _message(org, 0, b"sent")
+    record_captures(db, [sent])
+    blob = b"Re: spooled 0"
+    reply = replace(_message(org, 1, blob), direction="inbound", message_type="reply",
+                    message_id_header=f"<reply-{uuid.uuid4().hex}@x.example>",
+                    clues=ParentClues(message_ids=(str(sent.message_id_header),)))
+    spool.write(reply, io.BytesIO(blob), "postgres: down")
+    database = Database(config.postgres)
+    try:
+        for attempt in (1, 2):  # the second: a drain retried after its rows went in
+            if attempt == 2:
+                spool.write(reply, io.BytesIO(blob), "postgres: down")
+            assert drain(spool, objects, record_with(database, link_each)).drained == 1
+            row = db.execute("SELECT direction, message_type, parent_message_id FROM messages"
+                             " WHERE id = %s", (reply.id,)).fetchall()
+            assert row == [("inbound", "reply", sent.id)]
+    finally:
+        database.close()

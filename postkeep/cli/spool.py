@@ -130,6 +130,7 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
         record_with,
     )
     from postkeep.storage.metadata.db import Database
+    from postkeep.storage.reports.inbound import link_each
 
     spool = Spool(cfg.milter.outage_spool_directory)
     if metrics_listen:
@@ -143,7 +144,7 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
     db = Database(cfg.postgres, min_size=1)
     objects = S3ObjectStore(cfg.s3)
 
-    record = record_with(db)
+    record = record_with(db, link_each)
     last = [0.0]
 
     def progress(r: DrainResult) -> None:

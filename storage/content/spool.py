@@ -51,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -672,10 +672,20 @@ def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
         stop.wait(interval)
 
 
-def record_with(db: Database) -> RecordRows:
-    """The drain's row writer: one idempotent INSERT per batch, through the pool."""
+def record_with(db: Database, then: Callable[[Any, Sequence[CapturedMessage]], None]
+                | None = None) -> RecordRows:
+    """The drain's row writer: one idempotent INSERT per batch, through the
+    pool; then THEN on the same connection (the daemons pass
+    storage.reports.inbound.link_each: inbound replies and complaints linked
+    to what was sent, as the milter links those it commits itself; it must
+    be idempotent, a batch may be recorded again)."""
+    def write(conn: Any, msgs: Sequence[CapturedMessage]) -> None:
+        record_captures(conn, msgs)
+        if then is not None:
+            then(conn, msgs)
+
     def record(msgs: Sequence[CapturedMessage]) -> None:
-        db.run(lambda conn: record_captures(conn, msgs))
+        db.run(lambda conn: write(conn, msgs))
 
     return record
 

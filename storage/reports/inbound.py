@@ -14,7 +14,9 @@ is to be fed from here too: see the comment in it.
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
 import psycopg
@@ -25,6 +27,32 @@ from postkeep.storage.reports.dsn import Outcome, Report
 from postkeep.storage.reports.outcomes import record_batch
 
 COMPLAINED = "complained"
+
+
+log = logging.getLogger("postkeep.inbound")
+
+
+def link_each(conn: psycopg.Connection, messages: Sequence[CapturedMessage]) -> None:
+    """Link the inbound replies and complaints among MESSAGES to what was sent,
+    once their rows are in (the milter's commit, the outage spool's drain).
+
+    Each in its own savepoint: a link that fails on a statement error is
+    logged and left out, never a reason to refuse or re-spool the mail it
+    belongs to.  Linking again (a drain retried) changes nothing.
+    """
+    for m in messages:
+        if m.direction != "inbound" or m.clues is None:
+            continue
+        try:
+            with conn.transaction():
+                parent = link_inbound(conn, m)
+        except psycopg.Error as exc:
+            if exc.sqlstate is None:
+                raise  # the connection itself: the batch's commit is unknown
+            log.warning("inbound pk_id=%s not linked: %s", m.id.hex, exc)
+            continue
+        log.info("inbound pk_id=%s type=%s parent=%s", m.id.hex, m.message_type,
+                 parent.id.hex if parent else "-")
 
 
 def link_inbound(conn: psycopg.Connection, m: CapturedMessage) -> Parent | None:

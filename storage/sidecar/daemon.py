@@ -181,6 +181,7 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
     from prometheus_client import REGISTRY
 
     from postkeep.storage.content import spool as spool_mod
+    from postkeep.storage.reports.inbound import link_each
 
     spool = spool_mod.Spool(cfg.milter.outage_spool_directory)
     REGISTRY.register(spool_mod.SpoolCollector(spool))
@@ -188,7 +189,7 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
     interval = cfg.storage.spool_drain_interval_seconds
     log.info("draining the outage spool %s every %gs", spool.dir, interval)
     task = asyncio.ensure_future(asyncio.to_thread(
-        spool_mod.drain_forever, spool, objects, spool_mod.record_with(db),
+        spool_mod.drain_forever, spool, objects, spool_mod.record_with(db, link_each),
         interval=interval, stop=stop, on_pass=spool_mod.log_pass))
     return stop, task, spool
 
