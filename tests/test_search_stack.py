@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from click.testing import CliRunner
-from conftest import unique_name
+from conftest import TestOrg, unique_name
 from psycopg import sql
 from support import smtp
 from support.stack import Stack
@@ -254,3 +254,44 @@ def test_the_search_function_serves_only_the_callers_own_organisation(
         finally:
             for role in (unmapped, outsider):
                 db.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_a_status_search_pages_through_many_recipient_rows_each_message_once(
+        db: psycopg.Connection, make_org: Callable[..., TestOrg]) -> None:
+    """The status shape walks recipient rows in slices (0028): a message with
+    three bounced recipients is one result, pages follow each other without a
+    gap or a repeat, across more rows than one slice holds."""
+    from postkeep.storage.content.objects import message_key
+    from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates, record_captures
+
+    org = make_org()
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    made = []
+    for n in range(230):
+        created = t0 + timedelta(milliseconds=10 * n)
+        mid = uuid.uuid4()
+        content_at, metadata_at = expiry_dates(created, 7, 30)
+        made.append(CapturedMessage(
+            id=mid, org_id=org.id, domain=org.domain, queue_id=f"S{n:04d}",
+            envelope_from=f"a@{org.domain}",
+            recipients=(f"x{n}@r.test", f"y{n}@r.test", f"z{n}@r.test"),
+            size=1, sha256=bytes(32), object_key=message_key(str(org.id), str(mid), created),
+            compressed_size=1, created_at=created, content_expires_at=content_at,
+            metadata_expires_at=metadata_at, message_id_header=None, header_from=None,
+            subject=f"s{n}"))
+    record_captures(db, made)
+    bounced = [m.id for m in made[::2]]  # all three recipients of every other message
+    db.execute("UPDATE message_recipients SET status = 'bounced' WHERE message_id = ANY(%s)",
+               (bounced,))
+    want = list(reversed(bounced))  # newest first
+    for page_size in (60, 7):  # 60 messages: 180 rows, more than one slice (120)
+        got: list[uuid.UUID] = []
+        after = None
+        while True:
+            page = messages.list_messages(db, MessageFilter(
+                org_id=org.id, status="bounced", limit=page_size, after=after))
+            got += [m.id for m in page]
+            if len(page) < page_size:
+                break
+            after = (page[-1].created_at, page[-1].id)
+        assert got == want, page_size

@@ -47,6 +47,10 @@ DECLARE
     expiries timestamptz[] := '{}';
     n integer := 0;
     got integer;
+    slice integer;
+    rows_read integer;
+    after_at timestamptz;
+    after_id uuid;
 BEGIN
     SELECT t.org_id INTO org FROM tenant_roles t WHERE t.role_name = session_user;
     IF org IS NOT NULL THEN
@@ -95,6 +99,7 @@ BEGIN
     by_recipient := filter ? 'recipient'
                     OR (filter ? 'status' AND org IS NOT NULL AND cardinality(m_conds) = 1);
     IF by_recipient THEN
+        slice := greatest(2 * lim, 100);
         -- Walk the recipient rows; they carry the message's created_at.
         IF org IS NOT NULL THEN
             r_conds := array_append(r_conds, 'r.org_id = $1');
@@ -122,29 +127,40 @@ BEGIN
         -- time, by key: the expiries are constants, so the planner keeps
         -- only their partitions (planning over hundreds of partitions, as a
         -- ten-year tier makes, costs more than the search itself).
-        q := 'SELECT r.message_id, r.metadata_expires_at FROM message_recipients r'
-             || CASE WHEN cardinality(r_conds) > 0
-                     THEN ' WHERE ' || array_to_string(r_conds, ' AND ') ELSE '' END
-             || ' ORDER BY r.created_at DESC, r.message_id DESC';
+        -- In slices of a LIMIT (a cursor alone is planned for every row: a
+        -- sort of all the organisation's bounced rows), each after the last
+        -- row of the one before ($3, $4; NULL the first time, folded away).
+        q := 'SELECT r.message_id, r.metadata_expires_at, r.created_at'
+             ' FROM message_recipients r WHERE ' || array_to_string(r_conds, ' AND ')
+             || ' AND ($3::timestamptz IS NULL OR (r.created_at, r.message_id) < ($3, $4::uuid))'
+             || ' ORDER BY r.created_at DESC, r.message_id DESC LIMIT ' || slice;
         mq := 'SELECT m.* FROM messages m WHERE m.id = ANY($3) AND m.metadata_expires_at = ANY($4)'
               || CASE WHEN cardinality(m_conds) > 0
                       THEN ' AND ' || array_to_string(m_conds, ' AND ') ELSE '' END
               || ' ORDER BY m.created_at DESC, m.id DESC LIMIT ';
-        FOR hit IN EXECUTE q USING org, filter LOOP
-            CONTINUE WHEN hit.message_id = last_id;  -- the same message's next recipient row
-            last_id := hit.message_id;
-            ids := ids || hit.message_id;
-            expiries := expiries || hit.metadata_expires_at;
-            IF cardinality(ids) >= lim - n THEN
-                RETURN QUERY EXECUTE mq || (lim - n) USING org, filter, ids, expiries;
-                GET DIAGNOSTICS got = ROW_COUNT;
-                n := n + got;
-                ids := '{}';
-                expiries := '{}';
-                EXIT WHEN n >= lim;
-            END IF;
-        END LOOP;
-        IF cardinality(ids) > 0 THEN
+        <<walk>>
+        LOOP
+            rows_read := 0;
+            FOR hit IN EXECUTE q USING org, filter, after_at, after_id LOOP
+                rows_read := rows_read + 1;
+                after_at := hit.created_at;
+                after_id := hit.message_id;
+                CONTINUE WHEN hit.message_id = last_id;  -- the same message's next recipient
+                last_id := hit.message_id;
+                ids := ids || hit.message_id;
+                expiries := expiries || hit.metadata_expires_at;
+                IF cardinality(ids) >= lim - n THEN
+                    RETURN QUERY EXECUTE mq || (lim - n) USING org, filter, ids, expiries;
+                    GET DIAGNOSTICS got = ROW_COUNT;
+                    n := n + got;
+                    ids := '{}';
+                    expiries := '{}';
+                    EXIT walk WHEN n >= lim;
+                END IF;
+            END LOOP;
+            EXIT walk WHEN rows_read < slice;  -- no more recipient rows
+        END LOOP walk;
+        IF cardinality(ids) > 0 AND n < lim THEN
             RETURN QUERY EXECUTE mq || (lim - n) USING org, filter, ids, expiries;
         END IF;
         RETURN;
