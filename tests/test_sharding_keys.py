@@ -35,6 +35,7 @@ REFERENCE_TABLES: dict[str, str] = {
                     "policies before org_id is known",
     "retention_state": "one row per retention job (the sweeper's own cursor)",
     "schema_migrations": "which migrations are applied (not tenant data)",
+    "stats_tag_keys": "which tag keys get statistics: platform configuration, a few rows",
 }
 
 # Tenant tables whose unique keys lack org_id today: {table: {index: reason}}.

@@ -78,9 +78,11 @@ def _send_in(stack: Stack, rcpt: str, sender: str, data: bytes) -> None:
     until(attempt, f"Postfix accepts mail for {rcpt}")
 
 
-def _sent(stack: Stack, domain: str, rcpt: str, campaign: str | None) -> dict[str, Any]:
+def _sent(stack: Stack, domain: str, rcpt: str, campaign: str | None,
+          template: str | None = None) -> dict[str, Any]:
     token = f"st-{uuid.uuid4().hex[:10]}"
     tag = f"X-Campaign-Id: {campaign}\r\n" if campaign else ""
+    tag += f"X-Template-Id: {template}\r\n" if template else ""
     data = (f"From: news@{domain}\r\nTo: {rcpt}\r\nSubject: {token}\r\n{tag}"
             f"Message-ID: <{token}@{domain}>\r\n\r\nOffer\r\n").encode()
     reply = smtp.send(*stack.smtp, f"news@{domain}", [rcpt], data)
@@ -106,9 +108,9 @@ def _inbound(stack: Stack, org: uuid.UUID) -> dict[str, uuid.UUID | None]:
             " WHERE org_id = %s AND direction = 'inbound'", (org,))}
 
 
-def _stats(stack: Stack, org: uuid.UUID, by: str) -> dict[str, dict[str, Any]]:
+def _stats(stack: Stack, org: uuid.UUID, by: str, *more: str) -> dict[str, dict[str, Any]]:
     out = json.loads(_cli(stack, "stats", "--org", str(org), "--since", "2d", "--by", by,
-                          "--json"))
+                          *more, "--json"))
     return {g["key"]: g for g in out["groups"]}
 
 
@@ -133,6 +135,8 @@ def _dashboard(conn: psycopg.Connection) -> dict[str, Any]:
                       for r in conn.execute(
                           "SELECT campaign_id, sent, delivered, bounced, complained, replied"
                           " FROM stats_campaigns")},
+        "templates": {r[0]: int(r[1]) for r in conn.execute(
+            "SELECT tag_value, sent FROM stats_tags WHERE tag_key = 'template_id'")},
     }
 
 
@@ -156,15 +160,20 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
     org, domain = stack.new_org()
     other, other_domain = stack.new_org()
     _cli(stack, "domain", "set-inbound", domain, "--archive-only")
+    # Statistics per template too (0029): counted once the key is listed.
+    added = "template_id" not in json.loads(_cli(stack, "stats-tags", "list", "--json"))
+    _cli(stack, "stats-tags", "add", "template_id")
     spring, autumn = f"spring-{uuid.uuid4().hex[:6]}", f"autumn-{uuid.uuid4().hex[:6]}"
+    welcome, promo = f"welcome-{uuid.uuid4().hex[:6]}", f"promo-{uuid.uuid4().hex[:6]}"
     u = uuid.uuid4().hex[:8]
-    replied = _sent(stack, domain, f"r1-{u}@sink.test", spring)
-    complained = _sent(stack, domain, f"c2-{u}@sink.test", spring)
-    bounced = _sent(stack, domain, f"unknown-{u}@mx.test", spring)
-    away = _sent(stack, domain, f"a4-{u}@sink.test", spring)
-    plain = _sent(stack, domain, f"p5-{u}@sink.test", autumn)
+    replied = _sent(stack, domain, f"r1-{u}@sink.test", spring, welcome)
+    complained = _sent(stack, domain, f"c2-{u}@sink.test", spring, welcome)
+    bounced = _sent(stack, domain, f"unknown-{u}@mx.test", spring, promo)
+    away = _sent(stack, domain, f"a4-{u}@sink.test", spring, promo)
+    plain = _sent(stack, domain, f"p5-{u}@sink.test", autumn, promo)
     untagged = _sent(stack, domain, f"n6-{u}@sink.test", None)
-    foreign = _sent(stack, other_domain, f"x7-{u}@sink.test", spring)  # same campaign
+    foreign = _sent(stack, other_domain, f"x7-{u}@sink.test", spring,
+                    welcome)  # same campaign and template
     every = (replied, complained, bounced, away, plain, untagged, foreign)
     deadline = time.monotonic() + 90
     while {_status(stack, m["id"]) for m in every} - FINAL:  # bounded by the deadline
@@ -199,12 +208,18 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
 
     want_spring = (4, 4, 3, 1, 1, 1, 1, 0.75, 0.25, 0.25, 0.25)
     want_autumn = (1, 1, 1, 0, 0, 0, 0, 1.0, 0.0, 0.0, 0.0)
+    want_welcome = (2, 2, 2, 0, 1, 1, 0, 1.0, 0.0, 0.5, 0.5)
+    want_promo = (3, 3, 2, 1, 0, 0, 1, 0.6667, 0.3333, 0.0, 0.0)
 
     def check(stage: str) -> None:
         by_campaign = _stats(stack, org, "campaign")
         assert sorted(by_campaign) == sorted([spring, autumn]), stage
         assert _pick(by_campaign[spring], *COUNTS) == want_spring, stage
         assert _pick(by_campaign[autumn], *COUNTS) == want_autumn, stage
+        by_template = _stats(stack, org, "tag", "--tag", "template_id")
+        assert sorted(by_template) == sorted([welcome, promo]), stage
+        assert _pick(by_template[welcome], *COUNTS) == want_welcome, stage
+        assert _pick(by_template[promo], *COUNTS) == want_promo, stage
         by_type = _stats(stack, org, "type")
         assert {k: (g["messages"], g["sent"]) for k, g in by_type.items()} == {
             "email": (6, 6), "reply": (1, 1), "auto_reply": (1, 1), "complaint": (1, 1)}, stage
@@ -225,10 +240,12 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
             seen = _dashboard(conn)
         assert seen["orgs"] == {org}
         assert seen["campaigns"] == {spring: (4, 3, 1, 1, 1), autumn: (1, 1, 0, 0, 0)}
+        assert seen["templates"] == {welcome: 2, promo: 3}
         with _connect_as(stack, *theirs) as conn:
             seen = _dashboard(conn)
             assert org not in seen["orgs"]
             assert seen["campaigns"] == {spring: (1, 1, 0, 0, 0)}
+            assert seen["templates"] == {welcome: 1}
             conn.execute("SELECT set_config('postkeep.org_id', %s, false)", (str(org),))
             assert org not in _dashboard(conn)["orgs"]
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -260,6 +277,8 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
                             (org,)).fetchone()
     assert left == (0,)
     check("after the metadata expired")
+    if added:  # other tests' rollups need not count it
+        _cli(stack, "stats-tags", "remove", "template_id", "--yes")
 
 
 def test_out_of_office_at_the_return_path_is_an_inbound_auto_reply_linked_to_its_message(

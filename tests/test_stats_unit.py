@@ -43,4 +43,4 @@ def test_help_names_the_options() -> None:
     assert result.exit_code == 0
     for option in ("--org", "--since", "--until", "--by", "--direction", "--json"):
         assert option in result.output
-    assert "[campaign|day|direction|type]" in result.output
+    assert "[campaign|day|direction|tag|type]" in result.output and "--tag KEY" in result.output

@@ -17,7 +17,8 @@ be repeated, interrupted or run twice at once without counting anything twice.
 direction, message type and campaign, with complaints and replies, and is
 kept by the same steps (its own `message_stats_dropped`, in the same
 transactions); dashboards read it through the views `stats_daily` and
-`stats_campaigns`.
+`stats_campaigns`.  `message_tag_stats_daily` (0029) does the same per value
+of each tag key listed in `stats_tag_keys` (view `stats_tags`).
 """
 
 from __future__ import annotations
@@ -58,14 +59,31 @@ _BREAKDOWN = ("messages", "bytes", "sent", "queued", "delivered", "deferred", "b
 _BREAKDOWN_KEY = ("org_id", "day", "direction", "message_type", "campaign_id")
 
 
-def _breakdown(messages_src: sql.Composable, recipients_src: sql.Composable) -> sql.Composed:
-    """SELECT <key>, <counts> of message_stats_daily over a messages and a recipients source.
+_TAG_KEY = ("org_id", "day", "direction", "message_type", "tag_key", "tag_value")
 
-    Recipients count on their message's day, direction, type and campaign.
+
+def _breakdown(messages_src: sql.Composable, recipients_src: sql.Composable,
+               tags: bool = False) -> sql.Composed:
+    """SELECT <key>, <counts> of message_stats_daily over a messages and a recipients source;
+    TAGS: of message_tag_stats_daily instead (one group per counted tag of a message,
+    stats_tag_keys, migration 0029).
+
+    Recipients count on their message's day, direction, type and campaign (or tag).
     """
+    if tags:
+        key = sql.SQL("t.tag_key, t.tag_value")
+        source = sql.SQL(
+            "(SELECT * FROM {m}) m CROSS JOIN LATERAL jsonb_each_text(m.tags)"
+            " AS t(tag_key, tag_value) JOIN stats_tag_keys k ON k.tag_key = t.tag_key"
+        ).format(m=messages_src)
+        groups = sql.SQL("1, 2, 3, 4, 5, 6")
+    else:
+        key = sql.SQL("coalesce(m.campaign_id, '') AS campaign_id")
+        source = sql.SQL("(SELECT * FROM {m}) m").format(m=messages_src)
+        groups = sql.SQL("1, 2, 3, 4, 5")
     return sql.SQL(
         "SELECT m.org_id, (m.created_at AT TIME ZONE 'UTC')::date AS day, m.direction,"
-        " m.message_type, coalesce(m.campaign_id, '') AS campaign_id, count(*) AS messages,"
+        " m.message_type, {key}, count(*) AS messages,"
         " sum(m.size) AS bytes, coalesce(sum(rc.sent), 0) AS sent,"
         " coalesce(sum(rc.queued), 0) AS queued, coalesce(sum(rc.delivered), 0) AS delivered,"
         " coalesce(sum(rc.deferred), 0) AS deferred, coalesce(sum(rc.bounced), 0) AS bounced,"
@@ -73,7 +91,7 @@ def _breakdown(messages_src: sql.Composable, recipients_src: sql.Composable) -> 
         " coalesce(sum(rc.complained), 0) AS complained,"
         " coalesce(sum(rc.replied), 0) AS replied,"
         " coalesce(sum(rc.auto_replied), 0) AS auto_replied"
-        " FROM (SELECT * FROM {m}) m LEFT JOIN ("
+        " FROM {source} LEFT JOIN ("
         "SELECT r.message_id, r.metadata_expires_at, count(*) AS sent,"
         " count(*) FILTER (WHERE r.status = 'queued') AS queued,"
         " count(*) FILTER (WHERE r.status IN ('delivered', 'relayed', 'complained'))"
@@ -85,20 +103,24 @@ def _breakdown(messages_src: sql.Composable, recipients_src: sql.Composable) -> 
         " count(r.replied_at) AS replied, count(r.auto_replied_at) AS auto_replied"
         " FROM {r} GROUP BY 1, 2) rc"
         " ON rc.message_id = m.id AND rc.metadata_expires_at = m.metadata_expires_at"
-        " GROUP BY 1, 2, 3, 4, 5"
-    ).format(m=messages_src, r=recipients_src)
+        " GROUP BY {groups}"
+    ).format(key=key, source=source, r=recipients_src, groups=groups)
 
 
-def _add_breakdown_dropped() -> sql.Composed:
-    cols = sql.SQL(", ").join(map(sql.Identifier, (*_BREAKDOWN_KEY, *_BREAKDOWN)))
+def _add_breakdown_dropped(tags: bool = False) -> sql.Composed:
+    """Add the CTE `breakdown` (or `tagged`) to its dropped table."""
+    keys = _TAG_KEY if tags else _BREAKDOWN_KEY
+    cols = sql.SQL(", ").join(map(sql.Identifier, (*keys, *_BREAKDOWN)))
     adds = sql.SQL(", ").join(sql.SQL("{0} = d.{0} + EXCLUDED.{0}").format(sql.Identifier(c))
                               for c in _BREAKDOWN)
     return sql.SQL(
-        "INSERT INTO message_stats_dropped AS d ({cols}, updated_at)"
-        " SELECT {cols}, now() FROM breakdown"
+        "INSERT INTO {table} AS d ({cols}, updated_at)"
+        " SELECT {cols}, now() FROM {cte}"
         " ON CONFLICT ({key}) DO UPDATE SET {adds}, updated_at = now()"
-    ).format(cols=cols, adds=adds,
-             key=sql.SQL(", ").join(map(sql.Identifier, _BREAKDOWN_KEY)))
+    ).format(table=sql.Identifier("message_tag_stats_dropped" if tags
+                                  else "message_stats_dropped"),
+             cte=sql.Identifier("tagged" if tags else "breakdown"), cols=cols, adds=adds,
+             key=sql.SQL(", ").join(map(sql.Identifier, keys)))
 
 
 _ADD_DROPPED = sql.SQL(
@@ -132,7 +154,8 @@ def archive_partitions(conn: psycopg.Connection, messages_part: str,
     """
     m = sql.SQL("ONLY {} m").format(sql.Identifier(messages_part))
     r = sql.SQL("ONLY {} r").format(sql.Identifier(recipients_part))
-    return _archive(conn, _contributions(m, r), _breakdown(m, r), {})
+    return _archive(conn, _contributions(m, r), _breakdown(m, r), _breakdown(m, r, tags=True),
+                    {})
 
 
 def archive_rows(conn: psycopg.Connection, ids_sql: str, params: dict[str, Any]) -> Archived:
@@ -143,16 +166,19 @@ def archive_rows(conn: psycopg.Connection, ids_sql: str, params: dict[str, Any])
     ids = sql.SQL(ids_sql)
     m = sql.SQL("messages m WHERE m.id IN ({})").format(ids)
     r = sql.SQL("message_recipients r WHERE r.message_id IN ({})").format(ids)
-    return _archive(conn, _contributions(m, r), _breakdown(m, r), params)
+    return _archive(conn, _contributions(m, r), _breakdown(m, r), _breakdown(m, r, tags=True),
+                    params)
 
 
 def _archive(conn: psycopg.Connection, contrib: sql.Composed, breakdown: sql.Composed,
-             params: dict[str, Any]) -> Archived:
+             tagged: sql.Composed, params: dict[str, Any]) -> Archived:
     row = conn.execute(
-        sql.SQL("WITH contrib AS ({c}), ins AS ({add}), breakdown AS ({b}), ins2 AS ({add2})"
+        sql.SQL("WITH contrib AS ({c}), ins AS ({add}), breakdown AS ({b}), ins2 AS ({add2}),"
+                " tagged AS ({t}), ins3 AS ({add3})"
                 " SELECT coalesce(sum(messages), 0), coalesce(sum(sent), 0), min(day), max(day)"
                 " FROM contrib").format(c=contrib, add=_ADD_DROPPED, b=breakdown,
-                                        add2=_add_breakdown_dropped()),
+                                        add2=_add_breakdown_dropped(), t=tagged,
+                                        add3=_add_breakdown_dropped(tags=True)),
         params,
     ).fetchone()
     assert row is not None
@@ -186,7 +212,8 @@ def rollup(conn: psycopg.Connection, first: date, last: date) -> int:
 
 
 def _rollup_breakdown(conn: psycopg.Connection, params: dict[str, Any]) -> None:
-    """Replace message_stats_daily's rows of the range by (rows present) + (dropped).
+    """Replace message_stats_daily's and message_tag_stats_daily's rows of the range
+    by (rows present) + (dropped).
 
     Delete and insert in one transaction: readers see the old rows or the new
     ones, and a group whose rows all went (only ever through the dropped
@@ -194,20 +221,27 @@ def _rollup_breakdown(conn: psycopg.Connection, params: dict[str, Any]) -> None:
     """
     # A recipient row's created_at is its message's, give or take the
     # capture's milliseconds: a day's margin keeps the window a range scan.
-    live = _breakdown(
-        sql.SQL("messages m WHERE m.created_at >= %(start)s AND m.created_at < %(end)s"),
-        sql.SQL("message_recipients r WHERE r.created_at >= %(start)s - interval '1 day'"
-                " AND r.created_at < %(end)s + interval '1 day'"))
-    key = sql.SQL(", ").join(map(sql.Identifier, _BREAKDOWN_KEY))
+    messages_src = sql.SQL(
+        "messages m WHERE m.created_at >= %(start)s AND m.created_at < %(end)s")
+    recipients_src = sql.SQL(
+        "message_recipients r WHERE r.created_at >= %(start)s - interval '1 day'"
+        " AND r.created_at < %(end)s + interval '1 day'")
     cols = sql.SQL(", ").join(map(sql.Identifier, _BREAKDOWN))
     sums = sql.SQL(", ").join(sql.SQL("sum({0})").format(sql.Identifier(c)) for c in _BREAKDOWN)
-    conn.execute("DELETE FROM message_stats_daily WHERE day >= %(first)s AND day <= %(last)s",
-                 params)
-    conn.execute(sql.SQL(
-        "INSERT INTO message_stats_daily ({key}, {cols}, updated_at)"
-        " SELECT {key}, {sums}, now() FROM ({live} UNION ALL SELECT {key}, {cols}"
-        " FROM message_stats_dropped WHERE day >= %(first)s AND day <= %(last)s) t"
-        " GROUP BY {key}").format(key=key, cols=cols, sums=sums, live=live), params)
+    for tags, table, dropped, keys in (
+            (False, "message_stats_daily", "message_stats_dropped", _BREAKDOWN_KEY),
+            (True, "message_tag_stats_daily", "message_tag_stats_dropped", _TAG_KEY)):
+        live = _breakdown(messages_src, recipients_src, tags=tags)
+        key = sql.SQL(", ").join(map(sql.Identifier, keys))
+        conn.execute(sql.SQL("DELETE FROM {} WHERE day >= %(first)s AND day <= %(last)s")
+                     .format(sql.Identifier(table)), params)
+        conn.execute(sql.SQL(
+            "INSERT INTO {table} ({key}, {cols}, updated_at)"
+            " SELECT {key}, {sums}, now() FROM ({live} UNION ALL SELECT {key}, {cols}"
+            " FROM {dropped} WHERE day >= %(first)s AND day <= %(last)s) t"
+            " GROUP BY {key}").format(table=sql.Identifier(table), key=key, cols=cols,
+                                      sums=sums, live=live,
+                                      dropped=sql.Identifier(dropped)), params)
 
 
 @dataclass(frozen=True)
@@ -239,7 +273,7 @@ def daily(conn: psycopg.Connection, org_id: Any, since: date | None = None) -> l
 
 
 BY = {"day": "day::text", "campaign": "campaign_id", "type": "message_type",
-      "direction": "direction"}
+      "direction": "direction", "tag": "tag_value"}
 
 
 @dataclass(frozen=True)
@@ -272,22 +306,70 @@ class Group:
 
 
 def grouped(conn: psycopg.Connection, org_id: Any, first: date, last: date, by: str,
-            direction: str | None = None) -> list[Group]:
+            direction: str | None = None, tag: str | None = None) -> list[Group]:
     """An organisation's statistics from FIRST to LAST (inclusive) summed by BY.
 
     By campaign: outbound mail with a campaign only (rates are a campaign's).
+    By tag: the values of tag key TAG (one of stats_tag_keys), outbound mail
+    unless DIRECTION says otherwise.
     """
     key = sql.SQL(BY[by])
     where: sql.Composable = sql.SQL("org_id = %(org)s AND day >= %(first)s AND day <= %(last)s"
                     " AND (%(direction)s::text IS NULL OR direction = %(direction)s)")
+    table = "message_stats_daily"
     if by == "campaign":
         where = sql.SQL("{} AND direction = 'outbound' AND campaign_id <> ''").format(where)
+    if by == "tag":
+        if not tag:
+            raise ValueError("by tag: which tag key (stats_tag_keys)?")
+        table = "message_tag_stats_daily"
+        where = sql.SQL("{} AND tag_key = %(tag)s").format(where)
+        direction = direction or "outbound"
     sums = sql.SQL(", ").join(sql.SQL("sum({0})::bigint AS {0}").format(sql.Identifier(c))
                               for c in _BREAKDOWN)
     from psycopg.rows import class_row
 
     with conn.cursor(row_factory=class_row(Group)) as cur:
-        cur.execute(sql.SQL("SELECT {key} AS key, {sums} FROM message_stats_daily WHERE {where}"
-                            " GROUP BY 1 ORDER BY 1").format(key=key, sums=sums, where=where),
-                    {"org": org_id, "first": first, "last": last, "direction": direction})
+        cur.execute(sql.SQL("SELECT {key} AS key, {sums} FROM {table} WHERE {where}"
+                            " GROUP BY 1 ORDER BY 1").format(key=key, sums=sums, where=where,
+                                                             table=sql.Identifier(table)),
+                    {"org": org_id, "first": first, "last": last, "direction": direction,
+                     "tag": tag})
         return cur.fetchall()
+
+
+def tag_keys(conn: psycopg.Connection) -> list[str]:
+    """The tag keys whose values get statistics (stats_tag_keys), sorted."""
+    return [str(r[0]) for r in conn.execute("SELECT tag_key FROM stats_tag_keys ORDER BY 1")]
+
+
+def add_tag_key(conn: psycopg.Connection, key: str) -> bool:
+    """Count KEY's values from now on (and the rows present at the next rollup);
+    False if it was counted already.  ValueError for a key that cannot be one."""
+    from postkeep.config import TAG_KEY
+
+    if not TAG_KEY.fullmatch(key) or key == "campaign_id":
+        raise ValueError(f"tag key {key!r}: expected {TAG_KEY.pattern}, not campaign_id"
+                         " (it has its own statistics: --by campaign)")
+    cur = conn.execute("INSERT INTO stats_tag_keys (tag_key) VALUES (%s)"
+                       " ON CONFLICT DO NOTHING", (key,))
+    return cur.rowcount == 1
+
+
+def remove_tag_key(conn: psycopg.Connection, key: str, dry_run: bool = False) -> int | None:
+    """Stop counting KEY and delete its statistics (kept and dropped); the rows
+    deleted, None if KEY was not counted."""
+    with conn.transaction():
+        if conn.execute("SELECT 1 FROM stats_tag_keys WHERE tag_key = %s", (key,)
+                        ).fetchone() is None:
+            return None
+        row = conn.execute("SELECT (SELECT count(*) FROM message_tag_stats_daily"
+                           " WHERE tag_key = %(k)s) + (SELECT count(*) FROM"
+                           " message_tag_stats_dropped WHERE tag_key = %(k)s)",
+                           {"k": key}).fetchone()
+        count = int(row[0]) if row else 0
+        if not dry_run:
+            conn.execute("DELETE FROM message_tag_stats_daily WHERE tag_key = %s", (key,))
+            conn.execute("DELETE FROM message_tag_stats_dropped WHERE tag_key = %s", (key,))
+            conn.execute("DELETE FROM stats_tag_keys WHERE tag_key = %s", (key,))
+    return count
