@@ -796,6 +796,10 @@ cmd_status() {
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
 
+# ---------------------------------------------------------------- cluster (issue 20)
+# shellcheck source=devstack/cluster.sh
+. "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
+
 main() {
     local cmd="${1:-}"
     shift || true
@@ -807,6 +811,8 @@ main() {
                load_state "$1"; start_service "$2" ;;
         stop) [ $# -eq 2 ] || die "usage: stack.sh stop DIR SERVICE"
               load_state "$1"; stop_service "$2" ;;
+        cluster-up) cmd_cluster_up "$@" ;;
+        cluster-down) cmd_cluster_down "$@" ;;
         status) [ $# -eq 1 ] || die "usage: stack.sh status DIR"; cmd_status "$1" ;;
         *) die "usage: stack.sh install | up DIR PORTBASE | down DIR | start|stop DIR SERVICE | status DIR" ;;
     esac
