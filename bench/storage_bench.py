@@ -28,6 +28,7 @@ Prints Markdown.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -38,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -359,6 +361,169 @@ def postfix_run(cfg: Config, committer: GroupCommitter, smtp_host: str, smtp_por
     ]
 
 
+# ----------------------------------------------------------------------- (e)
+class CountingStore:
+    """An S3ObjectStore that counts what reaches the server: requests, and
+    objects (a snowball batch is one request that MinIO unpacks into many
+    objects; an S3 server without it, AWS included, takes one PUT per object)."""
+
+    def __init__(self, inner: S3ObjectStore) -> None:
+        self.inner = inner
+        self.requests = self.objects = self.bytes = 0
+        self._lock = threading.Lock()
+
+    def _count(self, requests: int, objects: int, size: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.objects += objects
+            self.bytes += size
+
+    def put(self, key: str, data: Any, length: int) -> None:
+        self.inner.put(key, data, length)
+        self._count(1, 1, length)
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        self.inner.put_many(items)
+        self._count(1, len(items), sum(len(b) for _, b in items))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+LINGER_MS: dict[str, float] = {}  # --linger-ms: milter.commit_linger_ms for (e)
+
+
+def minio_cpu_seconds(pid: int) -> float:
+    """utime + stime of process PID (and its waited-for children), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class LayoutRun:
+    layout: str
+    messages: int
+    received: int
+    requests: int
+    objects: int
+    stored: int
+    minio_cpu: float
+    seconds: float
+
+
+def layout_run(cfg: Config, db: Database, org: Org, layout: str, n: int, sessions: int,
+               pdf: bytes | None, minio_pid: int) -> LayoutRun:
+    """N campaign messages (every 5th with PDF, if given) captured and committed by
+    SESSIONS threads through a fresh GroupCommitter in LAYOUT; what reached MinIO."""
+    store = CountingStore(S3ObjectStore(cfg.s3))
+    committer = GroupCommitter(db, store, workers=cfg.milter.commit_threads,  # type: ignore[arg-type]
+                               max_batch=cfg.milter.commit_batch_max,
+                               linger=LINGER_MS.get("ms", cfg.milter.commit_linger_ms) / 1000,
+                               level=cfg.milter.zstd_level, layout=layout)
+    now = datetime.now(UTC)
+    msgs = [campaign.message(i, org.domain, pdf=pdf if pdf and i % 5 == 0 else None)
+            for i in range(n)]
+
+    def one(i: int) -> tuple[int, int]:
+        m = capture_and_commit(committer, org.id, org.domain, msgs[i], created=now,
+                               content_days=90, threshold=THRESHOLD)
+        return m.size, m.compressed_size
+
+    cpu0 = minio_cpu_seconds(minio_pid)
+    try:
+        results, elapsed = run_parallel(n, sessions, one)
+    finally:
+        committer.close()
+    cpu = minio_cpu_seconds(minio_pid) - cpu0
+    return LayoutRun(layout, n, sum(r[0] for r in results), store.requests, store.objects,
+                     store.bytes, cpu, elapsed)
+
+
+def cost_per_million(r: LayoutRun, put_price: float, gb_month: float, months: float
+                     ) -> tuple[float, float]:
+    """(PUT dollars, storage dollars for MONTHS) per million messages like R's."""
+    puts = r.objects / r.messages * 1e6 * put_price / 1000
+    storage = r.stored / r.messages * 1e6 / 1e9 * gb_month * months
+    return puts, storage
+
+
+def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf: bytes,
+                put_price: float, gb_month: float, minio_pid: int, out: list[str]) -> None:
+    """Old layout (one object per message) vs packs, alternated, REPS pairs each for
+    the 3 KB campaign messages and for the campaign mix with the PDF."""
+    out += [f"#### (e) layout: one object per message vs packs, {sessions} sessions", "",
+            f"{n} campaign messages per run, captured and committed in-process by {sessions}"
+            " threads (one per session) through the real GroupCommitter"
+            f" (commit_threads={cfg.milter.commit_threads},"
+            f" commit_batch_max={cfg.milter.commit_batch_max}, linger"
+            f" {LINGER_MS.get('ms', cfg.milter.commit_linger_ms):g} ms) into MinIO +"
+            f" PostgreSQL; {reps} pairs,"
+            " order swapped every pair. S3 PUTs: objects written (MinIO's snowball batch"
+            " is one request, but any other S3 server, AWS included, takes a PUT per"
+            " object); MinIO CPU: utime+stime of the MinIO process (/proc/PID/stat) over"
+            f" the run, per message. Prices: ${put_price:g} per 1,000 PUTs,"
+            f" ${gb_month:g} per GB-month (storage for 30 days = 1 month, 1 year = 12).",
+            ""]
+    for label, with_pdf in (("3 KB templated messages (no PDF)", None),
+                            ("campaign mix: every 5th with the same 300 KB PDF", pdf)):
+        org = new_org(cfg, "layout")
+        runs: dict[str, list[LayoutRun]] = {"objects": [], "packs": []}
+        for rep_i in range(reps):
+            order = ("objects", "packs") if rep_i % 2 == 0 else ("packs", "objects")
+            for layout in order:
+                r = layout_run(cfg, db, org, layout, n, sessions, with_pdf, minio_pid)
+                runs[layout].append(r)
+                log(f"(e) {label}: {layout} run {rep_i + 1}: {r.objects} objects in"
+                    f" {r.requests} requests, MinIO {r.minio_cpu * 1000 / r.messages:.3f}"
+                    f" ms/message, {r.messages / r.seconds:.0f} messages/s")
+        out += [f"**{label}** (received {runs['packs'][0].received / n / 1024:.1f} KB per"
+                " message on average)", "",
+                "| | one object per message | packs | old / new |", "|---|---:|---:|---:|"]
+        med: dict[str, dict[str, float]] = {}
+        for layout, rs in runs.items():
+            puts30, st30 = cost_per_million(rs[0], put_price, gb_month, 1)
+            _, st365 = cost_per_million(rs[0], put_price, gb_month, 12)
+            med[layout] = {
+                "puts": statistics.median(r.objects / r.messages * 1000 for r in rs),
+                "reqs": statistics.median(r.requests / r.messages * 1000 for r in rs),
+                "bytes": statistics.median(r.stored / r.messages for r in rs),
+                "cpu": statistics.median(r.minio_cpu * 1000 / r.messages for r in rs),
+                "rate": statistics.median(r.messages / r.seconds for r in rs),
+                "put$": puts30, "st30": st30, "st365": st365}
+        o, p = med["objects"], med["packs"]
+
+        def row(name: str, key: str, fmt: str, o: dict[str, float] = o,
+                p: dict[str, float] = p) -> str:
+            ratio = o[key] / p[key] if p[key] else float("inf")
+            return f"| {name} | {o[key]:{fmt}} | {p[key]:{fmt}} | {ratio:.1f}x |"
+
+        out += [
+            row("S3 PUTs per 1,000 messages", "puts", ",.1f"),
+            row("requests to MinIO per 1,000 messages (snowball counted as one)", "reqs",
+                ",.1f"),
+            row("stored bytes per message (message objects, packs, parts)", "bytes", ",.0f"),
+            row("$ per million messages: PUTs", "put$", ",.2f"),
+            row("$ per million messages: storage, 30 days", "st30", ",.3f"),
+            row("$ per million messages: storage, 1 year", "st365", ",.3f"),
+            f"| $ per million messages: PUTs + 30 days | {o['put$'] + o['st30']:,.2f} |"
+            f" {p['put$'] + p['st30']:,.2f} |"
+            f" {(o['put$'] + o['st30']) / (p['put$'] + p['st30']):.1f}x |",
+            f"| $ per million messages: PUTs + 1 year | {o['put$'] + o['st365']:,.2f} |"
+            f" {p['put$'] + p['st365']:,.2f} |"
+            f" {(o['put$'] + o['st365']) / (p['put$'] + p['st365']):.1f}x |",
+            row("MinIO CPU ms per captured message (median)", "cpu", ".3f"),
+            row("messages/s (in-process capture + commit)", "rate", ",.0f"),
+            "",
+            "Per run, MinIO CPU ms/message, one object each: "
+            + ", ".join(f"{r.minio_cpu * 1000 / r.messages:.3f}" for r in runs["objects"])
+            + "; packs: " + ", ".join(f"{r.minio_cpu * 1000 / r.messages:.3f}"
+                                      for r in runs["packs"])
+            + ". Messages per pack (median run): "
+            + f"{statistics.median(r.messages / max(r.objects, 1) for r in runs['packs']):.1f}.",
+            ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -369,7 +534,17 @@ def main() -> None:
     ap.add_argument("--cost-n", type=int, default=500)
     ap.add_argument("--postfix-n", type=int, default=300)
     ap.add_argument("--smtp", default="")
-    ap.add_argument("--parts", default="abcd", help="which parts to run (abcd)")
+    ap.add_argument("--parts", default="abcde", help="which parts to run (abcde)")
+    ap.add_argument("--layout-n", type=int, default=2000,
+                    help="(e) messages per run")
+    ap.add_argument("--sessions", type=int, default=20, help="(e) concurrent sessions")
+    ap.add_argument("--layout-reps", type=int, default=3, help="(e) pairs of runs")
+    ap.add_argument("--linger-ms", type=float, default=None,
+                    help="(e) milter.commit_linger_ms for these runs (default: the config's)")
+    ap.add_argument("--put-price", type=float, default=0.005, help="$ per 1,000 PUTs")
+    ap.add_argument("--gb-month", type=float, default=0.023, help="$ per GB-month")
+    ap.add_argument("--minio-pid", type=int, default=0,
+                    help="MinIO's pid (default: from the stack's minio/minio.pid)")
     args = ap.parse_args()
     import logging
 
@@ -388,6 +563,13 @@ def main() -> None:
             awkward_run(cfg, committer, out)
         if "c" in args.parts:
             cost_run(cfg, db, committer, args.threads, args.reps, args.cost_n, pdf, out)
+        if "e" in args.parts:
+            if args.linger_ms is not None:
+                LINGER_MS["ms"] = args.linger_ms
+            pid = args.minio_pid or int((Path(cfg_dir(args.config)) / "minio" / "minio.pid")
+                                        .read_text().split()[0])
+            layouts_run(cfg, db, args.layout_n, args.sessions, args.layout_reps, pdf,
+                        args.put_price, args.gb_month, pid, out)
         if "d" in args.parts and args.smtp:
             host, _, port = args.smtp.rpartition(":")
             postfix_run(cfg, committer, host, int(port), args.postfix_n, args.threads, pdf, out)
@@ -395,6 +577,11 @@ def main() -> None:
         committer.close()
         db.close()
     print("\n".join(out))
+
+
+def cfg_dir(config_path: str) -> str:
+    """The stack directory of a stack's postkeep.toml (DIR/postkeep.toml)."""
+    return str(Path(config_path).resolve().parent)
 
 
 if __name__ == "__main__":

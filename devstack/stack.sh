@@ -9,6 +9,11 @@
 #   stack.sh start DIR SERVICE       start it again with the same data, ports and keys
 #   stack.sh status DIR              one line per service
 #
+# S3_SERVER=versitygw stack.sh up DIR PORTBASE runs versitygw (posix backend,
+# bucket versioning and Object Lock available) instead of MinIO on the same
+# port; the choice is kept in DIR/s3server, and the service keeps the name
+# `minio` (stop/start DIR minio act on whichever S3 server the stack runs).
+#
 # Daemons are started with fd 9 closed: `make test` holds its lock there.
 # Ports (all on 127.0.0.1): PORTBASE smtpd, +1 sink, +2 PostgreSQL, +3 MinIO S3,
 # +4 MinIO console, +5 milter, +6 milter metrics, +7 policyd, +8 policyd metrics,
@@ -25,6 +30,10 @@ CACHE=/var/cache/postkeep
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO_DIR="$CACHE/minio-$(echo "$MINIO_VERSION" | cut -d- -f2 | cut -c1-8)"
 MINIO_BIN="$MINIO_DIR/minio"
+# versitygw (issue 19): a maintained S3 server, built from its public module.
+VERSITYGW_VERSION=v1.8.0
+VERSITYGW_DIR="$CACHE/versitygw-$VERSITYGW_VERSION"
+VERSITYGW_BIN="$VERSITYGW_DIR/versitygw"
 PG_BIN=/usr/lib/postgresql/15/bin
 APT_PACKAGES=(openssl postfix postfix-pcre postgresql-15 libmilter-dev build-essential python3-dev
               opendkim opendkim-tools postfwd)
@@ -74,6 +83,24 @@ install_minio() {
         "$go" install "github.com/minio/minio@$MINIO_VERSION" \
         || die "building MinIO failed"
     [ -x "$MINIO_BIN" ] || die "MinIO build produced no $MINIO_BIN"
+}
+
+# versitygw: `go install` of the pinned module (about a minute, once), cached
+# outside the clone by version like MinIO.
+install_versitygw() {
+    [ -x "$VERSITYGW_BIN" ] && return 0
+    command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "go is needed to build versitygw"
+    local go; go="$(command -v go || echo /usr/local/go/bin/go)"
+    log "building versitygw $VERSITYGW_VERSION into $VERSITYGW_DIR (about a minute)"
+    rm -rf "$VERSITYGW_DIR.tmp"
+    mkdir -p "$VERSITYGW_DIR.tmp" "$CACHE/gopath"
+    GOBIN="$VERSITYGW_DIR.tmp" GOPATH="$CACHE/gopath" GOFLAGS=-modcacherw \
+        "$go" install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" \
+        || die "building versitygw failed"
+    [ -x "$VERSITYGW_DIR.tmp/versitygw" ] || die "versitygw build produced no binary"
+    mkdir -p "$VERSITYGW_DIR"
+    mv "$VERSITYGW_DIR.tmp/versitygw" "$VERSITYGW_BIN"
+    rmdir "$VERSITYGW_DIR.tmp"
 }
 
 install_venv() {
@@ -130,10 +157,41 @@ install_promtool() {
     command -v promtool >/dev/null || die "promtool missing after installing prometheus"
 }
 
+# ---- PostgreSQL that fails over (issue 20; devstack/pgha.sh): Debian's patroni
+# and etcd.  etcd-server's postinst would start a system etcd on :2379 (and
+# patroni's a service): as for prometheus, a policy-rc.d refuses every start
+# during the install only; pgha.sh runs its own etcd and Patroni per stack.
+PGHA_PACKAGES=(patroni etcd-server etcd-client)
+install_pgha() {
+    local missing=() p
+    for p in "${PGHA_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages for pgha.sh: ${missing[*]} (their services are not started)"
+    local policy=/usr/sbin/policy-rc.d own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    local rc=0
+    apt-get install -y -q --no-install-recommends "${missing[@]}" \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"; } \
+        || rc=$?
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd.service patroni.service >/dev/null 2>&1 || true
+    fi
+}
+
 cmd_install() {
     install_apt
     install_promtool
+    install_pgha
     install_minio
+    install_versitygw
     install_venv
     log "install complete (venv $(venv_dir))"
 }
@@ -159,6 +217,18 @@ load_state() {
     STORAGE_METRICS_PORT=$((PORTBASE + 10))
     FAKE_MX_PORT=$((PORTBASE + 11))
     REINJECT_PORT=$((PORTBASE + 12))
+    # The S3 server: what `up` chose (S3_SERVER, default minio), else DIR/s3server.
+    if [ -n "${S3_SERVER_CHOSEN:-}" ]; then
+        S3_SERVER="$S3_SERVER_CHOSEN"
+    elif [ -f "$DIR/s3server" ]; then
+        S3_SERVER="$(cat "$DIR/s3server")"
+    else
+        S3_SERVER=minio
+    fi
+    case "$S3_SERVER" in
+        minio|versitygw) ;;
+        *) die "S3_SERVER must be minio or versitygw, got '$S3_SERVER'" ;;
+    esac
     VENV="$(venv_dir)"
     PY="$VENV/bin/python"
     PFDIR="$DIR/postfix/etc"
@@ -289,6 +359,7 @@ EOF
 }
 
 start_postgres() {
+    if pg_external; then log "PostgreSQL is external (DIR/external-pg): not started"; return 0; fi
     local data="$DIR/pg/data" run="$DIR/pg/run"
     mkdir -p "$DIR/pg" "$run"
     chown postgres:postgres "$DIR/pg" "$run"
@@ -315,10 +386,11 @@ start_postgres() {
         warn "$run is too long for a Unix socket; PostgreSQL listens on TCP only"
         sockdir=""
     fi
-    # Creating a long retention's weekly partitions (tenant policies on each)
-    # takes a lock per partition in one transaction: the default lock table
-    # (64 per connection) ran out once an organisation kept ten years.  Set in
-    # the data directory so every start (the outage tests' too) has it.
+    # A statement over every partition of a long retention (an organisation's
+    # removal, the parts sweep) locks each partition and its indexes until
+    # commit: with the ten years some tests keep, PostgreSQL's default lock
+    # table (64 per connection) runs out ("out of shared memory").  Partitions
+    # are created in batches (migrate.ensure_partitions); the rest needs room.
     grep -q '^max_locks_per_transaction' "$data/postgresql.conf" \
         || echo 'max_locks_per_transaction = 1024' >>"$data/postgresql.conf"
     if runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" status >/dev/null 2>&1; then
@@ -349,10 +421,77 @@ start_postgres() {
 }
 
 stop_postgres() {
+    if pg_external; then return 0; fi
     local data="$DIR/pg/data"
     [ -f "$data/postmaster.pid" ] || return 0
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null 2>&1 \
         || warn "pg_ctl stop failed for $data"
+}
+
+# ---------------------------------------------------------------- external PostgreSQL
+# PK_EXTERNAL_PG_DSN (libpq keyword=value, no password: host, port, dbname,
+# user, target_session_attrs; multi-host lists as libpq takes them, e.g. from
+# devstack/pgha.sh) and PK_EXTERNAL_PG_PASSWORD_FILE (the role's password)
+# at `up`: the stack starts no PostgreSQL of its own and the daemons, the CLI
+# and DIR/env use that one; PK_EXTERNAL_PG_PASSFILE (a pgpass file) for psql.
+# Recorded in DIR/external-pg, so that start/stop/down leave it alone; an `up`
+# without them goes back to the stack's own PostgreSQL.
+pg_external() { [ -f "$DIR/external-pg" ]; }
+
+pg_external_record() {  # at up: DIR/external-pg from the environment, or none
+    if [ -z "${PK_EXTERNAL_PG_DSN:-}" ]; then
+        rm -f "$DIR/external-pg"
+        return 0
+    fi
+    [ -s "${PK_EXTERNAL_PG_PASSWORD_FILE:-}" ] \
+        || die "PK_EXTERNAL_PG_DSN needs PK_EXTERNAL_PG_PASSWORD_FILE (the role's password)"
+    local word key value
+    local -A kv=()
+    for word in $PK_EXTERNAL_PG_DSN; do
+        key="${word%%=*}" value="${word#*=}"
+        case "$key" in
+            host|port|dbname|user|target_session_attrs) kv[$key]="$value" ;;
+            *) die "PK_EXTERNAL_PG_DSN: '$key' not taken (host, port, dbname, user, target_session_attrs)" ;;
+        esac
+    done
+    [ -n "${kv[host]:-}" ] && [ -n "${kv[port]:-}" ] || die "PK_EXTERNAL_PG_DSN needs host and port"
+    (umask 077
+     printf "PGX_HOST='%s'\nPGX_PORT='%s'\nPGX_DBNAME='%s'\nPGX_USER='%s'\nPGX_TSA='%s'\nPGX_PASSWORD_FILE='%s'\nPGX_PASSFILE='%s'\n" \
+        "${kv[host]}" "${kv[port]}" "${kv[dbname]:-postkeep}" "${kv[user]:-postkeep}" \
+        "${kv[target_session_attrs]:-read-write}" "$PK_EXTERNAL_PG_PASSWORD_FILE" \
+        "${PK_EXTERNAL_PG_PASSFILE:-}" >"$DIR/external-pg")
+    log "PostgreSQL: external (${kv[host]} ports ${kv[port]})"
+}
+
+pg_external_config() {  # FILE: its [postgres] table (up to the first blank line) for the external one
+    # shellcheck disable=SC1091
+    . "$DIR/external-pg"
+    local tmp="$1.pg"
+    (umask 077 && awk -v host="$PGX_HOST" -v ports="$PGX_PORT" -v db="$PGX_DBNAME" \
+        -v user="$PGX_USER" -v tsa="$PGX_TSA" -v pw="$PGX_PASSWORD_FILE" '
+        $0 == "[postgres]" { print; skip = 1
+            printf "host = \"%s\"\nports = \"%s\"\ntarget_session_attrs = \"%s\"\n", host, ports, tsa
+            printf "dbname = \"%s\"\nuser = \"%s\"\npassword_file = \"%s\"\n", db, user, pw
+            next }
+        skip && $0 == "" { skip = 0 }
+        !skip { print }' "$1" >"$tmp")
+    mv "$tmp" "$1"
+}
+
+pg_external_env() {  # DIR/env's PG* for the external one
+    # shellcheck disable=SC1091
+    . "$DIR/external-pg"
+    local passfile="$PGX_PASSFILE"
+    if [ -z "$passfile" ]; then
+        passfile="$DIR/secrets/pgpass-external"
+        mkdir -p "$DIR/secrets" && chmod 700 "$DIR/secrets"
+        (umask 077 && printf '*:*:*:%s:%s\n' "$PGX_USER" "$(cat "$PGX_PASSWORD_FILE")" >"$passfile")
+    fi
+    sed -i -e "s|^export PGHOST=.*|export PGHOST='$PGX_HOST'|" \
+        -e "s|^export PGPORT=.*|export PGPORT='$PGX_PORT'\nexport PGTARGETSESSIONATTRS='$PGX_TSA'|" \
+        -e "s|^export PGDATABASE=.*|export PGDATABASE='$PGX_DBNAME'|" \
+        -e "s|^export PGUSER=.*|export PGUSER='$PGX_USER'|" \
+        -e "s|^export PGPASSFILE=.*|export PGPASSFILE='$passfile'|" "$DIR/env"
 }
 
 # ---------------------------------------------------------------- minio
@@ -371,6 +510,7 @@ minio_keys() {
 }
 
 start_minio() {
+    if [ "$S3_SERVER" = versitygw ]; then start_versitygw; return; fi
     minio_keys
     mkdir -p "$DIR/minio/data"
     if pid_alive "$DIR/minio/minio.pid"; then
@@ -403,7 +543,37 @@ if not c.bucket_exists("postkeep"):
 EOF
 }
 
-stop_minio() { stop_pid "$DIR/minio/minio.pid" minio; }
+stop_minio() { stop_pid "$DIR/minio/minio.pid" "$S3_SERVER"; }
+
+# versitygw in MinIO's place (S3_SERVER=versitygw): same port, credentials and
+# pid file; posix backend under DIR/minio/vgw-data, with a versioning directory
+# so that buckets can have versioning and Object Lock (it has no lifecycle).
+start_versitygw() {
+    minio_keys
+    mkdir -p "$DIR/minio/vgw-data" "$DIR/minio/vgw-versions"
+    if pid_alive "$DIR/minio/minio.pid"; then
+        log "versitygw already running"
+    else
+        [ -x "$VERSITYGW_BIN" ] || die "$VERSITYGW_BIN missing: run 'stack.sh install'"
+        require_free "$S3_PORT" "versitygw"
+        private_log "$DIR/minio/versitygw.log"
+        ROOT_ACCESS_KEY="$MINIO_ROOT_USER" ROOT_SECRET_KEY="$MINIO_ROOT_PASSWORD" \
+            setsid "$VERSITYGW_BIN" --port "127.0.0.1:$S3_PORT" --quiet \
+            posix --versioning-dir "$DIR/minio/vgw-versions" "$DIR/minio/vgw-data" \
+            >>"$DIR/minio/versitygw.log" 2>&1 </dev/null 9>&- &
+        echo $! >"$DIR/minio/minio.pid"
+    fi
+    wait_port "$S3_PORT" 30 "$DIR/minio/minio.pid" \
+        || die "versitygw not listening on 127.0.0.1:$S3_PORT, see $DIR/minio/versitygw.log"
+    "$PY" - "127.0.0.1:$S3_PORT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
+        || die "creating bucket postkeep on versitygw failed"
+import sys
+from minio import Minio
+c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
+if not c.bucket_exists("postkeep"):
+    c.make_bucket("postkeep")
+EOF
+}
 
 # ---------------------------------------------------------------- sink
 start_sink() {
@@ -553,7 +723,15 @@ key_file = "$DIR/dkim/return-path.key"
 [tags]
 headers = { "X-Campaign-Id" = "campaign_id", "X-Template-Id" = "template_id", "X-Lead-Id" = "lead_id" }
 strip = true
+
+# Webhooks (issue 18): quick retries and polls for tests/test_webhooks_*.py.
+[webhooks]
+retry_initial_seconds = 0.2
+retry_max_seconds = 2.0
+poll_seconds = 1.0
+request_timeout_seconds = 30.0
 EOF
+    if pg_external; then pg_external_config "$DIR/postkeep.toml.tmp"; fi
     mv "$DIR/postkeep.toml.tmp" "$DIR/postkeep.toml"
 }
 
@@ -602,8 +780,8 @@ EOF
         "alias_database =" \
         "local_recipient_maps =" \
         "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination" \
-        "relay_domains = sink.test, mx.test, bounces.postkeep.test, texthash:$PFDIR/postkeep-inbound-domains" \
-        "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/stack-transport, texthash:$PFDIR/postkeep-inbound-transport" \
+        "relay_domains = texthash:$PFDIR/postkeep-inbound-domains, sink.test, mx.test, bounces.postkeep.test" \
+        "transport_maps = pcre:$PFDIR/postkeep-transport.pcre, texthash:$PFDIR/postkeep-inbound-transport, texthash:$PFDIR/stack-transport" \
         "smtpd_authorized_xclient_hosts = 127.0.0.0/8" \
         || die "postconf overrides failed for $PFDIR"
     # mx.test: a test's fake remote MX (answers per recipient; see tests).
@@ -612,7 +790,9 @@ EOF
     # so the sender picks the transport (smtp, or postkeep-system for the
     # system domains; tests/test_system_lane_stack.py).
     printf 'lane.test\t:[127.0.0.1]:%s\n' "$FAKE_MX_PORT" >>"$PFDIR/stack-transport"
-    # Inbound domains (issue 17): `postkeep domain set-inbound` rewrites these.
+    # Inbound domains (issue 17): the bundle names these tables first in
+    # relay_domains and transport_maps (kept so above, so `postkeep postfix
+    # check` matches); `postkeep domain set-inbound` rewrites them.
     : >"$PFDIR/postkeep-inbound-domains"
     : >"$PFDIR/postkeep-inbound-transport"
     # (Tests speak XCLIENT to appear as a client off the trusted networks, and
@@ -700,8 +880,10 @@ export POSTKEEP_S3_ENDPOINT='127.0.0.1:$S3_PORT'
 export POSTKEEP_S3_BUCKET='postkeep'
 export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'
 export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'
+export POSTKEEP_S3_SERVER='$S3_SERVER'
 EOF
     mv "$DIR/env.tmp" "$DIR/env"
+    if pg_external; then pg_external_env; fi
 }
 
 # ---------------------------------------------------------------- commands
@@ -743,8 +925,18 @@ cmd_up() {
         (PORTBASE="$(cat "$DIR/portbase")"; load_state "$DIR"; cmd_down_loaded)
     fi
     echo "$PORTBASE" >"$DIR/portbase"
+    # S3_SERVER (minio by default): switching a stack's server stops the old one.
+    local want="${S3_SERVER_REQUESTED:-minio}"
+    if [ -f "$DIR/s3server" ] && [ "$(cat "$DIR/s3server")" != "$want" ]; then
+        log "S3 server changed to $want: stopping $S3_SERVER"
+        stop_minio
+    fi
+    echo "$want" >"$DIR/s3server"
+    S3_SERVER_CHOSEN="$want"
+    S3_SERVER="$want"
     open_parents "$DIR"
     chmod o+x "$DIR"
+    pg_external_record
     start_postgres
     start_minio
     start_sink
@@ -786,19 +978,24 @@ cmd_down() {
 cmd_status() {
     load_state "$1"
     local s
-    pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s"
+    pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s ($S3_SERVER)"
     pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
     pid_alive "$DIR/storage/storage.pid" && s=up || s=down; echo "storage $s"
+    if pg_external; then echo "postgres external"; else
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/pg/data" status >/dev/null 2>&1 \
         && s=up || s=down; echo "postgres $s"
+    fi
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
 
 # ---------------------------------------------------------------- cluster (issue 20)
 # shellcheck source=devstack/cluster.sh
 . "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
+# S3_SERVER from the caller's environment is read by `up` only.
+S3_SERVER_REQUESTED="${S3_SERVER:-}"
+unset S3_SERVER
 
 main() {
     local cmd="${1:-}"

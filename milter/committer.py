@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import queue
 import threading
@@ -66,8 +67,9 @@ import psycopg
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
+from postkeep.storage.content import packs
 from postkeep.storage.content.dictionaries import DictionaryUse
-from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
@@ -92,6 +94,7 @@ class _Pending:
     error: BackendError | None = None
     part_keys: list[str] = field(default_factory=list)
     state: str = QUEUED
+    pack: packs.Pack | None = None  # the pack its object went into, if any
 
 
 class GroupCommitter:
@@ -100,8 +103,11 @@ class GroupCommitter:
     def __init__(self, db: Database, objects: ObjectStore, *, workers: int = 2,
                  max_batch: int = 64, linger: float = 0.01,
                  small_object_bytes: int = 256 * 1024, spool_dir: str | None = None,
-                 level: int = 3, timeout: float | None = None) -> None:
+                 level: int = 3, timeout: float | None = None, layout: str = "objects") -> None:
         self._db = db
+        # "packs": a batch's small messages go into one object per organisation
+        # and retention class (storage/content/packs.py); "objects": one each.
+        self._packed = layout == "packs"
         self._timeout = timeout  # None: commit waits for as long as it takes
         self._states = threading.Lock()  # guards every _Pending.state
         self._db_gate = BackendGate()
@@ -291,9 +297,14 @@ class GroupCommitter:
                         " connection broke (%s)", len(unrecorded), failures[-1])
 
     def _delete_objects(self, unrecorded: list[_Pending]) -> None:
+        done: set[str] = set()  # a pack is deleted once for all its messages
         for p in unrecorded:
+            key = p.message.object_key
+            if key in done:
+                continue
+            done.add(key)
             try:
-                self._objects.delete(p.message.object_key)
+                self._objects.delete(key)
             except BackendError as exc:
                 log.warning("object of unrecorded message pk_id=%s left in the store: %s",
                             p.message.id.hex, exc.reason)
@@ -326,12 +337,13 @@ class GroupCommitter:
         """The batch's rows: one INSERT; with parts, in one transaction that
         first holds every referenced part (FOR SHARE), so a sweep cannot
         delete one between the check and the commit."""
-        if not any(p.part_keys for p in stored):
+        if not any(p.part_keys for p in stored) and not any(p.pack for p in stored):
             record_captures(conn, [p.message for p in stored])
             _link_inbound(conn, [p.message for p in stored])
             return
         with conn.transaction():
-            gone = hold_parts(conn, {k for p in stored for k in p.part_keys})
+            keys = {k for p in stored for k in p.part_keys}
+            gone = hold_parts(conn, keys) if keys else set()
             if gone:  # swept since this process last saw them: tempfail those messages
                 self._parts.forget_keys(gone)
                 for p in stored:
@@ -348,14 +360,22 @@ class GroupCommitter:
                                                         strict=True))]
             if ok:
                 record_captures(conn, [p.message for p in ok])
+                packs.record(conn, _packs_of(ok))
                 record_attachments(conn, rows)
                 _link_inbound(conn, [p.message for p in ok])
 
     def _upload(self, batch: list[_Pending]) -> list[_Pending]:
         """Put every object; return the items now in the store."""
+        ok: list[_Pending] = []
+        if self._packed:
+            # Inbound mail keeps its own object: unmatched reports name it by key.
+            packable = [p for p in batch if p.content.compressed_size <= self._small
+                        and p.message.direction != "inbound"]
+            ok += self._upload_packs(packable)
+            taken = {id(p) for p in packable}
+            batch = [p for p in batch if id(p) not in taken]
         small = [p for p in batch if p.content.compressed_size <= self._small]
         singles = batch
-        ok: list[_Pending] = []
         if len(small) > 1 and self._objects.can_batch():
             singles = [p for p in batch if p.content.compressed_size > self._small]
             try:
@@ -370,12 +390,51 @@ class GroupCommitter:
             large = p.content.compressed_size > self._small
             try:
                 with self._large if large else contextlib.nullcontext():
-                    self._objects.put(p.message.object_key, p.content.stream,
-                                      p.content.compressed_size)
+                    put_content(self._objects, p.message.object_key, p.content.stream,
+                                p.content.compressed_size, p.message.content_expires_at)
                 ok.append(p)
             except BackendError as exc:
                 p.error = exc
         return ok
+
+    def _upload_packs(self, items: list[_Pending]) -> list[_Pending]:
+        """Put ITEMS' objects into packs, one PUT per pack; the items stored.
+
+        Each item's row then names its pack (object_key) and its place in it.
+        """
+        if not items:
+            return []
+        by_id = {p.message.id: p for p in items}
+        built = packs.build([packs.Entry(p.message.id, p.message.org_id, p.message.object_key,
+                                         p.message.content_expires_at, p.content.stream.read())
+                             for p in items])
+        ok: list[_Pending] = []
+        for pack in built:
+            members = [by_id[mid] for mid in pack.members]
+            try:
+                self._objects.put(pack.key, io.BytesIO(pack.body.getvalue()), pack.length)
+            except BackendError as exc:
+                for p in members:
+                    p.error = exc
+                continue
+            metrics.PACKS.inc()
+            for p in members:
+                p.pack = pack
+                p.message = dataclasses.replace(p.message, object_key=pack.key)
+            ok += members
+        return ok
+
+
+def _packs_of(items: list[_Pending]) -> list[packs.Pack]:
+    """The packs of ITEMS, each listing only ITEMS' messages (a message refused
+    after its upload keeps no index row: its bytes are dead in the pack)."""
+    ids = {p.message.id for p in items}
+    out: dict[str, packs.Pack] = {}
+    for p in items:
+        if p.pack is not None and p.pack.key not in out:
+            members = {m: loc for m, loc in p.pack.members.items() if m in ids}
+            out[p.pack.key] = dataclasses.replace(p.pack, members=members)
+    return list(out.values())
 
 
 def _link_inbound(conn: psycopg.Connection, messages: list[CapturedMessage]) -> None:

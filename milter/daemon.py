@@ -357,6 +357,11 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
         objects.can_batch()  # probe now rather than on the first message
     except BackendError as exc:  # not fatal: messages tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
+    # What the server does (issue 19): one line; refused only if it lacks
+    # what postkeep cannot work without (ConfigError names it).
+    from postkeep.storage.lifecycle.conformance import check_at_start
+
+    check_at_start(objects, log)
     db.open()
     spooler = None
     if mcfg.outage_spool:
@@ -373,7 +378,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
                                max_batch=mcfg.commit_batch_max,
                                linger=mcfg.commit_linger_ms / 1000,
                                spool_dir=mcfg.spool_directory, level=mcfg.zstd_level,
-                               timeout=mcfg.commit_timeout_seconds)
+                               timeout=mcfg.commit_timeout_seconds,
+                               layout=cfg.s3.effective_layout())
     from postkeep.storage.content.dictionaries import DictionaryCache
 
     dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,

@@ -107,6 +107,42 @@ def unregistered_login(login: str, domain: str, mode: str) -> Decision:
     return Decision(action, None, domain, reason)
 
 
+def system_mail(*, trusted: bool, login: str | None, envelope_domain: str, from_domain: str,
+                system_domains: frozenset[str]) -> str:
+    """Is this the platform's own mail: 'system', 'customer' or 'mixed' (refuse).
+
+    Chosen by the envelope sender's domain, as Postfix's system lane
+    (sender_dependent_default_transport_maps) and postkeep-policyd choose it,
+    so the three always agree: system mail skips storage and limits and takes
+    the priority lane, and only the platform may have that.  Only from trusted
+    networks, never with a SASL login (a submitter is a customer), and the
+    From: domain must be a system domain too (the platform key signs it).  A
+    null envelope sender (<>) is decided by the From: domain alone.  A mix of
+    a system domain and anything else is refused rather than guessed.
+    """
+    env_system = envelope_domain in system_domains
+    from_system = from_domain in system_domains
+    if not (env_system or (from_system and trusted)):
+        return "customer"
+    if not trusted and login is None:
+        return "customer"  # an outside client: attributed (or refused) like any sender
+    if login is not None:
+        return "mixed" if env_system else "customer"
+    if env_system and (from_system or not from_domain):
+        return "system"
+    if from_system and not envelope_domain:
+        return "system"
+    return "mixed"
+
+
+def system_mix_reply(envelope_domain: str, from_domain: str) -> Reply:
+    """550 5.7.1 for mail that mixes a system domain with a customer's or a login."""
+    return Reply("550", "5.7.1",
+                 f"postkeep: envelope sender domain {envelope_domain or '<>'} and From: domain"
+                 f" {from_domain or '(none)'} mix a system domain with another or with a"
+                 " SASL login; system mail needs both in [dkim] system_domains and no login")
+
+
 def classify(
     *,
     auth_user: str | None,

@@ -130,3 +130,8 @@ for _outcome in ("refused", "passed"):
     UNKNOWN_LOGINS.labels(_outcome)
 
 build_info.export("milter")
+PACKS = Counter(
+    "postkeep_milter_packs_total",
+    "Pack objects written (storage/content/packs.py): one PUT each, carrying the"
+    " small messages of one group commit for one organisation and retention class.",
+)

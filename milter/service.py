@@ -48,6 +48,8 @@ from postkeep.milter.decide import (
     internal_error_reply,
     refusal_reply,
     strip_brackets,
+    system_mail,
+    system_mix_reply,
     tempfail_reply,
     unreadable_reply,
     unregistered_login,
@@ -336,10 +338,18 @@ class CaptureService:
             metrics.UNKNOWN_LOGINS.labels(
                 "refused" if decision.action is Action.REJECT else "passed").inc()
             return self._no_organisation(tx, queue_id, decision)
-        if self.system is not None and trusted and (
-            (from_domain or address_domain(tx.envelope_from)) in self.system.domains
-        ):
-            return self._system_mail(tx, queue_id, from_domain)
+        if self.system is not None:
+            envelope_domain = address_domain(tx.envelope_from)
+            lane = system_mail(trusted=trusted, login=login, envelope_domain=envelope_domain,
+                               from_domain=from_domain, system_domains=self.system.domains)
+            if lane == "system":
+                return self._system_mail(tx, queue_id, from_domain)
+            if lane == "mixed":
+                metrics.MESSAGES.labels("refused").inc()
+                reply = system_mix_reply(envelope_domain, from_domain)
+                log.info("refused pk_id=%s queue_id=%s from=<%s> reason=%r", tx.id.hex,
+                         queue_id, tx.envelope_from, reply.text)
+                return Verdict(reply, reject=True)
         try:
             incoming = inbound(auth_user=login, trusted=trusted, recipients=tx.recipients,
                                by_inbound_domain=self.directory.by_inbound_domain)

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -51,6 +51,7 @@ from postkeep.policyd.decide import (
     verdict,
 )
 from postkeep.storage.metadata import limits, suppression
+from postkeep.storage.metadata.db import READ_ONLY_REASON, RECONNECT_TIMEOUT_SECONDS
 from postkeep.storage.metadata.limits import Grant, OrgLimits, Outcome, Unspent, Want
 from postkeep.ttlcache import TtlCache
 
@@ -105,6 +106,7 @@ class PgBackend:
             # one connection per concurrent decision: keep a few warm
             pg.conninfo(), min_size=max(pg.pool_min, 4), max_size=max(pg.pool_max, 4),
             timeout=pg.connect_timeout_seconds, open=False,
+            reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,  # see storage/metadata/db.py
             kwargs={"autocommit": True, "prepare_threshold": 0}, name="postkeep-policyd",
             configure=self._configure,
         )
@@ -131,13 +133,27 @@ class PgBackend:
     async def close(self) -> None:
         await self.pool.close()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection; closed (so the pool discards it) if PostgreSQL
+        refused a write as read-only, and that reported as a broken connection
+        so `_attempt` retries on a new one (storage/metadata/db.py,
+        dropped_if_read_only: target_session_attrs is only checked at connect)."""
+        async with self.pool.connection() as conn:
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction as exc:
+                log.warning("postgres: %s", READ_ONLY_REASON)
+                await conn.close()
+                raise psycopg.OperationalError(READ_ONLY_REASON) from exc
+
     async def recover(self) -> None:
         """Drop broken idle connections (after PostgreSQL restarted)."""
         with contextlib.suppress(psycopg.Error):
             await self.pool.check()
 
     async def find(self, lookup: str, key: str) -> OrgLimits | None:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             return await limits.find_limits_async(conn, lookup, key)
 
     async def consume(self, stage: str, org: OrgLimits, instance: str, recipients: int,
@@ -162,7 +178,7 @@ class PgBackend:
                     continue
                 last = batch[-1]  # the freshest limits, if the cache refreshed meanwhile
                 try:
-                    async with self.pool.connection() as conn:
+                    async with self._connection() as conn:
                         outcomes = await limits.consume_many_async(
                             conn, last.org, [q.ask for q in batch], last.ttl_seconds,
                             windows=self._windows)
@@ -178,16 +194,16 @@ class PgBackend:
             del self._senders[org_id]
 
     async def lease(self, org: OrgLimits, wants: list[Want]) -> list[Grant]:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             return await limits.lease_async(conn, org, wants)
 
     async def release(self, org_id: uuid.UUID, unspent: list[Unspent]) -> None:
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             await limits.release_async(conn, org_id, unspent)
 
     async def suppressed(self, org_id: uuid.UUID, address: str) -> suppression.Hit | None:
         """ADDRESS's live suppression entry for ORG_ID (a primary-key probe), or None."""
-        async with self.pool.connection() as conn:
+        async with self._connection() as conn:
             return await suppression.lookup_async(conn, org_id, address)
 
 

@@ -45,6 +45,15 @@ class PostgresConfig:
 
     host: str = "/var/run/postgresql"
     port: int = field(default=5432, metadata={"min": 1, "max": 65535})
+    # Several servers (a primary and its replicas, issue 20): host lists them
+    # comma-separated as libpq does ("10.0.0.1,10.0.0.2") and ports gives one
+    # port per host ("5432,5433"; empty: `port` for all).  libpq tries them in
+    # order and keeps the first that target_session_attrs accepts, so after a
+    # failover a new connection finds the new primary with no change here.
+    ports: str = ""
+    # Every postkeep component writes: never settle on a standby.
+    target_session_attrs: str = field(default="read-write", metadata=_choice(
+        "read-write", "primary", "any"))
     dbname: str = "postkeep"
     user: str = "postkeep"
     password: str = field(default="", metadata={"secret": True, "env": "PGPASSWORD"})
@@ -60,13 +69,17 @@ class PostgresConfig:
 
         return make_conninfo(
             host=self.host,
-            port=self.port,
+            port=self.ports or self.port,
+            target_session_attrs=self.target_session_attrs,
             dbname=self.dbname,
             user=self.user,
             password=self.password or None,
             connect_timeout=max(1, round(self.connect_timeout_seconds)),
             application_name="postkeep",
-            options=f"-c statement_timeout={self.statement_timeout_ms}",
+            # jit=off: JIT-compiling a plan over hundreds of partitions (a
+            # retention of years) took 25 s for a 3 ms search; postkeep's
+            # queries are all short.  Migration 0024 sets it for the database.
+            options=f"-c statement_timeout={self.statement_timeout_ms} -c jit=off",
         )
 
 
@@ -85,6 +98,22 @@ class S3Config:
     # "auto": store many small objects in one request where the server can
     # (MinIO's snowball auto-extract; probed at start), else one PUT each.
     batch_uploads: str = field(default="auto", metadata=_choice("auto", "off"))
+    # WORM storage (issue 19): "compliance" creates the bucket with Object Lock
+    # and writes every message object with a compliance-mode retention until
+    # its content expiry; the daemons refuse to start if the bucket does not
+    # enforce it (`postkeep storage probe`).  "off": plain objects.
+    object_lock: str = field(default="off", metadata=_choice("off", "compliance"))
+    # "packs": the small messages one group commit writes for one organisation
+    # and retention class go into one object (a pack) indexed in PostgreSQL;
+    # "objects": one object per message (the layout before packs).
+    layout: str = field(default="packs", metadata=_choice("packs", "objects"))
+
+    def effective_layout(self) -> str:
+        """The layout new content is written in: one object per message under
+        Object Lock (a pack carries one retention date and one legal-hold flag
+        for all its messages, and holds and erasure act per object there;
+        packs on WORM storage wait for per-message keys), else `layout`."""
+        return "objects" if self.object_lock != "off" else self.layout
 
 
 @dataclass(frozen=True)
@@ -282,6 +311,10 @@ class StorageConfig:
     # (Postfix retries a report for at most bounce_queue_lifetime, 1 hour);
     # older days of the reports table are dropped whole.
     report_days: int = field(default=3, metadata={"min": 1, "max": 90})
+    # How long the event outbox keeps an event (issue 18): the webhook
+    # worker retries for 24 h, so a few days more lets an operator replay;
+    # older days of event_outbox are dropped whole.
+    event_days: int = field(default=7, metadata={"min": 2, "max": 90})
     # How often the sidecar runs its upkeep (report partitions).
     maintenance_seconds: float = field(default=3600.0, metadata={"min": 10})
     # How often the sidecar looks for organisations due a new zstd dictionary
@@ -433,6 +466,33 @@ def _check_tags(cfg: TagsConfig, id_header: str) -> None:
                           " no mapped tag header and none the message needs")
 
 
+# --- [webhooks] (issue 18: event delivery) -----------------------------------
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks]: postkeep-storage delivers the event outbox to each
+    organisation's endpoints (`postkeep webhook add`).  Endpoint secrets are
+    sealed under the DKIM master key ([dkim] master_key_file): without it the
+    worker does not run."""
+
+    # Whether postkeep-storage runs the delivery worker.
+    enabled: bool = True
+    # Seconds one POST may take (connect, send, answer) before it counts as failed.
+    request_timeout_seconds: float = field(default=10.0, metadata={"min": 0.1, "max": 300})
+    # POSTs in flight at once over all endpoints (each endpoint has at most one).
+    concurrency: int = field(default=32, metadata={"min": 1, "max": 1024})
+    # Retry delays: the first, doubled each failure up to the maximum, each
+    # with up to half of it taken off at random (jitter).
+    retry_initial_seconds: float = field(default=5.0, metadata={"min": 0.01, "max": 3600})
+    retry_max_seconds: float = field(default=3600.0, metadata={"min": 0.01, "max": 86400})
+    # An event not delivered this long after it was written is dead-lettered.
+    give_up_after_seconds: float = field(default=86400.0, metadata={"min": 1, "max": 604800})
+    # The safety net behind LISTEN postkeep_events: every endpoint looks
+    # for new events at least this often.
+    poll_seconds: float = field(default=5.0, metadata={"min": 0.1, "max": 3600})
+    # Delivered rows are kept this many days (`postkeep webhook deliveries`).
+    keep_delivered_days: int = field(default=7, metadata={"min": 1, "max": 366})
+
+
 @dataclass(frozen=True)
 class Config:
     postgres: PostgresConfig = PostgresConfig()
@@ -446,6 +506,7 @@ class Config:
     return_path: ReturnPathConfig = ReturnPathConfig()
     log: LogConfig = LogConfig()
     tags: TagsConfig = TagsConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     source: str = "<defaults>"
 
 
@@ -461,6 +522,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "return_path": ReturnPathConfig,
     "log": LogConfig,
     "tags": TagsConfig,
+    "webhooks": WebhooksConfig,
 }
 
 # Field types as declared (the annotations are strings), and how each is named
@@ -562,6 +624,18 @@ def _check_s3_endpoint(endpoint: str) -> None:
         raise ConfigError(f"s3.endpoint = {endpoint!r}: expected HOST:PORT, e.g. 127.0.0.1:9000")
 
 
+def _check_postgres_ports(host: str, ports: str) -> None:
+    """postgres.ports: one port (1..65535) per host of postgres.host, or empty."""
+    if not ports:
+        return
+    items = ports.split(",")
+    hosts = host.split(",")
+    if not all(p.strip().isdigit() and 0 < int(p) < 65536 for p in items) or (
+            len(items) != len(hosts)):
+        raise ConfigError(f"postgres.ports = {ports!r}: expected one port (1..65535) per host"
+                          f" of postgres.host ({len(hosts)}), comma-separated")
+
+
 def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{section}]: expected a table, got {type(raw).__name__}")
@@ -590,6 +664,8 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
     cfg = cls(**values)
     if section == "s3":
         _check_s3_endpoint(cfg.endpoint)
+    if section == "postgres":
+        _check_postgres_ports(cfg.host, cfg.ports)
     if section == "postgres" and cfg.pool_min > cfg.pool_max:
         raise ConfigError(
             f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"

@@ -17,7 +17,7 @@ import pytest
 
 from postkeep.config import Config, MilterConfig
 from postkeep.milter.adapter import client_address
-from postkeep.milter.decide import Action, classify, shown_login
+from postkeep.milter.decide import Action, classify, shown_login, system_mail, system_mix_reply
 from postkeep.milter.signing import is_trusted, parse_networks
 from postkeep.policyd.decide import DUNNO, plan, unknown_login_action
 from postkeep.policyd.service import PolicyService
@@ -85,6 +85,37 @@ def test_policyd_plans_a_login_before_system_domains() -> None:
     p = plan(_attrs(sender="noreply@sys.example", sasl_username="mallory"), ("sys.example",))
     assert (p.stage, p.lookup, p.key) == ("check", "submitter", "mallory")
     assert plan(_attrs(sender="noreply@sys.example"), ("sys.example",)).stage is None
+
+
+SYS = frozenset({"sys.example"})
+
+
+@pytest.mark.parametrize(("trusted", "login", "envelope", "from_", "want"), [
+    (True, None, "sys.example", "sys.example", "system"),
+    (True, None, "sys.example", "", "system"),
+    (True, None, "", "sys.example", "system"),            # <> decided by From:
+    (True, None, "sys.example", "acme.example", "mixed"),  # priority lane, customer From:
+    (True, None, "acme.example", "sys.example", "mixed"),  # storage skipped, counted: no
+    (True, "alice", "sys.example", "sys.example", "mixed"),  # a submitter is a customer
+    (False, "alice", "sys.example", "sys.example", "mixed"),
+    (True, "alice", "acme.example", "sys.example", "customer"),
+    (False, None, "sys.example", "sys.example", "customer"),  # outsiders: attributed or refused
+    (False, None, "acme.example", "sys.example", "customer"),
+    (True, None, "acme.example", "acme.example", "customer"),
+])
+def test_system_mail_is_chosen_by_the_envelope_like_the_lane_and_policyd(
+        trusted: bool, login: str | None, envelope: str, from_: str, want: str) -> None:
+    assert system_mail(trusted=trusted, login=login, envelope_domain=envelope,
+                       from_domain=from_, system_domains=SYS) == want
+    # Whatever the milter calls system mail, policyd leaves uncounted.
+    if want == "system" and envelope:
+        assert plan(_attrs(sender=f"noreply@{envelope}"), tuple(SYS)).stage is None
+
+
+def test_a_mix_of_system_and_customer_domains_gets_a_permanent_reply() -> None:
+    reply = system_mix_reply("sys.example", "acme.example")
+    assert (reply.code, reply.enhanced) == ("550", "5.7.1")
+    assert "sys.example" in reply.text and "acme.example" in reply.text
 
 
 def test_policyd_answer_for_an_unknown_login() -> None:

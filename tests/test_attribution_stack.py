@@ -220,3 +220,29 @@ def test_client_without_address_is_decided_like_an_untrusted_client(stack: Stack
     _send_as(stack, f"ADDR=[UNAVAILABLE] LOGIN={login}", f"app@{domain}", f"app@{domain}",
              token)
     assert dkimpy.verify(stack.sink_copy(token), dnsfunc=_dns(stack))
+
+
+def test_system_and_customer_domains_cannot_be_mixed(stack: Stack) -> None:
+    # The system lane and policyd choose system mail by the envelope sender;
+    # the milter used the From: domain first, so a trusted client could take
+    # the priority lane and skip the limits with a customer's From: (or skip
+    # storage with a system From: on a customer's envelope).  Both are
+    # refused for good now, and nothing is stored.
+    org, domain = stack.new_org("basic")
+    system = stack.config.dkim.system_domains[0]
+    for sender, header_from in ((f"reset@{system}", f"app@{domain}"),
+                                (f"app@{domain}", f"reset@{system}")):
+        with pytest.raises(smtp.SMTPError) as err:
+            smtp.send(*stack.smtp, sender, ["r@sink.test"],
+                      f"From: {header_from}\r\nSubject: mix\r\n\r\nbody\r\n".encode())
+        assert (err.value.reply.code, err.value.reply.enhanced) == (550, "5.7.1"), err.value
+        assert system in err.value.reply.text, err.value
+    assert _captured(stack, org) == 0
+    # A registered submitter (a customer) may not send as a system domain.
+    login = _submitter(stack, org)
+    with pytest.raises(smtp.SMTPError) as err:
+        _send_as(stack, f"ADDR=127.0.0.1 LOGIN={login}",
+                 f"reset@{system}", f"reset@{system}", uuid.uuid4().hex)
+    assert (err.value.reply.code, err.value.reply.enhanced) == (550, "5.7.1"), err.value
+    assert "SASL login" in err.value.reply.text, err.value
+    assert _captured(stack, org) == 0

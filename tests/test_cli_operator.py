@@ -361,6 +361,31 @@ def test_read_commands_print_json(stack: Stack, run: Invoke, db: psycopg.Connect
     assert drain["dry_run"] is True and isinstance(drain["entries"], int)
 
 
+def test_write_commands_print_json(run: Invoke, db: psycopg.Connection) -> None:
+    # Every command takes --json: what it changed as one JSON object, errors
+    # as one JSON object on stderr with the exit status.
+    name = f"json-{uuid.uuid4().hex[:8]}"
+    added = json.loads(_ok(run("org", "add", name, "--tier", "basic", "--json")))
+    org_id = uuid.UUID(added["id"])
+    assert added["name"] == name and _org_row(db, org_id) is not None
+    domain = f"{name}.example.test"
+    assert json.loads(_ok(run("domain", "add", name, domain, "--json")))["domain"] == domain
+    changed = json.loads(_ok(run("org", "set", name, "--messages-per-hour", "7", "--json")))
+    assert changed["changes"] == {"messages_per_hour": 7} and changed["org_id"] == str(org_id)
+    rcpt = f"gone-{uuid.uuid4().hex[:6]}@example.net"
+    sup = json.loads(_ok(run("suppression", "add", name, rcpt, "--reason", "manual", "--json")))
+    assert [e["address"] for e in sup["added"]] == [rcpt]
+    dry = json.loads(_ok(run("suppression", "remove", name, rcpt, "--dry-run", "--json")))
+    assert dry["dry_run"] is True and dry["addresses"] == [rcpt]
+    erased = json.loads(_ok(run("erase", "--org", name, "--address", rcpt, "--yes", "--json")))
+    assert erased["messages"] == 0 and erased["suppressions_kept"] == 1
+    refused = run("domain", "add", name, domain, "--json")
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert "already belongs" in json.loads(refused.stderr)["error"]
+    removed = json.loads(_ok(run("org", "remove", name, "--yes", "--json")))
+    assert removed["org_id"] == str(org_id) and _org_row(db, org_id) is None
+
+
 # --- destructive commands: confirmation and --dry-run -------------------------------
 
 

@@ -79,6 +79,42 @@ def test_every_read_command_has_json(root: click.Group) -> None:
     assert missing == []
 
 
+# Commands whose output is the bytes themselves (a message, a report), and
+# `postkeep postfix apply|remove` (their diff is the output; --dry-run shows it).
+NO_JSON = {("messages", "raw"), ("reports", "raw"), ("postfix", "apply"), ("postfix", "remove")}
+
+
+def test_every_command_has_json(root: click.Group) -> None:
+    # Commands that change something print their result through common.say():
+    # under --json one JSON object, the human line in "message".
+    missing = [" ".join(p) for p, c in _commands(root)
+               if p not in NO_JSON and "--json" not in _options(c)]
+    assert missing == []
+    assert ("org", "add") in dict(_commands(root)) and ("erase",) in dict(_commands(root))
+
+
+def test_say_prints_one_json_object_under_json() -> None:
+    from postkeep.cli.common import fail, json_flag, say
+
+    @click.command()
+    @json_flag
+    @click.option("--bad", is_flag=True)
+    def cmd(bad: bool) -> None:
+        if bad:
+            fail("no such thing 'x'")
+        say("did it", count=2, when=datetime(2026, 1, 2, tzinfo=UTC))
+
+    import json
+
+    r = CliRunner().invoke(cmd, ["--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == {
+        "count": 2, "when": "2026-01-02 00:00:00+00:00", "message": "did it"}
+    assert CliRunner().invoke(cmd, []).stdout == "did it\n"
+    r = CliRunner().invoke(cmd, ["--json", "--bad"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert json.loads(r.stderr) == {"error": "no such thing 'x'", "exit": 1}
+
+
 def test_every_destructive_command_has_yes_and_dry_run(root: click.Group) -> None:
     destructive = [(p, c) for p, c in _commands(root)
                    if _ours(p) and any(w in p[-1] for w in DESTRUCTIVE_WORDS)]

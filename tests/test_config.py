@@ -65,7 +65,7 @@ def test_unknown_key_is_named_with_allowed_keys() -> None:
 def test_unknown_section_is_named_with_allowed_sections() -> None:
     assert _refusal({"postgress": {}}) == (
         "[postgress]: unknown section; allowed: dkim, log, milter, policyd, postfix, postgres,"
-        " retention, return_path, s3, storage, tags"
+        " retention, return_path, s3, storage, tags, webhooks"
     )
 
 
@@ -170,6 +170,7 @@ def test_conninfo_carries_the_timeouts() -> None:
     cfg = config.parse({"postgres": {"host": "db.internal", "statement_timeout_ms": 750}})
     info = cfg.postgres.conninfo()
     assert "host=db.internal" in info and "statement_timeout=750" in info
+    assert "jit=off" in info  # JIT over hundreds of partitions: seconds per query
 
 
 def test_load_reads_the_named_file(tmp_path: Path) -> None:

@@ -99,10 +99,10 @@ def _assert_nothing_lost(stack: Stack, sent: list[Sent], backend: str) -> None:
     with stack.connect() as conn:
         for s in accepted:
             row = conn.execute(
-                "SELECT object_key, sha256, size, org_id FROM messages WHERE queue_id = %s",
+                "SELECT object_key, sha256, size, org_id, id FROM messages WHERE queue_id = %s",
                 (s.queue_id,)).fetchone()
             assert row is not None, f"accepted message {s.queue_id} has no row"
-            stored = stack.restored(row[0])
+            stored = stack.restored(row[0], row[4])  # by id: a pack may hold several
             assert hashlib.sha256(stored).digest() == bytes(row[1])
             assert stored == strip_received(stack.sink_copy(s.token))
             org_id = row[3]

@@ -137,7 +137,12 @@ def test_debian_stock_main_cf(tmp_path: Path, toml: Path) -> None:
     # the host's relay decision is untouched, and the maps are this directory's
     assert values["smtpd_relay_restrictions"] == (
         "permit_mynetworks permit_sasl_authenticated defer_unauth_destination")
-    assert values["transport_maps"] == f"pcre:{pfdir}/postkeep-transport.pcre"
+    assert values["transport_maps"] == (
+        f"pcre:{pfdir}/postkeep-transport.pcre, texthash:{pfdir}/postkeep-inbound-transport")
+    # the two tables `postkeep domain set-inbound` writes, created empty
+    assert values["relay_domains"] == f"texthash:{pfdir}/postkeep-inbound-domains"
+    for name in ("postkeep-inbound-domains", "postkeep-inbound-transport"):
+        assert (pfdir / name).read_text() == ""
     assert (pfdir / "postkeep-transport.pcre").is_file()
     backups = list((pfdir / "postkeep-backup").glob("*/main.cf"))
     assert [b.read_bytes() for b in backups] == [original]
@@ -147,6 +152,7 @@ def test_debian_stock_main_cf(tmp_path: Path, toml: Path) -> None:
     _remove(toml, pfdir)
     assert (pfdir / "main.cf").read_bytes() == original
     assert not (pfdir / "postkeep-transport.pcre").exists()
+    assert not (pfdir / "postkeep-inbound-domains").exists()  # created empty, still empty
 
 
 def test_rbl_and_opendkim_host(tmp_path: Path, toml: Path) -> None:
@@ -165,8 +171,9 @@ def test_rbl_and_opendkim_host(tmp_path: Path, toml: Path) -> None:
     assert values["smtpd_milters"] == f"{OPENDKIM}, {MILTER}"
     assert values["non_smtpd_milters"] == f"{OPENDKIM}, {MILTER}"
     assert values["transport_maps"] == (
-        f"pcre:{pfdir}/postkeep-transport.pcre, hash:/etc/postfix/transport")
-    assert values["relay_domains"] == "example.org"
+        f"pcre:{pfdir}/postkeep-transport.pcre, texthash:{pfdir}/postkeep-inbound-transport,"
+        " hash:/etc/postfix/transport")
+    assert values["relay_domains"] == f"texthash:{pfdir}/postkeep-inbound-domains, example.org"
     # an unrelated edit after apply survives remove; the host's values come back
     subprocess.run(["postconf", "-c", str(pfdir), "-e", "myhostname = edited.example"],
                    check=True)
@@ -229,16 +236,40 @@ def test_check_honours_config_directory(tmp_path: Path, toml: Path) -> None:
     _apply(toml, a)
     b.mkdir()
     for name in ("main.cf", "master.cf", "postkeep-transport.pcre",
-                 "postkeep-command-filter.pcre", "postkeep-system-senders"):
+                 "postkeep-command-filter.pcre", "postkeep-system-senders",
+                 "postkeep-inbound-domains", "postkeep-inbound-transport"):
         shutil.copyfile(a / name, b / name)
     check = _postkeep(toml, "postfix", "check", "--config-directory", str(b), "--json")
     assert check.returncode == 1, check.stdout
     report = json.loads(check.stdout)
     assert report["match"] is False
     assert {d["name"] for d in report["differences"]} == {
-        "smtpd_command_filter", "transport_maps", "sender_dependent_default_transport_maps"}
+        "smtpd_command_filter", "transport_maps", "sender_dependent_default_transport_maps",
+        "relay_domains"}
     wants = {d["name"]: d["want"] for d in report["differences"]}
-    assert wants["transport_maps"] == f"pcre:{b}/postkeep-transport.pcre, ..."
+    assert wants["transport_maps"] == (
+        f"pcre:{b}/postkeep-transport.pcre, texthash:{b}/postkeep-inbound-transport, ...")
+
+
+def test_inbound_tables_kept_when_filled_and_checked(tmp_path: Path, toml: Path) -> None:
+    """set-inbound's tables: apply never overwrites one, remove keeps a filled
+    one, check names a missing one."""
+    pfdir = tmp_path / "pf"
+    _debian_stock(pfdir)
+    (pfdir / "postkeep-inbound-transport").write_text("example.com\tdiscard:\n")
+    _apply(toml, pfdir)
+    assert (pfdir / "postkeep-inbound-transport").read_text() == "example.com\tdiscard:\n"
+    (pfdir / "postkeep-inbound-domains").write_text("example.com\tOK\n")  # set-inbound
+    assert "already set" in _apply(toml, pfdir).stdout
+    (pfdir / "postkeep-inbound-transport").unlink()
+    check = _postkeep(toml, "postfix", "check", "--config-directory", str(pfdir), "--json")
+    assert check.returncode == 1
+    assert json.loads(check.stdout)["stale_maps"] == [f"{pfdir}/postkeep-inbound-transport"]
+    _apply(toml, pfdir)  # created again, empty
+    _remove(toml, pfdir)
+    assert (pfdir / "postkeep-inbound-domains").read_text() == "example.com\tOK\n"
+    assert not (pfdir / "postkeep-inbound-transport").exists()
+    assert "relay_domains" not in _explicit(pfdir, "relay_domains")
 
 
 def test_expire_queue_picks_old_held_files_only() -> None:

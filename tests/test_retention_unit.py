@@ -24,6 +24,7 @@ from postkeep.storage.lifecycle.retention import (
 from postkeep.storage.metadata import messages
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.legal_holds import normalise_address
+from postkeep.storage.metadata.migrate import PARTITION_BATCH_DAYS, partition_batches
 
 pytestmark = pytest.mark.unit
 
@@ -198,3 +199,12 @@ def test_memory_store_reports_failed_deletes() -> None:
     store.fail_deletes.add("b")
     assert store.delete_many(["a", "b", "c"]) == ["b"]
     assert store.objects == {"b": b"2"}
+
+
+def test_partition_batches_cover_the_horizon_in_bounded_steps() -> None:
+    assert partition_batches(0) == [0]
+    assert partition_batches(10) == [10]
+    assert partition_batches(PARTITION_BATCH_DAYS) == [PARTITION_BATCH_DAYS]
+    steps = partition_batches(3650 + 35)
+    assert steps[-1] == 3685 and steps == sorted(steps)
+    assert all(b - a <= PARTITION_BATCH_DAYS for a, b in zip([0, *steps], steps, strict=False))

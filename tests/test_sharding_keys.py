@@ -51,6 +51,17 @@ KNOWN_EXCEPTIONS: dict[str, dict[str, str]] = {
     "zstd_dictionaries": {"zstd_dictionaries_object_key_key": "object_key alone; "
                           "the key embeds the org, so (org_id, object_key) is equivalent"},
     "legal_holds": {"legal_holds_pkey": "bigserial id; make it (org_id, id)"},
+    # The webhook contract (issue 18): one global id, partitioned by day.
+    "packs": {"packs_pkey": "(id): a pack's UUID is unique alone; make it (org_id, id)"},
+    "message_packs": {"message_packs_pkey": "(message_id): one pack entry per message;"
+                      " make it (org_id, message_id) with messages' key"},
+    "pack_leftovers": {"pack_leftovers_pkey": "(object_key): replaced objects awaiting"
+                       " deletion; keyed by the S3 key, make it (org_id, object_key)"},
+    "webhook_endpoints": {"webhook_endpoints_pkey": "(id): uuid; make it (org_id, id)"},
+    "webhook_deliveries": {"webhook_deliveries_pkey": "(endpoint_id, event_id): make it"
+                           " (org_id, endpoint_id, event_id)"},
+    "event_outbox": {"event_outbox_pkey": "(id, created_at): identity id, the "
+                     "webhook idempotency key; make it (org_id, id, created_at)"},
     "retention_audit": {"retention_audit_pkey": "bigserial id, org_id nullable "
                         "(platform-wide runs); append-only log: distribute or keep "
                         "on the coordinator"},

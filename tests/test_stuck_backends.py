@@ -80,9 +80,9 @@ def test_messages_are_spooled_while_minio_hangs_and_stored_once_after(stack: Sta
         time.sleep(0.5)
     assert sorted(n for _, n in rows) == [1, 1, 1]
     with stack.connect() as conn:
-        keys = [r[0] for r in conn.execute(
-            "SELECT object_key FROM messages WHERE subject = ANY(%s)",
+        keys = [(r[0], r[1]) for r in conn.execute(
+            "SELECT object_key, id FROM messages WHERE subject = ANY(%s)",
             ([f"hung {t}" for t in tokens],))]
-    for key in keys:
-        restored = stack.restored(key)
+    for key, mid in keys:
+        restored = stack.restored(key, mid)  # by id: a pack may hold several
         assert any(f"body {t}".encode() in restored for t in tokens)

@@ -4,8 +4,9 @@ One module per command group, each a thin click adapter over postkeep.storage
 (or, for `postfix`, over Postfix's own postconf): `db`, `directory` (org,
 domain, submitter), `messages`, `dkim`, `limits`, `reports`, `retention`
 (retention, erase, hold), `dictionaries` (dict), `spool`, `tenants` (tenant),
-`suppression`, `postfix`.  What they share (a session, one-line failures,
-time and domain parsing) is `common`.
+`suppression`, `storage` (probe, repack, compact), `stats`, `webhooks` (webhook),
+`postfix`.  What they share (a session, one-line failures, time and domain
+parsing) is `common`.
 The CLI stands on storage and the ground floor; it never imports a daemon.
 """
 
@@ -43,16 +44,20 @@ def _register() -> None:
         dkim,
         limits,
         messages,
+        packs,
         postfix,
         reports,
         retention,
         spool,
+        stats,
+        storage,
         suppression,
         tenants,
+        webhooks,
     )
 
     for module in (db, directory, messages, dkim, limits, reports, retention, dictionaries,
-                   spool, tenants, suppression):
+                   spool, tenants, suppression, storage, stats, packs, webhooks):
         for group in module.COMMANDS:
             cli.add_command(group)
     cli.add_command(postfix.postfix)

@@ -21,6 +21,7 @@ Destructive commands take `@destructive` (--yes, --dry-run) and call
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,9 +94,47 @@ def iso(when: datetime | None) -> str | None:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print one `postkeep: …` line on stderr and exit CODE (1: not found, refused)."""
-    click.echo(f"postkeep: {message}", err=True)
+    """Print one `postkeep: …` line on stderr and exit CODE (1: not found, refused).
+
+    Under --json the line is a JSON object instead: {"error": …, "exit": CODE}.
+    """
+    if json_mode():
+        click.echo(json.dumps({"error": message, "exit": code}), err=True)
+    else:
+        click.echo(f"postkeep: {message}", err=True)
     raise click.exceptions.Exit(code)
+
+
+# --json on commands that change something: the result as one JSON object.
+# Reading commands (list, show, ...) have their own --json printing their rows.
+_JSON = "postkeep.json"
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_JSON] = True
+
+
+def json_flag(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give COMMAND --json: what it `say`s is printed as one JSON object."""
+    return click.option("--json", "json_flag", is_flag=True, expose_value=False,
+                        is_eager=True, callback=_set_json,
+                        help="Print the result (or the error) as a JSON object.")(command)
+
+
+def json_mode() -> bool:
+    """True under a --json that `json_flag` gave the running command."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(_JSON))
+
+
+def say(text: str, **result: Any) -> None:
+    """The command's result: TEXT for people, or RESULT with "message": TEXT as
+    one JSON object under --json (values JSON cannot hold are printed as strings)."""
+    if json_mode():
+        click.echo(json.dumps({**result, "message": text}, indent=2, default=str))
+    else:
+        click.echo(text)
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from postkeep.cli.common import session
+from postkeep.cli.common import json_flag, say, session
 from postkeep.storage.metadata import migrate
 
 
@@ -14,17 +14,16 @@ def db() -> None:
 
 
 @db.command("migrate")
+@json_flag
 @click.pass_context
 def db_migrate(ctx: click.Context) -> None:
     """Apply pending migrations and create partitions ahead (idempotent)."""
     with session(ctx) as s:
         applied = migrate.apply_migrations(s.conn)
-        for m in applied:
-            click.echo(f"applied {m.version:04d}_{m.name}")
-        if not applied:
-            click.echo("schema up to date")
         created = migrate.ensure_partitions(s.conn)
-        click.echo(f"created {created} partition(s)")
+    lines = [f"applied {m.version:04d}_{m.name}" for m in applied] or ["schema up to date"]
+    say("\n".join([*lines, f"created {created} partition(s)"]),
+        applied=[f"{m.version:04d}_{m.name}" for m in applied], partitions_created=created)
 
 
 COMMANDS: list[click.Group] = [db]

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import click
 
-from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import confirm, destructive, fail, find_org, iso, json_flag, say, session
 from postkeep.storage.content import dictionaries
 from postkeep.storage.content.dictionaries import DictionaryError, DictionaryRow
 from postkeep.storage.content.objects import S3ObjectStore
@@ -55,6 +55,7 @@ def dict_group() -> None:
 @click.option("--max-message-bytes", default=dictionaries.DEFAULT_SAMPLE_MAX_BYTES,
               show_default=True, type=click.IntRange(256, 1 << 24),
               help="Only messages up to this size are samples.")
+@json_flag
 @click.pass_context
 def train(ctx: click.Context, org_name: str, samples: int, dict_bytes: int,
           max_message_bytes: int) -> None:
@@ -71,8 +72,11 @@ def train(ctx: click.Context, org_name: str, samples: int, dict_bytes: int,
         gain = (f"held-out messages: {result.raw_bytes} bytes, {result.plain_bytes} compressed"
                 f" alone, {result.dict_bytes} with the dictionary"
                 if result.raw_bytes else "no held-out messages to measure on")
-        click.echo(f"{org.name}: dictionary version {r.version} ({r.size} bytes, zstd id"
-                   f" {r.dict_id}) trained on {r.samples} messages, now current; {gain}")
+        say(f"{org.name}: dictionary version {r.version} ({r.size} bytes, zstd id"
+            f" {r.dict_id}) trained on {r.samples} messages, now current; {gain}",
+            org=org.name, org_id=str(org.id), version=r.version, size=r.size,
+            dict_id=r.dict_id, samples=r.samples, held_out_raw_bytes=result.raw_bytes,
+            held_out_plain_bytes=result.plain_bytes, held_out_dict_bytes=result.dict_bytes)
 
 
 @dict_group.command("list")
@@ -94,20 +98,23 @@ def list_cmd(ctx: click.Context, org_name: str | None, as_json: bool) -> None:
 
 @dict_group.command("sweep")
 @destructive
+@json_flag
 @click.pass_context
 def sweep(ctx: click.Context, yes: bool, dry_run: bool) -> None:
     """Delete retired versions that no stored message can need any more."""
     with session(ctx) as s:
         doomed = dictionaries.sweepable(s.conn, datetime.now(UTC))
         if dry_run:
-            for org_id, version, key in doomed:
-                click.echo(f"would delete {org_id} version {version} ({key})")
-            click.echo(f"{len(doomed)} dictionary versions would be deleted")
+            lines = [f"would delete {org_id} version {version} ({key})"
+                     for org_id, version, key in doomed]
+            say("\n".join([*lines, f"{len(doomed)} dictionary versions would be deleted"]),
+                dry_run=True, versions=[{"org_id": str(o), "version": v, "key": k}
+                                        for o, v, k in doomed])
             return
         if doomed:
             confirm(f"delete {len(doomed)} retired dictionary versions (objects and rows)", yes)
         n = dictionaries.sweep_dictionaries(s.conn, S3ObjectStore(s.cfg.s3), datetime.now(UTC))
-        click.echo(f"{n} dictionary versions deleted")
+        say(f"{n} dictionary versions deleted", deleted=n)
 
 
 COMMANDS: list[click.Group] = [dict_group]

@@ -28,6 +28,8 @@ from postkeep.cli.common import (
     destructive,
     fail,
     find_org,
+    json_flag,
+    say,
     session,
 )
 from postkeep.storage.content.objects import S3ObjectStore
@@ -85,6 +87,7 @@ def org() -> None:
 @click.option("--tier", required=True, help="Tier name (see the tiers table).")
 @click.option("--content-days", type=click.IntRange(min=1), help="Override content retention.")
 @click.option("--metadata-days", type=click.IntRange(min=1), help="Override metadata retention.")
+@json_flag
 @click.pass_context
 def org_add(
     ctx: click.Context, name: str, tier: str, content_days: int | None, metadata_days: int | None
@@ -115,7 +118,7 @@ def org_add(
             fail(f"organisation {name!r} already exists")
         if metadata_days is not None or content_days is not None:
             migrate.ensure_partitions(s.conn)  # a longer retention needs partitions ahead
-        click.echo(str(oid))
+        say(str(oid), id=str(oid), name=name, tier=tier)
 
 
 @org.command("list")
@@ -139,6 +142,7 @@ def domain() -> None:
 @domain.command("add")
 @click.argument("org_name")
 @click.argument("domain_name", metavar="DOMAIN")
+@json_flag
 @click.pass_context
 def domain_add(ctx: click.Context, org_name: str, domain_name: str) -> None:
     """Give organisation ORG (name or id) the sender domain DOMAIN."""
@@ -153,7 +157,7 @@ def domain_add(ctx: click.Context, org_name: str, domain_name: str) -> None:
         except errors.UniqueViolation:
             owner = directory.find_by_domain(s.conn, name)
             fail(f"domain {name!r} already belongs to {owner.name if owner else 'another org'}")
-        click.echo(f"{name} -> {target.name}")
+        say(f"{name} -> {target.name}", domain=name, org=target.name, org_id=str(target.id))
 
 
 @domain.command("set-bounce")
@@ -161,6 +165,7 @@ def domain_add(ctx: click.Context, org_name: str, domain_name: str) -> None:
 @click.argument("bounce_domain", metavar="BOUNCE_DOMAIN", required=False)
 @click.option("--default", "use_default", is_flag=True,
               help="Go back to the platform's bounce domain (milter.bounce_domain).")
+@json_flag
 @click.pass_context
 def domain_set_bounce(ctx: click.Context, domain_name: str, bounce_domain: str | None,
                       use_default: bool) -> None:
@@ -181,7 +186,8 @@ def domain_set_bounce(ctx: click.Context, domain_name: str, bounce_domain: str |
     with session(ctx) as s:
         if not directory.set_bounce_domain(s.conn, name, bounce):
             fail(f"domain {name!r} belongs to no organisation (postkeep domain add)")
-    click.echo(f"{name}: bounces to {bounce or 'the platform default (milter.bounce_domain)'}")
+    say(f"{name}: bounces to {bounce or 'the platform default (milter.bounce_domain)'}",
+        domain=name, bounce_domain=bounce)
 
 
 INBOUND_DOMAINS_MAP = "postkeep-inbound-domains"
@@ -233,6 +239,7 @@ def write_inbound_maps(config_directory: str, rows: list[inbound.InboundDomain])
 @click.option("--off", is_flag=True, help="Take no inbound mail for DOMAIN any more.")
 @click.option("--config-directory", default=None, metavar="DIR",
               help="Postfix configuration directory (default: [postfix].config_directory).")
+@json_flag
 @click.pass_context
 def domain_set_inbound(ctx: click.Context, domain_name: str, archive_only: bool,
                        relay_to: str | None, off: bool, config_directory: str | None) -> None:
@@ -261,7 +268,7 @@ def domain_set_inbound(ctx: click.Context, domain_name: str, archive_only: bool,
     write_inbound_maps(directory_, rows)
     what = {None: "no inbound mail", inbound.ARCHIVE: "inbound mail archived only",
             inbound.RELAY: f"inbound mail archived and relayed to {relay_to}"}[mode]
-    click.echo(f"{name}: {what}")
+    say(f"{name}: {what}", domain=name, inbound=mode, relay_to=relay_to)
 
 
 @click.group()
@@ -272,6 +279,7 @@ def submitter() -> None:
 @submitter.command("add")
 @click.argument("org_name", metavar="ORG")
 @click.argument("username")
+@json_flag
 @click.pass_context
 def submitter_add(ctx: click.Context, org_name: str, username: str) -> None:
     """Let SASL user USERNAME submit for organisation ORG (name or id)."""
@@ -283,7 +291,8 @@ def submitter_add(ctx: click.Context, org_name: str, username: str) -> None:
             directory.add_submitter(s.conn, target.id, username)
         except errors.UniqueViolation:
             fail(f"submitter {username!r} already exists")
-        click.echo(f"{username} -> {target.name}")
+        say(f"{username} -> {target.name}", username=username, org=target.name,
+            org_id=str(target.id))
 
 
 def _override_options(allow_tier: bool) -> list[Any]:
@@ -349,6 +358,7 @@ def org_show(ctx: click.Context, org_name: str, as_json: bool) -> None:
 @_with(_override_options(True))
 @click.option("--forward-failures", type=click.Choice(["on", "off"]),
               help="Forward delivery failures to the original sender.")
+@json_flag
 @click.pass_context
 def org_set(ctx: click.Context, /, org_name: str, tier: str | None, forward_failures: str | None,
             **overrides: int | str | None) -> None:
@@ -376,12 +386,13 @@ def org_set(ctx: click.Context, /, org_name: str, tier: str | None, forward_fail
             migrate.ensure_partitions(s.conn)  # a longer retention needs partitions ahead
         st = directory.org_settings(s.conn, target)
     shown = ", ".join(f"{k}={'tier' if v is None else v}" for k, v in changes.items())
-    click.echo(f"{st.org.name}: {shown}")
+    say(f"{st.org.name}: {shown}", org=st.org.name, org_id=str(st.org.id), changes=changes)
 
 
 @org.command("rename")
 @click.argument("org_name", metavar="ORG")
 @click.argument("new_name")
+@json_flag
 @click.pass_context
 def org_rename(ctx: click.Context, org_name: str, new_name: str) -> None:
     """Rename ORG to NEW_NAME (its id, domains, submitters and mail stay)."""
@@ -393,7 +404,8 @@ def org_rename(ctx: click.Context, org_name: str, new_name: str) -> None:
             directory.rename_organisation(s.conn, target.id, new_name)
         except errors.UniqueViolation:
             fail(f"organisation {new_name!r} already exists")
-    click.echo(f"{target.name} -> {new_name} ({target.id})")
+    say(f"{target.name} -> {new_name} ({target.id})", org_id=str(target.id), old=target.name,
+        new=new_name)
 
 
 @org.command("remove")
@@ -401,6 +413,7 @@ def org_rename(ctx: click.Context, org_name: str, new_name: str) -> None:
 @click.option("--force", is_flag=True,
               help="Also when ORG has stored mail: delete its objects and rows.")
 @destructive
+@json_flag
 @click.pass_context
 def org_remove(ctx: click.Context, org_name: str, force: bool, yes: bool,
                dry_run: bool) -> None:
@@ -423,11 +436,11 @@ def org_remove(ctx: click.Context, org_name: str, force: bool, yes: bool,
         what = (f"remove organisation {target.name} ({target.id}): {summary};"
                 f" {len(keys)} S3 objects")
         if dry_run:
-            click.echo(f"would {what}")
-            if holds:
-                click.echo(f"refused anyway: {holds} active legal hold(s)")
-            elif stored and not force:
-                click.echo("refused anyway without --force: it has stored mail")
+            refused = (f": {holds} active legal hold(s)" if holds else
+                       " without --force: it has stored mail" if stored and not force else None)
+            say(f"would {what}" + (f"\nrefused anyway{refused}" if refused else ""),
+                dry_run=True, org=target.name, org_id=str(target.id), rows=rows,
+                objects=len(keys), refused=refused.lstrip(": ") if refused else None)
             return
         if holds:
             fail(f"organisation {target.name} has {holds} active legal hold(s);"
@@ -444,9 +457,10 @@ def org_remove(ctx: click.Context, org_name: str, force: bool, yes: bool,
         done = directory.remove_organisation(s.conn, target.id)
         audit.audit(s.conn, None, "org_removed", sum(done.values()), target.id, target.name,
                     {"rows": done, "objects_deleted": len(keys)})
-    click.echo(f"removed organisation {target.name}: "
-               + (", ".join(f"{n} {t}" for t, n in sorted(done.items())) or "no other rows")
-               + f"; {len(keys)} objects deleted")
+    say(f"removed organisation {target.name}: "
+        + (", ".join(f"{n} {t}" for t, n in sorted(done.items())) or "no other rows")
+        + f"; {len(keys)} objects deleted",
+        org=target.name, org_id=str(target.id), rows=done, objects_deleted=len(keys))
 
 
 @click.group()
@@ -483,6 +497,7 @@ def tier_list(ctx: click.Context, as_json: bool) -> None:
 @tier.command("add")
 @click.argument("name")
 @_with(_override_options(False))
+@json_flag
 @click.pass_context
 def tier_add(ctx: click.Context, /, name: str, **values: int | str | None) -> None:
     """Define tier NAME (--content-days required; limits default to unlimited)."""
@@ -501,12 +516,13 @@ def tier_add(ctx: click.Context, /, name: str, **values: int | str | None) -> No
         except errors.UniqueViolation:
             fail(f"tier {name!r} already exists")
         migrate.ensure_partitions(s.conn)
-    click.echo(f"tier {name} added")
+    say(f"tier {name} added", tier=name, values=given)
 
 
 @tier.command("set")
 @click.argument("name")
 @_with(_override_options(False))
+@json_flag
 @click.pass_context
 def tier_set(ctx: click.Context, /, name: str, **values: int | str | None) -> None:
     """Change tier NAME ('unlimited' for no limit); every organisation on it follows.
@@ -525,13 +541,15 @@ def tier_set(ctx: click.Context, /, name: str, **values: int | str | None) -> No
         except ValueError as exc:
             fail(f"tier {name}: {exc}; nothing changed")
         migrate.ensure_partitions(s.conn)
-    click.echo(f"tier {name}: " + ", ".join(
-        f"{k}={'unlimited' if v is None else v}" for k, v in changes.items()))
+    say(f"tier {name}: " + ", ".join(
+        f"{k}={'unlimited' if v is None else v}" for k, v in changes.items()),
+        tier=name, changes=changes)
 
 
 @tier.command("remove")
 @click.argument("name")
 @destructive
+@json_flag
 @click.pass_context
 def tier_remove(ctx: click.Context, name: str, yes: bool, dry_run: bool) -> None:
     """Remove tier NAME; refused while an organisation is on it."""
@@ -543,11 +561,11 @@ def tier_remove(ctx: click.Context, name: str, yes: bool, dry_run: bool) -> None
             fail(f"tier {name!r} is used by {t.organisations} organisation(s);"
                  " move them first (postkeep org set ORG --tier ...)")
         if dry_run:
-            click.echo(f"would remove tier {name}")
+            say(f"would remove tier {name}", dry_run=True, tier=name)
             return
         confirm(f"remove tier {name}", yes)
         directory.remove_tier(s.conn, name)
-    click.echo(f"tier {name} removed")
+    say(f"tier {name} removed", tier=name)
 
 
 def _domain_or_fail(text: str) -> str:
@@ -579,6 +597,7 @@ def domain_list(ctx: click.Context, org_name: str | None, as_json: bool) -> None
 @domain.command("remove")
 @click.argument("domain_name", metavar="DOMAIN")
 @destructive
+@json_flag
 @click.pass_context
 def domain_remove(ctx: click.Context, domain_name: str, yes: bool, dry_run: bool) -> None:
     """Remove DOMAIN from its organisation, with its DKIM keys.
@@ -594,16 +613,19 @@ def domain_remove(ctx: click.Context, domain_name: str, yes: bool, dry_run: bool
         d = found[0]
         what = f"remove domain {name} from {d.org_name} with its {d.dkim_keys} DKIM key(s)"
         if dry_run:
-            click.echo(f"would {what}")
+            say(f"would {what}", dry_run=True, domain=name, org=d.org_name,
+                dkim_keys=d.dkim_keys)
             return
         confirm(what, yes)
         directory.remove_domain(s.conn, name)
-    click.echo(f"removed domain {name} from {d.org_name} ({d.dkim_keys} DKIM key(s) deleted)")
+    say(f"removed domain {name} from {d.org_name} ({d.dkim_keys} DKIM key(s) deleted)",
+        domain=name, org=d.org_name, dkim_keys_deleted=d.dkim_keys)
 
 
 @domain.command("rename")
 @click.argument("old", metavar="DOMAIN")
 @click.argument("new", metavar="NEW_DOMAIN")
+@json_flag
 @click.pass_context
 def domain_rename(ctx: click.Context, old: str, new: str) -> None:
     """Rename DOMAIN (a typo, say); refused while it has DKIM keys, which
@@ -620,7 +642,8 @@ def domain_rename(ctx: click.Context, old: str, new: str) -> None:
             directory.rename_domain(s.conn, old_name, new_name)
         except errors.UniqueViolation:
             fail(f"domain {new_name!r} already exists")
-    click.echo(f"{old_name} -> {new_name} ({found[0].org_name})")
+    say(f"{old_name} -> {new_name} ({found[0].org_name})", old=old_name, new=new_name,
+        org=found[0].org_name)
 
 
 @submitter.command("list")
@@ -644,6 +667,7 @@ def submitter_list(ctx: click.Context, org_name: str | None, as_json: bool) -> N
 @submitter.command("remove")
 @click.argument("username")
 @destructive
+@json_flag
 @click.pass_context
 def submitter_remove(ctx: click.Context, username: str, yes: bool, dry_run: bool) -> None:
     """Stop USERNAME submitting for its organisation (its captured mail stays)."""
@@ -653,16 +677,18 @@ def submitter_remove(ctx: click.Context, username: str, yes: bool, dry_run: bool
             fail(f"no submitter {username!r} (see `postkeep submitter list`)")
         what = f"remove submitter {username} of {found[0].org_name}"
         if dry_run:
-            click.echo(f"would {what}")
+            say(f"would {what}", dry_run=True, username=username, org=found[0].org_name)
             return
         confirm(what, yes)
         directory.remove_submitter(s.conn, username)
-    click.echo(f"removed submitter {username} of {found[0].org_name}")
+    say(f"removed submitter {username} of {found[0].org_name}", username=username,
+        org=found[0].org_name)
 
 
 @submitter.command("rename")
 @click.argument("old", metavar="USERNAME")
 @click.argument("new", metavar="NEW_USERNAME")
+@json_flag
 @click.pass_context
 def submitter_rename(ctx: click.Context, old: str, new: str) -> None:
     """Rename SASL submitter USERNAME (same organisation)."""
@@ -674,7 +700,7 @@ def submitter_rename(ctx: click.Context, old: str, new: str) -> None:
                 fail(f"no submitter {old!r} (see `postkeep submitter list`)")
         except errors.UniqueViolation:
             fail(f"submitter {new!r} already exists")
-    click.echo(f"{old} -> {new}")
+    say(f"{old} -> {new}", old=old, new=new)
 
 
 COMMANDS: list[click.Group] = [org, tier, domain, submitter]

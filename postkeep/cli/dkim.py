@@ -20,7 +20,17 @@ from typing import Any
 
 import click
 
-from postkeep.cli.common import check_domain, confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import (
+    check_domain,
+    confirm,
+    destructive,
+    fail,
+    find_org,
+    iso,
+    json_flag,
+    say,
+    session,
+)
 from postkeep.signing_keys import Algorithm
 from postkeep.storage.metadata import directory, dkim_keys
 from postkeep.storage.metadata.dkim_keys import DkimKey, DkimKeyError, State
@@ -136,6 +146,7 @@ def dkim() -> None:
     "--grace", default=DEFAULT_GRACE, show_default=True,
     help="With --active-from: how long the key it replaces stays published.",
 )
+@json_flag
 @click.pass_context
 def keygen(
     ctx: click.Context, domain_name: str, selector: str, algorithm: str,
@@ -159,8 +170,10 @@ def keygen(
                 key = dkim_keys.activate(s.conn, name, sel, at, grace_period).key
         except DkimKeyError as exc:
             fail(str(exc))
-    click.echo(key.zone_record)
     when = "staged" if at is None else f"active from {iso(at)}"
+    say(key.zone_record, domain=name, selector=sel, algorithm=key.algorithm,
+        dns_name=dkim_keys.dns_name(name, sel) + ".", zone_record=key.zone_record,
+        active_from=None if at is None else iso(at))
     click.echo(
         f"postkeep: created {key.algorithm} key {sel} for {name} ({when}); publish the"
         " record above" + ("" if at else f", then `postkeep dkim activate {name} {sel}`"),
@@ -216,6 +229,7 @@ def dns(ctx: click.Context, domain_name: str, as_json: bool) -> None:
               help="When the key starts signing.")
 @click.option("--grace", default=DEFAULT_GRACE, show_default=True,
               help="How long the replaced key stays published after --at (7d, 12h, 0).")
+@json_flag
 @click.pass_context
 def activate(
     ctx: click.Context, domain_name: str, selector: str, at_text: str, grace: str
@@ -233,12 +247,12 @@ def activate(
             done = dkim_keys.activate(s.conn, name, selector.lower(), at, grace_period)
         except DkimKeyError as exc:
             fail(str(exc))
-    click.echo(f"{name} {done.key.selector} ({done.key.algorithm}): active from {iso(at)}")
-    for old in done.superseded:
-        click.echo(
-            f"{name} {old.selector} ({old.algorithm}): replaced at {iso(at)},"
-            f" published until {iso(old.retire_after)}"
-        )
+    lines = [f"{name} {done.key.selector} ({done.key.algorithm}): active from {iso(at)}"]
+    lines += [f"{name} {old.selector} ({old.algorithm}): replaced at {iso(at)},"
+              f" published until {iso(old.retire_after)}" for old in done.superseded]
+    say("\n".join(lines), domain=name, selector=done.key.selector, active_from=iso(at),
+        superseded=[{"selector": old.selector, "retire_after": iso(old.retire_after)}
+                    for old in done.superseded])
 
 
 @dkim.command("retire")
@@ -247,6 +261,7 @@ def activate(
 @click.option("--at", "at_text", default="now", show_default=True, metavar="ISO|now",
               help="When the key stops signing and its record may be removed.")
 @destructive
+@json_flag
 @click.pass_context
 def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str, yes: bool,
            dry_run: bool) -> None:
@@ -263,19 +278,22 @@ def retire(ctx: click.Context, domain_name: str, selector: str, at_text: str, ye
             what = (f"retire {name} {found[0].selector} ({found[0].algorithm}) from {iso(at)}:"
                     " it stops signing then")
             if dry_run:
-                click.echo(f"would {what}")
+                say(f"would {what}", dry_run=True, domain=name, selector=found[0].selector,
+                    retire_at=iso(at))
                 return
             confirm(what, yes)
         try:
             key = dkim_keys.retire(s.conn, name, selector.lower(), at)
         except DkimKeyError as exc:
             fail(str(exc))
-    click.echo(f"{name} {key.selector} ({key.algorithm}): retired from {iso(at)}")
+    say(f"{name} {key.selector} ({key.algorithm}): retired from {iso(at)}", domain=name,
+        selector=key.selector, retire_at=iso(at))
 
 
 @dkim.command("missing-key")
 @click.argument("org_name", metavar="ORG")
 @click.argument("policy", type=click.Choice(["tempfail", "unsigned"]))
+@json_flag
 @click.pass_context
 def missing_key(ctx: click.Context, org_name: str, policy: str) -> None:
     """What ORG's mail does when it cannot be signed: with 'tempfail' (the
@@ -285,7 +303,8 @@ def missing_key(ctx: click.Context, org_name: str, policy: str) -> None:
     with session(ctx) as s:
         target = find_org(s.conn, org_name)
         dkim_keys.set_missing_key_policy(s.conn, target.id, policy)
-    click.echo(f"{target.name}: mail without an active DKIM key is {policy}")
+    say(f"{target.name}: mail without an active DKIM key is {policy}", org=target.name,
+        org_id=str(target.id), missing_key=policy)
 
 
 COMMANDS: list[click.Group] = [dkim]

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import psycopg
 
-from postkeep.cli.common import confirm, destructive, fail, iso, session
+from postkeep.cli.common import confirm, destructive, fail, iso, json_flag, say, session
 from postkeep.storage.metadata import limits
 from postkeep.storage.metadata.limits import OrgLimits, Usage
 
@@ -75,6 +75,7 @@ def show(ctx: click.Context, org: str, as_json: bool) -> None:
 @limits_group.command("reset")
 @click.argument("org")
 @destructive
+@json_flag
 @click.pass_context
 def reset(ctx: click.Context, org: str, yes: bool, dry_run: bool) -> None:
     """Forget ORG's counters and open reservations (its windows start empty)."""
@@ -84,17 +85,20 @@ def reset(ctx: click.Context, org: str, yes: bool, dry_run: bool) -> None:
         if dry_run:
             used = ", ".join(f"{u.kind} {u.used}" for u in
                              limits.usage(s.conn, lim, s.cfg.policyd.windows))
-            click.echo(f"would {what} (now used: {used})")
+            say(f"would {what} (now used: {used})", dry_run=True, org=lim.name,
+                org_id=str(lim.org_id))
             return
         confirm(what, yes)
         n = limits.reset(s.conn, lim.org_id)
-        click.echo(f"{lim.name}: counters reset ({n} rows removed)")
+        say(f"{lim.name}: counters reset ({n} rows removed)", org=lim.name,
+            org_id=str(lim.org_id), rows_removed=n)
 
 
 @limits_group.command("shadow")
 @click.argument("target")
 @click.argument("state", type=click.Choice(["on", "off", "inherit"]))
 @click.option("--tier", "is_tier", is_flag=True, help="TARGET is a tier, not an organisation.")
+@json_flag
 @click.pass_context
 def shadow(ctx: click.Context, target: str, state: str, is_tier: bool) -> None:
     """Shadow mode for an organisation or (--tier) a tier: decide and log, answer DUNNO.
@@ -107,11 +111,11 @@ def shadow(ctx: click.Context, target: str, state: str, is_tier: bool) -> None:
                 fail("a tier has no 'inherit' state: use on or off")
             if not limits.set_tier_shadow(s.conn, target, state == "on"):
                 fail(f"no tier {target!r}")
-            click.echo(f"tier {target}: shadow {state}")
+            say(f"tier {target}: shadow {state}", tier=target, shadow=state)
             return
         lim = _limits_of(s.conn, target)
         limits.set_org_shadow(s.conn, lim.org_id, None if state == "inherit" else state == "on")
-        click.echo(f"{lim.name}: shadow {state}")
+        say(f"{lim.name}: shadow {state}", org=lim.name, org_id=str(lim.org_id), shadow=state)
 
 
 COMMANDS: list[click.Group] = [limits_group]

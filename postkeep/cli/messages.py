@@ -11,7 +11,7 @@ import hashlib
 import json
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +23,7 @@ from postkeep.config import TAG_KEY
 from postkeep.storage.content import restore
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.metadata import inbound, messages
+from postkeep.storage.metadata import search as search_sql
 from postkeep.storage.reports import outcomes
 
 CONTENT_EXPIRED = messages.CONTENT_EXPIRED
@@ -193,37 +194,46 @@ def messages_group() -> None:
     """Captured messages: metadata, delivery status and content."""
 
 
-@messages_group.command("list")
-@click.option("--org", "org_name", help="Organisation name or id.")
-@click.option("--sender", help="Envelope sender (case-insensitive).")
-@click.option("--recipient", help="A recipient address (case-insensitive).")
-@click.option("--since", help="ISO 8601 time, or an age: 30m, 1h, 2d, 1w.")
-@click.option("--until", help="Only messages created before this (ISO 8601 or an age).")
-@click.option("--limit", type=click.IntRange(min=1, max=10000), default=50, show_default=True,
-              help="Messages per page.")
-@click.option("--cursor", help="Continue after the page that printed this token.")
-@click.option("--tag", "tag_filters", multiple=True, metavar="KEY=VALUE",
-              help="Only messages with this application tag (repeatable: all must match).")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print {"messages": [...], "next_cursor": TOKEN or null}.')
-@click.pass_context
-def messages_list(
-    ctx: click.Context,
-    org_name: str | None,
-    sender: str | None,
-    recipient: str | None,
-    since: str | None,
-    until: str | None,
-    limit: int,
-    cursor: str | None,
-    tag_filters: tuple[str, ...],
-    as_json: bool,
-) -> None:
-    """List captured messages, newest first, a page at a time.
+def _filter_options(search: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options `messages list` and `messages search` share; SEARCH adds
+    subject, status, direction and message type."""
+    options = [
+        click.option("--org", "org_name", help="Organisation name or id."),
+        click.option("--sender", help="Envelope sender (case-insensitive)."),
+        click.option("--recipient", help="A recipient address (case-insensitive)."),
+        click.option("--since", help="ISO 8601 time, or an age: 30m, 1h, 2d, 1w."),
+        click.option("--until", help="Only messages created before this (ISO 8601 or an age)."),
+        click.option("--limit", type=click.IntRange(min=1, max=10000), default=50,
+                     show_default=True, help="Messages per page."),
+        click.option("--cursor", help="Continue after the page that printed this token."),
+        click.option("--tag", "tag_filters", multiple=True, metavar="KEY=VALUE",
+                     help="Only messages with this application tag (repeatable: all must"
+                     " match)."),
+        click.option("--json", "as_json", is_flag=True,
+                     help='Print {"messages": [...], "next_cursor": TOKEN or null}.'),
+    ]
+    if search:
+        options += [
+            click.option("--subject", help="A substring of the subject (case-insensitive;"
+                         " % and _ match themselves)."),
+            click.option("--status", type=click.Choice(search_sql.RECIPIENT_STATUSES),
+                         help="A recipient's status (with --recipient: that recipient's)."),
+            click.option("--direction", type=click.Choice(search_sql.DIRECTIONS)),
+            click.option("--type", "message_type",
+                         type=click.Choice(search_sql.MESSAGE_TYPES), help="Message type."),
+        ]
 
-    When more match, the last line (on stderr) gives the `--cursor` for the
-    next page: run the same command with it, as often as needed.
-    """
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _list_page(ctx: click.Context, org_name: str | None, since: str | None,
+               until: str | None, limit: int, cursor: str | None,
+               tag_filters: tuple[str, ...], as_json: bool, **criteria: Any) -> None:
+    """Run one page of `list` or `search`: parse, select, print with the cursor."""
     now = datetime.now(UTC)
     try:
         since_at = parse_since(since, now) if since else None
@@ -238,8 +248,9 @@ def messages_list(
     with session(ctx) as s:
         org_id = find_org(s.conn, org_name).id if org_name else None
         rows = messages.list_messages(
-            s.conn, messages.MessageFilter(org_id, sender, recipient, since_at, limit + 1,
-                                           until=until_at, after=after, tags=tags))
+            s.conn, messages.MessageFilter(org_id, since=since_at, limit=limit + 1,
+                                           until=until_at, after=after, tags=tags,
+                                           **criteria))
     more, rows = len(rows) > limit, rows[:limit]
     token = encode_cursor(rows[-1]) if more else None
     if as_json:
@@ -249,6 +260,31 @@ def messages_list(
         click.echo(format_message_list(rows))
         if token:
             click.echo(f"more: --cursor {token}", err=True)
+
+
+@messages_group.command("list")
+@_filter_options(search=False)
+@click.pass_context
+def messages_list(ctx: click.Context, /, **options: Any) -> None:
+    """List captured messages, newest first, a page at a time.
+
+    When more match, the last line (on stderr) gives the `--cursor` for the
+    next page: run the same command with it, as often as needed.
+    """
+    _list_page(ctx, **options)
+
+
+@messages_group.command("search")
+@_filter_options(search=True)
+@click.pass_context
+def messages_search(ctx: click.Context, /, **options: Any) -> None:
+    """Search captured messages, newest first, a page at a time.
+
+    By sender, recipient, subject substring, application tag, a recipient's
+    status, direction, message type and time; every criterion given must
+    match.  Paging as in `messages list` (`--cursor`).
+    """
+    _list_page(ctx, **options)
 
 
 @messages_group.command("show")
@@ -285,7 +321,8 @@ def messages_raw(ctx: click.Context, message_id: str) -> None:
             fail(f"message {m.id}: {reason}")
         out = sys.stdout.buffer
         digest, size = hashlib.sha256(), 0
-        for chunk in restore.restore(S3ObjectStore(s.cfg.s3), m.object_key):
+        for chunk in restore.restore_message(s.conn, S3ObjectStore(s.cfg.s3), m.id,
+                                               m.object_key):
             digest.update(chunk)
             size += len(chunk)
             out.write(chunk)

@@ -53,6 +53,19 @@ MAP_FILES = (
 )
 
 
+# Tables main.cf names whose content is postkeep's data, not the bundle's:
+# `postkeep domain set-inbound` writes them from PostgreSQL (postkeep/cli/
+# directory.py).  apply creates a missing one empty (Postfix refuses mail
+# when a named table is missing), never overwrites one, and remove deletes
+# only those it created that are still empty.
+DATA_MAPS = ("postkeep-inbound-domains", "postkeep-inbound-transport")
+
+
+def missing_data_maps(config_directory: str) -> list[Path]:
+    """The data tables (DATA_MAPS) not present in CONFIG_DIRECTORY."""
+    return [p for p in (Path(config_directory, n) for n in DATA_MAPS) if not p.exists()]
+
+
 class BundleError(Exception):
     """A bundle line that cannot be used, naming the file and line."""
 
@@ -721,6 +734,7 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
                          explicit_values(directory, names))
     stale = stale_maps(target.maps)
     services = plan_services(target.services, current_services(directory))
+    absent = missing_data_maps(directory)
     old = {name: _read(Path(directory, name)) for name in ("main.cf", "master.cf")}
     new = _edited(directory, changes, services) if changes or services else old
     if dry_run:
@@ -728,11 +742,13 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
             click.echo(unified(Path(directory, name), old[name], new[name]), nl=False)
         for path in stale:
             click.echo(unified(path, _read(path), dict(target.maps)[path]), nl=False)
+        for path in absent:
+            click.echo(f"{path}: would be created empty")
         click.echo(f"{directory}: dry run, {len(changes)} parameter(s), "
                    f"{len(services)} master.cf service(s) and "
-                   f"{len(stale)} table(s) would change", err=True)
+                   f"{len(stale) + len(absent)} table(s) would change", err=True)
         return
-    if not changes and not stale and not services:
+    if not changes and not stale and not services and not absent:
         click.echo(f"{directory}: all {len(names)} bundle parameters already set")
         return
     backup = _backup(directory)
@@ -740,9 +756,14 @@ def apply(ctx: click.Context, config_directory: str | None, bundle: str | None,
     for path in stale:
         _replace(path, dict(target.maps)[path])
         click.echo(f"{path}: installed")
+    for path in absent:  # before main.cf names them
+        _replace(path, "")
+        click.echo(f"{path}: created empty (postkeep domain set-inbound fills it)")
     previous = _load_state(directory)
     state = record_state(previous, changes, [p for p, _ in target.maps], backup)
     state["services"] = record_services(previous, services)
+    state["data_maps"] = sorted({*(previous or {}).get("data_maps", []),
+                                 *(str(p) for p in absent)})
     _replace(_state_path(directory), json.dumps(state, indent=2, sort_keys=True) + "\n")
     _write_files(directory, old, new)
     for c in changes:
@@ -783,6 +804,10 @@ def remove(ctx: click.Context, config_directory: str | None, bundle: str | None,
     old = {name: _read(Path(directory, name)) for name in ("main.cf", "master.cf")}
     new = _edited(directory, changes, services) if changes or services else old
     maps = [Path(p) for p in state.get("maps", []) if Path(p).exists()]
+    # Data tables apply created: deleted while empty; with domains in them
+    # they are the operator's (set-inbound --off empties them), and kept.
+    maps += [Path(p) for p in state.get("data_maps", [])
+             if Path(p).exists() and not Path(p).read_text().strip()]
     if dry_run:
         for name in ("main.cf", "master.cf"):
             click.echo(unified(Path(directory, name), old[name], new[name]), nl=False)
@@ -819,7 +844,7 @@ def check(ctx: click.Context, config_directory: str | None, bundle: str | None,
     target = _target(ctx, config_directory, bundle)
     names = [name for name, _ in target.wanted]
     differences = _differences(target)
-    stale = stale_maps(target.maps)
+    stale = stale_maps(target.maps) + missing_data_maps(target.config_directory)
     services = plan_services(target.services, current_services(target.config_directory))
     if as_json:
         click.echo(json.dumps({

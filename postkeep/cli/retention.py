@@ -20,7 +20,10 @@ from postkeep.cli.common import (
     destructive,
     fail,
     find_org,
+    json_flag,
+    json_mode,
     parse_since,
+    say,
     session,
 )
 from postkeep.storage.content.objects import S3ObjectStore
@@ -32,7 +35,7 @@ from postkeep.storage.metadata.db import BackendError
 
 def _store(cfg_s3: object) -> rules.S3Retention:
     s3 = S3ObjectStore(cfg_s3)  # type: ignore[arg-type]
-    return rules.S3Retention(s3.client, s3.bucket)
+    return rules.S3Retention(s3.client, s3.bucket, s3.locks_objects)
 
 
 def _progress(line: str) -> None:
@@ -88,18 +91,24 @@ def lifecycle_group() -> None:
 
 
 @lifecycle_group.command("apply")
+@json_flag
 @click.pass_context
 def lifecycle_apply(ctx: click.Context) -> None:
     """Install postkeep's rules on the bucket, keeping any other rules there."""
     with session(ctx) as s:
+        store = _store(s.cfg.s3)
         try:
-            total = _store(s.cfg.s3).apply_rules(rules.planned_rules())
+            # Versioned buckets also get the noncurrent-version rule; under
+            # Object Lock there are no class rules (see rules.planned_rules).
+            wanted = rules.planned_rules(store.object_lock or store.versioned(),
+                                         store.object_lock)
+            total = store.apply_rules(wanted)
         except BackendError as exc:
             backend_failure(exc)
-        audit.audit(s.conn, None, "lifecycle_applied", len(rules.planned_rules()), None,
+        audit.audit(s.conn, None, "lifecycle_applied", len(wanted), None,
                     None, {"bucket_rules": total})
-    click.echo(f"installed {len(rules.planned_rules())} postkeep rules;"
-               f" the bucket has {total} rules")
+    say(f"installed {len(wanted)} postkeep rules; the bucket has {total} rules",
+        installed=len(wanted), bucket_rules=total)
 
 
 @lifecycle_group.command("show")
@@ -202,6 +211,7 @@ def retention_stats(ctx: click.Context, org_name: str, since: str | None,
 @click.option("--org", "org_name", required=True, help="Organisation name or id.")
 @click.option("--address", required=True, help="The address whose mail is erased.")
 @destructive
+@json_flag
 @click.pass_context
 def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: bool) -> None:
     """Erase (GDPR) the content of every message to or from ADDRESS in ORG.
@@ -219,7 +229,8 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
         n = erasure.messages_in_scope(s.conn, target.id, addr)
         what = f"erase the content of {n} messages to or from {addr} in org {target.name}"
         if dry_run:
-            click.echo(f"would {what} (refused if a legal hold covers any)")
+            say(f"would {what} (refused if a legal hold covers any)", dry_run=True,
+                org=target.name, org_id=str(target.id), messages=n)
             return
         confirm(what, yes)
         try:
@@ -227,9 +238,21 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
                                         progress=_progress)
         except erasure.ErasureRefused as exc:
             fail(f"erase {addr} in org {target.name}: {exc}")
-    click.echo(f"erased {rep.messages} messages of {addr} in org {target.name}:"
-               f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
-               f" recipient rows redacted (audit: address sha256 {rep.address_sha256})")
+    locked = ""
+    if rep.objects_locked and rep.locked_until is not None:
+        locked = (f"\n  {rep.objects_locked} objects are under Object Lock (compliance): S3"
+                  f" refused their delete; their bytes remain in S3 until"
+                  f" {rep.locked_until:%Y-%m-%d %H:%M} UTC, when retention deletes them."
+                  " The metadata is erased and no reader serves the content.")
+    say(f"erased {rep.messages} messages of {addr} in org {target.name}:"
+        f" {rep.objects_deleted} objects deleted, {rep.recipient_rows_redacted}"
+        f" recipient rows redacted, {rep.suppressions_kept} suppression entries kept"
+        f" under a pseudonym (audit: address sha256 {rep.address_sha256})" + locked,
+        org=target.name, org_id=str(target.id), messages=rep.messages,
+        objects_deleted=rep.objects_deleted,
+        recipient_rows_redacted=rep.recipient_rows_redacted,
+        suppressions_kept=rep.suppressions_kept, address_sha256=rep.address_sha256,
+        objects_locked=rep.objects_locked, locked_until=rep.locked_until)
 
 
 @click.group()
@@ -241,6 +264,7 @@ def hold() -> None:
 @click.option("--org", "org_name", required=True, help="Organisation name or id.")
 @click.option("--address", help="Only mail to or from this address (default: all the org's).")
 @click.option("--reason", required=True, help="Why, e.g. a case reference (kept and shown).")
+@json_flag
 @click.pass_context
 def hold_add(ctx: click.Context, org_name: str, address: str | None, reason: str) -> None:
     """Place a legal hold and move what it covers out of lifecycle reach now."""
@@ -256,7 +280,7 @@ def hold_add(ctx: click.Context, org_name: str, address: str | None, reason: str
             h = legal_holds.add_hold(s.conn, target.id, addr, reason)
         except legal_holds.HoldError as exc:
             fail(str(exc))
-        click.echo(f"hold {h.id} on {h.scope()}: {h.reason}")
+        click.echo(f"hold {h.id} on {h.scope()}: {h.reason}", err=json_mode())
         wm = s.conn.execute("SELECT at FROM retention_state WHERE name = 'sweep'").fetchone()
         try:
             with run_lock(s.conn, _progress):
@@ -265,13 +289,16 @@ def hold_add(ctx: click.Context, org_name: str, address: str | None, reason: str
         except BackendError as exc:
             fail(f"hold {h.id} is active, but moving its content failed ({exc});"
                  " `postkeep retention run` retries", backend_message(exc)[1])
-    click.echo(f"{res.moved} objects moved under messages/hold/"
-               + (f"; {res.gone} were already deleted" if res.gone else ""))
+    say(f"{res.moved} objects moved under messages/hold/"
+        + (f"; {res.gone} were already deleted" if res.gone else ""),
+        hold_id=h.id, org=target.name, org_id=str(target.id), address=h.address,
+        reason=h.reason, objects_moved=res.moved, objects_gone=res.gone)
 
 
 @hold.command("remove")
 @click.argument("hold_id", type=int)
 @destructive
+@json_flag
 @click.pass_context
 def hold_remove(ctx: click.Context, hold_id: int, yes: bool, dry_run: bool) -> None:
     """Release hold HOLD_ID; the next `postkeep retention run` applies retention again."""
@@ -281,7 +308,7 @@ def hold_remove(ctx: click.Context, hold_id: int, yes: bool, dry_run: bool) -> N
             what = (f"release hold {found.id} on {found.scope()} ({found.reason}): retention"
                     " then expires what it kept")
             if dry_run:
-                click.echo(f"would {what}")
+                say(f"would {what}", dry_run=True, hold_id=found.id)
                 return
             confirm(what, yes)
         elif found is None and dry_run:
@@ -290,8 +317,8 @@ def hold_remove(ctx: click.Context, hold_id: int, yes: bool, dry_run: bool) -> N
             h = legal_holds.release_hold(s.conn, hold_id)
         except legal_holds.HoldError as exc:
             fail(str(exc))
-    click.echo(f"hold {h.id} on {h.scope()} released; `postkeep retention run` applies"
-               " the retention it held back")
+    say(f"hold {h.id} on {h.scope()} released; `postkeep retention run` applies"
+        " the retention it held back", hold_id=h.id, released=True)
 
 
 @hold.command("list")

@@ -15,7 +15,17 @@ from typing import Any
 
 import click
 
-from postkeep.cli.common import ParamType, confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import (
+    ParamType,
+    confirm,
+    destructive,
+    fail,
+    find_org,
+    iso,
+    json_flag,
+    say,
+    session,
+)
 from postkeep.storage.metadata import suppression
 from postkeep.storage.metadata.suppression import Suppression
 
@@ -123,6 +133,7 @@ def export(ctx: click.Context, org: str, include_expired: bool, as_json: bool) -
 @click.option("--note", default=None, help="Detail shown in the refusal and the list.")
 @click.option("--days", type=Days(), default=None,
               help="Until expiry (default: the tier's suppression_days; 'never').")
+@json_flag
 @click.pass_context
 def add(ctx: click.Context, org: str, addresses: tuple[str, ...], reason: str,
         note: str | None, days: int | None) -> None:
@@ -132,18 +143,23 @@ def add(ctx: click.Context, org: str, addresses: tuple[str, ...], reason: str,
             fail(f"address {a!r}: expected local@domain")
     with session(ctx) as s:
         o = find_org(s.conn, org)
+        added: list[dict[str, Any]] = []
         with s.conn.transaction():
             for a in addresses:
                 expires = suppression.suppress(s.conn, o.id, a, reason, "cli", detail=note,
                                                days=days)
-                until = f"until {iso(expires)}" if expires else "never expires"
-                click.echo(f"{o.name}: {suppression.normalise(a)} suppressed ({reason}), {until}")
+                added.append({"address": suppression.normalise(a),
+                              "expires_at": iso(expires) if expires else None})
+    say("\n".join(f"{o.name}: {e['address']} suppressed ({reason}), "
+                  + (f"until {e['expires_at']}" if e["expires_at"] else "never expires")
+                  for e in added), org=o.name, org_id=str(o.id), reason=reason, added=added)
 
 
 @suppression_group.command("remove")
 @click.argument("org")
 @click.argument("addresses", nargs=-1, required=True)
 @destructive
+@json_flag
 @click.pass_context
 def remove(ctx: click.Context, org: str, addresses: tuple[str, ...], yes: bool,
            dry_run: bool) -> None:
@@ -157,17 +173,20 @@ def remove(ctx: click.Context, org: str, addresses: tuple[str, ...], yes: bool,
             fail(f"{o.name}: not on the suppression list: {', '.join(missing)}")
         what = f"remove {len(found)} address(es) from {o.name}'s suppression list"
         if dry_run:
-            click.echo(f"would {what}: {', '.join(suppression.normalise(a) for a in found)}")
+            shown = [suppression.normalise(a) for a in found]
+            say(f"would {what}: {', '.join(shown)}", dry_run=True, org=o.name, addresses=shown)
             return
         confirm(what, yes)
         with s.conn.transaction():
             for a in found:
                 suppression.unsuppress(s.conn, o.id, a)
-        click.echo(f"{o.name}: removed {len(found)} address(es)")
+        say(f"{o.name}: removed {len(found)} address(es)", org=o.name, org_id=str(o.id),
+            removed=[suppression.normalise(a) for a in found])
 
 
 @suppression_group.command("purge")
 @destructive
+@json_flag
 @click.pass_context
 def purge(ctx: click.Context, yes: bool, dry_run: bool) -> None:
     """Delete expired entries and soft-bounce counts past their window (every organisation).
@@ -180,24 +199,26 @@ def purge(ctx: click.Context, yes: bool, dry_run: bool) -> None:
         what = (f"delete {found.expired} expired suppression(s) and {found.soft_bounces}"
                 " stale soft-bounce count(s)")
         if dry_run:
-            click.echo(f"would {what}")
+            say(f"would {what}", dry_run=True, expired=found.expired,
+                soft_bounces=found.soft_bounces)
             return
         confirm(what, yes)
         done = suppression.purge(s.conn)
-    click.echo(f"deleted {done.expired} expired suppression(s) and {done.soft_bounces}"
-               " stale soft-bounce count(s)")
+    say(f"deleted {done.expired} expired suppression(s) and {done.soft_bounces}"
+        " stale soft-bounce count(s)", expired=done.expired, soft_bounces=done.soft_bounces)
 
 
 @suppression_group.command("mode")
 @click.argument("org")
 @click.argument("mode", type=click.Choice(suppression.MODES))
+@json_flag
 @click.pass_context
 def mode(ctx: click.Context, org: str, mode: str) -> None:
     """enforce: refuse suppressed recipients at RCPT; shadow: log and count only."""
     with session(ctx) as s:
         o = find_org(s.conn, org)
         suppression.set_mode(s.conn, o.id, mode)
-    click.echo(f"{o.name}: suppression {mode}")
+    say(f"{o.name}: suppression {mode}", org=o.name, org_id=str(o.id), mode=mode)
 
 
 @suppression_group.command("tier")
@@ -208,6 +229,7 @@ def mode(ctx: click.Context, org: str, mode: str) -> None:
               help="Suppress after N soft bounces in the window ('never': soft bounces"
               " never suppress).")
 @click.option("--soft-window-days", type=click.IntRange(min=1), default=None)
+@json_flag
 @click.pass_context
 def tier(ctx: click.Context, tier: str, days: int | None, soft_bounces: int | None,
          soft_window_days: int | None) -> None:
@@ -227,7 +249,9 @@ def tier(ctx: click.Context, tier: str, days: int | None, soft_bounces: int | No
     expiry = f"{t.suppression_days} days" if t.suppression_days else "never"
     soft = (f"after {t.soft_bounce_limit} in {t.soft_bounce_window_days} days"
             if t.soft_bounce_limit else "never")
-    click.echo(f"tier {t.tier}: entries expire {expiry}; soft bounces suppress {soft}")
+    say(f"tier {t.tier}: entries expire {expiry}; soft bounces suppress {soft}", tier=t.tier,
+        suppression_days=t.suppression_days, soft_bounce_limit=t.soft_bounce_limit,
+        soft_bounce_window_days=t.soft_bounce_window_days)
 
 
 COMMANDS: list[click.Group] = [suppression_group]

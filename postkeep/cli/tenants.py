@@ -11,7 +11,7 @@ import json
 
 import click
 
-from postkeep.cli.common import confirm, destructive, fail, find_org, iso, session
+from postkeep.cli.common import confirm, destructive, fail, find_org, iso, json_flag, say, session
 from postkeep.storage.metadata import tenants
 
 
@@ -31,6 +31,7 @@ def tenant_group() -> None:
 @tenant_group.command("grant")
 @click.argument("org_name", metavar="ORG")
 @click.argument("role")
+@json_flag
 @click.pass_context
 def grant(ctx: click.Context, org_name: str, role: str) -> None:
     """Let database role ROLE read ORG's rows, and only ORG's."""
@@ -40,12 +41,14 @@ def grant(ctx: click.Context, org_name: str, role: str) -> None:
             tenants.grant_role(s.conn, org.id, role)
         except tenants.TenantError as exc:
             fail(str(exc))
-        click.echo(f"role {role} reads organisation {org.name} ({org.id})")
+        say(f"role {role} reads organisation {org.name} ({org.id})", role=role, org=org.name,
+            org_id=str(org.id))
 
 
 @tenant_group.command("revoke")
 @click.argument("role")
 @destructive
+@json_flag
 @click.pass_context
 def revoke(ctx: click.Context, role: str, yes: bool, dry_run: bool) -> None:
     """Take ROLE's tenant access away (the role itself stays)."""
@@ -54,14 +57,14 @@ def revoke(ctx: click.Context, role: str, yes: bool, dry_run: bool) -> None:
         if mapped:
             what = f"revoke role {role}'s access to organisation {mapped[0].org_name}"
             if dry_run:
-                click.echo(f"would {what}")
+                say(f"would {what}", dry_run=True, role=role, org=mapped[0].org_name)
                 return
             confirm(what, yes)
         elif dry_run:
             fail(f"role {role!r} is not a tenant role (see `postkeep tenant list`)")
         if not tenants.revoke_role(s.conn, role):
             fail(f"role {role!r} is not a tenant role (see `postkeep tenant list`)")
-        click.echo(f"role {role} no longer reads any organisation")
+        say(f"role {role} no longer reads any organisation", role=role)
 
 
 @tenant_group.command("list")

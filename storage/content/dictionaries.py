@@ -112,16 +112,20 @@ def recent_samples(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.
     on through every message and then blame too few samples.
     """
     from postkeep.storage.content import restore
+    from postkeep.storage.content.packs import Location
 
-    keys = [r[0] for r in conn.execute(
-        "SELECT object_key FROM messages WHERE org_id = %s AND size <= %s"
-        " AND content_expires_at > %s ORDER BY created_at DESC LIMIT %s",
-        (org_id, max_bytes, now, limit))]
+    rows = conn.execute(
+        "SELECT m.object_key, p.pack_offset, p.length, p.format FROM messages m"
+        " LEFT JOIN message_packs p ON p.message_id = m.id"
+        " WHERE m.org_id = %s AND m.size <= %s AND m.content_expires_at > %s"
+        " AND m.content_erased_at IS NULL ORDER BY m.created_at DESC LIMIT %s",
+        (org_id, max_bytes, now, limit)).fetchall()
     samples = []
     unreadable: list[tuple[str, BackendError]] = []  # the current run of failures
-    for key in keys:
+    for key, offset, length, fmt in rows:
+        where = Location(key, offset, length, fmt) if offset is not None else None
         try:
-            sample = b"".join(restore.restore(objects, key))
+            sample = b"".join(restore.restore(objects, key, where=where))
         except BackendError as exc:
             unreadable.append((key, exc))
             if len(unreadable) >= UNREADABLE_IN_A_ROW:

@@ -21,8 +21,11 @@ from typing import BinaryIO, Protocol
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import SnowballObject
-from minio.error import MinioException, S3Error
+from minio.commonconfig import COMPLIANCE, GOVERNANCE, SnowballObject
+from minio.datatypes import Part
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.retention import Retention
 
 from postkeep.config import S3Config
 from postkeep.storage.content.layout import HOLD, class_key, content_class
@@ -47,14 +50,28 @@ def message_key(org_id: str, message_id: str, created: datetime,
 
 
 class ObjectStore(Protocol):
-    def put(self, key: str, data: BinaryIO, length: int) -> None: ...
+    # RETAIN_UNTIL: an Object Lock retention date (compliance mode), honoured
+    # by stores that lock objects (`locks_objects`), ignored by the others.
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None: ...
     def get(self, key: str) -> Iterator[bytes]: ...
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]: ...
     def delete(self, key: str) -> None: ...
     def can_batch(self) -> bool: ...
     def put_many(self, items: list[tuple[str, bytes]]) -> None: ...
 
 
 log = logging.getLogger("postkeep.storage")
+
+
+def put_content(store: ObjectStore, key: str, data: BinaryIO, length: int,
+                content_expires_at: datetime | None) -> None:
+    """Put a message's object; on a locking store retained until its content
+    expiry (s3.object_lock), so no one can delete it before, and anyone after."""
+    if content_expires_at is not None and getattr(store, "locks_objects", False):
+        store.put(key, data, length, retain_until=content_expires_at)
+    else:
+        store.put(key, data, length)
 
 
 class S3ObjectStore:
@@ -86,26 +103,41 @@ class S3ObjectStore:
             http_client=http,
         )
         self.bucket = cfg.bucket
-        self._batch_ok: bool | None = None if cfg.batch_uploads == "auto" else False
+        # Object Lock: every object carries its own retention (a PUT each);
+        # MinIO's snowball batches cannot carry one per object.
+        self._batch_ok: bool | None = (None if cfg.batch_uploads == "auto"
+                                       and cfg.object_lock == "off" else False)
         self._next_probe = 0.0
         self._probe_lock = threading.Lock()
 
     def ensure_bucket(self) -> None:
         try:
             if not self.client.bucket_exists(self.bucket):
-                self.client.make_bucket(self.bucket)
+                # Object Lock can only be had at creation (s3.object_lock).
+                self.client.make_bucket(self.bucket,
+                                        object_lock=self.cfg.object_lock != "off")
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise BackendError("s3", f"bucket {self.bucket!r}: {exc}") from exc
 
-    def put(self, key: str, data: BinaryIO, length: int) -> None:
-        if length > self.STREAM_ABOVE:
+    @property
+    def locks_objects(self) -> bool:
+        """Whether objects are written with an Object Lock retention (s3.object_lock)."""
+        return self.cfg.object_lock == "compliance"
+
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None:
+        retention = (Retention(COMPLIANCE, retain_until)
+                     if retain_until is not None and self.locks_objects else None)
+        # A retained object goes through put_object (its retention headers are
+        # signed there), in 5 MiB parts held in memory: large mail is rare.
+        if length > self.STREAM_ABOVE and retention is None:
             self._put_streamed(key, data, length)
             return
         try:
             self.client.put_object(
                 self.bucket, key, data, length,
                 content_type="application/zstd", part_size=self.PART_SIZE,
-                num_parallel_uploads=1,
+                num_parallel_uploads=1, retention=retention,
             )
         except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise BackendError("s3", f"put {key}: {exc}") from exc
@@ -190,6 +222,20 @@ class S3ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        """LENGTH bytes of KEY from OFFSET: one ranged GET (a packed message)."""
+        try:
+            resp = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            raise BackendError("s3", f"get {key} [{offset}+{length}]: {exc.code}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BackendError("s3", f"get {key} [{offset}+{length}]: {exc}") from exc
+        try:
+            yield from resp.stream(256 * 1024)
+        finally:
+            resp.close()
+            resp.release_conn()
+
     def delete(self, key: str) -> None:
         try:
             self.client.remove_object(self.bucket, key)
@@ -203,7 +249,8 @@ class MemoryObjectStore:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
-    def put(self, key: str, data: BinaryIO, length: int) -> None:
+    def put(self, key: str, data: BinaryIO, length: int,
+            retain_until: datetime | None = None) -> None:
         body = data.read(length)
         if len(body) != length:
             raise BackendError("s3", f"put {key}: short read {len(body)} of {length}")
@@ -213,6 +260,11 @@ class MemoryObjectStore:
         if key not in self.objects:
             raise BackendError("s3", f"get {key}: NoSuchKey")
         yield self.objects[key]
+
+    def get_range(self, key: str, offset: int, length: int) -> Iterator[bytes]:
+        if key not in self.objects:
+            raise BackendError("s3", f"get {key}: NoSuchKey")
+        yield self.objects[key][offset:offset + length]
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
@@ -229,3 +281,94 @@ def read_all(store: ObjectStore, key: str) -> bytes:
     for chunk in store.get(key):
         buf.write(chunk)
     return buf.getvalue()
+
+
+class S3ProbeStore:
+    """storage/content/probe.py's ProbeStore on the bucket of an S3ObjectStore."""
+
+    def __init__(self, store: S3ObjectStore) -> None:
+        self.client = store.client
+        self.bucket = store.bucket
+
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        from postkeep.storage.content.probe import ProbeError
+
+        try:
+            yield
+        except S3Error as exc:
+            raise ProbeError(exc.code, f"{what}: {exc.code}: {exc.message}") from exc
+        except (ServerError, InvalidResponseError) as exc:
+            raise ProbeError(f"HTTP {getattr(exc, 'status_code', '?')}", f"{what}: {exc}") from exc
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise ProbeError(None, f"{what}: {exc}") from exc
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._call(f"put {key}"):
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        with self._call(f"get {key}"):
+            resp = self.client.get_object(self.bucket, key, offset=offset, length=length or 0)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+    def put_multipart(self, key: str, parts: list[bytes]) -> None:
+        with self._call(f"multipart upload {key}"):
+            upload_id = self.client._create_multipart_upload(self.bucket, key, {})
+            done = [Part(n, self.client._upload_part(self.bucket, key, data, None, upload_id, n))
+                    for n, data in enumerate(parts, 1)]
+            self.client._complete_multipart_upload(self.bucket, key, upload_id, done)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        with self._call(f"list {prefix}"):
+            return [o.object_name or "" for o in
+                    self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def delete(self, key: str) -> None:
+        with self._call(f"delete {key}"):
+            self.client.remove_object(self.bucket, key)
+
+    def lifecycle_rule_ids(self) -> list[str] | None:
+        from postkeep.storage.content.probe import MISSING, ProbeError, status_of_error
+
+        try:
+            with self._call("get bucket lifecycle"):
+                cfg = self.client.get_bucket_lifecycle(self.bucket)
+        except ProbeError as exc:
+            if status_of_error(exc.code) == MISSING:
+                return None
+            raise
+        return [r.rule_id or "" for r in (cfg.rules if cfg is not None else [])]
+
+    def object_lock_enabled(self) -> bool:
+        # Read raw: minio-py's parser wants a DefaultRetention that a bucket
+        # locked without one (versitygw) does not have.
+        from postkeep.storage.content.probe import ProbeError
+
+        try:
+            with self._call("get object lock configuration"):
+                resp = self.client._execute("GET", self.bucket,
+                                            query_params={"object-lock": ""})
+        except ProbeError as exc:
+            if exc.code == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise
+        return b"<ObjectLockEnabled>Enabled</ObjectLockEnabled>" in resp.data
+
+    def put_retained(self, key: str, data: bytes, until: datetime) -> str:
+        with self._call(f"put {key} with retention"):
+            result = self.client.put_object(self.bucket, key, io.BytesIO(data), len(data),
+                                            retention=Retention(GOVERNANCE, until))
+        return result.version_id or ""
+
+    def delete_version(self, key: str, version_id: str, bypass_governance: bool) -> str | None:
+        with self._call(f"delete {key} version {version_id}"):
+            for err in self.client.remove_objects(
+                    self.bucket, [DeleteObject(key, version_id or None)],
+                    bypass_governance_mode=bypass_governance):
+                return err.code or "error"
+        return None

@@ -19,12 +19,15 @@ names it.
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Iterable, Iterator
 
+import psycopg
 import zstandard
 
 from postkeep.storage.content import container
 from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.packs import Location, is_pack_key, open_entry
 from postkeep.storage.metadata.db import BackendError
 
 CHUNK_SIZE = 256 * 1024
@@ -75,15 +78,38 @@ def decompress_stream(chunks: Iterable[bytes], chunk_size: int = CHUNK_SIZE,
         raise BackendError("s3", f"corrupt zstd content: {exc}") from exc
 
 
-def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """The original message bytes of the object at KEY, streamed."""
+def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
+            where: Location | None = None) -> Iterator[bytes]:
+    """The original message bytes of the object at KEY, streamed.
+
+    WHERE: the message is an entry in the pack KEY (storage/content/packs.py):
+    one ranged GET of its bytes, then the same as a message's own object.
+    """
+    if where is None and is_pack_key(key):
+        # Never the whole pack: its frames would decompress to other messages.
+        raise BackendError("s3", f"{key} is a pack and the message has no entry in it"
+                                 " (erased, or the index row is missing)")
+    if where is not None:
+        chunks = open_entry(where.format, key,
+                            store.get_range(where.pack_key, where.offset, where.length))
+    else:
+        chunks = store.get(key)
     try:
-        manifest, rest = container.read_header(store.get(key))
+        manifest, rest = container.read_header(chunks)
     except container.ContainerError as exc:
         raise BackendError("s3", f"{key}: {exc}") from exc
     if manifest is None:
         return decompress_stream(rest, chunk_size)
     return _assemble(store, key, manifest, rest, chunk_size)
+
+
+def restore_message(conn: psycopg.Connection, store: ObjectStore, message_id: uuid.UUID,
+                    key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The original bytes of message MESSAGE_ID whose row names KEY: from its
+    pack if the index has it there (one ranged GET), else from its own object."""
+    from postkeep.storage.content.packs import location
+
+    return restore(store, key, chunk_size, location(conn, message_id))
 
 
 def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,

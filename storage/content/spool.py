@@ -57,7 +57,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.inbound import ParentClues
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
@@ -580,7 +580,8 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
 
     def put(entry: SpoolEntry) -> None:
         with spool.object_stream(entry) as stream:
-            objects.put(entry.message.object_key, stream, entry.object_length)
+            put_content(objects, entry.message.object_key, stream, entry.object_length,
+                        entry.message.content_expires_at)
 
     # Small objects in one request where the store can (as the milter's
     # group commit does), the rest one PUT each, in parallel.

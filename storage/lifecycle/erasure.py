@@ -15,6 +15,14 @@ A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
 
+On WORM storage (`s3.object_lock = "compliance"`) the server refuses to
+delete an object before its retention date (its content expiry): erasure
+then still erases the metadata and marks the content erased (no reader
+serves it), and reports how many objects keep their bytes in S3 and until
+when (`ErasureReport.objects_locked`, `locked_until`, the audit row); the
+retention sweeper deletes them once the lock has passed.  Destroying the
+bytes at once needs per-message keys (crypto-shredding), a later change.
+
 Crash-safe by order: per batch, the objects are deleted first (with any
 original a hold's move left behind), then the attachment parts only these
 messages used (storage/content/parts.py), and only then are the rows marked
@@ -37,8 +45,11 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from postkeep.storage.content import packs
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
+from postkeep.storage.metadata import suppression
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.legal_holds import Hold, holds_covering, involves_sql, list_holds
@@ -66,6 +77,19 @@ class ErasureReport:
     objects_deleted: int
     recipient_rows_redacted: int
     address_sha256: str
+    # Suppression entries kept under a pseudonym (0023_suppression_erasure.sql).
+    suppressions_kept: int = 0
+    # Objects Object Lock kept (their bytes stay in S3 until locked_until).
+    objects_locked: int = 0
+    locked_until: datetime | None = None
+
+
+def split_locked(failed: list[str], retained: dict[str, datetime | None],
+                 now: datetime) -> tuple[list[str], list[str]]:
+    """(locked, failed) of the keys S3 did not delete: locked while a
+    retention date after NOW explains the refusal; anything else a failure."""
+    locked = [k for k in failed if (retained.get(k) or now) > now]
+    return locked, [k for k in failed if k not in locked]
 
 
 def pg_regex_literal(text: str) -> str:
@@ -112,7 +136,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                      if h.address == address and h not in covering]
         if covering:
             raise ErasureRefused(covering)
-        total = deleted = redacted = 0
+        total = deleted = redacted = locked_n = 0
+        locked_until: datetime | None = None
         pattern = pg_regex_literal(address)
         # The redacted recipient is the same in the current status and in the
         # history of one message (so they still pair up), unguessable without
@@ -120,8 +145,18 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
         salt = os.urandom(16).hex()
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
-            keys = [m[2] for m in batch]
+            # A packed message's bytes cannot be deleted alone: its index row
+            # goes (below, with the mark) and its pack keeps dead bytes until
+            # the pack expires or is compacted (storage/content/packs.py).
+            # A pack left with no other message is deleted like an own object.
+            ids = [m[0] for m in batch]
+            emptied = packs.emptied_by(conn, ids)
+            keys = [m[2] for m in batch if not is_pack_key(m[2])] + emptied
             failed = delete_content(store, keys)
+            locked: list[str] = []
+            if failed:
+                locked, failed = split_locked(
+                    failed, {k: store.retained_until(k) for k in failed}, now)
             if failed:
                 raise BackendError("s3", f"erasure: {len(failed)} objects not deleted, e.g."
                                          f" {failed[0]}; nothing of this batch was marked,"
@@ -139,6 +174,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                                          " nothing of this batch was marked, run the erasure"
                                          " again") from exc
             with conn.transaction():
+                forgotten = packs.forget(conn, ids)
+                conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (emptied,))
                 conn.execute(
                     "UPDATE messages m SET content_erased_at = coalesce(m.content_erased_at,"
                     " %(now)s),"
@@ -171,14 +208,33 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                     )
                     if table == "message_recipients":
                         redacted += cur.rowcount
+                # The delivery events of these messages name their recipients
+                # and subjects (event_outbox, kept storage.event_days for the
+                # webhooks): they go with the content, undelivered ones too.
+                conn.execute("DELETE FROM event_outbox WHERE org_id = %s"
+                             " AND message_id = ANY(%s)", (org_id, ids))
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
-                      {"address_sha256": digest, "objects_deleted": len(keys),
-                       "parts_deleted": parts})
+                      {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
+                       "pack_entries_dropped": forgotten, "parts_deleted": parts,
+                       "objects_locked": len(locked)})
             total += len(batch)
-            deleted += len(keys)
+            deleted += len(keys) - len(locked)
+            if locked:
+                locked_n += len(locked)
+                last = max(d for d in (store.retained_until(k) for k in locked) if d)
+                locked_until = max(locked_until or last, last)
+                say(f"{len(locked)} object(s) under Object Lock: S3 refused the delete; their"
+                    f" bytes remain until {last:%Y-%m-%d %H:%M} UTC (metadata erased now)")
             say(f"erased {total}/{len(scope)} messages ({parts} attachment part object(s)"
                 " no other message needs deleted)")
-        if not scope:
-            audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
-                  {"address_sha256": digest, "objects_deleted": 0})
-    return ErasureReport(total, deleted, redacted, digest)
+        # Still suppressed, no longer named (an erasure is no consent to be mailed).
+        literal = re.compile(re.escape(address), re.IGNORECASE)
+        with conn.transaction():
+            kept = suppression.keep_erased(
+                conn, org_id, address,
+                lambda text: None if text is None else literal.sub(REDACTED, text))
+            if not scope:
+                audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
+                      {"address_sha256": digest, "objects_deleted": 0,
+                       "suppressions_kept": kept})
+    return ErasureReport(total, deleted, redacted, digest, kept, locked_n, locked_until)

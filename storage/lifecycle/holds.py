@@ -20,6 +20,14 @@ An original that S3 refused to delete after the move stays behind with no row
 pointing at it; whoever deletes a held copy deletes every key its original
 could have had with it (`delete_content`), so it never outlives the copy.
 
+With Object Lock (`s3.object_lock`) content is not copied: `protect` sets the
+legal-hold flag of each covered object, which the server enforces (no
+delete of that version, by anyone, until it is cleared), and
+`reconcile_released` clears the flags of what no other hold covers before
+deleting what expired.  The walk's position per hold is kept in
+`retention_state` (`hold-flag-<id>`), so a run flags only mail captured
+since the last one.
+
 The hold rows themselves (add, release, list, and the SQL that says what a
 hold covers) are storage/metadata/legal_holds.py.
 """
@@ -31,10 +39,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from postkeep.storage.content import packs
 from postkeep.storage.content.layout import (
     CONTENT_CLASSES,
     HOLD,
@@ -44,6 +54,7 @@ from postkeep.storage.content.layout import (
     held_key,
     is_held_key,
 )
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle import stats
 from postkeep.storage.lifecycle.rules import RetentionStore
 from postkeep.storage.metadata.audit import audit
@@ -164,6 +175,8 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
     anywhere leaves every row pointing at an object that exists (an original
     left behind is deleted with the held copy, see delete_content).
     """
+    if getattr(store, "object_lock", False):
+        return _flag(conn, store, hold, content_after, run_id, progress)
     moved = gone = left = 0
     scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
     # Walk the organisation's messages by (created_at, id): the
@@ -185,8 +198,21 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
         last = (rows[-1][3], rows[-1][0])
         repoint: list[tuple[uuid.UUID, datetime, str]] = []
         originals: list[str] = []
+        forget: list[uuid.UUID] = []  # packed messages copied out of their pack
         for mid, mexp, key, _created in rows:
             if is_held_key(key):
+                continue
+            if is_pack_key(key):
+                # Its bytes are a range of a pack that expires whole: copy the
+                # range out to the message's own held object.  The pack stays.
+                where = packs.location(conn, mid)
+                if where is None:
+                    gone += 1
+                    continue
+                dst = held_key(f"{key.rsplit('/', 1)[0]}/{mid}.eml.zst")
+                store.copy_range(key, where.offset, where.length, dst)
+                repoint.append((mid, mexp, dst))
+                forget.append(mid)
                 continue
             dst = held_key(key)
             if not store.exists(key):
@@ -204,9 +230,10 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
                     ([r[0] for r in repoint], [r[1] for r in repoint], [r[2] for r in repoint],
                      hold.org_id),
                 )
+                packs.forget(conn, forget)
                 audit(conn, run_id, "hold_protected", len(repoint), hold.org_id,
                       f"hold {hold.id}", {"to": "messages/hold/"})
-            failed = store.delete_many(originals)
+            failed = store.delete_many(originals) if originals else []
             if failed:
                 log.warning("hold %d: %d original objects not deleted after the move (they"
                             " go with the held copy): %s", hold.id, len(failed), failed[:3])
@@ -216,6 +243,63 @@ def protect(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
                 progress(f"hold {hold.id} ({hold.scope()}): {moved} objects moved under"
                          " messages/hold/")
     return ProtectResult(moved, gone, left)
+
+
+def _flag_state(hold: Hold) -> str:
+    return f"hold-flag-{hold.id}"
+
+
+def _flag(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
+          content_after: datetime, run_id: uuid.UUID | None,
+          progress: Progress | None) -> ProtectResult:
+    """protect() under Object Lock: the legal-hold flag on every covered object
+    captured since the last run (rows stay where they are: nothing moves)."""
+    flagged = gone = 0
+    scope = "" if hold.address is None else f" AND {involves_sql('m', '%(addr)s')}"
+    row = conn.execute("SELECT at, id FROM retention_state WHERE name = %s",
+                       (_flag_state(hold),)).fetchone()
+    last: tuple[datetime, uuid.UUID] = (row[0], row[1]) if row else (
+        datetime.min.replace(tzinfo=HELD_AT.tzinfo), uuid.UUID(int=0))
+    while True:
+        rows = conn.execute(
+            "SELECT m.id, m.object_key, m.created_at FROM messages m"
+            " WHERE m.org_id = %(org)s AND (m.created_at, m.id) > (%(c)s, %(after)s)"
+            f" AND m.content_erased_at IS NULL AND m.content_expires_at > %(content_after)s{scope}"
+            " ORDER BY m.created_at, m.id LIMIT %(n)s",
+            {"org": hold.org_id, "addr": hold.address, "c": last[0], "after": last[1],
+             "content_after": content_after, "n": _PROTECT_BATCH}).fetchall()
+        if not rows:
+            break
+        n = 0
+        for _mid, key, _created in rows:
+            if store.set_legal_hold(key, True):
+                n += 1
+            else:
+                gone += 1
+        last = (rows[-1][2], rows[-1][0])
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO retention_state (name, at, id) VALUES (%s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET at = EXCLUDED.at, id = EXCLUDED.id,"
+                " updated_at = now()", (_flag_state(hold), *last))
+            audit(conn, run_id, "hold_protected", n, hold.org_id, f"hold {hold.id}",
+                  {"object_lock_legal_hold": True})
+        flagged += n
+        if progress:
+            progress(f"hold {hold.id} ({hold.scope()}): {flagged} objects given the Object"
+                     " Lock legal hold")
+    return ProtectResult(flagged, gone)
+
+
+def _unflag(conn: psycopg.Connection, store: RetentionStore, free: str,
+            params: dict[str, Any], hold: Hold) -> int:
+    """Clear the legal-hold flags of what HOLD covered and no other hold does."""
+    keys = [r[0] for r in conn.execute(
+        f"SELECT m.object_key FROM messages m WHERE {free} AND m.content_erased_at IS NULL",
+        params).fetchall()]
+    cleared = sum(1 for k in keys if store.set_legal_hold(k, False))
+    conn.execute("DELETE FROM retention_state WHERE name = %s", (_flag_state(hold),))
+    return cleared
 
 
 # --- release ------------------------------------------------------------------
@@ -248,13 +332,19 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
     # (a day's margin before it for a sweeper that runs at least daily).
     # Deleting a key that is already gone is harmless.
     params["since"] = hold.created_at - timedelta(days=1)
+    if getattr(store, "object_lock", False):
+        _unflag(conn, store, free, params, hold)
     expired_objects = conn.execute(
         f"SELECT m.object_key FROM messages m WHERE {free}"
         " AND m.content_erased_at IS NULL AND m.content_expires_at <= %(now)s"
         " AND (m.object_key LIKE 'messages/hold/%%' OR m.content_expires_at >= %(since)s)",
         params).fetchall()
-    keys = [r[0] for r in expired_objects]
+    # A pack goes whole, and only once no message reads from it any more.
+    keys = [r[0] for r in expired_objects if not is_pack_key(r[0])]
     failed = delete_content(store, keys) if keys else []
+    in_packs = {r[0] for r in expired_objects if is_pack_key(r[0])}
+    if in_packs:
+        keys += packs.sweep(conn, store.delete_many, now, in_packs, only=True).keys
     if failed:
         from postkeep.storage.metadata.db import BackendError
 

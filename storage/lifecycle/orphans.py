@@ -31,6 +31,7 @@ import psycopg
 import urllib3
 from minio.error import MinioException
 
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.rules import S3Retention
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
@@ -96,11 +97,17 @@ def sweep_orphans(conn: psycopg.Connection, store: S3Retention,
     days = [now - timedelta(days=i) for i in range(window_days)]
     result = OrphanSweep()
     candidates: dict[uuid.UUID, str] = {}
+    pack_keys: list[str] = []  # packs (storage/content/packs.py): named by their row
     for prefix in day_prefixes(store, days):
         for key, modified in _list(store, prefix, recursive=True):
             result.examined += 1
+            if modified is None or modified > now - min_age:
+                continue
+            if is_pack_key(key):
+                pack_keys.append(key)
+                continue
             mid = message_id_of(key)
-            if mid is None or modified is None or modified > now - min_age:
+            if mid is None:
                 continue
             candidates[mid] = key
     if candidates:
@@ -108,6 +115,10 @@ def sweep_orphans(conn: psycopg.Connection, store: S3Retention,
                                             (list(candidates),))}
         result.orphans = sorted(k for mid, k in candidates.items()
                                 if mid not in named and not spooled(mid))
+    if pack_keys:
+        known = {r[0] for r in conn.execute(
+            "SELECT object_key FROM packs WHERE object_key = ANY(%s)", (pack_keys,))}
+        result.orphans = sorted(result.orphans + [k for k in pack_keys if k not in known])
     if result.orphans and not dry_run:
         result.failed = store.delete_many(result.orphans)
         result.deleted = len(result.orphans) - len(result.failed)

@@ -46,6 +46,8 @@ from psycopg import errors, sql
 
 from postkeep.config import RetentionConfig
 from postkeep.ids import uuid7
+from postkeep.storage.content import packs
+from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle import holds, stats
 from postkeep.storage.lifecycle.holds import HELD_AT
 from postkeep.storage.lifecycle.rules import RetentionStore, planned_rules
@@ -100,6 +102,7 @@ class RunReport:
     holds_reconciled: int = 0
     stats_rows: int = 0
     parts_swept: int = 0
+    packs_swept: int = 0
     dictionaries_swept: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -227,7 +230,10 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
         watermark = _watermark(conn, sweep_from, report.run_id)
         try:
             _holds(conn, store, watermark[0], now, report, say)
-            watermark = _sweep(conn, store, watermark, now, settings, report, say, stop)
+            expired_packs: set[str] = set()
+            watermark = _sweep(conn, store, watermark, now, settings, report, say, stop,
+                               expired_packs)
+            _packs(conn, store, now, report, say, expired_packs)
             weeks = droppable(list_weeks(conn), min(now, watermark[0]))
             _drop(conn, weeks, settings, report, say, stop)
             _shared_content(conn, store, now, report, say)
@@ -252,6 +258,25 @@ class KeyDeleter:
     def delete(self, key: str) -> None:
         if self.store.delete_many([key]):
             raise BackendError("s3", f"could not delete {key}")
+
+
+def _packs(conn: psycopg.Connection, store: RetentionStore, now: datetime,
+           report: RunReport, say: Progress, candidates: set[str]) -> None:
+    """Packs whose every message's content has expired go whole
+    (storage/content/packs.py), in either mode."""
+    try:
+        swept = packs.sweep(conn, store.delete_many, now, candidates)
+    except (BackendError, psycopg.Error) as exc:
+        report.errors.append(f"pack sweep: {exc}")
+        say(f"pack sweep failed: {exc}")
+        return
+    report.packs_swept = swept.deleted
+    if swept.failed:
+        report.errors.append(f"pack sweep: {swept.failed} packs not deleted")
+    if swept.deleted:
+        audit(conn, report.run_id, "packs_swept", swept.deleted, None, None,
+              {"failed": swept.failed})
+        say(f"swept {swept.deleted} expired pack(s)")
 
 
 def _shared_content(conn: psycopg.Connection, store: RetentionStore, now: datetime,
@@ -320,7 +345,12 @@ def _lifecycle(conn: psycopg.Connection, store: RetentionStore, settings: Retent
         installed = store.rules() if settings.content_expiry != "sweep" else None
         report.mode = choose_mode(settings.content_expiry, installed is not None)
         if report.mode == "lifecycle":
-            wanted = planned_rules()
+            lock = bool(getattr(store, "object_lock", False))
+            wanted = planned_rules(lock or store.versioned(), lock)
+            if lock:
+                # Object Lock: no class rules (planned_rules); content goes by
+                # the sweeper, version by version, once its retention passed.
+                report.mode = "sweep"
             if sorted(installed or [], key=lambda r: r.rule_id) != sorted(
                     wanted, key=lambda r: r.rule_id):
                 total = store.apply_rules(wanted)
@@ -387,21 +417,31 @@ _RULED = r"^messages/[0-9]+d/"
 _SWEEP_BATCH = sql.SQL(
     "SELECT m.content_expires_at, m.id, m.object_key, {covered} FROM messages m"
     " WHERE (m.content_expires_at, m.id) > (%(at)s, %(id)s) AND m.content_expires_at <= %(now)s"
-    " AND m.content_erased_at IS NULL AND NOT (%(ruled)s AND m.object_key ~ %(pattern)s)"
+    " AND (m.content_erased_at IS NULL OR %(locking)s)"
+    " AND NOT (%(ruled)s AND m.object_key ~ %(pattern)s)"
     " ORDER BY m.content_expires_at, m.id LIMIT %(n)s"
 ).format(covered=sql.SQL(covered_sql("m")))
 
 
 def _sweep(conn: psycopg.Connection, store: RetentionStore,
            watermark: tuple[datetime, uuid.UUID], now: datetime, settings: RetentionSettings,
-           report: RunReport, say: Progress, stop: Callable[[], bool]
-           ) -> tuple[datetime, uuid.UUID]:
-    """Delete expired content nothing else will delete; return the new watermark."""
+           report: RunReport, say: Progress, stop: Callable[[], bool],
+           expired_packs: set[str]) -> tuple[datetime, uuid.UUID]:
+    """Delete expired content nothing else will delete; return the new watermark.
+
+    Packs are never deleted here (one message's expiry is not its pack's):
+    the keys of packs holding expired messages go into EXPIRED_PACKS for
+    the pack sweep.
+    """
     ruled = report.mode == "lifecycle"
+    # With Object Lock an erasure may have left the bytes (the server refused
+    # the delete until the content expiry): erased rows are swept too then.
+    locking = bool(getattr(store, "object_lock", False))
     todo_row = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE %s AND m.object_key ~ %s) FROM messages m"
         " WHERE (m.content_expires_at, m.id) > (%s, %s) AND m.content_expires_at <= %s"
-        " AND m.content_erased_at IS NULL", (ruled, _RULED, *watermark, now)).fetchone()
+        " AND (m.content_erased_at IS NULL OR %s)",
+        (ruled, _RULED, *watermark, now, locking)).fetchone()
     expired, by_rules = (int(todo_row[0]), int(todo_row[1])) if todo_row else (0, 0)
     todo = expired - by_rules
     report.objects_left_to_lifecycle = by_rules
@@ -416,14 +456,22 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
         if stop():
             raise Stopped
         rows = conn.execute(_SWEEP_BATCH, {"at": at, "id": last, "now": now, "ruled": ruled,
+                                           "locking": locking,
                                            "pattern": _RULED, "n": settings.sweep_batch}
                             ).fetchall()
         if not rows:
             break
-        # Held: kept (and reconciled when the hold is released).
-        doomed = [key for _exp, _mid, key, held in rows if not held]
+        # Held: kept (and reconciled when the hold is released).  A pack is
+        # never deleted for one message: the pack sweep deletes it whole.
+        doomed = [key for _exp, _mid, key, held in rows if not held and not is_pack_key(key)]
+        in_packs = {key for _exp, _mid, key, held in rows if not held and is_pack_key(key)}
+        expired_packs.update(in_packs)
         try:
             failed = set(holds.delete_content(store, doomed)) if doomed else set()
+            # Packs whose every message has now expired go here, whole; the
+            # others when their last message does (the pack sweep).
+            packs_gone = set(packs.sweep(conn, store.delete_many, now, in_packs,
+                                         only=True).keys) if in_packs else set()
         except BackendError as exc:
             report.errors.append(f"sweep: {exc}")
             say(f"sweep stopped: {exc}")
@@ -440,6 +488,7 @@ def _sweep(conn: psycopg.Connection, store: RetentionStore,
                                  f" {sorted(failed)[0]}")
         done_keys = {r[2] for r in done}
         deleted = sum(1 for k in doomed if k not in failed and k in done_keys)
+        deleted += sum(1 for r in done if r[2] in packs_gone)
         if done:
             at, last = done[-1][0], done[-1][1]
             with conn.transaction():

@@ -21,6 +21,16 @@ from postkeep.config import PostgresConfig
 log = logging.getLogger("postkeep.storage")
 T = TypeVar("T")
 
+# psycopg_pool replaces a lost connection in the background, backing off
+# 1, 2, 4, 8... s between attempts for up to `reconnect_timeout` (5 min by
+# default): after a failover the new primary waited for the next backed-off
+# attempt, seconds after it was up (measured: ~5 s of extra spooling behind
+# Patroni's takeover).  With a short one the background attempts stop soon,
+# and each caller that needs a connection makes the pool try again at once
+# (it grows on demand), so the first request after the promotion finds it.
+RECONNECT_TIMEOUT_SECONDS = 1.0
+READ_ONLY_REASON = "the server is read-only (a standby, or a demoted primary): connection dropped"
+
 
 class BackendError(Exception):
     """A backend (postgres or s3) failed or timed out; `backend` names which."""
@@ -42,6 +52,7 @@ class Database:
             max_size=max(cfg.pool_max, min_size or 0),
             timeout=cfg.connect_timeout_seconds,
             open=False,
+            reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
             # Autocommit: single-statement writes cost one round trip, no
             # BEGIN/COMMIT; multi-statement work uses transaction().
             kwargs={"autocommit": True},
@@ -91,7 +102,7 @@ class Database:
         Any driver or pool failure is re-raised as BackendError('postgres').
         """
         self.open()
-        with self._errors_named(), self._pool.connection() as conn:
+        with self._errors_named(), self._pool.connection() as conn, dropped_if_read_only(conn):
             yield conn
 
     @contextmanager
@@ -101,7 +112,8 @@ class Database:
         Any driver or pool failure is re-raised as BackendError('postgres').
         """
         self.open()
-        with self._errors_named(), self._pool.connection() as conn, conn.transaction():
+        with (self._errors_named(), self._pool.connection() as conn, dropped_if_read_only(conn),
+              conn.transaction()):
             yield conn
 
     @contextmanager
@@ -114,6 +126,27 @@ class Database:
                                f"{self.cfg.connect_timeout_seconds:g}s") from exc
         except psycopg.OperationalError as exc:
             raise BackendError("postgres", _first_line(exc)) from exc
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            raise BackendError("postgres", READ_ONLY_REASON) from exc
+
+
+@contextmanager
+def dropped_if_read_only(conn: psycopg.Connection) -> Iterator[None]:
+    """Close CONN if PostgreSQL refused a write as read-only, so the pool
+    discards it instead of handing it out again.
+
+    target_session_attrs=read-write is checked when a connection is made,
+    never after: a connection to a server that turned read-only (a demoted
+    primary, a standby reached some other way) would fail every write for as
+    long as it lives.  The caller's retry (Database.run) takes a new one,
+    which libpq makes to whichever host is read-write now.
+    """
+    try:
+        yield
+    except psycopg.errors.ReadOnlySqlTransaction:
+        log.warning("postgres: %s", READ_ONLY_REASON)
+        conn.close()
+        raise
 
 
 def _first_line(exc: BaseException) -> str:

@@ -315,13 +315,13 @@ def org_footprint(conn: psycopg.Connection, org_id: uuid.UUID) -> dict[str, int]
 
 
 def org_object_keys(conn: psycopg.Connection, org_id: uuid.UUID) -> list[str]:
-    """Every S3 object the organisation's rows name: messages, parts, dictionaries."""
+    """Every S3 object the organisation's rows name: messages, packs, parts, dictionaries."""
     keys: list[str] = []
-    for table in ("messages", "parts", "zstd_dictionaries"):
+    for table in ("messages", "packs", "parts", "zstd_dictionaries"):
         keys += [r[0] for r in conn.execute(
             f"SELECT DISTINCT object_key FROM {table} WHERE org_id = %s AND object_key <> ''"
             " ORDER BY 1", (org_id,))]
-    return keys
+    return list(dict.fromkeys(keys))  # a pack is named by its messages and its own row
 
 
 def active_holds(conn: psycopg.Connection, org_id: uuid.UUID) -> int:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg.rows import class_row
 
+from postkeep.storage.metadata import search
 from postkeep.storage.metadata.inbound import ParentClues
+from postkeep.storage.metadata.search import MessageFilter as MessageFilter
 
 UNLIMITED = datetime(9999, 12, 31, tzinfo=UTC)
 
@@ -211,21 +213,6 @@ class MessageDetail:
     recipients: tuple[RecipientRow, ...]
 
 
-@dataclass(frozen=True)
-class MessageFilter:
-    """What `list_messages` selects; None means "any"."""
-
-    org_id: uuid.UUID | None = None
-    sender: str | None = None
-    recipient: str | None = None
-    since: datetime | None = None
-    limit: int = 50
-    until: datetime | None = None  # created strictly before
-    # keyset cursor: only rows after this (created_at, id) in newest-first order
-    after: tuple[datetime, uuid.UUID] | None = None
-    tags: tuple[tuple[str, str], ...] = ()  # (key, value): all must match
-
-
 _MESSAGE_COLUMNS = """
     m.id, m.org_id, m.domain, m.direction, m.queue_id, m.message_id_header,
     m.envelope_from, m.header_from, m.subject, m.size, m.object_key,
@@ -257,56 +244,34 @@ def content_available(m: MessageRow, now: datetime) -> bool:
     return content_unavailable_reason(m, now) is None
 
 
-def _where(f: MessageFilter) -> tuple[str, list[object]]:
-    """SQL WHERE clause and parameters for a filter (pure, testable)."""
-    clauses: list[str] = []
-    params: list[object] = []
-    if f.org_id is not None:
-        clauses.append("m.org_id = %s")
-        params.append(f.org_id)
-    if f.sender is not None:
-        clauses.append("lower(m.envelope_from) = lower(%s)")
-        params.append(f.sender)
-    if f.recipient is not None:
-        # Same org_id and expiry as the message: stays inside one partition.
-        clauses.append(
-            "EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = m.id"
-            " AND r.org_id = m.org_id AND r.metadata_expires_at = m.metadata_expires_at"
-            " AND lower(r.recipient) = lower(%s))"
-        )
-        params.append(f.recipient)
-    if f.since is not None:
-        clauses.append("m.created_at >= %s")
-        params.append(f.since)
-    if f.until is not None:
-        clauses.append("m.created_at < %s")
-        params.append(f.until)
-    if f.tags:
-        # Containment, which the GIN index (jsonb_path_ops) answers; the
-        # campaign_id column's b-tree, when that is the tag asked for.
-        clauses.append("m.tags @> %s::jsonb")
-        params.append(json.dumps(dict(f.tags)))
-        campaign = dict(f.tags).get("campaign_id")
-        if campaign is not None:
-            clauses.append("m.campaign_id = %s")
-            params.append(campaign)
-    if f.after is not None:
-        # Keyset paging: the row comparison matches ORDER BY created_at DESC, id DESC.
-        clauses.append("(m.created_at, m.id) < (%s, %s)")
-        params.extend(f.after)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+def tenant_org(conn: psycopg.Connection) -> uuid.UUID | None:
+    """The organisation CONN's login is a dashboard role of (tenant_roles,
+    migration 0012), or None (the owner: postkeep's daemons and CLI)."""
+    row = conn.execute("SELECT org_id FROM tenant_roles WHERE role_name = current_user"
+                       ).fetchone()
+    return row[0] if row else None
 
 
 def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow]:
-    """Messages matching the filter, newest first, at most `f.limit`."""
-    where, params = _where(f)
+    """Messages matching the filter, newest first, at most `f.limit`.
+
+    The search function of the CLI and of a dashboard alike.  On a tenant's
+    login row-level security limits it to the login's organisation; the
+    filter then also names that organisation, so the planner can use the
+    per-organisation indexes (it cannot read the organisation out of the
+    policy's subquery).  A filter naming another organisation finds nothing.
+    """
+    if f.org_id is None:
+        f = replace(f, org_id=tenant_org(conn))
     with conn.cursor(row_factory=class_row(MessageRow)) as cur:
-        cur.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m{where}"
-            " ORDER BY m.created_at DESC, m.id DESC LIMIT %s",
-            [*params, f.limit],
-        )
+        cur.execute(*search_query(f))
         return cur.fetchall()
+
+
+def search_query(f: MessageFilter) -> tuple[str, list[object]]:
+    """The SELECT list_messages runs for F, and its parameters (pure; the
+    search benchmark EXPLAINs it)."""
+    return search.select(f, _MESSAGE_COLUMNS)
 
 
 def ids_by_queue_id(conn: psycopg.Connection, queue_id: str) -> list[uuid.UUID]:
@@ -332,3 +297,7 @@ def get_message(conn: psycopg.Connection, message_id: uuid.UUID) -> MessageDetai
         )
         recipients: Sequence[RecipientRow] = cur.fetchall()
     return MessageDetail(row, tuple(recipients))
+
+
+# The filter's SQL lives in search.py; the name older callers use.
+_where = search.where

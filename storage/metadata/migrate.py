@@ -63,22 +63,47 @@ def apply_migrations(conn: psycopg.Connection) -> list[Migration]:
 
 
 def ensure_partitions(conn: psycopg.Connection) -> int:
-    """Create metadata partitions up to the longest retention plus a margin."""
+    """Create metadata partitions up to the longest retention plus a margin.
+
+    In batches of PARTITION_BATCH_DAYS, one transaction each: creating a
+    partition takes locks on it and its parent until commit, and ten years of
+    weekly partitions for every partitioned table in one transaction run out
+    of PostgreSQL's lock table at its default size (64 per connection).  On an
+    autocommit connection (the daemons', the CLI's) each batch commits; inside
+    a caller's transaction they are savepoints and the locks add up again.
+    """
     # Metadata never expires before content (expiry_dates), so the longest
     # content retention bounds the stamped metadata expiry too.
+    row = conn.execute(
+        "SELECT greatest("
+        " (SELECT max(greatest(metadata_days, content_days)) FROM tiers),"
+        " (SELECT max(greatest(metadata_days, content_days)) FROM organisations), 0)"
+    ).fetchone()
+    longest = int(row[0]) if row and row[0] is not None else 0
+    created = 0
+    for horizon in partition_batches(longest + PARTITION_MARGIN_DAYS):
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")
+            one = conn.execute(
+                "SELECT ensure_partitions(now() + make_interval(days => %s))", (horizon,)
+            ).fetchone()
+            created += int(one[0]) if one else 0
     with conn.transaction():
-        conn.execute("SET LOCAL statement_timeout = 0")
-        row = conn.execute(
-            "SELECT greatest("
-            " (SELECT max(greatest(metadata_days, content_days)) FROM tiers),"
-            " (SELECT max(greatest(metadata_days, content_days)) FROM organisations), 0)"
-        ).fetchone()
-        longest = int(row[0]) if row and row[0] is not None else 0
-        created = conn.execute(
-            "SELECT ensure_partitions(now() + make_interval(days => %s))",
-            (longest + PARTITION_MARGIN_DAYS,),
-        ).fetchone()
         # The days ahead for received reports (postkeep-storage drops old ones).
         if conn.execute("SELECT to_regproc('maintain_report_partitions')").fetchone() != (None,):
             conn.execute("SELECT maintain_report_partitions(NULL)")
-    return int(created[0]) if created else 0
+        # The days ahead of the event outbox (postkeep-storage drops old ones).
+        if conn.execute("SELECT to_regproc('maintain_event_partitions')").fetchone() != (None,):
+            conn.execute("SELECT maintain_event_partitions(NULL)")
+    return created
+
+
+# About 13 weekly partitions per partitioned table per transaction.
+PARTITION_BATCH_DAYS = 91
+
+
+def partition_batches(days: int, step: int = PARTITION_BATCH_DAYS) -> list[int]:
+    """The horizons (days from now) of successive partition batches, last = DAYS."""
+    if days <= 0:
+        return [0]
+    return [min(h, days) for h in range(step, days + step, step)]

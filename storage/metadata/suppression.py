@@ -24,6 +24,7 @@ are ignored everywhere and replaced by the next suppression.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -101,7 +102,10 @@ def reply(hit: Hit) -> str:
 LOOKUP = (
     "SELECT s.reason, s.detail, s.suppressed_at, o.suppression_mode FROM suppressions s"
     " JOIN organisations o ON o.id = s.org_id"
-    " WHERE s.org_id = %s AND s.address = %s AND (s.expires_at IS NULL OR s.expires_at > now())"
+    " WHERE s.org_id = %(org)s"
+    " AND s.address IN (%(addr)s, suppression_erased_key(%(org)s, %(addr)s))"
+    " AND (s.expires_at IS NULL OR s.expires_at > now())"
+    " ORDER BY s.suppressed_at DESC LIMIT 1"
 )
 
 
@@ -111,12 +115,12 @@ def _hit(row: tuple[Any, ...] | None) -> Hit | None:
 
 def lookup(conn: psycopg.Connection, org_id: uuid.UUID, address: str) -> Hit | None:
     """ADDRESS's live entry on ORG_ID's list, or None (one primary-key probe)."""
-    return _hit(conn.execute(LOOKUP, (org_id, normalise(address))).fetchone())
+    return _hit(conn.execute(LOOKUP, {"org": org_id, "addr": normalise(address)}).fetchone())
 
 
 async def lookup_async(conn: psycopg.AsyncConnection[Any], org_id: uuid.UUID,
                        address: str) -> Hit | None:
-    cur = await conn.execute(LOOKUP, (org_id, normalise(address)))
+    cur = await conn.execute(LOOKUP, {"org": org_id, "addr": normalise(address)})
     return _hit(await cur.fetchone())
 
 
@@ -145,9 +149,40 @@ def unsuppress(conn: psycopg.Connection, org_id: uuid.UUID, address: str) -> boo
     addr = normalise(address)
     conn.execute("DELETE FROM suppression_soft_bounces WHERE org_id = %s AND address = %s",
                  (org_id, addr))
-    cur = conn.execute("DELETE FROM suppressions WHERE org_id = %s AND address = %s",
-                       (org_id, addr))
+    cur = conn.execute("DELETE FROM suppressions WHERE org_id = %(org)s AND address IN"
+                       " (%(addr)s, suppression_erased_key(%(org)s, %(addr)s))",
+                       {"org": org_id, "addr": addr})
     return cur.rowcount > 0
+
+
+def keep_erased(conn: psycopg.Connection, org_id: uuid.UUID, address: str,
+                redact: Callable[[str | None], str | None]) -> int:
+    """ADDRESS is being erased: its entries on ORG_ID's list (any case of the
+    local part) become one entry under suppression_erased_key(), the latest
+    reason winning, REDACT applied to the detail; its soft-bounce history
+    goes.  Runs in the caller's transaction.  Returns the entries replaced.
+    """
+    conn.execute("DELETE FROM suppression_soft_bounces WHERE org_id = %s"
+                 " AND lower(address) = lower(suppression_address(%s))", (org_id, address))
+    rows = conn.execute(
+        "DELETE FROM suppressions WHERE org_id = %s AND address NOT LIKE 'sha256:%%'"
+        " AND lower(address) = lower(suppression_address(%s))"
+        " RETURNING reason, source, detail, message_id, suppressed_at, expires_at",
+        (org_id, address)).fetchall()
+    if not rows:
+        return 0
+    reason, source, detail, message_id, at, expires = max(rows, key=lambda r: r[4])
+    conn.execute(
+        "INSERT INTO suppressions (org_id, address, reason, source, detail, message_id,"
+        " suppressed_at, expires_at) VALUES (%(org)s, suppression_erased_key(%(org)s, %(addr)s),"
+        " %(reason)s, %(source)s, %(detail)s, %(mid)s, %(at)s, %(exp)s)"
+        " ON CONFLICT (org_id, address) DO UPDATE SET reason = EXCLUDED.reason,"
+        " source = EXCLUDED.source, detail = EXCLUDED.detail, message_id = EXCLUDED.message_id,"
+        " suppressed_at = EXCLUDED.suppressed_at, expires_at = EXCLUDED.expires_at"
+        " WHERE suppressions.suppressed_at <= EXCLUDED.suppressed_at",
+        {"org": org_id, "addr": address, "reason": reason, "source": source,
+         "detail": redact(detail), "mid": message_id, "at": at, "exp": expires})
+    return len(rows)
 
 
 def entries(conn: psycopg.Connection, org_id: uuid.UUID, *, address: str | None = None,
@@ -160,11 +195,11 @@ def entries(conn: psycopg.Connection, org_id: uuid.UUID, *, address: str | None 
         cur.execute(
             "SELECT org_id, address, reason, source, detail, message_id, suppressed_at,"
             " expires_at FROM suppressions WHERE org_id = %s"
-            " AND (%s::text IS NULL OR address = %s)"
+            " AND (%s::text IS NULL OR address IN (%s, suppression_erased_key(org_id, %s)))"
             " AND (%s::text IS NULL OR reason = %s)"
             " AND (%s OR expires_at IS NULL OR expires_at > now())"
             " ORDER BY suppressed_at DESC, address LIMIT %s",
-            (org_id, *(2 * [None if address is None else normalise(address)]),
+            (org_id, *(3 * [None if address is None else normalise(address)]),
              reason, reason, include_expired, limit))
         return cur.fetchall()
 

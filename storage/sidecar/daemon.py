@@ -43,6 +43,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
 
     from postkeep.storage.content.objects import S3ObjectStore
     from postkeep.storage.metadata.db import BackendError, Database
+    from postkeep.storage.metadata.events import maintain_event_partitions
     from postkeep.storage.reports.outcomes import maintain_report_partitions
     from postkeep.storage.sidecar.lmtp import Batcher, ReportHandler, record_with
     from postkeep.storage.sidecar.upkeep import Job, run_jobs
@@ -55,6 +56,13 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         await asyncio.to_thread(objects.ensure_bucket)
     except BackendError as exc:  # not fatal: unmatched reports tempfail until it is back
         log.warning("object store not ready at start: %s", exc)
+    from postkeep.storage.lifecycle.conformance import check_at_start
+
+    try:
+        await asyncio.to_thread(check_at_start, objects, log)
+    except ConfigError:
+        db.close()
+        raise
     batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
     batcher.start()
     spool_stop, spool_task, spool = _start_spool_drain(cfg, db, objects)
@@ -84,6 +92,9 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         Job("report-partitions", scfg.maintenance_seconds,
             lambda: f"{db.run(lambda c: maintain_report_partitions(c, scfg.report_days))}"
                     f" report partitions created or dropped"),
+        Job("event-partitions", scfg.maintenance_seconds,
+            lambda: f"{db.run(lambda c: maintain_event_partitions(c, scfg.event_days))}"
+                    f" event partitions created or dropped"),
     ]
     if scfg.dictionary_check_seconds:
         from datetime import UTC, datetime
@@ -108,6 +119,10 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         log.info("retention runs every %gs (retention.interval_seconds)",
                  cfg.retention.interval_seconds)
     upkeep = asyncio.create_task(run_jobs(jobs, stop), name="upkeep")
+    # Webhooks (issue 18): the event outbox delivered to each organisation's endpoints.
+    from postkeep.storage.sidecar import webhooks
+
+    webhook_task = webhooks.start(cfg, stop)
     await stop.wait()
     log.info("postkeep-storage stopping")
     notify_systemd("STOPPING=1")
@@ -118,6 +133,8 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
     await server.wait_closed()
     await batcher.stop()
     await upkeep
+    if webhook_task is not None:
+        await webhook_task
     spool_stop.set()  # a drain pass stops between batches
     await spool_task
     db.close()
@@ -133,7 +150,7 @@ def _orphan_job(db: Any, objects: Any, spool: Any, interval: float) -> Any:
 
     deleted = Counter("postkeep_storage_orphan_objects_deleted_total",
                       "Message objects deleted because no row named them")
-    store = S3Retention(objects.client, objects.bucket)
+    store = S3Retention(objects.client, objects.bucket, objects.locks_objects)
 
     def sweep() -> str:
         result = db.run(lambda c: sweep_orphans(c, store, spool.holds))

@@ -34,8 +34,9 @@ import zstandard
 from prometheus_client import Counter, Histogram
 
 from postkeep import build_info
-from postkeep.storage.content.objects import ObjectStore
+from postkeep.storage.content.objects import ObjectStore, message_key
 from postkeep.storage.metadata.db import BackendError, Database
+from postkeep.storage.reports import returned
 from postkeep.storage.reports.dsn import Report, needs_recipients, parse_report, resolve
 from postkeep.storage.reports.outcomes import (
     DUPLICATE,
@@ -71,6 +72,9 @@ SPOOLED_WAIT = Counter("postkeep_storage_reports_spool_wait_total",
                        "Reports answered 451 because their message was still in the outage spool")
 FORWARDED = Counter("postkeep_storage_forwarded_total",
                     "Failure notices forwarded to the original sender, by result", ["result"])
+ANSWERS = Counter("postkeep_storage_answers_total",
+                  "Replies and auto-replies at a return path recorded as inbound messages"
+                  " linked to the sent one, by message_type", ["message_type"])
 LAG = Histogram("postkeep_storage_outcome_lag_seconds",
                 "From the reporting MTA's time of the event to the recipient row update",
                 buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600))
@@ -86,6 +90,8 @@ for _backend in ("postgres", "s3", "forward_relay", "parser", "internal"):
     FAILED.labels(_backend)
 for _result in ("sent", "failed", "refused"):
     FORWARDED.labels(_result)
+for _type in returned.ANSWERS:
+    ANSWERS.labels(_type)
 build_info.export("storage")
 
 
@@ -250,6 +256,9 @@ class ReportHandler:
             return (f"451 4.3.0 postkeep-storage: message {report.message_id} is still in the"
                     " outage spool; try again later")
         try:
+            answered = await self._answer(raw, mail_from, report, received, tag)
+            if answered is not None:
+                return answered
             if needs_recipients(report):
                 # Attributed by where it arrived too: its VERP recipient, or
                 # the message's only recipient (reports.resolve).
@@ -276,6 +285,36 @@ class ReportHandler:
             log.exception("report tempfailed report=%s %s", tag, _ids(report))
             return "451 4.3.0 postkeep-storage: internal error; try again later"
         return reply
+
+    async def _answer(self, raw: bytes, mail_from: str, report: Report, received: datetime,
+                      tag: str) -> str | None:
+        """A reply or auto-reply at a verified return path, recorded as an inbound
+        message linked to the sent one (storage/reports/returned.py); None: not
+        one (or its message is gone), so it is taken as a report."""
+        kind = await asyncio.to_thread(returned.reply_type, raw, mail_from, report)
+        if kind is None:
+            return None
+        sent = await asyncio.to_thread(self.db.run,
+                                       lambda conn: returned.sent_message(conn, report))
+        if sent is None:
+            return None
+        m, blob = returned.prepare(
+            raw, mail_from, kind, sent, report, received,
+            lambda org, mid, at, days, held: message_key(org, mid, at, content_days=days,
+                                                         held=held))
+        await asyncio.to_thread(self.objects.put, m.object_key, io.BytesIO(blob), len(blob))
+        dup = await asyncio.to_thread(self.db.run,
+                                      lambda conn: returned.record_returned(conn, sent, m))
+        if dup is not None:
+            await asyncio.to_thread(self.objects.delete, m.object_key)  # no row names it
+            DUPLICATES.inc()
+            log.info("%s at return path already recorded pk_id=%s report=%s", kind, dup.hex,
+                     tag)
+            return f"250 2.0.0 {kind} {tag} already recorded as message {dup}"
+        ANSWERS.labels(kind).inc()
+        log.info("%s at return path recorded pk_id=%s parent=%s report=%s", kind, m.id.hex,
+                 sent.id.hex, tag)
+        return f"250 2.0.0 {kind} {tag} recorded as message {m.id}"
 
     async def _keep(self, report: Report, raw: bytes) -> None:
         data = await asyncio.to_thread(_compressed, raw)

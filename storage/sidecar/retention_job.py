@@ -47,7 +47,7 @@ def run_once(db: Database, objects: S3ObjectStore, cfg: RetentionConfig,
     STOPPING set (the daemon is shutting down) ends the run between batches.
     """
     started = time.monotonic()
-    store = S3Retention(objects.client, objects.bucket)
+    store = S3Retention(objects.client, objects.bucket, objects.locks_objects)
     stop = stopping.is_set if stopping is not None else None
     try:
         with db.connection() as conn:

@@ -19,6 +19,7 @@ import psycopg
 
 from postkeep.config import Config, load
 from postkeep.storage.content.objects import S3ObjectStore, read_all
+from postkeep.storage.content.packs import Location
 from postkeep.storage.metadata import directory, dkim_keys
 
 # What `make test` exports from .stack-test/env and every stack test needs.
@@ -102,15 +103,36 @@ class Stack:
             time.sleep(0.2)
         raise AssertionError(f"sink never received the message with token {token}")
 
+    def _entry(self, key: str) -> Location | None:
+        """KEY's one message if KEY is a pack (storage/content/packs.py): tests
+        name a message by its row's object_key; a pack of several is ambiguous."""
+        from postkeep.storage.content.packs import is_pack_key
+
+        if not is_pack_key(key):
+            return None
+        with self.connect() as conn:
+            rows = conn.execute("SELECT pack_offset, length, format FROM message_packs"
+                                " WHERE pack_key = %s", (key,)).fetchall()
+        assert len(rows) == 1, f"pack {key} holds {len(rows)} messages: name one by id"
+        return Location(key, rows[0][0], rows[0][1], rows[0][2])
+
     def stored(self, key: str) -> bytes:
-        """The object at KEY as stored (compressed; maybe a container)."""
+        """The object at KEY as stored (compressed; maybe a container); for a
+        pack of one message, that message's entry."""
+        where = self._entry(key)
+        if where is not None:
+            return b"".join(self.objects().get_range(key, where.offset, where.length))
         return read_all(self.objects(), key)
 
-    def restored(self, key: str) -> bytes:
-        """The message bytes of the object at KEY, parts and dictionary included."""
-        from postkeep.storage.content.restore import restore
+    def restored(self, key: str, message_id: uuid.UUID | None = None) -> bytes:
+        """The message bytes of the object at KEY, parts and dictionary included
+        (MESSAGE_ID: that message of the pack KEY)."""
+        from postkeep.storage.content.restore import restore, restore_message
 
-        return b"".join(restore(self.objects(), key))
+        if message_id is not None:
+            with self.connect() as conn:
+                return b"".join(restore_message(conn, self.objects(), message_id, key))
+        return b"".join(restore(self.objects(), key, where=self._entry(key)))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""

@@ -1,0 +1,183 @@
+"""Webhooks through the running postkeep-storage and a real HTTP receiver (issue 18).
+
+Events are written into event_outbox as the status writer does; the worker
+must deliver each at least once, signed, in order per message, through
+failures and dropped connections, dead-letter what stays undeliverable, and
+never let one organisation's slow endpoint hold up another's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import psycopg
+import pytest
+from support.sidecar import metric
+from support.stack import Stack
+from support.wait import until
+from support.webhook_receiver import Behaviour, receiver
+from support.webhooks import add_endpoint, check_arrivals, cli, emit
+
+from postkeep import webhooks as signing
+
+pytestmark = pytest.mark.stack
+
+
+def _deliveries(stack: Stack, endpoint: str, *state: str) -> list[dict[str, object]]:
+    rows = json.loads(cli(stack, "webhook", "deliveries", endpoint, *state, "--json").stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+def test_every_event_arrives_signed_in_order_through_failures(stack: Stack) -> None:
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        # The first request is dropped unanswered, the next two get 500.
+        rx.behave("/a", Behaviour(drop_first=1, fail_first=2))
+        endpoint, secret = add_endpoint(stack, org, rx.url("/a"))
+        ids = []
+        messages = [uuid.uuid4() for _ in range(3)]
+        for seq, kind in enumerate(("accepted", "deferred", "delivered")):
+            for m in messages:  # interleaved: three messages' events one after another
+                ids.append(emit(stack, org, m, kind, seq))
+        until(lambda: {int(r.headers["postkeep-event-id"]) for r in rx.got("/a")} >= set(ids),
+              "all nine events delivered", timeout=90)
+        check_arrivals(rx.got("/a"), secret, ids)
+        assert len(rx.seen_at("/a")) >= len(ids) + 3  # the failed attempts came too
+        first = min(ids)
+        tried = [int(r.headers["postkeep-event-id"]) for r in rx.seen_at("/a")][:4]
+        assert tried == [first] * 4, f"the head event is retried before any later one: {tried}"
+        rows = until(lambda: [r for r in _deliveries(stack, endpoint)
+                              if r["state"] == "delivered"] if len(
+                                  _deliveries(stack, endpoint, "--state", "delivered"))
+                              == len(ids) else None, "deliveries recorded", timeout=30)
+        head = next(r for r in rows if r["event_id"] == first)
+        assert head["attempts"] == 4 and head["last_status"] == 200
+        # A tampered body fails the documented check.
+        r = rx.got("/a")[0]
+        assert not signing.verify(secret, r.headers["postkeep-signature"],
+                                  r.body.replace(b"accepted", b"bounced"))
+    url = stack.env["POSTKEEP_STORAGE_METRICS"]
+    assert metric(url, 'postkeep_webhook_events_delivered_total{type="delivered"}') >= 3
+    assert metric(url, 'postkeep_webhook_attempts_total{result="http_5xx"}') >= 2
+    assert metric(url, 'postkeep_webhook_attempts_total{result="connection"}') >= 1
+
+
+def test_event_filter_and_secret_rotation(stack: Stack) -> None:
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        endpoint, old = add_endpoint(stack, org, rx.url("/f"), "bounced")
+        skipped = emit(stack, org, uuid.uuid4(), "delivered", 0)
+        out = json.loads(cli(stack, "webhook", "rotate-secret", endpoint, "--overlap", "1",
+                             "--json").stdout)
+        new = out["secret"]
+        assert new != old and new.startswith("whsec_")
+        wanted = emit(stack, org, uuid.uuid4(), "bounced", 0)
+        until(lambda: rx.got("/f"), "the bounced event", timeout=60)
+        got = rx.got("/f")
+        assert [int(r.headers["postkeep-event-id"]) for r in got] == [wanted]
+        assert skipped not in [int(r.headers["postkeep-event-id"]) for r in got]
+        header = got[0].headers["postkeep-signature"]
+        assert header.count("v1=") == 2
+        assert signing.verify(old, header, got[0].body)
+        assert signing.verify(new, header, got[0].body)
+        # The secret is stored sealed: not in the clear anywhere in its row.
+        with stack.connect() as conn:
+            row = conn.execute("SELECT row_to_json(e)::text FROM webhook_endpoints e"
+                               " WHERE id = %s", (endpoint,)).fetchone()
+        assert row is not None and old not in row[0] and new not in row[0]
+        listed = json.loads(cli(stack, "webhook", "list", "--org", str(org), "--json").stdout)
+        assert [e["id"] for e in listed] == [endpoint] and "secret" not in listed[0]
+
+
+def test_dead_letter_then_replay(stack: Stack) -> None:
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        rx.behave("/d", Behaviour(fail_first=10**6))
+        endpoint, secret = add_endpoint(stack, org, rx.url("/d"))
+        # Written 25 hours ago: past the 24 h of retries at its first failure.
+        old = emit(stack, org, uuid.uuid4(), "bounced", 0, age_hours=25)
+        dead = until(lambda: _deliveries(stack, endpoint, "--state", "dead"),
+                     "the event dead-lettered", timeout=60)
+        assert [d["event_id"] for d in dead] == [old] and dead[0]["last_status"] == 500
+        rx.behave("/d", Behaviour())
+        out = json.loads(cli(stack, "webhook", "replay", endpoint, "--json").stdout)
+        assert out["requeued"] == 1
+        until(lambda: rx.got("/d"), "the replayed event", timeout=60)
+        check_arrivals(rx.got("/d"), secret, [old])
+
+
+def test_slow_org_does_not_delay_another(stack: Stack) -> None:
+    slow_org, _ = stack.new_org(dkim=False)
+    fast_org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        gate = threading.Event()
+        slow = Behaviour(gate=gate)
+        rx.behave("/slow", slow)
+        slow_endpoint, _ = add_endpoint(stack, slow_org, rx.url("/slow"))
+        _, fast_secret = add_endpoint(stack, fast_org, rx.url("/fast"))
+        emit(stack, slow_org, uuid.uuid4(), "accepted", 0)
+        until(slow.held.is_set, "the slow endpoint holding a request", timeout=60)
+        ids = [emit(stack, fast_org, uuid.uuid4(), "delivered", i) for i in range(3)]
+        # While the slow organisation's request is still held, the fast one's arrive.
+        until(lambda: len(rx.got("/fast")) >= 3, "the fast organisation's events", timeout=60)
+        assert not gate.is_set() and not rx.got("/slow")
+        # ... and the slow one's first attempt has not ended yet (no timeout, no retry:
+        # the stack's request_timeout_seconds is 30): they never queued behind it.
+        assert len(rx.seen_at("/slow")) == 1
+        with stack.connect() as conn:
+            tried = conn.execute("SELECT attempts FROM webhook_deliveries WHERE endpoint_id = %s",
+                                 (slow_endpoint,)).fetchall()
+        assert tried == [(0,)], tried
+        check_arrivals(rx.got("/fast"), fast_secret, ids)
+        gate.set()
+
+
+def test_cli_test_event_and_errors(stack: Stack) -> None:
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        endpoint, secret = add_endpoint(stack, org, rx.url("/t"))
+        out = json.loads(cli(stack, "webhook", "test", endpoint, "--json").stdout)
+        assert out["ok"] and out["status"] == 200
+        got = rx.got("/t")
+        assert got[0].event["type"] == "test"
+        assert signing.verify(secret, got[0].headers["postkeep-signature"], got[0].body)
+        rx.behave("/t", Behaviour(fail_first=1))
+        failed = cli(stack, "webhook", "test", endpoint, check=False)
+        assert failed.returncode == 1 and "not accepted (500)" in failed.stderr
+    bad = cli(stack, "webhook", "add", str(org), "ftp://x", check=False)
+    assert bad.returncode == 1 and "URL 'ftp://x'" in bad.stderr
+    bad = cli(stack, "webhook", "add", str(org), "https://x.test", "--events", "nope",
+              check=False)
+    assert bad.returncode == 1 and "--events 'nope'" in bad.stderr
+    missing = cli(stack, "webhook", "deliveries", str(uuid.uuid4()), check=False)
+    assert missing.returncode == 1 and "no webhook endpoint" in missing.stderr
+    removed = cli(stack, "webhook", "remove", endpoint, "--yes")
+    assert endpoint in removed.stdout
+
+
+def test_tenants_read_their_endpoints_never_the_sealed_secrets(stack: Stack) -> None:
+    org_a, _ = stack.new_org(dkim=False)
+    org_b, _ = stack.new_org(dkim=False)
+    ep_a, _ = add_endpoint(stack, org_a, "https://a.example/hook")
+    add_endpoint(stack, org_b, "https://b.example/hook")
+    role = f"dash_{uuid.uuid4().hex[:12]}"
+    with stack.connect() as conn:
+        conn.execute(f'CREATE ROLE "{role}" NOLOGIN IN ROLE postkeep_tenant')
+        try:
+            with conn.transaction():
+                conn.execute("INSERT INTO tenant_roles (role_name, org_id) VALUES (%s, %s)",
+                             (role, org_a))
+                conn.execute(f'SET LOCAL ROLE "{role}"')
+                seen = conn.execute("SELECT id::text, url FROM webhook_endpoints").fetchall()
+                assert seen == [(ep_a, "https://a.example/hook")]
+                conn.execute("SAVEPOINT s")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute("SELECT secret_sealed FROM webhook_endpoints")
+                conn.execute("ROLLBACK TO SAVEPOINT s")
+                conn.execute("RESET ROLE")
+                conn.execute("DELETE FROM tenant_roles WHERE role_name = %s", (role,))
+        finally:
+            conn.execute(f'DROP ROLE "{role}"')
