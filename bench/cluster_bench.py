@@ -175,6 +175,7 @@ class Failure:
     disrupted_seconds: float  # from the kill until the last answer not a direct capture
     down_seconds: float
     drained_after_return: float  # from the start again until both spools were empty
+    redundant_after_return: float  # ... until every node could be lost again
     spooled: int
     tempfailed: int
     accepted: int
@@ -183,7 +184,8 @@ class Failure:
         return (f"{'+'.join(self.nodes)} killed for {self.down_seconds:.0f}s: spooled or"
                 f" tempfailed for {self.disrupted_seconds:.1f}s ({self.spooled} spooled,"
                 f" {self.tempfailed} tempfailed, {self.accepted} accepted); spools empty"
-                f" {self.drained_after_return:.1f}s after the return")
+                f" {self.drained_after_return:.1f}s after the return, every node losable again"
+                f" after {self.redundant_after_return:.1f}s")
 
 
 def _failure(c: Cluster, nodes: list[str], hold: float) -> Failure:
@@ -193,6 +195,7 @@ def _failure(c: Cluster, nodes: list[str], hold: float) -> Failure:
         loads = {"a": la, "b": lb}
         until(lambda: all(sum(a.accepted for a in ld.answers) >= 5 for ld in loads.values()),
               "mail flowing", 120)
+        until(c.minio_redundant, "a cluster that can lose a node", 300)
         t0 = time.monotonic()
         for n in nodes:
             c.ctl("kill", n)
@@ -201,6 +204,8 @@ def _failure(c: Cluster, nodes: list[str], hold: float) -> Failure:
         for n in nodes:
             c.ctl("start", n)
         until(c.minio_writable, "write quorum", 120)
+        until(c.minio_redundant, "a cluster that can lose a node again", 300)
+        redundant = time.monotonic() - back
 
         def direct_again() -> bool:
             for h, ld in loads.items():
@@ -227,7 +232,8 @@ def _failure(c: Cluster, nodes: list[str], hold: float) -> Failure:
             tempfailed += not a.accepted
             if not direct:
                 bad_end = max(bad_end, a.ended)
-    return Failure(nodes, bad_end - t0, back - t0, drained, spooled, tempfailed, accepted)
+    return Failure(nodes, bad_end - t0, back - t0, drained, redundant, spooled, tempfailed,
+                   accepted)
 
 
 def main() -> int:
@@ -274,8 +280,9 @@ def main() -> int:
           f" (median {statistics.median(ratios):.2f})")
     print()
     print("| MinIO nodes killed | runs | spooled/tempfailed for (median) | each run (s) |"
-          " spooled (each) | tempfailed (each) | spools empty after return (median) |")
-    print("|---|---|---|---|---|---|---|")
+          " spooled (each) | tempfailed (each) | spools empty after return (median) |"
+          " redundant again after return (median) |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in (1, 2):
         fs = [f for f in failures if len(f.nodes) == size]
         if not fs:
@@ -285,7 +292,8 @@ def main() -> int:
               + ", ".join(f"{f.disrupted_seconds:.1f}" for f in fs) + " | "
               + ", ".join(str(f.spooled) for f in fs) + " | "
               + ", ".join(str(f.tempfailed) for f in fs)
-              + f" | {statistics.median(f.drained_after_return for f in fs):.1f} s |")
+              + f" | {statistics.median(f.drained_after_return for f in fs):.1f} s"
+              f" | {statistics.median(f.redundant_after_return for f in fs):.1f} s |")
     return 0
 
 

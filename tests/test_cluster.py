@@ -192,6 +192,7 @@ def test_one_minio_node_killed_under_load_no_tempfail_nothing_lost(c: Cluster) -
     org_id, domain = c.hosts["a"].new_org("pro")
     with mail_flowing(c.hosts["a"], domain, 2) as la, mail_flowing(c.hosts["b"], domain, 2) as lb:
         until(lambda: _accepted(la) >= 5 and _accepted(lb) >= 5, "mail flowing", 120)
+        until(c.minio_redundant, "a cluster that can lose a node", 120)
         c.ctl("kill", "minio0")
         until(lambda: not c.minio_live(0), "node 0 down", 30)
         na, nb = _accepted(la), _accepted(lb)

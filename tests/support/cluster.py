@@ -55,6 +55,13 @@ class Cluster:
         return any(_http_ok(f"http://127.0.0.1:{p}/minio/health/cluster")
                    for p in self.minio_ports)
 
+    def minio_redundant(self) -> bool:
+        """Every node up and sure the cluster keeps write quorum without it
+        (MinIO's maintenance check): one node may be lost now.  A node that
+        just came back is not counted on by its peers for a moment."""
+        return all(_http_ok(f"http://127.0.0.1:{p}/minio/health/cluster?maintenance=true")
+                   for p in self.minio_ports)
+
     def spool(self, host: str) -> Spool:
         return Spool(self.hosts[host].config.milter.outage_spool_directory)
 
