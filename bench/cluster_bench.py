@@ -243,7 +243,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3, help="one-host/two-host pairs (default 3)")
     ap.add_argument("--seconds", type=float, default=15.0, help="measuring window per run")
     ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--senders", type=int, default=8, help="SMTP clients in all (default 8)")
+    ap.add_argument("--senders", type=int, default=12, help="SMTP clients in all (default 12)")
     ap.add_argument("--kills", type=int, default=3, help="one-node failures (default 3)")
     ap.add_argument("--double-kills", type=int, default=2, help="two-node failures (default 2)")
     ap.add_argument("--hold", type=float, default=10.0, help="seconds a killed node stays down")
