@@ -195,21 +195,33 @@ def test_one_minio_node_killed_under_load_no_tempfail_nothing_lost(c: Cluster) -
         until(c.minio_redundant, "a cluster that can lose a node", 120)
         c.ctl("kill", "minio0")
         until(lambda: not c.minio_live(0), "node 0 down", 30)
-        na, nb = _accepted(la), _accepted(lb)
-        until(lambda: _accepted(la) >= na + 15 and _accepted(lb) >= nb + 15,
-              "fifteen more messages through each host with node 0 down", 180)
+        killed = time.monotonic()
+
+        # Three of four drives keep write quorum, and each host's balancer
+        # sends requests to the live nodes: mail is captured directly with the
+        # node down (pointed at node 0 alone, a host spools all of it).  MinIO
+        # answers 503 for some seconds after a node's loss now and then
+        # (BENCHMARKS.md, "Two hosts"): those messages go to the spool.
+        def captured_with_node_down(h: str, load: Load) -> bool:
+            outcomes = c.milter_outcomes(h)
+            return sum(a.started > killed and outcomes.get(a.queue_id or "") == "captured"
+                       for a in load.answers) >= 10
+
+        until(lambda: captured_with_node_down("a", la) and captured_with_node_down("b", lb),
+              "ten messages through each host captured directly with node 0 down", 180)
+        assert not c.minio_live(0)
+        S3ObjectStore(c.hosts["b"].config.s3).put(f"cluster-test/{uuid.uuid4().hex}",
+                                                  io.BytesIO(b"x"), 1)
     c.ctl("start", "minio0")
     until(lambda: c.minio_live(0), "node 0 back", 60)
     refused = [(a.code, a.text) for a in la.answers + lb.answers if not a.accepted]
     assert not refused, refused
-    # Not even spooled: three of four drives hold write quorum, and each host's
-    # balancer sends requests to the live nodes (pointed at node 0 alone, a
-    # host would spool everything until it returned).
-    for h, load in (("a", la), ("b", lb)):
-        outcomes = c.milter_outcomes(h)
-        not_captured = [(a.queue_id, outcomes.get(a.queue_id or "")) for a in load.answers
-                        if outcomes.get(a.queue_id or "") != "captured"]
-        assert not not_captured, f"host {h}: {not_captured}"
+    spooled = {h: sum(c.milter_outcomes(h).get(a.queue_id or "") == "spooled"
+                      for a in load.answers) for h, load in (("a", la), ("b", lb))}
+    print(f"one MinIO node down: {len(la.answers) + len(lb.answers)} accepted,"
+          f" spooled {spooled}")
+    for h in HOSTS:
+        until(lambda h=h: not c.spool(h).entries(), f"host {h}'s spool to drain", 300)
     _assert_stored(c, org_id, {"a": la.answers, "b": lb.answers})
 
 
