@@ -147,9 +147,12 @@ frontend s3
     default_backend minio
 backend minio
     balance leastconn
-    option httpchk GET /minio/health/live
+    # A node is used while it sees read quorum itself, not merely while it
+    # runs: a node just restarted, not yet connected to its peers, answered a
+    # GET of an object on three drives with NoSuchKey (tests/test_cluster.py).
+    option httpchk GET /minio/health/cluster/read
     http-check expect status 200
-    default-server inter 500ms fastinter 250ms fall 1 rise 2 on-marked-down shutdown-sessions
+    default-server inter 500ms fastinter 250ms fall 2 rise 2 on-marked-down shutdown-sessions
 EOF
         for ((i = 0; i < CLUSTER_MINIO_NODES; i++)); do
             echo "    server node$i 127.0.0.1:$(cluster_minio_port "$i") check"
