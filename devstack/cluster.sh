@@ -148,8 +148,9 @@ frontend s3
 backend minio
     balance leastconn
     # A node is used while it sees read quorum itself, not merely while it
-    # runs: a node just restarted, not yet connected to its peers, answered a
-    # GET of an object on three drives with NoSuchKey (tests/test_cluster.py).
+    # runs: a node just restarted, not yet connected to its peers, cannot
+    # serve.  (It does not stop MinIO from answering NoSuchKey now and then
+    # through a node just back: tests/test_cluster.py reads again.)
     option httpchk GET /minio/health/cluster/read
     http-check expect status 200
     default-server inter 500ms fastinter 250ms fall 2 rise 2 on-marked-down shutdown-sessions
