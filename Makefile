@@ -180,3 +180,15 @@ BENCH_PGHA_ARGS ?=
 bench-pgha: install
 	cd /tmp && $(VENV)/bin/python $(CURDIR)/bench/pgha_bench.py --port $(BENCH_PGHA_PORT) \
 	  --dir $(CURDIR)/.stack-bench-pgha $(BENCH_PGHA_ARGS)
+
+# Two Postfix hosts on one PostgreSQL and a distributed MinIO (issue 20):
+# throughput with one host and with two (paired, alternated), and seconds of
+# spooling or tempfail per MinIO node failure (bench/cluster_bench.py), on its
+# own cluster stack (devstack/stack.sh cluster-up, BENCH_CLUSTER_PORT..+43),
+# made afresh and taken down.  BENCH_CLUSTER_ARGS='--pairs 5 --seconds 20'.
+BENCH_CLUSTER_PORT ?= 22125
+BENCH_CLUSTER_ARGS ?=
+.PHONY: bench-cluster
+bench-cluster: install
+	cd /tmp && $(VENV)/bin/python $(CURDIR)/bench/cluster_bench.py --port $(BENCH_CLUSTER_PORT) \
+	  --dir $(CURDIR)/.stack-bench-cluster $(BENCH_CLUSTER_ARGS)

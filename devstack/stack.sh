@@ -182,7 +182,7 @@ install_pgha() {
     [ "$own_policy" = 1 ] && rm -f "$policy"
     [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
     if [ -d /run/systemd/system ]; then
-        systemctl disable --now etcd.service patroni.service >/dev/null 2>&1 || true
+        systemctl disable --now etcd.service patroni.service haproxy.service >/dev/null 2>&1 || true
     fi
 }
 
@@ -236,7 +236,17 @@ load_state() {
     PFLOG="/var/log/postkeep-$(echo -n "$DIR" | sha256sum | cut -c1-10).log"
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A process killed -9 stays a zombie where PID 1 does not reap (containers):
+# kill -0 still succeeds for it, so a zombie counts as dead here.
+proc_alive() {  # PID
+    kill -0 "$1" 2>/dev/null || return 1
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+    stat="${stat##*) }"
+    [ "${stat:0:1}" != Z ]
+}
+
+pid_alive() { [ -f "$1" ] && proc_alive "$(cat "$1")"; }
 
 # private_log FILE: FILE exists, mode 0600, before a daemon appends to it: the
 # daemons' and the sink's logs name senders and recipients.  chmod too, for a
@@ -275,10 +285,10 @@ stop_pid() {  # PIDFILE NAME
     local pidfile="$1" pid i
     [ -f "$pidfile" ] || return 0
     pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then
+    if proc_alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then
+        for ((i = 0; i < 100; i++)); do proc_alive "$pid" || break; sleep 0.1; done
+        if proc_alive "$pid"; then
             warn "$2 (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
         fi
@@ -494,8 +504,49 @@ pg_external_env() {  # DIR/env's PG* for the external one
         -e "s|^export PGPASSFILE=.*|export PGPASSFILE='$passfile'|" "$DIR/env"
 }
 
+# ---------------------------------------------------------------- external S3
+# PK_EXTERNAL_S3_ENDPOINT (HOST:PORT, plain HTTP) and PK_EXTERNAL_S3_CREDENTIALS
+# (a file of MINIO_ROOT_USER=... and MINIO_ROOT_PASSWORD=... lines, as
+# DIR/minio/credentials) at `up`: the stack starts no S3 server of its own and
+# the daemons, the CLI and DIR/env use that one, whose bucket `postkeep` must
+# exist (devstack/cluster.sh: distributed MinIO).  Recorded in DIR/external-s3
+# like DIR/external-pg, so that start/stop/down leave it alone.
+s3_external() { [ -f "$DIR/external-s3" ]; }
+
+s3_external_record() {  # at up: DIR/external-s3 from the environment, or none
+    if [ -z "${PK_EXTERNAL_S3_ENDPOINT:-}" ]; then
+        rm -f "$DIR/external-s3"
+        return 0
+    fi
+    [[ "$PK_EXTERNAL_S3_ENDPOINT" =~ ^[A-Za-z0-9.-]+:[0-9]+$ ]] \
+        || die "PK_EXTERNAL_S3_ENDPOINT must be HOST:PORT, got '$PK_EXTERNAL_S3_ENDPOINT'"
+    [ -s "${PK_EXTERNAL_S3_CREDENTIALS:-}" ] \
+        || die "PK_EXTERNAL_S3_ENDPOINT needs PK_EXTERNAL_S3_CREDENTIALS (a credentials file)"
+    (umask 077
+     printf "S3X_ENDPOINT='%s'\nS3X_CREDENTIALS='%s'\n" "$PK_EXTERNAL_S3_ENDPOINT" \
+         "$PK_EXTERNAL_S3_CREDENTIALS" >"$DIR/external-s3")
+    log "S3: external ($PK_EXTERNAL_S3_ENDPOINT)"
+}
+
+s3_external_keys() {  # MINIO_ROOT_USER/PASSWORD from the external server's credentials file
+    # shellcheck disable=SC1091
+    . "$DIR/external-s3"
+    # shellcheck disable=SC1090
+    . "$S3X_CREDENTIALS"
+}
+
+s3_endpoint() {  # HOST:PORT of the stack's S3 server
+    if s3_external; then
+        # shellcheck disable=SC1091
+        (. "$DIR/external-s3" && echo "$S3X_ENDPOINT")
+    else
+        echo "127.0.0.1:$S3_PORT"
+    fi
+}
+
 # ---------------------------------------------------------------- minio
 minio_keys() {
+    if s3_external; then s3_external_keys; return 0; fi
     local f="$DIR/minio/credentials"
     mkdir -p "$DIR/minio"
     chmod 700 "$DIR/minio"  # the credentials and every stored object
@@ -510,6 +561,7 @@ minio_keys() {
 }
 
 start_minio() {
+    if s3_external; then log "the S3 server is external (DIR/external-s3): not started"; return 0; fi
     if [ "$S3_SERVER" = versitygw ]; then start_versitygw; return; fi
     minio_keys
     mkdir -p "$DIR/minio/data"
@@ -543,7 +595,7 @@ if not c.bucket_exists("postkeep"):
 EOF
 }
 
-stop_minio() { stop_pid "$DIR/minio/minio.pid" "$S3_SERVER"; }
+stop_minio() { s3_external || stop_pid "$DIR/minio/minio.pid" "$S3_SERVER"; }
 
 # versitygw in MinIO's place (S3_SERVER=versitygw): same port, credentials and
 # pid file; posix backend under DIR/minio/vgw-data, with a versioning directory
@@ -672,7 +724,7 @@ user = "postkeep"
 password_file = "$DIR/secrets/pg-postkeep.password"
 
 [s3]
-endpoint = "127.0.0.1:$S3_PORT"
+endpoint = "$(s3_endpoint)"
 secure = false
 bucket = "postkeep"
 access_key = "$MINIO_ROOT_USER"
@@ -876,7 +928,7 @@ export PGPORT='$PG_PORT'
 export PGDATABASE='postkeep'
 export PGUSER='postkeep'
 export PGPASSFILE='$DIR/secrets/pgpass'
-export POSTKEEP_S3_ENDPOINT='127.0.0.1:$S3_PORT'
+export POSTKEEP_S3_ENDPOINT='$(s3_endpoint)'
 export POSTKEEP_S3_BUCKET='postkeep'
 export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'
 export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'
@@ -937,6 +989,7 @@ cmd_up() {
     open_parents "$DIR"
     chmod o+x "$DIR"
     pg_external_record
+    s3_external_record
     start_postgres
     start_minio
     start_sink
@@ -978,7 +1031,9 @@ cmd_down() {
 cmd_status() {
     load_state "$1"
     local s
+    if s3_external; then echo "minio external ($(s3_endpoint))"; else
     pid_alive "$DIR/minio/minio.pid" && s=up || s=down; echo "minio $s ($S3_SERVER)"
+    fi
     pid_alive "$DIR/sink.pid" && s=up || s=down; echo "sink $s"
     pid_alive "$DIR/milter/milter.pid" && s=up || s=down; echo "milter $s"
     pid_alive "$DIR/policyd/policyd.pid" && s=up || s=down; echo "policyd $s"
@@ -990,6 +1045,9 @@ cmd_status() {
     postfix -c "$PFDIR" status >/dev/null 2>&1 && s=up || s=down; echo "postfix $s"
 }
 
+# ---------------------------------------------------------------- cluster (issue 20)
+# shellcheck source=devstack/cluster.sh
+. "$(dirname "${BASH_SOURCE[0]}")/cluster.sh"
 # S3_SERVER from the caller's environment is read by `up` only.
 S3_SERVER_REQUESTED="${S3_SERVER:-}"
 unset S3_SERVER
@@ -1005,6 +1063,10 @@ main() {
                load_state "$1"; start_service "$2" ;;
         stop) [ $# -eq 2 ] || die "usage: stack.sh stop DIR SERVICE"
               load_state "$1"; stop_service "$2" ;;
+        cluster-up) cmd_cluster_up "$@" ;;
+        cluster-down) cmd_cluster_down "$@" ;;
+        cluster-kill) cmd_cluster_node kill "$@" ;;
+        cluster-start) cmd_cluster_node start "$@" ;;
         status) [ $# -eq 1 ] || die "usage: stack.sh status DIR"; cmd_status "$1" ;;
         *) die "usage: stack.sh install | up DIR PORTBASE | down DIR | start|stop DIR SERVICE | status DIR" ;;
     esac
