@@ -339,8 +339,8 @@ class StorageConfig:
     # CLI).  Empty: new content is not sealed (sealed content then cannot be
     # read).  Losing it loses all sealed content: back it up apart from the
     # database.
-    master_key: str = field(
-        default="", metadata={"secret": True, "env": "POSTKEEP_STORAGE_MASTER_KEY"})
+    master_key: str = field(default="", repr=False,
+                            metadata={"secret": True, "env": "POSTKEEP_STORAGE_MASTER_KEY"})
     master_key_file: str = ""
 
     def master_key_bytes(self) -> bytes | None:

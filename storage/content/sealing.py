@@ -194,8 +194,8 @@ class Keyring:
         (or whose key a hold moved).  ContentErased if it is gone."""
         row = conn.execute(
             "SELECT org_id, wrapped FROM message_keys WHERE message_id = %s"
-            " AND expires_at = ANY(%s::timestamptz[]) LIMIT 1",
-            (message_id, [_pg_ts(expires), "infinity"])).fetchone()
+            " AND expires_at IN (%s::timestamptz, 'infinity') LIMIT 1",
+            (message_id, _pg_ts(expires))).fetchone()
         if row is None:
             raise ContentErased(message_id)
         org = row[0]
@@ -289,7 +289,7 @@ def record(conn: psycopg.Connection, keys: list[DataKey]) -> None:
         " SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::timestamptz[], %s::bytea[])"
         " ON CONFLICT DO NOTHING",
         ([k.message_id for k in keys], [k.org_id for k in keys],
-         [_pg_ts(k.expires_at) for k in keys], [k.wrapped for k in keys]))
+         [k.expires_at for k in keys], [k.wrapped for k in keys]))
 
 
 def destroy(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> int:
