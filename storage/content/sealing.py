@@ -197,6 +197,13 @@ class Keyring:
             " AND expires_at IN (%s::timestamptz, 'infinity') LIMIT 1",
             (message_id, _pg_ts(expires))).fetchone()
         if row is None:
+            # Slow path, failures only (no partition pruning): a key under
+            # another expiry means the header is not this message's.
+            if conn.execute("SELECT 1 FROM message_keys WHERE message_id = %s",
+                            (message_id,)).fetchone():
+                raise SealError(f"message {message_id}: the sealed entry read for it does not"
+                                " authenticate (its header names another content expiry:"
+                                " altered, or another message's entry)")
             raise ContentErased(message_id)
         org = row[0]
         org_key = self.org_key(conn, org, create=False)
