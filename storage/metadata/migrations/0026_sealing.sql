@@ -28,7 +28,9 @@ CREATE TABLE message_keys (
     org_id      uuid NOT NULL,
     expires_at  timestamptz NOT NULL,  -- the message's content_expires_at ('infinity': held)
     wrapped     bytea NOT NULL,  -- nonce (12) || AES-256-GCM(content key, data key) || tag
-    PRIMARY KEY (message_id, expires_at)
+    -- message_id first (restore and erasure look keys up by message); org_id
+    -- in the key so the table can be distributed by it (tests/test_sharding_keys.py).
+    PRIMARY KEY (message_id, expires_at, org_id)
 ) PARTITION BY RANGE (expires_at);
 CREATE TABLE message_keys_default PARTITION OF message_keys DEFAULT;
 
