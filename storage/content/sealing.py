@@ -318,9 +318,11 @@ def sealed_ids(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> set[uu
 def hold_keys(conn: psycopg.Connection, cutoff: datetime, covered: Callable[[str], str]) -> int:
     """Move to 'infinity' the keys expiring by CUTOFF whose messages a legal
     hold covers (COVERED(alias): the SQL condition), so expiry keeps them."""
+    # Only organisations with an active hold: without one, no join at all.
     return conn.execute(
         "UPDATE message_keys k SET expires_at = 'infinity' FROM messages m"
-        " WHERE k.expires_at <= %(cut)s AND m.id = k.message_id AND m.org_id = k.org_id"
+        " WHERE k.expires_at <= %(cut)s AND k.org_id IN (SELECT h.org_id FROM legal_holds h"
+        " WHERE h.released_at IS NULL) AND m.id = k.message_id AND m.org_id = k.org_id"
         f" AND {covered('m')}", {"cut": cutoff}).rowcount
 
 
