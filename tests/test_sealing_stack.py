@@ -239,7 +239,7 @@ class CountingRetention(rules.S3Retention):
         self.deletes: list[str] = []
 
     def delete_many(self, keys: list[str]) -> list[str]:
-        self.deletes += keys
+        self.deletes += keys or ["<an empty delete_many call>"]
         return super().delete_many(keys)
 
 

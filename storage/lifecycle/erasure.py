@@ -163,7 +163,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 keys = [m[2] for m in batch if not is_pack_key(m[2]) and m[0] not in sealed]
                 emptied = [k for k in emptied if not packs.all_sealed(conn, k)]
                 keys += emptied
-            failed = delete_content(store, keys)
+            failed = delete_content(store, keys) if keys else []
             locked: list[str] = []
             if failed:
                 locked, failed = split_locked(
