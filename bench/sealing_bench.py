@@ -57,6 +57,7 @@ SELECT DISTINCT 'messages/30d/' || o || '/bench/p' || (i / %(pack_of)s) || '.pac
     %(cexp)s::timestamptz, 3000 * %(pack_of)s, %(pack_of)s
 FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i,
     LATERAL (SELECT (%(orgs)s::uuid[])[1 + (i / %(pack_of)s) %% %(norgs)s] AS o) AS x
+ON CONFLICT DO NOTHING
 """
 _GENERATE = """
 WITH m AS (

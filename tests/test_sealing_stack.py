@@ -35,7 +35,7 @@ from postkeep.storage.content.objects import S3ObjectStore, message_key, put_con
 from postkeep.storage.content.restore import restore, restore_message
 from postkeep.storage.lifecycle import erasure, rules
 from postkeep.storage.lifecycle.retention import run_retention
-from postkeep.storage.metadata import messages
+from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
@@ -226,6 +226,34 @@ def test_expired_content_keys_are_destroyed_by_the_retention_run(
             _restore(stack, db, mid, saved)
     finally:
         objects.delete(saved.pack_key)
+
+
+def test_a_legal_hold_keeps_the_key_of_content_past_its_expiry(
+        stack: Stack, db: psycopg.Connection, objects: S3ObjectStore,
+        make_org: Callable[..., TestOrg]) -> None:
+    """The retention run moves a covered message's key out of expiry's way
+    (to 'infinity', the partition never dropped) instead of destroying it."""
+    org = make_org("pro")
+    queue_id, _, token = _send(stack, org.domain, to="held@example.net")
+    mid, _, _ = _row(db, queue_id)
+    saved = packs.location(db, mid)
+    assert saved is not None
+    copy = b"".join(objects.get(saved.pack_key))
+    hold = legal_holds.add_hold(db, org.id, "held@example.net", "case 19 sealed")
+    try:
+        past = datetime.now(UTC) - timedelta(minutes=5)
+        with db.transaction():
+            db.execute("UPDATE messages SET content_expires_at = %s WHERE id = %s",
+                       (past, mid))
+            db.execute("UPDATE message_keys SET expires_at = %s WHERE message_id = %s",
+                       (past, mid))
+        run_retention(db, rules.S3Retention(objects.client, objects.bucket))
+        assert db.execute("SELECT expires_at = 'infinity' FROM message_keys"
+                          " WHERE message_id = %s", (mid,)).fetchall() == [(True,)]
+        objects.put(saved.pack_key, io.BytesIO(copy), len(copy))
+        assert _restore(stack, db, mid, saved) == strip_received(stack.sink_copy(token))
+    finally:
+        legal_holds.release_hold(db, hold.id)
 
 
 # --- Object Lock (WORM) ------------------------------------------------------------
