@@ -13,6 +13,8 @@
    one by id (`restore_message`: index row, key row, one ranged GET,
    decrypt, decompress), p50/p99/max; the same for the same messages
    unsealed (format 0), for the price of sealing.
+3. Content expiry: every data key generated above dropped with its monthly
+   partition (`sealing.expire`, as the retention run does after the month).
 
 Prints a markdown summary.  Usage (`make bench-sealing` brings up and tears
 down a private stack):
@@ -254,6 +256,15 @@ def main() -> None:
     rp = bench_restore(conn, s3, plain, args.restores)
     say(f"restore sealed {rs}, plain {rp}")
     total = conn.execute("SELECT count(*) FROM messages").fetchone()
+    # Content expiry: the month of keys the generated rows are in, dropped as
+    # the retention run does once that month has passed.
+    month = conn.execute("SELECT count(*) FROM message_keys").fetchone()
+    t0 = time.monotonic()
+    with conn.transaction():
+        dropped, deleted = sealing.expire(conn, datetime.now(UTC) + timedelta(days=70))
+    expire_s = time.monotonic() - t0
+    left = conn.execute("SELECT count(*) FROM message_keys").fetchone()
+    say(f"expiry: {dropped} partitions dropped, {deleted} rows deleted in {expire_s:.2f}s")
     per_org = args.messages // args.orgs
     rows = [
         (f"erasure: messages of one address (among {per_org} of its organisation)",
@@ -261,6 +272,9 @@ def main() -> None:
         ("erasure wall time (`erase_address`, Object Lock store)", f"{er['seconds']:.2f} s"),
         ("data keys destroyed", f"{er['keys_destroyed']}"),
         ("S3 calls during erasure (of them writes)", f"{er['s3_calls']} ({er['s3_writes']})"),
+        (f"content expiry: data keys destroyed by dropping {dropped} monthly partition(s)"
+         f" (`retention run`)", f"{int(month[0]) - int(left[0]) if month and left else '?'}"
+         f" keys in {expire_s:.2f} s"),
         (f"restore one sealed message, p50 / p99 / max ({rs['n']:.0f} restores)",
          f"{rs['p50']:.1f} / {rs['p99']:.1f} / {rs['max']:.1f} ms"),
         ("restore one unsealed message, p50 / p99 / max (same shape)",
