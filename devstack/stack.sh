@@ -704,6 +704,10 @@ dkim_keys() {  # the DKIM master key, the system-mail key and the return-path ke
     if [ ! -s "$DIR/dkim/return-path.key" ]; then
         (umask 077 && head -c 32 /dev/urandom | base64 >"$DIR/dkim/return-path.key")
     fi
+    # Sealed content (issue 19): the master key wrapping every organisation's content key.
+    if [ ! -s "$DIR/dkim/content-master.key" ]; then
+        (umask 077 && head -c 32 /dev/urandom | base64 >"$DIR/dkim/content-master.key")
+    fi
     if [ ! -s "$DIR/dkim/system.pem" ]; then
         (umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
             -out "$DIR/dkim/system.pem" 2>/dev/null) || die "openssl could not make the system DKIM key"
@@ -761,6 +765,8 @@ lmtp_port = $STORAGE_PORT
 metrics_listen = "127.0.0.1:$STORAGE_METRICS_PORT"
 forward_relay = "127.0.0.1:$REINJECT_PORT"
 spool_drain_interval_seconds = 1
+# Sealed content (issue 19): every packed message encrypted under its own key.
+master_key_file = "$DIR/dkim/content-master.key"
 
 [dkim]
 master_key_file = "$DIR/dkim/master.key"

@@ -52,6 +52,7 @@ from postkeep.process import (
     watchdog_interval,
 )
 from postkeep.signing_keys import DkimError
+from postkeep.storage.content import sealing
 
 NAME = "postkeep-milter"
 # The longest the drain waits for connections in flight after SIGTERM; the
@@ -267,6 +268,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     try:
         cfg = load(config_path)
         require(cfg, "s3")
+        sealing.install(cfg.storage.master_key_bytes())  # seals packed content
         mcfg = cfg.milter
         _check_listen(mcfg.listen)
         metrics_host, metrics_port = split_hostport("milter.metrics_listen", mcfg.metrics_listen)
@@ -379,7 +381,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
                                linger=mcfg.commit_linger_ms / 1000,
                                spool_dir=mcfg.spool_directory, level=mcfg.zstd_level,
                                timeout=mcfg.commit_timeout_seconds,
-                               layout=cfg.s3.effective_layout())
+                               layout=cfg.s3.effective_layout(
+                                   sealed=bool(cfg.storage.master_key)))
     from postkeep.storage.content.dictionaries import DictionaryCache
 
     dictionaries = DictionaryCache(db, objects, refresh=mcfg.dictionary_refresh_seconds,

@@ -12,6 +12,8 @@ secret inline must be readable by its owner only, as key files are.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 import re
@@ -108,12 +110,13 @@ class S3Config:
     # "objects": one object per message (the layout before packs).
     layout: str = field(default="packs", metadata=_choice("packs", "objects"))
 
-    def effective_layout(self) -> str:
-        """The layout new content is written in: one object per message under
-        Object Lock (a pack carries one retention date and one legal-hold flag
-        for all its messages, and holds and erasure act per object there;
-        packs on WORM storage wait for per-message keys), else `layout`."""
-        return "objects" if self.object_lock != "off" else self.layout
+    def effective_layout(self, sealed: bool = False) -> str:
+        """The layout new content is written in: `layout`, except one object
+        per message under Object Lock without sealing (a pack carries one
+        retention date for all its messages, and erasure could not delete one
+        of them there).  SEALED (storage.master_key set): packs under Object
+        Lock too, erasure destroying the message's key (issue 19)."""
+        return "objects" if self.object_lock != "off" and not sealed else self.layout
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,20 @@ class StorageConfig:
     # (milter.outage_spool_directory, on this host) while it holds entries.
     spool_drain_interval_seconds: float = field(default=5.0, metadata=_positive())
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    # --- sealed content (issue 19; storage/content/sealing.py) ---
+    # base64 of 32 random bytes (`head -c32 /dev/urandom | base64`): wraps
+    # each organisation's content key, which wraps each message's data key.
+    # Read by every process that writes or reads content (milter, sidecar,
+    # CLI).  Empty: new content is not sealed (sealed content then cannot be
+    # read).  Losing it loses all sealed content: back it up apart from the
+    # database.
+    master_key: str = field(default="", repr=False,
+                            metadata={"secret": True, "env": "POSTKEEP_STORAGE_MASTER_KEY"})
+    master_key_file: str = ""
+
+    def master_key_bytes(self) -> bytes | None:
+        """The 32 bytes of master_key (checked at load), or None if unset."""
+        return base64.b64decode(self.master_key.strip()) if self.master_key else None
 
 
 @dataclass(frozen=True)
@@ -666,6 +683,8 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
         _check_s3_endpoint(cfg.endpoint)
     if section == "postgres":
         _check_postgres_ports(cfg.host, cfg.ports)
+    if section == "storage":
+        _check_storage_master_key(cfg)
     if section == "postgres" and cfg.pool_min > cfg.pool_max:
         raise ConfigError(
             f"postgres.pool_min = {cfg.pool_min}: expected <= postgres.pool_max ({cfg.pool_max})"
@@ -676,6 +695,22 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
             " dkim.system_selector and a key (dkim.system_key_file or $POSTKEEP_SYSTEM_DKIM_KEY)"
         )
     return cfg
+
+
+def _check_storage_master_key(cfg: StorageConfig) -> None:
+    """storage.master_key, if set, is base64 of exactly 32 bytes (never shown)."""
+    if not cfg.master_key:
+        return
+    source = (f"storage.master_key_file = {cfg.master_key_file!r}" if cfg.master_key_file
+              else "storage.master_key (or $POSTKEEP_STORAGE_MASTER_KEY)")
+    try:
+        raw = base64.b64decode(cfg.master_key.strip(), validate=True)
+    except binascii.Error:
+        raise ConfigError(f"{source}: not valid base64; expected base64 of 32 random bytes"
+                          " (head -c32 /dev/urandom | base64)") from None
+    if len(raw) != 32:
+        raise ConfigError(f"{source}: decodes to {len(raw)} bytes; expected base64 of 32"
+                          " random bytes (head -c32 /dev/urandom | base64)")
 
 
 def _check_return_path_key(cfg: Config) -> None:

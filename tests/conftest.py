@@ -31,6 +31,7 @@ import zstandard
 from support.stack import REQUIRED, Stack, load_stack
 
 from postkeep import config as config_mod
+from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key
 from postkeep.storage.metadata import directory, dkim_keys, messages, migrate
 from postkeep.storage.metadata.db import connect
@@ -123,8 +124,11 @@ def stack_env() -> StackEnv:
 
 @pytest.fixture(scope="session")
 def config(stack_env: StackEnv) -> config_mod.Config:
-    """The stack's postkeep.toml, loaded as the daemons load it."""
-    return config_mod.load(stack_env.config_path)
+    """The stack's postkeep.toml, loaded as the daemons load it (with its
+    content master key installed, as each daemon and CLI command does)."""
+    cfg = config_mod.load(stack_env.config_path)
+    sealing.install(cfg.storage.master_key_bytes())
+    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,7 @@ from minio.error import S3Error, ServerError
 from psycopg_pool import PoolTimeout
 
 from postkeep import config as config_mod
+from postkeep.storage.content import sealing
 from postkeep.storage.metadata import directory
 from postkeep.storage.metadata.db import BackendError, connect
 
@@ -224,6 +225,7 @@ def session(ctx: click.Context) -> Iterator[Session]:
     """Load the configuration, connect, and turn backend failures into one line."""
     obj = ctx.find_root().obj or {}
     cfg = config_mod.load(obj.get("config_path"))
+    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
     try:
         conn = connect(cfg.postgres)
         with conn:

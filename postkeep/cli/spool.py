@@ -21,6 +21,7 @@ import click
 import postkeep.logs
 from postkeep import config as config_mod
 from postkeep.cli.common import EXIT_UNAVAILABLE, confirm, destructive, fail
+from postkeep.storage.content import sealing
 from postkeep.storage.content.spool import DrainResult, Spool, SpoolBusy, SpoolStatus
 
 
@@ -46,7 +47,9 @@ def _progress_line(r: DrainResult) -> str:
 
 def _config(ctx: click.Context) -> config_mod.Config:
     obj = ctx.find_root().obj or {}
-    return config_mod.load(obj.get("config_path"))
+    cfg = config_mod.load(obj.get("config_path"))
+    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+    return cfg
 
 
 @click.group("spool")

@@ -115,17 +115,18 @@ def recent_samples(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.
     from postkeep.storage.content.packs import Location
 
     rows = conn.execute(
-        "SELECT m.object_key, p.pack_offset, p.length, p.format FROM messages m"
+        "SELECT m.object_key, p.pack_offset, p.length, p.format, m.id FROM messages m"
         " LEFT JOIN message_packs p ON p.message_id = m.id"
         " WHERE m.org_id = %s AND m.size <= %s AND m.content_expires_at > %s"
         " AND m.content_erased_at IS NULL ORDER BY m.created_at DESC LIMIT %s",
         (org_id, max_bytes, now, limit)).fetchall()
     samples = []
     unreadable: list[tuple[str, BackendError]] = []  # the current run of failures
-    for key, offset, length, fmt in rows:
+    for key, offset, length, fmt, mid in rows:
         where = Location(key, offset, length, fmt) if offset is not None else None
         try:
-            sample = b"".join(restore.restore(objects, key, where=where))
+            sample = b"".join(restore.restore(objects, key, where=where, conn=conn,
+                                              message_id=mid))
         except BackendError as exc:
             unreadable.append((key, exc))
             if len(unreadable) >= UNREADABLE_IN_A_ROW:

@@ -13,9 +13,10 @@ was created before the pack, so creation + class days is never before any
 member's content_expires_at), with the content expiry day in the name.
 
 A pack is the concatenation of its members' entries; an entry is what
-`seal_entry` makes of the message's compressed object (today: the object
-itself, plain zstd frames or a container; the seam where per-message
-encryption goes).  `message_packs` says where each entry is (offset,
+`seal_entry` makes of the message's compressed object (plain zstd frames or
+a container): sealed under the message's own data key when a master key is
+configured (format 1, storage/content/sealing.py), as it is otherwise
+(format 0).  `message_packs` says where each entry is (offset,
 length, format): restore is one ranged GET (`location`, restore.restore).
 
 A message without a `message_packs` row is read the old way, from its own
@@ -37,12 +38,13 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
 
 from postkeep.ids import uuid7
+from postkeep.storage.content import sealing
 from postkeep.storage.content.layout import MESSAGES
 from postkeep.storage.metadata.db import BackendError
 
@@ -50,24 +52,30 @@ log = logging.getLogger("postkeep.storage")
 
 SUFFIX = ".pack"
 FORMAT_PLAIN = 0  # the entry is the message's compressed object as stored alone
+FORMAT_SEALED = 1  # that object sealed under the message's own key (storage/content/sealing.py)
 
 
-def seal_entry(message_id: uuid.UUID, compressed: bytes) -> tuple[int, bytes]:
-    """(format, bytes): what goes into a pack for one message's compressed object.
-
-    THE seam for per-message encryption: a sealed format would encrypt
-    COMPRESSED here with the message's data key and return its own format
-    number; `open_entry` undoes it.  Today the entry is the object itself.
-    """
-    del message_id  # a sealed format binds the entry to it
-    return FORMAT_PLAIN, compressed
+def seal_entry(key: sealing.DataKey | None, compressed: bytes) -> tuple[int, bytes]:
+    """(format, bytes): what goes into a pack for one message's compressed object:
+    sealed under KEY (the message's data key), or as it is without one."""
+    if key is None:
+        return FORMAT_PLAIN, compressed
+    return FORMAT_SEALED, sealing.seal(key, compressed)
 
 
-def open_entry(fmt: int, key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """The compressed object from an entry's bytes (the inverse of seal_entry)."""
-    if fmt != FORMAT_PLAIN:
+def open_entry(fmt: int, key: str, chunks: Iterator[bytes],
+               conn: psycopg.Connection | None = None,
+               message_id: uuid.UUID | None = None) -> Iterator[bytes]:
+    """The compressed object from an entry's bytes (the inverse of seal_entry).
+    A sealed entry needs CONN (its key) and MESSAGE_ID (what it is bound to)."""
+    if fmt == FORMAT_PLAIN:
+        return chunks
+    if fmt != FORMAT_SEALED:
         raise BackendError("s3", f"{key}: pack entry format {fmt} is not supported")
-    return chunks
+    if conn is None or message_id is None:
+        raise BackendError("s3", f"{key}: a sealed entry is read with its message's key"
+                                 " (restore_message)")
+    return iter([sealing.open_sealed(conn, message_id, b"".join(chunks), key)])
 
 
 def is_pack_key(key: str) -> bool:
@@ -100,6 +108,7 @@ class Entry:
     message_key: str
     content_expires_at: datetime
     data: bytes
+    sealed: bool = False  # DATA is already a sealed entry (its key row exists)
 
 
 @dataclass
@@ -111,15 +120,19 @@ class Pack:
     expires_at: datetime
     body: io.BytesIO
     members: dict[uuid.UUID, Location]
+    keys: list[sealing.DataKey] = field(default_factory=list)  # rows to record with it
 
     @property
     def length(self) -> int:
         return self.body.tell()
 
 
-def build(entries: list[Entry], new_id: Callable[[], uuid.UUID] = uuid7) -> list[Pack]:
+def build(entries: list[Entry], new_id: Callable[[], uuid.UUID] = uuid7,
+          keys: dict[uuid.UUID, sealing.DataKey] | None = None) -> list[Pack]:
     """ENTRIES grouped into packs: one per organisation, directory (class and
-    creation day) and content-expiry day, members in the order given."""
+    creation day) and content-expiry day, members in the order given.  An
+    entry with a data key in KEYS is sealed under it."""
+    keys = keys or {}
     groups: dict[tuple[uuid.UUID, str, str], list[Entry]] = defaultdict(list)
     for e in entries:
         directory = e.message_key.rsplit("/", 1)[0]
@@ -131,7 +144,13 @@ def build(entries: list[Entry], new_id: Callable[[], uuid.UUID] = uuid7) -> list
         pack = Pack(pack_key(first.message_key, first.content_expires_at, new_id()),
                     first.org_id, expires, io.BytesIO(), {})
         for e in members:
-            fmt, data = seal_entry(e.message_id, e.data)
+            if e.sealed:
+                fmt, data = FORMAT_SEALED, e.data
+            else:
+                k = keys.get(e.message_id)
+                fmt, data = seal_entry(k, e.data)
+                if k is not None:
+                    pack.keys.append(k)
             pack.members[e.message_id] = Location(pack.key, pack.length, len(data), fmt)
             pack.body.write(data)
         packs.append(pack)
@@ -156,6 +175,8 @@ def record(conn: psycopg.Connection, packs: list[Pack]) -> None:
         ([r[0] for r in rows], [r[1] for r in rows], [r[2].pack_key for r in rows],
          [r[2].offset for r in rows], [r[2].length for r in rows],
          [r[2].format for r in rows]))
+    # The data keys of the members indexed (one refused after its upload has none).
+    sealing.record(conn, [k for p in packs for k in p.keys if k.message_id in p.members])
 
 
 def location(conn: psycopg.Connection, message_id: uuid.UUID) -> Location | None:
@@ -199,7 +220,7 @@ def _alive(conn: psycopg.Connection, keys: list[str], now: datetime) -> set[str]
 
 def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]],
           now: datetime, candidates: Collection[str] = (), batch: int = 1000,
-          only: bool = False) -> PackSweep:
+          only: bool = False, locked: bool = False) -> PackSweep:
     """Delete, whole, every pack no message reads from any more (`_alive`):
     those past their expires_at (the latest member stamp when written), those
     with no member left, and CANDIDATES (packs of messages the message sweep
@@ -207,11 +228,14 @@ def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]
     lifecycle rule may have deleted it already: deletes are idempotent), then
     its rows (message_packs go with it).  DELETE_MANY returns the keys it
     failed to delete; those stay for the next run.  ONLY: just the CANDIDATES
-    (the message sweep, batch by batch).
+    (the message sweep, batch by batch).  LOCKED (Object Lock): a pack left
+    with no member (its sealed messages erased by their keys) waits for its
+    expiry, before which the server refuses the delete.
     """
     which = ("k.object_key = ANY(%(cands)s)" if only else
              "(k.expires_at <= %(now)s OR k.object_key = ANY(%(cands)s)"
-             " OR NOT EXISTS (SELECT 1 FROM message_packs e WHERE e.pack_key = k.object_key))")
+             " OR (NOT %(locked)s AND NOT EXISTS (SELECT 1 FROM message_packs e"
+             " WHERE e.pack_key = k.object_key)))")
     gone: list[str] = []
     failed = 0
     after = ""
@@ -219,7 +243,8 @@ def sweep(conn: psycopg.Connection, delete_many: Callable[[list[str]], list[str]
         found = [r[0] for r in conn.execute(
             f"SELECT k.object_key FROM packs k WHERE k.object_key > %(after)s AND {which}"
             " ORDER BY k.object_key LIMIT %(n)s",
-            {"now": now, "after": after, "n": batch, "cands": sorted(candidates)}).fetchall()]
+            {"now": now, "after": after, "n": batch, "cands": sorted(candidates),
+             "locked": locked}).fetchall()]
         if not found:
             return PackSweep(len(gone), failed, tuple(gone))
         after = found[-1]
@@ -241,3 +266,12 @@ def emptied_by(conn: psycopg.Connection, message_ids: list[uuid.UUID]) -> list[s
         "SELECT DISTINCT mp.pack_key FROM message_packs mp WHERE mp.message_id = ANY(%(ids)s)"
         " AND NOT EXISTS (SELECT 1 FROM message_packs o WHERE o.pack_key = mp.pack_key"
         " AND o.message_id <> ALL(%(ids)s))", {"ids": message_ids})]
+
+
+def all_sealed(conn: psycopg.Connection, pack_key: str) -> bool:
+    """Whether every indexed entry of PACK_KEY is sealed (destroying their keys
+    leaves nothing readable in it)."""
+    row = conn.execute("SELECT bool_and(format = %s) FROM message_packs WHERE pack_key = %s",
+                       (FORMAT_SEALED, pack_key)).fetchone()
+    return bool(row and row[0])
+

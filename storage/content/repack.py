@@ -6,7 +6,9 @@ directory, content-expiry day), written as packs, their rows pointed at the
 packs, and their old objects deleted.  Not repacked: held objects
 (messages/hold/, they stay where a hold put them), inbound mail (unmatched
 reports name its object), erased or expired content, objects above
-SMALL_BYTES (the milter keeps those alone too).
+SMALL_BYTES (the milter keeps those alone too).  With a master key
+configured the entries are sealed as the milter seals new content
+(storage/content/sealing.py); a sealed held copy stays sealed under its key.
 
 compact: a pack whose live entries (those with an index row) are less than
 THRESHOLD of its bytes is rewritten with only those entries (or deleted if
@@ -30,8 +32,8 @@ from datetime import UTC, datetime
 import psycopg
 
 from postkeep.ids import uuid7
-from postkeep.storage.content import packs
-from postkeep.storage.content.objects import ObjectStore, read_all
+from postkeep.storage.content import packs, sealing
+from postkeep.storage.content.objects import ObjectStore, put_content, read_all
 from postkeep.storage.metadata.db import BackendError
 
 SMALL_BYTES = 256 * 1024  # as the milter's group commit (small_object_bytes)
@@ -115,9 +117,12 @@ def repack(conn: psycopg.Connection, objects: ObjectStore, delete_many: DeleteMa
                 result.failed.append(f"{key}: {exc.reason}")
                 continue
             result.bytes_read += len(data)
-            entries.append(packs.Entry(mid, org, key, cexp, data))
+            entries.append(packs.Entry(mid, org, key, cexp, data, sealing.is_sealed(data)))
             old[mid] = (key, mexp)
-        for pack in packs.build(entries):
+        # Sealed as the milter seals new content, when a master key is configured.
+        keys = sealing.data_keys(conn, [(e.message_id, e.org_id, e.content_expires_at)
+                                        for e in entries if not e.sealed])
+        for pack in packs.build(entries, keys=keys):
             moved = _commit_pack(conn, objects, pack, {m: old[m] for m in pack.members})
             result.messages += len(moved)
             result.packs_written += 1
@@ -132,7 +137,7 @@ def _commit_pack(conn: psycopg.Connection, objects: ObjectStore, pack: packs.Pac
     """Put PACK, then index it and repoint the messages still at their OLD keys
     (one transaction, replaced objects listed as leftovers); the ids moved."""
     body = pack.body.getvalue()
-    objects.put(pack.key, io.BytesIO(body), len(body))
+    put_content(objects, pack.key, io.BytesIO(body), len(body), pack.expires_at)
     ids = list(old)
     with conn.transaction():
         moved = [r[0] for r in conn.execute(
@@ -153,7 +158,8 @@ def _commit_pack(conn: psycopg.Connection, objects: ObjectStore, pack: packs.Pac
 def _only(pack: packs.Pack, members: dict[uuid.UUID, packs.Location]
                         ) -> packs.Pack:
     """PACK with only MEMBERS (its body unchanged: the others become dead bytes)."""
-    return packs.Pack(pack.key, pack.org_id, pack.expires_at, pack.body, members)
+    return packs.Pack(pack.key, pack.org_id, pack.expires_at, pack.body, members,
+                      [k for k in pack.keys if k.message_id in members])
 
 
 def compact(conn: psycopg.Connection, objects: ObjectStore, delete_many: DeleteMany, *,
@@ -191,7 +197,7 @@ def compact(conn: psycopg.Connection, objects: ObjectStore, delete_many: DeleteM
                 new.members[mid] = packs.Location(new.key, new.length, size, fmt)
                 new.body.write(data)
             body = new.body.getvalue()
-            objects.put(new.key, io.BytesIO(body), len(body))
+            put_content(objects, new.key, io.BytesIO(body), len(body), expires)
             result.packs_written += 1
         with conn.transaction():
             if new is not None:

@@ -19,13 +19,14 @@ names it.
 from __future__ import annotations
 
 import io
+import itertools
 import uuid
 from collections.abc import Iterable, Iterator
 
 import psycopg
 import zstandard
 
-from postkeep.storage.content import container
+from postkeep.storage.content import container, sealing
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.content.packs import Location, is_pack_key, open_entry
 from postkeep.storage.metadata.db import BackendError
@@ -79,11 +80,14 @@ def decompress_stream(chunks: Iterable[bytes], chunk_size: int = CHUNK_SIZE,
 
 
 def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
-            where: Location | None = None) -> Iterator[bytes]:
+            where: Location | None = None, conn: psycopg.Connection | None = None,
+            message_id: uuid.UUID | None = None) -> Iterator[bytes]:
     """The original message bytes of the object at KEY, streamed.
 
     WHERE: the message is an entry in the pack KEY (storage/content/packs.py):
     one ranged GET of its bytes, then the same as a message's own object.
+    Sealed content (an entry, or a held copy of one) is opened with
+    MESSAGE_ID's data key read over CONN (storage/content/sealing.py).
     """
     if where is None and is_pack_key(key):
         # Never the whole pack: its frames would decompress to other messages.
@@ -91,9 +95,10 @@ def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
                                  " (erased, or the index row is missing)")
     if where is not None:
         chunks = open_entry(where.format, key,
-                            store.get_range(where.pack_key, where.offset, where.length))
+                            store.get_range(where.pack_key, where.offset, where.length),
+                            conn, message_id)
     else:
-        chunks = store.get(key)
+        chunks = _unseal_object(key, store.get(key), conn, message_id)
     try:
         manifest, rest = container.read_header(chunks)
     except container.ContainerError as exc:
@@ -103,13 +108,30 @@ def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
     return _assemble(store, key, manifest, rest, chunk_size)
 
 
+def _unseal_object(key: str, chunks: Iterator[bytes], conn: psycopg.Connection | None,
+                   message_id: uuid.UUID | None) -> Iterator[bytes]:
+    """An own object's chunks, opened if it is sealed (a held copy of a
+    sealed entry: storage/lifecycle/holds.py copies the range as it is)."""
+    first = b""
+    for first in chunks:
+        if first:
+            break
+    if not sealing.is_sealed(first):
+        return itertools.chain([first], chunks)
+    if conn is None or message_id is None:
+        raise BackendError("s3", f"{key}: sealed content is read with its message's key"
+                                 " (restore_message)")
+    data = first + b"".join(chunks)
+    return iter([sealing.open_sealed(conn, message_id, data, key)])
+
+
 def restore_message(conn: psycopg.Connection, store: ObjectStore, message_id: uuid.UUID,
                     key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """The original bytes of message MESSAGE_ID whose row names KEY: from its
     pack if the index has it there (one ranged GET), else from its own object."""
     from postkeep.storage.content.packs import location
 
-    return restore(store, key, chunk_size, location(conn, message_id))
+    return restore(store, key, chunk_size, location(conn, message_id), conn, message_id)
 
 
 def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,

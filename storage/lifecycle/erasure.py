@@ -15,13 +15,16 @@ A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
 
-On WORM storage (`s3.object_lock = "compliance"`) the server refuses to
-delete an object before its retention date (its content expiry): erasure
-then still erases the metadata and marks the content erased (no reader
-serves it), and reports how many objects keep their bytes in S3 and until
-when (`ErasureReport.objects_locked`, `locked_until`, the audit row); the
-retention sweeper deletes them once the lock has passed.  Destroying the
-bytes at once needs per-message keys (crypto-shredding), a later change.
+Sealed content (storage/content/sealing.py) is erased by deleting each
+message's data key row, in the transaction that marks it: instant and exact,
+wherever its bytes are (a pack other messages share keeps them as noise
+until it expires or is compacted).  On WORM storage (`s3.object_lock =
+"compliance"`) that is all erasure does for sealed content: no DELETE is
+sent.  Unsealed content there (written before sealing, or without a master
+key) is still deleted, the server refuses before its retention date, and
+erasure reports how many objects keep their bytes in S3 and until when
+(`ErasureReport.objects_locked`, `locked_until`, the audit row); the
+retention sweeper deletes them once the lock has passed.
 
 Crash-safe by order: per batch, the objects are deleted first (with any
 original a hold's move left behind), then the attachment parts only these
@@ -45,7 +48,7 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from postkeep.storage.content import packs
+from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
@@ -152,7 +155,15 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             ids = [m[0] for m in batch]
             emptied = packs.emptied_by(conn, ids)
             keys = [m[2] for m in batch if not is_pack_key(m[2])] + emptied
-            failed = delete_content(store, keys)
+            if getattr(store, "object_lock", False):
+                # WORM: sealed content is erased by destroying its data keys
+                # (below, with the mark), not by a DELETE the server would
+                # refuse; its bytes are noise until the lock passes.
+                sealed = sealing.sealed_ids(conn, ids)
+                keys = [m[2] for m in batch if not is_pack_key(m[2]) and m[0] not in sealed]
+                emptied = [k for k in emptied if not packs.all_sealed(conn, k)]
+                keys += emptied
+            failed = delete_content(store, keys) if keys else []
             locked: list[str] = []
             if failed:
                 locked, failed = split_locked(
@@ -174,6 +185,9 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                                          " nothing of this batch was marked, run the erasure"
                                          " again") from exc
             with conn.transaction():
+                # Crypto-shredding: without its data key a sealed message's
+                # bytes (in a pack, under Object Lock, in a replica) are noise.
+                shredded = sealing.destroy(conn, ids)
                 forgotten = packs.forget(conn, ids)
                 conn.execute("DELETE FROM packs WHERE object_key = ANY(%s)", (emptied,))
                 conn.execute(
@@ -216,6 +230,7 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
                        "pack_entries_dropped": forgotten, "parts_deleted": parts,
+                       "data_keys_destroyed": shredded,
                        "objects_locked": len(locked)})
             total += len(batch)
             deleted += len(keys) - len(locked)

@@ -46,7 +46,7 @@ from psycopg import errors, sql
 
 from postkeep.config import RetentionConfig
 from postkeep.ids import uuid7
-from postkeep.storage.content import packs
+from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle import holds, stats
 from postkeep.storage.lifecycle.holds import HELD_AT
@@ -104,6 +104,7 @@ class RunReport:
     parts_swept: int = 0
     packs_swept: int = 0
     dictionaries_swept: int = 0
+    keys_expired: int = 0  # sealed content's data keys destroyed (storage/content/sealing.py)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -120,6 +121,7 @@ class RunReport:
             f" held_objects_protected={self.held_objects_protected}"
             f" holds_reconciled={self.holds_reconciled} stats_rows={self.stats_rows}"
             f" parts_swept={self.parts_swept} dictionaries_swept={self.dictionaries_swept}"
+            f" keys_expired={self.keys_expired}"
             f" errors={len(self.errors)} seconds={self.seconds:.2f}"
         )
 
@@ -234,6 +236,7 @@ def run_retention(conn: psycopg.Connection, store: RetentionStore, now: datetime
             watermark = _sweep(conn, store, watermark, now, settings, report, say, stop,
                                expired_packs)
             _packs(conn, store, now, report, say, expired_packs)
+            _expire_keys(conn, now, report, say)
             weeks = droppable(list_weeks(conn), min(now, watermark[0]))
             _drop(conn, weeks, settings, report, say, stop)
             _shared_content(conn, store, now, report, say)
@@ -265,7 +268,8 @@ def _packs(conn: psycopg.Connection, store: RetentionStore, now: datetime,
     """Packs whose every message's content has expired go whole
     (storage/content/packs.py), in either mode."""
     try:
-        swept = packs.sweep(conn, store.delete_many, now, candidates)
+        swept = packs.sweep(conn, store.delete_many, now, candidates,
+                            locked=bool(getattr(store, "object_lock", False)))
     except (BackendError, psycopg.Error) as exc:
         report.errors.append(f"pack sweep: {exc}")
         say(f"pack sweep failed: {exc}")
@@ -277,6 +281,29 @@ def _packs(conn: psycopg.Connection, store: RetentionStore, now: datetime,
         audit(conn, report.run_id, "packs_swept", swept.deleted, None, None,
               {"failed": swept.failed})
         say(f"swept {swept.deleted} expired pack(s)")
+
+
+def _expire_keys(conn: psycopg.Connection, now: datetime, report: RunReport,
+                 say: Progress) -> None:
+    """Crypto-shred sealed content past its expiry: drop the data-key
+    partitions whose month has passed, delete the passed rows of the current
+    one (storage/content/sealing.py).  Keys of messages a legal hold covers
+    move to the never-dropped partition first.  Instant and exact whatever
+    the bytes: those go with their pack (lifecycle rule or pack sweep)."""
+    try:
+        with conn.transaction():
+            kept = sealing.hold_keys(conn, now, covered_sql)
+            dropped, deleted = sealing.expire(conn, now)
+    except psycopg.Error as exc:
+        report.errors.append(f"key expiry: {exc}")
+        say(f"key expiry failed: {exc}")
+        return
+    report.keys_expired = deleted
+    if dropped or deleted or kept:
+        audit(conn, report.run_id, "keys_expired", deleted, None, None,
+              {"partitions_dropped": dropped, "held_keys_kept": kept})
+        say(f"expired content keys: {deleted} row(s) deleted, {dropped} key partition(s)"
+            f" dropped, {kept} kept for legal holds")
 
 
 def _shared_content(conn: psycopg.Connection, store: RetentionStore, now: datetime,

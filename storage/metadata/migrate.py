@@ -88,6 +88,12 @@ def ensure_partitions(conn: psycopg.Connection) -> int:
                 "SELECT ensure_partitions(now() + make_interval(days => %s))", (horizon,)
             ).fetchone()
             created += int(one[0]) if one else 0
+            # Sealed content's data keys, by content expiry month (0026_sealing.sql).
+            if conn.execute("SELECT to_regproc('maintain_key_partitions')").fetchone() != (
+                    None,):
+                one = conn.execute("SELECT maintain_key_partitions(now() + make_interval("
+                                   "days => %s))", (horizon,)).fetchone()
+                created += int(one[0]) if one else 0
     with conn.transaction():
         # The days ahead for received reports (postkeep-storage drops old ones).
         if conn.execute("SELECT to_regproc('maintain_report_partitions')").fetchone() != (None,):

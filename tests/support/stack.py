@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 
 from postkeep.config import Config, load
+from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, read_all
 from postkeep.storage.content.packs import Location
 from postkeep.storage.metadata import directory, dkim_keys
@@ -103,7 +104,7 @@ class Stack:
             time.sleep(0.2)
         raise AssertionError(f"sink never received the message with token {token}")
 
-    def _entry(self, key: str) -> Location | None:
+    def _entry(self, key: str) -> tuple[Location, uuid.UUID] | None:
         """KEY's one message if KEY is a pack (storage/content/packs.py): tests
         name a message by its row's object_key; a pack of several is ambiguous."""
         from postkeep.storage.content.packs import is_pack_key
@@ -111,28 +112,43 @@ class Stack:
         if not is_pack_key(key):
             return None
         with self.connect() as conn:
-            rows = conn.execute("SELECT pack_offset, length, format FROM message_packs"
-                                " WHERE pack_key = %s", (key,)).fetchall()
+            rows = conn.execute("SELECT pack_offset, length, format, message_id"
+                                " FROM message_packs WHERE pack_key = %s", (key,)).fetchall()
         assert len(rows) == 1, f"pack {key} holds {len(rows)} messages: name one by id"
-        return Location(key, rows[0][0], rows[0][1], rows[0][2])
+        return Location(key, rows[0][0], rows[0][1], rows[0][2]), rows[0][3]
 
     def stored(self, key: str) -> bytes:
         """The object at KEY as stored (compressed; maybe a container); for a
-        pack of one message, that message's entry."""
-        where = self._entry(key)
-        if where is not None:
-            return b"".join(self.objects().get_range(key, where.offset, where.length))
+        pack of one message, that message's entry, opened if it is sealed
+        (storage/content/sealing.py: the compressed object inside)."""
+        from postkeep.storage.content.packs import open_entry
+
+        found = self._entry(key)
+        if found is not None:
+            where, mid = found
+            chunks = self.objects().get_range(key, where.offset, where.length)
+            with self.connect() as conn:
+                return b"".join(open_entry(where.format, key, chunks, conn, mid))
         return read_all(self.objects(), key)
+
+    def raw_entry(self, key: str) -> bytes:
+        """The bytes of KEY's one message's entry exactly as in S3 (sealed or not)."""
+        found = self._entry(key)
+        assert found is not None, f"{key} is not a pack"
+        where = found[0]
+        return b"".join(self.objects().get_range(key, where.offset, where.length))
 
     def restored(self, key: str, message_id: uuid.UUID | None = None) -> bytes:
         """The message bytes of the object at KEY, parts and dictionary included
         (MESSAGE_ID: that message of the pack KEY)."""
         from postkeep.storage.content.restore import restore, restore_message
 
+        if message_id is None and (found := self._entry(key)) is not None:
+            message_id = found[1]
         if message_id is not None:
             with self.connect() as conn:
                 return b"".join(restore_message(conn, self.objects(), message_id, key))
-        return b"".join(restore(self.objects(), key, where=self._entry(key)))
+        return b"".join(restore(self.objects(), key))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""
@@ -143,7 +159,9 @@ class Stack:
 
 def load_stack() -> Stack:
     env = require_env()
-    return Stack(env, load(env["POSTKEEP_CONFIG"]))
+    cfg = load(env["POSTKEEP_CONFIG"])
+    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+    return Stack(env, cfg)
 
 
 def strip_received(message: bytes) -> bytes:
