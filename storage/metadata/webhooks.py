@@ -257,18 +257,23 @@ def pending_heads(conn: psycopg.Connection, endpoint_id: uuid.UUID,
             for r in rows]
 
 
-def record_success(conn: psycopg.Connection, endpoint_id: uuid.UUID, event_id: int,
-                   status: int) -> float | None:
-    """Mark delivered (after a 2xx); the lag from the event's creation, in seconds
-    (None if it was not pending any more: a replay or removal raced us)."""
-    row = conn.execute(
-        "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,"
-        " last_attempt_at = now(), last_status = %s, last_error = NULL,"
-        " delivered_at = clock_timestamp()"
-        " WHERE endpoint_id = %s AND event_id = %s AND state = 'pending'"
-        " RETURNING extract(epoch FROM clock_timestamp() - event_created_at)::float8",
-        (status, endpoint_id, event_id)).fetchone()
-    return float(row[0]) if row else None
+def record_successes(conn: psycopg.Connection, endpoint_id: uuid.UUID,
+                     done: Sequence[tuple[int, int, datetime]]) -> list[tuple[str, float]]:
+    """Mark DONE (event id, HTTP status, when its 2xx came) delivered, in one
+    statement; (event type, lag from the event's creation in seconds) of each that
+    was still pending (a replay or removal may have raced us)."""
+    if not done:
+        return []
+    rows = conn.execute(
+        "UPDATE webhook_deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
+        " last_attempt_at = u.at, last_status = u.status, last_error = NULL,"
+        " delivered_at = u.at"
+        " FROM unnest(%s::bigint[], %s::integer[], %s::timestamptz[]) AS u(ev, status, at)"
+        " WHERE d.endpoint_id = %s AND d.event_id = u.ev AND d.state = 'pending'"
+        " RETURNING d.event_type, extract(epoch FROM u.at - d.event_created_at)::float8",
+        ([d[0] for d in done], [d[1] for d in done], [d[2] for d in done],
+         endpoint_id)).fetchall()
+    return [(str(r[0]), float(r[1])) for r in rows]
 
 
 def record_failure(conn: psycopg.Connection, endpoint_id: uuid.UUID, event_id: int,
