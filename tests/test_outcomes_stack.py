@@ -228,8 +228,8 @@ def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeM
     # expired, bounced through the real path), the last one the final status.
     with stack.connect() as conn:
         evs = conn.execute("SELECT recipient, event_type FROM event_outbox"
-                           " WHERE message_id = %s AND event_type <> 'suppressed' AND recipient IS NOT NULL"
-                           " ORDER BY id",
+                           " WHERE message_id = %s AND event_type <> 'suppressed'"
+                           " AND recipient IS NOT NULL ORDER BY id",
                            (mid,)).fetchall()
     for rcpt, status in final.items():
         mine = [t for r, t in evs if r == rcpt]
