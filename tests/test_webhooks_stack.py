@@ -190,6 +190,9 @@ def test_erasure_writes_an_erased_event_naming_no_address_and_it_is_delivered(
     org = make_org()
     with receiver() as rx:
         _, secret = add_endpoint(stack, org.id, rx.url("/erase"))
+        # An endpoint that is down: the erased messages' events wait there.
+        rx.behave("/down", Behaviour(fail_first=10**6))
+        down, _ = add_endpoint(stack, org.id, rx.url("/down"))
         to_it = store_message(org, recipients=(target, "other@example.net"),
                               subject=f"for {target}")
         from_it = store_message(org, envelope_from=addr, recipients=("desk@example.net",))
@@ -199,6 +202,8 @@ def test_erasure_writes_an_erased_event_naming_no_address_and_it_is_delivered(
         # Suppressed by hand: an event about no message that names the address.
         cli(stack, "suppression", "add", str(org.id), target, "--note", f"asked by {addr}")
         until(lambda: len(rx.got("/erase")) >= 5, "the five events before the erasure",
+              timeout=60)
+        until(lambda: len(_deliveries(stack, down)) >= 5, "the five queued at the down one",
               timeout=60)
         out = json.loads(cli(stack, "erase", "--org", str(org.id), "--address", target, "--yes",
                              "--json").stdout)
@@ -231,6 +236,24 @@ def test_erasure_writes_an_erased_event_naming_no_address_and_it_is_delivered(
         assert got[0].event == p
         assert signing.verify(secret, got[0].headers["postkeep-signature"], got[0].body)
         assert addr.encode() not in got[0].body.lower()
+        # The down endpoint's queue drops the deleted events (no failure to
+        # dead-letter, nothing to replay); it still has the erased event.
+        def queued() -> list[tuple[int, uuid.UUID | None, str, bool]]:
+            with stack.connect() as conn:
+                return conn.execute(  # type: ignore[return-value]
+                    "SELECT d.event_id, d.message_id, d.event_type, o.id IS NOT NULL"
+                    " FROM webhook_deliveries d LEFT JOIN event_outbox o"
+                    " ON o.id = d.event_id WHERE d.endpoint_id = %s", (down,)).fetchall()
+
+        def erased_queued() -> list[tuple[int, uuid.UUID | None, str, bool]] | None:
+            q = queued()
+            return q if "erased" in {r[2] for r in q} else None
+
+        rows_down = until(erased_queued, "the erased event queued at the down endpoint",
+                          timeout=60)
+        assert all(in_outbox for *_, in_outbox in rows_down), rows_down
+        assert not {to_it.id, from_it.id, quoting.id} & {r[1] for r in rows_down}, rows_down
+        assert _deliveries(stack, down, "--state", "dead") == []
         # An erasure that finds nothing says so too: one event with no messages.
         cli(stack, "erase", "--org", str(org.id), "--address", "nobody@example.net", "--yes")
         with stack.connect() as conn:

@@ -56,7 +56,7 @@ from postkeep.storage.content import packs
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
-from postkeep.storage.metadata import events, suppression
+from postkeep.storage.metadata import events, suppression, webhooks
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.legal_holds import Hold, holds_covering, involves_sql, list_holds
@@ -221,8 +221,10 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 # The delivery events of these messages name their recipients
                 # and subjects (event_outbox, kept storage.event_days for the
                 # webhooks): they go with the content, undelivered ones too.
-                conn.execute("DELETE FROM event_outbox WHERE org_id = %s"
-                             " AND message_id = ANY(%s)", (org_id, ids))
+                # Their pending webhook deliveries go too: not dead-lettered
+                # later as failures, never replayed.
+                webhooks.forget_undelivered(conn, org_id,
+                                            events.forget_messages(conn, org_id, ids))
                 # ... and the platform is told, by postkeep id only (never
                 # the address), in the transaction that erased them.
                 events.emit_erased(conn, org_id, address, ids, erasure_id,
@@ -251,7 +253,8 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 lambda text: None if text is None else literal.sub(REDACTED, text))
             # Events naming the address that were about no erased message
             # (a suppression added by hand, another message's subject).
-            events.forget_address(conn, org_id, address)
+            webhooks.forget_undelivered(conn, org_id,
+                                        events.forget_address(conn, org_id, address))
             if not scope:
                 audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": 0,

@@ -89,9 +89,18 @@ def emit_erased(conn: psycopg.Connection, org_id: uuid.UUID, address: str,
     return int(row[0])
 
 
-def forget_address(conn: psycopg.Connection, org_id: uuid.UUID, address: str) -> int:
+def forget_messages(conn: psycopg.Connection, org_id: uuid.UUID,
+                    message_ids: list[uuid.UUID]) -> list[int]:
+    """Delete ORG_ID's events about MESSAGE_IDS (postkeep ids), in the caller's
+    transaction; their outbox ids."""
+    return [int(r[0]) for r in conn.execute(
+        "DELETE FROM event_outbox WHERE org_id = %s AND message_id = ANY(%s) RETURNING id",
+        (org_id, message_ids)).fetchall()]
+
+
+def forget_address(conn: psycopg.Connection, org_id: uuid.UUID, address: str) -> list[int]:
     """Delete ORG_ID's events that name ADDRESS anywhere (recipient or payload), in the
-    caller's transaction; how many.
+    caller's transaction; their outbox ids.
 
     Erasure deletes the events of the messages it erases by message id; this
     catches the rest: a `suppressed` event of an address added by hand (no
@@ -99,10 +108,10 @@ def forget_address(conn: psycopg.Connection, org_id: uuid.UUID, address: str) ->
     subject quoting the address.  Reads every event of the organisation the
     outbox still keeps (storage.event_days): erasures are rare.
     """
-    return conn.execute(
+    return [int(r[0]) for r in conn.execute(
         "DELETE FROM event_outbox WHERE org_id = %s"
-        " AND (lower(recipient) = lower(%s) OR strpos(lower(payload::text), lower(%s)) > 0)",
-        (org_id, address, address)).rowcount
+        " AND (lower(recipient) = lower(%s) OR strpos(lower(payload::text), lower(%s)) > 0)"
+        " RETURNING id", (org_id, address, address)).fetchall()]
 
 
 def maintain_event_partitions(conn: psycopg.Connection, keep_days: int | None) -> int:

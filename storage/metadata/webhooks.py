@@ -322,6 +322,20 @@ def queue_stats(conn: psycopg.Connection) -> list[QueueStats]:
         " GROUP BY e.id").fetchall()]
 
 
+def forget_undelivered(conn: psycopg.Connection, org_id: uuid.UUID,
+                       event_ids: Sequence[int]) -> int:
+    """Drop ORG_ID's pending and dead-lettered deliveries of EVENT_IDS (events erasure
+    deleted from the outbox), so they are neither counted as failures nor replayed;
+    delivered rows stay (they name no address).  How many."""
+    if not event_ids:
+        return 0
+    return conn.execute(
+        "DELETE FROM webhook_deliveries WHERE endpoint_id IN"
+        " (SELECT id FROM webhook_endpoints WHERE org_id = %s)"
+        " AND event_id = ANY(%s) AND state <> 'delivered'",
+        (org_id, list(event_ids))).rowcount
+
+
 def purge_delivered(conn: psycopg.Connection, keep_days: int) -> int:
     return conn.execute(
         "DELETE FROM webhook_deliveries WHERE state = 'delivered'"
