@@ -323,14 +323,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="reports per closed-loop run")
     ap.add_argument("--reps", type=int, default=3, help="on/off pairs")
     ap.add_argument("-c", type=int, default=10, help="concurrent LMTP connections")
-    ap.add_argument("--load", type=float, default=0.8,
-                    help="the lag run's rate, as a fraction of the off median")
+    ap.add_argument("--load", default="0.8",
+                    help="the lag runs' rates, fractions of the off median, comma-separated;"
+                         " the goal is judged at the first (0.8: the issue's)")
     ap.add_argument("--lag-seconds", type=float, default=20.0)
     ap.add_argument("--max-seconds", type=float, default=900.0, help="the whole run's bound")
     ap.add_argument("--config", default=None)
     args = ap.parse_args()
-    if not (1 <= args.n <= 100_000 and 1 <= args.reps <= 20 and 1 <= args.lag_seconds <= 600):
-        raise SystemExit("bench: --n 1..100000, --reps 1..20, --lag-seconds 1..600")
+    loads = [float(x) for x in str(args.load).split(",") if x.strip()]
+    if not (1 <= args.n <= 100_000 and 1 <= args.reps <= 20 and 1 <= args.lag_seconds <= 600
+            and 1 <= len(loads) <= 5 and all(0 < x <= 1.5 for x in loads)):
+        raise SystemExit("bench: --n 1..100000, --reps 1..20, --lag-seconds 1..600,"
+                         " --load 1 to 5 fractions in (0, 1.5]")
     cfg = load(args.config)
     if not cfg.webhooks.enabled:
         raise SystemExit("bench: webhooks.enabled is false in this stack's config")
@@ -343,7 +347,7 @@ def main() -> None:
     bench.msgs = prepare(conn, org, 2 * args.reps * args.n + max(50, args.n // 4))
     print(f"## Webhook events (bench/webhook_lag.py): {args.reps} on/off pairs of {args.n}"
           f" reports over {args.c} LMTP connections, then {args.lag_seconds:g} s open loop"
-          f" at {args.load:.0%} of the off median\n")
+          f" at {', '.join(f'{x:.0%}' for x in loads)} of the off median\n")
     bench.closed_run(False, max(50, args.n // 4))  # warm-up (caches, pools), not counted
     runs: dict[bool, list[float]] = {True: [], False: []}
     cpus: dict[bool, dict[str, list[float]]] = {True: {}, False: {}}
@@ -370,22 +374,27 @@ def main() -> None:
     for k in cpus[False]:
         a, b = statistics.median(cpus[False][k]), statistics.median(cpus[True].get(k, [0.0]))
         print(f"CPU ms/report median, {k}: off {a:.2f}, on {b:.2f} (on/off {b / a:.2f})")
-    rate = args.load * off
-    bench.msgs += prepare(conn, org, 2 * (int(rate * args.lag_seconds) + 1))
-    # The report path alone at that rate first (no endpoint): what the outcome
-    # path's own queueing contributes, apart from the webhooks.
-    alone = bench.lag_run(rate, args.lag_seconds, on=False)["report"]
-    lags = bench.lag_run(rate, args.lag_seconds, on=True)
-    n = len(lags["total"])
-    print(f"\nlag at {rate:.0f} reports/s ({args.load:.0%} of {off:.0f}), {n} events,"
-          " DSN's scheduled arrival -> receiver's 2xx:")
-    for v, label in ((lags["total"], "total"), (lags["report"], "DSN -> event committed"),
-                     (lags["webhook"], "event committed -> 2xx"),
-                     (alone, "DSN -> event committed, webhooks off (a run of its own)")):
-        print(f"- {label}: p50 {pct(v, 50) * 1000:.0f} ms, p99 {pct(v, 99) * 1000:.0f} ms,"
-              f" max {max(v) * 1000:.0f} ms")
-    goal = "met" if pct(lags["total"], 99) < 2 else "MISSED"
-    print(f"\np99 goal (< 2 s): {goal}")
+    verdict = ""
+    for load_ in loads:
+        rate = load_ * off
+        bench.msgs += prepare(conn, org, 2 * (int(rate * args.lag_seconds) + 1))
+        # The report path alone at that rate first (no endpoint): what the outcome
+        # path's own queueing contributes, apart from the webhooks.
+        alone = bench.lag_run(rate, args.lag_seconds, on=False)["report"]
+        lags = bench.lag_run(rate, args.lag_seconds, on=True)
+        print(f"\nlag at {rate:.0f} reports/s ({load_:.0%} of {off:.0f}), {len(lags['total'])}"
+              " events, DSN's scheduled arrival -> receiver's 2xx:")
+        for v, label in ((lags["total"], "total"), (lags["report"], "DSN -> event committed"),
+                         (lags["webhook"], "event committed -> 2xx"),
+                         (alone, "DSN -> event committed, webhooks off (a run of its own)")):
+            print(f"- {label}: p50 {pct(v, 50) * 1000:.0f} ms, p99 {pct(v, 99) * 1000:.0f} ms,"
+                  f" max {max(v) * 1000:.0f} ms")
+        sys.stdout.flush()
+        if not verdict:
+            p99 = pct(lags["total"], 99)
+            verdict = (f"p99 goal (< 2 s) at {load_:.0%}: {'met' if p99 < 2 else 'MISSED'}"
+                       f" ({p99:.2f} s)")
+    print(f"\n{verdict}")
     conn.close()
 
 
