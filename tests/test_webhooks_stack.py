@@ -262,3 +262,30 @@ def test_erasure_writes_an_erased_event_naming_no_address_and_it_is_delivered(
                                 (org.id,)).fetchone()
         assert last is not None and (last[0]["messages"], last[0]["postkeep_ids"]) == (0, [])
         assert last[0]["erasure_id"] != p["erasure_id"]
+
+
+def test_an_event_committed_after_a_later_one_is_still_delivered(stack: Stack) -> None:
+    """Outbox ids are taken at INSERT, so an event can commit after a later id has
+    been fanned out and delivered: the pass that moves the horizon past it
+    catches it (storage/metadata/webhooks.py, fan_out)."""
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        _, secret = add_endpoint(stack, org, rx.url("/late"))
+        slow = stack.connect()
+        try:
+            with slow.transaction():
+                row = slow.execute(
+                    "INSERT INTO event_outbox (org_id, message_id, event_type, payload)"
+                    " VALUES (%s, %s, 'bounced', %s) RETURNING id",
+                    (org, uuid.uuid4(), json.dumps({"type": "bounced", "seq": 0,
+                                                    "message_id": "late"}))).fetchone()
+                assert row is not None
+                late = int(row[0])
+                early = emit(stack, org, uuid.uuid4(), "delivered", 0)
+                assert early > late
+                until(lambda: [int(r.headers["postkeep-event-id"]) for r in rx.got("/late")]
+                      == [early], "the later id, committed first, delivered", timeout=60)
+        finally:
+            slow.close()
+        until(lambda: len(rx.got("/late")) >= 2, "the earlier id, committed last", timeout=60)
+        check_arrivals(rx.got("/late"), secret, [early, late])

@@ -175,17 +175,32 @@ def rotate_secret(conn: psycopg.Connection, master: MasterKey, endpoint_id: uuid
 # --- fan-out: outbox rows -> delivery rows ----------------------------------------
 
 
+_FAN_OUT_INSERT = (
+    "INSERT INTO webhook_deliveries (endpoint_id, event_id, org_id, message_id,"
+    " event_type, event_created_at)"
+    " SELECT %(ep)s, o.id, o.org_id, o.message_id, o.event_type, o.created_at"
+    " FROM event_outbox o"
+    " WHERE o.org_id = %(org)s AND o.id > %(from)s AND o.id <= %(to)s"
+    "   AND (%(types)s::text[] IS NULL OR o.event_type = ANY(%(types)s::text[]))"
+    " ORDER BY o.id LIMIT %(n)s"
+    " ON CONFLICT (endpoint_id, event_id) DO NOTHING")
+
+
 def fan_out(conn: psycopg.Connection, endpoint_id: uuid.UUID) -> int:
     """Give every new event of the endpoint's organisation a delivery row; how many.
 
     Identity values are taken at INSERT and committed later, so a visible id
-    does not mean every smaller one is.  Rows are made for whatever is
-    visible above `fanned_to` (ON CONFLICT: again next time, harmlessly), and
+    does not mean every smaller one is.  Each pass makes rows for what is
+    visible above the highest event the endpoint already has a row for (so a
+    pass costs the events new since the last one, not the whole window).
     `fanned_to` only moves to a horizon once every transaction that was
     running when the horizon was taken has ended, and two seconds have
     passed (nextval() can run just before its transaction takes an xid):
-    nothing below it can appear any more.  A long transaction elsewhere only widens the window
-    scanned, it never delays delivery.
+    nothing at or below it can appear any more, so that pass first scans
+    everything from the old `fanned_to` to the horizon once, which catches
+    an event that committed after later ones had been fanned out (ON
+    CONFLICT: rows already made are left alone).  A long transaction
+    elsewhere only widens that window, it never delays delivery.
     """
     with conn.transaction():
         ep = conn.execute(
@@ -196,26 +211,25 @@ def fan_out(conn: psycopg.Connection, endpoint_id: uuid.UUID) -> int:
         if ep is None:
             return 0
         org_id, types, fanned_to, horizon_id, horizon_done = ep
+        args = {"ep": endpoint_id, "org": org_id, "types": types}
+        made = 0
         if horizon_done:
+            # The catch-up: no LIMIT, the window is bounded by the horizon.
+            made += conn.execute(_FAN_OUT_INSERT.replace(" LIMIT %(n)s", ""),
+                                 {**args, "from": fanned_to, "to": horizon_id}).rowcount
             fanned_to = max(fanned_to, horizon_id)
-        made = conn.execute(
-            "INSERT INTO webhook_deliveries (endpoint_id, event_id, org_id, message_id,"
-            " event_type, event_created_at)"
-            " SELECT %(ep)s, o.id, o.org_id, o.message_id, o.event_type, o.created_at"
-            " FROM event_outbox o"
-            " WHERE o.org_id = %(org)s AND o.id > %(from)s"
-            "   AND (%(types)s::text[] IS NULL OR o.event_type = ANY(%(types)s::text[]))"
-            " ORDER BY o.id LIMIT %(n)s"
-            " ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-            {"ep": endpoint_id, "org": org_id, "from": fanned_to, "types": types,
-             "n": FAN_OUT_BATCH}).rowcount
-        top = conn.execute(
-            "SELECT max(id) FROM (SELECT o.id FROM event_outbox o"
-            " WHERE o.org_id = %s AND o.id > %s ORDER BY o.id LIMIT %s) s",
-            (org_id, fanned_to, FAN_OUT_BATCH)).fetchone()
+        row = conn.execute("SELECT max(event_id) FROM webhook_deliveries WHERE endpoint_id = %s",
+                           (endpoint_id,)).fetchone()
+        seen = max(fanned_to, row[0] if row and row[0] is not None else 0)
+        made += conn.execute(_FAN_OUT_INSERT, {**args, "from": seen, "to": 2**63 - 1,
+                                               "n": FAN_OUT_BATCH}).rowcount
         if horizon_done or horizon_id is None:
-            # A new candidate: the highest id seen now, final once every
-            # transaction running now has ended.
+            # A new candidate: the highest id seen now (within a batch of
+            # fanned_to), final once every transaction running now has ended.
+            top = conn.execute(
+                "SELECT max(id) FROM (SELECT o.id FROM event_outbox o"
+                " WHERE o.org_id = %s AND o.id > %s ORDER BY o.id LIMIT %s) s",
+                (org_id, fanned_to, FAN_OUT_BATCH)).fetchone()
             conn.execute(
                 "UPDATE webhook_endpoints SET fanned_to = %s, horizon_id = %s,"
                 " horizon_xmax = CASE WHEN %s::bigint IS NULL THEN NULL"
