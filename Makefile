@@ -9,7 +9,7 @@ TEST_PORT ?= 11025
 PYTEST_ARGS ?=
 
 .PHONY: install run stop test test-versitygw test-lower-bounds lint fuzz bench bench-policyd bench-retention bench-storage deb bench-pgha
-.PHONY: bench-search bench-sealing
+.PHONY: bench-search bench-sealing bench-webhooks bench-cluster
 
 install:
 	$(STACK) install
@@ -181,6 +181,17 @@ bench-storage: install
 	$(call on_private_stack,$(BENCH_STORAGE_DIR),$(BENCH_STORAGE_PORT),\
 	  $(VENV)/bin/python $(CURDIR)/bench/storage_bench.py --config "$$POSTKEEP_CONFIG" \
 	    --smtp "$$POSTKEEP_SMTP_HOST:$$POSTKEEP_SMTP_PORT" $(BENCH_STORAGE_ARGS))
+
+# Webhook events (issue 18, bench/webhook_lag.py): the outcome path's reports/s
+# with and without a webhook endpoint (paired, alternated), then the lag from a
+# DSN's arrival over LMTP to the receiver's 2xx at 80 % of that throughput.
+# BENCH_WEBHOOKS_ARGS='--n 500 --reps 2 --lag-seconds 10' to run shorter.
+BENCH_WEBHOOKS_DIR := $(CURDIR)/.stack-bench-webhooks
+BENCH_WEBHOOKS_PORT ?= 24025
+BENCH_WEBHOOKS_ARGS ?=
+bench-webhooks: install
+	$(call on_private_stack,$(BENCH_WEBHOOKS_DIR),$(BENCH_WEBHOOKS_PORT),\
+	  timeout 1200 $(VENV)/bin/python $(CURDIR)/bench/webhook_lag.py $(BENCH_WEBHOOKS_ARGS))
 
 # Seconds of spooling or tempfail per PostgreSQL failover (issue 20): a stack
 # (BENCH_PGHA_PORT..+12) on devstack/pgha.sh (+50..+55), the primary killed -9

@@ -21,6 +21,7 @@
 # Environment knobs (defaults give a ~10-minute run on 2 cores):
 #   BENCH_REPS=5  BENCH_N_SMALL=2500  BENCH_N_LARGE=1500  BENCH_SKIP_RSS=0
 #   BENCH_SKIP_PROFILE=0  BENCH_KEEP_STACK=0 (leave the stack up to poke at it)
+#   BENCH_SKIP_WEBHOOKS=0 BENCH_WEBHOOKS_ARGS= (bench/webhook_lag.py, ~5 minutes)
 #   BENCH_LAG_LOADS=0.5,0.8,0.9 (T's open-loop lag passes, as fractions of T's
 #   5 KB median throughput; empty: none)  BENCH_LAG_SECONDS=30
 set -euo pipefail
@@ -183,6 +184,18 @@ log "running; results go to $OUT"
     --lag-loads "${BENCH_LAG_LOADS-0.5,0.8,0.9}" --lag-seconds "${BENCH_LAG_SECONDS:-30}" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
+
+# Webhook events (issue 18): the outcome path's reports/s with and without a
+# webhook endpoint, then the DSN-to-2xx lag at 80 % of it (bench/webhook_lag.py,
+# bounded by --max-seconds).  BENCH_SKIP_WEBHOOKS=1 leaves it out;
+# BENCH_WEBHOOKS_ARGS='--n 500 --reps 2' runs it shorter.
+if [ "${BENCH_SKIP_WEBHOOKS:-0}" != 1 ]; then
+    log "webhook events: cost and lag (bench/webhook_lag.py)"
+    # shellcheck disable=SC2086
+    (set -a && . "$DIR/env" && set +a && cd / && \
+        timeout 1200 "$PY" "$REPO/bench/webhook_lag.py" ${BENCH_WEBHOOKS_ARGS:-}) >>"$OUT" \
+        || log "bench/webhook_lag.py failed (see above); the other results are still in $OUT"
+fi
 
 if [ "${BENCH_SKIP_PROFILE:-0}" != 1 ]; then
     log "profiling the capture path in-process (bench/profile_capture.py)"

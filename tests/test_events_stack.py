@@ -16,7 +16,8 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import psycopg
@@ -26,7 +27,10 @@ from support import smtp
 from support.smtp_server import RemoteMX, serve_remote_mx
 from support.stack import Stack
 from support.wait import until
+from support.webhook_receiver import receiver
+from support.webhooks import add_endpoint
 
+from postkeep import webhooks as signing
 from postkeep.storage.metadata import events
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "events.schema.json").read_text())
@@ -217,3 +221,54 @@ def test_a_retried_capture_writes_no_second_accepted(
     # A retry after a lost COMMIT reply (ON CONFLICT DO NOTHING): no new rows, no event.
     messages.record_captures(db, [m])
     assert [e.event_type for e in events.fetch_events(db, org.id)] == ["accepted"]
+
+
+def _remote_dsn(mid: uuid.UUID, rcpt: str) -> bytes:
+    """A DSN-capable remote MTA's success notice (Action: delivered) for RCPT,
+    dated a little after now: later than Postfix's relayed notice."""
+    date = format_datetime(datetime.now(UTC) + timedelta(seconds=2))
+    return (
+        "From: MAILER-DAEMON@mx.test\r\nSubject: Delivery Status Notification (Success)\r\n"
+        f"Date: {date}\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.test\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: delivered\r\nStatus: 2.0.0\r\n"
+        "Diagnostic-Code: smtp; 250 2.0.0 stored in the mailbox\r\n\r\n--b--\r\n"
+    ).encode()
+
+
+def test_relayed_then_delivered_by_the_remote_dsn_reach_a_webhook_in_order(
+        stack: Stack) -> None:
+    org, domain = stack.new_org()
+    rcpt = f"reader-{uuid.uuid4().hex[:10]}@sink.test"
+    with receiver() as rx:
+        _, secret = add_endpoint(stack, org, rx.url("/d"))
+        mid, header = _send(stack, domain, rcpt)
+        until(lambda: [e.event_type for e in _events(stack, org)] == ["accepted", "relayed"],
+              "accepted and Postfix's relayed", timeout=60)
+        with stack.connect() as conn:
+            row = conn.execute("SELECT return_path FROM messages WHERE id = %s",
+                               (mid,)).fetchone()
+        assert row is not None
+        # The remote server's own success DSN, to the signed return path, as
+        # Postfix hands it to postkeep-storage over LMTP.
+        lmtp = smtp.Client("127.0.0.1", int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"]),
+                           greeting="LHLO")
+        try:
+            reply = lmtp.send("", [str(row[0])], _remote_dsn(mid, rcpt))
+        finally:
+            lmtp.close()
+        assert reply.code == 250, reply
+        found = until(lambda: len(e := _events(stack, org)) >= 3 and e, "delivered", timeout=30)
+        assert [e.event_type for e in found] == ["accepted", "relayed", "delivered"], found
+        delivered = found[-1].payload
+        assert (delivered["recipient"], delivered["status"], delivered["dsn_status"]) == (
+            rcpt, "delivered", "2.0.0")
+        assert delivered["message_id"] == header and delivered["tags"] == {"lead_id": "981"}
+        assert "stored in the mailbox" in (delivered["remote_reply"] or "")
+        # All three at the organisation's endpoint, signed, in the order written.
+        got = until(lambda: len(r := rx.got("/d")) >= 3 and r, "three deliveries", timeout=60)
+        assert [int(r.headers["postkeep-event-id"]) for r in got] == [e.id for e in found]
+        assert [r.event for r in got] == [e.payload for e in found]
+        assert all(signing.verify(secret, r.headers["postkeep-signature"], r.body) for r in got)

@@ -161,6 +161,15 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
                               (sent["id"],)).fetchone()
     assert status == ("complained",)
 
+    # Both wrote their event about the sent message, in order (issue 18).
+    with stack.connect() as conn:
+        evs = conn.execute("SELECT event_type, recipient, payload->>'reply_postkeep_id'"
+                           " FROM event_outbox WHERE org_id = %s AND message_id = %s"
+                           " AND event_type IN ('replied', 'complained') ORDER BY id",
+                           (org, sent["id"])).fetchall()
+    assert evs == [("replied", "reader@sink.test", str(reply["id"])),
+                   ("complained", "reader@sink.test", None)], evs
+
     shown = json.loads(_cli(stack, "messages", "show", str(sent["id"]), "--json"))
     assert [(c["id"], c["message_type"]) for c in shown["thread"]] == [
         (str(reply["id"]), "reply"), (str(row["id"]), "complaint")]

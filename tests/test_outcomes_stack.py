@@ -224,6 +224,18 @@ def test_every_recipient_ends_with_its_true_outcome(stack: Stack, fake_mx: FakeM
     assert "deferred" in [s for s, _, _ in _history(stack, mid, rcpts["defer"])]
     assert [s for s, _, _ in _history(stack, mid, rcpts["later"])] == ["relayed", "bounced"]
     assert fake_mx.attempts[rcpts["retry"]] >= 2
+    # Each applied status change wrote its event (issue 18: relayed, deferred,
+    # expired, bounced through the real path), the last one the final status.
+    with stack.connect() as conn:
+        evs = conn.execute("SELECT recipient, event_type FROM event_outbox"
+                           " WHERE message_id = %s AND event_type <> 'suppressed'"
+                           " AND recipient IS NOT NULL ORDER BY id",
+                           (mid,)).fetchall()
+    for rcpt, status in final.items():
+        mine = [t for r, t in evs if r == rcpt]
+        applied = [s for s, _, a in _history(stack, mid, rcpt) if a]
+        assert sorted(mine) == sorted(applied) and mine[-1] == status, (rcpt, mine, applied)
+    assert {t for _, t in evs} >= {"relayed", "deferred", "expired", "bounced"}, evs
 
     with stack.connect() as conn:
         row = conn.execute("SELECT status, return_path FROM messages WHERE id = %s",

@@ -181,3 +181,111 @@ def test_tenants_read_their_endpoints_never_the_sealed_secrets(stack: Stack) -> 
                 conn.execute("DELETE FROM tenant_roles WHERE role_name = %s", (role,))
         finally:
             conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_erasure_writes_an_erased_event_naming_no_address_and_it_is_delivered(
+        stack: Stack, make_org, store_message) -> None:  # type: ignore[no-untyped-def]
+    target = f"Target-{uuid.uuid4().hex[:8]}@Example.net"
+    addr = target.lower()
+    org = make_org()
+    with receiver() as rx:
+        _, secret = add_endpoint(stack, org.id, rx.url("/erase"))
+        # An endpoint that is down: the erased messages' events wait there.
+        rx.behave("/down", Behaviour(fail_first=10**6))
+        down, _ = add_endpoint(stack, org.id, rx.url("/down"))
+        to_it = store_message(org, recipients=(target, "other@example.net"),
+                              subject=f"for {target}")
+        from_it = store_message(org, envelope_from=addr, recipients=("desk@example.net",))
+        # Not to or from it, but its subject quotes the address.
+        quoting = store_message(org, recipients=("x@example.net",), subject=f"re {addr}")
+        unrelated = store_message(org, recipients=("other@example.net",))
+        # Suppressed by hand: an event about no message that names the address.
+        cli(stack, "suppression", "add", str(org.id), target, "--note", f"asked by {addr}")
+        until(lambda: len(rx.got("/erase")) >= 5, "the five events before the erasure",
+              timeout=60)
+        until(lambda: len(_deliveries(stack, down)) >= 5, "the five queued at the down one",
+              timeout=60)
+        out = json.loads(cli(stack, "erase", "--org", str(org.id), "--address", target, "--yes",
+                             "--json").stdout)
+        assert out["messages"] == 2 and out["suppressions_kept"] == 1, out
+        with stack.connect() as conn:
+            rows = conn.execute(
+                "SELECT event_type, message_id, recipient, payload FROM event_outbox"
+                " WHERE org_id = %s ORDER BY id", (org.id,)).fetchall()
+            pseudonym = conn.execute("SELECT suppression_erased_key(%s, %s)",
+                                     (org.id, addr)).fetchone()
+        assert pseudonym is not None
+        # Not a trace of the address in any row of the organisation's outbox.
+        named = [r for r in rows if addr in json.dumps(r[3]).lower()
+                 or addr in str(r[2]).lower()]
+        assert named == [], named
+        # The unrelated message's event stays; the erased ones' go.
+        kept = {r[1] for r in rows if r[0] == "accepted"}
+        assert kept == {unrelated.id}, (kept, to_it.id, from_it.id, quoting.id)
+        erased = [r for r in rows if r[0] == "erased"]
+        assert len(erased) == 1, rows
+        _, mid, recipient, p = erased[0]
+        assert mid is None and recipient == pseudonym[0] and recipient.startswith("sha256:")
+        assert p["type"] == "erased" and p["org_id"] == str(org.id)
+        assert (p["messages"], p["batch"], p["batches"]) == (2, 1, 1)
+        assert sorted(p["postkeep_ids"]) == sorted([str(to_it.id), str(from_it.id)])
+        assert p["recipient"] == pseudonym[0] and p["postkeep_id"] is None
+        # Delivered, signed, to the organisation's endpoint.
+        got = until(lambda: [r for r in rx.got("/erase") if r.event["type"] == "erased"],
+                    "the erased event at the receiver", timeout=60)
+        assert got[0].event == p
+        assert signing.verify(secret, got[0].headers["postkeep-signature"], got[0].body)
+        assert addr.encode() not in got[0].body.lower()
+        # The down endpoint's queue drops the deleted events (no failure to
+        # dead-letter, nothing to replay); it still has the erased event.
+        def queued() -> list[tuple[int, uuid.UUID | None, str, bool]]:
+            with stack.connect() as conn:
+                return conn.execute(  # type: ignore[return-value]
+                    "SELECT d.event_id, d.message_id, d.event_type, o.id IS NOT NULL"
+                    " FROM webhook_deliveries d LEFT JOIN event_outbox o"
+                    " ON o.id = d.event_id WHERE d.endpoint_id = %s", (down,)).fetchall()
+
+        def erased_queued() -> list[tuple[int, uuid.UUID | None, str, bool]] | None:
+            q = queued()
+            return q if "erased" in {r[2] for r in q} else None
+
+        rows_down = until(erased_queued, "the erased event queued at the down endpoint",
+                          timeout=60)
+        assert all(in_outbox for *_, in_outbox in rows_down), rows_down
+        assert not {to_it.id, from_it.id, quoting.id} & {r[1] for r in rows_down}, rows_down
+        assert _deliveries(stack, down, "--state", "dead") == []
+        # An erasure that finds nothing says so too: one event with no messages.
+        cli(stack, "erase", "--org", str(org.id), "--address", "nobody@example.net", "--yes")
+        with stack.connect() as conn:
+            last = conn.execute("SELECT payload FROM event_outbox WHERE org_id = %s"
+                                " AND event_type = 'erased' ORDER BY id DESC LIMIT 1",
+                                (org.id,)).fetchone()
+        assert last is not None and (last[0]["messages"], last[0]["postkeep_ids"]) == (0, [])
+        assert last[0]["erasure_id"] != p["erasure_id"]
+
+
+def test_an_event_committed_after_a_later_one_is_still_delivered(stack: Stack) -> None:
+    """Outbox ids are taken at INSERT, so an event can commit after a later id has
+    been fanned out and delivered: the pass that moves the horizon past it
+    catches it (storage/metadata/webhooks.py, fan_out)."""
+    org, _ = stack.new_org(dkim=False)
+    with receiver() as rx:
+        _, secret = add_endpoint(stack, org, rx.url("/late"))
+        slow = stack.connect()
+        try:
+            with slow.transaction():
+                row = slow.execute(
+                    "INSERT INTO event_outbox (org_id, message_id, event_type, payload)"
+                    " VALUES (%s, %s, 'bounced', %s) RETURNING id",
+                    (org, uuid.uuid4(), json.dumps({"type": "bounced", "seq": 0,
+                                                    "message_id": "late"}))).fetchone()
+                assert row is not None
+                late = int(row[0])
+                early = emit(stack, org, uuid.uuid4(), "delivered", 0)
+                assert early > late
+                until(lambda: [int(r.headers["postkeep-event-id"]) for r in rx.got("/late")]
+                      == [early], "the later id, committed first, delivered", timeout=60)
+        finally:
+            slow.close()
+        until(lambda: len(rx.got("/late")) >= 2, "the earlier id, committed last", timeout=60)
+        check_arrivals(rx.got("/late"), secret, [early, late])

@@ -103,3 +103,31 @@ def test_post_result_labels() -> None:
     assert signing.PostResult(503, None, 0).result == "http_5xx"
     assert signing.PostResult(None, "ReadTimeoutError: Read timed out.", 0).result == "timeout"
     assert signing.PostResult(None, "NewConnectionError: refused", 0).result == "connection"
+
+
+def test_an_event_wakes_only_its_organisations_endpoints() -> None:
+    import asyncio
+
+    from postkeep.storage.sidecar.webhooks import Worker
+
+    async def run() -> None:
+        w = Worker.__new__(Worker)  # no database: only the wake-up routing
+        w.changed = asyncio.Event()
+        org_a, org_b = uuid.uuid4(), uuid.uuid4()
+        wakes = {name: asyncio.Event() for name in ("a1", "a2", "b")}
+        w.tasks = {uuid.uuid4(): (None, wakes["a1"], org_a),  # type: ignore[dict-item]
+                   uuid.uuid4(): (None, wakes["a2"], org_a),
+                   uuid.uuid4(): (None, wakes["b"], org_b)}
+        w._wake(f"{org_a}:42")
+        assert {n for n, e in wakes.items() if e.is_set()} == {"a1", "a2"}
+        assert not w.changed.is_set()
+        for e in wakes.values():
+            e.clear()
+        w._wake("garbage")  # unparsable: everyone looks, no harm done
+        assert all(e.is_set() for e in wakes.values()) and not w.changed.is_set()
+        for e in wakes.values():
+            e.clear()
+        w._wake(None)  # endpoints changed / reconnected: all, and the endpoint list
+        assert all(e.is_set() for e in wakes.values()) and w.changed.is_set()
+
+    asyncio.run(run())

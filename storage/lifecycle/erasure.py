@@ -11,6 +11,13 @@ status and in the report history (`recipient_events`).  Delivery
 statuses and sizes stay for statistics.  The audit row records how many
 messages and a sha256 of the address, never the address.
 
+The delivery events of the erased messages (event_outbox) are deleted, and
+so are the organisation's other events naming the address; in the same
+transaction as each batch's change an `erased` event tells the platform
+(webhooks, the local stream) which postkeep ids were erased, naming the
+address only by its suppression pseudonym (`sha256:...`).  An erasure that
+finds no message writes one `erased` event with none.
+
 A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
@@ -52,7 +59,7 @@ from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.lifecycle.holds import delete_content
 from postkeep.storage.lifecycle.rules import RetentionStore
-from postkeep.storage.metadata import suppression
+from postkeep.storage.metadata import events, suppression, webhooks
 from postkeep.storage.metadata.audit import audit
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.legal_holds import Hold, holds_covering, involves_sql, list_holds
@@ -146,6 +153,9 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
         # history of one message (so they still pair up), unguessable without
         # this salt, which is never stored.
         salt = os.urandom(16).hex()
+        # One `erased` event per batch committed, all naming this erasure.
+        erasure_id = uuid.uuid4()
+        batches = max(1, -(-len(scope) // BATCH))
         for i in range(0, len(scope), BATCH):
             batch = scope[i:i + BATCH]
             # A packed message's bytes cannot be deleted alone: its index row
@@ -225,8 +235,16 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
                 # The delivery events of these messages name their recipients
                 # and subjects (event_outbox, kept storage.event_days for the
                 # webhooks): they go with the content, undelivered ones too.
-                conn.execute("DELETE FROM event_outbox WHERE org_id = %s"
-                             " AND message_id = ANY(%s)", (org_id, ids))
+                # Their pending webhook deliveries go too: not dead-lettered
+                # later as failures, never replayed.
+                webhooks.forget_undelivered(conn, org_id,
+                                            events.forget_messages(conn, org_id, ids))
+                # ... and the platform is told, by postkeep id only (never
+                # the address), in the transaction that erased them.
+                events.emit_erased(conn, org_id, address, ids, erasure_id,
+                                   i // BATCH + 1, batches,
+                                   {"objects_deleted": len(keys) - len(locked),
+                                    "objects_locked": len(locked)})
                 audit(conn, None, "erased", len(batch), org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": len(keys) - len(locked),
                        "pack_entries_dropped": forgotten, "parts_deleted": parts,
@@ -248,8 +266,15 @@ def erase_address(conn: psycopg.Connection, store: RetentionStore, org_id: uuid.
             kept = suppression.keep_erased(
                 conn, org_id, address,
                 lambda text: None if text is None else literal.sub(REDACTED, text))
+            # Events naming the address that were about no erased message
+            # (a suppression added by hand, another message's subject).
+            webhooks.forget_undelivered(conn, org_id,
+                                        events.forget_address(conn, org_id, address))
             if not scope:
                 audit(conn, None, "erased", 0, org_id, f"address sha256 {digest}",
                       {"address_sha256": digest, "objects_deleted": 0,
                        "suppressions_kept": kept})
+                events.emit_erased(conn, org_id, address, [], erasure_id, 1, 1,
+                                   {"objects_deleted": 0, "objects_locked": 0,
+                                    "suppressions_kept": kept})
     return ErasureReport(total, deleted, redacted, digest, kept, locked_n, locked_until)

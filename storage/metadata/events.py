@@ -10,6 +10,7 @@ reconnecting) delays nothing past the next wake-up or its own timeout.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,56 @@ def fetch_events(conn: psycopg.Connection, org_id: uuid.UUID, after_id: int = 0,
         (org_id, after_id, limit),
     ).fetchall()
     return [Event(*row) for row in rows]
+
+
+def emit_erased(conn: psycopg.Connection, org_id: uuid.UUID, address: str,
+                postkeep_ids: list[uuid.UUID], erasure_id: uuid.UUID, batch: int, batches: int,
+                extra: dict[str, Any]) -> int:
+    """Write the `erased` event of one erasure step in the caller's transaction; its id.
+
+    It never names the address: `recipient` is the pseudonym the suppression
+    list keeps it under (suppression_erased_key(), 'sha256:' + hex), which a
+    platform that knows the address can compute to match it; the messages
+    are named by postkeep id only.  One erasure writes one event per batch
+    of messages it commits (sharing ERASURE_ID), or one with no messages if
+    there were none.
+    """
+    body = {"erasure_id": str(erasure_id), "messages": len(postkeep_ids),
+            "postkeep_ids": [str(i) for i in postkeep_ids], "batch": batch,
+            "batches": batches, **extra}
+    row = conn.execute(
+        "SELECT event_emit('erased', %(org)s, NULL, k.key, event_payload('erased', %(org)s,"
+        " NULL, NULL, k.key, 'erased', NULL, NULL, NULL, NULL, clock_timestamp(),"
+        " %(body)s::jsonb))"
+        " FROM (SELECT suppression_erased_key(%(org)s, %(addr)s) AS key) k",
+        {"org": org_id, "addr": address, "body": json.dumps(body)}).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def forget_messages(conn: psycopg.Connection, org_id: uuid.UUID,
+                    message_ids: list[uuid.UUID]) -> list[int]:
+    """Delete ORG_ID's events about MESSAGE_IDS (postkeep ids), in the caller's
+    transaction; their outbox ids."""
+    return [int(r[0]) for r in conn.execute(
+        "DELETE FROM event_outbox WHERE org_id = %s AND message_id = ANY(%s) RETURNING id",
+        (org_id, message_ids)).fetchall()]
+
+
+def forget_address(conn: psycopg.Connection, org_id: uuid.UUID, address: str) -> list[int]:
+    """Delete ORG_ID's events that name ADDRESS anywhere (recipient or payload), in the
+    caller's transaction; their outbox ids.
+
+    Erasure deletes the events of the messages it erases by message id; this
+    catches the rest: a `suppressed` event of an address added by hand (no
+    message), a `replied` event naming the reply's sender, another message's
+    subject quoting the address.  Reads every event of the organisation the
+    outbox still keeps (storage.event_days): erasures are rare.
+    """
+    return [int(r[0]) for r in conn.execute(
+        "DELETE FROM event_outbox WHERE org_id = %s"
+        " AND (lower(recipient) = lower(%s) OR strpos(lower(payload::text), lower(%s)) > 0)"
+        " RETURNING id", (org_id, address, address)).fetchall()]
 
 
 def maintain_event_partitions(conn: psycopg.Connection, keep_days: int | None) -> int:

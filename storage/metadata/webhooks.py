@@ -175,17 +175,32 @@ def rotate_secret(conn: psycopg.Connection, master: MasterKey, endpoint_id: uuid
 # --- fan-out: outbox rows -> delivery rows ----------------------------------------
 
 
+_FAN_OUT_INSERT = (
+    "INSERT INTO webhook_deliveries (endpoint_id, event_id, org_id, message_id,"
+    " event_type, event_created_at)"
+    " SELECT %(ep)s, o.id, o.org_id, o.message_id, o.event_type, o.created_at"
+    " FROM event_outbox o"
+    " WHERE o.org_id = %(org)s AND o.id > %(from)s AND o.id <= %(to)s"
+    "   AND (%(types)s::text[] IS NULL OR o.event_type = ANY(%(types)s::text[]))"
+    " ORDER BY o.id LIMIT %(n)s"
+    " ON CONFLICT (endpoint_id, event_id) DO NOTHING")
+
+
 def fan_out(conn: psycopg.Connection, endpoint_id: uuid.UUID) -> int:
     """Give every new event of the endpoint's organisation a delivery row; how many.
 
     Identity values are taken at INSERT and committed later, so a visible id
-    does not mean every smaller one is.  Rows are made for whatever is
-    visible above `fanned_to` (ON CONFLICT: again next time, harmlessly), and
+    does not mean every smaller one is.  Each pass makes rows for what is
+    visible above the highest event the endpoint already has a row for (so a
+    pass costs the events new since the last one, not the whole window).
     `fanned_to` only moves to a horizon once every transaction that was
     running when the horizon was taken has ended, and two seconds have
     passed (nextval() can run just before its transaction takes an xid):
-    nothing below it can appear any more.  A long transaction elsewhere only widens the window
-    scanned, it never delays delivery.
+    nothing at or below it can appear any more, so that pass first scans
+    everything from the old `fanned_to` to the horizon once, which catches
+    an event that committed after later ones had been fanned out (ON
+    CONFLICT: rows already made are left alone).  A long transaction
+    elsewhere only widens that window, it never delays delivery.
     """
     with conn.transaction():
         ep = conn.execute(
@@ -196,26 +211,25 @@ def fan_out(conn: psycopg.Connection, endpoint_id: uuid.UUID) -> int:
         if ep is None:
             return 0
         org_id, types, fanned_to, horizon_id, horizon_done = ep
+        args = {"ep": endpoint_id, "org": org_id, "types": types}
+        made = 0
         if horizon_done:
+            # The catch-up: no LIMIT, the window is bounded by the horizon.
+            made += conn.execute(_FAN_OUT_INSERT.replace(" LIMIT %(n)s", ""),
+                                 {**args, "from": fanned_to, "to": horizon_id}).rowcount
             fanned_to = max(fanned_to, horizon_id)
-        made = conn.execute(
-            "INSERT INTO webhook_deliveries (endpoint_id, event_id, org_id, message_id,"
-            " event_type, event_created_at)"
-            " SELECT %(ep)s, o.id, o.org_id, o.message_id, o.event_type, o.created_at"
-            " FROM event_outbox o"
-            " WHERE o.org_id = %(org)s AND o.id > %(from)s"
-            "   AND (%(types)s::text[] IS NULL OR o.event_type = ANY(%(types)s::text[]))"
-            " ORDER BY o.id LIMIT %(n)s"
-            " ON CONFLICT (endpoint_id, event_id) DO NOTHING",
-            {"ep": endpoint_id, "org": org_id, "from": fanned_to, "types": types,
-             "n": FAN_OUT_BATCH}).rowcount
-        top = conn.execute(
-            "SELECT max(id) FROM (SELECT o.id FROM event_outbox o"
-            " WHERE o.org_id = %s AND o.id > %s ORDER BY o.id LIMIT %s) s",
-            (org_id, fanned_to, FAN_OUT_BATCH)).fetchone()
+        row = conn.execute("SELECT max(event_id) FROM webhook_deliveries WHERE endpoint_id = %s",
+                           (endpoint_id,)).fetchone()
+        seen = max(fanned_to, row[0] if row and row[0] is not None else 0)
+        made += conn.execute(_FAN_OUT_INSERT, {**args, "from": seen, "to": 2**63 - 1,
+                                               "n": FAN_OUT_BATCH}).rowcount
         if horizon_done or horizon_id is None:
-            # A new candidate: the highest id seen now, final once every
-            # transaction running now has ended.
+            # A new candidate: the highest id seen now (within a batch of
+            # fanned_to), final once every transaction running now has ended.
+            top = conn.execute(
+                "SELECT max(id) FROM (SELECT o.id FROM event_outbox o"
+                " WHERE o.org_id = %s AND o.id > %s ORDER BY o.id LIMIT %s) s",
+                (org_id, fanned_to, FAN_OUT_BATCH)).fetchone()
             conn.execute(
                 "UPDATE webhook_endpoints SET fanned_to = %s, horizon_id = %s,"
                 " horizon_xmax = CASE WHEN %s::bigint IS NULL THEN NULL"
@@ -257,18 +271,23 @@ def pending_heads(conn: psycopg.Connection, endpoint_id: uuid.UUID,
             for r in rows]
 
 
-def record_success(conn: psycopg.Connection, endpoint_id: uuid.UUID, event_id: int,
-                   status: int) -> float | None:
-    """Mark delivered (after a 2xx); the lag from the event's creation, in seconds
-    (None if it was not pending any more: a replay or removal raced us)."""
-    row = conn.execute(
-        "UPDATE webhook_deliveries SET state = 'delivered', attempts = attempts + 1,"
-        " last_attempt_at = now(), last_status = %s, last_error = NULL,"
-        " delivered_at = clock_timestamp()"
-        " WHERE endpoint_id = %s AND event_id = %s AND state = 'pending'"
-        " RETURNING extract(epoch FROM clock_timestamp() - event_created_at)::float8",
-        (status, endpoint_id, event_id)).fetchone()
-    return float(row[0]) if row else None
+def record_successes(conn: psycopg.Connection, endpoint_id: uuid.UUID,
+                     done: Sequence[tuple[int, int, datetime]]) -> list[tuple[str, float]]:
+    """Mark DONE (event id, HTTP status, when its 2xx came) delivered, in one
+    statement; (event type, lag from the event's creation in seconds) of each that
+    was still pending (a replay or removal may have raced us)."""
+    if not done:
+        return []
+    rows = conn.execute(
+        "UPDATE webhook_deliveries d SET state = 'delivered', attempts = d.attempts + 1,"
+        " last_attempt_at = u.at, last_status = u.status, last_error = NULL,"
+        " delivered_at = u.at"
+        " FROM unnest(%s::bigint[], %s::integer[], %s::timestamptz[]) AS u(ev, status, at)"
+        " WHERE d.endpoint_id = %s AND d.event_id = u.ev AND d.state = 'pending'"
+        " RETURNING d.event_type, extract(epoch FROM u.at - d.event_created_at)::float8",
+        ([d[0] for d in done], [d[1] for d in done], [d[2] for d in done],
+         endpoint_id)).fetchall()
+    return [(str(r[0]), float(r[1])) for r in rows]
 
 
 def record_failure(conn: psycopg.Connection, endpoint_id: uuid.UUID, event_id: int,
@@ -315,6 +334,20 @@ def queue_stats(conn: psycopg.Connection) -> list[QueueStats]:
         " FROM webhook_endpoints e LEFT JOIN webhook_deliveries d ON d.endpoint_id = e.id"
         "  AND d.state <> 'delivered'"
         " GROUP BY e.id").fetchall()]
+
+
+def forget_undelivered(conn: psycopg.Connection, org_id: uuid.UUID,
+                       event_ids: Sequence[int]) -> int:
+    """Drop ORG_ID's pending and dead-lettered deliveries of EVENT_IDS (events erasure
+    deleted from the outbox), so they are neither counted as failures nor replayed;
+    delivered rows stay (they name no address).  How many."""
+    if not event_ids:
+        return 0
+    return conn.execute(
+        "DELETE FROM webhook_deliveries WHERE endpoint_id IN"
+        " (SELECT id FROM webhook_endpoints WHERE org_id = %s)"
+        " AND event_id = ANY(%s) AND state <> 'delivered'",
+        (org_id, list(event_ids))).rowcount
 
 
 def purge_delivered(conn: psycopg.Connection, keep_days: int) -> int:
