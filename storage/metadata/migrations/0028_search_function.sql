@@ -63,8 +63,10 @@ BEGIN
         RAISE EXCEPTION 'search_messages: % is not a dashboard login (postkeep tenant grant)',
             session_user USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF lim < 1 OR lim > 10000 THEN
-        RAISE EXCEPTION 'search_messages: limit % out of range 1..10000', lim
+    -- the largest page `messages list|search` asks for, 10,000, plus the one
+    -- more row that tells whether another page follows
+    IF lim < 1 OR lim > 10001 THEN
+        RAISE EXCEPTION 'search_messages: limit % out of range 1..10001', lim
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
