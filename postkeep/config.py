@@ -58,7 +58,8 @@ class PostgresConfig:
         "read-write", "primary", "any"))
     dbname: str = "postkeep"
     user: str = "postkeep"
-    password: str = field(default="", metadata={"secret": True, "env": "PGPASSWORD"})
+    password: str = field(default="", repr=False,
+                          metadata={"secret": True, "env": "PGPASSWORD"})
     password_file: str = ""
     connect_timeout_seconds: float = field(default=3.0, metadata=_positive())
     statement_timeout_ms: int = field(default=5000, metadata=_positive())
@@ -94,7 +95,8 @@ class S3Config:
     region: str = "us-east-1"
     bucket: str = field(default="postkeep", metadata={"min_len": 3})
     access_key: str = field(default="", metadata={"env": "POSTKEEP_S3_ACCESS_KEY"})
-    secret_key: str = field(default="", metadata={"secret": True, "env": "POSTKEEP_S3_SECRET_KEY"})
+    secret_key: str = field(default="", repr=False,
+                            metadata={"secret": True, "env": "POSTKEEP_S3_SECRET_KEY"})
     secret_key_file: str = ""
     timeout_seconds: float = field(default=5.0, metadata=_positive())
     # "auto": store many small objects in one request where the server can
@@ -356,7 +358,7 @@ class DkimConfig:
     # base64 of 32 random bytes (`head -c32 /dev/urandom | base64`); decrypts
     # the private keys stored in dkim_keys.
     master_key: str = field(
-        default="", metadata={"secret": True, "env": "POSTKEEP_DKIM_MASTER_KEY"}
+        default="", repr=False, metadata={"secret": True, "env": "POSTKEEP_DKIM_MASTER_KEY"}
     )
     master_key_file: str = ""
     # Mail from these domains is system mail: signed with the system key,
@@ -365,7 +367,7 @@ class DkimConfig:
     system_selector: str = ""
     # PEM private key (RSA or Ed25519) for system mail.
     system_key: str = field(
-        default="", metadata={"secret": True, "env": "POSTKEEP_SYSTEM_DKIM_KEY"}
+        default="", repr=False, metadata={"secret": True, "env": "POSTKEEP_SYSTEM_DKIM_KEY"}
     )
     system_key_file: str = ""
 
@@ -382,7 +384,8 @@ class ReturnPathConfig:
     ones."""
 
     # At least 32 characters of secret (`head -c32 /dev/urandom | base64`).
-    key: str = field(default="", metadata={"secret": True, "env": "POSTKEEP_RETURN_PATH_KEY"})
+    key: str = field(default="", repr=False,
+                     metadata={"secret": True, "env": "POSTKEEP_RETURN_PATH_KEY"})
     key_file: str = ""
 
     def key_bytes(self) -> bytes:

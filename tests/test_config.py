@@ -234,3 +234,29 @@ def test_dkim_master_key_file_readable_by_others_is_refused(tmp_path: Path) -> N
     assert config.parse({"dkim": {"master_key_file": str(path)}}).dkim.master_key == (
         "bWFzdGVyLWtleS1tYXRlcmlhbA=="
     )
+
+
+def test_no_secret_shows_in_the_configs_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Config printed or logged whole (a traceback's locals, a debug line) names no
+    secret: every field marked secret is left out of repr."""
+    import base64
+    import dataclasses
+
+    defaults = config.Config()
+    marked = {f"{section.name}.{f.name}"
+              for section in dataclasses.fields(defaults)
+              if dataclasses.is_dataclass(value := getattr(defaults, section.name))
+              for f in dataclasses.fields(value) if f.metadata.get("secret")}
+    assert {"postgres.password", "s3.secret_key", "dkim.master_key", "dkim.system_key",
+            "return_path.key", "storage.master_key"} <= marked
+    values = {"PGPASSWORD": "pg-secret-1", "POSTKEEP_S3_SECRET_KEY": "s3-secret-2",
+              "POSTKEEP_DKIM_MASTER_KEY": base64.b64encode(b"d" * 32).decode(),
+              "POSTKEEP_RETURN_PATH_KEY": "r" * 40,
+              "POSTKEEP_STORAGE_MASTER_KEY": base64.b64encode(b"m" * 32).decode()}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    cfg = config.parse({})
+    assert cfg.postgres.password == "pg-secret-1" and cfg.s3.secret_key == "s3-secret-2"
+    shown = repr(cfg)
+    for value in values.values():
+        assert value not in shown
