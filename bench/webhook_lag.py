@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from sidecar_bench import dsn  # Postfix's success notice (bench/ is the script's dir)
 
 from postkeep import webhooks as signing
 from postkeep.config import Config, load
@@ -55,25 +56,6 @@ from postkeep.storage.metadata import directory
 from postkeep.storage.metadata import webhooks as store
 from postkeep.storage.metadata.dkim_keys import load_master_key
 from postkeep.storage.metadata.messages import CapturedMessage, record_captures
-
-
-def dsn(mid: uuid.UUID, rcpt: str) -> bytes:
-    """Postfix's success notice for RCPT of message MID (as sidecar_bench.py)."""
-    now = datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
-    return (
-        f"From: MAILER-DAEMON@bench.example\r\nDate: {now}\r\n"
-        "Subject: Successful Mail Delivery Report\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
-        "--B\r\nContent-Type: text/plain\r\n\r\nYour message was successfully delivered.\r\n\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; bench.example\r\nX-Postfix-Queue-ID: 4ABC\r\n"
-        f"Original-Envelope-Id: {mid}\r\nArrival-Date: {now}\r\n\r\n"
-        f"Final-Recipient: rfc822; {rcpt}\r\nOriginal-Recipient: rfc822;{rcpt}\r\n"
-        "Action: relayed\r\nStatus: 2.0.0\r\nRemote-MTA: dns; 127.0.0.1\r\n"
-        "Diagnostic-Code: smtp; 250 2.0.0 Ok: queued as 1234\r\n\r\n"
-        f"--B\r\nContent-Type: text/rfc822-headers\r\n\r\nX-Postkeep-Id: {mid}\r\n"
-        "Subject: bench\r\n\r\n--B--\r\n"
-    ).encode()
 
 
 @dataclass
