@@ -10,20 +10,24 @@
 #   console +40+i.
 # - Two Postfix "hosts", a (ports PORTBASE..+12) and b (PORTBASE+15..+27): each a whole
 #   stack.sh stack (its own Postfix, postkeep-milter, -policyd, -storage and next-hop sink)
-#   in DIR/a and DIR/b. They share host a's PostgreSQL (b is pointed at it with
-#   PK_EXTERNAL_PG_DSN) and the distributed MinIO (both with PK_EXTERNAL_S3_ENDPOINT),
-#   and the DKIM master and return-path keys (DIR/b/dkim is a copy of DIR/a/dkim), so
-#   that either host signs any organisation's mail and either sidecar reads any
-#   return path.
+#   in DIR/a and DIR/b. They share the PostgreSQL below (PK_EXTERNAL_PG_DSN), the
+#   distributed MinIO (PK_EXTERNAL_S3_ENDPOINT) and the DKIM master, return-path and
+#   content keys (DIR/b/dkim is a copy of DIR/a/dkim), so that either host signs any
+#   organisation's mail, either sidecar reads any return path, either opens sealed
+#   content.
 # - Each host reaches MinIO through its own HAProxy (Debian's haproxy) on the host's S3
 #   port (hostbase+3), balancing over the four nodes with health checks, as production
 #   puts a load balancer (or MinIO's sidekick) beside each client: a single node's
 #   address would make that node a single point of failure for the host.
+# - PostgreSQL (CLUSTER_PG=patroni, the default): devstack/pgha.sh in DIR/pg, a primary
+#   and a synchronous streaming replica under Patroni with etcd (ports PORTBASE+34..+39),
+#   which both hosts reach with pgha.sh's libpq multi-host string
+#   (target_session_attrs=read-write): a failover needs no reconfiguration, and a
+#   committed capture survives the primary's loss.  CLUSTER_PG=single: host a's own
+#   PostgreSQL, host b pointed at it (quicker, no failover).
 # Layout: DIR/minio/credentials, DIR/minio/d<i>/ (drive), DIR/minio/node<i>.{pid,log};
-# DIR/lb/<host>.{cfg,pid,log}; DIR/a, DIR/b (stack dirs, each with its env);
-# DIR/cluster.env names every node's ports and files.
-# Not here: Patroni (devstack/pgha.sh and tests/test_pgha_failover.py cover PostgreSQL
-# failover; a cluster host takes PK_EXTERNAL_PG_DSN the same way).
+# DIR/lb/<host>.{cfg,pid,log}; DIR/pg (pgha.sh's); DIR/a, DIR/b (stack dirs, each with
+# its env); DIR/cluster.env names every node's ports and files.
 
 CLUSTER_MINIO_NODES=4
 
@@ -191,18 +195,38 @@ cluster_postfix_pids() {  # HOST
     return 0
 }
 
+cluster_pg() { echo "${CLUSTER_PG:-patroni}"; }
+
+cluster_up_pg() {  # CLUSTER_PG=patroni: pgha.sh's two nodes and etcd in DIR/pg
+    [ "$(cluster_pg)" = patroni ] || return 0
+    bash "$REPO/devstack/pgha.sh" up "$DIR/pg" $((PORTBASE + 34)) \
+        || die "pgha.sh up $DIR/pg $((PORTBASE + 34)) failed"
+    echo patroni >"$DIR/pg-kind"
+}
+
 cluster_up_host() {  # HOST
-    local h="$1" base
+    local h="$1" base pgvars
     base="$(cluster_host_base "$h")"
     local run=(env -u PK_EXTERNAL_PG_DSN -u S3_SERVER
                PK_EXTERNAL_S3_ENDPOINT="127.0.0.1:$((base + 3))"
                PK_EXTERNAL_S3_CREDENTIALS="$DIR/minio/credentials")
     if [ "$h" != a ]; then
-        # The shared PostgreSQL is host a's; the keys are host a's too.
+        # The keys are host a's: either host signs, reads any return path and opens
+        # any sealed content.
         mkdir -p "$DIR/$h/dkim"
         chmod 700 "$DIR/$h/dkim"
         cp -p "$DIR/a/dkim/master.key" "$DIR/a/dkim/return-path.key" "$DIR/a/dkim/system.pem" \
+            "$DIR/a/dkim/content-master.key" \
             "$DIR/$h/dkim/"
+    fi
+    if [ -f "$DIR/pg-kind" ]; then
+        # Patroni's PostgreSQL for every host: the multi-host DSN of pgha.sh's env.
+        mapfile -t pgvars < <(sed -n "s/^export \(PK_EXTERNAL_PG_[A-Z_]*\)='\(.*\)'\$/\1=\2/p" \
+                              "$DIR/pg/env")
+        [ ${#pgvars[@]} -ge 2 ] || die "$DIR/pg/env names no PK_EXTERNAL_PG_DSN"
+        run+=("${pgvars[@]}")
+    elif [ "$h" != a ]; then
+        # CLUSTER_PG=single: host a's PostgreSQL.
         run+=(PK_EXTERNAL_PG_DSN="host=127.0.0.1 port=$((PORTBASE + 2)) dbname=postkeep user=postkeep"
               PK_EXTERNAL_PG_PASSWORD_FILE="$DIR/a/secrets/pg-postkeep.password"
               PK_EXTERNAL_PG_PASSFILE="$DIR/a/secrets/pgpass")
@@ -261,6 +285,7 @@ cluster_write_env() {  # DIR/cluster.env: what tests need to find and kill the n
         for h in "${CLUSTER_HOSTS[@]}"; do
             echo "export POSTKEEP_CLUSTER_HOST_${h^^}_ENV='$DIR/$h/env'"
         done
+        if [ -f "$DIR/pg-kind" ]; then echo "export POSTKEEP_CLUSTER_PG_DIR='$DIR/pg'"; fi
         echo "export POSTKEEP_S3_ACCESS_KEY='$MINIO_ROOT_USER'"
         echo "export POSTKEEP_S3_SECRET_KEY='$MINIO_ROOT_PASSWORD'"
     } >"$f.tmp"
@@ -277,10 +302,11 @@ cmd_cluster_up() {
     chmod o+x "$DIR"
     echo "$PORTBASE" >"$DIR/portbase"
     cluster_up_minio
+    cluster_up_pg
     local h
     for h in "${CLUSTER_HOSTS[@]}"; do cluster_up_host "$h"; done
     cluster_write_env
-    log "cluster up in $DIR: hosts a (smtpd 127.0.0.1:$PORTBASE) and b (127.0.0.1:$((PORTBASE + 15))), MinIO nodes 127.0.0.1:$(cluster_minio_port 0)..; env: $DIR/cluster.env"
+    log "cluster up in $DIR: hosts a (smtpd 127.0.0.1:$PORTBASE) and b (127.0.0.1:$((PORTBASE + 15))), MinIO nodes 127.0.0.1:$(cluster_minio_port 0).., PostgreSQL $(cluster_pg); env: $DIR/cluster.env"
 }
 
 cmd_cluster_node() {  # kill|start DIR NODE
@@ -306,5 +332,9 @@ cmd_cluster_down() {
         stop_pid "$DIR/lb/$h.pid" "haproxy for host $h"
     done
     cluster_down_minio
+    if [ -f "$DIR/pg/portbase" ]; then
+        bash "$REPO/devstack/pgha.sh" down "$DIR/pg" || warn "pgha.sh down $DIR/pg failed"
+    fi
+    rm -f "$DIR/pg-kind"
     log "cluster in $DIR stopped"
 }

@@ -1,8 +1,10 @@
 """Two Postfix hosts on a shared PostgreSQL and a distributed MinIO (issue 20).
 
 `devstack/stack.sh cluster-up` (ports POSTKEEP_SMTP_PORT+55..+98): hosts a and
-b, each its own Postfix, postkeep-milter, -policyd and -storage, sharing host
-a's PostgreSQL and a MinIO of four server processes with one drive each
+b, each its own Postfix, postkeep-milter, -policyd and -storage, sharing a
+PostgreSQL that fails over (Patroni with etcd, a primary and a synchronous
+replica, reached with a libpq multi-host string) and a MinIO of four server
+processes with one drive each
 (erasure 2+2: a write needs three nodes), which each host reaches through its
 own HAProxy.  Through it, with every node killable (kill -9):
 
@@ -14,9 +16,11 @@ own HAProxy.  Through it, with every node killable (kill -9):
 - two killed: writes fail, mail goes to the outage spool (or is tempfailed),
   nothing accepted is lost, and the spool drains when the nodes return;
 - one whole host killed: the other keeps accepting, and the dead host's spool
-  drains when it returns.
-
-PostgreSQL's own failover is tests/test_pgha_failover.py's (devstack/pgha.sh).
+  drains when it returns;
+- the PostgreSQL primary killed (kill -9) while both hosts take mail: the
+  replica takes over, both hosts' daemons reconnect by themselves, every
+  message a client saw accepted has its row (the seconds of spooling or
+  tempfail are printed).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import pytest
 from support import smtp
 from support.cluster import HOSTS, Cluster, cluster
 from support.pgha import Answer, Load, mail_flowing
+from support.pgha import Cluster as Patroni
 from support.reports import block, dsn
 from support.stack import Stack, strip_received
 from support.wait import until
@@ -327,3 +332,44 @@ def _port_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_postgres_primary_killed_under_load_through_both_hosts_nothing_lost(
+        c: Cluster) -> None:
+    assert c.pg_dir is not None, "the cluster runs without Patroni (CLUSTER_PG=single)"
+    pg = Patroni(c.pg_dir, c.hosts["a"])
+    until(pg.sync_replica, "a synchronous replica before the kill", 180)
+    org_id, domain = c.hosts["a"].new_org("pro")
+    old = pg.leader()
+    assert old in ("node1", "node2"), old
+    with mail_flowing(c.hosts["a"], domain, 2) as la, \
+            mail_flowing(c.hosts["b"], domain, 2) as lb:
+        until(lambda: _accepted(la) >= 5 and _accepted(lb) >= 5,
+              "mail flowing through both hosts", 120)
+        t0 = time.monotonic()
+        pg.pgha("kill", old)
+        new = until(lambda: (lead := pg.leader()) not in (None, old) and lead,
+                    "the replica to take over", 120)
+        print(f"{new} leads {time.monotonic() - t0:.1f}s after the kill of {old}")
+        for h, load in (("a", la), ("b", lb)):
+            def direct(h: str = h, load: Load = load) -> bool:
+                # The host's daemons reconnect by themselves: its latest
+                # messages are captured directly again, not spooled.
+                outcomes = c.milter_outcomes(h)
+                after = [a for a in load.answers if a.started > t0 and a.accepted]
+                return len(after) >= 8 and all(
+                    outcomes.get(a.queue_id or "") == "captured" for a in after[-5:])
+            until(direct, f"host {h} capturing directly again", 180)
+        for h, load in (("a", la), ("b", lb)):
+            outcomes = c.milter_outcomes(h)
+            late = [a.ended for a in load.answers if a.ended >= t0 and (
+                not a.accepted or outcomes.get(a.queue_id or "") != "captured")]
+            print(f"host {h}: spooled or tempfailed for"
+                  f" {max(late, default=t0) - t0:.1f}s after the kill ({len(late)} messages)")
+    for h in HOSTS:
+        until(lambda h=h: not c.spool(h).entries(), f"host {h}'s outage spool drained", 300)
+    refused = [(a.code, a.text) for a in la.answers + lb.answers if not a.accepted]
+    assert all(code == 451 for code, _ in refused), refused  # a tempfail, never a 5xx
+    _assert_stored(c, org_id, {"a": la.answers, "b": lb.answers})
+    pg.pgha("start", old)  # back as the synchronous replica, for whatever runs next
+    until(pg.sync_replica, f"{old} back as the synchronous replica", 180)

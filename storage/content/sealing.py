@@ -33,12 +33,13 @@ cannot be read (the error names storage.master_key_file).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -234,6 +235,18 @@ def install(master: bytes | None) -> Keyring | None:
 
 def keyring() -> Keyring | None:
     return _ring
+
+
+@contextlib.contextmanager
+def using(master: bytes | None) -> Iterator[Keyring | None]:
+    """MASTER's keyring for the block, the process's again after it (a tool or
+    a test reading from more than one installation)."""
+    global _ring
+    before = _ring
+    try:
+        yield install(master)
+    finally:
+        _ring = before
 
 
 def data_keys(conn: psycopg.Connection, wanted: list[tuple[uuid.UUID, uuid.UUID, datetime]]

@@ -1,7 +1,8 @@
 """The cluster stack of issue 20 (devstack/cluster.sh): two Postfix hosts, each a
 whole stack (Postfix, postkeep-milter, -policyd, -storage), sharing one
-PostgreSQL and a distributed MinIO of four nodes (erasure 2+2) that each host
-reaches through its own HAProxy.
+PostgreSQL (Patroni: a primary and a synchronous replica, devstack/pgha.sh) and
+a distributed MinIO of four nodes (erasure 2+2) that each host reaches through
+its own HAProxy.
 
 `tests/test_cluster.py` and `bench/cluster_bench.py` share it: bring the
 cluster up afresh, kill -9 and restart its nodes (`stack.sh cluster-kill`,
@@ -36,6 +37,7 @@ class Cluster:
     dir: Path
     hosts: dict[str, Stack]
     minio_ports: list[int]
+    pg_dir: Path | None = None  # devstack/pgha.sh's (CLUSTER_PG=patroni), else None
 
     def ctl(self, action: str, node: str) -> None:
         """ACTION 'kill' (kill -9) or 'start' for NODE: 'minio0'..'minio3', 'a' or 'b'."""
@@ -95,7 +97,8 @@ def cluster(root: Path, port: int) -> Iterator[Cluster]:
             host_env = read_env(root / h / "env")
             hosts[h] = Stack(host_env, load(host_env["POSTKEEP_CONFIG"]))
         ports = [int(env[f"POSTKEEP_CLUSTER_MINIO_PORT_{i}"]) for i in range(MINIO_NODES)]
-        yield Cluster(root, hosts, ports)
+        pg_dir = env.get("POSTKEEP_CLUSTER_PG_DIR")
+        yield Cluster(root, hosts, ports, Path(pg_dir) if pg_dir else None)
     finally:
         _down(root)
 

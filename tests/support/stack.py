@@ -145,10 +145,13 @@ class Stack:
 
         if message_id is None and (found := self._entry(key)) is not None:
             message_id = found[1]
-        if message_id is not None:
-            with self.connect() as conn:
-                return b"".join(restore_message(conn, self.objects(), message_id, key))
-        return b"".join(restore(self.objects(), key))
+        # This stack's content key (the pgha and cluster tests run stacks of
+        # their own beside the test stack, each with its own key).
+        with sealing.using(self.config.storage.master_key_bytes()):
+            if message_id is not None:
+                with self.connect() as conn:
+                    return b"".join(restore_message(conn, self.objects(), message_id, key))
+            return b"".join(restore(self.objects(), key))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""
