@@ -122,6 +122,19 @@ def stack_env() -> StackEnv:
     )
 
 
+@pytest.fixture(autouse=True)
+def _unit_tests_without_the_stacks_keyring(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A unit test runs with no content key installed, whatever stack test ran
+    before it in this process (`config` installs the stack's for the session):
+    sealing is a process-wide setting, and a unit test that wants it installs
+    its own."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    with sealing.using(None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def config(stack_env: StackEnv) -> config_mod.Config:
     """The stack's postkeep.toml, loaded as the daemons load it (with its
