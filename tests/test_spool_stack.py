@@ -322,6 +322,9 @@ def _assert_refused_as_meant(stack: Stack, org_id: uuid.UUID, sent: list[Sent],
     stored_again = {t for t in stored.orphans.values() if t in stored.rows}
     assert set(stored.orphans.values()) <= set(left) | stored_again, (
         f"message objects with no row, not of a message the kill cut: {stored.orphans}")
+    # Sealed, such a pack cannot even be read to say whose it is: at most one
+    # per message the kill cut, as above.
+    assert len(stored.sealed_orphans) <= SENDERS, stored.sealed_orphans
 
 
 def _refused_while_minio_is_down(stack: Stack, domain: str, token: str) -> smtp.Reply:

@@ -31,6 +31,7 @@ from postkeep.storage.content.objects import read_all
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.content.restore import decompress_stream
 from postkeep.storage.content.spool import Spool, SpoolFormatError
+from postkeep.storage.metadata.db import BackendError
 from support.stack import Stack
 
 TOKEN = re.compile(r"[0-9a-f]{32}")
@@ -49,6 +50,9 @@ class Stored:
     rows: dict[str, list[str]] = field(default_factory=dict)  # token -> messages ids
     # Objects no row points at: key -> the token of the message inside ('' if none).
     orphans: dict[str, str] = field(default_factory=dict)
+    # Sealed packs no row names (cut by a kill before their rows): unreadable
+    # by design, their data keys never committed with rows that use them.
+    sealed_orphans: list[str] = field(default_factory=list)
     spooled: dict[str, list[Path]] = field(default_factory=dict)  # token -> spool files
 
     def left_by(self, tokens: Iterable[str]) -> dict[str, list[str]]:
@@ -106,10 +110,18 @@ def stored_for(stack: Stack, org_id: uuid.UUID, spool: Spool | None = None) -> S
     with_row = {str(r[0]) for r in rows}
     for mid, key in object_keys(stack, org_id).items():
         if mid not in with_row:
-            # A pack nothing indexes: its frames, all of them (plain zstd here).
-            content = (_whole_pack(stack, key) if mid == key else
-                       stack.restored(key, uuid.UUID(mid)) if is_pack_key(key)
-                       else stack.restored(key))
+            # A pack nothing indexes: its frames, all of them (plain zstd
+            # unless sealed: then nothing here can read it).
+            try:
+                content = (_whole_pack(stack, key) if mid == key else
+                           stack.restored(key, uuid.UUID(mid)) if is_pack_key(key)
+                           else stack.restored(key))
+            except BackendError as exc:
+                if mid != key or stack.config.storage.master_key_bytes() is None:
+                    raise
+                print(f"sealed pack {key} with no row: unreadable ({exc})")
+                stored.sealed_orphans.append(key)
+                continue
             m = _TEST_TOKEN.search(content)
             stored.orphans[key] = m.group(1).decode() if m else ""
     if spool is not None:
