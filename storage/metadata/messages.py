@@ -244,14 +244,6 @@ def content_available(m: MessageRow, now: datetime) -> bool:
     return content_unavailable_reason(m, now) is None
 
 
-def tenant_org(conn: psycopg.Connection) -> uuid.UUID | None:
-    """The organisation CONN's login is a dashboard role of (tenant_roles,
-    migration 0012), or None (the owner: postkeep's daemons and CLI)."""
-    row = conn.execute("SELECT org_id FROM tenant_roles WHERE role_name = current_user"
-                       ).fetchone()
-    return row[0] if row else None
-
-
 def list_messages(conn: psycopg.Connection, f: MessageFilter) -> list[MessageRow]:
     """Messages matching the filter, newest first, at most `f.limit`.
 
