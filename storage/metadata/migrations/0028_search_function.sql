@@ -28,6 +28,14 @@
 -- it selects messages and probes a status per message (OFFSET 0 keeps that
 -- EXISTS a per-row probe instead of a hash join over every recipient row).
 
+-- CONDS (format strings: %1$s the table's alias, %2$s its message id column)
+-- for the table ALIAS whose message id is ID_COL.
+CREATE FUNCTION search_window(alias text, id_col text, conds text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE
+SET search_path = public, pg_temp
+RETURN coalesce((SELECT array_agg(format(c, alias, id_col) ORDER BY i)
+                 FROM unnest(conds) WITH ORDINALITY AS u(c, i)), '{}');
+
 CREATE FUNCTION search_messages(filter jsonb) RETURNS SETOF messages
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = public, pg_temp
@@ -38,6 +46,7 @@ DECLARE
     lim integer := coalesce((filter->>'limit')::integer, 50);
     m_conds text[] := '{}';
     r_conds text[] := '{}';
+    t_conds text[] := '{}';
     by_recipient boolean;
     q text;
     mq text;
@@ -68,6 +77,21 @@ BEGIN
     IF lim < 1 OR lim > 10001 THEN
         RAISE EXCEPTION 'search_messages: limit % out of range 1..10001', lim
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- The time window and the keyset cursor, written once for whichever
+    -- table the search walks (search_window fills in its alias and id column).
+    IF filter ? 'since' THEN
+        -- metadata never expires before it was created: prunes partitions
+        t_conds := t_conds || ('(%1$s.created_at >= ($2->>''since'')::timestamptz'
+            ' AND %1$s.metadata_expires_at >= ($2->>''since'')::timestamptz)')::text;
+    END IF;
+    IF filter ? 'until' THEN
+        t_conds := t_conds || '%1$s.created_at < ($2->>''until'')::timestamptz'::text;
+    END IF;
+    IF filter ? 'after_at' THEN
+        t_conds := t_conds || ('(%1$s.created_at, %2$s) < '
+            '(($2->>''after_at'')::timestamptz, ($2->>''after_id'')::uuid)')::text;
     END IF;
 
     -- Conditions on the message (m), with the parameters $1 (org) and $2 (filter).
@@ -112,18 +136,7 @@ BEGIN
         IF filter ? 'status' THEN
             r_conds := array_append(r_conds, 'r.status = ($2->>''status'')');
         END IF;
-        IF filter ? 'since' THEN
-            -- metadata never expires before it was created: prunes partitions
-            r_conds := array_append(r_conds, '(r.created_at >= ($2->>''since'')::timestamptz'
-                ' AND r.metadata_expires_at >= ($2->>''since'')::timestamptz)');
-        END IF;
-        IF filter ? 'until' THEN
-            r_conds := array_append(r_conds, 'r.created_at < ($2->>''until'')::timestamptz');
-        END IF;
-        IF filter ? 'after_at' THEN
-            r_conds := array_append(r_conds, '(r.created_at, r.message_id) < '
-                '(($2->>''after_at'')::timestamptz, ($2->>''after_id'')::uuid)');
-        END IF;
+        r_conds := r_conds || search_window('r', 'r.message_id', t_conds);
         -- Two steps, so that no query plans every partition twice over: the
         -- recipient rows' keys newest first, then their messages, a page at a
         -- time, by key: the expiries are constants, so the planner keeps
@@ -174,17 +187,7 @@ BEGIN
             ' AND r.metadata_expires_at = m.metadata_expires_at'
             ' AND r.status = ($2->>''status'') OFFSET 0)'));
     END IF;
-    IF filter ? 'since' THEN
-        m_conds := array_append(m_conds, ('(m.created_at >= ($2->>''since'')::timestamptz'
-            ' AND m.metadata_expires_at >= ($2->>''since'')::timestamptz)'));
-    END IF;
-    IF filter ? 'until' THEN
-        m_conds := array_append(m_conds, 'm.created_at < ($2->>''until'')::timestamptz');
-    END IF;
-    IF filter ? 'after_at' THEN
-        m_conds := array_append(m_conds, ('(m.created_at, m.id) < '
-            '(($2->>''after_at'')::timestamptz, ($2->>''after_id'')::uuid)'));
-    END IF;
+    m_conds := m_conds || search_window('m', 'm.id', t_conds);
     q := 'SELECT m.* FROM messages m'
          || CASE WHEN cardinality(m_conds) > 0
                  THEN ' WHERE ' || array_to_string(m_conds, ' AND ') ELSE '' END
@@ -193,5 +196,6 @@ BEGIN
 END
 $fn$;
 
+REVOKE ALL ON FUNCTION search_window(text, text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION search_messages(jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION search_messages(jsonb) TO postkeep_tenant;
