@@ -25,11 +25,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import click
 import psycopg
 import pytest
 import zstandard
+from click.testing import CliRunner, Result
 from support.stack import REQUIRED, Stack, load_stack
 
+from postkeep import cli
 from postkeep import config as config_mod
 from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key
@@ -168,6 +171,28 @@ def objects(config: config_mod.Config) -> S3ObjectStore:
     store = S3ObjectStore(config.s3)
     store.ensure_bucket()
     return store
+
+
+Invoke = Callable[..., Result]
+
+
+@pytest.fixture(scope="session")
+def root() -> click.Group:
+    """The `postkeep` command tree with every group registered, as main() builds it."""
+    cli._register()
+    return cli.cli
+
+
+@pytest.fixture
+def run(root: click.Group, stack_env: StackEnv) -> Invoke:
+    """run(*args, input=None, config=None): `postkeep --config <stack config> ARGS…`
+    in-process; the click Result."""
+
+    def _run(*args: str, input: str | None = None, config: str | None = None) -> Result:
+        return CliRunner().invoke(root, ["--config", config or stack_env.config_path, *args],
+                                  input=input)
+
+    return _run
 
 
 def unique_name(prefix: str = "t") -> str:

@@ -26,34 +26,14 @@ import psycopg
 import pytest
 import zstandard
 from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg, unique_name
+from conftest import Invoke, StackEnv, StoreMessage, TestOrg, unique_name
 from support.captured import Captured, awkward_message, send_captured
 from support.stack import Stack
 
-from postkeep import cli
 from postkeep.cli.common import check_domain, parse_since
 from postkeep.storage.content import container
 from postkeep.storage.content.objects import S3ObjectStore, read_all
 from postkeep.storage.metadata import directory
-
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    """The `postkeep` command tree with every group registered, as main() builds it."""
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    """Run `postkeep --config <stack config> ARGS…`; returns the click Result."""
-
-    def _run(*args: str) -> Result:
-        return CliRunner().invoke(root, ["--config", stack_env.config_path, *args])
-
-    return _run
 
 
 def _ok(result: Result) -> Result:

@@ -18,37 +18,17 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import click
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg, unique_name
+from click.testing import Result
+from conftest import Invoke, StoreMessage, TestOrg, unique_name
 from support.stack import Stack
 
-from postkeep import cli
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.metadata import limits, messages
 
 pytestmark = pytest.mark.stack
 
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    """run(*args, input=None, config=None): `postkeep --config … ARGS` in-process."""
-
-    def _run(*args: str, input: str | None = None, config: str | None = None) -> Result:
-        return CliRunner().invoke(root, ["--config", config or stack_env.config_path, *args],
-                                  input=input)
-
-    return _run
 
 
 def _ok(result: Result) -> str:

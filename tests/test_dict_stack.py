@@ -13,37 +13,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-import click
 import psycopg
 import pytest
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg
+from click.testing import Result
+from conftest import StoreMessage, TestOrg
 from support import campaign, smtp
 from support.dedup import capture_and_commit
 from support.stack import Stack, strip_received
 
-from postkeep import cli
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage.content import container, dictionaries
 from postkeep.storage.content.dictionaries import DictionaryCache
 from postkeep.storage.metadata.db import BackendError, Database
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Callable[..., Result]:
-    def _run(*args: str) -> Result:
-        return CliRunner().invoke(root, ["--config", stack_env.config_path, *args])
-
-    return _run
 
 
 def _seed(org: TestOrg, store_message: StoreMessage, n: int = 80, start: int = 0) -> None:

@@ -27,7 +27,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import StackEnv, TestOrg, act_as, dashboard_role
 
-from postkeep import cli, config
+from postkeep import config
 from postkeep.config import ConfigError
 from postkeep.milter import dkim as pkdkim
 from postkeep.storage.metadata import directory, dkim_keys
@@ -288,12 +288,6 @@ def test_missing_key_policy_defaults_to_tempfail(db: psycopg.Connection, make_or
 
 
 # --- the CLI ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
 
 
 @pytest.fixture

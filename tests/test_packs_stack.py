@@ -16,16 +16,14 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import click
 import psycopg
 import pytest
-from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg
+from click.testing import Result
+from conftest import Invoke, StoreMessage, TestOrg
 from support import smtp
 from support.sidecar import metric
 from support.stack import Stack, strip_received
 
-from postkeep import cli
 from postkeep.storage.content import packs
 from postkeep.storage.content.layout import covered_by_rules
 from postkeep.storage.content.objects import S3ObjectStore
@@ -36,22 +34,7 @@ from postkeep.storage.metadata import legal_holds
 
 pytestmark = pytest.mark.stack
 
-Invoke = Callable[..., Result]
 PACKS_METRIC = "postkeep_milter_packs_total"
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    def _run(*args: str) -> Result:
-        return CliRunner().invoke(root, ["--config", stack_env.config_path, *args])
-
-    return _run
 
 
 def _ok(result: Result) -> str:

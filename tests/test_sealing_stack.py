@@ -19,12 +19,11 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import click
 import psycopg
 import pytest
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import StackEnv, TestOrg
+from click.testing import CliRunner
+from conftest import Invoke, TestOrg
 from support import smtp
 from support.stack import Stack, strip_received
 
@@ -39,21 +38,6 @@ from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    def _run(*args: str) -> Result:
-        return CliRunner().invoke(root, ["--config", stack_env.config_path, *args])
-
-    return _run
 
 
 def _send(stack: Stack, domain: str, to: str = "r@example.net") -> tuple[str, bytes, str]:
