@@ -109,14 +109,7 @@ cluster_up_minio() {
     local i
     for ((i = 0; i < CLUSTER_MINIO_NODES; i++)); do cluster_start_minio_node "$i"; done
     cluster_wait_minio
-    "$PY" - "127.0.0.1:$(cluster_minio_port 0)" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'PYEOF' \
-        || die "creating bucket postkeep failed"
-import sys
-from minio import Minio
-c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
-if not c.bucket_exists("postkeep"):
-    c.make_bucket("postkeep")
-PYEOF
+    make_bucket "127.0.0.1:$(cluster_minio_port 0)" "the MinIO cluster"
 }
 
 cluster_down_minio() {

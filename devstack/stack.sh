@@ -560,6 +560,18 @@ minio_keys() {
     . "$f"
 }
 
+# make_bucket HOST:PORT SERVER: the bucket postkeep on that S3 server, made if missing.
+make_bucket() {
+    "$PY" - "$1" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
+        || die "creating bucket postkeep on $2 ($1) failed"
+import sys
+from minio import Minio
+c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
+if not c.bucket_exists("postkeep"):
+    c.make_bucket("postkeep")
+EOF
+}
+
 start_minio() {
     if s3_external; then log "the S3 server is external (DIR/external-s3): not started"; return 0; fi
     if [ "$S3_SERVER" = versitygw ]; then start_versitygw; return; fi
@@ -585,14 +597,7 @@ start_minio() {
         sleep 0.1
     done
     [ "$i" -lt 300 ] || die "minio not ready on 127.0.0.1:$S3_PORT after 30 s, see $DIR/minio/minio.log"
-    "$PY" - "127.0.0.1:$S3_PORT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
-        || die "creating bucket postkeep failed"
-import sys
-from minio import Minio
-c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
-if not c.bucket_exists("postkeep"):
-    c.make_bucket("postkeep")
-EOF
+    make_bucket "127.0.0.1:$S3_PORT" minio
 }
 
 stop_minio() { s3_external || stop_pid "$DIR/minio/minio.pid" "$S3_SERVER"; }
@@ -617,14 +622,7 @@ start_versitygw() {
     fi
     wait_port "$S3_PORT" 30 "$DIR/minio/minio.pid" \
         || die "versitygw not listening on 127.0.0.1:$S3_PORT, see $DIR/minio/versitygw.log"
-    "$PY" - "127.0.0.1:$S3_PORT" "$MINIO_ROOT_USER" "$MINIO_ROOT_PASSWORD" <<'EOF' \
-        || die "creating bucket postkeep on versitygw failed"
-import sys
-from minio import Minio
-c = Minio(sys.argv[1], access_key=sys.argv[2], secret_key=sys.argv[3], secure=False)
-if not c.bucket_exists("postkeep"):
-    c.make_bucket("postkeep")
-EOF
+    make_bucket "127.0.0.1:$S3_PORT" versitygw
 }
 
 # ---------------------------------------------------------------- sink
