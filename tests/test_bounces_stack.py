@@ -62,11 +62,7 @@ def test_a_plain_bounce_at_a_recipients_verp_return_path_bounces_that_recipient(
     body = (f"From: app@{domain}\r\nTo: customers@{domain}\r\nSubject: verp {token}\r\n"
             f"Message-ID: <{token}@{domain}>\r\nX-Test-Token: {token}\r\n\r\nHello.\r\n").encode()
     reply = smtp.send(*stack.smtp, f"app@{domain}", [ok, later, unknown], body)
-    with stack.connect() as conn:
-        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
-                           (reply.queue_id,)).fetchone()
-    assert row is not None
-    mid, rpath = uuid.UUID(str(row[0])), str(row[1])
+    mid, rpath = stack.sent(reply.queue_id)
     base, _, bounce_domain = rpath.partition("@")
 
     # Each copy left from its recipient's VERP form of the signed return path:
@@ -112,11 +108,7 @@ def test_a_plain_bounce_at_a_single_recipient_messages_return_path_is_that_recip
     body = (f"From: app@{domain}\r\nTo: {only}\r\nSubject: single {token}\r\n"
             f"Message-ID: <{token}@{domain}>\r\nX-Test-Token: {token}\r\n\r\nHello.\r\n").encode()
     reply = smtp.send(*stack.smtp, f"app@{domain}", [only], body)
-    with stack.connect() as conn:
-        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
-                           (reply.queue_id,)).fetchone()
-    assert row is not None
-    mid, rpath = uuid.UUID(str(row[0])), str(row[1])
+    mid, rpath = stack.sent(reply.queue_id)
     until(lambda: _recipients(stack, mid)[only][0] == "relayed", "Postfix's relayed notice")
     smtp.send(*stack.smtp, "", [rpath], _plain_bounce(rpath))
     rows = until(lambda: (r := _recipients(stack, mid))[only][0] == "bounced" and r,

@@ -180,11 +180,7 @@ def test_a_report_is_applied_whichever_host_receives_it(c: Cluster, via: str,
     _, domain = c.hosts[via].new_org("pro")
     token, reply = _send(c.hosts[via], domain)
     rcpt = f"r-{token}@sink.test"
-    with c.hosts[via].connect() as conn:
-        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
-                           (reply.queue_id,)).fetchone()
-    assert row is not None
-    mid, rpath = uuid.UUID(str(row[0])), str(row[1])
+    mid, rpath = c.hosts[via].sent(reply.queue_id)
     c.hosts[via].sink_copy(token)  # relayed first; the report is the later event
     report = dsn(mid, [block(rcpt, "failed", "5.1.1", "550 5.1.1 no such user")],
                  date=formatdate(time.time() + 5, usegmt=True))

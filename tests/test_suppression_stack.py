@@ -429,11 +429,7 @@ def test_an_unsubscribe_mail_at_the_return_path_suppresses_that_recipient_only(
     body = (f"From: news@{domain}\r\nTo: list@{domain}\r\nSubject: news {token}\r\n"
             f"Message-ID: <{token}@{domain}>\r\n\r\nNews.\r\n").encode()
     reply = smtp.send(*stack.smtp, f"news@{domain}", [reader, other], body)
-    with stack.connect() as conn:
-        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
-                           (reply.queue_id,)).fetchone()
-    assert row is not None
-    mid, rpath = uuid.UUID(str(row[0])), str(row[1])
+    mid, rpath = stack.sent(reply.queue_id)
     base, _, bounce_domain = rpath.partition("@")
 
     # Someone the message was not sent to asks, at the plain return path (he

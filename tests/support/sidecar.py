@@ -70,13 +70,9 @@ def relayed_message(stack: Stack, domain: str, rcpts: list[str]) -> tuple[uuid.U
             "A tracked message.\r\n").encode()
     reply = smtp.send(*stack.smtp, f"app@{domain}", rcpts, data)
     assert reply.queue_id, reply.text
-    with stack.connect() as conn:
-        row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
-                           (reply.queue_id,)).fetchone()
-    assert row is not None, f"no messages row for queue id {reply.queue_id}"
-    mid = uuid.UUID(str(row[0]))
+    mid, rpath = stack.sent(reply.queue_id)
     wait_statuses(stack, mid, dict.fromkeys(rcpts, "relayed"))
-    return mid, str(row[1])
+    return mid, rpath
 
 
 def log_path(stack: Stack, daemon: str) -> Path:

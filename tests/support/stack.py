@@ -57,6 +57,15 @@ class Stack:
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.config.postgres.conninfo(), autocommit=True)
 
+    def sent(self, queue_id: str | None) -> tuple[uuid.UUID, str]:
+        """(message id, return path) of the message Postfix queued as QUEUE_ID."""
+        assert queue_id, "no queue id: the message was not accepted"
+        with self.connect() as conn:
+            row = conn.execute("SELECT id, return_path FROM messages WHERE queue_id = %s",
+                               (queue_id,)).fetchone()
+        assert row is not None, f"no messages row for queue id {queue_id}"
+        return uuid.UUID(str(row[0])), str(row[1])
+
     def objects(self) -> S3ObjectStore:
         return S3ObjectStore(self.config.s3)
 
