@@ -16,14 +16,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
-from email.utils import format_datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import act_as, dashboard_role
 from support import smtp
+from support.reports import remote_dsn
 from support.smtp_server import RemoteMX, serve_remote_mx
 from support.stack import Stack
 from support.wait import until
@@ -223,19 +223,6 @@ def test_a_retried_capture_writes_no_second_accepted(
     assert [e.event_type for e in events.fetch_events(db, org.id)] == ["accepted"]
 
 
-def _remote_dsn(mid: uuid.UUID, rcpt: str) -> bytes:
-    """A DSN-capable remote MTA's success notice (Action: delivered) for RCPT,
-    dated a little after now: later than Postfix's relayed notice."""
-    date = format_datetime(datetime.now(UTC) + timedelta(seconds=2))
-    return (
-        "From: MAILER-DAEMON@mx.test\r\nSubject: Delivery Status Notification (Success)\r\n"
-        f"Date: {date}\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; mx.test\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
-        f"Final-Recipient: rfc822; {rcpt}\r\nAction: delivered\r\nStatus: 2.0.0\r\n"
-        "Diagnostic-Code: smtp; 250 2.0.0 stored in the mailbox\r\n\r\n--b--\r\n"
-    ).encode()
 
 
 def test_relayed_then_delivered_by_the_remote_dsn_reach_a_webhook_in_order(
@@ -256,7 +243,9 @@ def test_relayed_then_delivered_by_the_remote_dsn_reach_a_webhook_in_order(
         lmtp = smtp.Client("127.0.0.1", int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"]),
                            greeting="LHLO")
         try:
-            reply = lmtp.send("", [str(row[0])], _remote_dsn(mid, rcpt))
+            success = remote_dsn(mid, rcpt, "delivered", "2.0.0", "250 2.0.0 stored in the mailbox",
+                                 mta="mx.test", subject="Delivery Status Notification (Success)")
+            reply = lmtp.send("", [str(row[0])], success)
         finally:
             lmtp.close()
         assert reply.code == 250, reply

@@ -20,13 +20,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import smtp
+from support.reports import remote_dsn
 from support.smtp_server import smtp_server
 from support.stack import Stack
 from support.wait import until
@@ -357,19 +357,6 @@ def _lmtp(stack: Stack) -> smtp.Client:
                        greeting="LHLO")
 
 
-def _report(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str) -> bytes:
-    # Dated a little after now: a later final status wins over the relayed
-    # notice Postfix sent a moment ago (a fixed date would fall behind it).
-    date = format_datetime(datetime.now(UTC) + timedelta(seconds=2))
-    return (
-        "From: MAILER-DAEMON@test.example\r\nSubject: report\r\n"
-        f"Date: {date}\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; test.example\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
-        f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
-        f"Diagnostic-Code: smtp; {diag}\r\n\r\n--b--\r\n"
-    ).encode()
 
 
 def _relayed_message(stack: Stack, prefix: str, domain: str = "",
@@ -393,7 +380,7 @@ def _relayed_message(stack: Stack, prefix: str, domain: str = "",
 def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) -> None:
     mid, rcpt, path = _relayed_message(stack, "d")
 
-    bounce = _report(mid, rcpt, "failed", "5.7.1", "550 5.7.1 rejected after all")
+    bounce = remote_dsn(mid, rcpt, "failed", "5.7.1", "550 5.7.1 rejected after all")
     client = _lmtp(stack)
     try:
         # Garbage first: the daemon answers and carries on.
@@ -414,7 +401,7 @@ def test_duplicates_unknown_messages_and_garbage_on_the_lmtp_port(stack: Stack) 
         client.command(f"RCPT TO:<{ghost_path}>", 250)
         client.command(f"RCPT TO:<{ghost_path.replace('@b.test', '@c.test')}>", 250)
         client.command("DATA", 354)
-        client.sock.sendall(smtp.dot_stuff(_report(ghost, "a@x", "relayed", "2.0.0", "250"))
+        client.sock.sendall(smtp.dot_stuff(remote_dsn(ghost, "a@x", "relayed", "2.0.0", "250"))
                             + b".\r\n")
         unmatched = [client._read(), client._read()]
     finally:
@@ -578,7 +565,7 @@ def test_sidecar_tempfails_while_postgres_is_down(stack: Stack) -> None:
     """PostgreSQL stopped for real: the report gets 451 4.3.0 naming postgres
     (Postfix would retry); once it is back the same report is recorded."""
     mid, rcpt, path = _relayed_message(stack, "pg")
-    report = _report(mid, rcpt, "failed", "5.2.1", "550 5.2.1 mailbox disabled later")
+    report = remote_dsn(mid, rcpt, "failed", "5.2.1", "550 5.2.1 mailbox disabled later")
     stack.stack_ctl("stop", "postgres")
     try:
         client = _lmtp(stack)
@@ -648,7 +635,7 @@ def test_forged_reports_over_lmtp_change_nothing(stack: Stack, fake_mx: FakeMX) 
     client = _lmtp(stack)
     try:
         for to, why in attempts.items():
-            forged = _report(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 forged via {to}")
+            forged = remote_dsn(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 forged via {to}")
             reply = client.send("", [to], forged)
             assert reply.code == 250 and "kept as unmatched" in reply.text, (to, reply)
             reason = _unmatched_reason(stack, forged)
@@ -672,7 +659,7 @@ def test_a_forged_bounce_through_postfix_is_neither_recorded_nor_forwarded(
     mid, rcpt, path = _relayed_message(stack, "viapostfix", domain)
     forged_to = f"pk-{mid.hex}@{path.partition('@')[2]}"
     marker = f"forged-{uuid.uuid4().hex[:8]}"
-    forged = _report(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 {marker}")
+    forged = remote_dsn(mid, rcpt, "failed", "5.1.1", f"550 5.1.1 {marker}")
     client = smtp.Client(*stack.smtp)
     try:
         client.xclient("203.0.113.9")  # TEST-NET-3: an outside, untrusted client

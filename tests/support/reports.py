@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 
 def dsn(mid: uuid.UUID | None, blocks: list[dict[str, str]], *, envid: bool = True,
@@ -35,3 +37,21 @@ def block(rcpt: str, action: str, status: str, diag: str | None = None,
     if diag:
         b["Diagnostic-Code"] = f"smtp; {diag}"
     return b
+
+
+def remote_dsn(mid: uuid.UUID, rcpt: str, action: str, status: str, diag: str, *,
+               mta: str = "test.example", subject: str = "report") -> bytes:
+    """A remote MTA's notice for RCPT (no returned headers: the envelope id
+    alone names MID), dated a little after now: a later final status wins
+    over the relayed notice Postfix sent a moment ago (a fixed date would
+    fall behind it)."""
+    date = format_datetime(datetime.now(UTC) + timedelta(seconds=2))
+    return (
+        f"From: MAILER-DAEMON@{mta}\r\nSubject: {subject}\r\n"
+        f"Date: {date}\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; {mta}\r\nOriginal-Envelope-Id: {mid}\r\n\r\n"
+        f"Final-Recipient: rfc822; {rcpt}\r\nAction: {action}\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: smtp; {diag}\r\n\r\n--b--\r\n"
+    ).encode()
