@@ -217,6 +217,25 @@ class Keyring:
                             " (the key row was altered or belongs to another message)") from None
 
 
+# --- keys wrapped by the master key alone (seal-parts) -------------------------------
+# The outage spool seals while PostgreSQL may be down: its per-file data key
+# is wrapped by the master key directly (storage/content/spool.py).
+
+
+def master_wrap(ring: Keyring, secret: bytes, aad: bytes) -> bytes:
+    """SECRET wrapped (AES-256-GCM, fresh nonce) by RING's master key for AAD."""
+    return _wrap(ring._master, secret, aad)
+
+
+def master_unwrap(ring: Keyring, wrapped: bytes, aad: bytes) -> bytes:
+    """The inverse of master_wrap; SealError if it does not open."""
+    try:
+        return _unwrap(ring._master, wrapped, aad)
+    except (InvalidTag, ValueError):
+        raise SealError(f"a key wrapped by the master key does not open with the configured"
+                        f" one (id {ring.master_id}): altered, or another key's") from None
+
+
 def _pg_ts(t: datetime) -> str | datetime:
     return "infinity" if t.year >= 9999 else t
 
