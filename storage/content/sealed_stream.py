@@ -25,6 +25,7 @@ destroyed, is the caller's business (storage/content/part_keys.py, spool.py).
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -115,7 +116,7 @@ def open_stream(key: bytes, binding: bytes, chunks: Iterable[bytes],
             raise SealError(f"{where}: sealed segment {index} does not authenticate"
                             " (altered, truncated, or sealed for something else)") from None
 
-    for chunk in it:
+    for chunk in itertools.chain([b""], it):  # the bytes read with the header first
         buf += chunk
         while len(buf) > full:  # more follows: not the last segment
             yield opened(bytes(buf[:full]), False)
