@@ -19,7 +19,7 @@ using it (parts.release_message_parts) or sweeping an expired part
 org_keys row.  From then on the part's bytes, wherever they still are (a
 bucket under Object Lock, a replica, a backup of the bucket), are noise.
 What this does not promise: copies of part_keys in database backups live as
-long as those backups (docs/SEALING.md).
+long as those backups (README, *Sealed content and crypto-shredding*).
 
 Part objects written without a master key, or before it was configured,
 stay plain zstd and are read as before: restore looks at the first bytes.
