@@ -24,6 +24,14 @@ copy under a new upload id (never the key being deleted).
 `attachments` holds one row per split part of each message (filename, MIME
 type, size, sha256, object key), written in the same transaction as the
 message's rows.
+
+Sealed parts: with a master key configured each new part object is sealed
+under a key of its own (storage/content/part_keys.py), its row in
+`part_keys` inserted in the transaction that inserts the part's row (a
+duplicate upload that lost the race keeps none).  When the last reference
+goes (`release_message_parts` on erasure: `shred_unreferenced`), the part is
+marked 'deleting' and its key destroyed at once, before any S3 delete; the
+sweep destroys the key of every part it deletes, first.
 """
 
 from __future__ import annotations

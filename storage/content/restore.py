@@ -13,7 +13,9 @@ A container object (storage/content/container.py) is a manifest and a skeleton: 
 skeleton is decompressed (with the zstd dictionary version the manifest
 names, fetched from the store) and each split-out part object is spliced
 back in at its offset.  A missing dictionary or part is a BackendError that
-names it.
+names it.  Sealed parts and dictionaries (storage/content/part_keys.py,
+dictionaries.py) are opened with their keys, read over the connection
+`restore` is given; a part whose key is gone raises PartErased.
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ The expiry in the header says which partition holds the key (or
 organisation and message ids, so an entry moved to another message or
 tenant (or a header edited) does not authenticate: the error says so.
 
+The same chain seals what no single message owns: shared large parts under
+keys of their own (storage/content/part_keys.py), dictionaries under the
+organisation key (dictionaries.py); the outage spool, written while
+PostgreSQL may be down, under per-file keys the master key wraps
+(spool.py, `master_wrap`).
+
 One process-wide Keyring, `install`ed from the configuration by each daemon
 and CLI command; None: new content is written unsealed and sealed content
 cannot be read (the error names storage.master_key_file).
