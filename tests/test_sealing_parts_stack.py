@@ -217,3 +217,44 @@ def test_a_dictionary_is_sealed_under_its_organisations_key_gone_with_it(
             dictionaries.for_restore(fresh, ref, "a test", db)
     finally:
         objects.delete(ref.key)
+
+
+def test_an_altered_or_moved_part_or_dictionary_does_not_open_and_says_so(
+        stack: Stack, db: psycopg.Connection, objects: S3ObjectStore,
+        make_org: Callable[..., TestOrg], store_message: StoreMessage) -> None:
+    org, other = make_org("pro"), make_org("pro")
+    token = uuid.uuid4().hex
+    m1, _ = _send(stack, org.domain, "x@example.net", _ledger(token), token)
+    _send(stack, other.domain, "y@example.net", _ledger(token), token)
+    [(key, _)] = _parts(db, org)
+    [(other_key, _)] = _parts(db, other)
+    obj = b"".join(objects.get(key))
+    flipped = bytearray(obj)
+    flipped[len(obj) // 2] ^= 1
+    with pytest.raises(sealing.SealError, match=f"{key}: sealed segment \\d+ does not"):
+        b"".join(part_keys.open_part(db, key, iter([bytes(flipped)])))
+    # The other organisation's part (same bytes, its own key) under this one's name.
+    stolen = b"".join(objects.get(other_key))
+    with pytest.raises(sealing.SealError, match="does not authenticate"):
+        b"".join(part_keys.open_part(db, key, iter([stolen])))
+    # Through restore: the message names the part it cannot open.
+    objects.put(key, io.BytesIO(bytes(flipped)), len(flipped))
+    try:
+        with pytest.raises(sealing.SealError, match=key):
+            b"".join(stack.restored(
+                db.execute("SELECT object_key FROM messages WHERE id = %s",
+                           (m1,)).fetchone()[0], m1))  # type: ignore[index]
+    finally:
+        objects.put(key, io.BytesIO(obj), len(obj))
+
+    _seed(org, store_message, 40)
+    dictionaries.train_for_org(db, objects, org.id, datetime.now(UTC))
+    ref = DictionaryRef(str(org.id), 1)
+    sealed = b"".join(objects.get(ref.key))
+    for moved in (DictionaryRef(str(org.id), 2), DictionaryRef(str(other.id), 1)):
+        with pytest.raises(sealing.SealError, match="does not authenticate"):
+            dictionaries.open_dictionary(db, moved, sealed)
+    bad = bytearray(sealed)
+    bad[-3] ^= 1
+    with pytest.raises(sealing.SealError, match=f"{ref.key}.*does not authenticate"):
+        dictionaries.open_dictionary(db, ref, bytes(bad))
