@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import queue
 import threading
@@ -67,7 +66,7 @@ import psycopg
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
-from postkeep.storage.content import packs, sealing
+from postkeep.storage.content import packing, packs
 from postkeep.storage.content.dictionaries import DictionaryUse
 from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
@@ -405,36 +404,17 @@ class GroupCommitter:
         if not items:
             return []
         by_id = {p.message.id: p for p in items}
-        keys = None
-        ring = sealing.keyring()
-        if ring is not None:  # sealed: a fresh data key per message (sealing.py)
-            try:
-                orgs = ring.missing_orgs({p.message.org_id for p in items})
-                if orgs:  # once per organisation and process
-                    self._db.run(lambda conn: ring.ensure_orgs(conn, orgs))
-                keys = {k.message_id: k for k in ring.new_data_keys(
-                    [(p.message.id, p.message.org_id, p.message.content_expires_at)
-                     for p in items])}
-            except (BackendError, psycopg.Error) as exc:
-                err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
-                for p in items:
-                    p.error = err
-                return []
-        built = packs.build([packs.Entry(p.message.id, p.message.org_id, p.message.object_key,
-                                         p.message.content_expires_at, p.content.stream.read())
-                             for p in items], keys=keys)
+        stored, failed = packing.store_packs(
+            self._db, self._objects,
+            [packs.Entry(p.message.id, p.message.org_id, p.message.object_key,
+                         p.message.content_expires_at, p.content.stream.read())
+             for p in items])
+        for mid, exc in failed.items():
+            by_id[mid].error = exc
         ok: list[_Pending] = []
-        for pack in built:
-            members = [by_id[mid] for mid in pack.members]
-            try:
-                # Under Object Lock retained until its latest member's expiry.
-                put_content(self._objects, pack.key, io.BytesIO(pack.body.getvalue()),
-                            pack.length, pack.expires_at)
-            except BackendError as exc:
-                for p in members:
-                    p.error = exc
-                continue
+        for pack in stored:
             metrics.PACKS.inc()
+            members = [by_id[mid] for mid in pack.members]
             for p in members:
                 p.pack = pack
                 p.message = dataclasses.replace(p.message, object_key=pack.key)

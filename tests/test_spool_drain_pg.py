@@ -10,6 +10,8 @@ under the same key, so it is proven here with the drain's own row writer
 spool drain` run it) on the stack's PostgreSQL, and objects in its MinIO:
 one `messages` row, one row per recipient and the object byte for byte, for
 every entry.  A row PostgreSQL itself refuses keeps its entry in the spool.
+The same holds when the drain packs and seals as the group commit does
+(`Packing`): each message indexed once, sealed, its key recorded.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import pytest
 from conftest import TestOrg
 
 from postkeep.config import Config
+from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key, read_all
-from postkeep.storage.content.spool import RecordRows, Spool, drain, record_with
+from postkeep.storage.content.spool import Packing, RecordRows, Spool, drain, record_with
 from postkeep.storage.metadata.db import Database
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
 
@@ -245,3 +248,90 @@ def test_a_spooled_reply_is_linked_to_what_was_sent_when_drained(
             assert row == [("inbound", "reply", sent.id)]
     finally:
         database.close()
+
+
+@pytest.fixture
+def packing(config: Config, _migrated: None) -> Iterator[Packing]:
+    database = Database(config.postgres)
+    try:
+        yield Packing(database)
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("where", ["during puts", "before rows", "after rows committed",
+                                   "mid unlink", "a row refused"])
+def test_a_drain_into_sealed_packs_killed_anywhere_and_rerun_stores_each_message_once(
+        spool: Spool, record: RecordRows, packing: Packing, db: psycopg.Connection,
+        objects: S3ObjectStore, make_org: Callable[..., TestOrg],
+        monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    assert sealing.keyring() is not None  # the stack's content key: entries and packs sealed
+    org = make_org()
+    spooled = _spool_some(spool, org, 40)
+    blobs = _objects_of(spool)
+    store = CrashingS3(objects, False)
+    write: RecordRows = record
+    bad = None
+    if where == "during puts":
+        store.crash_after = 2  # packs: one PUT per batch here
+    elif where == "before rows":
+        def write(batch: Sequence[CapturedMessage], written: Sequence[packs.Pack] = (),
+                  /) -> None:
+            raise Crash()
+    elif where == "after rows committed":
+        calls = [0]
+
+        def write(batch: Sequence[CapturedMessage], written: Sequence[packs.Pack] = (),
+                  /) -> None:
+            record(batch, written)
+            calls[0] += 1
+            if calls[0] == 2:
+                raise Crash()
+    elif where == "mid unlink":
+        calls = [0]
+        real = Spool.remove
+
+        def remove(self: Spool, path: Path) -> None:
+            calls[0] += 1
+            if calls[0] == 5:
+                raise Crash()
+            real(self, path)
+
+        monkeypatch.setattr(Spool, "remove", remove)
+    if where == "a row refused":  # retried one by one: its pack's others recorded alone
+        blob = os.urandom(80)
+        bad = replace(_message(org, 3, blob),
+                      metadata_expires_at=datetime(2001, 1, 1, tzinfo=UTC))
+        spool.write(bad, io.BytesIO(blob), "s3: down")
+        first = drain(spool, store, record, batch_size=8, packing=packing)
+        assert (first.drained, first.rejected) == (40, 1)
+        assert [p.name for p in spool.entries()] == [f"{bad.id}.spool"]
+    else:
+        with pytest.raises(Crash):
+            drain(spool, store, write, batch_size=8, put_threads=1, packing=packing)
+        monkeypatch.undo()
+        left = len(spool.entries())
+        assert 0 < left <= 40  # the kill left work to do
+        store.crash_after = None
+        result = drain(spool, store, record, batch_size=8, packing=packing)
+        assert result.stopped is None and result.drained == left and spool.entries() == []
+    rows, rcpts = _stored(db, list(spooled))
+    assert rows == {mid: 1 for mid in spooled}  # one row each, none missing
+    assert rcpts == {mid: len(RCPTS) for mid in spooled}
+    index = dict(db.execute("SELECT message_id, format FROM message_packs"
+                            " WHERE message_id = ANY(%s)", (list(spooled),)).fetchall())
+    assert index == {mid: packs.FORMAT_SEALED for mid in spooled}  # indexed once, sealed
+    for mid in spooled:
+        where_ = packs.location(db, mid)
+        assert where_ is not None
+        key = db.execute("SELECT object_key FROM messages WHERE id = %s", (mid,)).fetchone()
+        assert key == (where_.pack_key,)
+        chunks = objects.get_range(where_.pack_key, where_.offset, where_.length)
+        assert b"".join(packs.open_entry(where_.format, where_.pack_key, chunks, db,
+                                         mid)) == blobs[mid]
+    if bad is not None:
+        assert _stored(db, [bad.id]) == ({}, {})
+        n = db.execute("SELECT sum(messages) FROM packs WHERE object_key IN (SELECT pack_key"
+                       " FROM message_packs WHERE message_id = ANY(%s))",
+                       (list(spooled),)).fetchone()
+        assert n == (40,)  # counted member by member, the refused one not

@@ -130,6 +130,7 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
         drain,
         drain_forever,
         log_pass,
+        packing_for,
         record_with,
     )
     from postkeep.storage.metadata.db import Database
@@ -169,12 +170,12 @@ def drain_cmd(ctx: click.Context, follow: bool, interval: float | None, batch: i
             logging.getLogger("postkeep.spool").info(
                 "spool drain following %s every %gs", spool.dir, every)
             drain_forever(spool, objects, record, interval=every, stop=stop,
-                          batch_size=batch, on_pass=log_pass)
+                          batch_size=batch, on_pass=log_pass, packing=packing_for(cfg, db))
             return
         with spool.drain_lock(wait=wait):
             spool.remove_stale_tmp()
             result = drain(spool, objects, record, batch_size=batch, limit=limit,
-                           progress=progress)
+                           progress=progress, packing=packing_for(cfg, db))
     except SpoolBusy as exc:
         fail(str(exc))
     finally:

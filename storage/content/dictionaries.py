@@ -13,12 +13,28 @@ is deleted (`sweep_dictionaries`) only once `needed_until` has passed, and
 the milter raises `needed_until` to at least the content expiry of every
 message it compresses with a version before that message is committed
 (`DictionaryUse`).  Dictionaries are never shared across organisations.
+
+Sealed dictionaries.  A dictionary is trained from an organisation's mail and
+holds its text (phrases, addresses, templates).  With a master key configured
+the object is sealed (AES-256-GCM) directly under the organisation's content
+key (storage/content/sealing.py):
+
+    MAGIC (4) | VERSION (1) | nonce (12) | ciphertext of the dictionary | tag (16)
+
+the AAD being the header, the organisation and the version: a dictionary
+copied under another organisation or version does not open.  Offboarding the
+organisation (its org_keys row deleted) leaves its dictionaries unreadable
+wherever their objects still are, as it leaves its messages.  A dictionary
+object written unsealed (before the master key was configured) is read as
+it is: a zstd dictionary starts with its own magic, never this one.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import struct
 import threading
 import time
 import uuid
@@ -30,7 +46,10 @@ from datetime import datetime, timedelta
 
 import psycopg
 import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from postkeep.storage.content import sealing
 from postkeep.storage.content.container import DictionaryRef
 from postkeep.storage.content.objects import ObjectStore, read_all
 from postkeep.storage.content.parts import Deleter
@@ -189,7 +208,8 @@ def train_for_org(conn: psycopg.Connection, objects: ObjectStore, org_id: uuid.U
                            " WHERE org_id = %s", (org_id,)).fetchone()
         version = int(row[0]) if row else 1
         ref = DictionaryRef(str(org_id), version)
-        objects.put(ref.key, io.BytesIO(data), len(data))
+        stored = seal_dictionary(conn, ref, data)
+        objects.put(ref.key, io.BytesIO(stored), len(stored))
         conn.execute("UPDATE zstd_dictionaries SET state = 'retired', retired_at = %s"
                      " WHERE org_id = %s AND state = 'current'", (now, org_id))
         conn.execute(
@@ -246,9 +266,13 @@ class LoadedDictionary:
     data: zstandard.ZstdCompressionDict
 
 
-def load_compression_dict(objects: ObjectStore, ref: DictionaryRef, level: int
-                          ) -> LoadedDictionary:
+def load_compression_dict(objects: ObjectStore, ref: DictionaryRef, level: int,
+                          db: Database | None = None) -> LoadedDictionary:
     raw = read_all(objects, ref.key)
+    if is_sealed_dictionary(raw):
+        if db is None:
+            raise BackendError("s3", f"{ref} is sealed: it is read with its organisation's key")
+        raw = db.run(lambda conn: open_dictionary(conn, ref, raw))
     d = zstandard.ZstdCompressionDict(raw)
     d.precompute_compress(level=level)
     return LoadedDictionary(ref, d)
@@ -304,7 +328,7 @@ class DictionaryCache:
         ref = DictionaryRef(str(org_id), int(row[0]))
         if have is not None and have.ref == ref:
             return have
-        loaded = load_compression_dict(self._objects, ref, self._level)
+        loaded = load_compression_dict(self._objects, ref, self._level, self._db)
         log.info("dictionary loaded org=%s version=%d", org_id, ref.version)
         return loaded
 
@@ -368,9 +392,10 @@ class _DictCache:
 _RESTORE_CACHE = _DictCache()
 
 
-def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
-                ) -> zstandard.ZstdCompressionDict:
-    """The dictionary REF to decompress NEEDED_BY; BackendError naming it if missing."""
+def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str,
+                conn: psycopg.Connection | None = None) -> zstandard.ZstdCompressionDict:
+    """The dictionary REF to decompress NEEDED_BY; BackendError naming it if
+    missing.  A sealed one is opened with its organisation's key over CONN."""
     d = _RESTORE_CACHE.get(objects, ref.key)
     if d is not None:
         return d
@@ -379,6 +404,11 @@ def for_restore(objects: ObjectStore, ref: DictionaryRef, needed_by: str
     except BackendError as exc:
         raise BackendError("s3", f"{needed_by} needs zstd {ref}, which cannot be read:"
                            f" {exc.reason}") from exc
+    if is_sealed_dictionary(raw):
+        if conn is None:
+            raise BackendError("s3", f"{needed_by} needs zstd {ref}, which is sealed: it is"
+                               " read with its organisation's key (restore_message)")
+        raw = open_dictionary(conn, ref, raw)
     d = zstandard.ZstdCompressionDict(raw)
     _RESTORE_CACHE.put(objects, ref.key, d)
     return d
@@ -409,3 +439,52 @@ def sweep_dictionaries(conn: psycopg.Connection, objects: Deleter, now: datetime
                      " AND state = 'deleting'", (org_id, version))
         log.info("dictionary deleted org=%s version=%d", org_id, version)
     return len(rows)
+
+
+# --- sealed dictionaries ------------------------------------------------------------
+
+SEALED_MAGIC = b"\x89PKD"
+SEALED_VERSION = 1
+_SEALED_HEADER = struct.Struct(">4sB12s")
+_AAD_DICT = b"postkeep-dictionary-v1\x00"
+
+
+def is_sealed_dictionary(head: bytes) -> bool:
+    """Whether a dictionary object starting with HEAD is sealed."""
+    return head[:4] == SEALED_MAGIC
+
+
+def _dict_aad(header: bytes, ref: DictionaryRef) -> bytes:
+    return _AAD_DICT + header + uuid.UUID(ref.org_id).bytes + ref.version.to_bytes(4, "big")
+
+
+def seal_dictionary(conn: psycopg.Connection, ref: DictionaryRef, data: bytes) -> bytes:
+    """DATA (REF's dictionary) sealed under its organisation's key, or as it is
+    when sealing is off (no master key)."""
+    ring = sealing.keyring()
+    if ring is None:
+        return data
+    org_key = ring.org_key(conn, uuid.UUID(ref.org_id), create=True)
+    assert org_key is not None
+    header = _SEALED_HEADER.pack(SEALED_MAGIC, SEALED_VERSION, os.urandom(12))
+    return header + AESGCM(org_key).encrypt(header[-12:], data, _dict_aad(header, ref))
+
+
+def open_dictionary(conn: psycopg.Connection, ref: DictionaryRef, raw: bytes) -> bytes:
+    """REF's dictionary from its sealed object RAW; ContentErased-like SealError
+    if its organisation's key is gone, SealError if the bytes do not open."""
+    if len(raw) < _SEALED_HEADER.size + 16:
+        raise sealing.SealError(f"{ref}: sealed dictionary truncated ({len(raw)} bytes)")
+    _magic, version, nonce = _SEALED_HEADER.unpack_from(raw)
+    if version != SEALED_VERSION:
+        raise sealing.SealError(f"{ref}: sealed dictionary version {version} is not supported")
+    org_key = sealing.required().org_key(conn, uuid.UUID(ref.org_id), create=False)
+    if org_key is None:
+        raise sealing.SealError(f"{ref}: content erased (organisation {ref.org_id} has no"
+                                " content key: removed)")
+    header = raw[:_SEALED_HEADER.size]
+    try:
+        return AESGCM(org_key).decrypt(nonce, raw[_SEALED_HEADER.size:], _dict_aad(header, ref))
+    except InvalidTag:
+        raise sealing.SealError(f"{ref}: the sealed dictionary does not authenticate (altered,"
+                                " or another organisation's or version's)") from None

@@ -164,7 +164,9 @@ def record(conn: psycopg.Connection, packs: list[Pack]) -> None:
     conn.execute(
         "INSERT INTO packs (object_key, org_id, expires_at, length, messages)"
         " SELECT * FROM unnest(%s::text[], %s::uuid[], %s::timestamptz[], %s::bigint[],"
-        " %s::int[])",
+        " %s::int[])"
+        # A pack recorded member by member (the spool drain's one-by-one retry).
+        " ON CONFLICT (object_key) DO UPDATE SET messages = packs.messages + EXCLUDED.messages",
         ([p.key for p in packs], [p.org_id for p in packs], [p.expires_at for p in packs],
          [p.length for p in packs], [len(p.members) for p in packs]))
     rows = [(mid, p.org_id, loc) for p in packs for mid, loc in p.members.items()]

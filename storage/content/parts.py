@@ -24,6 +24,14 @@ copy under a new upload id (never the key being deleted).
 `attachments` holds one row per split part of each message (filename, MIME
 type, size, sha256, object key), written in the same transaction as the
 message's rows.
+
+Sealed parts: with a master key configured each new part object is sealed
+under a key of its own (storage/content/part_keys.py), its row in
+`part_keys` inserted in the transaction that inserts the part's row (a
+duplicate upload that lost the race keeps none).  When the last reference
+goes (`release_message_parts` on erasure: `shred_unreferenced`), the part is
+marked 'deleting' and its key destroyed at once, before any S3 delete; the
+sweep destroys the key of every part it deletes, first.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import psycopg
 import zstandard
 
 from postkeep.ids import uuid7
+from postkeep.storage.content import part_keys
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.legal_holds import covered_sql
@@ -143,22 +152,33 @@ class PartStore:
             self._remember(ident, row[0], row[1])
             return ResolvedPart(row[0], 0)
         key = part_key(org_id, part.sha256)
+        pk = part_keys.new_key(self._db, org_id, key)  # None: sealing off
         blob = compress_part(part.data, self._level, self._spill, self._spool)
         try:
+            if pk is not None:
+                blob = _sealed_copy(pk, blob, self._spill, self._spool)
             stored = blob.seek(0, 2)
             blob.seek(0)
             with self._upload_lock:
                 self._objects.put(key, blob, stored)  # type: ignore[arg-type]
         finally:
             blob.close()
-        row = self._db.run(lambda conn: conn.execute(
-            "INSERT INTO parts (object_key, org_id, sha256, size, stored_size, needed_until)"
-            " VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (org_id, sha256) WHERE state = 'live'"
-            " DO UPDATE SET needed_until = greatest(parts.needed_until, EXCLUDED.needed_until)"
-            " RETURNING object_key, needed_until",
-            (key, org_id, part.sha256, part.size, stored, until)).fetchone())
-        assert row is not None
+
+        def insert(conn: psycopg.Connection) -> tuple[str, datetime]:
+            with conn.transaction():
+                got = conn.execute(
+                    "INSERT INTO parts (object_key, org_id, sha256, size, stored_size,"
+                    " needed_until) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (org_id, sha256) WHERE state = 'live' DO UPDATE"
+                    " SET needed_until = greatest(parts.needed_until, EXCLUDED.needed_until)"
+                    " RETURNING object_key, needed_until",
+                    (key, org_id, part.sha256, part.size, stored, until)).fetchone()
+                assert got is not None
+                if pk is not None and got[0] == key:  # with its row, or not at all
+                    part_keys.record(conn, pk)
+                return got[0], got[1]
+
+        row = self._db.run(insert)
         if row[0] != key:  # another message uploaded the same part meanwhile: use that
             try:
                 self._objects.delete(key)
@@ -183,6 +203,23 @@ class PartStore:
     def forget(self) -> None:
         """Drop what is remembered (tests; after an operator removed parts by hand)."""
         self._known.clear()
+
+
+def _sealed_copy(pk: part_keys.PartKey, blob: tempfile.SpooledTemporaryFile[bytes],
+                 spill_bytes: int, spool_dir: str | None
+                 ) -> tempfile.SpooledTemporaryFile[bytes]:
+    """BLOB (compressed, rewound) sealed under PK into a new spooled file; BLOB closed."""
+    out = tempfile.SpooledTemporaryFile(max_size=spill_bytes, dir=spool_dir)  # noqa: SIM115
+    try:
+        for chunk in part_keys.seal(pk, iter(lambda: blob.read(1 << 20), b"")):
+            out.write(chunk)
+    except BaseException:
+        out.close()
+        raise
+    finally:
+        blob.close()
+    out.seek(0)
+    return out
 
 
 def hold_parts(conn: psycopg.Connection, keys: set[str]) -> set[str]:
@@ -249,7 +286,45 @@ def release_message_parts(conn: psycopg.Connection, message_ids: Sequence[uuid.U
             " RETURNING p.object_key",
             (now - timedelta(microseconds=1), [p[0] for p in pairs], [p[1] for p in pairs],
              now)).fetchall()
+        shred_unreferenced(conn, pairs, now)
     return len(rows)
+
+
+def _unreferenced_sql(alias: str) -> str:
+    """No attachments row of an unexpired or held message names ALIAS's object
+    (what makes a part sweepable, its needed_until aside)."""
+    return (f"NOT EXISTS (SELECT 1 FROM attachments a WHERE a.org_id = {alias}.org_id"
+            f" AND a.sha256 = {alias}.sha256 AND a.object_key = {alias}.object_key"
+            " AND (a.content_expires_at > %(now)s OR EXISTS (SELECT 1 FROM messages m"
+            " WHERE m.id = a.message_id AND m.org_id = a.org_id"
+            " AND m.metadata_expires_at = a.metadata_expires_at AND "
+            + covered_sql("m") + ")))")
+
+
+def shred_unreferenced(conn: psycopg.Connection, pairs: Sequence[tuple[uuid.UUID, bytes]],
+                       now: datetime) -> list[str]:
+    """Crypto-shred the parts of PAIRS (org id, sha256) that nothing references
+    any more: each is marked 'deleting' (no new message can take it: hold_parts
+    refuses it, the message is retried with a fresh upload) and its part key is
+    destroyed at once (storage/content/part_keys.py); the next sweep deletes
+    its object.  A part a committing message holds (FOR SHARE) is skipped: it
+    is being referenced.  Returns the object keys shredded."""
+    if not pairs:
+        return []
+    with conn.transaction():
+        keys = [r[0] for r in conn.execute(
+            "UPDATE parts p SET state = 'deleting' WHERE p.object_key IN ("
+            " SELECT q.object_key FROM parts q"
+            " JOIN unnest(%(orgs)s::uuid[], %(shas)s::bytea[]) AS g(org_id, sha256)"
+            " ON q.org_id = g.org_id AND q.sha256 = g.sha256"
+            " WHERE q.state = 'live' AND " + _unreferenced_sql("q")
+            + " FOR UPDATE OF q SKIP LOCKED) AND p.state = 'live' RETURNING p.object_key",
+            {"orgs": [p[0] for p in pairs], "shas": [p[1] for p in pairs], "now": now})]
+        destroyed = part_keys.destroy(conn, keys)
+    if keys:
+        log.info("parts released: %d marked for deletion, %d part keys destroyed",
+                 len(keys), destroyed)
+    return keys
 
 
 class Deleter(Protocol):
@@ -301,6 +376,9 @@ def sweep_parts(db: psycopg.Connection, objects: Deleter, now: datetime,
                 " RETURNING p.object_key, p.stored_size", params).fetchall()
         if not rows:
             return SweepResult(deleted, freed)
+        # Crypto-shredding first: unreadable even if the delete below fails
+        # (Object Lock) or the object survives elsewhere (a replica).
+        part_keys.destroy(db, [r[0] for r in rows])
         for key, stored in rows:
             objects.delete(key)
             freed += stored

@@ -13,7 +13,9 @@ A container object (storage/content/container.py) is a manifest and a skeleton: 
 skeleton is decompressed (with the zstd dictionary version the manifest
 names, fetched from the store) and each split-out part object is spliced
 back in at its offset.  A missing dictionary or part is a BackendError that
-names it.
+names it.  Sealed parts and dictionaries (storage/content/part_keys.py,
+dictionaries.py) are opened with their keys, read over the connection
+`restore` is given; a part whose key is gone raises PartErased.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import zstandard
 from postkeep.storage.content import container, sealing
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.content.packs import Location, is_pack_key, open_entry
+from postkeep.storage.content.part_keys import open_part
 from postkeep.storage.metadata.db import BackendError
 
 CHUNK_SIZE = 256 * 1024
@@ -105,7 +108,7 @@ def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
         raise BackendError("s3", f"{key}: {exc}") from exc
     if manifest is None:
         return decompress_stream(rest, chunk_size)
-    return _assemble(store, key, manifest, rest, chunk_size)
+    return _assemble(store, key, manifest, rest, chunk_size, conn)
 
 
 def _unseal_object(key: str, chunks: Iterator[bytes], conn: psycopg.Connection | None,
@@ -135,11 +138,13 @@ def restore_message(conn: psycopg.Connection, store: ObjectStore, message_id: uu
 
 
 def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,
-              skeleton: Iterator[bytes], chunk_size: int) -> Iterator[bytes]:
-    """The skeleton's bytes with every part spliced back in at its offset."""
+              skeleton: Iterator[bytes], chunk_size: int,
+              conn: psycopg.Connection | None = None) -> Iterator[bytes]:
+    """The skeleton's bytes with every part spliced back in at its offset
+    (sealed parts and dictionaries opened with their keys, read over CONN)."""
     from postkeep.storage.content.dictionaries import for_restore
 
-    d = for_restore(store, manifest.dictionary, key) if manifest.dictionary else None
+    d = for_restore(store, manifest.dictionary, key, conn) if manifest.dictionary else None
     pos = 0  # bytes of skeleton emitted
     pending = list(manifest.parts)
     for block in decompress_stream(skeleton, chunk_size, d):
@@ -149,7 +154,7 @@ def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,
             if cut:
                 yield block[:cut]
             block, pos = block[cut:], part.at
-            yield from _part(store, key, part, chunk_size)
+            yield from _part(store, key, part, chunk_size, conn)
         if block:
             yield block
             pos += len(block)
@@ -157,17 +162,22 @@ def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,
         if part.at != pos:
             raise BackendError("s3", f"{key}: skeleton ends at {pos}, before the part"
                                f" at {part.at}")
-        yield from _part(store, key, part, chunk_size)
+        yield from _part(store, key, part, chunk_size, conn)
 
 
-def _part(store: ObjectStore, key: str, part: container.PartRef, chunk_size: int
-          ) -> Iterator[bytes]:
-    """One part's bytes; BackendError naming it if missing or the wrong size."""
+def _part(store: ObjectStore, key: str, part: container.PartRef, chunk_size: int,
+          conn: psycopg.Connection | None = None) -> Iterator[bytes]:
+    """One part's bytes; BackendError naming it if missing or the wrong size.
+    A sealed part (storage/content/part_keys.py) is opened with its key; one
+    whose key is gone raises PartErased."""
     n = 0
     try:
-        for block in decompress_stream(store.get(part.key), chunk_size):
+        for block in decompress_stream(open_part(conn, part.key, store.get(part.key)),
+                                       chunk_size):
             n += len(block)
             yield block
+    except sealing.SealError:
+        raise  # erased or altered: says so itself, naming the part
     except BackendError as exc:
         raise BackendError("s3", f"{key}: part {part.key} cannot be read: {exc.reason}"
                            ) from exc

@@ -26,6 +26,12 @@ The expiry in the header says which partition holds the key (or
 organisation and message ids, so an entry moved to another message or
 tenant (or a header edited) does not authenticate: the error says so.
 
+The same chain seals what no single message owns: shared large parts under
+keys of their own (storage/content/part_keys.py), dictionaries under the
+organisation key (dictionaries.py); the outage spool, written while
+PostgreSQL may be down, under per-file keys the master key wraps
+(spool.py, `master_wrap`).
+
 One process-wide Keyring, `install`ed from the configuration by each daemon
 and CLI command; None: new content is written unsealed and sealed content
 cannot be read (the error names storage.master_key_file).
@@ -215,6 +221,25 @@ class Keyring:
         except InvalidTag:
             raise SealError(f"message {message_id}: its wrapped data key does not open"
                             " (the key row was altered or belongs to another message)") from None
+
+
+# --- keys wrapped by the master key alone (seal-parts) -------------------------------
+# The outage spool seals while PostgreSQL may be down: its per-file data key
+# is wrapped by the master key directly (storage/content/spool.py).
+
+
+def master_wrap(ring: Keyring, secret: bytes, aad: bytes) -> bytes:
+    """SECRET wrapped (AES-256-GCM, fresh nonce) by RING's master key for AAD."""
+    return _wrap(ring._master, secret, aad)
+
+
+def master_unwrap(ring: Keyring, wrapped: bytes, aad: bytes) -> bytes:
+    """The inverse of master_wrap; SealError if it does not open."""
+    try:
+        return _unwrap(ring._master, wrapped, aad)
+    except (InvalidTag, ValueError):
+        raise SealError(f"a key wrapped by the master key does not open with the configured"
+                        f" one (id {ring.master_id}): altered, or another key's") from None
 
 
 def _pg_ts(t: datetime) -> str | datetime:

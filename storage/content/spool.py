@@ -24,6 +24,42 @@ corrupted it.  Version 1 of the format, all integers big-endian:
     u64 length, then the object bytes
     32 bytes: sha256 of everything above
 
+Sealed entries (format 2).  With a master key configured ([storage]
+master_key_file) the milter writes every entry sealed at rest, since a spool
+file holds a whole message and its envelope in the clear otherwise.
+PostgreSQL may be down when spooling (that is what the spool is for), so the
+organisation's key cannot be read: each file gets its own random 256-bit
+data key, wrapped (AES-256-GCM) directly by the master key and kept in the
+file's header, and the rest of the file is a sealed stream
+(storage/content/sealed_stream.py, bound to the message id) of what format
+1 holds between its magic and its checksum:
+
+    b"PKSPOOL2\n"
+    16 bytes: the master key's id (which key wrapped the data key; not the key)
+    60 bytes: nonce (12) || AES-256-GCM(master key, data key) || tag
+    the sealed stream of: u64 length, metadata JSON, u64 length, object bytes
+
+AES-GCM authenticates every segment and the stream's end, so no checksum is
+added.  What this promises: a spool file copied off the disk, or the disk
+itself, reveals nothing without the master key (never on that disk: it is
+read from storage.master_key_file), and a damaged or truncated file is
+quarantined as before.  What it does not: the milter holds the master key
+in memory while it writes, so whoever controls the host while it runs can
+read what it spools; a sealed entry is not crypto-shreddable by itself (its
+key goes when the file does: the drain unlinks it, but the filesystem may
+keep the freed blocks); and an entry drained is read back in the clear in
+the drain's memory before it is sealed again under the message's own data
+key.  Entries written unsealed (format 1, before a master key was
+configured) drain as before; a sealed entry found without a master key, or
+with another one, stops the pass (the error names storage.master_key_file)
+and stays: it is not damaged.
+
+The drain stores mail as the milter's group commit does (`Packing`):
+small outbound messages go into sealed packs (storage/content/packing.py)
+with their data keys, in the same transaction as their rows; messages whose
+rows already exist (a drain killed after its commit) are only unlinked, so
+a repeat never indexes a message twice.
+
 A file that does not parse to its end with a matching checksum is moved to
 `quarantine/` with an error line naming it; it is never deleted and never
 stops the drain.  Entries are named `<message id>.spool`; message ids are
@@ -48,15 +84,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from postkeep.config import Config
+from postkeep.storage.content import packing as packing_mod
+from postkeep.storage.content import packs as packs_mod
+from postkeep.storage.content import sealed_stream, sealing
 from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.inbound import ParentClues
@@ -65,6 +105,12 @@ from postkeep.storage.metadata.messages import CapturedMessage, record_captures
 log = logging.getLogger("postkeep.spool")
 
 MAGIC = b"PKSPOOL1\n"
+MAGIC_SEALED = b"PKSPOOL2\n"
+_MASTER_ID_LEN = 16
+_WRAPPED_LEN = 12 + 32 + 16
+_SEALED_HEAD = len(MAGIC_SEALED) + _MASTER_ID_LEN + _WRAPPED_LEN
+_AAD_SPOOL_KEY = b"postkeep-spool-key-v1\x00"
+_BINDING = b"postkeep-spool-v1\x00"
 SUFFIX = ".spool"
 _LEN = struct.Struct(">Q")
 _DIGEST = 32
@@ -190,8 +236,9 @@ class SpoolEntry:
     message: CapturedMessage
     spooled_at: datetime
     reason: str
-    object_offset: int
+    object_offset: int  # in the file; in the sealed stream's plaintext if sealed
     object_length: int
+    key: bytes | None = field(default=None, repr=False)  # a sealed entry's data key
 
 
 class _Slice(io.RawIOBase):
@@ -213,6 +260,175 @@ class _Slice(io.RawIOBase):
         buf[: len(data)] = data
         self._left -= len(data)
         return len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
+
+
+def _binding(message_id: uuid.UUID) -> bytes:
+    return _BINDING + message_id.bytes
+
+
+def _body(meta: bytes, size: int, content: BinaryIO) -> Iterator[bytes]:
+    """What an entry holds between its magic and its checksum, chunk by chunk."""
+    yield _LEN.pack(len(meta))
+    yield meta
+    yield _LEN.pack(size)
+    left = size
+    while left > 0:
+        chunk = content.read(min(left, 256 * 1024))
+        if not chunk:
+            raise OSError(errno.EIO, f"object ended {left} bytes short")
+        yield chunk
+        left -= len(chunk)
+
+
+def _write_plain(fh: BinaryIO, meta: bytes, size: int, content: BinaryIO) -> None:
+    """Format 1: magic, body, sha256 of both."""
+    digest = hashlib.sha256(MAGIC)
+    fh.write(MAGIC)
+    for chunk in _body(meta, size, content):
+        digest.update(chunk)
+        fh.write(chunk)
+    fh.write(digest.digest())
+
+
+def _write_sealed(fh: BinaryIO, ring: sealing.Keyring, message_id: uuid.UUID, meta: bytes,
+                  size: int, content: BinaryIO) -> None:
+    """Format 2: magic, master key id, wrapped data key, the body sealed."""
+    key = os.urandom(32)
+    wrapped = sealing.master_wrap(ring, key, _AAD_SPOOL_KEY + message_id.bytes)
+    fh.write(MAGIC_SEALED + ring.master_id.encode("ascii") + wrapped)
+    for chunk in sealed_stream.seal(key, _binding(message_id), _body(meta, size, content)):
+        fh.write(chunk)
+
+
+def _open_plain(path: Path, fh: BinaryIO) -> SpoolEntry:
+    """A format 1 entry, checksum verified."""
+    digest = hashlib.sha256()
+    size = os.fstat(fh.fileno()).st_size
+
+    def take(n: int, what: str) -> bytes:
+        data = fh.read(n)
+        if len(data) != n:
+            raise SpoolFormatError(f"truncated in the {what} ({size} bytes in all)")
+        digest.update(data)
+        return data
+
+    if take(len(MAGIC), "magic") != MAGIC:
+        raise SpoolFormatError("not a postkeep spool entry (bad magic)")
+    (meta_len,) = _LEN.unpack(take(_LEN.size, "metadata length"))
+    if meta_len > _MAX_METADATA or meta_len > size:
+        raise SpoolFormatError(f"metadata length {meta_len} impossible in a "
+                               f"{size}-byte file")
+    meta = take(meta_len, "metadata")
+    (obj_len,) = _LEN.unpack(take(_LEN.size, "object length"))
+    offset = fh.tell()
+    if offset + obj_len + _DIGEST != size:
+        raise SpoolFormatError(
+            f"truncated or padded: {size} bytes, expected {offset + obj_len + _DIGEST}")
+    left = obj_len
+    while left > 0:
+        chunk = take(min(left, 1 << 20), "object")
+        left -= len(chunk)
+    trailer = fh.read(_DIGEST)
+    if trailer != digest.digest():
+        raise SpoolFormatError("checksum mismatch (the file was damaged)")
+    message, spooled_at, reason = decode_metadata(meta)
+    return SpoolEntry(path, message, spooled_at, reason, offset, obj_len)
+
+
+def _open_sealed(path: Path, fh: BinaryIO) -> SpoolEntry:
+    """A format 2 entry, every segment authenticated (read to its end once)."""
+    head = fh.read(_SEALED_HEAD)
+    if len(head) != _SEALED_HEAD:
+        raise SpoolFormatError(f"truncated in the sealed header ({len(head)} bytes)")
+    ring = sealing.keyring()
+    if ring is None:
+        raise sealing.SealError(f"spool entry {path} is sealed and no master key is configured"
+                                " (storage.master_key_file): it stays in the spool")
+    master_id = head[len(MAGIC_SEALED):len(MAGIC_SEALED) + _MASTER_ID_LEN]
+    if master_id != ring.master_id.encode("ascii"):
+        raise sealing.SealError(
+            f"spool entry {path} was sealed with master key id"
+            f" {master_id.decode('ascii', 'replace')}; the configured storage.master_key_file"
+            f" has id {ring.master_id}: it stays in the spool")
+    message_id = _id_of(path)
+    try:
+        key = sealing.master_unwrap(ring, head[-_WRAPPED_LEN:],
+                                    _AAD_SPOOL_KEY + message_id.bytes)
+    except sealing.SealError as exc:
+        raise SpoolFormatError(f"its wrapped data key does not open (damaged): {exc}") from None
+    got = bytearray()
+    meta = b""
+    meta_len = obj_len = -1
+    seen = 0  # object bytes
+    try:
+        for chunk in sealed_stream.open_stream(key, _binding(message_id),
+                                               iter(lambda: fh.read(1 << 20), b""), str(path)):
+            if obj_len >= 0:
+                seen += len(chunk)
+                continue
+            got += chunk
+            if meta_len < 0 and len(got) >= _LEN.size:
+                (meta_len,) = _LEN.unpack(bytes(got[:_LEN.size]))
+                if meta_len > _MAX_METADATA:
+                    raise SpoolFormatError(f"metadata length {meta_len} impossible")
+            if meta_len >= 0 and len(got) >= 2 * _LEN.size + meta_len:
+                meta = bytes(got[_LEN.size:_LEN.size + meta_len])
+                (obj_len,) = _LEN.unpack(bytes(got[_LEN.size + meta_len:
+                                                   2 * _LEN.size + meta_len]))
+                seen = len(got) - 2 * _LEN.size - meta_len
+                got.clear()
+    except sealing.SealError as exc:
+        raise SpoolFormatError(str(exc)) from None
+    if obj_len < 0:
+        raise SpoolFormatError("sealed body ends before its object")
+    if seen != obj_len:
+        raise SpoolFormatError(f"sealed object is {seen} bytes, its length says {obj_len}")
+    message, spooled_at, reason = decode_metadata(meta)
+    return SpoolEntry(path, message, spooled_at, reason, 2 * _LEN.size + meta_len, obj_len,
+                      key)
+
+
+def _id_of(path: Path) -> uuid.UUID:
+    """The message id a sealed entry's name says (its key and stream are bound to it)."""
+    try:
+        return uuid.UUID(path.name.removesuffix(SUFFIX))
+    except ValueError:
+        raise SpoolFormatError(f"file name {path.name} is not <message id>{SUFFIX}") from None
+
+
+class _Tail(io.RawIOBase):
+    """LENGTH bytes after the first OFFSET of an iterator of chunks, as a stream."""
+
+    def __init__(self, chunks: Iterator[bytes], offset: int, length: int,
+                 fh: BinaryIO) -> None:
+        self._chunks = chunks
+        self._skip = offset
+        self._left = length
+        self._pending = b""
+        self._fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._pending and self._left > 0:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                return 0
+            if self._skip:
+                cut = min(self._skip, len(chunk))
+                chunk, self._skip = chunk[cut:], self._skip - cut
+            self._pending = chunk
+        n = min(len(buf), len(self._pending), self._left)
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        self._left -= n
+        return n
 
     def close(self) -> None:
         self._fh.close()
@@ -268,31 +484,22 @@ class Spool:
 
     # -- writing (the milter) ------------------------------------------------
     def write(self, message: CapturedMessage, content: BinaryIO, reason: str,
-              *, now: datetime | None = None) -> Path:
+              *, now: datetime | None = None, sealed: bool | None = None) -> Path:
         """Write MESSAGE with its object (message.compressed_size bytes of CONTENT)
-        durably; return the entry's path.  OSError if it could not be."""
+        durably; return the entry's path.  OSError if it could not be.
+
+        Sealed (format 2) when a master key is installed, unless SEALED says
+        otherwise (tests write format 1 entries with a key installed)."""
         meta = encode_metadata(message, spooled_at=now or datetime.now(UTC), reason=reason)
+        ring = sealing.keyring() if sealed is None else sealing.required() if sealed else None
         final = self.dir / f"{message.id}{SUFFIX}"
         tmp = self.tmp / f"{message.id}.{os.getpid()}.{threading.get_ident()}.tmp"
-        digest = hashlib.sha256()
         try:
             with open(tmp, "xb") as fh:
-                def out(data: bytes) -> None:
-                    digest.update(data)
-                    fh.write(data)
-
-                out(MAGIC)
-                out(_LEN.pack(len(meta)))
-                out(meta)
-                out(_LEN.pack(message.compressed_size))
-                left = message.compressed_size
-                while left > 0:
-                    chunk = content.read(min(left, 256 * 1024))
-                    if not chunk:
-                        raise OSError(errno.EIO, f"object ended {left} bytes short")
-                    out(chunk)
-                    left -= len(chunk)
-                fh.write(digest.digest())
+                if ring is None:
+                    _write_plain(fh, meta, message.compressed_size, content)
+                else:
+                    _write_sealed(fh, ring, message.id, meta, message.compressed_size, content)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, final)
@@ -324,50 +531,30 @@ class Spool:
     def open_entry(self, path: Path) -> SpoolEntry:
         """Read and verify PATH; SpoolFormatError if it is not intact.
 
-        FileNotFoundError if it is gone (another drain finished it).
+        FileNotFoundError if it is gone (another drain finished it);
+        sealing.SealError (a BackendError: the pass stops, the entry stays) if
+        it is sealed and the configured master key cannot open it.
         """
-        digest = hashlib.sha256()
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-
-            def take(n: int, what: str) -> bytes:
-                data = fh.read(n)
-                if len(data) != n:
-                    raise SpoolFormatError(f"truncated in the {what} ({size} bytes in all)")
-                digest.update(data)
-                return data
-
-            if take(len(MAGIC), "magic") != MAGIC:
-                raise SpoolFormatError("not a postkeep spool entry (bad magic)")
-            (meta_len,) = _LEN.unpack(take(_LEN.size, "metadata length"))
-            if meta_len > _MAX_METADATA or meta_len > size:
-                raise SpoolFormatError(f"metadata length {meta_len} impossible in a "
-                                       f"{size}-byte file")
-            meta = take(meta_len, "metadata")
-            (obj_len,) = _LEN.unpack(take(_LEN.size, "object length"))
-            offset = fh.tell()
-            if offset + obj_len + _DIGEST != size:
-                raise SpoolFormatError(
-                    f"truncated or padded: {size} bytes, expected {offset + obj_len + _DIGEST}")
-            left = obj_len
-            while left > 0:
-                chunk = take(min(left, 1 << 20), "object")
-                left -= len(chunk)
-            trailer = fh.read(_DIGEST)
-            if trailer != digest.digest():
-                raise SpoolFormatError("checksum mismatch (the file was damaged)")
-        message, spooled_at, reason = decode_metadata(meta)
-        if message.compressed_size != obj_len:
-            raise SpoolFormatError(f"object is {obj_len} bytes, metadata says "
-                                   f"{message.compressed_size}")
-        if path.name != f"{message.id}{SUFFIX}":
-            raise SpoolFormatError(f"file name does not match message id {message.id}")
-        return SpoolEntry(path, message, spooled_at, reason, offset, obj_len)
+            head = fh.read(len(MAGIC))
+            fh.seek(0)
+            entry = _open_sealed(path, fh) if head == MAGIC_SEALED else _open_plain(path, fh)
+        if entry.message.compressed_size != entry.object_length:
+            raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
+                                   f"{entry.message.compressed_size}")
+        if path.name != f"{entry.message.id}{SUFFIX}":
+            raise SpoolFormatError(f"file name does not match message id {entry.message.id}")
+        return entry
 
     def object_stream(self, entry: SpoolEntry) -> BinaryIO:
         """The entry's object bytes as a stream (close it when done)."""
         fh = open(entry.path, "rb")  # noqa: SIM115 - closed with the returned stream
-        return io.BufferedReader(_Slice(fh, entry.object_offset, entry.object_length))
+        if entry.key is None:
+            return io.BufferedReader(_Slice(fh, entry.object_offset, entry.object_length))
+        fh.seek(_SEALED_HEAD)
+        plain = sealed_stream.open_stream(entry.key, _binding(entry.message.id),
+                                          iter(lambda: fh.read(1 << 20), b""), str(entry.path))
+        return io.BufferedReader(_Tail(plain, entry.object_offset, entry.object_length, fh))
 
     def remove(self, path: Path) -> None:
         """Unlink an entry (already gone is fine); call sync() after a batch."""
@@ -482,7 +669,23 @@ class SpoolCollector(Collector):
 
 # --- the drain ---------------------------------------------------------------
 
-RecordRows = Callable[[Sequence[CapturedMessage]], None]
+class RecordRows(Protocol):
+    """Writes a batch's rows; PACKS (the packs their content went into) in the
+    same transaction.  Called without PACKS when there are none."""
+
+    def __call__(self, msgs: Sequence[CapturedMessage],
+                 packs: Sequence[packs_mod.Pack] = ..., /) -> None: ...
+
+
+@dataclass(frozen=True)
+class Packing:
+    """The drain stores small outbound messages as the group commit does:
+    sealed (with a master key installed) in packs, one PUT per pack, their
+    rows and keys recorded with the messages' (storage/content/packing.py).
+    The daemons pass one when the layout is packs (s3.effective_layout)."""
+
+    db: Database
+    small_object_bytes: int = SMALL_OBJECT_BYTES
 
 
 @dataclass
@@ -504,7 +707,7 @@ class DrainResult:
 def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size: int = 256,
           put_threads: int = 8, limit: int | None = None,
           progress: Callable[[DrainResult], None] | None = None,
-          stop: threading.Event | None = None) -> DrainResult:
+          stop: threading.Event | None = None, packing: Packing | None = None) -> DrainResult:
     """Store every entry present now, oldest first, and remove it; never raises
     for a backend outage (the pass stops, entries stay, `stopped` says why).
 
@@ -514,7 +717,7 @@ def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size:
     directory is fsync'd once at the end: an unlink that a power cut undoes
     only means that entry is drained again, to the same effect.  Damaged
     entries go to quarantine; entries whose rows PostgreSQL refuses stay,
-    logged and counted.
+    logged and counted.  PACKING: small messages go into sealed packs.
     """
     started = time.monotonic()
     result = DrainResult()
@@ -530,7 +733,7 @@ def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size:
                 break
             batch = paths[i:i + batch_size]
             try:
-                recorded = _drain_batch(spool, objects, record, batch, pool, result)
+                recorded = _drain_batch(spool, objects, record, batch, pool, result, packing)
                 removals.append(remover.submit(_remove_drained, spool, recorded))
             except BackendError as exc:
                 result.stopped = exc
@@ -561,7 +764,8 @@ def _remove_drained(spool: Spool, recorded: list[SpoolEntry]) -> None:
 
 
 def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: list[Path],
-                 pool: ThreadPoolExecutor, result: DrainResult) -> list[SpoolEntry]:
+                 pool: ThreadPoolExecutor, result: DrainResult,
+                 packing: Packing | None = None) -> list[SpoolEntry]:
     """Put BATCH's objects and insert its rows; the entries now durable."""
     entries: list[SpoolEntry] = []
     for path in batch:
@@ -577,6 +781,16 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
             result.rejected += 1
     if not entries:
         return []
+    done: list[SpoolEntry] = []
+    stored: list[packs_mod.Pack] = []
+    if packing is not None:
+        packable = [e for e in entries if e.object_length <= packing.small_object_bytes
+                    and e.message.direction != "inbound"]  # as milter/committer.py
+        if packable:
+            taken = {id(e) for e in packable}
+            entries = [e for e in entries if id(e) not in taken]
+            done, stored = _pack(spool, objects, packing, packable)
+            entries += [e for e in packable if e not in done]
 
     def put(entry: SpoolEntry) -> None:
         with spool.object_stream(entry) as stream:
@@ -585,8 +799,10 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
 
     # Small objects in one request where the store can (as the milter's
     # group commit does), the rest one PUT each, in parallel.
-    small = [e for e in entries if e.object_length <= SMALL_OBJECT_BYTES]
-    singles = entries
+    in_packs = {mid for p in stored for mid in p.members}
+    own = [e for e in entries if e.message.id not in in_packs]
+    small = [e for e in own if e.object_length <= SMALL_OBJECT_BYTES]
+    singles = own
     if len(small) > 1 and objects.can_batch():
         for chunk in _by_bytes(small, BATCH_UPLOAD_BYTES):
             items = []
@@ -594,12 +810,50 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
                 with spool.object_stream(e) as stream:
                     items.append((e.message.object_key, stream.read()))
             objects.put_many(items)
-        singles = [e for e in entries if e.object_length > SMALL_OBJECT_BYTES]
+        singles = [e for e in own if e.object_length > SMALL_OBJECT_BYTES]
     for fut in [pool.submit(put, e) for e in singles]:
         fut.result()  # BackendError stops the pass; objects put so far are harmless
-    recorded = _record(record, entries, result)
-    result.drained += len(recorded)
-    return recorded
+    recorded = _record(record, entries, result, stored) if entries else []
+    result.drained += len(recorded) + len(done)
+    return recorded + done
+
+
+def _pack(spool: Spool, objects: ObjectStore, packing: Packing, entries: list[SpoolEntry]
+          ) -> tuple[list[SpoolEntry], list[packs_mod.Pack]]:
+    """(ENTRIES whose rows already exist, the packs the others went into).
+
+    A message with rows was recorded by a drain killed before its unlink:
+    done, never packed again (its index row would be a second one).  A pack
+    put here whose rows are then not written is left in the bucket with no
+    row: unreferenced bytes for the orphan sweep, sealed under keys never
+    recorded.  BackendError (PostgreSQL or S3 down) stops the pass.
+    """
+    ids = [e.message.id for e in entries]
+    have = set(packing.db.run(lambda conn: [r[0] for r in conn.execute(
+        "SELECT id FROM messages WHERE id = ANY(%s)", (ids,))]))
+    done = [e for e in entries if e.message.id in have]
+    todo = [e for e in entries if e.message.id not in have]
+    items = []
+    for e in todo:
+        with spool.object_stream(e) as stream:
+            data = stream.read()
+        m = e.message
+        items.append(packs_mod.Entry(m.id, m.org_id, m.object_key, m.content_expires_at, data))
+    stored, failed = packing_mod.store_packs(packing.db, objects, items)
+    if failed:
+        raise next(iter(failed.values()))
+    return done, stored
+
+
+def _in_pack(m: CapturedMessage, stored: Sequence[packs_mod.Pack]
+             ) -> tuple[CapturedMessage, list[packs_mod.Pack]]:
+    """M as its row names it (its pack, if it went into one of STORED), and
+    that pack with M its only member (recorded member by member)."""
+    for p in stored:
+        if m.id in p.members:
+            return (replace(m, object_key=p.key),
+                    [replace(p, members={m.id: p.members[m.id]})])
+    return m, []
 
 
 def _by_bytes(entries: list[SpoolEntry], limit: int) -> Iterator[list[SpoolEntry]]:
@@ -616,8 +870,8 @@ def _by_bytes(entries: list[SpoolEntry], limit: int) -> Iterator[list[SpoolEntry
         yield run
 
 
-def _record(record: RecordRows, entries: list[SpoolEntry],
-            result: DrainResult) -> list[SpoolEntry]:
+def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
+            stored: Sequence[packs_mod.Pack] = ()) -> list[SpoolEntry]:
     """Insert the rows of ENTRIES; the ones now in PostgreSQL.
 
     One statement for the batch; if PostgreSQL refuses it for a reason other
@@ -625,7 +879,10 @@ def _record(record: RecordRows, entries: list[SpoolEntry],
     cannot hold up the rest.
     """
     try:
-        record([e.message for e in entries])
+        if stored:
+            record([_in_pack(e.message, stored)[0] for e in entries], stored)
+        else:
+            record([e.message for e in entries])
         return entries
     except BackendError:
         raise
@@ -634,7 +891,11 @@ def _record(record: RecordRows, entries: list[SpoolEntry],
     done = []
     for e in entries:
         try:
-            record([e.message])
+            one, its_pack = _in_pack(e.message, stored)
+            if its_pack:
+                record([one], its_pack)
+            else:
+                record([one])
             done.append(e)
         except BackendError:
             raise
@@ -649,7 +910,8 @@ def _record(record: RecordRows, entries: list[SpoolEntry],
 
 def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
                   interval: float, stop: threading.Event, batch_size: int = 256,
-                  on_pass: Callable[[DrainResult], None] | None = None) -> None:
+                  on_pass: Callable[[DrainResult], None] | None = None,
+                  packing: Packing | None = None) -> None:
     """Drain every INTERVAL seconds until STOP is set (a daemon's periodic task).
 
     Takes the drain lock for each pass only, so `postkeep spool drain` can
@@ -662,7 +924,8 @@ def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
             if spool.entries():
                 with spool.drain_lock():
                     spool.remove_stale_tmp()
-                    result = drain(spool, objects, record, batch_size=batch_size, stop=stop)
+                    result = drain(spool, objects, record, batch_size=batch_size, stop=stop,
+                                   packing=packing)
                 if on_pass is not None:
                     on_pass(result)
         except SpoolBusy:
@@ -679,15 +942,30 @@ def record_with(db: Database, then: Callable[[Any, Sequence[CapturedMessage]], N
     storage.reports.inbound.link_each: inbound replies and complaints linked
     to what was sent, as the milter links those it commits itself; it must
     be idempotent, a batch may be recorded again)."""
-    def write(conn: Any, msgs: Sequence[CapturedMessage]) -> None:
+    def write(conn: Any, msgs: Sequence[CapturedMessage],
+              packs: Sequence[packs_mod.Pack]) -> None:
+        if packs:  # the messages' rows, their packs' and data keys: all or none
+            with conn.transaction():
+                record_captures(conn, msgs)
+                packs_mod.record(conn, list(packs))
+                if then is not None:
+                    then(conn, msgs)
+            return
         record_captures(conn, msgs)
         if then is not None:
             then(conn, msgs)
 
-    def record(msgs: Sequence[CapturedMessage]) -> None:
-        db.run(lambda conn: write(conn, msgs))
+    def record(msgs: Sequence[CapturedMessage], packs: Sequence[packs_mod.Pack] = (),
+               /) -> None:
+        db.run(lambda conn: write(conn, msgs, packs))
 
     return record
+
+
+def packing_for(cfg: Config, db: Database) -> Packing | None:
+    """How the daemons drain: into packs where the milter writes packs."""
+    layout = cfg.s3.effective_layout(sealed=bool(cfg.storage.master_key))
+    return Packing(db) if layout == "packs" else None
 
 
 def log_pass(result: DrainResult) -> None:

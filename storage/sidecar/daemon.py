@@ -191,7 +191,8 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
     log.info("draining the outage spool %s every %gs", spool.dir, interval)
     task = asyncio.ensure_future(asyncio.to_thread(
         spool_mod.drain_forever, spool, objects, spool_mod.record_with(db, link_each),
-        interval=interval, stop=stop, on_pass=spool_mod.log_pass))
+        interval=interval, stop=stop, on_pass=spool_mod.log_pass,
+        packing=spool_mod.packing_for(cfg, db)))
     return stop, task, spool
 
 

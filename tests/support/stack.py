@@ -160,7 +160,8 @@ class Stack:
             if message_id is not None:
                 with self.connect() as conn:
                     return b"".join(restore_message(conn, self.objects(), message_id, key))
-            return b"".join(restore(self.objects(), key))
+            with self.connect() as conn:  # sealed parts and dictionaries: their keys
+                return b"".join(restore(self.objects(), key, conn=conn))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""
