@@ -17,17 +17,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-import click
 import psycopg
 import pytest
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import StackEnv, StoreMessage, TestOrg
+from conftest import Invoke, StoreMessage, TestOrg
 from support import campaign, smtp
 from support.dedup import capture_and_commit
 from support.stack import Stack, strip_received
 
-from postkeep import cli
 from postkeep.milter.committer import GroupCommitter
 from postkeep.storage.content import dictionaries, part_keys, sealed_stream, sealing
 from postkeep.storage.content.container import DictionaryRef
@@ -38,21 +35,6 @@ from postkeep.storage.metadata.db import Database
 
 pytestmark = pytest.mark.stack
 
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    def _run(*args: str) -> Result:
-        return CliRunner().invoke(root, ["--config", stack_env.config_path, *args])
-
-    return _run
 
 
 def _ledger(token: str) -> bytes:
