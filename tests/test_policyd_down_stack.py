@@ -10,9 +10,12 @@ wait for the next daemon, which answers them, and no check falls to
 
 One organisation over its limit sends from several SMTP sessions while
 policyd is killed twice and restarted; exactly its limit of messages is
-admitted and counted, the rest get the rate-limit deferral, and Postfix logs
-no "problem talking to server" (what it logs for each failed try that makes
-a message wait `smtpd_policy_service_retry_delay` and then pass uncounted).
+admitted and counted, the rest get the rate-limit deferral, and Postfix's
+connections are never refused.  A request a kill cuts in flight fails its
+try (Postfix may log "problem talking to server" for it) and is tried again
+after `smtpd_policy_service_retry_delay` on a new connection, which waits in
+the backlog; only a message whose every try failed would pass uncounted, and
+the exact counts show none did.
 """
 
 from __future__ import annotations
@@ -170,4 +173,10 @@ def test_limit_exact_across_kill_and_restart_on_an_inherited_socket(
     logged = postfix_log.read_bytes()[log_from:].decode(errors="replace")
     problems = [line for line in logged.splitlines()
                 if f"problem talking to server 127.0.0.1:{port}" in line]
-    assert not problems, problems[:5]
+    # Never refused: the held socket's backlog kept every new connection.
+    refused = [line for line in problems if "refused" in line]
+    assert not refused, refused[:5]
+    # A kill can cut the one request each session may have in flight; Postfix
+    # logs that try and tries again (try_limit 2) on a new connection, which
+    # waits in the backlog: the exact counts above show every retry answered.
+    assert len(problems) <= KILLS * SESSIONS, problems[:5]
