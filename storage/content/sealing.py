@@ -39,7 +39,7 @@ import os
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -339,7 +339,41 @@ def hold_keys(conn: psycopg.Connection, cutoff: datetime, covered: Callable[[str
         f" AND {covered('m')}", {"cut": cutoff}).rowcount
 
 
+# --- keys after a hold's release (storage/lifecycle/holds.py reconcile_released) ---
+
+
+def release_keys(conn: psycopg.Connection, free: str, params: Mapping[str, object]) -> int:
+    """Move back from 'infinity' to their message's content expiry the keys of
+    the messages FREE selects (SQL on alias m: those no active hold covers any
+    more, PARAMS its values).  A key whose expiry has passed goes at the next
+    expire(); the header of each entry names that same expiry, so it still
+    opens until then."""
+    return conn.execute(
+        "UPDATE message_keys k SET expires_at = m.content_expires_at FROM messages m"
+        " WHERE k.expires_at = 'infinity' AND m.id = k.message_id AND m.org_id = k.org_id"
+        f" AND m.content_expires_at < 'infinity' AND {free}", params).rowcount
+
+
 def expire(conn: psycopg.Connection, cutoff: datetime) -> tuple[int, int]:
     """(partitions dropped, rows deleted): the keys of content expired by CUTOFF."""
     row = conn.execute("SELECT dropped, deleted FROM expire_keys(%s)", (cutoff,)).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+# --- master-key rotation (storage/content/rotation.py) ------------------------------
+
+
+def rewrap_org_key(org_id: uuid.UUID, wrapped: bytes, old: bytes, new: bytes) -> bytes | None:
+    """ORG_ID's content key (WRAPPED, an org_keys row) wrapped by NEW instead
+    of OLD; None if NEW already opens it (rotated before).  SealError if
+    neither master key opens it."""
+    aad = _AAD_ORG + org_id.bytes
+    with contextlib.suppress(InvalidTag):
+        _unwrap(new, wrapped, aad)
+        return None
+    try:
+        return _wrap(new, _unwrap(old, wrapped, aad), aad)
+    except InvalidTag:
+        raise SealError(f"organisation {org_id}: its content key opens with neither the"
+                        f" configured storage.master_key (id {Keyring(old).master_id}) nor the"
+                        f" new one (id {Keyring(new).master_id})") from None
