@@ -353,6 +353,27 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
         with sealing.using(old), pytest.raises(  # one (re)started with the old key
                 sealing.SealError, match=r"does not open with the configured storage\.master_key"):
             b"".join(restore_message(db, objects, mid, object_key))
+
+        # A daemon still on the old key makes a new organisation's key meanwhile;
+        # the run after the switch, given the old key, rewraps that one alone.
+        late = uuid.uuid4()
+        with sealing.using(old):
+            sealing.data_keys(db, [(uuid.uuid4(), late, datetime.now(UTC))])
+        try:
+            refused = run("storage", "rotate-master-key", "--new-key-file", str(new_file),
+                          config_path=new_config)  # the configured key is the new one
+            assert refused.exit_code == 1, refused.output
+            assert f"organisation {late}" in refused.stderr, refused.stderr
+            assert "--old-key-file" in refused.stderr and "nothing changed" in refused.stderr
+            after_switch = run("storage", "rotate-master-key", "--new-key-file", str(new_file),
+                               "--old-key-file", config.storage.master_key_file, "--json",
+                               config_path=new_config)
+            assert after_switch.exit_code == 0, after_switch.stderr
+            assert json.loads(after_switch.stdout)["rewrapped"] == 1
+            with sealing.using(new):
+                assert sealing.required().org_key(db, late, create=False) is not None
+        finally:
+            db.execute("DELETE FROM org_keys WHERE org_id = %s", (late,))
     finally:
         # Back to the stack's key, for the daemons and the tests after this one.
         back = run("storage", "rotate-master-key", "--new-key-file",

@@ -7,7 +7,8 @@ the configured master key to a new one in one transaction, recording the new
 key's id (`master_id`, a hash prefix, never the key) per row.  Rows the new
 key already opens are skipped, so a rotation cut short, or run again after
 a daemon still holding the old key made a new organisation's key, finishes
-the job.  The table is locked against new rows for that transaction (a
+the job; so does a run after the configuration already names the new key,
+given the old one (`--old-key-file`).  The table is locked against new rows for that transaction (a
 capture making a new organisation's key waits for it, milliseconds).
 
 Running daemons keep the organisation keys they have read in memory and go
@@ -31,7 +32,7 @@ from postkeep.storage.metadata.audit import audit
 class Rotation:
     """What one rotation did."""
 
-    old_master_id: str
+    old_master_id: str  # the configured key's (or --old-key-file's, if that is the new one)
     new_master_id: str
     org_keys: int  # rows seen
     rewrapped: int  # now under the new key
@@ -41,23 +42,25 @@ class Rotation:
         return asdict(self)
 
 
-def rotate(conn: psycopg.Connection, old: bytes, new: bytes) -> Rotation:
-    """Rewrap every org_keys row from master key OLD to NEW (see the module
-    docstring).  SealError (nothing changed) if a row opens with neither, or
-    if OLD and NEW are the same key."""
-    old_id, new_id = sealing.Keyring(old).master_id, sealing.Keyring(new).master_id
-    if old == new:
-        raise sealing.SealError(f"the new master key is the configured one (id {new_id}):"
-                                " nothing to rotate")
+def rotate(conn: psycopg.Connection, old: bytes, new: bytes,
+           also: tuple[bytes, ...] = ()) -> Rotation:
+    """Rewrap every org_keys row from master key OLD (or one of ALSO: older
+    keys still in use somewhere) to NEW (see the module docstring).
+    SealError (nothing changed) if a row opens with none of them."""
+    new_id = sealing.Keyring(new).master_id
+    # OLD may be NEW already (the configuration switched first): then only
+    # ALSO rewraps, and a run without it checks every row opens with NEW.
+    olds = [k for k in (old, *also) if k != new]
     rewrapped: list[tuple[Any, bytes]] = []
     relabel: list[Any] = []
+    old_id = sealing.Keyring(olds[0]).master_id if olds else new_id
     with conn.transaction():
         # SHARE ROW EXCLUSIVE: no new row (Keyring.org_key's INSERT) until commit.
         conn.execute("LOCK TABLE org_keys IN SHARE ROW EXCLUSIVE MODE")
         rows = conn.execute("SELECT org_id, wrapped, master_id FROM org_keys"
                             " ORDER BY org_id").fetchall()
         for org_id, wrapped, master_id in rows:
-            again = sealing.rewrap_org_key(org_id, bytes(wrapped), old, new)
+            again = sealing.rewrap_org_key(org_id, bytes(wrapped), master_id, olds, new)
             if again is not None:
                 rewrapped.append((org_id, again))
             elif master_id != new_id:

@@ -363,17 +363,21 @@ def expire(conn: psycopg.Connection, cutoff: datetime) -> tuple[int, int]:
 # --- master-key rotation (storage/content/rotation.py) ------------------------------
 
 
-def rewrap_org_key(org_id: uuid.UUID, wrapped: bytes, old: bytes, new: bytes) -> bytes | None:
-    """ORG_ID's content key (WRAPPED, an org_keys row) wrapped by NEW instead
-    of OLD; None if NEW already opens it (rotated before).  SealError if
-    neither master key opens it."""
+def rewrap_org_key(org_id: uuid.UUID, wrapped: bytes, master_id: str, olds: list[bytes],
+                   new: bytes) -> bytes | None:
+    """ORG_ID's content key (WRAPPED by MASTER_ID, an org_keys row) wrapped by NEW instead
+    of the first of OLDS that opens it; None if NEW already opens it (rotated
+    before).  SealError if none of them opens it."""
     aad = _AAD_ORG + org_id.bytes
     with contextlib.suppress(InvalidTag):
         _unwrap(new, wrapped, aad)
         return None
-    try:
-        return _wrap(new, _unwrap(old, wrapped, aad), aad)
-    except InvalidTag:
-        raise SealError(f"organisation {org_id}: its content key opens with neither the"
-                        f" configured storage.master_key (id {Keyring(old).master_id}) nor the"
-                        f" new one (id {Keyring(new).master_id})") from None
+    for old in olds:
+        with contextlib.suppress(InvalidTag):
+            return _wrap(new, _unwrap(old, wrapped, aad), aad)
+    given = ", ".join(Keyring(k).master_id for k in olds)
+    raise SealError(f"organisation {org_id}: its content key (wrapped by master key id"
+                    f" {master_id}) opens with neither the new master key (id"
+                    f" {Keyring(new).master_id})" + (f" nor the old one(s) (id {given})"
+                                                     if given else "")
+                    + "; give the key that wrapped it with --old-key-file")
