@@ -272,6 +272,41 @@ def test_a_pack_keeps_its_legal_hold_flag_while_any_hold_covers_a_member(
         restore_message(db, locked, m1, row[0]))
 
 
+def test_an_object_under_two_holds_keeps_its_flag_until_both_are_released(
+        db: psycopg.Connection, locked: S3ObjectStore, make_org: Callable[..., TestOrg],
+        releasing: list[legal_holds.Hold]) -> None:
+    """The same for a message in its own object (the layout before packs)."""
+    org = make_org("pro")
+    created = datetime.now(UTC)
+    mid = uuid.uuid4()
+    raw = f"From: s@{org.domain}\r\nTo: c@example.net\r\n\r\nalone {mid}\r\n".encode()
+    blob = zstandard.ZstdCompressor().compress(raw)
+    content_at, metadata_at = messages.expiry_dates(created, 7, 30)
+    key = message_key(str(org.id), str(mid), created, content_days=7)
+    put_content(locked, key, io.BytesIO(blob), len(blob), content_at)
+    messages.record_capture(db, messages.CapturedMessage(
+        id=mid, org_id=org.id, domain=org.domain, queue_id=uuid.uuid4().hex[:10].upper(),
+        envelope_from=f"s@{org.domain}", recipients=("c@example.net",), size=len(raw),
+        sha256=hashlib.sha256(raw).digest(), object_key=key, compressed_size=len(blob),
+        created_at=created, content_expires_at=content_at, metadata_expires_at=metadata_at,
+        message_id_header=f"<{mid}@{org.domain}>", header_from=f"s@{org.domain}",
+        subject="alone"))
+    store = rules.S3Retention(locked.client, locked.bucket, object_lock=True)
+    by_address = legal_holds.add_hold(db, org.id, "c@example.net", "case 19 c")
+    whole_org = legal_holds.add_hold(db, org.id, None, "case 19 org")
+    releasing += [by_address, whole_org]
+    since = datetime.now(UTC) - timedelta(days=1)
+    for hold in (by_address, whole_org):
+        holds.protect(db, store, hold, since)
+    assert _flagged(locked, key)
+    for hold, still in ((by_address, True), (whole_org, False)):
+        legal_holds.release_hold(db, hold.id)
+        got = legal_holds.get_hold(db, hold.id)
+        assert got is not None
+        holds.reconcile_released(db, store, got, datetime.now(UTC))
+        assert _flagged(locked, key) is still, f"after releasing hold {hold.id}"
+
+
 # --- master-key rotation --------------------------------------------------------------
 
 
