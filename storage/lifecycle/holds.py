@@ -27,9 +27,9 @@ legal-hold flag of each covered object, which the server enforces (no
 delete of that version, by anyone, until it is cleared), and
 `reconcile_released` clears the flags of what no other hold covers before
 deleting what expired: one flag covers a whole pack, so a pack keeps it
-while an active hold covers any message it indexes.  The walk's position per hold is kept in
-`retention_state` (`hold-flag-<id>`), so a run flags only mail captured
-since the last one.
+while an active hold covers any message it indexes.  The walk's position
+per hold is kept in `retention_state` (`hold-flag-<id>`), so a run flags
+only mail captured since the last one.
 
 The hold rows themselves (add, release, list, and the SQL that says what a
 hold covers) are storage/metadata/legal_holds.py.
