@@ -706,14 +706,31 @@ def _check_storage_master_key(cfg: StorageConfig) -> None:
         return
     source = (f"storage.master_key_file = {cfg.master_key_file!r}" if cfg.master_key_file
               else "storage.master_key (or $POSTKEEP_STORAGE_MASTER_KEY)")
+    _check_master_key_text(source, cfg.master_key)
+
+
+def _check_master_key_text(source: str, text: str) -> bytes:
+    """TEXT's 32 bytes if it is base64 of exactly 32 bytes, else ConfigError naming SOURCE."""
     try:
-        raw = base64.b64decode(cfg.master_key.strip(), validate=True)
+        raw = base64.b64decode(text.strip(), validate=True)
     except binascii.Error:
         raise ConfigError(f"{source}: not valid base64; expected base64 of 32 random bytes"
                           " (head -c32 /dev/urandom | base64)") from None
     if len(raw) != 32:
         raise ConfigError(f"{source}: decodes to {len(raw)} bytes; expected base64 of 32"
                           " random bytes (head -c32 /dev/urandom | base64)")
+    return raw
+
+
+# --- a master key file outside the configuration (postkeep storage rotate-master-key) ---
+
+
+def read_master_key_file(path: str, name: str) -> bytes:
+    """The 32-byte content master key in PATH, checked as storage.master_key_file
+    is at load: mode 0600 or 0400, base64 of 32 bytes.  ConfigError naming
+    NAME (the option that gave PATH) and PATH otherwise."""
+    source = f"{name} = {path!r}"
+    return _check_master_key_text(source, _read_secret_file(name, path))
 
 
 def _check_return_path_key(cfg: Config) -> None:

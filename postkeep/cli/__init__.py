@@ -43,6 +43,7 @@ def _register() -> None:
         directory,
         dkim,
         limits,
+        master_key,
         messages,
         packs,
         postfix,
@@ -57,7 +58,7 @@ def _register() -> None:
     )
 
     for module in (db, directory, messages, dkim, limits, reports, retention, dictionaries,
-                   spool, tenants, suppression, storage, stats, packs, webhooks):
+                   spool, tenants, suppression, storage, stats, packs, webhooks, master_key):
         for group in module.COMMANDS:
             cli.add_command(group)
     cli.add_command(postfix.postfix)

@@ -45,7 +45,7 @@ import os
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -364,7 +364,45 @@ def hold_keys(conn: psycopg.Connection, cutoff: datetime, covered: Callable[[str
         f" AND {covered('m')}", {"cut": cutoff}).rowcount
 
 
+# --- keys after a hold's release (storage/lifecycle/holds.py reconcile_released) ---
+
+
+def release_keys(conn: psycopg.Connection, free: str, params: Mapping[str, object]) -> int:
+    """Move back from 'infinity' to their message's content expiry the keys of
+    the messages FREE selects (SQL on alias m: those no active hold covers any
+    more, PARAMS its values).  A key whose expiry has passed goes at the next
+    expire(); the header of each entry names that same expiry, so it still
+    opens until then."""
+    return conn.execute(
+        "UPDATE message_keys k SET expires_at = m.content_expires_at FROM messages m"
+        " WHERE k.expires_at = 'infinity' AND m.id = k.message_id AND m.org_id = k.org_id"
+        f" AND m.content_expires_at < 'infinity' AND {free}", params).rowcount
+
+
 def expire(conn: psycopg.Connection, cutoff: datetime) -> tuple[int, int]:
     """(partitions dropped, rows deleted): the keys of content expired by CUTOFF."""
     row = conn.execute("SELECT dropped, deleted FROM expire_keys(%s)", (cutoff,)).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+# --- master-key rotation (storage/content/rotation.py) ------------------------------
+
+
+def rewrap_org_key(org_id: uuid.UUID, wrapped: bytes, master_id: str, olds: list[bytes],
+                   new: bytes) -> bytes | None:
+    """ORG_ID's content key (WRAPPED by MASTER_ID, an org_keys row) wrapped by NEW instead
+    of the first of OLDS that opens it; None if NEW already opens it (rotated
+    before).  SealError if none of them opens it."""
+    aad = _AAD_ORG + org_id.bytes
+    with contextlib.suppress(InvalidTag):
+        _unwrap(new, wrapped, aad)
+        return None
+    for old in olds:
+        with contextlib.suppress(InvalidTag):
+            return _wrap(new, _unwrap(old, wrapped, aad), aad)
+    given = ", ".join(Keyring(k).master_id for k in olds)
+    raise SealError(f"organisation {org_id}: its content key (wrapped by master key id"
+                    f" {master_id}) opens with neither the new master key (id"
+                    f" {Keyring(new).master_id})" + (f" nor the old one(s) (id {given})"
+                                                     if given else "")
+                    + "; give the key that wrapped it with --old-key-file")

@@ -14,7 +14,9 @@ from one address.  While a hold is active nothing it covers may be destroyed:
 
 Releasing a hold only marks it; the next `retention run` reconciles
 (`reconcile_released`): held rows go back to their own stamp (or are dropped
-if it has passed), held objects past their stamp are deleted.
+if it has passed), held objects past their stamp are deleted, and sealed
+content's data keys a hold moved to 'infinity' go back to their message's
+content expiry (destroyed by the same run's key expiry if it has passed).
 
 An original that S3 refused to delete after the move stays behind with no row
 pointing at it; whoever deletes a held copy deletes every key its original
@@ -24,9 +26,10 @@ With Object Lock (`s3.object_lock`) content is not copied: `protect` sets the
 legal-hold flag of each covered object, which the server enforces (no
 delete of that version, by anyone, until it is cleared), and
 `reconcile_released` clears the flags of what no other hold covers before
-deleting what expired.  The walk's position per hold is kept in
-`retention_state` (`hold-flag-<id>`), so a run flags only mail captured
-since the last one.
+deleting what expired: one flag covers a whole pack, so a pack keeps it
+while an active hold covers any message it indexes.  The walk's position
+per hold is kept in `retention_state` (`hold-flag-<id>`), so a run flags
+only mail captured since the last one.
 
 The hold rows themselves (add, release, list, and the SQL that says what a
 hold covers) are storage/metadata/legal_holds.py.
@@ -44,7 +47,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from postkeep.storage.content import packs
+from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.layout import (
     CONTENT_CLASSES,
     HOLD,
@@ -294,12 +297,26 @@ def _flag(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
 def _unflag(conn: psycopg.Connection, store: RetentionStore, free: str,
             params: dict[str, Any], hold: Hold) -> int:
     """Clear the legal-hold flags of what HOLD covered and no other hold does."""
-    keys = [r[0] for r in conn.execute(
+    keys = {r[0] for r in conn.execute(
         f"SELECT m.object_key FROM messages m WHERE {free} AND m.content_erased_at IS NULL",
-        params).fetchall()]
-    cleared = sum(1 for k in keys if store.set_legal_hold(k, False))
+        params).fetchall()}
+    # One flag covers a whole object: a pack shared by messages of several
+    # holds (or an object several messages point at) keeps it while any
+    # active hold covers any of its members.
+    cleared = sum(1 for k in keys - _still_flagged(conn, hold.org_id)
+                  if store.set_legal_hold(k, False))
     conn.execute("DELETE FROM retention_state WHERE name = %s", (_flag_state(hold),))
     return cleared
+
+
+def _still_flagged(conn: psycopg.Connection, org_id: uuid.UUID) -> set[str]:
+    """The objects of ORG_ID an active hold still covers a message of: its own
+    object, or the pack that indexes it."""
+    return {k for row in conn.execute(
+        "SELECT m.object_key, mp.pack_key FROM messages m LEFT JOIN message_packs mp"
+        " ON mp.message_id = m.id AND mp.org_id = m.org_id WHERE m.org_id = %s"
+        f" AND m.content_erased_at IS NULL AND {covered_sql('m')}", (org_id,)).fetchall()
+        for k in row if k is not None}
 
 
 # --- release ------------------------------------------------------------------
@@ -310,6 +327,7 @@ class ReleaseResult:
     rows_restored: int
     rows_dropped: int
     objects_deleted: int
+    keys_back: int = 0  # sealed content's data keys back to their content expiry
 
 
 def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Hold,
@@ -351,6 +369,10 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
         raise BackendError("s3", f"hold {hold.id}: {len(failed)} held objects not deleted,"
                            f" e.g. {failed[0]}")
     with conn.transaction():
+        # Sealed content's keys it moved to 'infinity' go back to their
+        # message's content expiry (first: the rows below may go); this run's
+        # key expiry destroys those already past it (storage/content/sealing.py).
+        keys_back = sealing.release_keys(conn, free, params)
         # Rows past their own stamp: statistics first, then remove them.
         stats.archive_rows(
             conn,
@@ -381,5 +403,5 @@ def reconcile_released(conn: psycopg.Connection, store: RetentionStore, hold: Ho
         conn.execute("UPDATE legal_holds SET reconciled_at = now() WHERE id = %s", (hold.id,))
         audit(conn, run_id, "hold_reconciled", dropped + restored, hold.org_id,
               f"hold {hold.id}", {"messages_dropped": dropped, "messages_restored": restored,
-                                  "objects_deleted": len(keys)})
-    return ReleaseResult(restored, dropped, len(keys))
+                                  "objects_deleted": len(keys), "data_keys_back": keys_back})
+    return ReleaseResult(restored, dropped, len(keys), keys_back)

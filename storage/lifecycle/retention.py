@@ -288,7 +288,9 @@ def _expire_keys(conn: psycopg.Connection, now: datetime, report: RunReport,
     """Crypto-shred sealed content past its expiry: drop the data-key
     partitions whose month has passed, delete the passed rows of the current
     one (storage/content/sealing.py).  Keys of messages a legal hold covers
-    move to the never-dropped partition first.  Instant and exact whatever
+    move to the never-dropped partition first (and back to their content
+    expiry once released: holds.reconcile_released, an earlier step of the
+    same run, so those past it go here).  Instant and exact whatever
     the bytes: those go with their pack (lifecycle rule or pack sweep)."""
     try:
         with conn.transaction():
