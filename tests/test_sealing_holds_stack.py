@@ -28,16 +28,13 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import click
 import psycopg
 import pytest
 import zstandard
-from click.testing import CliRunner, Result
-from conftest import StackEnv, TestOrg
+from conftest import Invoke, StackEnv, TestOrg
 from support import smtp
 from support.stack import Stack, strip_received
 
-from postkeep import cli
 from postkeep import config as config_mod
 from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key, put_content
@@ -48,22 +45,6 @@ from postkeep.storage.metadata import legal_holds, messages
 
 pytestmark = pytest.mark.stack
 
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture(scope="module")
-def root() -> click.Group:
-    cli._register()
-    return cli.cli
-
-
-@pytest.fixture
-def run(root: click.Group, stack_env: StackEnv) -> Invoke:
-    """`postkeep ARGS` with the stack's configuration (or --config given first)."""
-    def _run(*args: str, config_path: str = stack_env.config_path) -> Result:
-        return CliRunner().invoke(root, ["--config", config_path, *args])
-
-    return _run
 
 
 def _capture(stack: Stack, db: psycopg.Connection, domain: str, to: str) -> tuple[uuid.UUID,
@@ -382,7 +363,7 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
 
         with sealing.using(new):  # a process started with the new key
             assert b"".join(restore_message(db, objects, mid, object_key)) == delivered
-        raw = run("messages", "raw", str(mid), config_path=new_config)
+        raw = run("messages", "raw", str(mid), config=new_config)
         assert raw.exit_code == 0, raw.stderr
         assert raw.stdout_bytes == delivered
         with sealing.using(old), pytest.raises(  # one (re)started with the old key
@@ -396,13 +377,13 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
             sealing.data_keys(db, [(uuid.uuid4(), late, datetime.now(UTC))])
         try:
             refused = run("storage", "rotate-master-key", "--new-key-file", str(new_file),
-                          config_path=new_config)  # the configured key is the new one
+                          config=new_config)  # the configured key is the new one
             assert refused.exit_code == 1, refused.output
             assert f"organisation {late}" in refused.stderr, refused.stderr
             assert "--old-key-file" in refused.stderr and "nothing changed" in refused.stderr
             after_switch = run("storage", "rotate-master-key", "--new-key-file", str(new_file),
                                "--old-key-file", config.storage.master_key_file, "--json",
-                               config_path=new_config)
+                               config=new_config)
             assert after_switch.exit_code == 0, after_switch.stderr
             assert json.loads(after_switch.stdout)["rewrapped"] == 1
             with sealing.using(new):
@@ -412,7 +393,7 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
     finally:
         # Back to the stack's key, for the daemons and the tests after this one.
         back = run("storage", "rotate-master-key", "--new-key-file",
-                   config.storage.master_key_file, config_path=new_config)
+                   config.storage.master_key_file, config=new_config)
         assert back.exit_code == 0, back.stderr
 
 
