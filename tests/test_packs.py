@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 import zstandard
 from support import campaign
@@ -22,7 +23,7 @@ from test_dedup import _capture, _store, dictionary  # noqa: F401 (fixture)
 
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.committer import GroupCommitter
-from postkeep.storage.content import packs, restore
+from postkeep.storage.content import packing, packs, restore, sealing
 from postkeep.storage.content.dictionaries import LoadedDictionary
 from postkeep.storage.content.objects import MemoryObjectStore, message_key
 from postkeep.storage.metadata.db import BackendError
@@ -219,3 +220,41 @@ def test_object_lock_writes_one_object_per_message() -> None:
     assert S3Config(object_lock="compliance").effective_layout() == "objects"
     # Sealed (storage.master_key): erasure destroys keys, so packs under lock too.
     assert S3Config(object_lock="compliance").effective_layout(sealed=True) == "packs"
+
+
+class KeyringConn:
+    """org_keys as a dict; an organisation in BROKEN fails like a lost connection."""
+
+    def __init__(self, rows: dict[uuid.UUID, bytes], broken: set[uuid.UUID]) -> None:
+        self.rows, self.broken = rows, broken
+
+    def execute(self, sql: str, params: Any = None) -> Any:
+        org = params[0]
+        if org in self.broken:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        if sql.startswith("INSERT INTO org_keys"):
+            self.rows.setdefault(org, params[1])
+            return None
+        row = (self.rows[org], "master id") if org in self.rows else None
+        return type("R", (), {"fetchone": lambda _self: row})()
+
+
+def test_a_key_that_cannot_be_read_fails_only_its_organisations_messages() -> None:
+    good, bad = uuid.uuid4(), uuid.uuid4()
+    rows: dict[uuid.UUID, bytes] = {}
+
+    class Db:
+        def run(self, work: Any) -> Any:
+            return work(KeyringConn(rows, {bad}))
+
+    store = CountingStore()
+    key = message_key(str(good), "m", NOW, 30)
+    entries = [packs.Entry(uuid.uuid4(), org, key.replace(str(good), str(org)), NOW, b"z" * 40)
+               for org in (good, bad, good)]
+    with sealing.using(b"k" * 32):
+        stored, failed = packing.store_packs(Db(), store, entries)  # type: ignore[arg-type]
+    assert set(failed) == {entries[1].message_id}
+    assert "server closed the connection" in str(failed[entries[1].message_id])
+    (pack,) = stored
+    assert set(pack.members) == {entries[0].message_id, entries[2].message_id}
+    assert store.puts == 1 and len(pack.keys) == 2  # sealed, each under its own key

@@ -13,6 +13,7 @@ records the messages' rows.
 
 from __future__ import annotations
 
+import functools
 import io
 import uuid
 
@@ -30,19 +31,21 @@ def store_packs(db: Database, objects: ObjectStore, entries: list[packs.Entry]
     if not entries:
         return [], {}
     keys = None
+    failed: dict[uuid.UUID, BackendError] = {}
     ring = sealing.keyring()
     if ring is not None:  # sealed: a fresh data key per message
-        try:
-            orgs = ring.missing_orgs({e.org_id for e in entries})
-            if orgs:  # once per organisation and process
-                db.run(lambda conn: ring.ensure_orgs(conn, orgs))
-            keys = {k.message_id: k for k in ring.new_data_keys(
-                [(e.message_id, e.org_id, e.content_expires_at) for e in entries])}
-        except (BackendError, psycopg.Error) as exc:
-            err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
-            return [], {e.message_id: err for e in entries}
+        # Each organisation's key on its own: one that cannot be read fails
+        # its own messages only, not the rest of the batch.
+        for org in sorted(ring.missing_orgs({e.org_id for e in entries})):
+            try:  # once per organisation and process
+                db.run(functools.partial(ring.ensure_orgs, org_ids={org}))
+            except (BackendError, psycopg.Error) as exc:
+                err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
+                failed.update({e.message_id: err for e in entries if e.org_id == org})
+        entries = [e for e in entries if e.message_id not in failed]
+        keys = {k.message_id: k for k in ring.new_data_keys(
+            [(e.message_id, e.org_id, e.content_expires_at) for e in entries])}
     stored: list[packs.Pack] = []
-    failed: dict[uuid.UUID, BackendError] = {}
     for pack in packs.build(entries, keys=keys):
         try:
             # Under Object Lock retained until its latest member's expiry.
