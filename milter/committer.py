@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -383,8 +384,7 @@ class GroupCommitter:
             taken = {id(p) for p in packable}
             batch = [p for p in batch if id(p) not in taken]
         keys = self._data_keys(batch)
-        if keys is None:
-            return ok
+        batch = [p for p in batch if p.error is None]
         small = [p for p in batch if p.content.compressed_size <= self._small]
         singles = batch
         if len(small) > 1 and self._objects.can_batch():
@@ -408,25 +408,25 @@ class GroupCommitter:
                 p.error = exc
         return ok
 
-    def _data_keys(self, items: list[_Pending]) -> dict[uuid.UUID, sealing.DataKey] | None:
+    def _data_keys(self, items: list[_Pending]) -> dict[uuid.UUID, sealing.DataKey]:
         """A fresh data key per item for its own object when sealing
-        (sealing.py), by message id; {} when not; None: the organisations'
-        keys could not be read (every item's error says why)."""
+        (sealing.py), by message id; {} when not.  As packing.store_packs:
+        an organisation whose key cannot be read fails its own items only
+        (their errors say why)."""
         ring = sealing.keyring()
         if ring is None or not items:
             return {}
-        try:
-            orgs = ring.missing_orgs({p.message.org_id for p in items})
-            if orgs:  # once per organisation and process
-                self._db.run(lambda conn: ring.ensure_orgs(conn, orgs))
-            return {k.message_id: k for k in ring.new_data_keys(
-                [(p.message.id, p.message.org_id, p.message.content_expires_at)
-                 for p in items])}
-        except (BackendError, psycopg.Error) as exc:
-            err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
-            for p in items:
-                p.error = err
-            return None
+        for org in sorted(ring.missing_orgs({p.message.org_id for p in items})):
+            try:  # once per organisation and process
+                self._db.run(functools.partial(ring.ensure_orgs, org_ids={org}))
+            except (BackendError, psycopg.Error) as exc:
+                err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
+                for p in items:
+                    if p.message.org_id == org:
+                        p.error = err
+        return {k.message_id: k for k in ring.new_data_keys(
+            [(p.message.id, p.message.org_id, p.message.content_expires_at)
+             for p in items if p.error is None])}
 
     @staticmethod
     def _sealed_bytes(p: _Pending, key: sealing.DataKey | None) -> bytes:

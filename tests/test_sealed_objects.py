@@ -20,11 +20,15 @@ from typing import Any, cast
 import psycopg
 import pytest
 import zstandard
+from test_packs import KeyringConn
 
+from postkeep.milter.capture import StoredContent
+from postkeep.milter.committer import GroupCommitter, _Pending
 from postkeep.storage.content import sealed_objects, sealed_stream, sealing
 from postkeep.storage.content.objects import MemoryObjectStore
 from postkeep.storage.content.restore import restore, restore_object
 from postkeep.storage.metadata.db import BackendError
+from postkeep.storage.metadata.messages import CapturedMessage
 
 pytestmark = pytest.mark.unit
 
@@ -224,3 +228,52 @@ def test_the_header_carries_the_content_expiry(ring: FakeRing) -> None:
     sealed = _seal(key, b"abc")
     micros = int.from_bytes(sealed[5:13], "big")
     assert datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros) == EXPIRES
+
+
+# --- the group commit's own objects ----------------------------------------------
+
+
+def _pending(org: uuid.UUID, size: int) -> _Pending:
+    mid = uuid.uuid4()
+    now = datetime.now(UTC)
+    blob = zstandard.ZstdCompressor().compress(os.urandom(size))
+    m = CapturedMessage(mid, org, "d.example", "Q", "a@d.example", ("r@x",), size,
+                        b"\0" * 32, f"messages/{org}/{mid}.eml.zst", len(blob), now,
+                        now + timedelta(days=7), now + timedelta(days=30))
+    return _Pending(m, StoredContent(io.BytesIO(blob), len(blob), size, b"\0" * 32, size))
+
+
+def test_the_group_commit_seals_own_objects_and_a_key_it_cannot_read_fails_its_org_only(
+        ) -> None:
+    """Under layout "objects" every object is its own (small ones in one batch
+    upload, a large one streamed): each sealed under its own data key, which
+    the item carries to the row's transaction; an organisation whose key
+    cannot be read fails its own messages only (as packing.store_packs)."""
+    good, bad = uuid.uuid4(), uuid.uuid4()
+    rows: dict[uuid.UUID, bytes] = {}
+
+    class Db:
+        def run(self, work: Any) -> Any:
+            return work(KeyringConn(rows, {bad}))
+
+    class BatchingStore(MemoryObjectStore):
+        def can_batch(self) -> bool:
+            return True
+
+    store = BatchingStore()
+    gc = GroupCommitter(Db(), store, workers=1, linger=0, layout="objects")  # type: ignore[arg-type]
+    try:
+        items = [_pending(good, 100), _pending(bad, 100), _pending(good, 100),
+                 _pending(good, 400_000)]  # random: above the 256 KiB threshold
+        with sealing.using(b"k" * 32):
+            ok = gc._upload(items)
+    finally:
+        gc.close()
+    assert ok == [items[0], items[2], items[3]]
+    assert items[1].error is not None and "server closed" in str(items[1].error)
+    assert items[1].message.object_key not in store.objects
+    for p in ok:
+        assert p.key is not None and p.key.message_id == p.message.id
+        stored = store.objects[p.message.object_key]
+        assert sealed_objects.is_sealed_object(stored)
+        assert len(stored) == sealed_objects.sealed_length(p.content.compressed_size)
