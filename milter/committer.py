@@ -10,6 +10,10 @@ adapter.py for why that matters):
      call when the store can batch (MinIO's snowball auto-extract: each tar
      member becomes its own object under its own key), else one PUT each;
    - large objects one streaming PUT each, so memory stays bounded;
+   with a master key every object is sealed under the message's own data key
+   (packed entries: storage/content/packing.py; own objects, segment by
+   segment as they stream: storage/content/sealed_objects.py), its key row
+   written with the message's row;
 2. one recorder thread takes every uploaded batch that is waiting and writes
    all their rows in one INSERT (one commit).  While PostgreSQL is known to be
    down, upload workers try their own batch's rows instead, so that one batch
@@ -55,10 +59,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import psycopg
@@ -66,7 +72,7 @@ import psycopg
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
-from postkeep.storage.content import packing, packs
+from postkeep.storage.content import packing, packs, sealed_objects, sealing
 from postkeep.storage.content.dictionaries import DictionaryUse
 from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.content.parts import AttachmentRow, PartStore, hold_parts, record_attachments
@@ -94,6 +100,9 @@ class _Pending:
     part_keys: list[str] = field(default_factory=list)
     state: str = QUEUED
     pack: packs.Pack | None = None  # the pack its object went into, if any
+    # Its own object's data key (storage/content/sealed_objects.py): the key
+    # row is written with the message's row.
+    key: sealing.DataKey | None = None
 
 
 class GroupCommitter:
@@ -336,7 +345,7 @@ class GroupCommitter:
         """The batch's rows: one INSERT; with parts, in one transaction that
         first holds every referenced part (FOR SHARE), so a sweep cannot
         delete one between the check and the commit."""
-        if not any(p.part_keys for p in stored) and not any(p.pack for p in stored):
+        if not any(p.part_keys or p.pack or p.key for p in stored):
             record_captures(conn, [p.message for p in stored])
             link_each(conn, [p.message for p in stored])
             return
@@ -360,6 +369,7 @@ class GroupCommitter:
             if ok:
                 record_captures(conn, [p.message for p in ok])
                 packs.record(conn, _packs_of(ok))
+                sealing.record(conn, [p.key for p in ok if p.key is not None])
                 record_attachments(conn, rows)
                 link_each(conn, [p.message for p in ok])
 
@@ -373,13 +383,16 @@ class GroupCommitter:
             ok += self._upload_packs(packable)
             taken = {id(p) for p in packable}
             batch = [p for p in batch if id(p) not in taken]
+        keys = self._data_keys(batch)
+        batch = [p for p in batch if p.error is None]
         small = [p for p in batch if p.content.compressed_size <= self._small]
         singles = batch
         if len(small) > 1 and self._objects.can_batch():
             singles = [p for p in batch if p.content.compressed_size > self._small]
             try:
                 self._objects.put_many(
-                    [(p.message.object_key, p.content.stream.read()) for p in small]
+                    [(p.message.object_key, self._sealed_bytes(p, keys.get(p.message.id)))
+                     for p in small]
                 )
                 ok.extend(small)
             except BackendError as exc:
@@ -389,12 +402,49 @@ class GroupCommitter:
             large = p.content.compressed_size > self._small
             try:
                 with self._large if large else contextlib.nullcontext():
-                    put_content(self._objects, p.message.object_key, p.content.stream,
-                                p.content.compressed_size, p.message.content_expires_at)
+                    self._put_single(p, keys.get(p.message.id))
                 ok.append(p)
             except BackendError as exc:
                 p.error = exc
         return ok
+
+    def _data_keys(self, items: list[_Pending]) -> dict[uuid.UUID, sealing.DataKey]:
+        """A fresh data key per item for its own object when sealing
+        (sealing.py), by message id; {} when not.  As packing.store_packs:
+        an organisation whose key cannot be read fails its own items only
+        (their errors say why)."""
+        ring = sealing.keyring()
+        if ring is None or not items:
+            return {}
+        for org in sorted(ring.missing_orgs({p.message.org_id for p in items})):
+            try:  # once per organisation and process
+                self._db.run(functools.partial(ring.ensure_orgs, org_ids={org}))
+            except (BackendError, psycopg.Error) as exc:
+                err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
+                for p in items:
+                    if p.message.org_id == org:
+                        p.error = err
+        return {k.message_id: k for k in ring.new_data_keys(
+            [(p.message.id, p.message.org_id, p.message.content_expires_at)
+             for p in items if p.error is None])}
+
+    @staticmethod
+    def _sealed_bytes(p: _Pending, key: sealing.DataKey | None) -> bytes:
+        """A small own object's bytes: sealed under KEY if there is one."""
+        data = p.content.stream.read()
+        if key is None:
+            return data
+        p.key = key
+        return sealed_objects.seal_bytes(key, data)
+
+    def _put_single(self, p: _Pending, key: sealing.DataKey | None) -> None:
+        """P's own object, streamed (sealed segment by segment under KEY if any)."""
+        stream, length = p.content.stream, p.content.compressed_size
+        if key is not None:
+            stream, length = sealed_objects.sealing_reader(key, stream, length)
+        put_content(self._objects, p.message.object_key, stream, length,
+                    p.message.content_expires_at)
+        p.key = key
 
     def _upload_packs(self, items: list[_Pending]) -> list[_Pending]:
         """Put ITEMS' objects into packs, one PUT per pack; the items stored.

@@ -32,6 +32,7 @@ from support.stack import Stack
 from support.wait import until
 
 from postkeep import cli
+from postkeep.storage.content import sealed_objects
 from postkeep.storage.lifecycle import holds, rules
 from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention
 from postkeep.storage.metadata import tenants
@@ -311,6 +312,11 @@ def test_out_of_office_at_the_return_path_is_an_inbound_auto_reply_linked_to_its
     kept = stack.restored(key)  # as delivered: Postfix added Received: and Date:
     assert f"Message-ID: <{token}@sink.test>\r\n".encode() in kept
     assert kept.endswith(b"\r\n\r\nI am away until Monday.\r\n")
+    # Sealed in its own object under its own data key (sealed_objects.py).
+    assert b"".join(stack.objects().get(key))[:4] == sealed_objects.MAGIC
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM message_keys WHERE message_id = %s",
+                            (rows[0][0],)).fetchone() == (1,)
     assert _inbound(stack, org) == {"auto_reply": sent["id"]}
     with stack.connect() as conn:
         unmatched = conn.execute("SELECT count(*) FROM unmatched_reports WHERE subject = %s",

@@ -70,8 +70,8 @@ def reports_raw(ctx: click.Context, report: str) -> None:
         if len(rows) != 1:
             fail(f"{len(rows)} unmatched reports match {report!r}")
         try:
-            for chunk in restore.restore(S3ObjectStore(s.cfg.s3), rows[0].object_key,
-                                         conn=s.conn):
+            for chunk in restore.restore_object(s.conn, S3ObjectStore(s.cfg.s3),
+                                                rows[0].object_key):
                 sys.stdout.buffer.write(chunk)
         except BackendError as exc:
             backend_failure(exc)

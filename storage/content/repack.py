@@ -8,7 +8,9 @@ packs, and their old objects deleted.  Not repacked: held objects
 reports name its object), erased or expired content, objects above
 SMALL_BYTES (the milter keeps those alone too).  With a master key
 configured the entries are sealed as the milter seals new content
-(storage/content/sealing.py); a sealed held copy stays sealed under its key.
+(storage/content/sealing.py); a sealed held copy stays sealed under its key,
+and a sealed single object (storage/content/sealed_objects.py: small ones
+under the "objects" layout) is sealed again as an entry under its own key.
 
 compact: a pack whose live entries (those with an index row) are less than
 THRESHOLD of its bytes is rewritten with only those entries (or deleted if
@@ -32,7 +34,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from postkeep.ids import uuid7
-from postkeep.storage.content import packs, sealing
+from postkeep.storage.content import packs, sealed_objects, sealing
 from postkeep.storage.content.objects import ObjectStore, put_content, read_all
 from postkeep.storage.metadata.db import BackendError
 
@@ -113,10 +115,12 @@ def repack(conn: psycopg.Connection, objects: ObjectStore, delete_many: DeleteMa
         for mid, org, key, cexp, mexp, _size, _created in rows:
             try:
                 data = read_all(objects, key)
+                result.bytes_read += len(data)
+                if sealed_objects.is_sealed_object(data):
+                    data = _reseal(conn, mid, cexp, data, key)
             except BackendError as exc:
                 result.failed.append(f"{key}: {exc.reason}")
                 continue
-            result.bytes_read += len(data)
             entries.append(packs.Entry(mid, org, key, cexp, data, sealing.is_sealed(data)))
             old[mid] = (key, mexp)
         # Sealed as the milter seals new content, when a master key is configured.
@@ -130,6 +134,15 @@ def repack(conn: psycopg.Connection, objects: ObjectStore, delete_many: DeleteMa
         say(f"repack: {result.messages} messages in {result.packs_written} packs,"
             f" {result.objects_deleted} old objects deleted")
     return result
+
+
+def _reseal(conn: psycopg.Connection, message_id: uuid.UUID, expires: datetime,
+            data: bytes, key: str) -> bytes:
+    """A sealed single object (storage/content/sealed_objects.py) as a sealed
+    pack entry under the same data key (its key row stays as it is)."""
+    compressed = b"".join(sealed_objects.open_object(conn, message_id, iter([data]), key))
+    org, secret = sealing.required().data_key(conn, message_id, expires)
+    return sealing.seal(sealing.DataKey(message_id, org, expires, secret, b""), compressed)
 
 
 def _commit_pack(conn: psycopg.Connection, objects: ObjectStore, pack: packs.Pack,

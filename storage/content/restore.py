@@ -16,6 +16,11 @@ back in at its offset.  A missing dictionary or part is a BackendError that
 names it.  Sealed parts and dictionaries (storage/content/part_keys.py,
 dictionaries.py) are opened with their keys, read over the connection
 `restore` is given; a part whose key is gone raises PartErased.
+
+A message's sealed content is opened first with its data key: a packed
+entry or a hold's copy of one whole (storage/content/sealing.py: they are
+small), a sealed single object segment by segment as it arrives
+(storage/content/sealed_objects.py).  Without the key: ContentErased.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Iterable, Iterator
 import psycopg
 import zstandard
 
-from postkeep.storage.content import container, sealing
+from postkeep.storage.content import container, sealed_objects, sealing
 from postkeep.storage.content.objects import ObjectStore
 from postkeep.storage.content.packs import Location, is_pack_key, open_entry
 from postkeep.storage.content.part_keys import open_part
@@ -113,17 +118,24 @@ def restore(store: ObjectStore, key: str, chunk_size: int = CHUNK_SIZE,
 
 def _unseal_object(key: str, chunks: Iterator[bytes], conn: psycopg.Connection | None,
                    message_id: uuid.UUID | None) -> Iterator[bytes]:
-    """An own object's chunks, opened if it is sealed (a held copy of a
-    sealed entry: storage/lifecycle/holds.py copies the range as it is)."""
+    """An own object's chunks, opened if it is sealed: segment by segment if
+    it is a sealed single object (storage/content/sealed_objects.py), whole
+    if it is a held copy of a sealed entry (storage/lifecycle/holds.py
+    copies the range as it is)."""
     first = b""
-    for first in chunks:
-        if first:
+    for piece in chunks:  # enough to see the magic (4 bytes)
+        first += piece
+        if len(first) >= 4:
             break
-    if not sealing.is_sealed(first):
+    whole = sealed_objects.is_sealed_object(first)
+    if not whole and not sealing.is_sealed(first):
         return itertools.chain([first], chunks)
     if conn is None or message_id is None:
         raise BackendError("s3", f"{key}: sealed content is read with its message's key"
                                  " (restore_message)")
+    if whole:
+        return sealed_objects.open_object(conn, message_id, itertools.chain([first], chunks),
+                                          key)
     data = first + b"".join(chunks)
     return iter([sealing.open_sealed(conn, message_id, data, key)])
 
@@ -135,6 +147,19 @@ def restore_message(conn: psycopg.Connection, store: ObjectStore, message_id: uu
     from postkeep.storage.content.packs import location
 
     return restore(store, key, chunk_size, location(conn, message_id), conn, message_id)
+
+
+def restore_object(conn: psycopg.Connection, store: ObjectStore, key: str,
+                   chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The original bytes of the own object at KEY, which a row names by key
+    alone (an unmatched report): a message's object is named after its id
+    (objects.message_key), which opens it if it is sealed."""
+    name = key.rsplit("/", 1)[-1].split(".", 1)[0]
+    try:
+        message_id: uuid.UUID | None = uuid.UUID(name)
+    except ValueError:
+        message_id = None
+    return restore(store, key, chunk_size, None, conn, message_id)
 
 
 def _assemble(store: ObjectStore, key: str, manifest: container.Manifest,

@@ -22,7 +22,8 @@ A legal hold covering any of those messages (the organisation, the address,
 or another address on the same messages) refuses the whole erasure, naming
 the holds: nothing is erased in part.
 
-Sealed content (storage/content/sealing.py) is erased by deleting each
+Sealed content (storage/content/sealing.py: a packed entry; sealed_objects.py:
+a message's own object, large or inbound mail) is erased by deleting each
 message's data key row, in the transaction that marks it: instant and exact,
 wherever its bytes are (a pack other messages share keeps them as noise
 until it expires or is compacted).  On WORM storage (`s3.object_lock =

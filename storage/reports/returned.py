@@ -163,11 +163,13 @@ class Recorded:
 
 
 def record_returned(conn: psycopg.Connection, sent: SentMessage, m: CapturedMessage,
-                    unsubscribe: tuple[str, ...] = ()) -> Recorded:
+                    unsubscribe: tuple[str, ...] = (),
+                    with_rows: Callable[[psycopg.Connection], None] | None = None) -> Recorded:
     """Write M's rows and link it to SENT in one transaction (nothing if it
     duplicates one: `already`).  UNSUBSCRIBE (`unsubscriber`): the first of
     these that is one of SENT's recipients goes on the organisation's
-    suppression list (reason unsubscribe), in the same transaction.
+    suppression list (reason unsubscribe), in the same transaction.  WITH_ROWS
+    writes more rows of M in it (the sidecar: its sealed object's data key).
 
     Two copies at once take turns on a lock per sent message, so the second
     sees the first.
@@ -178,6 +180,8 @@ def record_returned(conn: psycopg.Connection, sent: SentMessage, m: CapturedMess
         if dup is not None:
             return Recorded(duplicate_of=dup)
         record_capture(conn, m)
+        if with_rows is not None:  # e.g. its sealed object's key row
+            with_rows(conn)
         parent = link_inbound(conn, m)
         # The parent was read moments ago: gone now means it expired meanwhile.
         if parent is None:

@@ -34,6 +34,7 @@ import zstandard
 from prometheus_client import Counter, Histogram
 
 from postkeep import build_info
+from postkeep.storage.content import sealed_objects, sealing
 from postkeep.storage.content.objects import ObjectStore, message_key
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.reports import returned
@@ -302,10 +303,20 @@ class ReportHandler:
             raw, mail_from, kind, sent, report, received,
             lambda org, mid, at, days, held: message_key(org, mid, at, content_days=days,
                                                          held=held))
+        # Sealed under its own data key when a master key is configured
+        # (storage/content/sealed_objects.py), its key row written with its row.
+        keys = await asyncio.to_thread(
+            self.db.run,
+            lambda conn: sealing.data_keys(conn, [(m.id, m.org_id, m.content_expires_at)]))
+        key = keys[m.id] if keys else None
+        if key is not None:
+            blob = sealed_objects.seal_bytes(key, blob)
         await asyncio.to_thread(self.objects.put, m.object_key, io.BytesIO(blob), len(blob))
         asking = returned.unsubscriber(raw, mail_from, report)
         done = await asyncio.to_thread(
-            self.db.run, lambda conn: returned.record_returned(conn, sent, m, asking))
+            self.db.run, lambda conn: returned.record_returned(
+                conn, sent, m, asking,
+                None if key is None else lambda c: sealing.record(c, [key])))
         if done.duplicate_of is not None:
             dup = done.duplicate_of
             await asyncio.to_thread(self.objects.delete, m.object_key)  # no row names it

@@ -21,6 +21,7 @@ from postkeep.config import Config, load
 from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, read_all
 from postkeep.storage.content.packs import Location
+from postkeep.storage.content.sealed_objects import is_sealed_object, open_object
 from postkeep.storage.metadata import directory, dkim_keys
 
 # What `make test` exports from .stack-test/env and every stack test needs.
@@ -129,7 +130,8 @@ class Stack:
     def stored(self, key: str) -> bytes:
         """The object at KEY as stored (compressed; maybe a container); for a
         pack of one message, that message's entry, opened if it is sealed
-        (storage/content/sealing.py: the compressed object inside)."""
+        (storage/content/sealing.py: the compressed object inside); a sealed
+        single object opened likewise (storage/content/sealed_objects.py)."""
         from postkeep.storage.content.packs import open_entry
 
         found = self._entry(key)
@@ -138,7 +140,12 @@ class Stack:
             chunks = self.objects().get_range(key, where.offset, where.length)
             with self.connect() as conn:
                 return b"".join(open_entry(where.format, key, chunks, conn, mid))
-        return read_all(self.objects(), key)
+        data = read_all(self.objects(), key)
+        if is_sealed_object(data):  # a sealed single object: the compressed object inside
+            name = uuid.UUID(key.rsplit("/", 1)[-1].split(".", 1)[0])
+            with sealing.using(self.config.storage.master_key_bytes()), self.connect() as conn:
+                return b"".join(open_object(conn, name, iter([data]), key))
+        return data
 
     def raw_entry(self, key: str) -> bytes:
         """The bytes of KEY's one message's entry exactly as in S3 (sealed or not)."""
@@ -150,7 +157,7 @@ class Stack:
     def restored(self, key: str, message_id: uuid.UUID | None = None) -> bytes:
         """The message bytes of the object at KEY, parts and dictionary included
         (MESSAGE_ID: that message of the pack KEY)."""
-        from postkeep.storage.content.restore import restore, restore_message
+        from postkeep.storage.content.restore import restore_message, restore_object
 
         if message_id is None and (found := self._entry(key)) is not None:
             message_id = found[1]
@@ -160,8 +167,10 @@ class Stack:
             if message_id is not None:
                 with self.connect() as conn:
                     return b"".join(restore_message(conn, self.objects(), message_id, key))
-            with self.connect() as conn:  # sealed parts and dictionaries: their keys
-                return b"".join(restore(self.objects(), key, conn=conn))
+            # Sealed parts and dictionaries: their keys; a sealed own object:
+            # its message's, the id read from its key.
+            with self.connect() as conn:
+                return b"".join(restore_object(conn, self.objects(), key))
 
     def stack_ctl(self, action: str, service: str) -> None:
         """Stop or start one real service of the stack (devstack/stack.sh)."""
