@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import queue
 import threading
@@ -413,20 +412,14 @@ class GroupCommitter:
         (sealing.py), by message id; {} when not.  As packing.store_packs:
         an organisation whose key cannot be read fails its own items only
         (their errors say why)."""
-        ring = sealing.keyring()
-        if ring is None or not items:
+        if not items:
             return {}
-        for org in sorted(ring.missing_orgs({p.message.org_id for p in items})):
-            try:  # once per organisation and process
-                self._db.run(functools.partial(ring.ensure_orgs, org_ids={org}))
-            except (BackendError, psycopg.Error) as exc:
-                err = exc if isinstance(exc, BackendError) else BackendError("postgres", str(exc))
-                for p in items:
-                    if p.message.org_id == org:
-                        p.error = err
-        return {k.message_id: k for k in ring.new_data_keys(
-            [(p.message.id, p.message.org_id, p.message.content_expires_at)
-             for p in items if p.error is None])}
+        keys, failed = packing.new_keys(self._db, [
+            (p.message.id, p.message.org_id, p.message.content_expires_at) for p in items])
+        for p in items:
+            if p.message.id in failed:
+                p.error = failed[p.message.id]
+        return keys or {}
 
     @staticmethod
     def _sealed_bytes(p: _Pending, key: sealing.DataKey | None) -> bytes:
