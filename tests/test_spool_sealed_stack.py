@@ -11,7 +11,9 @@ written unsealed (before a master key was configured) drains the same way.
 
 from __future__ import annotations
 
+import base64
 import io
+import os
 import subprocess
 import time
 import uuid
@@ -25,7 +27,7 @@ import zstandard
 from support import smtp
 from support.stack import Stack, strip_received
 
-from postkeep.storage.content import packs, sealing
+from postkeep.storage.content import packs, sealed_objects, sealing
 from postkeep.storage.content.objects import message_key
 from postkeep.storage.content.spool import MAGIC, MAGIC_SEALED, Spool
 from postkeep.storage.metadata.messages import CapturedMessage, expiry_dates
@@ -135,3 +137,43 @@ def test_a_message_spooled_while_postgres_is_down_is_sealed_on_disk_and_in_s3(
         assert stack.restored(key, row[0]) == delivered
         old_key = _assert_sealed_in_a_pack(stack, conn, old.id, old_body[-34:])
         assert stack.restored(old_key, old.id) == old_body
+
+
+def test_a_large_message_spooled_while_postgres_is_down_is_drained_into_a_sealed_own_object(
+        stack: Stack) -> None:
+    """Over the pack threshold: drained into its own object, sealed segment by
+    segment under its own data key (sealed_objects.py), as the milter stores
+    large live mail."""
+    _, domain = stack.new_org("basic")
+    _captured(stack, domain)
+    spool = Spool(stack.config.milter.outage_spool_directory)
+    token = uuid.uuid4().hex
+    noise = base64.encodebytes(os.urandom(420_000))  # incompressible: > 256 KiB stored
+    body = _message(domain, token) + noise.replace(b"\n", b"\r\n")
+    stack.stack_ctl("stop", "storage")
+    try:
+        stack.stack_ctl("stop", "postgres")
+        try:
+            reply = smtp.send(*stack.smtp, f"out@{domain}", RCPTS, body)
+            assert reply.code == 250, reply.text
+        finally:
+            stack.stack_ctl("start", "postgres")
+        assert any(spool.open_entry(p).message.queue_id == reply.queue_id
+                   for p in spool.entries())
+        drained = _cli(stack, "spool", "drain", "--yes", "--wait", "60")
+        assert drained.returncode == 0, drained.stderr
+    finally:
+        stack.stack_ctl("start", "storage")
+    delivered = strip_received(stack.sink_copy(token))
+    with sealing.using(stack.config.storage.master_key_bytes()), stack.connect() as conn:
+        row = conn.execute("SELECT id, object_key FROM messages WHERE queue_id = %s",
+                           (reply.queue_id,)).fetchone()
+        assert row is not None, "not drained"
+        mid, key = row
+        assert not packs.is_pack_key(key) and packs.location(conn, mid) is None
+        assert conn.execute("SELECT count(*) FROM message_keys WHERE message_id = %s",
+                            (mid,)).fetchone() == (1,)
+        stored = b"".join(stack.objects().get(key))
+        assert sealed_objects.is_sealed_object(stored[:8]), stored[:8]
+        assert token.encode() not in stored and noise[:64] not in stored
+        assert stack.restored(key, mid) == delivered

@@ -96,7 +96,7 @@ from prometheus_client.registry import Collector
 from postkeep.config import Config
 from postkeep.storage.content import packing as packing_mod
 from postkeep.storage.content import packs as packs_mod
-from postkeep.storage.content import sealed_stream, sealing
+from postkeep.storage.content import sealed_objects, sealed_stream, sealing
 from postkeep.storage.content.objects import ObjectStore, put_content
 from postkeep.storage.metadata.db import BackendError, Database
 from postkeep.storage.metadata.inbound import ParentClues
@@ -670,22 +670,27 @@ class SpoolCollector(Collector):
 # --- the drain ---------------------------------------------------------------
 
 class RecordRows(Protocol):
-    """Writes a batch's rows; PACKS (the packs their content went into) in the
-    same transaction.  Called without PACKS when there are none."""
+    """Writes a batch's rows; PACKS (the packs their content went into) and
+    KEYS (the data keys their own objects are sealed under) in the same
+    transaction.  Called without them when there are none."""
 
     def __call__(self, msgs: Sequence[CapturedMessage],
-                 packs: Sequence[packs_mod.Pack] = ..., /) -> None: ...
+                 packs: Sequence[packs_mod.Pack] = ...,
+                 keys: Sequence[sealing.DataKey] = ..., /) -> None: ...
 
 
 @dataclass(frozen=True)
 class Packing:
-    """The drain stores small outbound messages as the group commit does:
-    sealed (with a master key installed) in packs, one PUT per pack, their
-    rows and keys recorded with the messages' (storage/content/packing.py).
-    The daemons pass one when the layout is packs (s3.effective_layout)."""
+    """The drain stores messages as the group commit does: small outbound
+    ones in packs (when PACKS: the layout is packs), one PUT per pack, the
+    rest in their own objects; each sealed under a fresh data key when a
+    master key is installed, the keys recorded with the messages' rows
+    (storage/content/packing.py, sealed_objects.py).  The daemons pass one
+    when the layout is packs or content is sealed (packing_for)."""
 
     db: Database
     small_object_bytes: int = SMALL_OBJECT_BYTES
+    packs: bool = True
 
 
 @dataclass
@@ -783,18 +788,33 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
         return []
     done: list[SpoolEntry] = []
     stored: list[packs_mod.Pack] = []
+    keys: dict[uuid.UUID, sealing.DataKey] = {}
     if packing is not None:
-        packable = [e for e in entries if e.object_length <= packing.small_object_bytes
+        # A message with rows was recorded by a drain killed before its
+        # unlink (or by the milter, whose commit outcome it could not see):
+        # its content is stored, under the key its row names; storing it
+        # again (into another pack, or sealed under a new key the row does
+        # not have) would index it twice or make it unreadable.
+        done, entries = _recorded(packing, entries)
+        packable = [e for e in entries if packing.packs
+                    and e.object_length <= packing.small_object_bytes
                     and e.message.direction != "inbound"]  # as milter/committer.py
         if packable:
             taken = {id(e) for e in packable}
             entries = [e for e in entries if id(e) not in taken]
-            done, stored = _pack(spool, objects, packing, packable)
-            entries += [e for e in packable if e not in done]
+            stored = _pack(objects, packing, spool, packable)
+            entries += packable  # recorded in their packs (_in_pack)
+        in_packs = {mid for p in stored for mid in p.members}
+        keys = _own_keys(packing, [e for e in entries if e.message.id not in in_packs])
 
     def put(entry: SpoolEntry) -> None:
         with spool.object_stream(entry) as stream:
-            put_content(objects, entry.message.object_key, stream, entry.object_length,
+            key = keys.get(entry.message.id)
+            data: BinaryIO = stream
+            length = entry.object_length
+            if key is not None:  # sealed segment by segment as it streams
+                data, length = sealed_objects.sealing_reader(key, stream, length)
+            put_content(objects, entry.message.object_key, data, length,
                         entry.message.content_expires_at)
 
     # Small objects in one request where the store can (as the milter's
@@ -808,33 +828,49 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
             items = []
             for e in chunk:
                 with spool.object_stream(e) as stream:
-                    items.append((e.message.object_key, stream.read()))
+                    data = stream.read()
+                key = keys.get(e.message.id)
+                items.append((e.message.object_key,
+                              data if key is None else sealed_objects.seal_bytes(key, data)))
             objects.put_many(items)
         singles = [e for e in own if e.object_length > SMALL_OBJECT_BYTES]
     for fut in [pool.submit(put, e) for e in singles]:
         fut.result()  # BackendError stops the pass; objects put so far are harmless
-    recorded = _record(record, entries, result, stored) if entries else []
+    recorded = _record(record, entries, result, stored, keys) if entries else []
     result.drained += len(recorded) + len(done)
     return recorded + done
 
 
-def _pack(spool: Spool, objects: ObjectStore, packing: Packing, entries: list[SpoolEntry]
-          ) -> tuple[list[SpoolEntry], list[packs_mod.Pack]]:
-    """(ENTRIES whose rows already exist, the packs the others went into).
-
-    A message with rows was recorded by a drain killed before its unlink:
-    done, never packed again (its index row would be a second one).  A pack
-    put here whose rows are then not written is left in the bucket with no
-    row: unreferenced bytes for the orphan sweep, sealed under keys never
-    recorded.  BackendError (PostgreSQL or S3 down) stops the pass.
-    """
+def _recorded(packing: Packing, entries: list[SpoolEntry]
+              ) -> tuple[list[SpoolEntry], list[SpoolEntry]]:
+    """(ENTRIES whose rows already exist: done, the others)."""
     ids = [e.message.id for e in entries]
     have = set(packing.db.run(lambda conn: [r[0] for r in conn.execute(
         "SELECT id FROM messages WHERE id = ANY(%s)", (ids,))]))
-    done = [e for e in entries if e.message.id in have]
-    todo = [e for e in entries if e.message.id not in have]
+    return ([e for e in entries if e.message.id in have],
+            [e for e in entries if e.message.id not in have])
+
+
+def _own_keys(packing: Packing, entries: list[SpoolEntry]) -> dict[uuid.UUID, sealing.DataKey]:
+    """A fresh data key per entry for its own object when sealing, by message
+    id ({} when not); an organisation key that cannot be read stops the pass."""
+    keys, failed = packing_mod.new_keys(packing.db, [
+        (e.message.id, e.message.org_id, e.message.content_expires_at) for e in entries])
+    if failed:
+        raise next(iter(failed.values()))
+    return keys or {}
+
+
+def _pack(objects: ObjectStore, packing: Packing, spool: Spool, entries: list[SpoolEntry]
+          ) -> list[packs_mod.Pack]:
+    """The packs ENTRIES (none of them recorded yet: _recorded) went into.
+
+    A pack put here whose rows are then not written is left in the bucket
+    with no row: unreferenced bytes for the orphan sweep, sealed under keys
+    never recorded.  BackendError (PostgreSQL or S3 down) stops the pass.
+    """
     items = []
-    for e in todo:
+    for e in entries:
         with spool.object_stream(e) as stream:
             data = stream.read()
         m = e.message
@@ -842,7 +878,7 @@ def _pack(spool: Spool, objects: ObjectStore, packing: Packing, entries: list[Sp
     stored, failed = packing_mod.store_packs(packing.db, objects, items)
     if failed:
         raise next(iter(failed.values()))
-    return done, stored
+    return stored
 
 
 def _in_pack(m: CapturedMessage, stored: Sequence[packs_mod.Pack]
@@ -854,6 +890,17 @@ def _in_pack(m: CapturedMessage, stored: Sequence[packs_mod.Pack]
             return (replace(m, object_key=p.key),
                     [replace(p, members={m.id: p.members[m.id]})])
     return m, []
+
+
+def _merged(parts: list[packs_mod.Pack]) -> list[packs_mod.Pack]:
+    """PARTS (each pack with one member, from _in_pack) merged per pack."""
+    out: dict[str, packs_mod.Pack] = {}
+    for p in parts:
+        if p.key in out:
+            out[p.key].members.update(p.members)
+        else:
+            out[p.key] = replace(p, members=dict(p.members))
+    return list(out.values())
 
 
 def _by_bytes(entries: list[SpoolEntry], limit: int) -> Iterator[list[SpoolEntry]]:
@@ -871,18 +918,33 @@ def _by_bytes(entries: list[SpoolEntry], limit: int) -> Iterator[list[SpoolEntry
 
 
 def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
-            stored: Sequence[packs_mod.Pack] = ()) -> list[SpoolEntry]:
-    """Insert the rows of ENTRIES; the ones now in PostgreSQL.
+            stored: Sequence[packs_mod.Pack] = (),
+            keys: dict[uuid.UUID, sealing.DataKey] | None = None) -> list[SpoolEntry]:
+    """Insert the rows of ENTRIES (with their packs' rows, STORED, and their
+    own objects' data keys, KEYS); the ones now in PostgreSQL.
 
     One statement for the batch; if PostgreSQL refuses it for a reason other
     than being down (a row it cannot take), one by one, so one bad entry
     cannot hold up the rest.
     """
-    try:
-        if stored:
-            record([_in_pack(e.message, stored)[0] for e in entries], stored)
+    keys = keys or {}
+
+    def write(group: list[SpoolEntry]) -> None:
+        msgs, its_packs = [], []
+        for e in group:
+            m, p = _in_pack(e.message, stored)
+            msgs.append(m)
+            its_packs += p
+        own = [keys[e.message.id] for e in group if e.message.id in keys]
+        if own:
+            record(msgs, _merged(its_packs), own)
+        elif its_packs:
+            record(msgs, _merged(its_packs))
         else:
-            record([e.message for e in entries])
+            record(msgs)
+
+    try:
+        write(entries)
         return entries
     except BackendError:
         raise
@@ -891,11 +953,7 @@ def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
     done = []
     for e in entries:
         try:
-            one, its_pack = _in_pack(e.message, stored)
-            if its_pack:
-                record([one], its_pack)
-            else:
-                record([one])
+            write([e])
             done.append(e)
         except BackendError:
             raise
@@ -942,12 +1000,13 @@ def record_with(db: Database, then: Callable[[Any, Sequence[CapturedMessage]], N
     storage.reports.inbound.link_each: inbound replies and complaints linked
     to what was sent, as the milter links those it commits itself; it must
     be idempotent, a batch may be recorded again)."""
-    def write(conn: Any, msgs: Sequence[CapturedMessage],
-              packs: Sequence[packs_mod.Pack]) -> None:
-        if packs:  # the messages' rows, their packs' and data keys: all or none
+    def write(conn: Any, msgs: Sequence[CapturedMessage], packs: Sequence[packs_mod.Pack],
+              keys: Sequence[sealing.DataKey]) -> None:
+        if packs or keys:  # the messages' rows, their packs' and data keys: all or none
             with conn.transaction():
                 record_captures(conn, msgs)
                 packs_mod.record(conn, list(packs))
+                sealing.record(conn, list(keys))
                 if then is not None:
                     then(conn, msgs)
             return
@@ -956,16 +1015,18 @@ def record_with(db: Database, then: Callable[[Any, Sequence[CapturedMessage]], N
             then(conn, msgs)
 
     def record(msgs: Sequence[CapturedMessage], packs: Sequence[packs_mod.Pack] = (),
-               /) -> None:
-        db.run(lambda conn: write(conn, msgs, packs))
+               keys: Sequence[sealing.DataKey] = (), /) -> None:
+        db.run(lambda conn: write(conn, msgs, packs, keys))
 
     return record
 
 
 def packing_for(cfg: Config, db: Database) -> Packing | None:
-    """How the daemons drain: into packs where the milter writes packs."""
-    layout = cfg.s3.effective_layout(sealed=bool(cfg.storage.master_key))
-    return Packing(db) if layout == "packs" else None
+    """How the daemons drain: as the milter writes, into packs where it
+    writes packs, sealed where it seals."""
+    sealed = bool(cfg.storage.master_key)
+    packed = cfg.s3.effective_layout(sealed=sealed) == "packs"
+    return Packing(db, packs=packed) if packed or sealed else None
 
 
 def log_pass(result: DrainResult) -> None:
