@@ -48,6 +48,7 @@ def test_a_notice_for_spooled_mail_is_applied_once_the_drain_wrote_its_rows(
     message = (f"From: app@{domain}\r\nTo: {rcpt}\r\nSubject: spooled {token}\r\n"
                f"X-Test-Token: {token}\r\n\r\nbody\r\n").encode()
     waits_before = _spool_waits(stack)
+    flush = ["postqueue", "-c", stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-f"]
     stack.stack_ctl("stop", "minio")
     try:
         reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], message)
@@ -58,11 +59,15 @@ def test_a_notice_for_spooled_mail_is_applied_once_the_drain_wrote_its_rows(
         mid = uuid.UUID(m.group(1).decode())
         entry = Path(stack.config.milter.outage_spool_directory) / f"{mid}.spool"
         assert entry.exists(), "the message was not spooled"
-        # Postfix's success notice came back while the message is still spooled
-        # (after a test that leaves Postfix a backlog of notices to deliver to
-        # postkeep-storage, it can queue for a minute behind them).
-        _until("the notice to be answered 451", lambda: _spool_waits(stack) > waits_before,
-               timeout=240)
+        # Postfix's success notice came back while the message is still spooled.
+        # (Flushed while we wait: after a test that stopped postkeep-storage,
+        # Postfix keeps its LMTP destination marked dead for a while and
+        # defers the notice; a flush makes it try again now.)
+        def answered_451() -> bool:
+            subprocess.run(flush, check=True, timeout=30)
+            return _spool_waits(stack) > waits_before
+
+        _until("the notice to be answered 451", answered_451, timeout=90)
         with stack.connect() as conn:
             assert conn.execute("SELECT count(*) FROM messages WHERE id = %s",
                                 (mid,)).fetchone() == (0,)
@@ -75,7 +80,6 @@ def test_a_notice_for_spooled_mail_is_applied_once_the_drain_wrote_its_rows(
                                 (mid,)).fetchone() == (1,)
 
     _until("the drain to write the message's rows", rows_written)
-    flush = ["postqueue", "-c", stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-f"]
 
     def relayed() -> bool:
         subprocess.run(flush, check=True, timeout=30)
