@@ -16,6 +16,7 @@ writes it, zstd frames in S3, plus the rows from `record_capture`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -36,6 +37,7 @@ from postkeep import cli
 from postkeep import config as config_mod
 from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.lifecycle import rules
 from postkeep.storage.metadata import directory, dkim_keys, messages, migrate
 from postkeep.storage.metadata.db import connect
 
@@ -193,6 +195,28 @@ def run(root: click.Group, stack_env: StackEnv) -> Invoke:
                                   input=input)
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def locked(config: config_mod.Config) -> S3ObjectStore:
+    """A bucket of the test module's own, created with Object Lock by ensure_bucket."""
+    cfg = dataclasses.replace(config.s3, bucket=f"postkeep-lock-{uuid.uuid4().hex[:8]}",
+                              object_lock="compliance")
+    store = S3ObjectStore(cfg)
+    store.ensure_bucket()
+    return store
+
+
+class CountingRetention(rules.S3Retention):
+    """S3Retention counting the deletes it is asked for."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.deletes: list[str] = []
+
+    def delete_many(self, keys: list[str]) -> list[str]:
+        self.deletes += keys or ["<an empty delete_many call>"]
+        return super().delete_many(keys)
 
 
 def unique_name(prefix: str = "t") -> str:

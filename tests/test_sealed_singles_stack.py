@@ -13,7 +13,6 @@ DELETE and reports nothing locked.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import os
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 import zstandard
-from conftest import Invoke, TestOrg
+from conftest import CountingRetention, Invoke, TestOrg
 from support import smtp
 from support.stack import Stack, strip_received
 from support.wait import until
@@ -182,28 +181,6 @@ def test_inbound_mail_is_sealed_in_its_own_object_restored_and_erased(
 
 
 # --- Object Lock (WORM) ------------------------------------------------------------
-
-
-class CountingRetention(rules.S3Retention):
-    """S3Retention counting the deletes it is asked for."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.deletes: list[str] = []
-
-    def delete_many(self, keys: list[str]) -> list[str]:
-        self.deletes += keys or ["<an empty delete_many call>"]
-        return super().delete_many(keys)
-
-
-@pytest.fixture(scope="module")
-def locked(config: config_mod.Config) -> S3ObjectStore:
-    """A bucket of this module's own, created with Object Lock."""
-    cfg = dataclasses.replace(config.s3, bucket=f"postkeep-sealone-{uuid.uuid4().hex[:8]}",
-                              object_lock="compliance")
-    store = S3ObjectStore(cfg)
-    store.ensure_bucket()
-    return store
 
 
 @pytest.fixture

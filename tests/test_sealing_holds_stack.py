@@ -171,16 +171,6 @@ def test_a_message_under_two_holds_keeps_its_key_until_both_are_released(
 # --- Object Lock: one flag per pack ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def locked(config: config_mod.Config) -> S3ObjectStore:
-    """A bucket of this module's own, created with Object Lock."""
-    cfg = dataclasses.replace(config.s3, bucket=f"postkeep-holds-{uuid.uuid4().hex[:8]}",
-                              object_lock="compliance")
-    store = S3ObjectStore(cfg)
-    store.ensure_bucket()
-    return store
-
-
 def _pack_of_two(db: psycopg.Connection, store: S3ObjectStore, org: TestOrg,
                  rcpts: list[str]) -> tuple[str, list[uuid.UUID]]:
     """Messages written into ONE sealed pack as the milter writes them under

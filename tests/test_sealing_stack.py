@@ -23,12 +23,11 @@ import psycopg
 import pytest
 import zstandard
 from click.testing import CliRunner
-from conftest import Invoke, TestOrg
+from conftest import CountingRetention, Invoke, TestOrg
 from support import smtp
 from support.stack import Stack, strip_received
 
 from postkeep import cli
-from postkeep import config as config_mod
 from postkeep.storage.content import packs, sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key, put_content
 from postkeep.storage.content.restore import restore, restore_message
@@ -241,28 +240,6 @@ def test_a_legal_hold_keeps_the_key_of_content_past_its_expiry(
 
 
 # --- Object Lock (WORM) ------------------------------------------------------------
-
-
-class CountingRetention(rules.S3Retention):
-    """S3Retention counting the deletes it is asked for."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.deletes: list[str] = []
-
-    def delete_many(self, keys: list[str]) -> list[str]:
-        self.deletes += keys or ["<an empty delete_many call>"]
-        return super().delete_many(keys)
-
-
-@pytest.fixture(scope="module")
-def locked(config: config_mod.Config) -> S3ObjectStore:
-    """A bucket of this module's own, created with Object Lock."""
-    cfg = dataclasses.replace(config.s3, bucket=f"postkeep-seal-{uuid.uuid4().hex[:8]}",
-                              object_lock="compliance")
-    store = S3ObjectStore(cfg)
-    store.ensure_bucket()
-    return store
 
 
 def _capture_sealed(db: psycopg.Connection, store: S3ObjectStore, org: TestOrg,

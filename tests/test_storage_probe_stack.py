@@ -10,7 +10,6 @@ with a versioning directory, as devstack runs it.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -28,7 +27,6 @@ import pytest
 from conftest import StackEnv, TestOrg
 from support.retention import put_message
 
-from postkeep import config as config_mod
 from postkeep.storage.content.objects import S3ObjectStore, put_content, read_all
 from postkeep.storage.lifecycle import erasure, holds, rules
 from postkeep.storage.lifecycle.retention import RetentionSettings, run_retention
@@ -62,16 +60,6 @@ def _config_file(tmp_path: Path, source: str, **s3: str) -> str:
     path.write_text("\n".join(out) + "\n")
     path.chmod(0o600)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def locked(config: config_mod.Config) -> S3ObjectStore:
-    """A bucket of this module's own, created with Object Lock by ensure_bucket."""
-    cfg = dataclasses.replace(config.s3, bucket=f"postkeep-lock-{uuid.uuid4().hex[:8]}",
-                              object_lock="compliance")
-    store = S3ObjectStore(cfg)
-    store.ensure_bucket()
-    return store
 
 
 def test_probe_reports_what_this_server_does(stack_env: StackEnv) -> None:
