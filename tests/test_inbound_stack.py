@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from support import smtp
+from support.inbound import send_inbound
 from support.stack import Stack
 from support.wait import until
 
@@ -29,7 +29,6 @@ from postkeep.storage.metadata import directory
 
 pytestmark = pytest.mark.stack
 
-OUTSIDE = "198.51.100.23"  # TEST-NET-2: off the stack's trusted networks
 
 
 def _cli(stack: Stack, *args: str) -> str:
@@ -37,26 +36,6 @@ def _cli(stack: Stack, *args: str) -> str:
     result = CliRunner().invoke(cli.cli, ["--config", stack.env["POSTKEEP_CONFIG"], *args])
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def _send(stack: Stack, rcpt: str, data: bytes, sender: str, outside: bool) -> None:
-    """One message; from OUTSIDE, retried while Postfix is still re-reading its maps."""
-    def attempt() -> bool:
-        client = smtp.Client(*stack.smtp)
-        try:
-            if outside:
-                client.xclient(OUTSIDE, "mx.sender.example")
-            else:
-                client.command("EHLO test.example", 250)
-            client.send(sender, [rcpt], data)
-            return True
-        except smtp.SMTPError as exc:
-            if "Relay access denied" not in str(exc):
-                raise
-            return False
-        finally:
-            client.close()
-    until(attempt, f"Postfix accepts mail for {rcpt}")
 
 
 def _logged(stack: Stack, pattern: str) -> str:
@@ -90,7 +69,7 @@ def _sent(stack: Stack, domain: str, rcpt: str) -> dict[str, Any]:
     token = f"sent-{uuid.uuid4().hex[:10]}"
     data = (f"From: news@{domain}\r\nTo: {rcpt}\r\nSubject: {token}\r\n"
             f"Message-ID: <{token}@{domain}>\r\n\r\nOffer\r\n").encode()
-    _send(stack, rcpt, data, f"news@{domain}", outside=False)
+    send_inbound(stack, rcpt, data, f"news@{domain}", outside=False)
     return _row(stack, token)
 
 
@@ -105,7 +84,7 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
     _cli(stack, "domain", "set-inbound", domain, "--relay-to", f"127.0.0.1:{own_host}")
 
     token = f"reply-{uuid.uuid4().hex[:10]}"
-    _send(stack, f"news@{domain}", (
+    send_inbound(stack, f"news@{domain}", (
         f"From: Reader <reader@sink.test>\r\nTo: news@{domain}\r\nSubject: {token}\r\n"
         f"X-Test-Token: {token}\r\nIn-Reply-To: {sent['message_id_header']}\r\n"
         f"References: {sent['message_id_header']}\r\n\r\nThanks!\r\n").encode(),
@@ -128,7 +107,7 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
 
     # A reply quoting another organisation's Message-ID is captured, never linked.
     stray = f"stray-{uuid.uuid4().hex[:10]}"
-    _send(stack, f"news@{domain}", (
+    send_inbound(stack, f"news@{domain}", (
         f"From: reader@sink.test\r\nTo: news@{domain}\r\nSubject: {stray}\r\n"
         f"In-Reply-To: {foreign['message_id_header']}\r\n\r\nhm\r\n").encode(),
         "reader@sink.test", outside=True)
@@ -150,7 +129,8 @@ def test_reply_and_complaint_captured_inbound_and_linked(stack: Stack) -> None:
     with stack.connect() as conn:
         directory.add_domain(conn, org, f"in.{domain}")
     _cli(stack, "domain", "set-inbound", f"in.{domain}", "--archive-only")
-    _send(stack, f"abuse@in.{domain}", arf.replace(b"abuse@", b"abuse@in."), "", outside=True)
+    send_inbound(stack, f"abuse@in.{domain}", arf.replace(b"abuse@", b"abuse@in."), "",
+                 outside=True)
     row = _row(stack, complaint)
     assert (row["direction"], row["message_type"], row["parent_message_id"]) == (
         "inbound", "complaint", sent["id"])
@@ -189,7 +169,7 @@ def test_auto_replies_linked_by_verified_return_path_or_quoted_id_never_across_o
     assert path and path.startswith("pk-")
 
     def auto_reply(token: str, quote: str) -> dict[str, Any]:
-        _send(stack, f"news@{domain}", (
+        send_inbound(stack, f"news@{domain}", (
             f"From: reader@sink.test\r\nTo: news@{domain}\r\nSubject: {token}\r\n"
             "Auto-Submitted: auto-replied\r\n\r\nI am away.\r\n\r\n"
             f"Your message:\r\n{quote}\r\n").encode(), "", outside=True)
@@ -217,7 +197,7 @@ def test_out_of_band_bounce_linked_by_the_original_it_carries(stack: Stack) -> N
     _cli(stack, "domain", "set-inbound", domain, "--archive-only")
     token = f"oob-{uuid.uuid4().hex[:8]}"
     # A late failure notice sent to the From: address rather than the return path.
-    _send(stack, f"news@{domain}", (
+    send_inbound(stack, f"news@{domain}", (
         "From: Mail Delivery System <MAILER-DAEMON@mx.sink.test>\r\n"
         f"To: news@{domain}\r\nSubject: {token}\r\nMIME-Version: 1.0\r\n"
         "Content-Type: multipart/report; report-type=delivery-status; boundary=b2\r\n\r\n"

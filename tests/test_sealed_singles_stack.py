@@ -26,6 +26,7 @@ import pytest
 import zstandard
 from conftest import CountingRetention, Invoke, TestOrg
 from support import smtp
+from support.inbound import send_inbound
 from support.stack import Stack, strip_received
 from support.wait import until
 
@@ -138,24 +139,6 @@ def test_a_large_message_is_sealed_in_its_own_object_restored_and_erased(
     _erase_and_check(stack, db, objects, org.id, "big@example.net", mid, key, whole, run)
 
 
-def _send_inbound(stack: Stack, rcpt: str, data: bytes) -> None:
-    """DATA from off the trusted networks (XCLIENT), retried while Postfix
-    is still re-reading its maps after set-inbound."""
-    def attempt() -> bool:
-        client = smtp.Client(*stack.smtp)
-        try:
-            client.xclient(OUTSIDE, "mx.sender.example")
-            client.send("reader@sink.test", [rcpt], data)
-            return True
-        except smtp.SMTPError as exc:
-            if "Relay access denied" not in str(exc):
-                raise
-            return False
-        finally:
-            client.close()
-    until(attempt, f"Postfix accepts mail for {rcpt}")
-
-
 def test_inbound_mail_is_sealed_in_its_own_object_restored_and_erased(
         stack: Stack, db: psycopg.Connection, objects: S3ObjectStore,
         run: Invoke) -> None:
@@ -165,7 +148,7 @@ def test_inbound_mail_is_sealed_in_its_own_object_restored_and_erased(
     token = f"inbound-{uuid.uuid4().hex[:12]}"
     data = (f"From: Reader <reader@sink.test>\r\nTo: news@{domain}\r\nSubject: {token}\r\n"
             f"X-Test-Token: {token}\r\n\r\n" + f"a private line {token}\r\n" * 20).encode()
-    _send_inbound(stack, f"news@{domain}", data)
+    send_inbound(stack, f"news@{domain}", data, "reader@sink.test", client_ip=OUTSIDE)
     mid, key, _compressed, sha = _row(db, "subject = %s", token)
     assert db.execute("SELECT direction FROM messages WHERE id = %s",
                       (mid,)).fetchone() == ("inbound",)

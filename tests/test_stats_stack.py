@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from support import smtp
+from support.inbound import send_inbound
 from support.retention import past_week
 from support.smtp_server import RemoteMX, serve_remote_mx
 from support.stack import Stack
@@ -60,23 +61,6 @@ def _cli(stack: Stack, *args: str) -> str:
     result = CliRunner().invoke(cli.cli, ["--config", stack.env["POSTKEEP_CONFIG"], *args])
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def _send_in(stack: Stack, rcpt: str, sender: str, data: bytes) -> None:
-    """One message from outside, retried while Postfix re-reads its inbound maps."""
-    def attempt() -> bool:
-        client = smtp.Client(*stack.smtp)
-        try:
-            client.xclient(OUTSIDE, "mx.sender.example")
-            client.send(sender, [rcpt], data)
-            return True
-        except smtp.SMTPError as exc:
-            if "Relay access denied" not in str(exc):
-                raise
-            return False
-        finally:
-            client.close()
-    until(attempt, f"Postfix accepts mail for {rcpt}")
 
 
 def _sent(stack: Stack, domain: str, rcpt: str, campaign: str | None,
@@ -184,14 +168,15 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
     assert _status(stack, bounced["id"]) == "bounced"
 
     # A reply and an out-of-office (null sender, RFC 3834) to the sender.
-    _send_in(stack, f"news@{domain}", replied["rcpt"], (
+    send_inbound(stack, f"news@{domain}", (
         f"From: Reader <{replied['rcpt']}>\r\nTo: news@{domain}\r\nSubject: re {u}\r\n"
-        f"In-Reply-To: {replied['msgid']}\r\n\r\nYes please.\r\n").encode())
-    _send_in(stack, f"news@{domain}", "", (
+        f"In-Reply-To: {replied['msgid']}\r\n\r\nYes please.\r\n").encode(), replied["rcpt"],
+        client_ip=OUTSIDE)
+    send_inbound(stack, f"news@{domain}", (
         f"From: {away['rcpt']}\r\nTo: news@{domain}\r\nSubject: Out of office {u}\r\n"
         f"Auto-Submitted: auto-replied\r\nIn-Reply-To: {away['msgid']}\r\n\r\n"
-        "I am away.\r\n").encode())
-    _send_in(stack, f"news@{domain}", "", (
+        "I am away.\r\n").encode(), "", client_ip=OUTSIDE)
+    send_inbound(stack, f"news@{domain}", (
         f"From: feedback@fbl.example\r\nTo: news@{domain}\r\nSubject: arf {u}\r\n"
         "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report;"
         ' boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n'
@@ -200,7 +185,7 @@ def test_campaign_rates_exact_for_the_tenant_only_and_kept_after_expiry(
         "\r\n\r\n--b1\r\nContent-Type: message/rfc822\r\n\r\n"
         f"From: news@{domain}\r\nTo: {complained['rcpt']}\r\n"
         f"Message-ID: {complained['msgid']}\r\nSubject: offer\r\n\r\nOffer\r\n"
-        "--b1--\r\n").encode())
+        "--b1--\r\n").encode(), "", client_ip=OUTSIDE)
     until(lambda: _inbound(stack, org) == {"reply": replied["id"],
                                            "auto_reply": away["id"],
                                            "complaint": complained["id"]},
@@ -299,7 +284,7 @@ def test_out_of_office_at_the_return_path_is_an_inbound_auto_reply_linked_to_its
     # A remote server's out-of-office to the return path, through Postfix
     # (relay_domains, then the bundle's transport to postkeep-storage), twice.
     for _ in range(2):
-        _send_in(stack, str(row[0]), "", ooo)
+        send_inbound(stack, str(row[0]), ooo, "", client_ip=OUTSIDE)
 
     def inbound() -> list[tuple[Any, ...]]:
         with stack.connect() as conn:
