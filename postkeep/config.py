@@ -164,9 +164,10 @@ class MilterConfig:
     # How long the first message of a batch waits for others (milliseconds):
     # fewer, larger uploads, packs and INSERTs for latency at end of message.
     # 0: a batch is whatever queued while the previous one was being stored.
-    # With packs a PUT carries a batch, so 10 ms (with commit_siblings below)
-    # is what reaches 20x fewer PUTs at 20 sessions (BENCHMARKS.md).
-    commit_linger_ms: float = field(default=10.0, metadata={"min": 0, "max": 1000})
+    # With packs a PUT carries a batch.  This is the longest wait: with
+    # commit_siblings below it ends as soon as every capture in flight has
+    # reached the committer, and a quiet host does not wait (BENCHMARKS.md).
+    commit_linger_ms: float = field(default=100.0, metadata={"min": 0, "max": 1000})
     # Linger only when at least this many other captures are in flight (MAIL
     # FROM to end of message), as PostgreSQL's commit_siblings: a lone session
     # gets no added latency, a busy host gets large packs; the wait also ends
