@@ -262,7 +262,7 @@ class GroupCommitter:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    if remaining <= 0 or not self.in_flight.more_may_join():
+                    if remaining <= 0 or not self.in_flight.more_may_join(len(batch)):
                         break
                     # Short waits: a capture in flight may end without
                     # committing (refused), which no queue item announces.

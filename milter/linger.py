@@ -7,7 +7,7 @@ makes batches large on a busy host but adds that wait to every message of a
 quiet one, where no company comes.  So the first message of a batch waits only
 when at least `commit_siblings` other captures are in flight (between MAIL
 FROM and the end of their end of message), and stops waiting as soon as every
-capture in flight has reached the committer: nobody else can join then.
+capture in flight is in its batch: nobody else can join then.
 
 The decisions are plain functions of counts; `InFlight` keeps the counts
 (thread-safe) and the committer asks.
@@ -26,14 +26,17 @@ def linger_seconds(others_in_flight: int, *, linger: float, siblings: int) -> fl
     return linger
 
 
-def more_may_join(captures_in_flight: int, commits_pending: int) -> bool:
-    """Can another message still join the batch being formed?
+def more_may_join(captures_in_flight: int, in_batch: int) -> bool:
+    """Can another message still join the batch being formed (IN_BATCH messages)?
 
-    Every capture in flight that is not yet a pending commit is still on its
-    way (receiving DATA or about to commit).  When none is, waiting longer
+    Every capture in flight that is not in this batch may still join it: one
+    receiving DATA, and one whose message is in an earlier batch still being
+    stored (its session comes back with its next message as soon as that
+    batch is done: stopping then split a cycle of 20 sessions into packs of
+    19 and 1).  When every capture in flight is in this batch, waiting longer
     only adds latency: a new message needs a new MAIL FROM first.
     """
-    return captures_in_flight > commits_pending
+    return captures_in_flight > in_batch
 
 
 class InFlight:
@@ -73,10 +76,10 @@ class InFlight:
         with self._lock:
             return max(self._captures, self._commits) - 1
 
-    def more_may_join(self) -> bool:
+    def more_may_join(self, in_batch: int) -> bool:
         """See `more_may_join`; always True when no capture is counted (in-process
         users: they get the plain linger)."""
         with self._lock:
             if not self.counting_captures:
                 return True
-            return more_may_join(self._captures, self._commits)
+            return more_may_join(self._captures, in_batch)

@@ -166,14 +166,14 @@ class MilterConfig:
     # 0: a batch is whatever queued while the previous one was being stored.
     # With packs a PUT carries a batch.  This is the longest wait: with
     # commit_siblings below it ends as soon as every capture in flight has
-    # reached the committer, and a quiet host does not wait.  100 ms made 3.6x
+    # joined its batch, and a quiet host does not wait.  100 ms made 3.6x
     # fewer PUTs than 10 ms through Postfix but cost a third of the throughput
     # at 20 sessions (BENCHMARKS.md).
     commit_linger_ms: float = field(default=10.0, metadata={"min": 0, "max": 1000})
     # Linger only when at least this many other captures are in flight (MAIL
     # FROM to end of message), as PostgreSQL's commit_siblings: a lone session
     # gets no added latency, a busy host gets large packs; the wait also ends
-    # once every capture in flight has reached the committer (milter/linger.py).
+    # once every capture in flight is in its batch (milter/linger.py).
     commit_siblings: int = field(default=4, metadata={"min": 0, "max": 10000})
     # The longest a message waits for the group commit before the milter
     # gives it up and spools (or tempfails) it, whatever a backend does; a

@@ -40,22 +40,24 @@ def test_linger_seconds_waits_only_with_enough_siblings(
     assert linger_seconds(others, linger=linger, siblings=siblings) == expected
 
 
-def test_more_may_join_while_a_capture_in_flight_has_not_committed() -> None:
-    assert more_may_join(captures_in_flight=5, commits_pending=3)
-    assert not more_may_join(captures_in_flight=3, commits_pending=3)
-    assert not more_may_join(captures_in_flight=0, commits_pending=1)
+def test_more_may_join_while_a_capture_in_flight_is_not_in_the_batch() -> None:
+    assert more_may_join(captures_in_flight=5, in_batch=3)
+    # 19 in an earlier batch still being stored, 1 here: they come back soon
+    assert more_may_join(captures_in_flight=20, in_batch=1)
+    assert not more_may_join(captures_in_flight=3, in_batch=3)
+    assert not more_may_join(captures_in_flight=0, in_batch=1)
 
 
 def test_in_flight_counts_captures_and_commits() -> None:
     f = InFlight()
     f.commit_started()
-    assert f.others() == 0 and f.more_may_join()  # no capture counted: plain linger
+    assert f.others() == 0 and f.more_may_join(1)  # no capture counted: plain linger
     for _ in range(3):
         f.capture_started()
-    assert f.others() == 2 and f.more_may_join()
+    assert f.others() == 2 and f.more_may_join(1)
     f.commit_started()
     f.commit_started()
-    assert not f.more_may_join()
+    assert f.more_may_join(2) and not f.more_may_join(3)
     f.capture_ended()
     f.capture_ended()
     f.capture_ended()
