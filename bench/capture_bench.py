@@ -195,6 +195,8 @@ class Run:
     lag: tuple[float, float] | None = None
     dsn_lag: tuple[float, float] | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # machine, minio, postgres
+    packs: int | None = None  # pack PUTs the milter made (postkeep_milter_packs_total)
+    lingered: int | None = None  # batches whose first message waited for company
 
 
 @dataclass
@@ -468,6 +470,10 @@ class Bench:
             run.p99 = histogram_quantile(0.99, b, a)
             key = 'postkeep_milter_messages_total{outcome="captured"}'
             run.captured = int(after.get(key, 0) - before.get(key, 0))
+            run.packs = int(after.get("postkeep_milter_packs_total", 0)
+                            - before.get("postkeep_milter_packs_total", 0))
+            key = 'postkeep_milter_commit_linger_total{decision="waited"}'
+            run.lingered = int(after.get(key, 0) - before.get(key, 0))
             run.signed = int(sum(v - before.get(k, 0) for k, v in after.items()
                                  if k.startswith("postkeep_milter_dkim_signatures_total")))
             if run.captured != n:
@@ -479,6 +485,8 @@ class Bench:
         extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
         if run.signed is not None:
             extra += f" signed {run.signed}"
+        if run.packs is not None:
+            extra += f" packs {run.packs} lingered {run.lingered}"
         if run.p50 is not None and run.p99 is not None:
             extra += f" eom p50 {run.p50 * 1000:.1f}ms p99 {run.p99 * 1000:.1f}ms"
         if run.lag is not None:
@@ -681,6 +689,18 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                                   - r.cpu["postgres"] - r.cpu.get("storage", 0.0)) / r.n)
             lines.append(f"| {size} | {c} | {mach:.2f} | {mil:.2f} | {mio:.2f} | {pg:.2f} | "
                          f"{sto:.2f} | {rest:.2f} | {2000 / mach:.0f} |")
+    lines += ["", "## Pack PUTs per 1,000 messages (postkeep_milter_packs_total deltas, median"
+              " over reps; every bench message is small and outbound, so packed)", "",
+              "| size | config | pack PUTs per 1,000 messages | batches that lingered per 1,000 |",
+              "|---|---|---:|---:|"]
+    for size in SIZES:
+        for c in configs:
+            rs = [r for r in bench.runs if r.size == size and r.config == c
+                  and r.packs is not None]
+            if rs:
+                puts = statistics.median((r.packs or 0) / r.n * 1000 for r in rs)
+                waited = statistics.median((r.lingered or 0) / r.n * 1000 for r in rs)
+                lines.append(f"| {size} | {c} | {puts:.0f} | {waited:.0f} |")
     lines += ["", "## postkeep-milter end-of-message latency (C runs)", "",
               f"From `{EOM_METRIC}` bucket deltas before/after each C run, linearly "
               "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "

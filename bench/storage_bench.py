@@ -420,14 +420,21 @@ def layout_run(cfg: Config, db: Database, org: Org, layout: str, n: int, session
     committer = GroupCommitter(db, store, workers=cfg.milter.commit_threads,  # type: ignore[arg-type]
                                max_batch=cfg.milter.commit_batch_max,
                                linger=LINGER_MS.get("ms", cfg.milter.commit_linger_ms) / 1000,
-                               level=cfg.milter.zstd_level, layout=layout)
+                               level=cfg.milter.zstd_level, layout=layout,
+                               siblings=cfg.milter.commit_siblings)
     now = datetime.now(UTC)
     msgs = [campaign.message(i, org.domain, pdf=pdf if pdf and i % 5 == 0 else None)
             for i in range(n)]
 
     def one(i: int) -> tuple[int, int]:
-        m = capture_and_commit(committer, org.id, org.domain, msgs[i], created=now,
-                               content_days=90, threshold=THRESHOLD)
+        # A capture in flight from here to its commit, as the milter counts
+        # from MAIL FROM to end of message (the adaptive linger reads it).
+        committer.in_flight.capture_started()
+        try:
+            m = capture_and_commit(committer, org.id, org.domain, msgs[i], created=now,
+                                   content_days=90, threshold=THRESHOLD)
+        finally:
+            committer.in_flight.capture_ended()
         return m.size, m.compressed_size
 
     cpu0 = minio_cpu_seconds(minio_pid)
@@ -457,7 +464,8 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
             " threads (one per session) through the real GroupCommitter"
             f" (commit_threads={cfg.milter.commit_threads},"
             f" commit_batch_max={cfg.milter.commit_batch_max}, linger"
-            f" {LINGER_MS.get('ms', cfg.milter.commit_linger_ms):g} ms) into MinIO +"
+            f" {LINGER_MS.get('ms', cfg.milter.commit_linger_ms):g} ms with"
+            f" commit_siblings={cfg.milter.commit_siblings}) into MinIO +"
             f" PostgreSQL; {reps} pairs,"
             " order swapped every pair. S3 PUTs: objects written (MinIO's snowball batch"
             " is one request, but any other S3 server, AWS included, takes a PUT per"

@@ -69,6 +69,7 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
 
     def _reset(self) -> None:
         if self.tx is not None:
+            self.service.release(self.tx)
             self.tx.capture.discard()
             self.tx = None
 
@@ -123,7 +124,10 @@ class CaptureMilter(Milter.Base):  # type: ignore[misc]
         if tx is None:  # MAIL FROM never reached us: nothing to capture
             return Milter.CONTINUE
         queue_id = self.getsymval("i") or "-"
-        verdict = self.service.end_of_message(tx, queue_id)
+        try:
+            verdict = self.service.end_of_message(tx, queue_id)
+        finally:
+            self.service.release(tx)  # committed or not: no longer in flight
         if verdict.reply is not None:
             self._setreply(verdict.reply)
             return Milter.REJECT if verdict.reject else Milter.TEMPFAIL

@@ -5,7 +5,8 @@ waits.  Durability is a two-stage pipeline on threads Python owns (see
 adapter.py for why that matters):
 
 1. upload workers form batches one at a time (the first message waits up to
-   `linger` seconds for company) and store the batch's objects:
+   `linger` seconds for company, only while at least `siblings` other
+   captures are in flight: milter/linger.py) and store the batch's objects:
    - small objects (compressed size up to `small_object_bytes`) in one S3
      call when the store can batch (MinIO's snowball auto-extract: each tar
      member becomes its own object under its own key), else one PUT each;
@@ -71,6 +72,7 @@ import psycopg
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.gate import BackendGate
+from postkeep.milter.linger import InFlight, linger_seconds
 from postkeep.storage.content import packing, packs, sealed_objects, sealing
 from postkeep.storage.content.dictionaries import DictionaryUse
 from postkeep.storage.content.objects import ObjectStore, put_content
@@ -81,6 +83,9 @@ from postkeep.storage.reports.inbound import link_each
 
 log = logging.getLogger("postkeep.milter")
 
+
+# How often a lingering batch looks again whether more messages may come.
+LINGER_POLL = 0.002
 
 # Where a message is in the pipeline.  Only QUEUED and UPLOADED ones (no
 # thread has them) can be given up by `commit`; UPLOADING and RECORDING ones
@@ -110,8 +115,13 @@ class GroupCommitter:
     def __init__(self, db: Database, objects: ObjectStore, *, workers: int = 2,
                  max_batch: int = 64, linger: float = 0.01,
                  small_object_bytes: int = 256 * 1024, spool_dir: str | None = None,
-                 level: int = 3, timeout: float | None = None, layout: str = "objects") -> None:
+                 level: int = 3, timeout: float | None = None, layout: str = "objects",
+                 siblings: int = 0, in_flight: InFlight | None = None) -> None:
         self._db = db
+        # Adaptive linger (milter/linger.py): the daemon shares IN_FLIGHT with
+        # the capture service, which counts captures; 0 siblings: always linger.
+        self.in_flight = in_flight or InFlight()
+        self._siblings = siblings
         # "packs": a batch's small messages go into one object per organisation
         # and retention class (storage/content/packs.py); "objects": one each.
         self._packed = layout == "packs"
@@ -147,12 +157,16 @@ class GroupCommitter:
         or if no thread has taken it within the timeout (CONTENT is then the
         caller's again: nothing reads it any more)."""
         pending = _Pending(message, content)
-        self._queue.put(pending)
-        if not pending.done.wait(self._timeout):
-            given_up = self._give_up(pending)
-            if given_up is not None:
-                raise given_up
-            pending.done.wait()  # a thread has it: bounded by the backends' timeouts
+        self.in_flight.commit_started()
+        try:
+            self._queue.put(pending)
+            if not pending.done.wait(self._timeout):
+                given_up = self._give_up(pending)
+                if given_up is not None:
+                    raise given_up
+                pending.done.wait()  # a thread has it: bounded by the backends' timeouts
+        finally:
+            self.in_flight.commit_ended()
         if pending.error is not None:
             raise pending.error
 
@@ -248,19 +262,35 @@ class GroupCommitter:
                 if first is None:
                     return None
                 batch = self._claim([first], QUEUED, UPLOADING)
-            deadline = time.monotonic() + self._linger
+            linger = self._linger_for()
+            deadline = time.monotonic() + linger
             while len(batch) < self._max_batch:
                 remaining = deadline - time.monotonic()
                 try:
-                    nxt = (self._queue.get(timeout=remaining) if remaining > 0
-                           else self._queue.get_nowait())
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if remaining <= 0 or not self.in_flight.more_may_join(len(batch)):
+                        break
+                    # Short waits: a capture in flight may end without
+                    # committing (refused), which no queue item announces.
+                    try:
+                        nxt = self._queue.get(timeout=min(remaining, LINGER_POLL))
+                    except queue.Empty:
+                        continue
                 if nxt is None:  # shutting down: let another worker see it too
                     self._queue.put(None)
                     break
                 batch += self._claim([nxt], QUEUED, UPLOADING)
             return batch
+
+    def _linger_for(self) -> float:
+        """How long the batch just started waits for company (milter/linger.py)."""
+        if self._linger <= 0:
+            return 0.0
+        wait = linger_seconds(self.in_flight.others(), linger=self._linger,
+                              siblings=self._siblings)
+        metrics.COMMIT_LINGER.labels("waited" if wait else "skipped").inc()
+        return wait
 
     def _record_rows(self, stored: list[_Pending]) -> None:
         """Write STORED's rows; every failure ends up in the items' errors.

@@ -379,6 +379,7 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     committer = GroupCommitter(db, objects, workers=mcfg.commit_threads,
                                max_batch=mcfg.commit_batch_max,
                                linger=mcfg.commit_linger_ms / 1000,
+                               siblings=mcfg.commit_siblings,
                                spool_dir=mcfg.spool_directory, level=mcfg.zstd_level,
                                timeout=mcfg.commit_timeout_seconds,
                                layout=cfg.s3.effective_layout(
@@ -394,7 +395,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     CaptureMilter.service = CaptureService(
         mcfg, committer, Directory(db, mcfg.directory_cache_seconds, lookups),
         networks=networks, system=system, keyring=keyring, dictionaries=dictionaries,
-        spooler=spooler, return_path_key=cfg.return_path.key_bytes(), tags=cfg.tags)
+        spooler=spooler, return_path_key=cfg.return_path.key_bytes(), tags=cfg.tags,
+        in_flight=committer.in_flight)
     Milter.factory = CaptureMilter
     log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
              mcfg.listen, mcfg.metrics_listen, cfg.source,

@@ -135,3 +135,13 @@ PACKS = Counter(
     "Pack objects written (storage/content/packs.py): one PUT each, carrying the"
     " small messages of one group commit for one organisation and retention class.",
 )
+# Adaptive linger (milter/linger.py): per batch formed with commit_linger_ms > 0,
+# whether its first message waited for company ("waited": at least
+# commit_siblings other captures in flight) or went at once ("skipped").
+COMMIT_LINGER = Counter(
+    "postkeep_milter_commit_linger_total",
+    "Group-commit batches whose first message waited for company (waited) or not (skipped).",
+    ["decision"],
+)
+for _decision in ("waited", "skipped"):
+    COMMIT_LINGER.labels(_decision)

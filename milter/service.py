@@ -56,6 +56,7 @@ from postkeep.milter.decide import (
 )
 from postkeep.milter.directory import Directory
 from postkeep.milter.keys import KeyRingRefresher
+from postkeep.milter.linger import InFlight
 from postkeep.milter.longlines import SMTP_LINE_LIMIT
 from postkeep.milter.signing import (
     Network,
@@ -108,6 +109,7 @@ class Transaction:
     strip_headers: list[tuple[str, int]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     header_counts: dict[str, int] = field(default_factory=dict)  # lower-case name -> seen
+    counted: bool = False  # in CaptureService.in_flight's captures until released
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,11 @@ class CaptureService:
                  keyring: KeyRingRefresher | None = None,
                  dictionaries: DictionaryCache | None = None,
                  spooler: OutageSpooler | None = None, return_path_key: bytes = b"",
-                 tags: TagsConfig | None = None) -> None:
+                 tags: TagsConfig | None = None, in_flight: InFlight | None = None) -> None:
         self.cfg = cfg
+        # Captures in flight, for the group commit's adaptive linger
+        # (milter/linger.py); the daemon passes the committer's.
+        self.in_flight = in_flight
         self.tags = tags or TagsConfig()
         # Signs return paths (postkeep/envelope.py); configuration requires it
         # whenever cfg.bounce_domain turns outcome tracking on.
@@ -255,8 +260,19 @@ class CaptureService:
                                  dkim_body_hash=self.keyring is not None or self.system is not None,
                                  fold_lines=self.cfg.long_lines == "fold")
         capture.add_own_header(self.cfg.id_header, str(tid))
-        return Transaction(tid, datetime.now(UTC), strip_brackets(envelope_from),
-                           auth_user or None, capture, client_addr=client_addr, local=local)
+        tx = Transaction(tid, datetime.now(UTC), strip_brackets(envelope_from),
+                         auth_user or None, capture, client_addr=client_addr, local=local)
+        if self.in_flight is not None:
+            self.in_flight.capture_started()
+            tx.counted = True
+        return tx
+
+    def release(self, tx: Transaction) -> None:
+        """TX is over (end of message done, aborted or its connection closed):
+        it no longer counts as a capture in flight.  Idempotent."""
+        if tx.counted and self.in_flight is not None:
+            tx.counted = False
+            self.in_flight.capture_ended()
 
     def header(self, tx: Transaction, name: str, value: bytes) -> None:
         """Record a header field; note the ones kept as metadata."""

@@ -162,10 +162,19 @@ class MilterConfig:
     commit_threads: int = field(default=2, metadata={"min": 1, "max": 64})
     commit_batch_max: int = field(default=64, metadata={"min": 1, "max": 1000})
     # How long the first message of a batch waits for others (milliseconds):
-    # fewer, larger uploads and INSERTs for latency at end of message.  0: a
-    # batch is whatever queued while the previous one was being stored (the
-    # bench showed end-to-end throughput bound by that latency, not by CPU).
-    commit_linger_ms: float = field(default=0.0, metadata={"min": 0, "max": 1000})
+    # fewer, larger uploads, packs and INSERTs for latency at end of message.
+    # 0: a batch is whatever queued while the previous one was being stored.
+    # With packs a PUT carries a batch.  This is the longest wait: with
+    # commit_siblings below it ends as soon as every capture in flight has
+    # joined its batch, and a quiet host does not wait.  100 ms made 3.6x
+    # fewer PUTs than 10 ms through Postfix but cost a third of the throughput
+    # at 20 sessions (BENCHMARKS.md).
+    commit_linger_ms: float = field(default=10.0, metadata={"min": 0, "max": 1000})
+    # Linger only when at least this many other captures are in flight (MAIL
+    # FROM to end of message), as PostgreSQL's commit_siblings: a lone session
+    # gets no added latency, a busy host gets large packs; the wait also ends
+    # once every capture in flight is in its batch (milter/linger.py).
+    commit_siblings: int = field(default=4, metadata={"min": 0, "max": 10000})
     # The longest a message waits for the group commit before the milter
     # gives it up and spools (or tempfails) it, whatever a backend does; a
     # message already being written waits for the backends' own timeouts.
