@@ -268,7 +268,7 @@ def main(config_path: str | None, check_config: bool) -> None:
     try:
         cfg = load(config_path)
         require(cfg, "s3")
-        sealing.install(cfg.storage.master_key_bytes())  # seals packed content
+        sealing.install_config(cfg.storage)  # seals packed content
         mcfg = cfg.milter
         _check_listen(mcfg.listen)
         metrics_host, metrics_port = split_hostport("milter.metrics_listen", mcfg.metrics_listen)

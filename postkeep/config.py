@@ -353,10 +353,23 @@ class StorageConfig:
     master_key: str = field(default="", repr=False,
                             metadata={"secret": True, "env": "POSTKEEP_STORAGE_MASTER_KEY"})
     master_key_file: str = ""
+    # During a master-key rotation only (README "Rotating the content master
+    # key"): the key being retired.  Organisation keys it still wraps are
+    # read with it; everything new is wrapped by master_key.  Remove it once
+    # `postkeep storage rotate-master-key` has rewrapped them all.
+    previous_master_key: str = field(
+        default="", repr=False,
+        metadata={"secret": True, "env": "POSTKEEP_STORAGE_PREVIOUS_MASTER_KEY"})
+    previous_master_key_file: str = ""
 
     def master_key_bytes(self) -> bytes | None:
         """The 32 bytes of master_key (checked at load), or None if unset."""
         return base64.b64decode(self.master_key.strip()) if self.master_key else None
+
+    def previous_master_key_bytes(self) -> bytes | None:
+        """The 32 bytes of previous_master_key (checked at load), or None if unset."""
+        return (base64.b64decode(self.previous_master_key.strip())
+                if self.previous_master_key else None)
 
 
 @dataclass(frozen=True)
@@ -710,7 +723,17 @@ def _build(section: str, cls: type[Any], raw: dict[str, Any]) -> Any:
 
 
 def _check_storage_master_key(cfg: StorageConfig) -> None:
-    """storage.master_key, if set, is base64 of exactly 32 bytes (never shown)."""
+    """storage.master_key and previous_master_key, if set, are base64 of
+    exactly 32 bytes (never shown); a previous key needs a current one."""
+    if cfg.previous_master_key:
+        if not cfg.master_key:
+            raise ConfigError("storage.previous_master_key_file is set but"
+                              " storage.master_key_file is not: the previous key is only"
+                              " read during a rotation to a new master key")
+        source = (f"storage.previous_master_key_file = {cfg.previous_master_key_file!r}"
+                  if cfg.previous_master_key_file
+                  else "storage.previous_master_key (or $POSTKEEP_STORAGE_PREVIOUS_MASTER_KEY)")
+        _check_master_key_text(source, cfg.previous_master_key)
     if not cfg.master_key:
         return
     source = (f"storage.master_key_file = {cfg.master_key_file!r}" if cfg.master_key_file

@@ -106,3 +106,64 @@ def test_data_keys_are_fresh_and_wrapped_under_their_organisation() -> None:
     assert a.key not in a.wrapped
     with pytest.raises(sealing.SealError, match="not read first"):
         ring.new_data_keys([(mid, uuid.uuid4(), at)])
+
+
+class OrgKeysConn:
+    """org_keys as a dict: what Keyring.org_key reads and writes."""
+
+    def __init__(self) -> None:
+        self.rows: dict[uuid.UUID, tuple[bytes, str]] = {}
+
+    def execute(self, sql: str, params: tuple[object, ...]) -> object:
+        if sql.startswith("INSERT INTO org_keys"):
+            org, wrapped, mid = params
+            self.rows.setdefault(org, (wrapped, mid))  # type: ignore[index, arg-type]
+            return None
+        row = self.rows.get(params[0])  # type: ignore[arg-type]
+        return type("R", (), {"fetchone": lambda _self: row})()
+
+
+def test_during_a_rotation_org_keys_still_under_the_previous_key_open_new_ones_use_the_new(
+        tmp_path: Path) -> None:
+    old, new, other = os.urandom(32), os.urandom(32), os.urandom(32)
+    conn = OrgKeysConn()
+    before, after = uuid.uuid4(), uuid.uuid4()
+    made = sealing.Keyring(old).org_key(conn, before, create=True)  # type: ignore[arg-type]
+    # storage.master_key_file = new, storage.previous_master_key_file = old
+    both = sealing.Keyring(new, previous=old)
+    assert both.org_key(conn, before, create=False) == made  # type: ignore[arg-type]
+    made_after = both.org_key(conn, after, create=True)  # type: ignore[arg-type]
+    assert conn.rows[after][1] == sealing.master_id(new)  # wrapped by the new key only
+    assert sealing.Keyring(new).org_key(conn, after, create=False) == made_after  # type: ignore[arg-type]
+    with pytest.raises(sealing.SealError, match="does not open with the configured"):
+        sealing.Keyring(old).org_key(conn, after, create=False)  # type: ignore[arg-type]
+    # Neither key opens it: the error names both ids, never a key.
+    with pytest.raises(sealing.SealError, match=f"nor storage.previous_master_key"
+                       f" \\(id {sealing.master_id(other)}\\)") as info:
+        sealing.Keyring(new, previous=other).org_key(conn, before,  # type: ignore[arg-type]
+                                                     create=False)
+    assert base64.b64encode(old).decode() not in str(info.value)
+
+
+def test_the_previous_master_key_file_is_read_checked_and_needs_a_current_key(
+        tmp_path: Path) -> None:
+    key_path = _key_file(tmp_path, KEY)
+    prev = tmp_path / "previous.key"
+    prev.write_text(base64.b64encode(bytes(32)).decode() + "\n")
+    prev.chmod(0o600)
+    path = tmp_path / "postkeep.toml"
+    path.write_text(f'[storage]\nmaster_key_file = "{key_path}"\n'
+                    f'previous_master_key_file = "{prev}"\n')
+    path.chmod(0o600)
+    cfg = config_mod.load(str(path))
+    assert cfg.storage.previous_master_key_bytes() == bytes(32)
+    assert "previous_master_key='" not in repr(cfg.storage)
+    prev.chmod(0o644)
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"storage\.previous_master_key_file = .*readable by other users"):
+        config_mod.load(str(path))
+    prev.chmod(0o600)
+    path.write_text(f'[storage]\nprevious_master_key_file = "{prev}"\n')
+    with pytest.raises(config_mod.ConfigError,
+                       match=r"previous_master_key_file is set but storage\.master_key_file"):
+        config_mod.load(str(path))

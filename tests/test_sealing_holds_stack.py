@@ -287,12 +287,15 @@ def _key_file(path: Path, key: bytes, mode: int = 0o600) -> Path:
     return path
 
 
-def _config_with_key(stack_env: StackEnv, key_file: Path, into: Path) -> str:
-    """The stack's postkeep.toml with storage.master_key_file = KEY_FILE."""
+def _config_with_key(stack_env: StackEnv, key_file: Path, into: Path,
+                     previous: str | None = None) -> str:
+    """The stack's postkeep.toml with storage.master_key_file = KEY_FILE (and
+    storage.previous_master_key_file = PREVIOUS)."""
     text = Path(stack_env.config_path).read_text()
     section = re.search(r"(?ms)^\[storage\]\n.*?(?=^\[|\Z)", text)
     assert section is not None, "no [storage] section in the stack's postkeep.toml"
-    body, n = re.subn(r'(?m)^master_key_file = ".*"$', f'master_key_file = "{key_file}"',
+    also = f'\nprevious_master_key_file = "{previous}"' if previous else ""
+    body, n = re.subn(r'(?m)^master_key_file = ".*"$', f'master_key_file = "{key_file}"{also}',
                       section.group(0))
     assert n == 1, section.group(0)
     into.write_text(text[:section.start()] + body + text[section.end():])
@@ -317,19 +320,25 @@ def test_rotating_the_master_key_rewraps_org_keys_and_content_opens_with_the_new
     # Each in-process command installs its configuration's keyring process-wide:
     # the session's (the stack's key) is put back at the end.
     with sealing.using(old):
-        _rotate_and_back(db, objects, config, run, mid, object_key[0], delivered, org.id,
-                         new, new_file, new_config)
+        _rotate_and_back(db, objects, config, stack_env, run, mid, object_key[0], delivered,
+                         org.id, new, new_file, new_config)
     assert b"".join(restore_message(db, objects, mid, object_key[0])) == delivered
 
 
 def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: config_mod.Config,
-                     run: Invoke, mid: uuid.UUID, object_key: str, delivered: bytes,
-                     org_id: uuid.UUID, new: bytes, new_file: Path, new_config: str) -> None:
+                     stack_env: StackEnv, run: Invoke, mid: uuid.UUID, object_key: str,
+                     delivered: bytes, org_id: uuid.UUID, new: bytes, new_file: Path,
+                     new_config: str) -> None:
     old = config.storage.master_key_bytes()
     new_id = sealing.Keyring(new).master_id
     before = dict(db.execute("SELECT org_id, wrapped FROM org_keys").fetchall())
     data_keys = db.execute("SELECT wrapped FROM message_keys WHERE message_id = %s",
                            (mid,)).fetchall()
+    # Configured first as the rotation's README order has it (master key the
+    # new one, previous_master_key_file the old): what the old key wraps
+    # still opens, before any row is rewrapped.
+    with sealing.using(new, previous=old):
+        assert b"".join(restore_message(db, objects, mid, object_key)) == delivered
     try:
         out = run("storage", "rotate-master-key", "--new-key-file", str(new_file), "--json")
         assert out.exit_code == 0, out.stderr
@@ -362,7 +371,7 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
 
         # A daemon still on the old key makes a new organisation's key meanwhile;
         # the run after the switch, given the old key, rewraps that one alone.
-        late = uuid.uuid4()
+        late, later = uuid.uuid4(), uuid.uuid4()
         with sealing.using(old):
             sealing.data_keys(db, [(uuid.uuid4(), late, datetime.now(UTC))])
         try:
@@ -378,8 +387,22 @@ def _rotate_and_back(db: psycopg.Connection, objects: S3ObjectStore, config: con
             assert json.loads(after_switch.stdout)["rewrapped"] == 1
             with sealing.using(new):
                 assert sealing.required().org_key(db, late, create=False) is not None
+            # The same with the old key named in the configuration instead
+            # (storage.previous_master_key_file): no --old-key-file needed.
+            with sealing.using(old):
+                sealing.data_keys(db, [(uuid.uuid4(), later, datetime.now(UTC))])
+            both = _config_with_key(stack_env, new_file, new_file.with_name("both.toml"),
+                                    previous=config.storage.master_key_file)
+            via_config = run("storage", "rotate-master-key", "--new-key-file", str(new_file),
+                             "--json", config=both)
+            assert via_config.exit_code == 0, via_config.stderr
+            assert json.loads(via_config.stdout)["rewrapped"] == 1
+            assert "remove storage.previous_master_key_file" in json.loads(
+                via_config.stdout)["next_steps"][0]
+            with sealing.using(new):
+                assert sealing.required().org_key(db, later, create=False) is not None
         finally:
-            db.execute("DELETE FROM org_keys WHERE org_id = %s", (late,))
+            db.execute("DELETE FROM org_keys WHERE org_id = ANY(%s)", ([late, later],))
     finally:
         # Back to the stack's key, for the daemons and the tests after this one.
         back = run("storage", "rotate-master-key", "--new-key-file",

@@ -225,7 +225,7 @@ def session(ctx: click.Context) -> Iterator[Session]:
     """Load the configuration, connect, and turn backend failures into one line."""
     obj = ctx.find_root().obj or {}
     cfg = config_mod.load(obj.get("config_path"))
-    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+    sealing.install_config(cfg.storage)  # sealed content's keys
     try:
         conn = connect(cfg.postgres)
         with conn:

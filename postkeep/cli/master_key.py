@@ -15,8 +15,18 @@ from postkeep.cli.storage import storage
 from postkeep.storage.content import rotation, sealing
 
 
-def next_steps(new_key_file: str, old_key_file: str) -> list[str]:
-    """What the operator does after a rotation, in order."""
+def next_steps(new_key_file: str, old_key_file: str, previous_configured: bool = False
+               ) -> list[str]:
+    """What the operator does after a rotation, in order (README "Rotating the
+    content master key"); PREVIOUS_CONFIGURED: the configuration already names
+    the new key and, as storage.previous_master_key_file, the old one."""
+    if previous_configured:
+        return [
+            "remove storage.previous_master_key_file from postkeep.toml on every host and"
+            " restart postkeep-milter and postkeep-storage (every organisation key is under"
+            f" {new_key_file} now)",
+            f"then destroy the old key file {old_key_file} (and its copies)",
+        ]
     return [
         f"point storage.master_key_file at {new_key_file} in postkeep.toml on every host"
         " (milter, postkeep-storage, the postkeep command)",
@@ -53,8 +63,9 @@ def rotate_master_key(ctx: click.Context, new_key_file: str, old_key_file: str |
     """
     try:
         new = config_mod.read_master_key_file(new_key_file, "--new-key-file")
-        also = (config_mod.read_master_key_file(old_key_file, "--old-key-file"),
-                ) if old_key_file else ()
+        also: tuple[bytes, ...] = (
+            (config_mod.read_master_key_file(old_key_file, "--old-key-file"),)
+            if old_key_file else ())
     except config_mod.ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     with session(ctx) as s:
@@ -62,12 +73,17 @@ def rotate_master_key(ctx: click.Context, new_key_file: str, old_key_file: str |
         if old is None:
             fail("storage.master_key_file is not set: there is no master key to rotate from"
                  " (nothing is sealed without one)", EXIT_USAGE)
+        previous = s.cfg.storage.previous_master_key_bytes()
+        if previous is not None:  # the configuration already names both (README)
+            also += (previous,)
         try:
             done = rotation.rotate(s.conn, old, new, also)
         except sealing.SealError as exc:
             fail(f"nothing changed: {exc}")
-        old_file = old_key_file or s.cfg.storage.master_key_file or "OLD-KEY-FILE"
-    steps = next_steps(new_key_file, old_file)
+        old_file = (old_key_file or s.cfg.storage.previous_master_key_file
+                    or s.cfg.storage.master_key_file or "OLD-KEY-FILE")
+    steps = next_steps(new_key_file, old_file,
+                       previous_configured=previous is not None and old == new)
     text = (f"{done.rewrapped} organisation key(s) rewrapped from master key"
             f" {done.old_master_id} to {done.new_master_id}, {done.already} already under"
             f" it ({done.org_keys} in all). Next:\n"

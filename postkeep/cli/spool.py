@@ -48,7 +48,7 @@ def _progress_line(r: DrainResult) -> str:
 def _config(ctx: click.Context) -> config_mod.Config:
     obj = ctx.find_root().obj or {}
     cfg = config_mod.load(obj.get("config_path"))
-    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+    sealing.install_config(cfg.storage)  # sealed content's keys
     return cfg
 
 

@@ -53,6 +53,7 @@ import psycopg
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from postkeep.config import StorageConfig
 from postkeep.storage.metadata.db import BackendError
 
 MAGIC = b"\x89PKS"  # like the container's: never a zstd frame's first bytes
@@ -128,12 +129,15 @@ class Keyring:
     """The master key and the organisation keys it unwrapped (cached: they
     are read once per process and organisation)."""
 
-    def __init__(self, master: bytes) -> None:
-        if len(master) != 32:
-            raise ValueError(f"master key of {len(master)} bytes: expected 32")
+    def __init__(self, master: bytes, previous: bytes | None = None) -> None:
+        for k in (master, previous or master):
+            if len(k) != 32:
+                raise ValueError(f"master key of {len(k)} bytes: expected 32")
         self._master = master
-        self.master_id = hashlib.sha256(b"postkeep content master key id\x00"
-                                        + master).hexdigest()[:16]
+        self.master_id = master_id(master)
+        # During a rotation (storage.previous_master_key_file): the key being
+        # retired, read only to open organisation keys it still wraps.
+        self._previous = previous if previous != master else None
         self._orgs: dict[uuid.UUID, bytes] = {}
         self._lock = threading.Lock()
 
@@ -155,15 +159,25 @@ class Keyring:
                            (org_id,)).fetchone()
         if row is None:
             return None
-        try:
-            key = _unwrap(self._master, bytes(row[0]), aad)
-        except InvalidTag:
+        key = self._open_org_key(bytes(row[0]), aad)
+        if key is None:
+            also = (f" nor storage.previous_master_key (id {master_id(self._previous)})"
+                    if self._previous else "")
             raise SealError(f"organisation {org_id}: its content key does not open with the"
-                            f" configured storage.master_key (id {self.master_id}; the key was"
-                            f" wrapped by id {row[1]})") from None
+                            f" configured storage.master_key (id {self.master_id}){also};"
+                            f" the key was wrapped by id {row[1]}")
         with self._lock:
             self._orgs[org_id] = key
         return key
+
+    def _open_org_key(self, wrapped: bytes, aad: bytes) -> bytes | None:
+        """The organisation key in WRAPPED, opened with the master key or,
+        during a rotation, the previous one; None if neither opens it."""
+        for k in (self._master, self._previous):
+            if k is not None:
+                with contextlib.suppress(InvalidTag):
+                    return _unwrap(k, wrapped, aad)
+        return None
 
     def forget(self, org_id: uuid.UUID) -> None:
         """Drop ORG_ID's cached key (its row was deleted)."""
@@ -251,11 +265,22 @@ def _pg_ts(t: datetime) -> str | datetime:
 _ring: Keyring | None = None
 
 
-def install(master: bytes | None) -> Keyring | None:
-    """Use MASTER (storage.master_key) in this process; None: sealing off."""
+def master_id(master: bytes) -> str:
+    """MASTER's id: a hash prefix, never the key (org_keys.master_id, errors)."""
+    return hashlib.sha256(b"postkeep content master key id\x00" + master).hexdigest()[:16]
+
+
+def install(master: bytes | None, previous: bytes | None = None) -> Keyring | None:
+    """Use MASTER (storage.master_key; PREVIOUS: storage.previous_master_key,
+    during a rotation) in this process; None: sealing off."""
     global _ring
-    _ring = Keyring(master) if master else None
+    _ring = Keyring(master, previous) if master else None
     return _ring
+
+
+def install_config(cfg: StorageConfig) -> Keyring | None:
+    """The keyring of [storage] CFG installed in this process (daemons, CLI)."""
+    return install(cfg.master_key_bytes(), cfg.previous_master_key_bytes())
 
 
 def keyring() -> Keyring | None:
@@ -263,13 +288,14 @@ def keyring() -> Keyring | None:
 
 
 @contextlib.contextmanager
-def using(master: bytes | None) -> Iterator[Keyring | None]:
-    """MASTER's keyring for the block, the process's again after it (a tool or
-    a test reading from more than one installation)."""
+def using(master: bytes | None, previous: bytes | None = None) -> Iterator[Keyring | None]:
+    """MASTER's keyring (and PREVIOUS's, as install) for the block, the
+    process's again after it (a tool or a test reading from more than one
+    installation)."""
     global _ring
     before = _ring
     try:
-        yield install(master)
+        yield install(master, previous)
     finally:
         _ring = before
 

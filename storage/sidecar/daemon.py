@@ -213,7 +213,7 @@ def main(config_path: str | None, listen: str | None, metrics: str | None,
     each recipient's outcome recorded in PostgreSQL."""
     try:
         cfg = load(config_path)
-        sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+        sealing.install_config(cfg.storage)  # sealed content's keys
         overrides: dict[str, Any] = {}
         if listen:
             overrides["lmtp_host"], overrides["lmtp_port"] = split_hostport("--listen", listen)

@@ -182,7 +182,7 @@ class Stack:
 def load_stack() -> Stack:
     env = require_env()
     cfg = load(env["POSTKEEP_CONFIG"])
-    sealing.install(cfg.storage.master_key_bytes())  # sealed content's keys
+    sealing.install_config(cfg.storage)  # sealed content's keys
     return Stack(env, cfg)
 
 
