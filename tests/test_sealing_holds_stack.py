@@ -137,6 +137,22 @@ def test_a_released_hold_gives_the_key_back_to_expiry_and_the_run_destroys_it(
     objects.delete(saved.where.pack_key)
 
 
+def test_a_key_left_at_infinity_by_a_hold_released_before_the_fix_expires_at_the_next_run(
+        stack: Stack, db: psycopg.Connection, objects: S3ObjectStore,
+        make_org: Callable[..., TestOrg]) -> None:
+    """What the code before release_keys left behind: a hold released and
+    reconciled, its message's key still at 'infinity', no hold active in
+    the organisation.  The next retention run gives it back to its expiry
+    (passed here) and destroys it."""
+    org = make_org("pro")
+    mid, _ = _capture(stack, db, org.domain, "legacy@example.net")
+    _expire_now(db, mid)
+    db.execute("UPDATE message_keys SET expires_at = 'infinity' WHERE message_id = %s", (mid,))
+    assert _key_expiry(db, mid) == ["held"]
+    _retention(db, objects)
+    assert _key_expiry(db, mid) == []
+
+
 def test_a_message_under_two_holds_keeps_its_key_until_both_are_released(
         stack: Stack, db: psycopg.Connection, objects: S3ObjectStore,
         make_org: Callable[..., TestOrg], releasing: list[legal_holds.Hold]) -> None:

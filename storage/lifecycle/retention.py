@@ -294,6 +294,13 @@ def _expire_keys(conn: psycopg.Connection, now: datetime, report: RunReport,
     the bytes: those go with their pack (lifecycle rule or pack sweep)."""
     try:
         with conn.transaction():
+            # Keys a hold moved to 'infinity' in an organisation with no
+            # active hold at all go back to their expiry: the holds
+            # reconciled before release_keys existed left theirs there.
+            # (Only those organisations' rows: a held organisation's
+            # 'infinity' keys are not joined with its messages every run.)
+            sealing.release_keys(conn, "k.org_id NOT IN (SELECT h.org_id FROM legal_holds h"
+                                 " WHERE h.released_at IS NULL)", {})
             kept = sealing.hold_keys(conn, now, covered_sql)
             dropped, deleted = sealing.expire(conn, now)
     except psycopg.Error as exc:
