@@ -17,7 +17,6 @@ storage/lifecycle/holds.py, storage/content/rotation.py).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import json
@@ -33,6 +32,7 @@ import pytest
 import zstandard
 from conftest import Invoke, StackEnv, TestOrg
 from support import smtp
+from support.sealed import sealed_pack
 from support.stack import Stack, strip_received
 
 from postkeep import config as config_mod
@@ -187,39 +187,6 @@ def test_a_message_under_two_holds_keeps_its_key_until_both_are_released(
 # --- Object Lock: one flag per pack ---------------------------------------------------
 
 
-def _pack_of_two(db: psycopg.Connection, store: S3ObjectStore, org: TestOrg,
-                 rcpts: list[str]) -> tuple[str, list[uuid.UUID]]:
-    """Messages written into ONE sealed pack as the milter writes them under
-    Object Lock (retained until its expiry): (pack key, message ids)."""
-    created = datetime.now(UTC)
-    rows, entries = [], []
-    for to in rcpts:
-        mid = uuid.uuid4()
-        raw = f"From: s@{org.domain}\r\nTo: {to}\r\nSubject: worm\r\n\r\nheld {mid}\r\n".encode()
-        blob = zstandard.ZstdCompressor().compress(raw)
-        content_at, metadata_at = messages.expiry_dates(created, 7, 30)
-        key = message_key(str(org.id), str(mid), created, content_days=7)
-        rows.append(messages.CapturedMessage(
-            id=mid, org_id=org.id, domain=org.domain, queue_id=uuid.uuid4().hex[:10].upper(),
-            envelope_from=f"s@{org.domain}", recipients=(to,), size=len(raw),
-            sha256=hashlib.sha256(raw).digest(), object_key=key, compressed_size=len(blob),
-            created_at=created, content_expires_at=content_at, metadata_expires_at=metadata_at,
-            message_id_header=f"<{mid}@{org.domain}>", header_from=f"s@{org.domain}",
-            subject="worm"))
-        entries.append(packs.Entry(mid, org.id, key, content_at, blob))
-    keys = sealing.data_keys(db, [(e.message_id, e.org_id, e.content_expires_at)
-                                  for e in entries])
-    assert keys is not None
-    [pack] = packs.build(entries, keys=keys)
-    body = pack.body.getvalue()
-    put_content(store, pack.key, io.BytesIO(body), len(body), pack.expires_at)
-    with db.transaction():
-        for m in rows:
-            messages.record_capture(db, dataclasses.replace(m, object_key=pack.key))
-        packs.record(db, [pack])
-    return pack.key, [m.id for m in rows]
-
-
 def _flagged(store: S3ObjectStore, key: str) -> bool:
     return bool(store.client.is_object_legal_hold_enabled(store.bucket, key))
 
@@ -228,7 +195,9 @@ def test_a_pack_keeps_its_legal_hold_flag_while_any_hold_covers_a_member(
         db: psycopg.Connection, locked: S3ObjectStore, make_org: Callable[..., TestOrg],
         releasing: list[legal_holds.Hold]) -> None:
     org = make_org("pro")
-    pack_key, (m1, _m2) = _pack_of_two(db, locked, org, ["a@example.net", "b@example.net"])
+    written = sealed_pack(db, locked, org.id, org.domain, ["a@example.net", "b@example.net"],
+                          "held")
+    pack_key, (m1, _m2) = written[0][0].object_key, [m.id for m, _ in written]
     store = rules.S3Retention(locked.client, locked.bucket, object_lock=True)
     hold_a = legal_holds.add_hold(db, org.id, "a@example.net", "case 19 a")
     hold_b = legal_holds.add_hold(db, org.id, "b@example.net", "case 19 b")

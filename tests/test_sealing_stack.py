@@ -11,8 +11,6 @@ with Object Lock erasure succeeds by destroying keys, without a DELETE.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import json
 import uuid
@@ -21,19 +19,19 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-import zstandard
 from click.testing import CliRunner
 from conftest import CountingRetention, Invoke, TestOrg
 from support import smtp
+from support.sealed import sealed_pack
 from support.stack import Stack, strip_received
 
 from postkeep import cli
 from postkeep.storage.content import packs, sealing
-from postkeep.storage.content.objects import S3ObjectStore, message_key, put_content
+from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.content.restore import restore, restore_message
 from postkeep.storage.lifecycle import erasure, rules
 from postkeep.storage.lifecycle.retention import run_retention
-from postkeep.storage.metadata import legal_holds, messages
+from postkeep.storage.metadata import legal_holds
 
 pytestmark = pytest.mark.stack
 
@@ -242,46 +240,13 @@ def test_a_legal_hold_keeps_the_key_of_content_past_its_expiry(
 # --- Object Lock (WORM) ------------------------------------------------------------
 
 
-def _capture_sealed(db: psycopg.Connection, store: S3ObjectStore, org: TestOrg,
-                    rcpts: list[str]) -> list[tuple[messages.CapturedMessage, bytes]]:
-    """Messages written as the milter writes them under Object Lock with
-    sealing (milter/committer.py): one sealed pack, retained until its expiry."""
-    created = datetime.now(UTC)
-    out, entries = [], []
-    for to in rcpts:
-        mid = uuid.uuid4()
-        raw = f"From: s@{org.domain}\r\nTo: {to}\r\nSubject: worm\r\n\r\nlocked {mid}\r\n".encode()
-        blob = zstandard.ZstdCompressor().compress(raw)
-        content_at, metadata_at = messages.expiry_dates(created, 7, 30)
-        key = message_key(str(org.id), str(mid), created, content_days=7)
-        m = messages.CapturedMessage(
-            id=mid, org_id=org.id, domain=org.domain, queue_id=uuid.uuid4().hex[:10].upper(),
-            envelope_from=f"s@{org.domain}", recipients=(to,), size=len(raw),
-            sha256=hashlib.sha256(raw).digest(), object_key=key, compressed_size=len(blob),
-            created_at=created, content_expires_at=content_at, metadata_expires_at=metadata_at,
-            message_id_header=f"<{mid}@{org.domain}>", header_from=f"s@{org.domain}",
-            subject="worm")
-        entries.append(packs.Entry(mid, org.id, key, content_at, blob))
-        out.append((m, raw))
-    keys = sealing.data_keys(db, [(e.message_id, e.org_id, e.content_expires_at)
-                                  for e in entries])
-    assert keys is not None
-    [pack] = packs.build(entries, keys=keys)
-    body = pack.body.getvalue()
-    put_content(store, pack.key, io.BytesIO(body), len(body), pack.expires_at)
-    with db.transaction():
-        for m, _ in out:
-            messages.record_capture(db, dataclasses.replace(m, object_key=pack.key))
-        packs.record(db, [pack])
-    return [(dataclasses.replace(m, object_key=pack.key), raw) for m, raw in out]
-
-
 def test_erasure_on_object_lock_destroys_keys_and_sends_no_delete(
         db: psycopg.Connection, locked: S3ObjectStore,
         make_org: Callable[..., TestOrg]) -> None:
     org = make_org("pro")
-    (gone, _), (kept, kept_raw) = _capture_sealed(db, locked, org,
-                                                  ["erase.me@example.net", "keep@example.net"])
+    (gone, _), (kept, kept_raw) = sealed_pack(db, locked, org.id, org.domain,
+                                              ["erase.me@example.net", "keep@example.net"],
+                                              "locked")
     store = CountingRetention(locked.client, locked.bucket, object_lock=True)
     saved = packs.location(db, gone.id)
     assert saved is not None
@@ -307,7 +272,7 @@ def test_an_org_emptied_by_erasure_on_object_lock_keeps_its_pack_row_until_expir
     refuse it), the pack stays indexed for the sweep after its expiry, and a
     retention run now reports no failed delete."""
     org = make_org("pro")
-    [(m, _)] = _capture_sealed(db, locked, org, ["only@example.net"])
+    [(m, _)] = sealed_pack(db, locked, org.id, org.domain, ["only@example.net"], "locked")
     store = CountingRetention(locked.client, locked.bucket, object_lock=True)
     erasure.erase_address(db, store, org.id, "only@example.net")
     assert store.deletes == []
