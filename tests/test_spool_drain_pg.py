@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psycopg
 import pytest
@@ -145,31 +145,28 @@ def _objects_of(spool: Spool) -> dict[uuid.UUID, bytes]:
     return out
 
 
-@pytest.mark.parametrize("batch", [True, False], ids=["batched puts", "single puts"])
-@pytest.mark.parametrize("where", ["during puts", "before rows", "after rows committed",
-                                   "mid unlink"])
-def test_a_drain_killed_anywhere_and_rerun_stores_each_message_exactly_once(
-        spool: Spool, record: RecordRows, db: psycopg.Connection, objects: S3ObjectStore,
-        make_org: Callable[..., TestOrg], monkeypatch: pytest.MonkeyPatch,
-        where: str, batch: bool) -> None:
-    spooled = _spool_some(spool, make_org(), 40)
-    blobs = _objects_of(spool)
-    store = CrashingS3(objects, batch)
-    write: RecordRows = record
+def _killed_at(where: str, record: RecordRows, store: CrashingS3,
+               monkeypatch: pytest.MonkeyPatch, puts: int) -> RecordRows:
+    """The row writer of a drain killed at WHERE (the store crashing after
+    PUTS puts, or Spool.remove at the fifth unlink, set up here too)."""
     if where == "during puts":
-        store.crash_after = 20
+        store.crash_after = puts
     elif where == "before rows":
-        def write(batch: Sequence[CapturedMessage]) -> None:
+        def crash(*_rows: Any) -> None:
             raise Crash()
+
+        return crash
     elif where == "after rows committed":  # the COMMIT went through, its reply never came
         calls = [0]
 
-        def write(batch: Sequence[CapturedMessage]) -> None:
-            record(batch)
+        def write(*rows: Any) -> None:
+            record(*rows)
             calls[0] += 1
             if calls[0] == 2:
                 raise Crash()
-    else:
+
+        return write
+    elif where == "mid unlink":
         calls = [0]
         real = Spool.remove
 
@@ -180,6 +177,20 @@ def test_a_drain_killed_anywhere_and_rerun_stores_each_message_exactly_once(
             real(self, path)
 
         monkeypatch.setattr(Spool, "remove", remove)
+    return record
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched puts", "single puts"])
+@pytest.mark.parametrize("where", ["during puts", "before rows", "after rows committed",
+                                   "mid unlink"])
+def test_a_drain_killed_anywhere_and_rerun_stores_each_message_exactly_once(
+        spool: Spool, record: RecordRows, db: psycopg.Connection, objects: S3ObjectStore,
+        make_org: Callable[..., TestOrg], monkeypatch: pytest.MonkeyPatch,
+        where: str, batch: bool) -> None:
+    spooled = _spool_some(spool, make_org(), 40)
+    blobs = _objects_of(spool)
+    store = CrashingS3(objects, batch)
+    write = _killed_at(where, record, store, monkeypatch, puts=20)
     with pytest.raises(Crash):
         drain(spool, store, write, batch_size=8, put_threads=1)
     monkeypatch.undo()
@@ -270,34 +281,9 @@ def test_a_drain_into_sealed_packs_killed_anywhere_and_rerun_stores_each_message
     spooled = _spool_some(spool, org, 40)
     blobs = _objects_of(spool)
     store = CrashingS3(objects, False)
-    write: RecordRows = record
     bad = None
-    if where == "during puts":
-        store.crash_after = 2  # packs: one PUT per batch here
-    elif where == "before rows":
-        def write(batch: Sequence[CapturedMessage], written: Sequence[packs.Pack] = (),
-                  /) -> None:
-            raise Crash()
-    elif where == "after rows committed":
-        calls = [0]
-
-        def write(batch: Sequence[CapturedMessage], written: Sequence[packs.Pack] = (),
-                  /) -> None:
-            record(batch, written)
-            calls[0] += 1
-            if calls[0] == 2:
-                raise Crash()
-    elif where == "mid unlink":
-        calls = [0]
-        real = Spool.remove
-
-        def remove(self: Spool, path: Path) -> None:
-            calls[0] += 1
-            if calls[0] == 5:
-                raise Crash()
-            real(self, path)
-
-        monkeypatch.setattr(Spool, "remove", remove)
+    # packs: one PUT per batch here
+    write = _killed_at(where, record, store, monkeypatch, puts=2)
     if where == "a row refused":  # retried one by one: its pack's others recorded alone
         blob = os.urandom(80)
         bad = replace(_message(org, 3, blob),
