@@ -322,9 +322,14 @@ def _assert_refused_as_meant(stack: Stack, org_id: uuid.UUID, sent: list[Sent],
     stored_again = {t for t in stored.orphans.values() if t in stored.rows}
     assert set(stored.orphans.values()) <= set(left) | stored_again, (
         f"message objects with no row, not of a message the kill cut: {stored.orphans}")
-    # Sealed, such a pack cannot even be read to say whose it is: at most one
-    # per message the kill cut, as above.
-    assert len(stored.sealed_orphans) <= SENDERS, stored.sealed_orphans
+    # Sealed, such a pack cannot even be read to say whose it is.  Two cuts
+    # leave them: the kill, and PostgreSQL stopping under the rows' INSERT
+    # (the connection broke with the statement sent: the milter keeps those
+    # objects, the rows may have committed, and spools the messages).  Each
+    # cuts at most the messages then in flight, one per client: at most one
+    # pack per message, so 2 x SENDERS.  (A fresh-clone run had 12: 5 packs
+    # kept from one INSERT when PostgreSQL stopped, 7 from the kill.)
+    assert len(stored.sealed_orphans) <= 2 * SENDERS, stored.sealed_orphans
 
 
 def _refused_while_minio_is_down(stack: Stack, domain: str, token: str) -> smtp.Reply:
