@@ -454,17 +454,13 @@ class GroupCommitter:
     @staticmethod
     def _sealed_bytes(p: _Pending, key: sealing.DataKey | None) -> bytes:
         """A small own object's bytes: sealed under KEY if there is one."""
-        data = p.content.stream.read()
-        if key is None:
-            return data
         p.key = key
-        return sealed_objects.seal_bytes(key, data)
+        return sealed_objects.own_bytes(key, p.content.stream.read())
 
     def _put_single(self, p: _Pending, key: sealing.DataKey | None) -> None:
         """P's own object, streamed (sealed segment by segment under KEY if any)."""
-        stream, length = p.content.stream, p.content.compressed_size
-        if key is not None:
-            stream, length = sealed_objects.sealing_reader(key, stream, length)
+        stream, length = sealed_objects.own_stream(key, p.content.stream,
+                                                   p.content.compressed_size)
         put_content(self._objects, p.message.object_key, stream, length,
                     p.message.content_expires_at)
         p.key = key

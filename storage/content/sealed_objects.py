@@ -132,6 +132,19 @@ def seal_bytes(key: sealing.DataKey, compressed: bytes,
     return b"".join(sealed_chunks(key, io.BytesIO(compressed), len(compressed), segment))
 
 
+def own_stream(key: sealing.DataKey | None, source: BinaryIO, length: int
+               ) -> tuple[BinaryIO, int]:
+    """(file, length) to put as a message's own object: SOURCE's LENGTH bytes
+    sealed as they stream under KEY, or as they are without one (the group
+    commit's and the spool drain's own objects alike)."""
+    return (source, length) if key is None else sealing_reader(key, source, length)
+
+
+def own_bytes(key: sealing.DataKey | None, compressed: bytes) -> bytes:
+    """A small own object's bytes: COMPRESSED sealed under KEY, or as it is."""
+    return compressed if key is None else seal_bytes(key, compressed)
+
+
 def open_object(conn: psycopg.Connection, message_id: uuid.UUID, chunks: Iterator[bytes],
                 where: str) -> Iterator[bytes]:
     """The compressed object sealed in CHUNKS (MESSAGE_ID's own object, read

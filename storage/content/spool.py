@@ -809,11 +809,8 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
 
     def put(entry: SpoolEntry) -> None:
         with spool.object_stream(entry) as stream:
-            key = keys.get(entry.message.id)
-            data: BinaryIO = stream
-            length = entry.object_length
-            if key is not None:  # sealed segment by segment as it streams
-                data, length = sealed_objects.sealing_reader(key, stream, length)
+            data, length = sealed_objects.own_stream(keys.get(entry.message.id), stream,
+                                                     entry.object_length)
             put_content(objects, entry.message.object_key, data, length,
                         entry.message.content_expires_at)
 
@@ -828,10 +825,8 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
             items = []
             for e in chunk:
                 with spool.object_stream(e) as stream:
-                    data = stream.read()
-                key = keys.get(e.message.id)
-                items.append((e.message.object_key,
-                              data if key is None else sealed_objects.seal_bytes(key, data)))
+                    data = sealed_objects.own_bytes(keys.get(e.message.id), stream.read())
+                items.append((e.message.object_key, data))
             objects.put_many(items)
         singles = [e for e in own if e.object_length > SMALL_OBJECT_BYTES]
     for fut in [pool.submit(put, e) for e in singles]:
