@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 import psycopg
@@ -35,11 +36,13 @@ from support.stack import REQUIRED, Stack, load_stack
 
 from postkeep import cli
 from postkeep import config as config_mod
+from postkeep.milter.committer import GroupCommitter
 from postkeep.storage.content import sealing
 from postkeep.storage.content.objects import S3ObjectStore, message_key
+from postkeep.storage.content.spool import Spool
 from postkeep.storage.lifecycle import rules
 from postkeep.storage.metadata import directory, dkim_keys, messages, migrate
-from postkeep.storage.metadata.db import connect
+from postkeep.storage.metadata.db import Database, connect
 
 STACK_VARS = REQUIRED  # one list: tests/support/stack.py
 
@@ -217,6 +220,25 @@ class CountingRetention(rules.S3Retention):
     def delete_many(self, keys: list[str]) -> list[str]:
         self.deletes += keys or ["<an empty delete_many call>"]
         return super().delete_many(keys)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty outage spool of the test's own."""
+    s = Spool(tmp_path / "spool")
+    s.ensure()
+    return s
+
+
+@pytest.fixture
+def committer(stack: Stack) -> Iterator[tuple[GroupCommitter, Database]]:
+    """A group commit of the test's own on the stack (one worker, no linger)
+    and its pool."""
+    pool = Database(stack.config.postgres, min_size=1)
+    c = GroupCommitter(pool, stack.objects(), workers=1, linger=0)
+    yield c, pool
+    c.close()
+    pool.close()
 
 
 def unique_name(prefix: str = "t") -> str:

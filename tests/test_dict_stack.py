@@ -10,7 +10,7 @@ whose dictionary is gone fails with an error naming the dictionary.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -80,15 +80,6 @@ def test_training_needs_enough_mail(run: Callable[..., Result],
     assert f"postkeep: {org.name}: " in result.stderr and "at least 20 needed" in result.stderr
 
 
-@pytest.fixture
-def committer(stack: Stack) -> Iterator[tuple[Database, GroupCommitter]]:
-    db = Database(stack.config.postgres, min_size=1)
-    c = GroupCommitter(db, stack.objects(), workers=1, linger=0)
-    yield db, c
-    c.close()
-    db.close()
-
-
 def _version_row(conn: psycopg.Connection, org_id: uuid.UUID, version: int
                  ) -> dictionaries.DictionaryRow:
     return next(r for r in dictionaries.list_dictionaries(conn, org_id) if r.version == version)
@@ -97,8 +88,8 @@ def _version_row(conn: psycopg.Connection, org_id: uuid.UUID, version: int
 def test_versions_restore_and_old_ones_stay_while_needed(
         stack: Stack, run: Callable[..., Result], make_org: Callable[..., TestOrg],
         store_message: StoreMessage, db: psycopg.Connection,
-        committer: tuple[Database, GroupCommitter]) -> None:
-    pool, commit = committer
+        committer: tuple[GroupCommitter, Database]) -> None:
+    commit, pool = committer
     org = make_org("pro")
     objects = stack.objects()
     cache = DictionaryCache(pool, objects, refresh=0.0)
@@ -154,8 +145,8 @@ def test_versions_restore_and_old_ones_stay_while_needed(
 
 def test_dictionaries_are_never_shared_across_organisations(
         stack: Stack, make_org: Callable[..., TestOrg], store_message: StoreMessage,
-        db: psycopg.Connection, committer: tuple[Database, GroupCommitter]) -> None:
-    pool, _ = committer
+        db: psycopg.Connection, committer: tuple[GroupCommitter, Database]) -> None:
+    _, pool = committer
     org_a, org_b = make_org("pro"), make_org("pro")
     _seed(org_a, store_message, n=40)
     dictionaries.train_for_org(db, stack.objects(), org_a.id, datetime.now(UTC))

@@ -127,13 +127,6 @@ def _message(n: int, size: int, subject: str) -> CapturedMessage:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
-
-@pytest.fixture
 def master() -> Iterator[bytes]:
     key = os.urandom(32)
     with sealing.using(key):

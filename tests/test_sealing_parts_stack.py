@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -133,15 +133,6 @@ def test_erasing_the_last_message_using_a_part_destroys_its_key(
             b"".join(part_keys.open_part(db, key, iter([copy])))  # ...and are noise
     finally:
         objects.delete(key)
-
-
-@pytest.fixture
-def committer(stack: Stack) -> Iterator[tuple[GroupCommitter, Database]]:
-    pool = Database(stack.config.postgres, min_size=1)
-    c = GroupCommitter(pool, stack.objects(), workers=1, linger=0)
-    yield c, pool
-    c.close()
-    pool.close()
 
 
 def test_an_expired_part_loses_its_key_when_swept(

@@ -136,13 +136,6 @@ def _spool_some(spool: Spool, count: int) -> dict[uuid.UUID, bytes]:
     return blobs
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
-
 def test_metadata_round_trips_every_field_including_undecodable_headers() -> None:
     m = replace(_message(3), subject="caf\udce9 \x00", header_from=None,
                 extra={"k": "v"}, recipients=("x@y", "\udcff@z"),

@@ -84,13 +84,6 @@ class CrashingS3:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(tmp_path / "spool")
-    s.ensure()
-    return s
-
-
-@pytest.fixture
 def record(config: Config, _migrated: None) -> Iterator[RecordRows]:
     """The drain's real row writer on the stack's PostgreSQL."""
     database = Database(config.postgres)
