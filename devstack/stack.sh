@@ -48,6 +48,15 @@ SERVICES=(postgres minio sink milter policyd storage postfix)
 log() { printf 'stack: %s\n' "$*" >&2; }
 die() { printf 'stack: ERROR: %s\n' "$*" >&2; exit 1; }
 warn() { printf 'stack: WARNING: %s\n' "$*" >&2; }
+# die_log LOG MESSAGE: die, after the last lines of LOG (a daemon that did not
+# start says why there; the caller's output, CI's included, then shows it).
+die_log() {
+    if [ -s "$1" ]; then
+        printf 'stack: the last lines of %s:\n' "$1" >&2
+        tail -n 20 "$1" | sed 's/^/    /' >&2
+    fi
+    die "$2"
+}
 
 venv_dir() {
     # Keyed by the dependencies AND the clone: the project is installed
@@ -663,7 +672,8 @@ start_daemon() {
         >>"$DIR/$name/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/$name/$name.pid"
     wait_port "$port" 30 "$DIR/$name/$name.pid" \
-        || die "$binary not listening on 127.0.0.1:$port, see $DIR/$name/$name.log"
+        || die_log "$DIR/$name/$name.log" \
+                   "$binary not listening on 127.0.0.1:$port, see $DIR/$name/$name.log"
 }
 
 start_milter() {

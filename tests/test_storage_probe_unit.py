@@ -12,7 +12,16 @@ import pytest
 from postkeep.config import ConfigError, S3Config
 from postkeep.storage.content import probe
 from postkeep.storage.content.objects import S3ObjectStore
-from postkeep.storage.content.probe import FAILED, MISSING, OK, ProbeError, refusal, run_probe
+from postkeep.storage.content.probe import (
+    FAILED,
+    MISSING,
+    OK,
+    Check,
+    ProbeError,
+    ProbeReport,
+    refusal,
+    run_probe,
+)
 from postkeep.storage.lifecycle import conformance
 from postkeep.storage.lifecycle.erasure import split_locked
 
@@ -169,13 +178,36 @@ def test_check_at_start_refuses_with_config_error_naming_the_key(
     locked = _run(FakeServer(lifecycle=[]), "compliance")
     monkeypatch.setattr(conformance, "probe", lambda _store: locked)
     store = S3ObjectStore(S3Config(access_key="k", secret_key="s" * 8, object_lock="compliance"))
+    pauses: list[float] = []
     with pytest.raises(ConfigError, match=r"object_lock missing.*\(s3\.object_lock\)"):
-        conformance.check_at_start(store, logging.getLogger("t"))
+        conformance.check_at_start(store, logging.getLogger("t"), sleep=pauses.append)
+    assert pauses == [conformance.START_PAUSE] * (conformance.START_ATTEMPTS - 1)
     fine = _run(FakeServer(lifecycle=None))
     monkeypatch.setattr(conformance, "probe", lambda _store: fine)
     with caplog.at_level(logging.INFO):
         assert conformance.check_at_start(store, logging.getLogger("t")) is fine
     assert "lifecycle=missing" in caplog.text
+
+
+def test_check_at_start_probes_a_refusal_again_before_stopping_the_daemon(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A distributed MinIO answers a read just after the write with NoSuchKey
+    # while a returning node is not yet seen by its peers: the next probe passes.
+    passing = _run(FakeServer())
+    flaky = ProbeReport(passing.endpoint, passing.bucket,
+                        (Check("put_get", FAILED, "get: NoSuchKey", True, True),
+                         *passing.checks[1:]))
+    assert refusal(flaky) is not None and refusal(passing) is None
+    reports = iter([flaky, passing])
+    monkeypatch.setattr(conformance, "probe", lambda _store: next(reports))
+    store = S3ObjectStore(S3Config(access_key="k", secret_key="s" * 8))
+    pauses: list[float] = []
+    with caplog.at_level(logging.INFO):
+        assert conformance.check_at_start(store, logging.getLogger("t"),
+                                          sleep=pauses.append) is passing
+    assert pauses == [conformance.START_PAUSE]
+    assert "put_get=failed" in caplog.text and "probing again in 2s (attempt 1 of 3)" \
+        in caplog.text
 
 
 def test_erasure_tells_a_locked_object_from_a_failed_delete() -> None:
