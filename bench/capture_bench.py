@@ -15,6 +15,12 @@ alike, and reports medians and paired ratios rather than single runs:
   U  T, notices discarded    the same notices, but Postfix's transport for the
                              return paths is discard: (no LMTP, postkeep-storage
                              or PostgreSQL): Postfix's own share of T's cost
+  J  C through the journal   a second postkeep-milter with accept_after =
+                             "journal": end of message once fsync'd in the spool;
+                             the stack's postkeep-storage drains it into packs.
+                             The run ends when the sink has N and the spool is
+                             empty, so the drain's work is inside the run.
+  K  E through the journal   capture only, as E, through that milter
 
 Only T and U run with the command filter; every other configuration runs
 without it, so no DSN traffic.  U's run ends when smtp-sink has all N and the
@@ -284,6 +290,8 @@ class Bench:
     command_filter: str = ""  # the bundle's smtpd_command_filter (T only)
     storage_pid: int = 0  # postkeep-storage (its CPU is T's report handling)
     transport_maps: str = ""  # the stack's own (U swaps in a discard table)
+    journal_pid: int = 0  # J, K: the journaling postkeep-milter
+    journal_metrics: str = ""
     _pg: Any = None
     runs: list[Run] = field(default_factory=list)
     lag_passes: list[LagPass] = field(default_factory=list)
@@ -371,6 +379,19 @@ class Bench:
                                     check=True, capture_output=True, text=True).stdout.strip())
         return sum(1 for q in QUEUES for _, _, files in os.walk(spool / q) for _ in files)
 
+    def spooled(self) -> int:
+        """Entries in the stack's spool (J and K's journal)."""
+        spool = Path(self.env["POSTKEEP_STACK_DIR"]) / "milter" / "spool"
+        return sum(1 for p in spool.glob("*.spool"))
+
+    def drain_spool(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.spooled():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: the spool still has {self.spooled()} entries after"
+                                 f" {timeout:.0f} s: is postkeep-storage draining it?")
+            time.sleep(0.02)
+
     def drain(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while self.queued():
@@ -436,17 +457,19 @@ class Bench:
         size = SIZES[size_name]
         self.drain()
         pid = {"B": self.dkim_pid, "C": self.milter_pid, "D": self.null_pid,
-               "E": self.milter_pid, "T": self.milter_pid, "U": self.milter_pid}.get(config)
-        metrics_url = self.env["POSTKEEP_MILTER_METRICS"]
-        capturing = config in ("C", "E", "T", "U")
+               "E": self.milter_pid, "T": self.milter_pid, "U": self.milter_pid,
+               "J": self.journal_pid, "K": self.journal_pid}.get(config)
+        journaled = config in "JK"
+        metrics_url = self.journal_metrics if journaled else self.env["POSTKEEP_MILTER_METRICS"]
+        capturing = config in ("C", "E", "T", "U", "J", "K")
         before = scrape(metrics_url) if capturing else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
         comp0 = self.component_cpu()
         # E, T: the same milter, a sender domain of an organisation with no
         # DKIM key and the 'unsigned' policy: capture alone, no signing.
-        sender = "sender@capture.example" if config in "ETU" else "sender@bench.example"
+        sender = "sender@capture.example" if config in "ETUK" else "sender@bench.example"
         storage_url = self.env.get("POSTKEEP_STORAGE_METRICS", "")
-        lag_before = scrape(storage_url) if config == "T" else {}
+        lag_before = scrape(storage_url) if config == "T" or journaled else {}
         since = time.time() - 0.5
         t0 = time.monotonic()
         seconds = self.send(n, size, sender=sender)
@@ -455,6 +478,9 @@ class Bench:
             seconds = time.monotonic() - t0
         if config == "U":  # done when every notice is made and discarded too
             self.drain()
+            seconds = time.monotonic() - t0
+        if journaled:  # done when the drain has stored every message too
+            self.drain_spool()
             seconds = time.monotonic() - t0
         run = Run(config, size_name, rep, n, seconds, n / seconds)
         if config == "T":
@@ -468,10 +494,15 @@ class Bench:
             b, a = eom_buckets(before), eom_buckets(after)
             run.p50 = histogram_quantile(0.50, b, a)
             run.p99 = histogram_quantile(0.99, b, a)
-            key = 'postkeep_milter_messages_total{outcome="captured"}'
+            key = ('postkeep_milter_messages_total{outcome="journaled"}' if journaled
+                   else 'postkeep_milter_messages_total{outcome="captured"}')
             run.captured = int(after.get(key, 0) - before.get(key, 0))
             run.packs = int(after.get("postkeep_milter_packs_total", 0)
                             - before.get("postkeep_milter_packs_total", 0))
+            if journaled:  # the drain's PUTs, in postkeep-storage
+                stored = scrape(storage_url)
+                run.packs = int(stored.get("postkeep_spool_packs_total", 0)
+                                - lag_before.get("postkeep_spool_packs_total", 0))
             key = 'postkeep_milter_commit_linger_total{decision="waited"}'
             run.lingered = int(after.get(key, 0) - before.get(key, 0))
             run.signed = int(sum(v - before.get(k, 0) for k, v in after.items()
@@ -479,7 +510,7 @@ class Bench:
             if run.captured != n:
                 raise SystemExit(f"bench: {config} delivered {n} but the milter captured "
                                  f"{run.captured}: is {sender} an organisation's domain?")
-            if config in "ET" and run.signed:
+            if config in "ETK" and run.signed:
                 raise SystemExit(f"bench: E (capture only) made {run.signed} signatures")
         self.runs.append(run)
         extra = f" cpu {run.milter_cpu:.2f}s" if run.milter_cpu is not None else ""
@@ -564,7 +595,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
              "C": "C + postkeep-milter (capture + sign)", "D": "D + null pymilter",
              "E": "E + postkeep-milter (capture only)",
              "T": "T = E + outcome tracking (DSNs to postkeep-storage)",
-             "U": "U = T with the DSNs discarded by Postfix"}
+             "U": "U = T with the DSNs discarded by Postfix",
+             "J": "J = C through the journal (accept_after = journal)",
+             "K": "K = E through the journal"}
     lines = [header, ""]
     lines += ["## Throughput (messages/s end to end, 20 smtp-source sessions)", "",
               "| size | configuration | median | min | max | reps | N |",
@@ -577,8 +610,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                 lines.append(f"| {size} | {names[c]} | {fmt(statistics.median(rates))} | "
                              f"{fmt(min(rates))} | {fmt(max(rates))} | {len(rates)} | {n} |")
     lines += ["", "## Paired ratios (median over reps of the ratio within each rep)", "",
-              "| size | C/B | C/A | B/A | C/D | E/B | E/A | target C/B and E/B >= 1.0 |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| size | C/B | C/A | B/A | C/D | E/B | E/A | J/B | K/B |"
+              " target C/B and E/B >= 1.0 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for size in SIZES:
         by = {(r.config, r.rep): r.rate for r in bench.runs if r.size == size}
         reps = sorted({rep for (_, rep) in by})
@@ -590,7 +624,8 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
 
         cb, ca, ba, cd = ratio("C", "B"), ratio("C", "A"), ratio("B", "A"), ratio("C", "D")
         eb, ea = ratio("E", "B"), ratio("E", "A")
-        show = [f"{v:.2f}" if v is not None else "-" for v in (cb, ca, ba, cd, eb, ea)]
+        jb, kb = ratio("J", "B"), ratio("K", "B")
+        show = [f"{v:.2f}" if v is not None else "-" for v in (cb, ca, ba, cd, eb, ea, jb, kb)]
         verdict = "-" if cb is None else ("met" if cb >= 1.0 else "NOT met") + (
             "" if eb is None else " / " + ("met" if eb >= 1.0 else "NOT met"))
         lines.append(f"| {size} | {' | '.join(show)} | {verdict} |")
@@ -652,18 +687,19 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                 lines.append(f"| {size} | {u:.2f} | {(1 - u) * 100:.0f}% | {t} |")
     lines += ["", "## CPU per 1,000 messages (utime+stime from /proc/PID/stat, median over reps)",
               "", "| size | OpenDKIM (B) | null pymilter (D) | postkeep-milter (C) | "
-              "postkeep minus null | postkeep capture only (E) |", "|---|---:|---:|---:|---:|---:|"]
+              "postkeep minus null | postkeep capture only (E) | journal (J) |"
+              " journal capture only (K) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for size in SIZES:
         per = {}
-        for c in "BCDE":
+        for c in "BCDEJK":
             vals = [r.milter_cpu / r.n * 1000 for r in bench.runs
                     if r.size == size and r.config == c and r.milter_cpu is not None]
             per[c] = statistics.median(vals) if vals else None
         cells = [f"{per[c]:.2f} s" if per[c] is not None else "-" for c in "BDC"]
         diff = (f"{per['C'] - per['D']:.2f} s" if per["C"] is not None and per["D"] is not None
                 else "-")
-        only = f"{per['E']:.2f} s" if per["E"] is not None else "-"
-        lines.append(f"| {size} | {' | '.join(cells)} | {diff} | {only} |")
+        only = [f"{per[c]:.2f} s" if per[c] is not None else "-" for c in "EJK"]
+        lines.append(f"| {size} | {' | '.join(cells)} | {diff} | {' | '.join(only)} |")
     lines += ["", "## Where the CPU goes, whole machine (ms of CPU per message, median over reps)",
               "", "From /proc/stat (all cores busy time) and /proc/PID/stat of each component "
               "over each run. 'machine' also counts anything else running on this shared VM; "
@@ -689,8 +725,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                                   - r.cpu["postgres"] - r.cpu.get("storage", 0.0)) / r.n)
             lines.append(f"| {size} | {c} | {mach:.2f} | {mil:.2f} | {mio:.2f} | {pg:.2f} | "
                          f"{sto:.2f} | {rest:.2f} | {2000 / mach:.0f} |")
-    lines += ["", "## Pack PUTs per 1,000 messages (postkeep_milter_packs_total deltas, median"
-              " over reps; every bench message is small and outbound, so packed)", "",
+    lines += ["", "## Pack PUTs per 1,000 messages (postkeep_milter_packs_total deltas; J and K:"
+              " the drain's postkeep_spool_packs_total; median over reps; every bench message"
+              " is small and outbound, so packed)", "",
               "| size | config | pack PUTs per 1,000 messages | batches that lingered per 1,000 |",
               "|---|---|---:|---:|"]
     for size in SIZES:
@@ -701,17 +738,20 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
                 puts = statistics.median((r.packs or 0) / r.n * 1000 for r in rs)
                 waited = statistics.median((r.lingered or 0) / r.n * 1000 for r in rs)
                 lines.append(f"| {size} | {c} | {puts:.0f} | {waited:.0f} |")
-    lines += ["", "## postkeep-milter end-of-message latency (C runs)", "",
-              f"From `{EOM_METRIC}` bucket deltas before/after each C run, linearly "
+    lines += ["", "## postkeep-milter end-of-message latency (C and J runs)", "",
+              f"From `{EOM_METRIC}` bucket deltas before/after each run, linearly "
               "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "
               "so the figures are only as fine as the buckets; median over reps.", "",
-              "| size | p50 | p99 |", "|---|---:|---:|"]
+              "| size | config | p50 | p99 |", "|---|---|---:|---:|"]
     for size in SIZES:
-        p50 = [r.p50 for r in bench.runs if r.size == size and r.p50 is not None]
-        p99 = [r.p99 for r in bench.runs if r.size == size and r.p99 is not None]
-        if p50 and p99:
-            lines.append(f"| {size} | {statistics.median(p50) * 1000:.1f} ms | "
-                         f"{statistics.median(p99) * 1000:.1f} ms |")
+        for c in "CJ":
+            p50 = [r.p50 for r in bench.runs
+                   if r.size == size and r.config == c and r.p50 is not None]
+            p99 = [r.p99 for r in bench.runs
+                   if r.size == size and r.config == c and r.p99 is not None]
+            if p50 and p99:
+                lines.append(f"| {size} | {c} | {statistics.median(p50) * 1000:.1f} ms | "
+                             f"{statistics.median(p99) * 1000:.1f} ms |")
     if rss:
         lines += ["", "## postkeep-milter memory (VmRSS sampled every 50 ms during the run)", "",
                   "| messages | baseline | peak | peak - baseline | samples |",
@@ -724,11 +764,11 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in bench.runs:
         cpu = f"{r.milter_cpu:.2f}" if r.milter_cpu is not None else "-"
-        p50 = f"{r.p50 * 1000:.1f}" if r.p50 is not None else "-"
-        p99 = f"{r.p99 * 1000:.1f}" if r.p99 is not None else "-"
+        e50 = f"{r.p50 * 1000:.1f}" if r.p50 is not None else "-"
+        e99 = f"{r.p99 * 1000:.1f}" if r.p99 is not None else "-"
         signed = str(r.signed) if r.signed is not None else "-"
         lines.append(f"| {r.size} | {r.config} | {r.rep} | {r.n} | {r.seconds:.2f} | "
-                     f"{r.rate:.0f} | {cpu} | {p50} | {p99} | {signed} |")
+                     f"{r.rate:.0f} | {cpu} | {e50} | {e99} | {signed} |")
     lines += profile
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     lines += ["", f"Wall time of the measurements: {(time.monotonic() - started) / 60:.1f} min; "
@@ -838,6 +878,10 @@ def main() -> None:
     ap.add_argument("--dkim-pid", type=int, required=True)
     ap.add_argument("--null-milter", required=True)
     ap.add_argument("--null-milter-pidfile", required=True)
+    ap.add_argument("--journal-milter", default="",
+                    help="J, K: the journaling postkeep-milter's socket (inet:HOST:PORT)")
+    ap.add_argument("--journal-milter-pidfile", default="")
+    ap.add_argument("--journal-metrics", default="", help="its /metrics URL")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n-small", type=int, default=2500)
     ap.add_argument("--n-large", type=int, default=1500)
@@ -871,16 +915,21 @@ def main() -> None:
     transport_maps = subprocess.run(
         ["postconf", "-c", env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-h", "transport_maps"],
         check=True, capture_output=True, text=True).stdout.strip()
+    if ("J" in args.configs or "K" in args.configs) and not args.journal_milter:
+        raise SystemExit("bench: J and K need --journal-milter (bench/run.sh starts one)")
     for key, value in env.items():  # psql-style variables for psycopg (T's queries)
         if key.startswith("PG"):
             os.environ[key] = value
     bench = Bench(env, Path(args.sink_out), args.sink_port, milter_pid, args.dkim_pid, null_pid,
                   {"A": "", "B": args.dkim_milter, "C": capture_milter, "D": args.null_milter,
-                   "E": capture_milter, "T": capture_milter, "U": capture_milter},
+                   "E": capture_milter, "T": capture_milter, "U": capture_milter,
+                   "J": args.journal_milter, "K": args.journal_milter},
                   minio_pid, postgres_pid, command_filter,
                   int((stack / "storage" / "storage.pid").read_text().split()[0])
                   if (stack / "storage" / "storage.pid").exists() else 0,
-                  transport_maps)
+                  transport_maps,
+                  int(Path(args.journal_milter_pidfile).read_text().split()[0])
+                  if args.journal_milter_pidfile else 0, args.journal_metrics)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",

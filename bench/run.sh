@@ -13,6 +13,10 @@
 #      message's success DSN goes back to postkeep-storage (only T and U have it on)
 #   U  T with the notices discarded by Postfix (transport discard:): what the
 #      notices cost Postfix itself, apart from LMTP, postkeep-storage and PostgreSQL
+#   J  C with [milter] accept_after = "journal": a second postkeep-milter on its
+#      own port answers once the message is fsync'd in the spool; the stack's
+#      postkeep-storage drains it into packs (the run ends when the spool is empty)
+#   K  E through that journaling milter (capture only)
 # and measure throughput end to end, milter CPU, end-of-message latency and
 # peak RSS.  bench/profile_capture.py then times the capture path's parts
 # (compress, S3 PUT, PostgreSQL insert) in-process.  The stack is torn down on
@@ -34,6 +38,8 @@ PORTBASE=12025
 SINK_PORT=$((PORTBASE + 20))
 DKIM_PORT=$((PORTBASE + 21))
 NULL_MILTER_PORT=$((PORTBASE + 22))
+JOURNAL_MILTER_PORT=$((PORTBASE + 23))
+JOURNAL_METRICS_PORT=$((PORTBASE + 24))
 RESULTS="$REPO/bench/results"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$RESULTS/$STAMP.md"
@@ -139,7 +145,22 @@ BENCH_PIDS+=($!)
     >"$DIR/null-milter.log" 2>&1 &
 BENCH_PIDS+=($!)
 
-for port in "$SINK_PORT" "$DKIM_PORT" "$NULL_MILTER_PORT"; do
+# J and K: the stack's postkeep-milter configuration with accept_after =
+# "journal", on ports of its own; same spool, drained by the stack's sidecar.
+JOURNAL_CONFIG="$DIR/journal.toml"
+sed -e "/^\[milter\]\$/,/^\[/ s|^listen = .*|listen = \"inet:$JOURNAL_MILTER_PORT@127.0.0.1\"|" \
+    -e "/^\[milter\]\$/,/^\[/ s|^metrics_listen = .*|metrics_listen = \"127.0.0.1:$JOURNAL_METRICS_PORT\"|" \
+    -e 's|^\[milter\]$|[milter]\naccept_after = "journal"|' "$POSTKEEP_CONFIG" >"$JOURNAL_CONFIG"
+chmod 600 "$JOURNAL_CONFIG"
+grep -q "inet:$JOURNAL_MILTER_PORT@" "$JOURNAL_CONFIG" && grep -q '^accept_after = "journal"' "$JOURNAL_CONFIG" \
+    || die "could not derive $JOURNAL_CONFIG from $POSTKEEP_CONFIG"
+(cd / && exec setsid "$POSTKEEP_STACK_VENV/bin/postkeep-milter" --config "$JOURNAL_CONFIG") \
+    >"$DIR/journal-milter.log" 2>&1 </dev/null &
+JOURNAL_PID=$!
+BENCH_PIDS+=("$JOURNAL_PID")
+echo "$JOURNAL_PID" >"$DIR/journal-milter.pid"
+
+for port in "$SINK_PORT" "$DKIM_PORT" "$NULL_MILTER_PORT" "$JOURNAL_MILTER_PORT"; do
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
@@ -179,7 +200,9 @@ log "running; results go to $OUT"
     --dkim-milter "inet:127.0.0.1:$DKIM_PORT" \
     --dkim-pid "$DKIM_PID" \
     --null-milter "inet:127.0.0.1:$NULL_MILTER_PORT" --null-milter-pidfile "$DIR/null-milter.pid" \
-    --configs "${BENCH_CONFIGS:-ABCDETU}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
+    --journal-milter "inet:127.0.0.1:$JOURNAL_MILTER_PORT" --journal-milter-pidfile "$DIR/journal-milter.pid" \
+    --journal-metrics "http://127.0.0.1:$JOURNAL_METRICS_PORT/metrics" \
+    --configs "${BENCH_CONFIGS:-ABCDETUJK}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" \
     --lag-loads "${BENCH_LAG_LOADS-0.5,0.8,0.9}" --lag-seconds "${BENCH_LAG_SECONDS:-30}" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \

@@ -398,9 +398,9 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
         spooler=spooler, return_path_key=cfg.return_path.key_bytes(), tags=cfg.tags,
         in_flight=committer.in_flight)
     Milter.factory = CaptureMilter
-    log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s",
-             mcfg.listen, mcfg.metrics_listen, cfg.source,
-             mcfg.outage_spool_directory if mcfg.outage_spool else "off")
+    log.info("postkeep-milter starting: listen=%s metrics=%s config=%s outage_spool=%s"
+             " accept_after=%s", mcfg.listen, mcfg.metrics_listen, cfg.source,
+             mcfg.outage_spool_directory if mcfg.outage_spool else "off", mcfg.accept_after)
     sessions = Sessions()
     stop = threading.Event()
     stopping = threading.Event()

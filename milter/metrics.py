@@ -8,7 +8,8 @@ from postkeep import build_info
 
 MESSAGES = Counter(
     "postkeep_milter_messages_total",
-    "Messages by outcome: captured, spooled (accepted into the outage spool), system"
+    "Messages by outcome: captured, spooled (accepted into the outage spool), journaled"
+    " (accepted into the spool by accept_after = 'journal'), system"
     " (signed, not stored), passed (uncaptured), refused (5xx), tempfailed (4xx),"
     " report (a bounce to a postkeep return path).",
     ["outcome"],

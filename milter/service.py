@@ -554,9 +554,12 @@ class CaptureService:
         if self.dictionaries is not None and self.cfg.dictionary_max_bytes:
             dictionary = self.dictionaries.get(org.id)
         prefix = b"".join(s.line for s in signatures)
+        # accept_after = 'journal': the entry must restore without PostgreSQL,
+        # so the message is one plain object (no parts cut out, no dictionary).
+        journal = self.cfg.accept_after == "journal" and self.spooler is not None
         content = tx.capture.finish(prefix=prefix,
-                                    split_threshold=self.cfg.part_split_bytes,
-                                    dictionary=dictionary,
+                                    split_threshold=0 if journal else self.cfg.part_split_bytes,
+                                    dictionary=None if journal else dictionary,
                                     dictionary_max=self.cfg.dictionary_max_bytes)
         # Taken before the commit: the upload consumes and closes the body frame.
         body = self._replacement_body(tx)
@@ -593,7 +596,17 @@ class CaptureService:
                                           message_type=incoming[0], clues=incoming[1])
         outcome = "captured"
         try:
-            self.committer.commit(message, content)
+            if journal:
+                assert self.spooler is not None
+                refused = self.spooler.journal(message, content)
+                if refused is not None:
+                    if body is not None:
+                        body.close()
+                    return self._tempfail(tx, queue_id, BackendError("journal", refused.text),
+                                          refused)
+                outcome = "journaled"  # accepted: fsync'd on local disk, drained into packs
+            else:
+                self.committer.commit(message, content)
         except BackendError as exc:
             if self.spooler is None or exc.backend not in SPOOLABLE_BACKENDS:
                 if body is not None:

@@ -46,6 +46,17 @@ def spool_refused_reply(backend: str, why: str) -> Reply:
                  f"spool cannot take the message ({why}); try again later")
 
 
+# The reason a journaled entry carries (`postkeep spool status` shows it).
+JOURNAL_REASON = "journal: milter.accept_after = 'journal'"
+
+
+def journal_refused_reply(why: str) -> Reply:
+    """451 4.3.0 when the journal (the spool directory) cannot take the message."""
+    why = why.replace("%", " percent")
+    return Reply("451", "4.3.0", "postkeep: the journal (milter.outage_spool_directory) cannot"
+                 f" take the message ({why}); try again later")
+
+
 def over_fill_level(used_percent: float, max_percent: float) -> bool:
     """True when writing would leave the spool's filesystem fuller than allowed."""
     return not used_percent <= max_percent  # NaN (unknown) counts as over
@@ -74,26 +85,40 @@ class OutageSpooler:
 
         Callers pass only outages (EXC.backend in SPOOLABLE_BACKENDS).
         """
+        why = self._write(message, content, f"{exc.backend}: {exc.reason}")
+        if why is not None:
+            metrics.SPOOL_REFUSED.inc()
+            log.error("spool refused pk_id=%s queue_id=%s backend=%s reason=%r", message.id.hex,
+                      message.queue_id, exc.backend, why)
+            return spool_refused_reply(exc.backend, why)
+        log.warning("spool write pk_id=%s queue_id=%s backend=%s reason=%r", message.id.hex,
+                    message.queue_id, exc.backend, exc.reason)
+        return None
+
+    def journal(self, message: CapturedMessage, content: StoredContent) -> Reply | None:
+        """`accept_after = 'journal'`: write MESSAGE into the spool whatever the
+        backends do; None once it is durable, else the tempfail reply (the
+        service logs the one line per message either way)."""
+        why = self._write(message, content, JOURNAL_REASON)
+        if why is None:
+            return None
+        metrics.SPOOL_REFUSED.inc()
+        return journal_refused_reply(why)
+
+    def _write(self, message: CapturedMessage, content: StoredContent, reason: str
+               ) -> str | None:
+        """Write MESSAGE durably; None once it is, else why it was not."""
         started = time.perf_counter()
         try:
             used = self._fill(str(self.spool.dir), content.compressed_size)
         except OSError as err:
-            return self._refused(message, exc, f"spool filesystem unreadable: {err}")
+            return f"spool filesystem unreadable: {err}"
         if over_fill_level(used, self.max_fill_percent):
-            return self._refused(message, exc, f"spool filesystem {used:.1f}% full, limit "
-                                 f"milter.outage_spool_max_fill_percent = "
-                                 f"{self.max_fill_percent:g}")
+            return (f"spool filesystem {used:.1f}% full, limit"
+                    f" milter.outage_spool_max_fill_percent = {self.max_fill_percent:g}")
         try:
-            path = self.spool.write(message, _rewound(content), f"{exc.backend}: {exc.reason}")
+            self.spool.write(message, _rewound(content), reason)
         except OSError as err:
-            return self._refused(message, exc, f"spool write failed: {err}")
+            return f"spool write failed: {err}"
         metrics.SPOOL_WRITE_SECONDS.observe(time.perf_counter() - started)
-        log.warning("spool write pk_id=%s queue_id=%s backend=%s reason=%r file=%s", message.id.hex,
-                    message.queue_id, exc.backend, exc.reason, path)
         return None
-
-    def _refused(self, message: CapturedMessage, exc: BackendError, why: str) -> Reply:
-        metrics.SPOOL_REFUSED.inc()
-        log.error("spool refused pk_id=%s queue_id=%s backend=%s reason=%r", message.id.hex,
-                  message.queue_id, exc.backend, why)
-        return spool_refused_reply(exc.backend, why)

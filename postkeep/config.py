@@ -208,6 +208,17 @@ class MilterConfig:
     # Tempfail instead of spooling once the spool's filesystem would be fuller
     # than this (percent, as `df` counts it).
     outage_spool_max_fill_percent: float = field(default=90.0, metadata={"min": 0, "max": 100})
+    # When end of message is answered (README "Accepting after the journal").
+    # 'store': once the message's object and rows are in S3 and PostgreSQL
+    # (the group commit; the outage spool only when a backend is down).
+    # 'journal': once it is fsync'd in the outage spool's directory on this
+    # host, the same sealed entry an outage writes; postkeep-storage drains
+    # the directory into packs every storage.spool_drain_interval_seconds, so
+    # a PUT carries every message of that interval instead of one commit's,
+    # and a session never waits for S3 or PostgreSQL.  Needs outage_spool on.
+    # The message is then durable on this host's disk until drained, as it
+    # is in Postfix's own queue; search and restore see it after the drain.
+    accept_after: str = field(default="store", metadata=_choice("store", "journal"))
     # -- lines over 998 octets (issue 21, point 14) --
     # Postfix's smtp client breaks lines longer than smtp_line_length_limit
     # (998) with CRLF SPACE when it relays.  'fold': the milter breaks them
@@ -342,6 +353,12 @@ class StorageConfig:
     # How often the sidecar drains the milter's outage spool
     # (milter.outage_spool_directory, on this host) while it holds entries.
     spool_drain_interval_seconds: float = field(default=5.0, metadata=_positive())
+    # A delivery report for a message still in that spool asks the drain to
+    # run at once and waits up to this long for it before it is answered 451
+    # (Postfix brings it back later).  Under milter.accept_after = 'journal'
+    # every message passes through the spool and a fast DSN often arrives
+    # before its drain.  0: answer 451 at once.
+    spool_report_wait_seconds: float = field(default=5.0, metadata={"min": 0, "max": 300})
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
     # --- sealed content (issue 19; storage/content/sealing.py) ---
     # base64 of 32 random bytes (`head -c32 /dev/urandom | base64`): wraps
@@ -791,6 +808,10 @@ def parse(data: dict[str, Any], source: str = "<string>") -> Config:
     cfg = Config(**built, source=source)
     _check_return_path_key(cfg)
     _check_tags(cfg.tags, cfg.milter.id_header)
+    if cfg.milter.accept_after == "journal" and not cfg.milter.outage_spool:
+        raise ConfigError("milter.accept_after = 'journal' writes every message to"
+                          " milter.outage_spool_directory, but milter.outage_spool = false;"
+                          " turn it on, or accept_after = 'store'")
     return cfg
 
 

@@ -565,3 +565,101 @@ def test_directory_does_not_wait_on_postgres_it_knows_is_down() -> None:
     finally:
         release.set()
     t.join(30)
+
+
+# --- accept_after = 'journal' ----------------------------------------------------
+
+
+class _NoCommitter:
+    """The group commit a journaling milter must never call."""
+
+    def commit(self, message: CapturedMessage, content: StoredContent) -> None:
+        raise AssertionError("accept_after = 'journal' called the group commit")
+
+
+def _journaling(spool: Spool, fill: float = 5.0) -> CaptureService:
+    org = Organisation(uuid.uuid4(), "acme", "basic", 30, 90, "unsigned")
+    return CaptureService(MilterConfig(accept_after="journal", part_split_bytes=1),
+                          _NoCommitter(), _Directory(org),  # type: ignore[arg-type]
+                          spooler=OutageSpooler(spool, 90.0, fill=lambda p, e: fill))
+
+
+def test_journal_mode_writes_the_exact_object_to_the_spool_without_the_group_commit(
+        spool: Spool) -> None:
+    # part_split_bytes = 1 would cut the body out as a part: a journal entry
+    # must restore without PostgreSQL, so it stays one plain object.
+    verdict, expected = _eom(_journaling(spool))
+    assert verdict.reply is None  # type: ignore[attr-defined]
+    entry = spool.open_entry(spool.entries()[0])
+    with spool.object_stream(entry) as s:
+        stored = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(s.read()), read_across_frames=True).read()
+    assert stored == expected
+    assert entry.message.queue_id == "QID1" and entry.reason.startswith("journal")
+
+
+def test_journal_mode_tempfails_naming_the_key_when_the_spool_cannot_take_it(
+        spool: Spool) -> None:
+    verdict, _ = _eom(_journaling(spool, fill=95.0))
+    reply = verdict.reply  # type: ignore[attr-defined]
+    assert reply is not None and (reply.code, reply.enhanced) == ("451", "4.3.0")
+    assert "journal" in reply.text and "outage_spool_max_fill_percent" in reply.text
+    assert spool.entries() == []
+
+
+def test_journal_mode_needs_the_outage_spool_on() -> None:
+    from postkeep.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=r"milter\.accept_after = 'journal'.*"
+                                          r"milter\.outage_spool = false"):
+        parse({"milter": {"accept_after": "journal", "outage_spool": False}})
+    with pytest.raises(ConfigError, match=r"milter\.accept_after.*'store', 'journal'"):
+        parse({"milter": {"accept_after": "later"}})
+    assert parse({"milter": {"accept_after": "journal"}}).milter.accept_after == "journal"
+
+
+def test_a_woken_drain_runs_at_once_not_after_its_interval(spool: Spool) -> None:
+    import threading
+
+    passes: list[int] = []
+    stop, wake = threading.Event(), threading.Event()
+    spool.write(_message(1, size=1), io.BytesIO(b"x"), "journal")
+
+    def count(result: object) -> None:
+        passes.append(1)
+
+    objects = MemoryObjectStore()
+    rows = FakeRows()
+    worker = threading.Thread(target=spool_mod.drain_forever, args=(spool, objects, rows),
+                              kwargs={"interval": 3600, "stop": stop, "wake": wake,
+                                      "on_pass": count})
+    worker.start()
+    try:
+        until(lambda: passes, "the first pass", 10)
+        spool.write(_message(2, size=1), io.BytesIO(b"y"), "journal")
+        wake.set()  # an hour's interval: only the wake can drain it
+        until(lambda: not spool.entries(), "the woken pass", 10)
+    finally:
+        stop.set()
+        wake.set()
+        worker.join(10)
+    assert not worker.is_alive() and len(passes) == 2
+
+
+def test_a_report_for_a_spooled_message_wakes_the_drain_and_waits_for_it() -> None:
+    import asyncio
+
+    from postkeep.storage.sidecar.lmtp import ReportHandler
+
+    mid, woken = uuid.uuid4(), []
+    looks = iter([True, True, True, False])  # drained on the fourth look
+    handler = ReportHandler(None, None, None,  # type: ignore[arg-type]
+                            spooled=lambda m: m == mid and next(looks),
+                            drain_now=lambda: woken.append(1), spool_wait=5.0)
+    assert asyncio.run(handler._drained(mid)) is True and woken == [1]
+    assert asyncio.run(handler._drained(uuid.uuid4())) is True and woken == [1]
+    # Still spooled when the wait ends (an outage): answered 451 by the caller.
+    stuck = ReportHandler(None, None, None,  # type: ignore[arg-type]
+                          spooled=lambda m: True, drain_now=lambda: woken.append(2),
+                          spool_wait=0.2)
+    assert asyncio.run(stuck._drained(mid)) is False and woken == [1, 2]

@@ -126,6 +126,8 @@ BATCH_UPLOAD_BYTES = 8 << 20
 
 DRAINED = Counter("postkeep_spool_drained_total",
                   "Spooled messages made durable in the backends and removed from the spool.")
+PACKS = Counter("postkeep_spool_packs_total",
+                "Packs the drain wrote (one PUT each), drained messages sealed together.")
 QUARANTINED = Counter("postkeep_spool_quarantined_total",
                       "Spool entries moved to quarantine/ because they are corrupt or truncated.")
 DRAIN_FAILURES = Counter(
@@ -871,6 +873,7 @@ def _pack(objects: ObjectStore, packing: Packing, spool: Spool, entries: list[Sp
         m = e.message
         items.append(packs_mod.Entry(m.id, m.org_id, m.object_key, m.content_expires_at, data))
     stored, failed = packing_mod.store_packs(packing.db, objects, items)
+    PACKS.inc(len(stored))
     if failed:
         raise next(iter(failed.values()))
     return stored
@@ -964,8 +967,9 @@ def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
 def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
                   interval: float, stop: threading.Event, batch_size: int = 256,
                   on_pass: Callable[[DrainResult], None] | None = None,
-                  packing: Packing | None = None) -> None:
-    """Drain every INTERVAL seconds until STOP is set (a daemon's periodic task).
+                  packing: Packing | None = None, wake: threading.Event | None = None) -> None:
+    """Drain every INTERVAL seconds until STOP is set (a daemon's periodic task),
+    and at once when WAKE is set (whoever stops it sets WAKE too).
 
     Takes the drain lock for each pass only, so `postkeep spool drain` can
     still be run by hand between passes; a pass that finds the lock taken is
@@ -985,7 +989,11 @@ def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
             log.debug("spool drain pass skipped: another drain holds the lock")
         except Exception:
             log.exception("spool drain pass failed; retrying in %gs", interval)
-        stop.wait(interval)
+        if wake is None:
+            stop.wait(interval)
+        else:
+            wake.wait(interval)
+            wake.clear()
 
 
 def record_with(db: Database, then: Callable[[Any, Sequence[CapturedMessage]], None]

@@ -66,11 +66,12 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
         raise
     batcher = Batcher(record_with(db), scfg.batch_max, scfg.batch_writers)
     batcher.start()
-    spool_stop, spool_task, spool = _start_spool_drain(cfg, db, objects)
+    spool_stop, spool_task, spool, spool_wake = _start_spool_drain(cfg, db, objects)
     relay = split_hostport("storage.forward_relay", scfg.forward_relay) \
         if scfg.forward_relay else None
     handler = ReportHandler(db, objects, batcher, relay, cfg.return_path.key_bytes(),
-                            spooled=spool.holds)
+                            spooled=spool.holds, drain_now=spool_wake.set,
+                            spool_wait=scfg.spool_report_wait_seconds)
     loop = asyncio.get_running_loop()
     try:
         server = await loop.create_server(
@@ -79,6 +80,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
             host=scfg.lmtp_host, port=scfg.lmtp_port, reuse_address=True)
     except OSError as exc:
         spool_stop.set()
+        spool_wake.set()
         await batcher.stop()
         await spool_task
         db.close()
@@ -137,6 +139,7 @@ async def serve(cfg: Config, config_path: str | None = None) -> None:
     if webhook_task is not None:
         await webhook_task
     spool_stop.set()  # a drain pass stops between batches
+    spool_wake.set()
     await spool_task
     db.close()
 
@@ -176,9 +179,11 @@ def _purge_suppressions(db: Any) -> Callable[[], str]:
 
 
 def _start_spool_drain(cfg: Config, db: Any, objects: Any
-                       ) -> tuple[threading.Event, asyncio.Future[None], Any]:
+                       ) -> tuple[threading.Event, asyncio.Future[None], Any, threading.Event]:
     """Drain the milter's outage spool every storage.spool_drain_interval_seconds
-    (storage/content/spool.py), on a thread of its own; spool gauges on /metrics."""
+    (storage/content/spool.py), on a thread of its own, and at once when the
+    last event returned is set (a report waiting for an entry); spool gauges
+    on /metrics.  Stopping sets both events."""
     from prometheus_client import REGISTRY
 
     from postkeep.storage.content import spool as spool_mod
@@ -186,14 +191,14 @@ def _start_spool_drain(cfg: Config, db: Any, objects: Any
 
     spool = spool_mod.Spool(cfg.milter.outage_spool_directory)
     REGISTRY.register(spool_mod.SpoolCollector(spool))
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
     interval = cfg.storage.spool_drain_interval_seconds
     log.info("draining the outage spool %s every %gs", spool.dir, interval)
     task = asyncio.ensure_future(asyncio.to_thread(
         spool_mod.drain_forever, spool, objects, spool_mod.record_with(db, link_each),
         interval=interval, stop=stop, on_pass=spool_mod.log_pass,
-        packing=spool_mod.packing_for(cfg, db)))
-    return stop, task, spool
+        packing=spool_mod.packing_for(cfg, db), wake=wake))
+    return stop, task, spool, wake
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -56,6 +56,8 @@ log = logging.getLogger("postkeep.storage")
 # a worker thread and back cost.  Larger ones (remote bounces quoting whole
 # messages) go to a thread so that they never hold up other sessions.
 INLINE_PARSE_BYTES = 64 * 1024
+# How often a report waiting for the spool drain looks again.
+SPOOL_POLL_SECONDS = 0.05
 
 REPORTS = Counter("postkeep_storage_reports_total",
                   "Reports received over LMTP, by kind (dsn, async_bounce, unparsable)",
@@ -212,17 +214,38 @@ class ReportHandler:
     def __init__(self, db: Database, objects: ObjectStore, batcher: Batcher,
                  forward_relay: tuple[str, int] | None = None,
                  return_path_key: bytes = b"",
-                 spooled: Callable[[uuid.UUID], bool] | None = None) -> None:
+                 spooled: Callable[[uuid.UUID], bool] | None = None,
+                 drain_now: Callable[[], None] | None = None, spool_wait: float = 0.0) -> None:
         self.db = db
         # Whether a message is still in the outage spool (accepted, its rows not
-        # written yet): a report for it is answered 451 until the drain has
-        # written them, so that Postfix brings it back then.
+        # written yet): a report for it asks the drain to run now (DRAIN_NOW)
+        # and waits up to SPOOL_WAIT seconds for it; still there, it is answered
+        # 451 so that Postfix brings it back later.  Under accept_after =
+        # 'journal' every message passes through the spool, and a fast DSN
+        # often arrives before its drain.
         self.spooled = spooled
+        self.drain_now = drain_now
+        self.spool_wait = spool_wait
         # Only a report at a return path that verifies under it is attributed.
         self.return_path_key = return_path_key
         self.objects = objects
         self.batcher = batcher
         self.forward_relay = forward_relay
+
+    async def _drained(self, message_id: uuid.UUID) -> bool:
+        """Whether MESSAGE_ID is out of the spool (or was never in it), after
+        asking the drain to run and waiting up to spool_wait seconds."""
+        spooled = self.spooled
+        if spooled is None or not spooled(message_id):
+            return True
+        if self.drain_now is not None:
+            self.drain_now()
+        deadline = asyncio.get_running_loop().time() + self.spool_wait
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SPOOL_POLL_SECONDS)
+            if not spooled(message_id):
+                return True
+        return False
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         raw: bytes = envelope.original_content or b""
@@ -250,8 +273,7 @@ class ReportHandler:
             return "451 4.3.0 postkeep-storage: internal error parsing the report; try again"
         REPORTS.labels(report.kind).inc()
         tag = report.sha256.hex()[:16]
-        if report.message_id is not None and self.spooled is not None \
-                and self.spooled(report.message_id):
+        if report.message_id is not None and not await self._drained(report.message_id):
             SPOOLED_WAIT.inc()
             log.info("report waits for the spool drain report=%s %s", tag, _ids(report))
             return (f"451 4.3.0 postkeep-storage: message {report.message_id} is still in the"

@@ -1,0 +1,164 @@
+"""`[milter] accept_after = "journal"` through real Postfix, MinIO and PostgreSQL.
+
+End of message is answered once the message is fsync'd in the spool
+directory; postkeep-storage drains it into packs.  What must hold: the milter
+touches neither S3 nor PostgreSQL for the message (a session never waits for
+them; MinIO stopped changes nothing for the sender), the drain stores every
+journaled message byte-exact in one pack per pass, and a delivery report
+that arrives before the drain waits for it instead of being answered 451.
+
+The module turns the mode on in the stack's postkeep.toml and restarts the
+milter, and puts both back afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from support import smtp
+from support.reports import remote_dsn
+from support.sidecar import metric
+from support.stack import Stack, strip_received
+from support.wait import until
+from test_packs_stack import _burst, _rows
+
+from postkeep.storage.content import packs
+from postkeep.storage.content.spool import Spool
+
+pytestmark = pytest.mark.stack
+
+JOURNALED = 'postkeep_milter_messages_total{outcome="journaled"}'
+SPOOLED = 'postkeep_milter_messages_total{outcome="spooled"}'
+S3_ERRORS = 'postkeep_milter_backend_errors_total{backend="s3"}'
+WAITED_451 = "postkeep_storage_reports_spool_wait_total"
+
+
+@pytest.fixture(scope="module")
+def journal(stack: Stack) -> Iterator[Spool]:
+    """The stack's milter with accept_after = 'journal'; its spool."""
+    path = Path(stack.env["POSTKEEP_CONFIG"])
+    original = path.read_text()
+    assert "\n[milter]\n" in original and "accept_after" not in original
+    path.write_text(original.replace("\n[milter]\n", '\n[milter]\naccept_after = "journal"\n',
+                                     1))
+    try:
+        stack.stack_ctl("stop", "milter")
+        stack.stack_ctl("start", "milter")
+        yield Spool(stack.config.milter.outage_spool_directory)
+    finally:
+        path.write_text(original)
+        stack.stack_ctl("stop", "milter")
+        stack.stack_ctl("start", "milter")
+
+
+def _milter(stack: Stack, sample: str) -> float:
+    return metric(stack.env["POSTKEEP_MILTER_METRICS"], sample)
+
+
+def _queued(spool: Spool) -> dict[str, uuid.UUID]:
+    """Queue id -> message id of every entry in the journal."""
+    out = {}
+    for p in spool.entries():
+        m = spool.open_entry(p).message
+        out[m.queue_id] = m.id
+    return out
+
+
+def _all_rows(conn: psycopg.Connection, queue_ids: list[str]
+              ) -> dict[str, tuple[uuid.UUID, str]] | None:
+    rows = _rows(conn, queue_ids)
+    return rows if len(rows) == len(queue_ids) else None
+
+
+def test_journaled_mail_waits_on_disk_then_one_drain_pass_packs_it_byte_exact(
+        stack: Stack, journal: Spool) -> None:
+    _, domain = stack.new_org("pro")
+    before = _milter(stack, JOURNALED)
+    with stack.connect() as conn, journal.drain_lock(wait=30):  # no drain meanwhile
+        sent = _burst(stack, domain, 6)
+        queue_ids = [q for q, _, _ in sent]
+        # Accepted: each is in the journal, and nothing is in PostgreSQL yet.
+        assert set(queue_ids) <= set(_queued(journal))
+        assert _rows(conn, queue_ids) == {}
+    assert _milter(stack, JOURNALED) - before == 6
+    with stack.connect() as conn:
+        rows = until(lambda: _all_rows(conn, queue_ids),
+                     "the drain to store the six journaled messages", 60)
+    pack_keys = {key for _, key in rows.values()}
+    assert len(pack_keys) == 1 and packs.is_pack_key(next(iter(pack_keys))), pack_keys
+    assert not set(queue_ids) & set(_queued(journal))
+    for queue_id, _data, token in sent:
+        mid, key = rows[queue_id]
+        assert stack.restored(key, mid) == strip_received(stack.sink_copy(token))
+
+
+def test_the_journal_accepts_with_minio_stopped_without_trying_s3(
+        stack: Stack, journal: Spool) -> None:
+    _, domain = stack.new_org("pro")
+    token = uuid.uuid4().hex
+    data = (f"From: s@{domain}\r\nTo: r@example.net\r\nSubject: minio down\r\n"
+            f"X-Test-Token: {token}\r\n\r\nbody {token}\r\n").encode()
+    s3_errors, spooled = _milter(stack, S3_ERRORS), _milter(stack, SPOOLED)
+    stack.stack_ctl("stop", "minio")
+    try:
+        reply = smtp.send(*stack.smtp, f"s@{domain}", ["r@example.net"], data)
+        assert reply.code == 250 and reply.queue_id, reply.text
+        assert reply.queue_id in _queued(journal)
+        # Journaled, not spooled after a failed S3 call: the milter made none.
+        assert _milter(stack, S3_ERRORS) == s3_errors
+        assert _milter(stack, SPOOLED) == spooled
+    finally:
+        stack.stack_ctl("start", "minio")
+    with stack.connect() as conn:
+        rows = until(lambda: _rows(conn, [reply.queue_id or ""]),
+                     "the drain to store the message once MinIO is back", 120)
+    mid, key = rows[reply.queue_id]
+    assert stack.restored(key, mid) == strip_received(stack.sink_copy(token))
+
+
+def test_a_report_before_the_drain_waits_for_it_and_is_recorded_not_answered_451(
+        stack: Stack, journal: Spool) -> None:
+    _, domain = stack.new_org("basic")
+    token = uuid.uuid4().hex
+    rcpt = f"j-{token[:8]}@sink.test"
+    data = (f"From: app@{domain}\r\nTo: {rcpt}\r\nSubject: early report\r\n"
+            f"X-Test-Token: {token}\r\n\r\ntracked {token}\r\n").encode()
+    waited = metric(stack.env["POSTKEEP_STORAGE_METRICS"], WAITED_451)
+    answers: list[smtp.Reply] = []
+    with journal.drain_lock(wait=30):  # the drain cannot run until this ends
+        reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], data)
+        assert reply.code == 250 and reply.queue_id, reply.text
+        entry = journal.open_entry(next(p for p in journal.entries()
+                                        if journal.open_entry(p).message.queue_id
+                                        == reply.queue_id)).message
+        assert entry.return_path
+        bounce = remote_dsn(entry.id, rcpt, "failed", "5.1.1", "550 5.1.1 no such user")
+
+        def report() -> None:
+            client = smtp.Client("127.0.0.1", int(stack.env["POSTKEEP_STORAGE_LMTP_PORT"]),
+                                 greeting="LHLO")
+            try:
+                answers.append(client.send("", [entry.return_path or ""], bounce))
+            finally:
+                client.close()
+
+        sender = threading.Thread(target=report)
+        sender.start()
+        # The report is in, its message still only in the journal; the old
+        # sidecar answered 451 at once here.
+        sender.join(1.0)
+        assert not answers, answers
+    sender.join(30)
+    assert [a.code for a in answers] == [250], answers
+    assert "recorded" in answers[0].text
+    assert metric(stack.env["POSTKEEP_STORAGE_METRICS"], WAITED_451) == waited
+    with stack.connect() as conn:
+        status = conn.execute("SELECT status, dsn_status FROM message_recipients"
+                              " WHERE message_id = %s AND recipient = %s",
+                              (entry.id, rcpt)).fetchone()
+    assert status is not None and tuple(map(str, status)) == ("bounced", "5.1.1")
