@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -47,12 +49,17 @@ from support import campaign, corpus
 from support.dedup import capture_and_commit
 
 from postkeep.config import Config, load
+from postkeep.milter.capture import StoredContent
 from postkeep.milter.committer import GroupCommitter
+from postkeep.milter.spool import JOURNAL_REASON
 from postkeep.storage.content import dictionaries, restore
+from postkeep.storage.content import spool as spool_mod
 from postkeep.storage.content.dictionaries import DictionaryCache, LoadedDictionary
 from postkeep.storage.content.objects import S3ObjectStore
+from postkeep.storage.content.spool import Spool
 from postkeep.storage.metadata import directory, dkim_keys
 from postkeep.storage.metadata.db import Database, connect
+from postkeep.storage.metadata.messages import CapturedMessage
 
 THRESHOLD = 128 * 1024
 DICT_MAX = 64 * 1024
@@ -447,6 +454,72 @@ def layout_run(cfg: Config, db: Database, org: Org, layout: str, n: int, session
                      store.bytes, cpu, elapsed)
 
 
+class JournalWriter:
+    """What `accept_after = 'journal'` does at end of message: the message
+    fsync'd into the spool, or, when parts were cut out of it, the group
+    commit (milter/service.py)."""
+
+    def __init__(self, spool: Spool, committer: GroupCommitter) -> None:
+        self.spool = spool
+        self.committer = committer
+
+    def commit(self, message: CapturedMessage, content: StoredContent) -> None:
+        if content.parts:
+            self.committer.commit(message, content)
+        else:
+            self.spool.write(message, content.stream, JOURNAL_REASON)
+
+
+def journal_run(cfg: Config, db: Database, org: Org, n: int, sessions: int,
+                pdf: bytes | None, minio_pid: int) -> LayoutRun:
+    """N campaign messages journaled by SESSIONS threads while a drain runs every
+    second, as postkeep-storage does (spool_drain_interval_seconds = 1); the
+    run ends when the spool is empty.  What reached MinIO."""
+    store = CountingStore(S3ObjectStore(cfg.s3))
+    spool = Spool(tempfile.mkdtemp(prefix="pk-bench-journal-"))
+    spool.ensure()
+    committer = GroupCommitter(db, store, workers=cfg.milter.commit_threads,  # type: ignore[arg-type]
+                               max_batch=cfg.milter.commit_batch_max,
+                               linger=LINGER_MS.get("ms", cfg.milter.commit_linger_ms) / 1000,
+                               level=cfg.milter.zstd_level, layout="packs",
+                               siblings=cfg.milter.commit_siblings)
+    writer = JournalWriter(spool, committer)
+    now = datetime.now(UTC)
+    msgs = [campaign.message(i, org.domain, pdf=pdf if pdf and i % 5 == 0 else None)
+            for i in range(n)]
+
+    def one(i: int) -> tuple[int, int]:
+        m = capture_and_commit(writer, org.id, org.domain, msgs[i],  # type: ignore[arg-type]
+                               created=now, content_days=90, threshold=THRESHOLD)
+        return m.size, m.compressed_size
+
+    stop = threading.Event()
+    drainer = threading.Thread(target=spool_mod.drain_forever,
+                               args=(spool, store, spool_mod.record_with(db)),
+                               kwargs={"interval": 1.0, "stop": stop,
+                                       "packing": spool_mod.packing_for(cfg, db)})
+    cpu0 = minio_cpu_seconds(minio_pid)
+    t0 = time.monotonic()
+    drainer.start()
+    try:
+        results, _ = run_parallel(n, sessions, one)
+        deadline = time.monotonic() + 300
+        while spool.entries():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {len(spool.entries())} journal entries not drained"
+                                 f" after 300 s ({spool.dir})")
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        drainer.join(60)
+        committer.close()
+    cpu = minio_cpu_seconds(minio_pid) - cpu0
+    shutil.rmtree(spool.dir, ignore_errors=True)
+    return LayoutRun("journal", n, sum(r[0] for r in results), store.requests, store.objects,
+                     store.bytes, cpu, elapsed)
+
+
 def cost_per_million(r: LayoutRun, put_price: float, gb_month: float, months: float
                      ) -> tuple[float, float]:
     """(PUT dollars, storage dollars for MONTHS) per million messages like R's."""
@@ -457,8 +530,9 @@ def cost_per_million(r: LayoutRun, put_price: float, gb_month: float, months: fl
 
 def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf: bytes,
                 put_price: float, gb_month: float, minio_pid: int, out: list[str]) -> None:
-    """Old layout (one object per message) vs packs, alternated, REPS pairs each for
-    the 3 KB campaign messages and for the campaign mix with the PDF."""
+    """Old layout (one object per message) vs packs vs packs through the journal,
+    alternated, REPS rounds each for the 3 KB campaign messages and for the
+    campaign mix with the PDF."""
     out += [f"#### (e) layout: one object per message vs packs, {sessions} sessions", "",
             f"{n} campaign messages per run, captured and committed in-process by {sessions}"
             " threads (one per session) through the real GroupCommitter"
@@ -471,23 +545,31 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
             " is one request, but any other S3 server, AWS included, takes a PUT per"
             " object); MinIO CPU: utime+stime of the MinIO process (/proc/PID/stat) over"
             f" the run, per message. Prices: ${put_price:g} per 1,000 PUTs,"
-            f" ${gb_month:g} per GB-month (storage for 30 days = 1 month, 1 year = 12).",
+            f" ${gb_month:g} per GB-month (storage for 30 days = 1 month, 1 year = 12)."
+            " Journal: the same captures written to a spool as `accept_after ="
+            " \"journal\"` does, drained every second into packs by the real drain"
+            " (storage/content/spool.py), the run ending when the spool is empty; mail"
+            " with a part cut out (the PDF) takes the group commit, as in the milter.",
             ""]
     for label, with_pdf in (("3 KB templated messages (no PDF)", None),
                             ("campaign mix: every 5th with the same 300 KB PDF", pdf)):
         org = new_org(cfg, "layout")
-        runs: dict[str, list[LayoutRun]] = {"objects": [], "packs": []}
+        runs: dict[str, list[LayoutRun]] = {"objects": [], "packs": [], "journal": []}
         for rep_i in range(reps):
-            order = ("objects", "packs") if rep_i % 2 == 0 else ("packs", "objects")
+            names = ["objects", "packs", "journal"]
+            order = names[rep_i % 3:] + names[:rep_i % 3]
             for layout in order:
-                r = layout_run(cfg, db, org, layout, n, sessions, with_pdf, minio_pid)
+                r = (journal_run(cfg, db, org, n, sessions, with_pdf, minio_pid)
+                     if layout == "journal"
+                     else layout_run(cfg, db, org, layout, n, sessions, with_pdf, minio_pid))
                 runs[layout].append(r)
                 log(f"(e) {label}: {layout} run {rep_i + 1}: {r.objects} objects in"
                     f" {r.requests} requests, MinIO {r.minio_cpu * 1000 / r.messages:.3f}"
                     f" ms/message, {r.messages / r.seconds:.0f} messages/s")
         out += [f"**{label}** (received {runs['packs'][0].received / n / 1024:.1f} KB per"
                 " message on average)", "",
-                "| | one object per message | packs | old / new |", "|---|---:|---:|---:|"]
+                "| | one object per message | packs | journal | old / packs | old / journal |",
+                "|---|---:|---:|---:|---:|---:|"]
         med: dict[str, dict[str, float]] = {}
         for layout, rs in runs.items():
             puts30, st30 = cost_per_million(rs[0], put_price, gb_month, 1)
@@ -499,12 +581,17 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
                 "cpu": statistics.median(r.minio_cpu * 1000 / r.messages for r in rs),
                 "rate": statistics.median(r.messages / r.seconds for r in rs),
                 "put$": puts30, "st30": st30, "st365": st365}
-        o, p = med["objects"], med["packs"]
+        o, p, j = med["objects"], med["packs"], med["journal"]
 
         def row(name: str, key: str, fmt: str, o: dict[str, float] = o,
-                p: dict[str, float] = p) -> str:
-            ratio = o[key] / p[key] if p[key] else float("inf")
-            return f"| {name} | {o[key]:{fmt}} | {p[key]:{fmt}} | {ratio:.1f}x |"
+                p: dict[str, float] = p, j: dict[str, float] = j) -> str:
+            rp = o[key] / p[key] if p[key] else float("inf")
+            rj = o[key] / j[key] if j[key] else float("inf")
+            return (f"| {name} | {o[key]:{fmt}} | {p[key]:{fmt}} | {j[key]:{fmt}} | {rp:.1f}x"
+                    f" | {rj:.1f}x |")
+
+        def total(d: dict[str, float], st: str) -> float:
+            return d["put$"] + d[st]
 
         out += [
             row("S3 PUTs per 1,000 messages", "puts", ",.1f"),
@@ -514,12 +601,10 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
             row("$ per million messages: PUTs", "put$", ",.2f"),
             row("$ per million messages: storage, 30 days", "st30", ",.3f"),
             row("$ per million messages: storage, 1 year", "st365", ",.3f"),
-            f"| $ per million messages: PUTs + 30 days | {o['put$'] + o['st30']:,.2f} |"
-            f" {p['put$'] + p['st30']:,.2f} |"
-            f" {(o['put$'] + o['st30']) / (p['put$'] + p['st30']):.1f}x |",
-            f"| $ per million messages: PUTs + 1 year | {o['put$'] + o['st365']:,.2f} |"
-            f" {p['put$'] + p['st365']:,.2f} |"
-            f" {(o['put$'] + o['st365']) / (p['put$'] + p['st365']):.1f}x |",
+            *(f"| $ per million messages: PUTs + {span} | {total(o, st):,.2f} |"
+              f" {total(p, st):,.2f} | {total(j, st):,.2f} |"
+              f" {total(o, st) / total(p, st):.1f}x | {total(o, st) / total(j, st):.1f}x |"
+              for span, st in (("30 days", "st30"), ("1 year", "st365"))),
             row("MinIO CPU ms per captured message (median)", "cpu", ".3f"),
             row("messages/s (in-process capture + commit)", "rate", ",.0f"),
             "",
@@ -527,8 +612,12 @@ def layouts_run(cfg: Config, db: Database, n: int, sessions: int, reps: int, pdf
             + ", ".join(f"{r.minio_cpu * 1000 / r.messages:.3f}" for r in runs["objects"])
             + "; packs: " + ", ".join(f"{r.minio_cpu * 1000 / r.messages:.3f}"
                                       for r in runs["packs"])
+            + "; journal: " + ", ".join(f"{r.minio_cpu * 1000 / r.messages:.3f}"
+                                        for r in runs["journal"])
             + ". Messages per pack (median run): "
-            + f"{statistics.median(r.messages / max(r.objects, 1) for r in runs['packs']):.1f}.",
+            + f"{statistics.median(r.messages / max(r.objects, 1) for r in runs['packs']):.1f}"
+            + ", through the journal "
+            + f"{statistics.median(r.messages / max(r.objects, 1) for r in runs['journal']):.1f}.",
             ""]
 
 

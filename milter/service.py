@@ -554,13 +554,17 @@ class CaptureService:
         if self.dictionaries is not None and self.cfg.dictionary_max_bytes:
             dictionary = self.dictionaries.get(org.id)
         prefix = b"".join(s.line for s in signatures)
-        # accept_after = 'journal': the entry must restore without PostgreSQL,
-        # so the message is one plain object (no parts cut out, no dictionary).
+        # accept_after = 'journal': a journal entry is stored by the drain as
+        # it is, so it uses no organisation dictionary (kept from sweeping and
+        # resolved through PostgreSQL).  Mail with parts cut out takes the
+        # group commit as under 'store': its parts need S3 and PostgreSQL
+        # anyway, and storing each attachment once is what makes it cheap.
         journal = self.cfg.accept_after == "journal" and self.spooler is not None
         content = tx.capture.finish(prefix=prefix,
-                                    split_threshold=0 if journal else self.cfg.part_split_bytes,
+                                    split_threshold=self.cfg.part_split_bytes,
                                     dictionary=None if journal else dictionary,
                                     dictionary_max=self.cfg.dictionary_max_bytes)
+        journal = journal and not content.parts
         # Taken before the commit: the upload consumes and closes the body frame.
         body = self._replacement_body(tx)
         content_exp, metadata_exp = expiry_dates(tx.created, org.content_days, org.metadata_days)

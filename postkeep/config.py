@@ -218,6 +218,8 @@ class MilterConfig:
     # and a session never waits for S3 or PostgreSQL.  Needs outage_spool on.
     # The message is then durable on this host's disk until drained, as it
     # is in Postfix's own queue; search and restore see it after the drain.
+    # Mail with parts cut out (part_split_bytes) takes the group commit;
+    # journaled mail is compressed without the organisation's dictionary.
     accept_after: str = field(default="store", metadata=_choice("store", "journal"))
     # -- lines over 998 octets (issue 21, point 14) --
     # Postfix's smtp client breaks lines longer than smtp_line_length_limit

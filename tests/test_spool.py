@@ -577,17 +577,25 @@ class _NoCommitter:
         raise AssertionError("accept_after = 'journal' called the group commit")
 
 
-def _journaling(spool: Spool, fill: float = 5.0) -> CaptureService:
+class _Committed:
+    """A group commit that takes every message (and its parts) it is given."""
+
+    def __init__(self) -> None:
+        self.parts: list[int] = []
+
+    def commit(self, message: CapturedMessage, content: StoredContent) -> None:
+        self.parts.append(len(content.parts))
+
+
+def _journaling(spool: Spool, fill: float = 5.0, committer: object = None) -> CaptureService:
     org = Organisation(uuid.uuid4(), "acme", "basic", 30, 90, "unsigned")
-    return CaptureService(MilterConfig(accept_after="journal", part_split_bytes=1),
-                          _NoCommitter(), _Directory(org),  # type: ignore[arg-type]
+    return CaptureService(MilterConfig(accept_after="journal", part_split_bytes=1024),
+                          committer or _NoCommitter(), _Directory(org),  # type: ignore[arg-type]
                           spooler=OutageSpooler(spool, 90.0, fill=lambda p, e: fill))
 
 
 def test_journal_mode_writes_the_exact_object_to_the_spool_without_the_group_commit(
         spool: Spool) -> None:
-    # part_split_bytes = 1 would cut the body out as a part: a journal entry
-    # must restore without PostgreSQL, so it stays one plain object.
     verdict, expected = _eom(_journaling(spool))
     assert verdict.reply is None  # type: ignore[attr-defined]
     entry = spool.open_entry(spool.entries()[0])
@@ -596,6 +604,26 @@ def test_journal_mode_writes_the_exact_object_to_the_spool_without_the_group_com
             io.BytesIO(s.read()), read_across_frames=True).read()
     assert stored == expected
     assert entry.message.queue_id == "QID1" and entry.reason.startswith("journal")
+
+
+def test_journal_mode_sends_mail_with_parts_cut_out_through_the_group_commit(
+        spool: Spool) -> None:
+    # An attachment over part_split_bytes is stored once per organisation:
+    # that needs S3 and PostgreSQL, so such a message is not journaled.
+    committed = _Committed()
+    service = _journaling(spool, committer=committed)
+    tx = service.begin("<a@acme.example>", None, "192.0.2.1")
+    tx.recipients.append("r@x.example")
+    service.header(tx, "From", b" a@acme.example")
+    service.header(tx, "MIME-Version", b" 1.0")
+    service.header(tx, "Content-Type", b' multipart/mixed; boundary="b"')
+    pdf = b"JVBERi0xLjQK" * 400 + b"\r\n"
+    tx.capture.add_body(b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n"
+                        b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64"
+                        b"\r\n\r\n" + pdf + b"--b--\r\n")
+    verdict = service.end_of_message(tx, "QID2")
+    assert verdict.reply is None  # type: ignore[attr-defined]
+    assert committed.parts == [1] and spool.entries() == []
 
 
 def test_journal_mode_tempfails_naming_the_key_when_the_spool_cannot_take_it(
