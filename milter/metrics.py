@@ -33,8 +33,8 @@ EOM_SECONDS = Histogram(
 
 SPOOL_REFUSED = Counter(
     "postkeep_milter_spool_refused_total",
-    "Messages tempfailed during an outage because the outage spool could not take them"
-    " (fill level reached or write failed).",
+    "Messages tempfailed because the spool could not take them (fill level reached or"
+    " write failed), during an outage or under accept_after = 'journal'.",
 )
 SPOOL_WRITE_SECONDS = Histogram(
     "postkeep_milter_spool_write_duration_seconds",
