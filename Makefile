@@ -57,17 +57,18 @@ test: install deb $(if $(filter 1,$(LOWER_BOUNDS)),test-lower-bounds)
 # Retention: the sweep, erasure and hold tests (those installing lifecycle
 # rules cannot pass: versitygw has none); dedup: malformed MIME restored;
 # packs and sealed content (issue 19): every test, Object Lock ones included,
-# and the sealed spool drained with PostgreSQL stopped.
+# the sealed spool drained with PostgreSQL stopped, and accept_after = 'journal'.
 TEST_VGW_DIR := $(CURDIR)/.stack-test-vgw
 VERSITYGW ?= $(if $(strip $(PYTEST_ARGS)),0,1)
 VGW_SEALED := tests/test_packs_stack.py tests/test_sealing_stack.py \
 	tests/test_sealed_singles_stack.py tests/test_sealing_parts_stack.py \
-	tests/test_sealing_holds_stack.py tests/test_spool_sealed_stack.py
+	tests/test_sealing_holds_stack.py tests/test_spool_sealed_stack.py \
+	tests/test_journal_stack.py
 VGW_TESTS ?= tests/test_capture_stack.py tests/test_storage_probe_stack.py \
 	tests/test_retention_stack.py tests/test_dedup_stack.py $(VGW_SEALED)
 VGW_SELECT := test_capture_stack or test_storage_probe_stack or (test_retention_stack and \
 	(sweeps_content or erasure_deletes or hold_moves or held_org)) or (test_dedup_stack and malformed) \
-	or packs_stack or sealing or sealed
+	or packs_stack or sealing or sealed or journal
 # $(call vgw_run): up, pytest, always down; sets rc if it was 0 and this fails.
 define vgw_run
 	vrc=0; \
