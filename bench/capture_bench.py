@@ -276,6 +276,16 @@ async def _reply(reader: Any) -> int:
             return int(line[:3])
 
 
+def _wait_empty(count: Callable[[], int], timeout: float, interval: float,
+                why: Callable[[], str]) -> None:
+    """Poll COUNT every INTERVAL until it is 0; SystemExit(WHY()) after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while count():
+        if time.monotonic() > deadline:
+            raise SystemExit(why())
+        time.sleep(interval)
+
+
 @dataclass
 class Bench:
     env: dict[str, str]
@@ -385,20 +395,13 @@ class Bench:
         return sum(1 for p in spool.glob("*.spool"))
 
     def drain_spool(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.spooled():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: the spool still has {self.spooled()} entries after"
-                                 f" {timeout:.0f} s: is postkeep-storage draining it?")
-            time.sleep(0.02)
+        _wait_empty(self.spooled, timeout, 0.02, lambda: (
+            f"bench: the spool still has {self.spooled()} entries after {timeout:.0f} s:"
+            " is postkeep-storage draining it?"))
 
     def drain(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.queued():
-            if time.monotonic() > deadline:
-                raise SystemExit(f"bench: queue not drained after {timeout:.0f} s "
-                                 f"(postqueue -c {self.pfdir} -p)")
-            time.sleep(0.2)
+        _wait_empty(self.queued, timeout, 0.2, lambda: (
+            f"bench: queue not drained after {timeout:.0f} s (postqueue -c {self.pfdir} -p)"))
 
     def sink_count(self) -> int:
         with open(self.sink_out, "rb") as f:

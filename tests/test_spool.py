@@ -367,16 +367,21 @@ def _eom(service: CaptureService) -> tuple[object, bytes]:
     return service.end_of_message(tx, "QID1"), expected
 
 
-@pytest.mark.parametrize("backend", ["s3", "postgres"])
-def test_outage_with_spool_on_accepts_and_spools_the_exact_object(spool: Spool,
-                                                                  backend: str) -> None:
-    verdict, expected = _eom(_service(spool, backend))
+def _accepted_exactly(spool: Spool, verdict: object, expected: bytes) -> spool_mod.SpoolEntry:
+    """VERDICT accepted the message, and the spool's one entry holds EXPECTED exactly."""
     assert verdict.reply is None  # type: ignore[attr-defined]
     entry = spool.open_entry(spool.entries()[0])
     with spool.object_stream(entry) as s:
         stored = zstandard.ZstdDecompressor().stream_reader(
             io.BytesIO(s.read()), read_across_frames=True).read()
     assert stored == expected
+    return entry
+
+
+@pytest.mark.parametrize("backend", ["s3", "postgres"])
+def test_outage_with_spool_on_accepts_and_spools_the_exact_object(spool: Spool,
+                                                                  backend: str) -> None:
+    entry = _accepted_exactly(spool, *_eom(_service(spool, backend)))
     assert entry.message.queue_id == "QID1" and entry.message.recipients == ("r@x.example",)
     assert entry.reason.startswith(backend)
 
@@ -596,13 +601,7 @@ def _journaling(spool: Spool, fill: float = 5.0, committer: object = None) -> Ca
 
 def test_journal_mode_writes_the_exact_object_to_the_spool_without_the_group_commit(
         spool: Spool) -> None:
-    verdict, expected = _eom(_journaling(spool))
-    assert verdict.reply is None  # type: ignore[attr-defined]
-    entry = spool.open_entry(spool.entries()[0])
-    with spool.object_stream(entry) as s:
-        stored = zstandard.ZstdDecompressor().stream_reader(
-            io.BytesIO(s.read()), read_across_frames=True).read()
-    assert stored == expected
+    entry = _accepted_exactly(spool, *_eom(_journaling(spool)))
     assert entry.message.queue_id == "QID1" and entry.reason.startswith("journal")
 
 
