@@ -657,7 +657,9 @@ stop_sink() { stop_pid "$DIR/sink.pid" sink; }
 milter_importable() { (cd / && "$PY" -c 'import postkeep.milter.daemon') >/dev/null 2>&1; }
 
 # start_daemon NAME BINARY PORT METRICS_PORT: one postkeep daemon in the
-# background, logging to DIR/NAME/NAME.log, ready once PORT answers.
+# background, logging to DIR/NAME/NAME.log, ready once PORT answers (60 s: a
+# daemon probes S3 before it listens, and a distributed MinIO whose nodes just
+# came back answers slowly while it heals).
 start_daemon() {
     local name="$1" binary="$2" port="$3" mport="$4"
     mkdir -p "$DIR/$name"
@@ -671,7 +673,7 @@ start_daemon() {
     setsid "$VENV/bin/$binary" --config "$DIR/postkeep.toml" \
         >>"$DIR/$name/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$DIR/$name/$name.pid"
-    wait_port "$port" 30 "$DIR/$name/$name.pid" \
+    wait_port "$port" 60 "$DIR/$name/$name.pid" \
         || die_log "$DIR/$name/$name.log" \
                    "$binary not listening on 127.0.0.1:$port, see $DIR/$name/$name.log"
 }
