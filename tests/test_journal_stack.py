@@ -4,8 +4,9 @@ End of message is answered once the message is fsync'd in the spool
 directory; postkeep-storage drains it into packs.  What must hold: the milter
 touches neither S3 nor PostgreSQL for the message (a session never waits for
 them; MinIO stopped changes nothing for the sender), the drain stores every
-journaled message byte-exact in one pack per pass, and a delivery report
-that arrives before the drain waits for it instead of being answered 451.
+journaled message byte-exact in one pack per pass, a delivery report that
+arrives before the drain waits for it instead of being answered 451, and
+an erasure does not miss the address's mail still in the spool.
 
 The module turns the mode on in the stack's postkeep.toml and restarts the
 milter, and puts both back afterwards.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import Invoke
 from support import smtp
 from support.reports import remote_dsn
 from support.sidecar import metric
@@ -166,3 +168,30 @@ def test_a_report_before_the_drain_waits_for_it_and_is_recorded_not_answered_451
                               " WHERE message_id = %s AND recipient = %s",
                               (entry.id, rcpt)).fetchone()
     assert status is not None and tuple(map(str, status)) == ("bounced", "5.1.1")
+
+
+def test_erase_refuses_while_the_addresss_mail_waits_in_the_spool_then_erases_it(
+        stack: Stack, journal: Spool, run: Invoke) -> None:
+    org_id, domain = stack.new_org("pro")
+    token = uuid.uuid4().hex
+    addr = f"gone-{token[:8]}@sink.test"
+    data = (f"From: app@{domain}\r\nTo: {addr}\r\nSubject: erase me\r\n"
+            f"X-Test-Token: {token}\r\n\r\npersonal {token}\r\n").encode()
+    with journal.drain_lock(wait=30):  # accepted, not stored: erasure would miss it
+        reply = smtp.send(*stack.smtp, f"app@{domain}", [addr], data)
+        assert reply.code == 250 and reply.queue_id, reply.text
+        refused = run("erase", "--org", str(org_id), "--address", addr.upper(), "--yes",
+                      "--spool-wait", "0.5")
+        assert refused.exit_code == 3, refused.output
+        assert "1 of its messages still wait in the spool" in refused.output
+        # Another address of the organisation is not held up by it.
+        other = run("erase", "--org", str(org_id), "--address", f"x-{token[:6]}@sink.test",
+                    "--yes", "--spool-wait", "0")
+        assert other.exit_code == 0, other.output
+    erased = run("erase", "--org", str(org_id), "--address", addr, "--yes")
+    assert erased.exit_code == 0, erased.output
+    assert "erased 1 messages" in erased.output
+    with stack.connect() as conn:
+        row = conn.execute("SELECT content_erased_at FROM messages WHERE queue_id = %s",
+                           (reply.queue_id,)).fetchone()
+    assert row is not None and row[0] is not None

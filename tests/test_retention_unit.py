@@ -23,7 +23,7 @@ from postkeep.storage.lifecycle.retention import (
 )
 from postkeep.storage.metadata import messages
 from postkeep.storage.metadata.db import BackendError
-from postkeep.storage.metadata.legal_holds import normalise_address
+from postkeep.storage.metadata.legal_holds import involves, normalise_address
 from postkeep.storage.metadata.migrate import PARTITION_BATCH_DAYS, partition_batches
 
 pytestmark = pytest.mark.unit
@@ -157,6 +157,17 @@ def test_addresses_are_normalised(text: str, want: str) -> None:
 def test_bad_addresses_are_refused_naming_them(bad: str) -> None:
     with pytest.raises(ValueError, match="expected local@domain"):
         normalise_address(bad)
+
+
+def test_involves_matches_as_the_sql_does_sender_from_or_any_recipient() -> None:
+    # legal_holds.involves_sql's rules, for a spool entry not in PostgreSQL yet.
+    a = "alice@x.example"
+    assert involves("Alice@X.example", None, (), a)
+    assert involves("b@y", "Alice <ALICE@x.example>", (), a)
+    assert involves("b@y", "alice@x.example", (), a)
+    assert involves("b@y", None, ("c@z", "ALICE@x.example"), a)
+    assert not involves("b@y", "Malice <malice@x.example.net>", ("c@z",), a)
+    assert not involves("alice@x.example.org", "alice@x.example.org", (), a)
 
 
 def test_regex_literal_matches_only_itself() -> None:

@@ -9,11 +9,15 @@ to stdout; refusals are one `postkeep: ...` line and exit 1.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
 from postkeep.cli.common import (
+    EXIT_UNAVAILABLE,
     backend_failure,
     backend_message,
     confirm,
@@ -207,18 +211,47 @@ def retention_stats(ctx: click.Context, org_name: str, since: str | None,
                    f"  {r.deferred:>8}  {r.bounced:>7}  {r.expired:>7}  {r.bytes:>12}")
 
 
+def _still_spooled(cfg: Any, org_id: uuid.UUID, addr: str, wait: float) -> tuple[int, str]:
+    """(messages of ORG_ID to or from ADDR still in this host's spool after
+    waiting up to WAIT seconds for the drain, the spool directory).  None
+    there (or no spool on this host): (0, directory)."""
+    from postkeep.storage.content.spool import Spool, waiting
+
+    spool = Spool(cfg.milter.outage_spool_directory)
+    if not spool.dir.is_dir():
+        return 0, str(spool.dir)
+
+    def match(m: Any) -> bool:
+        return bool(m.org_id == org_id and legal_holds.involves(
+            m.envelope_from, m.header_from, m.recipients, addr))
+
+    deadline = time.monotonic() + wait
+    while (left := waiting(spool, match)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return len(left), str(spool.dir)
+
+
 @click.command("erase")
 @click.option("--org", "org_name", required=True, help="Organisation name or id.")
 @click.option("--address", required=True, help="The address whose mail is erased.")
+@click.option("--spool-wait", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for this host's spool to drain the"
+              " address's mail that is accepted but not yet stored.")
 @destructive
 @json_flag
 @click.pass_context
-def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: bool) -> None:
+def erase(ctx: click.Context, org_name: str, address: str, spool_wait: float, yes: bool,
+          dry_run: bool) -> None:
     """Erase (GDPR) the content of every message to or from ADDRESS in ORG.
 
     Objects are deleted, rows marked so readers say "content erased", and the
     address is redacted in sender, From:, recipients, subjects and DSN
     diagnostics.  Refused, naming the hold, if a legal hold covers any of it.
+    Mail of the address still in this host's spool (accepted during an
+    outage, or under milter.accept_after = 'journal') is waited for up to
+    --spool-wait seconds; if some is still there the erasure is refused
+    (exit 3), since it would miss it.  Run it where the mail hosts' spools
+    are, or once they are drained.
     """
     try:
         addr = legal_holds.normalise_address(address)
@@ -226,6 +259,13 @@ def erase(ctx: click.Context, org_name: str, address: str, yes: bool, dry_run: b
         fail(str(exc))
     with session(ctx) as s:
         target = find_org(s.conn, org_name)
+        if not dry_run:
+            left, where = _still_spooled(s.cfg, target.id, addr, spool_wait)
+            if left:
+                fail(f"erase {addr} in org {target.name}: {left} of its messages still wait in"
+                     f" the spool {where} (accepted, not yet in S3 and PostgreSQL), and the"
+                     " erasure would miss them; let postkeep-storage or `postkeep spool drain"
+                     " --yes` store them, then erase again", EXIT_UNAVAILABLE)
         n = erasure.messages_in_scope(s.conn, target.id, addr)
         what = f"erase the content of {n} messages to or from {addr} in org {target.name}"
         if dry_run:

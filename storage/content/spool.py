@@ -964,6 +964,20 @@ def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
     return done
 
 
+def waiting(spool: Spool, match: Callable[[CapturedMessage], bool]) -> list[uuid.UUID]:
+    """Ids of the messages in SPOOL that MATCH (accepted, not yet stored); an
+    entry drained meanwhile or unreadable (the drain quarantines it) is not."""
+    found = []
+    for path in spool.entries():
+        try:
+            m = spool.open_entry(path).message
+        except (FileNotFoundError, SpoolFormatError):
+            continue
+        if match(m):
+            found.append(m.id)
+    return found
+
+
 def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,
                   interval: float, stop: threading.Event, batch_size: int = 256,
                   on_pass: Callable[[DrainResult], None] | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,6 +33,15 @@ def normalise_address(text: str) -> str:
     if not at or not local or not domain or any(c.isspace() for c in addr):
         raise ValueError(f"address {text!r}: expected local@domain")
     return addr
+
+
+def involves(envelope_from: str, header_from: str | None, recipients: Iterable[str],
+             addr: str) -> bool:
+    """involves_sql for a message not in PostgreSQL yet (a spool entry's fields);
+    ADDR normalised."""
+    sender, head = envelope_from.lower(), (header_from or "").lower()
+    return (sender == addr or head == addr or f"<{addr}>" in head
+            or any(r.lower() == addr for r in recipients))
 
 
 def involves_sql(m: str, addr: str) -> str:
