@@ -784,6 +784,12 @@ CATEGORIES = (
     ("S3 PUT: minio-py, urllib3, http.client, socket send/recv", (
         "minio/", "urllib3/", "http/client.py", "certifi/", "(socket.py", "(ssl.py")),
     ("PostgreSQL: psycopg, psycopg_pool", ("psycopg/", "psycopg_pool/", "(messages.py")),
+    ("sealing (AES-GCM, STREAM segments)", ("(sealing.py", "(sealed_stream.py",
+                                            "(sealed_objects.py")),
+    ("journal / outage spool write", ("(spool.py",)),
+    ("group commit, packs, linger", ("(committer.py", "(packing.py", "(packs.py", "(linger.py")),
+    ("DKIM: relaxed body hash, header canonicalisation, RSA signing", (
+        "(dkim.py", "(signing.py", "cryptography/")),
     ("capture: zstd, sha256, spool file", ("(capture.py", "(tempfile.py", "zstandard")),
     ("logging", ("logging/",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
@@ -806,16 +812,20 @@ def categorise(stack: list[str]) -> str:
     return "other"
 
 
-def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path) -> list[str]:
-    """py-spy (GIL-holding samples only) over one C run of N 5 KB messages."""
-    bench.use("C")
+def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C") -> list[str]:
+    """py-spy (GIL-holding samples only) over one CONFIG run (C or J: capture and
+    sign) of N 5 KB messages."""
+    bench.use(config)
     bench.drain()
+    pid = bench.journal_pid if config in "JK" else bench.milter_pid
     raw = out.with_suffix(".pyspy.txt")
     spy = subprocess.Popen([pyspy, "record", "--gil", "--nonblocking", "-r", "250", "-f", "raw",
-                            "-o", str(raw), "-p", str(bench.milter_pid)],
+                            "-o", str(raw), "-p", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     seconds = bench.send(n, SIZES["5 KB"])
+    if config in "JK":
+        bench.drain_spool()
     spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
     try:
         spy.wait(timeout=30)
@@ -839,7 +849,7 @@ def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path) -> list[str]:
     raw.unlink()
     if not total:
         return ["", "py-spy recorded no samples."]
-    lines = ["", "## py-spy profile of postkeep-milter (one C run, 5 KB)", "",
+    lines = ["", f"## py-spy profile of postkeep-milter (one {config} run, 5 KB)", "",
              f"`py-spy record --gil --nonblocking -r 250` over {n} messages "
              f"({n / seconds:.0f} msg/s): only samples of the thread holding the GIL, i.e. "
              "what occupies the milter's one usable core. Samples are grouped by the innermost "
@@ -895,7 +905,9 @@ def main() -> None:
                          "throughput (comma-separated; empty: none)")
     ap.add_argument("--lag-seconds", type=float, default=30.0)
     ap.add_argument("--code", default="?", help="which tree the milter runs (for the record)")
-    ap.add_argument("--py-spy", default="", help="py-spy binary; profile one C run if given")
+    ap.add_argument("--py-spy", default="", help="py-spy binary; profile one run if given")
+    ap.add_argument("--profile-config", default="C", choices=["C", "J"],
+                    help="which configuration py-spy profiles (J: the journaling milter)")
     args = ap.parse_args()
 
     env = read_env(args.env)
@@ -986,7 +998,8 @@ def main() -> None:
             msg.unlink()
     profile: list[str] = []
     if args.py_spy:
-        profile = pyspy_profile(bench, args.py_spy, args.n_small, Path(args.out))
+        profile = pyspy_profile(bench, args.py_spy, args.n_small, Path(args.out),
+                                args.profile_config)
     bench.use("T")  # leave the stack as `stack.sh up` wired it (command filter on)
 
     text = report(bench, args.configs, rss, started, header, profile)
