@@ -302,6 +302,7 @@ class Bench:
     transport_maps: str = ""  # the stack's own (U swaps in a discard table)
     journal_pid: int = 0  # J, K: the journaling postkeep-milter
     journal_metrics: str = ""
+    reuse: bool = False  # smtp-source -d: every session sends its messages over one connection
     _pg: Any = None
     runs: list[Run] = field(default_factory=list)
     lag_passes: list[LagPass] = field(default_factory=list)
@@ -417,7 +418,8 @@ class Bench:
         self.drain()
         start_count = self.sink_count()
         payload = ["-F", message_file] if message_file else ["-l", str(size)]
-        cmd = ["smtp-source", "-s", str(sessions), "-m", str(n), *payload,
+        cmd = ["smtp-source", *(["-d"] if self.reuse else []), "-s", str(sessions), "-m", str(n),
+               *payload,
                "-f", sender, "-t", "rcpt@sink.example", self.smtp]
         t0 = time.monotonic()
         # A file, not a pipe: a full pipe would stall smtp-source.
@@ -780,23 +782,25 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
 
 
 # Leaf-first: the first frame (from the innermost out) that matches names the category.
+# py-spy names a frame "function (path/to/file.py:line)": "/file.py:" matches the file.
 CATEGORIES = (
     ("S3 PUT: minio-py, urllib3, http.client, socket send/recv", (
-        "minio/", "urllib3/", "http/client.py", "certifi/", "(socket.py", "(ssl.py")),
-    ("PostgreSQL: psycopg, psycopg_pool", ("psycopg/", "psycopg_pool/", "(messages.py")),
-    ("sealing (AES-GCM, STREAM segments)", ("(sealing.py", "(sealed_stream.py",
-                                            "(sealed_objects.py")),
-    ("journal / outage spool write", ("(spool.py",)),
-    ("group commit, packs, linger", ("(committer.py", "(packing.py", "(packs.py", "(linger.py")),
+        "minio/", "urllib3/", "http/client.py", "certifi/", "/socket.py:", "/ssl.py:")),
+    ("PostgreSQL: psycopg, psycopg_pool", ("psycopg/", "psycopg_pool/", "/messages.py:")),
+    ("sealing (AES-GCM, STREAM segments)", ("/sealing.py:", "/sealed_stream.py:",
+                                            "/sealed_objects.py:")),
+    ("journal / outage spool write", ("/spool.py:",)),
+    ("group commit, packs, linger", ("/committer.py:", "/packing.py:", "/packs.py:",
+                                     "/linger.py:")),
     ("DKIM: relaxed body hash, header canonicalisation, RSA signing", (
-        "(dkim.py", "(signing.py", "cryptography/")),
-    ("capture: zstd, sha256, spool file", ("(capture.py", "(tempfile.py", "zstandard")),
+        "/dkim.py:", "/signing.py:", "cryptography/")),
+    ("capture: zstd, sha256, spool file", ("/capture.py:", "/tempfile.py:", "zstandard")),
     ("logging", ("logging/",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("ids, classify, directory cache, persist glue", (
-        "(ids.py", "(decide.py", "(store.py", "(directory.py", "email/utils.py",
-        "email/_parseaddr.py", "(uuid.py")),
-    ("service / adapter glue", ("(service.py", "(adapter.py")),
+        "/ids.py:", "/decide.py:", "/store.py:", "/directory.py:", "email/utils.py",
+        "email/_parseaddr.py", "/uuid.py:")),
+    ("service / adapter glue", ("/service.py:", "/adapter.py:")),
     ("pymilter dispatch (Milter/__init__.py)", ("Milter/",)),
 )
 NO_FRAME = "no Python frame (GIL held in C: pymilter's callback glue, thread hand-offs)"
@@ -895,6 +899,9 @@ def main() -> None:
                     help="J, K: the journaling postkeep-milter's socket (inet:HOST:PORT)")
     ap.add_argument("--journal-milter-pidfile", default="")
     ap.add_argument("--journal-metrics", default="", help="its /metrics URL")
+    ap.add_argument("--reuse-connections", action="store_true",
+                    help="smtp-source -d: each session sends its messages over one SMTP"
+                         " (and so one milter) connection, instead of one per message")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n-small", type=int, default=2500)
     ap.add_argument("--n-large", type=int, default=1500)
@@ -944,14 +951,16 @@ def main() -> None:
                   if (stack / "storage" / "storage.pid").exists() else 0,
                   transport_maps,
                   int(Path(args.journal_milter_pidfile).read_text().split()[0])
-                  if args.journal_milter_pidfile else 0, args.journal_metrics)
+                  if args.journal_milter_pidfile else 0, args.journal_metrics,
+                  args.reuse_connections)
     header = "\n".join([
         f"# postkeep capture benchmark, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         "",
         f"- Machine: {machine()}",
         "- Command: `make bench` (bench/run.sh)",
         f"- postkeep code under test: {args.code}",
-        f"- Load: `smtp-source -s {SESSIONS} -m N -l SIZE -f sender@bench.example "
+        f"- Load: `smtp-source {'-d ' if args.reuse_connections else ''}-s {SESSIONS} -m N"
+        " -l SIZE -f sender@bench.example "
         f"-t rcpt@sink.example 127.0.0.1:{env['POSTKEEP_SMTP_PORT']}` into the bench stack's "
         f"Postfix, relaying to `smtp-sink -c` on 127.0.0.1:{args.sink_port}.",
         f"- Alternation: {' '.join(args.configs)} repeated {args.reps} times per size; "

@@ -25,6 +25,7 @@
 # Environment knobs (defaults give a ~10-minute run on 2 cores):
 #   BENCH_REPS=5  BENCH_N_SMALL=2500  BENCH_N_LARGE=1500  BENCH_SKIP_RSS=0
 #   BENCH_SKIP_PROFILE=0  BENCH_PROFILE_CONFIG=C (or J)
+#   BENCH_REUSE_CONNECTIONS=0 (1: smtp-source -d, one connection per session, not per message)
 #   BENCH_KEEP_STACK=0 (leave the stack up to poke at it)
 #   BENCH_SKIP_WEBHOOKS=0 BENCH_WEBHOOKS_ARGS= (bench/webhook_lag.py, ~5 minutes)
 #   BENCH_LAG_LOADS=0.5,0.8,0.9 (T's open-loop lag passes, as fractions of T's
@@ -207,7 +208,8 @@ log "running; results go to $OUT"
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" --profile-config "${BENCH_PROFILE_CONFIG:-C}" \
     --lag-loads "${BENCH_LAG_LOADS-0.5,0.8,0.9}" --lag-seconds "${BENCH_LAG_SECONDS:-30}" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
-    $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss))
+    $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss) \
+    $([ "${BENCH_REUSE_CONNECTIONS:-0}" = 1 ] && echo --reuse-connections))
 
 # Webhook events (issue 18): the outcome path's reports/s with and without a
 # webhook endpoint, then the DSN-to-2xx lag at 80 % of it (bench/webhook_lag.py,
