@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -25,9 +25,17 @@ from conftest import Invoke
 from support import smtp
 from support.reports import remote_dsn
 from support.sidecar import metric
+from support.smtp import Sent
 from support.stack import Stack, strip_received
 from support.wait import until
 from test_packs_stack import _burst, _rows
+from test_spool_stack import (
+    SENDERS,
+    _assert_refused_as_meant,
+    _assert_stored_exactly_once,
+    _kill9,
+    _sender,
+)
 
 from postkeep.storage.content import packs
 from postkeep.storage.content.spool import Spool
@@ -195,3 +203,38 @@ def test_erase_refuses_while_the_addresss_mail_waits_in_the_spool_then_erases_it
         row = conn.execute("SELECT content_erased_at FROM messages WHERE queue_id = %s",
                            (reply.queue_id,)).fetchone()
     assert row is not None and row[0] is not None
+
+
+def test_kill9_of_the_journaling_milter_and_the_drain_loses_and_duplicates_nothing(
+        stack: Stack, journal: Spool) -> None:
+    """Mail flowing from 8 clients through the journal: the drain (postkeep-storage)
+    is killed -9 and the journal fills; then the milter is killed -9 too, Postfix
+    tempfails while it is dead; both start again.  Every message Postfix
+    accepted is stored exactly once, byte-exact; a refused one left nothing
+    but what the kill cut in flight."""
+    org_id, domain = stack.new_org("pro")  # basic's hourly limit is too low for this
+    assert not journal.entries(), "the journal is not empty before the test"
+
+    def accepted_from(sent: list[Sent], since: int, more: int) -> Callable[[], bool]:
+        return lambda: sum(s.accepted for s in sent[since:]) >= more
+
+    with smtp.senders(lambda stop, out: _sender(stack, domain, stop, out), SENDERS,
+                      300) as sent:
+        until(accepted_from(sent, 0, 100), "mail flowing through the journal", 180)
+        _kill9(stack, "storage")
+        depth = len(journal.entries())
+        until(lambda: len(journal.entries()) >= depth + 100,
+              "100 more messages journaled with no drain running", 180)
+        killed = len(sent)
+        _kill9(stack, "milter")
+        until(lambda: any(not s.accepted for s in sent[killed:]),
+              "mail tempfailed while the milter was dead", 120)
+        stack.stack_ctl("start", "milter")
+        stack.stack_ctl("start", "storage")
+        until(accepted_from(sent, len(sent), 100), "mail accepted again after the restarts",
+              240)
+    until(lambda: not journal.entries(), "the journal to drain", 300)
+    accepted = [s for s in sent if s.accepted]
+    _assert_refused_as_meant(stack, org_id, sent, killed, journal)
+    _assert_stored_exactly_once(stack, org_id, accepted)
+    assert list(journal.quarantine_dir.iterdir()) == []
