@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +220,24 @@ def test_partition_batches_cover_the_horizon_in_bounded_steps() -> None:
     steps = partition_batches(3650 + 35)
     assert steps[-1] == 3685 and steps == sorted(steps)
     assert all(b - a <= PARTITION_BATCH_DAYS for a, b in zip([0, *steps], steps, strict=False))
+
+
+def test_erase_warns_and_goes_on_when_it_cannot_read_the_spool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Root reads any directory, so the refusal is the spool's scandir raising.
+    from postkeep.cli import retention as cli_retention
+    from postkeep.config import parse
+    from postkeep.storage.content import spool as spool_mod
+
+    (tmp_path / "spool").mkdir()
+    cfg = parse({"milter": {"outage_spool_directory": str(tmp_path / "spool")}})
+
+    def unreadable(spool: object, match: object) -> list[object]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(spool_mod, "waiting", unreadable)
+    left, where = cli_retention._still_spooled(cfg, uuid.uuid4(), "a@x.example", 5.0)
+    assert (left, where) == (0, str(tmp_path / "spool"))
+    err = capsys.readouterr().err
+    assert "cannot read the spool" in err and "a@x.example" in err

@@ -226,8 +226,14 @@ def _still_spooled(cfg: Any, org_id: uuid.UUID, addr: str, wait: float) -> tuple
             m.envelope_from, m.header_from, m.recipients, addr))
 
     deadline = time.monotonic() + wait
-    while (left := waiting(spool, match)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    try:
+        while (left := waiting(spool, match)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except PermissionError as exc:
+        click.echo(f"postkeep: warning: cannot read the spool {spool.dir} ({exc.strerror});"
+                   f" mail of {addr} still waiting there, if any, is not erased: run erase"
+                   " as the user the daemons run as", err=True)
+        return 0, str(spool.dir)
     return len(left), str(spool.dir)
 
 
