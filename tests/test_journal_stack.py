@@ -14,6 +14,7 @@ milter, and puts both back afterwards.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -100,8 +101,9 @@ def test_journaled_mail_waits_on_disk_then_one_drain_pass_packs_it_byte_exact(
         assert _rows(conn, queue_ids) == {}
     assert _milter(stack, JOURNALED) - before == 6
     with stack.connect() as conn:
-        rows = until(lambda: _all_rows(conn, queue_ids),
-                     "the drain to store the six journaled messages", 60)
+        found = until(lambda: _all_rows(conn, queue_ids),
+                      "the drain to store the six journaled messages", 60)
+    rows: dict[str, tuple[uuid.UUID, str]] = found or {}
     pack_keys = {key for _, key in rows.values()}
     assert len(pack_keys) == 1 and packs.is_pack_key(next(iter(pack_keys))), pack_keys
     # Unlinked once their rows are in (the drain's last step).
@@ -238,3 +240,22 @@ def test_kill9_of_the_journaling_milter_and_the_drain_loses_and_duplicates_nothi
     _assert_refused_as_meant(stack, org_id, sent, killed, journal)
     _assert_stored_exactly_once(stack, org_id, accepted)
     assert list(journal.quarantine_dir.iterdir()) == []
+    # Postfix deferred the success notices postkeep-storage missed while it was
+    # dead: every one recorded before the next test, whose own notice would
+    # otherwise queue behind hundreds of them.
+    queue_ids = [s.queue_id for s in accepted if s.queue_id]
+    until(lambda: _notices_all_in(stack, org_id, queue_ids), "every recipient's notice recorded",
+          300, interval=2.0)
+
+
+def _notices_all_in(stack: Stack, org_id: uuid.UUID, queue_ids: list[str]) -> bool:
+    """No recipient of the messages Postfix accepted (QUEUE_IDS) still 'queued'
+    (postqueue -f first: deliver the deferred notices now)."""
+    subprocess.run(["postqueue", "-c", stack.env["POSTKEEP_POSTFIX_CONFIG_DIR"], "-f"],
+                   check=False, capture_output=True, timeout=60)
+    with stack.connect() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM message_recipients r JOIN messages m ON m.id = r.message_id"
+            " AND m.metadata_expires_at = r.metadata_expires_at WHERE m.org_id = %s"
+            " AND m.queue_id = ANY(%s) AND r.status = 'queued'", (org_id, queue_ids)).fetchone()
+    return row is not None and row[0] == 0
