@@ -41,9 +41,14 @@ SPOOLABLE_BACKENDS = frozenset({"s3", "postgres"})
 def spool_refused_reply(backend: str, why: str) -> Reply:
     """451 4.3.0 when the backend is down and the spool cannot take the message."""
     what = {"s3": "content store", "postgres": "metadata database"}.get(backend, backend)
+    return _cannot_take(f"{what} ({backend}) unavailable and the outage spool", why)
+
+
+def _cannot_take(what: str, why: str) -> Reply:
+    """451 4.3.0: WHAT cannot take the message, WHY."""
     why = why.replace("%", " percent")  # libmilter refuses a lone '%' in a reply
-    return Reply("451", "4.3.0", f"postkeep: {what} ({backend}) unavailable and the outage "
-                 f"spool cannot take the message ({why}); try again later")
+    return Reply("451", "4.3.0", f"postkeep: {what} cannot take the message ({why});"
+                 " try again later")
 
 
 # The reason a journaled entry carries (`postkeep spool status` shows it).
@@ -52,9 +57,7 @@ JOURNAL_REASON = "journal: milter.accept_after = 'journal'"
 
 def journal_refused_reply(why: str) -> Reply:
     """451 4.3.0 when the journal (the spool directory) cannot take the message."""
-    why = why.replace("%", " percent")
-    return Reply("451", "4.3.0", "postkeep: the journal (milter.outage_spool_directory) cannot"
-                 f" take the message ({why}); try again later")
+    return _cannot_take("the journal (milter.outage_spool_directory)", why)
 
 
 def over_fill_level(used_percent: float, max_percent: float) -> bool:

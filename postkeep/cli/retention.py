@@ -227,8 +227,11 @@ def _still_spooled(cfg: Any, org_id: uuid.UUID, addr: str, wait: float) -> tuple
 
     deadline = time.monotonic() + wait
     try:
-        while (left := waiting(spool, match)) and time.monotonic() < deadline:
+        # One read of the entries; then only whether those are still there.
+        left = waiting(spool, match)
+        while left and time.monotonic() < deadline:
             time.sleep(0.5)
+            left = [mid for mid in left if spool.holds(mid)]
     except PermissionError as exc:
         click.echo(f"postkeep: warning: cannot read the spool {spool.dir} ({exc.strerror});"
                    f" mail of {addr} still waiting there, if any, is not erased: run erase"
