@@ -871,6 +871,106 @@ def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C"
     return lines
 
 
+PERF_PARTS = (  # (label, test on perf's dso name), first match wins
+    ("kernel", lambda d: d.startswith("[kernel")),
+    ("libcrypto (RSA, AES-GCM, SHA-256)", lambda d: d.startswith("libcrypto")),
+    ("Python interpreter (libpython / python3)", lambda d: d.startswith(("libpython", "python3"))),
+    ("zstd", lambda d: "zstd" in d),
+    ("libc (malloc, memcpy, pthread)", lambda d: d.startswith(("libc.so", "libc-", "ld-linux"))),
+    ("libmilter + pymilter's C module", lambda d: "milter" in d),
+)
+
+
+def perf_part(dso: str) -> str:
+    for label, match in PERF_PARTS:
+        if match(dso):
+            return label
+    return "other (" + dso + ")"
+
+
+def perf_profile(bench: Bench, perf: str, n: int, out: Path, configs: str) -> list[str]:
+    """perf (on-CPU samples of every thread, native code and kernel included) over
+    one 5 KB run per configuration in CONFIGS: where the filter's CPU goes, by
+    shared object, beside OpenDKIM's.  Unlike py-spy it sees libmilter's threads,
+    the GIL's futex hand-offs and C extensions as what they are."""
+    pids = {"B": bench.dkim_pid, "C": bench.milter_pid, "D": bench.null_pid,
+            "E": bench.milter_pid, "J": bench.journal_pid, "K": bench.journal_pid}
+    lines = ["", "## perf profile: where each filter's CPU goes (one run each, 5 KB)", "",
+             f"`perf record -F 997 -p PID` over {n} messages per configuration; "
+             "`perf report --no-children --sort dso`. ms/message = the share times the "
+             "process's utime+stime over the run, divided by N.", ""]
+    table: dict[str, dict[str, float]] = {}
+    kernel_top: dict[str, list[tuple[str, float]]] = {}
+    python_top: dict[str, list[tuple[str, float]]] = {}
+    for config in configs:
+        pid = pids.get(config)
+        if not pid:
+            continue
+        bench.use(config)
+        bench.drain()
+        data = out.with_suffix(f".{config}.perf.data")
+        rec = subprocess.Popen([perf, "record", "-F", "997", "-o", str(data), "-p", str(pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        cpu0 = cpu_seconds(pid)
+        bench.send(n, SIZES["5 KB"])
+        if config in "JK":
+            bench.drain_spool()
+        cpu = cpu_seconds(pid) - cpu0
+        rec.send_signal(2)
+        try:
+            rec.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            rec.kill()
+        if not data.exists():
+            err = rec.stderr.read() if rec.stderr else ""
+            lines.append(f"perf produced no profile for {config}: {err[-300:]}")
+            continue
+
+        def report_rows(*sort: str, dso: str = "", data: Path = data
+                        ) -> list[tuple[float, list[str]]]:
+            cmd = [perf, "report", "-i", str(data), "--stdio", "--no-children",
+                   "--sort", ",".join(sort), "-q", "--percent-limit", "0.5"]
+            if dso:
+                cmd += ["--dsos", dso]
+            text = subprocess.run(cmd, capture_output=True, text=True).stdout
+            rows = []
+            for row in text.splitlines():
+                fields = row.split()
+                if fields and fields[0].endswith("%"):
+                    rows.append((float(fields[0][:-1]), fields[1:]))
+            return rows
+
+        parts: Counter[str] = Counter()
+        for share, fields in report_rows("dso"):
+            parts[perf_part(fields[0] if fields else "?")] += share
+        table[config] = {k: v * cpu / 100 / n * 1000 for k, v in parts.items()}
+        table[config]["total"] = cpu / n * 1000
+        kernel_top[config] = [(" ".join(f[1:]), s) for s, f in
+                              report_rows("sym", dso="[kernel.kallsyms]")[:8]]
+        python_top[config] = [(" ".join(f[1:]), s) for s, f in
+                              report_rows("dso,sym")
+                              if f and f[0].startswith(("libpython", "python3"))][:8]
+        data.unlink()
+    if not table:
+        return [*lines, "perf recorded nothing."]
+    names = sorted({k for t in table.values() for k in t if k != "total"},
+                   key=lambda k: -max(t.get(k, 0.0) for t in table.values()))
+    cols = list(table)
+    lines += ["| CPU ms per message | " + " | ".join(cols) + " |",
+              "|---|" + "---:|" * len(cols)]
+    for name in [*names, "total"]:
+        lines.append(f"| {name} | " + " | ".join(f"{table[c].get(name, 0.0):.2f}" for c in cols)
+                     + " |")
+    for title, tops in (("kernel symbols", kernel_top), ("Python interpreter symbols",
+                                                         python_top)):
+        for c in cols:
+            if tops.get(c):
+                lines += ["", f"{c}: top {title} (share of all the filter's samples): "
+                          + ", ".join(f"`{sym}` {s:.1f}%" for sym, s in tops[c])]
+    return lines
+
+
 def base64_message(path: Path, total: int) -> None:
     """A message of about TOTAL bytes whose body is base64 of random bytes
     (an incompressible attachment, unlike smtp-source's repeated 'X' lines)."""
@@ -913,6 +1013,9 @@ def main() -> None:
     ap.add_argument("--lag-seconds", type=float, default=30.0)
     ap.add_argument("--code", default="?", help="which tree the milter runs (for the record)")
     ap.add_argument("--py-spy", default="", help="py-spy binary; profile one run if given")
+    ap.add_argument("--perf", default="", help="perf binary; a native profile if given")
+    ap.add_argument("--perf-configs", default="BJ",
+                    help="which configurations perf profiles, one 5 KB run each")
     ap.add_argument("--profile-config", default="C", choices=["C", "J"],
                     help="which configuration py-spy profiles (J: the journaling milter)")
     args = ap.parse_args()
@@ -1009,6 +1112,9 @@ def main() -> None:
     if args.py_spy:
         profile = pyspy_profile(bench, args.py_spy, args.n_small, Path(args.out),
                                 args.profile_config)
+    if args.perf:
+        profile += perf_profile(bench, args.perf, args.n_small, Path(args.out),
+                                args.perf_configs)
     bench.use("T")  # leave the stack as `stack.sh up` wired it (command filter on)
 
     text = report(bench, args.configs, rss, started, header, profile)

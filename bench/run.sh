@@ -26,6 +26,8 @@
 #   BENCH_REPS=5  BENCH_N_SMALL=2500  BENCH_N_LARGE=1500  BENCH_SKIP_RSS=0
 #   BENCH_SKIP_PROFILE=0  BENCH_PROFILE_CONFIG=C (or J)
 #   BENCH_REUSE_CONNECTIONS=0 (1: smtp-source -d, one connection per session, not per message)
+#   BENCH_PERF=0 (1: perf record one 5 KB run of each of BENCH_PERF_CONFIGS=BJ: the
+#   filters' CPU by shared object, kernel and Python interpreter included)
 #   BENCH_KEEP_STACK=0 (leave the stack up to poke at it)
 #   BENCH_SKIP_WEBHOOKS=0 BENCH_WEBHOOKS_ARGS= (bench/webhook_lag.py, ~5 minutes)
 #   BENCH_LAG_LOADS=0.5,0.8,0.9 (T's open-loop lag passes, as fractions of T's
@@ -206,6 +208,7 @@ log "running; results go to $OUT"
     --journal-metrics "http://127.0.0.1:$JOURNAL_METRICS_PORT/metrics" \
     --configs "${BENCH_CONFIGS:-ABCDETUJK}" --reps "${BENCH_REPS:-5}" --n-small "${BENCH_N_SMALL:-2500}" \
     --n-large "${BENCH_N_LARGE:-1500}" --py-spy "$PYSPY" --profile-config "${BENCH_PROFILE_CONFIG:-C}" \
+    --perf "$([ "${BENCH_PERF:-0}" = 1 ] && command -v perf)" --perf-configs "${BENCH_PERF_CONFIGS:-BJ}" \
     --lag-loads "${BENCH_LAG_LOADS-0.5,0.8,0.9}" --lag-seconds "${BENCH_LAG_SECONDS:-30}" \
     --code "$CODE at $REV ($DIRTY uncommitted files under milter/ storage/ postkeep/)" \
     $([ "${BENCH_SKIP_RSS:-0}" = 1 ] && echo --skip-rss) \

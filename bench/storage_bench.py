@@ -55,6 +55,7 @@ from postkeep.milter.spool import JOURNAL_REASON
 from postkeep.storage.content import dictionaries, restore
 from postkeep.storage.content import spool as spool_mod
 from postkeep.storage.content.dictionaries import DictionaryCache, LoadedDictionary
+from postkeep.storage.content.journal import JournalWriter
 from postkeep.storage.content.objects import S3ObjectStore
 from postkeep.storage.content.spool import Spool
 from postkeep.storage.metadata import directory, dkim_keys
@@ -454,20 +455,20 @@ def layout_run(cfg: Config, db: Database, org: Org, layout: str, n: int, session
                      store.bytes, cpu, elapsed)
 
 
-class JournalWriter:
+class Journaling:
     """What `accept_after = 'journal'` does at end of message: the message
-    fsync'd into the spool, or, when parts were cut out of it, the group
-    commit (milter/service.py)."""
+    appended to a journal segment and group-fsync'd (JournalWriter), or, when
+    parts were cut out of it, the group commit (milter/service.py)."""
 
-    def __init__(self, spool: Spool, committer: GroupCommitter) -> None:
-        self.spool = spool
+    def __init__(self, writer: JournalWriter, committer: GroupCommitter) -> None:
+        self.writer = writer
         self.committer = committer
 
     def commit(self, message: CapturedMessage, content: StoredContent) -> None:
         if content.parts:
             self.committer.commit(message, content)
         else:
-            self.spool.write(message, content.stream, JOURNAL_REASON)
+            self.writer.append(message, content.stream, JOURNAL_REASON)
 
 
 def journal_run(cfg: Config, db: Database, org: Org, n: int, sessions: int,
@@ -483,7 +484,9 @@ def journal_run(cfg: Config, db: Database, org: Org, n: int, sessions: int,
                                linger=LINGER_MS.get("ms", cfg.milter.commit_linger_ms) / 1000,
                                level=cfg.milter.zstd_level, layout="packs",
                                siblings=cfg.milter.commit_siblings)
-    writer = JournalWriter(spool, committer)
+    journal = JournalWriter(spool)
+    journal.start()
+    writer = Journaling(journal, committer)
     now = datetime.now(UTC)
     msgs = [campaign.message(i, org.domain, pdf=pdf if pdf and i % 5 == 0 else None)
             for i in range(n)]
@@ -504,13 +507,14 @@ def journal_run(cfg: Config, db: Database, org: Org, n: int, sessions: int,
     try:
         results, _ = run_parallel(n, sessions, one)
         deadline = time.monotonic() + 300
-        while spool.entries():
+        while spool.status().entries:
             if time.monotonic() > deadline:
-                raise SystemExit(f"bench: {len(spool.entries())} journal entries not drained"
-                                 f" after 300 s ({spool.dir})")
+                raise SystemExit(f"bench: {spool.status().entries} journal entries not"
+                                 f" drained after 300 s ({spool.dir})")
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
     finally:
+        journal.close()
         stop.set()
         drainer.join(60)
         committer.close()

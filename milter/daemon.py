@@ -370,7 +370,13 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
         # The spool's gauges are served by its drain (postkeep-storage), not here too:
         # a sum() over every target would count each entry twice.
         spool = Spool(mcfg.outage_spool_directory)
-        spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent)
+        journal = None
+        if mcfg.accept_after == "journal":
+            from postkeep.storage.content.journal import JournalWriter
+
+            journal = JournalWriter(spool)
+            journal.start()
+        spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent, journal=journal)
     try:
         start_http_server(metrics_port, addr=metrics_host)
     except OSError as exc:
@@ -448,6 +454,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     finally:
         stop.set()
         committer.close()
+        if spooler is not None and spooler.journal_writer is not None:
+            spooler.journal_writer.close()  # its open segment handed to the drain
         if keyring is not None:
             keyring.close()
         lookups.shutdown(wait=True)

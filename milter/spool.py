@@ -28,6 +28,7 @@ from typing import BinaryIO
 from postkeep.milter import metrics
 from postkeep.milter.capture import StoredContent
 from postkeep.milter.decide import Reply
+from postkeep.storage.content.journal import JournalWriter
 from postkeep.storage.content.spool import Spool, fill_percent
 from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.messages import CapturedMessage
@@ -77,8 +78,12 @@ class OutageSpooler:
     """Writes messages the backends could not take into the spool (thread-safe)."""
 
     def __init__(self, spool: Spool, max_fill_percent: float,
-                 fill: Callable[[str, int], float] | None = None) -> None:
+                 fill: Callable[[str, int], float] | None = None,
+                 journal: JournalWriter | None = None) -> None:
         self.spool = spool
+        # accept_after = "journal": messages appended to segments, group-fsync'd
+        # (storage/content/journal.py); outages still write entry files.
+        self.journal_writer = journal
         self.max_fill_percent = max_fill_percent
         self._fill = fill or (lambda path, extra: fill_percent(path, extra))
 
@@ -102,14 +107,14 @@ class OutageSpooler:
         """`accept_after = 'journal'`: write MESSAGE into the spool whatever the
         backends do; None once it is durable, else the tempfail reply (the
         service logs the one line per message either way)."""
-        why = self._write(message, content, JOURNAL_REASON)
+        why = self._write(message, content, JOURNAL_REASON, journal=True)
         if why is None:
             return None
         metrics.SPOOL_REFUSED.inc()
         return journal_refused_reply(why)
 
-    def _write(self, message: CapturedMessage, content: StoredContent, reason: str
-               ) -> str | None:
+    def _write(self, message: CapturedMessage, content: StoredContent, reason: str,
+               journal: bool = False) -> str | None:
         """Write MESSAGE durably; None once it is, else why it was not."""
         started = time.perf_counter()
         try:
@@ -120,7 +125,10 @@ class OutageSpooler:
             return (f"spool filesystem {used:.1f}% full, limit"
                     f" milter.outage_spool_max_fill_percent = {self.max_fill_percent:g}")
         try:
-            self.spool.write(message, _rewound(content), reason)
+            if journal and self.journal_writer is not None:
+                self.journal_writer.append(message, _rewound(content), reason)
+            else:
+                self.spool.write(message, _rewound(content), reason)
         except OSError as err:
             return f"spool write failed: {err}"
         metrics.SPOOL_WRITE_SECONDS.observe(time.perf_counter() - started)

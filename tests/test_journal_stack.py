@@ -39,7 +39,7 @@ from test_spool_stack import (
 )
 
 from postkeep.storage.content import packs
-from postkeep.storage.content.spool import Spool
+from postkeep.storage.content.spool import Spool, waiting_entries
 
 pytestmark = pytest.mark.stack
 
@@ -73,14 +73,7 @@ def _milter(stack: Stack, sample: str) -> float:
 
 def _queued(spool: Spool) -> dict[str, uuid.UUID]:
     """Queue id -> message id of every entry in the journal."""
-    out = {}
-    for p in spool.entries():
-        try:
-            m = spool.open_entry(p).message
-        except FileNotFoundError:  # drained meanwhile
-            continue
-        out[m.queue_id] = m.id
-    return out
+    return {e.message.queue_id: e.message.id for e in waiting_entries(spool)}
 
 
 def _all_rows(conn: psycopg.Connection, queue_ids: list[str]
@@ -149,9 +142,8 @@ def test_a_report_before_the_drain_waits_for_it_and_is_recorded_not_answered_451
     with journal.drain_lock(wait=30):  # the drain cannot run until this ends
         reply = smtp.send(*stack.smtp, f"app@{domain}", [rcpt], data)
         assert reply.code == 250 and reply.queue_id, reply.text
-        entry = journal.open_entry(next(p for p in journal.entries()
-                                        if journal.open_entry(p).message.queue_id
-                                        == reply.queue_id)).message
+        entry = next(e.message for e in waiting_entries(journal)
+                     if e.message.queue_id == reply.queue_id)
         assert entry.return_path
         bounce = remote_dsn(entry.id, rcpt, "failed", "5.1.1", "550 5.1.1 no such user")
 
@@ -215,7 +207,7 @@ def test_kill9_of_the_journaling_milter_and_the_drain_loses_and_duplicates_nothi
     accepted is stored exactly once, byte-exact; a refused one left nothing
     but what the kill cut in flight."""
     org_id, domain = stack.new_org("pro")  # basic's hourly limit is too low for this
-    assert not journal.entries(), "the journal is not empty before the test"
+    assert journal.status().entries == 0, "the journal is not empty before the test"
 
     def accepted_from(sent: list[Sent], since: int, more: int) -> Callable[[], bool]:
         return lambda: sum(s.accepted for s in sent[since:]) >= more
@@ -224,8 +216,8 @@ def test_kill9_of_the_journaling_milter_and_the_drain_loses_and_duplicates_nothi
                       300) as sent:
         until(accepted_from(sent, 0, 100), "mail flowing through the journal", 180)
         _kill9(stack, "storage")
-        depth = len(journal.entries())
-        until(lambda: len(journal.entries()) >= depth + 100,
+        depth = journal.status().entries
+        until(lambda: journal.status().entries >= depth + 100,
               "100 more messages journaled with no drain running", 180)
         killed = len(sent)
         _kill9(stack, "milter")
@@ -235,7 +227,7 @@ def test_kill9_of_the_journaling_milter_and_the_drain_loses_and_duplicates_nothi
         stack.stack_ctl("start", "storage")
         until(accepted_from(sent, len(sent), 100), "mail accepted again after the restarts",
               240)
-    until(lambda: not journal.entries(), "the journal to drain", 300)
+    until(lambda: journal.status().entries == 0, "the journal to drain", 300)
     accepted = [s for s in sent if s.accepted]
     _assert_refused_as_meant(stack, org_id, sent, killed, journal)
     _assert_stored_exactly_once(stack, org_id, accepted)

@@ -60,6 +60,29 @@ with their data keys, in the same transaction as their rows; messages whose
 rows already exist (a drain killed after its commit) are only unlinked, so
 a repeat never indexes a message twice.
 
+Journal segments (`accept_after = "journal"`).  A journaling milter does not
+make a file per message: creating and unlinking hundreds of files a second
+costs the kernel more than the message's whole capture (ext4's inode
+allocator scans past every recently deleted inode), and every file wants
+its own fsync.  It appends each message's entry, exactly the bytes an entry
+file would hold, as one record to a segment file it alone writes, and
+answers once a group fdatasync covers the record (sessions share one
+fdatasync).  A segment is `<uuid7>.jopen` while its milter appends to it
+(flock held) and becomes `<uuid7>.journal` when the milter closes it (after
+`storage/content/journal.py`'s rotation interval, a size limit, or at exit);
+one left `.jopen` by a milter that was killed is drained like a closed one.
+Format, integers big-endian:
+
+    b"PKJOURN1\n"
+    records: u64 length, 16 bytes message id, u32 crc32 of those 24 bytes,
+             then LENGTH bytes: one entry, format 1 or 2 as above
+
+The drain takes a segment's records as one batch; records whose rows
+PostgreSQL refuses are written out as entry files (`<id>.spool`, the same
+bytes), a record that does not open and anything after the last whole
+record (a write torn by a crash: never answered) go to `quarantine/`, and
+then the segment is unlinked.
+
 A file that does not parse to its end with a matching checksum is moved to
 `quarantine/` with an error line naming it; it is never deleted and never
 stops the drain.  Entries are named `<message id>.spool`; message ids are
@@ -82,6 +105,7 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -94,6 +118,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from postkeep.config import Config
+from postkeep.ids import uuid7_time
 from postkeep.storage.content import packing as packing_mod
 from postkeep.storage.content import packs as packs_mod
 from postkeep.storage.content import sealed_objects, sealed_stream, sealing
@@ -112,6 +137,12 @@ _SEALED_HEAD = len(MAGIC_SEALED) + _MASTER_ID_LEN + _WRAPPED_LEN
 _AAD_SPOOL_KEY = b"postkeep-spool-key-v1\x00"
 _BINDING = b"postkeep-spool-v1\x00"
 SUFFIX = ".spool"
+SEGMENT_SUFFIX = ".journal"  # a closed journal segment: every record in it fsync'd
+OPEN_SUFFIX = ".jopen"  # a segment its milter still appends to (flock held)
+SEGMENT_MAGIC = b"PKJOURN1\n"
+_RECORD_HEAD = struct.Struct(">Q16s")
+_RECORD_CRC = struct.Struct(">I")
+RECORD_HEAD_BYTES = _RECORD_HEAD.size + _RECORD_CRC.size
 _LEN = struct.Struct(">Q")
 _DIGEST = 32
 # The metadata of one message is about 1 KB; anything far larger is damage.
@@ -241,6 +272,8 @@ class SpoolEntry:
     object_offset: int  # in the file; in the sealed stream's plaintext if sealed
     object_length: int
     key: bytes | None = field(default=None, repr=False)  # a sealed entry's data key
+    # A journal segment's record: the entry's bytes (PATH is the segment).
+    data: bytes | None = field(default=None, repr=False)
 
 
 class _Slice(io.RawIOBase):
@@ -306,10 +339,9 @@ def _write_sealed(fh: BinaryIO, ring: sealing.Keyring, message_id: uuid.UUID, me
         fh.write(chunk)
 
 
-def _open_plain(path: Path, fh: BinaryIO) -> SpoolEntry:
-    """A format 1 entry, checksum verified."""
+def _open_plain(path: Path, fh: BinaryIO, size: int) -> SpoolEntry:
+    """A format 1 entry of SIZE bytes, checksum verified."""
     digest = hashlib.sha256()
-    size = os.fstat(fh.fileno()).st_size
 
     def take(n: int, what: str) -> bytes:
         data = fh.read(n)
@@ -341,8 +373,8 @@ def _open_plain(path: Path, fh: BinaryIO) -> SpoolEntry:
     return SpoolEntry(path, message, spooled_at, reason, offset, obj_len)
 
 
-def _open_sealed(path: Path, fh: BinaryIO) -> SpoolEntry:
-    """A format 2 entry, every segment authenticated (read to its end once)."""
+def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID) -> SpoolEntry:
+    """A format 2 entry of MESSAGE_ID, every segment authenticated (read to its end once)."""
     head = fh.read(_SEALED_HEAD)
     if len(head) != _SEALED_HEAD:
         raise SpoolFormatError(f"truncated in the sealed header ({len(head)} bytes)")
@@ -356,7 +388,6 @@ def _open_sealed(path: Path, fh: BinaryIO) -> SpoolEntry:
             f"spool entry {path} was sealed with master key id"
             f" {master_id.decode('ascii', 'replace')}; the configured storage.master_key_file"
             f" has id {ring.master_id}: it stays in the spool")
-    message_id = _id_of(path)
     try:
         key = sealing.master_unwrap(ring, head[-_WRAPPED_LEN:],
                                     _AAD_SPOOL_KEY + message_id.bytes)
@@ -400,6 +431,107 @@ def _id_of(path: Path) -> uuid.UUID:
         return uuid.UUID(path.name.removesuffix(SUFFIX))
     except ValueError:
         raise SpoolFormatError(f"file name {path.name} is not <message id>{SUFFIX}") from None
+
+
+def write_entry(fh: BinaryIO, message: CapturedMessage, content: BinaryIO, reason: str, *,
+                now: datetime | None = None, sealed: bool | None = None) -> None:
+    """An entry of MESSAGE (its object: message.compressed_size bytes of CONTENT)
+    to FH: sealed (format 2) when a master key is installed, unless SEALED says
+    otherwise."""
+    meta = encode_metadata(message, spooled_at=now or datetime.now(UTC), reason=reason)
+    ring = sealing.keyring() if sealed is None else sealing.required() if sealed else None
+    if ring is None:
+        _write_plain(fh, meta, message.compressed_size, content)
+    else:
+        _write_sealed(fh, ring, message.id, meta, message.compressed_size, content)
+
+
+def encode_record(message: CapturedMessage, content: BinaryIO, reason: str, *,
+                  now: datetime | None = None, sealed: bool | None = None) -> bytes:
+    """One journal segment record: head (length, message id, crc32) and the entry."""
+    buf = io.BytesIO()
+    write_entry(buf, message, content, reason, now=now, sealed=sealed)
+    body = buf.getvalue()
+    head = _RECORD_HEAD.pack(len(body), message.id.bytes)
+    return head + _RECORD_CRC.pack(zlib.crc32(head)) + body
+
+
+def _record_head(raw: bytes) -> tuple[int, uuid.UUID] | None:
+    """(length, message id) of a record head, None unless whole and intact."""
+    if len(raw) != RECORD_HEAD_BYTES:
+        return None
+    head, crc = raw[:_RECORD_HEAD.size], raw[_RECORD_HEAD.size:]
+    if _RECORD_CRC.unpack(crc)[0] != zlib.crc32(head):
+        return None
+    length, mid = _RECORD_HEAD.unpack(head)
+    return length, uuid.UUID(bytes=mid)
+
+
+def segment_ids(path: Path) -> list[uuid.UUID]:
+    """The message ids of PATH's whole records, in order (heads only: no record
+    is read or opened).  Stops at the first head that is not whole or intact."""
+    ids: list[uuid.UUID] = []
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if fh.read(len(SEGMENT_MAGIC)) != SEGMENT_MAGIC:
+            return ids
+        pos = len(SEGMENT_MAGIC)
+        while True:
+            head = _record_head(fh.read(RECORD_HEAD_BYTES))
+            if head is None or pos + RECORD_HEAD_BYTES + head[0] > size:
+                return ids
+            ids.append(head[1])
+            pos += RECORD_HEAD_BYTES + head[0]
+            fh.seek(pos)
+
+
+@dataclass
+class SegmentScan:
+    """A journal segment read to its end."""
+
+    path: Path
+    entries: list[SpoolEntry]  # whole, intact records, in order
+    damaged: list[tuple[int, bytes, str]]  # (offset, record bytes, why): whole, will not open
+    tail: tuple[int, bytes, str] | None  # what follows the last whole record, if anything
+
+
+def read_segment(path: Path) -> SegmentScan:
+    """Every record of the segment PATH, verified; sealing.SealError (the pass
+    stops, the segment stays) if the configured master key cannot open them."""
+    scan = SegmentScan(path, [], [], None)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if not data.startswith(SEGMENT_MAGIC):
+        if data:
+            scan.tail = (0, data, "not a postkeep journal segment (bad magic)")
+        return scan
+    pos = len(SEGMENT_MAGIC)
+    while pos < len(data):
+        head = _record_head(data[pos:pos + RECORD_HEAD_BYTES])
+        if head is None:
+            scan.tail = (pos, data[pos:], "record head torn or damaged (crc32)")
+            break
+        length, mid = head
+        end = pos + RECORD_HEAD_BYTES + length
+        if end > len(data):
+            scan.tail = (pos, data[pos:], f"record of {length} bytes cut short at"
+                                          f" {len(data) - pos - RECORD_HEAD_BYTES}")
+            break
+        body = data[pos + RECORD_HEAD_BYTES:end]
+        try:
+            with io.BytesIO(body) as fh:
+                entry = (_open_sealed(path, fh, mid) if body.startswith(MAGIC_SEALED)
+                         else _open_plain(path, fh, len(body)))
+            if entry.message.id != mid:
+                raise SpoolFormatError(f"record head says {mid}, its entry {entry.message.id}")
+            if entry.message.compressed_size != entry.object_length:
+                raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
+                                       f"{entry.message.compressed_size}")
+            scan.entries.append(replace(entry, data=body))
+        except SpoolFormatError as exc:
+            scan.damaged.append((pos, data[pos:end], str(exc)))
+        pos = end
+    return scan
 
 
 class _Tail(io.RawIOBase):
@@ -467,6 +599,21 @@ def fill_percent(path: str | Path, extra_bytes: int = 0,
     return 100.0 * used / total
 
 
+def is_live(path: Path) -> bool:
+    """Does a running milter still append to the open segment PATH (holds its flock)?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class Spool:
     """One spool directory: write, list, read, remove and quarantine entries."""
 
@@ -474,6 +621,7 @@ class Spool:
         self.dir = Path(directory)
         self.tmp = self.dir / "tmp"
         self.quarantine_dir = self.dir / "quarantine"
+        self._id_cache: dict[str, tuple[int, frozenset[uuid.UUID]]] = {}
 
     def ensure(self) -> None:
         """Create the directory and its subdirectories (mode 0700) if missing."""
@@ -481,8 +629,41 @@ class Spool:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def holds(self, message_id: uuid.UUID) -> bool:
-        """Is MESSAGE_ID spooled and not yet drained (its rows may not exist yet)?"""
-        return (self.dir / f"{message_id}{SUFFIX}").exists()
+        """Is MESSAGE_ID spooled and not yet drained (its rows may not exist yet)?
+        In an entry file or in a journal segment, live or closed."""
+        if (self.dir / f"{message_id}{SUFFIX}").exists():
+            return True
+        return any(message_id in self._ids(p) for p in self.segments())
+
+    def _ids(self, path: Path) -> frozenset[uuid.UUID]:
+        """The message ids in segment PATH, cached while its size is unchanged."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return frozenset()
+        cached = self._id_cache.get(path.name)
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        try:
+            ids = frozenset(segment_ids(path))
+        except FileNotFoundError:
+            return frozenset()
+        if len(self._id_cache) > 1024:
+            self._id_cache.clear()
+        self._id_cache[path.name] = (size, ids)
+        return ids
+
+    def segments(self, live: bool = True) -> list[Path]:
+        """Journal segments, oldest first: closed ones, those a killed milter left
+        open, and with LIVE those a running milter is still appending to."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.dir)
+                           if e.name.endswith((SEGMENT_SUFFIX, OPEN_SUFFIX))
+                           and e.is_file(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        return [self.dir / n for n in names
+                if live or n.endswith(SEGMENT_SUFFIX) or not is_live(self.dir / n)]
 
     # -- writing (the milter) ------------------------------------------------
     def write(self, message: CapturedMessage, content: BinaryIO, reason: str,
@@ -492,16 +673,28 @@ class Spool:
 
         Sealed (format 2) when a master key is installed, unless SEALED says
         otherwise (tests write format 1 entries with a key installed)."""
-        meta = encode_metadata(message, spooled_at=now or datetime.now(UTC), reason=reason)
-        ring = sealing.keyring() if sealed is None else sealing.required() if sealed else None
         final = self.dir / f"{message.id}{SUFFIX}"
         tmp = self.tmp / f"{message.id}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "xb") as fh:
-                if ring is None:
-                    _write_plain(fh, meta, message.compressed_size, content)
-                else:
-                    _write_sealed(fh, ring, message.id, meta, message.compressed_size, content)
+                write_entry(fh, message, content, reason, now=now, sealed=sealed)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        self.sync()
+        return final
+
+    def write_bytes(self, message_id: uuid.UUID, data: bytes) -> Path:
+        """An entry file holding DATA (a journal record's entry, as it was), durably."""
+        final = self.dir / f"{message_id}{SUFFIX}"
+        tmp = self.tmp / f"{message_id}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, final)
@@ -522,13 +715,15 @@ class Spool:
 
     # -- reading (the drain) -------------------------------------------------
     def entries(self) -> list[Path]:
-        """Every complete entry, oldest first."""
+        """What the drain can take, oldest first: every complete entry file and
+        every journal segment no running milter still appends to."""
         try:
             names = [e.name for e in os.scandir(self.dir)
                      if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
         except FileNotFoundError:
             return []
-        return [self.dir / n for n in sorted(names)]
+        files = [self.dir / n for n in names]
+        return sorted([*files, *self.segments(live=False)], key=lambda p: p.name)
 
     def open_entry(self, path: Path) -> SpoolEntry:
         """Read and verify PATH; SpoolFormatError if it is not intact.
@@ -540,7 +735,8 @@ class Spool:
         with open(path, "rb") as fh:
             head = fh.read(len(MAGIC))
             fh.seek(0)
-            entry = _open_sealed(path, fh) if head == MAGIC_SEALED else _open_plain(path, fh)
+            entry = (_open_sealed(path, fh, _id_of(path)) if head == MAGIC_SEALED
+                     else _open_plain(path, fh, os.fstat(fh.fileno()).st_size))
         if entry.message.compressed_size != entry.object_length:
             raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
                                    f"{entry.message.compressed_size}")
@@ -550,7 +746,8 @@ class Spool:
 
     def object_stream(self, entry: SpoolEntry) -> BinaryIO:
         """The entry's object bytes as a stream (close it when done)."""
-        fh = open(entry.path, "rb")  # noqa: SIM115 - closed with the returned stream
+        fh: BinaryIO = (io.BytesIO(entry.data) if entry.data is not None
+                        else open(entry.path, "rb"))  # noqa: SIM115 - closed with the stream
         if entry.key is None:
             return io.BufferedReader(_Slice(fh, entry.object_offset, entry.object_length))
         fh.seek(_SEALED_HEAD)
@@ -576,6 +773,20 @@ class Spool:
         self.sync()
         QUARANTINED.inc()
         log.error("spool entry quarantined file=%s moved_to=%s reason=%r", path, target, why)
+        return target
+
+    def quarantine_bytes(self, segment: Path, offset: int, data: bytes, why: str) -> Path:
+        """Keep DATA (a damaged record, or a segment's torn tail, from OFFSET of
+        SEGMENT) in quarantine/ as a file of its own; log naming both."""
+        self.quarantine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = self.quarantine_dir / f"{segment.name}.{offset}"
+        with open(target, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        QUARANTINED.inc()
+        log.error("spool journal bytes quarantined file=%s offset=%d bytes=%d moved_to=%s"
+                  " reason=%r", segment, offset, len(data), target, why)
         return target
 
     def remove_stale_tmp(self, older_than: float = STALE_TMP_SECONDS) -> int:
@@ -604,15 +815,25 @@ class Spool:
         except FileNotFoundError:
             items = []
         for e in items:
-            if not e.name.endswith(SUFFIX):
+            segment = e.name.endswith((SEGMENT_SUFFIX, OPEN_SUFFIX))
+            if not e.name.endswith(SUFFIX) and not segment:
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # drained meanwhile
-            count += 1
+            when = st.st_mtime
+            if segment:
+                held = len(self._ids(Path(e.path)))
+                if not held:
+                    continue
+                count += held
+                with contextlib.suppress(ValueError):  # named by its creation (UUIDv7)
+                    when = uuid7_time(uuid.UUID(e.name.rsplit(".", 1)[0])).timestamp()
+            else:
+                count += 1
             total += st.st_size
-            oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
+            oldest = when if oldest is None else min(oldest, when)
         try:
             quarantined = sum(1 for _ in os.scandir(self.quarantine_dir))
         except FileNotFoundError:
@@ -735,18 +956,24 @@ def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size:
     removals: list[Future[None]] = []
     with ThreadPoolExecutor(put_threads, thread_name_prefix="spool-put") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="spool-unlink") as remover:
-        for i in range(0, len(paths), batch_size):
+        for i, batch in _batches(paths, batch_size):
             if stop is not None and stop.is_set():
                 break
-            batch = paths[i:i + batch_size]
             try:
-                recorded = _drain_batch(spool, objects, record, batch, pool, result, packing)
-                removals.append(remover.submit(_remove_drained, spool, recorded))
+                if batch[0].name.endswith(SUFFIX):
+                    recorded = _drain_batch(spool, objects, record, batch, pool, result,
+                                            packing)
+                    removals.append(remover.submit(_remove_drained, spool, recorded))
+                else:  # one journal segment
+                    recorded = _drain_segment(spool, objects, record, batch[0], pool, result,
+                                              packing)
+                    removals.append(remover.submit(_remove_drained, spool, recorded,
+                                                   batch[0]))
             except BackendError as exc:
                 result.stopped = exc
                 DRAIN_FAILURES.labels(exc.backend).inc()
                 log.warning("spool drain stopped: %s unavailable (%s); %d entries wait",
-                            exc.backend, exc.reason, len(paths) - i)
+                            exc.backend, exc.reason, spool.status().entries)
                 break
             finally:
                 result.seconds = time.monotonic() - started
@@ -757,17 +984,73 @@ def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size:
         fut.result()  # an unlink that failed is raised here, never ignored
     spool.sync()
     result.seconds = time.monotonic() - started
-    result.remaining = len(spool.entries())
+    result.remaining = spool.status().entries
     return result
 
 
-def _remove_drained(spool: Spool, recorded: list[SpoolEntry]) -> None:
-    """Unlink entries whose object and rows are durable; one log line each."""
+def _batches(paths: list[Path], size: int) -> Iterator[tuple[int, list[Path]]]:
+    """(index of the first, batch): entry files SIZE at a time, each journal
+    segment alone (its records are a batch), in PATHS' order."""
+    run: list[Path] = []
+    start = 0
+    for i, path in enumerate(paths):
+        if path.name.endswith(SUFFIX):
+            if not run:
+                start = i
+            run.append(path)
+            if len(run) == size:
+                yield start, run
+                run = []
+            continue
+        if run:
+            yield start, run
+            run = []
+        yield i, [path]
+    if run:
+        yield start, run
+
+
+def _remove_drained(spool: Spool, recorded: list[SpoolEntry], segment: Path | None = None
+                    ) -> None:
+    """Unlink entries (or the journal SEGMENT they were records of) whose object
+    and rows are durable; one log line each."""
+    if segment is not None:
+        spool.remove(segment)
     for e in recorded:
-        spool.remove(e.path)
+        if segment is None:
+            spool.remove(e.path)
         log.info("spool drained pk_id=%s queue_id=%s key=%s spooled_at=%s", e.message.id.hex,
                  e.message.queue_id, e.message.object_key, e.spooled_at.isoformat())
     DRAINED.inc(len(recorded))
+
+
+def _drain_segment(spool: Spool, objects: ObjectStore, record: RecordRows, path: Path,
+                   pool: ThreadPoolExecutor, result: DrainResult,
+                   packing: Packing | None = None) -> list[SpoolEntry]:
+    """Store the journal segment PATH's records as one batch; the ones now durable.
+
+    Then the segment holds nothing but what is kept elsewhere before it goes:
+    records whose rows PostgreSQL refused are written out as entry files (the
+    next passes treat them as any entry), damaged records and a torn tail
+    are quarantined.  The caller unlinks it."""
+    try:
+        scan = read_segment(path)
+    except FileNotFoundError:
+        return []  # finished by another drain
+    except OSError as exc:  # unreadable: leave it, say so, go on
+        log.error("spool journal segment unreadable file=%s reason=%r", path, str(exc))
+        result.rejected += 1
+        return []
+    recorded = (_store_entries(spool, objects, record, scan.entries, pool, result, packing)
+                if scan.entries else [])
+    stored = {e.message.id for e in recorded}
+    for e in scan.entries:
+        if e.message.id not in stored and e.data is not None:
+            spool.write_bytes(e.message.id, e.data)  # kept, as an entry file
+    for offset, data, why in [*scan.damaged, *([scan.tail] if scan.tail else [])]:
+        spool.quarantine_bytes(path, offset, data, why)
+        result.quarantined += 1
+    return recorded
 
 
 def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: list[Path],
@@ -788,6 +1071,13 @@ def _drain_batch(spool: Spool, objects: ObjectStore, record: RecordRows, batch: 
             result.rejected += 1
     if not entries:
         return []
+    return _store_entries(spool, objects, record, entries, pool, result, packing)
+
+
+def _store_entries(spool: Spool, objects: ObjectStore, record: RecordRows,
+                   entries: list[SpoolEntry], pool: ThreadPoolExecutor, result: DrainResult,
+                   packing: Packing | None = None) -> list[SpoolEntry]:
+    """Put ENTRIES' objects and insert their rows; the entries now durable."""
     done: list[SpoolEntry] = []
     stored: list[packs_mod.Pack] = []
     keys: dict[uuid.UUID, sealing.DataKey] = {}
@@ -964,18 +1254,27 @@ def _record(record: RecordRows, entries: list[SpoolEntry], result: DrainResult,
     return done
 
 
-def waiting(spool: Spool, match: Callable[[CapturedMessage], bool]) -> list[uuid.UUID]:
-    """Ids of the messages in SPOOL that MATCH (accepted, not yet stored); an
-    entry drained meanwhile or unreadable (the drain quarantines it) is not."""
+def waiting_entries(spool: Spool) -> list[SpoolEntry]:
+    """Every message in SPOOL accepted and not yet stored, oldest first: entry
+    files and the records of every journal segment, live ones included; an
+    entry drained meanwhile or that does not open (the drain quarantines it)
+    is not."""
     found = []
-    for path in spool.entries():
+    files = [p for p in spool.entries() if p.name.endswith(SUFFIX)]
+    for path in sorted([*files, *spool.segments(live=True)], key=lambda p: p.name):
         try:
-            m = spool.open_entry(path).message
+            if path.name.endswith(SUFFIX):
+                found.append(spool.open_entry(path))
+            elif path.exists():
+                found += read_segment(path).entries
         except (FileNotFoundError, SpoolFormatError):
             continue
-        if match(m):
-            found.append(m.id)
     return found
+
+
+def waiting(spool: Spool, match: Callable[[CapturedMessage], bool]) -> list[uuid.UUID]:
+    """Ids of the messages in SPOOL that MATCH (accepted, not yet stored)."""
+    return [e.message.id for e in waiting_entries(spool) if match(e.message)]
 
 
 def drain_forever(spool: Spool, objects: ObjectStore, record: RecordRows, *,

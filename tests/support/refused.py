@@ -30,7 +30,7 @@ from postkeep.storage.content.layout import MESSAGES
 from postkeep.storage.content.objects import read_all
 from postkeep.storage.content.packs import is_pack_key
 from postkeep.storage.content.restore import decompress_stream
-from postkeep.storage.content.spool import Spool, SpoolFormatError
+from postkeep.storage.content.spool import Spool, SpoolFormatError, waiting_entries
 from postkeep.storage.metadata.db import BackendError
 from support.stack import Stack
 
@@ -127,11 +127,13 @@ def stored_for(stack: Stack, org_id: uuid.UUID, spool: Spool | None = None) -> S
     if spool is not None:
         quarantined = (list(spool.quarantine_dir.iterdir()) if spool.quarantine_dir.is_dir()
                        else [])
-        for path in [*spool.entries(), *quarantined]:
+        held = [(e.path, e.message) for e in waiting_entries(spool)]
+        for path in quarantined:
             try:
-                message = spool.open_entry(path).message
+                held.append((path, spool.open_entry(path).message))
             except (SpoolFormatError, FileNotFoundError):
-                continue  # damaged on purpose by a test, or drained meanwhile
+                continue  # damaged on purpose by a test, or journal bytes set aside
+        for path, message in held:
             if message.org_id == org_id:
                 for token in _tokens(message.message_id_header, message.subject):
                     stored.spooled.setdefault(token, []).append(path)
