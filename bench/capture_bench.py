@@ -79,6 +79,12 @@ def read_env(path: str) -> dict[str, str]:
     return env
 
 
+def sender_for(config: str) -> str:
+    """E, T, U, K: the same milters as C and J, a sender domain of an organisation
+    with no DKIM key and the 'unsigned' policy: capture alone, no signing."""
+    return "sender@capture.example" if config in "ETUK" else "sender@bench.example"
+
+
 # ---------------------------------------------------------------- probes
 def cpu_seconds(pid: int) -> float:
     """utime + stime of PID (all threads), in seconds."""
@@ -203,6 +209,7 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # machine, minio, postgres
     packs: int | None = None  # pack PUTs the milter made (postkeep_milter_packs_total)
     lingered: int | None = None  # batches whose first message waited for company
+    syncs: int | None = None  # J, K: fdatasyncs of journal segments in the run
 
 
 @dataclass
@@ -470,9 +477,7 @@ class Bench:
         before = scrape(metrics_url) if capturing else {}
         cpu0 = cpu_seconds(pid) if pid else 0.0
         comp0 = self.component_cpu()
-        # E, T: the same milter, a sender domain of an organisation with no
-        # DKIM key and the 'unsigned' policy: capture alone, no signing.
-        sender = "sender@capture.example" if config in "ETUK" else "sender@bench.example"
+        sender = sender_for(config)
         storage_url = self.env.get("POSTKEEP_STORAGE_METRICS", "")
         lag_before = scrape(storage_url) if config == "T" or journaled else {}
         since = time.time() - 0.5
@@ -504,6 +509,9 @@ class Bench:
             run.captured = int(after.get(key, 0) - before.get(key, 0))
             run.packs = int(after.get("postkeep_milter_packs_total", 0)
                             - before.get("postkeep_milter_packs_total", 0))
+            if journaled:  # how many records each journal fdatasync covered
+                run.syncs = int(after.get("postkeep_journal_fdatasyncs_total", 0)
+                                - before.get("postkeep_journal_fdatasyncs_total", 0))
             if journaled:  # the drain's PUTs, in postkeep-storage
                 stored = scrape(storage_url)
                 run.packs = int(stored.get("postkeep_spool_packs_total", 0)
@@ -523,6 +531,8 @@ class Bench:
             extra += f" signed {run.signed}"
         if run.packs is not None:
             extra += f" packs {run.packs} lingered {run.lingered}"
+        if run.syncs is not None:
+            extra += f" fdatasyncs {run.syncs}"
         if run.p50 is not None and run.p99 is not None:
             extra += f" eom p50 {run.p50 * 1000:.1f}ms p99 {run.p99 * 1000:.1f}ms"
         if run.lag is not None:
@@ -733,8 +743,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
     lines += ["", "## Pack PUTs per 1,000 messages (postkeep_milter_packs_total deltas; J and K:"
               " the drain's postkeep_spool_packs_total; median over reps; every bench message"
               " is small and outbound, so packed)", "",
-              "| size | config | pack PUTs per 1,000 messages | batches that lingered per 1,000 |",
-              "|---|---|---:|---:|"]
+              "| size | config | pack PUTs per 1,000 messages | batches that lingered per 1,000 "
+              "| J, K: journal fdatasyncs per 1,000 messages |",
+              "|---|---|---:|---:|---:|"]
     for size in SIZES:
         for c in configs:
             rs = [r for r in bench.runs if r.size == size and r.config == c
@@ -742,7 +753,9 @@ def report(bench: Bench, configs: str, rss: list[tuple[str, int, int, int]],
             if rs:
                 puts = statistics.median((r.packs or 0) / r.n * 1000 for r in rs)
                 waited = statistics.median((r.lingered or 0) / r.n * 1000 for r in rs)
-                lines.append(f"| {size} | {c} | {puts:.0f} | {waited:.0f} |")
+                syncs = ("-" if any(r.syncs is None for r in rs) else
+                         f"{statistics.median((r.syncs or 0) / r.n * 1000 for r in rs):.0f}")
+                lines.append(f"| {size} | {c} | {puts:.0f} | {waited:.0f} | {syncs} |")
     lines += ["", "## postkeep-milter end-of-message latency (C and J runs)", "",
               f"From `{EOM_METRIC}` bucket deltas before/after each run, linearly "
               "interpolated inside the bucket (buckets 1, 2.5, 5, 10, 25, 50, 100, 250 ms...), "
@@ -789,7 +802,7 @@ CATEGORIES = (
     ("PostgreSQL: psycopg, psycopg_pool", ("psycopg/", "psycopg_pool/", "/messages.py:")),
     ("sealing (AES-GCM, STREAM segments)", ("/sealing.py:", "/sealed_stream.py:",
                                             "/sealed_objects.py:")),
-    ("journal / outage spool write", ("/spool.py:",)),
+    ("journal / outage spool: write, read, drain", ("/spool.py:", "/journal.py:")),
     ("group commit, packs, linger", ("/committer.py:", "/packing.py:", "/packs.py:",
                                      "/linger.py:")),
     ("DKIM: relaxed body hash, header canonicalisation, RSA signing", (
@@ -816,28 +829,8 @@ def categorise(stack: list[str]) -> str:
     return "other"
 
 
-def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C") -> list[str]:
-    """py-spy (GIL-holding samples only) over one CONFIG run (C or J: capture and
-    sign) of N 5 KB messages."""
-    bench.use(config)
-    bench.drain()
-    pid = bench.journal_pid if config in "JK" else bench.milter_pid
-    raw = out.with_suffix(".pyspy.txt")
-    spy = subprocess.Popen([pyspy, "record", "--gil", "--nonblocking", "-r", "250", "-f", "raw",
-                            "-o", str(raw), "-p", str(pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    seconds = bench.send(n, SIZES["5 KB"])
-    if config in "JK":
-        bench.drain_spool()
-    spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-    try:
-        spy.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-    if not raw.exists():
-        err = spy.stderr.read() if spy.stderr else ""
-        return ["", f"py-spy produced no profile: {err[-300:]}"]
+def _summarise_pyspy(raw: Path) -> tuple[Counter[str], Counter[str], int]:
+    """(samples by category, by innermost frame, total) of a py-spy raw file."""
     cats: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     total = 0
@@ -850,24 +843,60 @@ def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C"
         total += k
         cats[categorise(frames)] += k
         leaves[frames[-1].strip() or NO_FRAME] += k
-    raw.unlink()
-    if not total:
-        return ["", "py-spy recorded no samples."]
-    lines = ["", f"## py-spy profile of postkeep-milter (one {config} run, 5 KB)", "",
-             f"`py-spy record --gil --nonblocking -r 250` over {n} messages "
-             f"({n / seconds:.0f} msg/s): only samples of the thread holding the GIL, i.e. "
-             "what occupies the milter's one usable core. Samples are grouped by the innermost "
-             "frame that belongs to a known part. libmilter's C threads and time waiting on "
-             f"sockets are not in here. {total} samples.", "",
-             "| part | share of GIL-held samples | share of those with a Python frame |",
-             "|---|---:|---:|"]
-    framed = max(total - cats.get(NO_FRAME, 0), 1)
-    for name, k in cats.most_common():
-        second = "-" if name == NO_FRAME else f"{100 * k / framed:.0f}%"
-        lines.append(f"| {name} | {100 * k / total:.0f}% | {second} |")
-    lines += ["", "Top functions by own samples:", "", "| function | share |", "|---|---:|"]
-    for frame, k in leaves.most_common(12):
-        lines.append(f"| `{frame.replace('|', '/')}` | {100 * k / total:.1f}% |")
+    return cats, leaves, total
+
+
+def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C") -> list[str]:
+    """py-spy over one CONFIG run (C or J: capture and sign) of N 5 KB messages:
+    the milter's GIL-holding samples and, for J, postkeep-storage's (the drain)
+    on-CPU samples of every thread."""
+    bench.use(config)
+    bench.drain()
+    pid = bench.journal_pid if config in "JK" else bench.milter_pid
+    targets = [("postkeep-milter", pid, ["--gil"], out.with_suffix(".pyspy.txt"))]
+    if config in "JK" and bench.storage_pid:
+        targets.append(("postkeep-storage (the drain)", bench.storage_pid, ["--gil"],
+                        out.with_suffix(".storage.pyspy.txt")))
+    spies = [(name, raw, subprocess.Popen(
+        [pyspy, "record", *flags, "-r", "250", "-f", "raw", "-o", str(raw), "-p", str(p)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        for name, p, flags, raw in targets]
+    time.sleep(1.0)
+    seconds = bench.send(n, SIZES["5 KB"])
+    if config in "JK":
+        bench.drain_spool()
+    lines: list[str] = []
+    for name, raw, spy in spies:
+        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        if not raw.exists():
+            err = spy.stderr.read() if spy.stderr else ""
+            lines += ["", f"py-spy produced no profile of {name}: {err[-300:]}"]
+            continue
+        cats, leaves, total = _summarise_pyspy(raw)
+        raw.unlink()
+        if not total:
+            lines += ["", f"py-spy recorded no samples of {name}."]
+            continue
+        lines += ["", f"## py-spy profile of {name} (one {config} run, 5 KB)", "",
+                  f"`py-spy record --gil -r 250` over {n} messages ({n / seconds:.0f} msg/s,"
+                  " slowed by py-spy): only samples of the thread holding the GIL. In the"
+                  " milter py-spy counts most of them with no Python frame; `BENCH_PERF=1`"
+                  " (perf) shows where that CPU really goes. Samples are grouped by the"
+                  f" innermost frame that belongs to a known part. {total} samples.", "",
+                  "| part | share of samples | share of those with a Python frame |",
+                  "|---|---:|---:|"]
+        framed = max(total - cats.get(NO_FRAME, 0), 1)
+        for part, k in cats.most_common():
+            second = "-" if part == NO_FRAME else f"{100 * k / framed:.0f}%"
+            lines.append(f"| {part} | {100 * k / total:.0f}% | {second} |")
+        lines += ["", "Top functions by own samples:", "", "| function | share |",
+                  "|---|---:|"]
+        for frame, k in leaves.most_common(12):
+            lines.append(f"| `{frame.replace('|', '/')}` | {100 * k / total:.1f}% |")
     return lines
 
 
@@ -913,7 +942,7 @@ def perf_profile(bench: Bench, perf: str, n: int, out: Path, configs: str) -> li
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)
         cpu0 = cpu_seconds(pid)
-        bench.send(n, SIZES["5 KB"])
+        bench.send(n, SIZES["5 KB"], sender=sender_for(config))
         if config in "JK":
             bench.drain_spool()
         cpu = cpu_seconds(pid) - cpu0

@@ -173,10 +173,18 @@ def build_service(cfg: Config, db: Database, objects: S3ObjectStore
         svc = CaptureService(cfg.milter, db, objects,  # type: ignore[arg-type,call-arg]
                              OldDirectory(db, cfg.milter.directory_cache_seconds))
         return svc, lambda: None
+    from postkeep.storage.content import sealing
+
+    sealing.install(cfg.storage.master_key_bytes())  # as every daemon does
     committer = GroupCommitter(db, objects,
-                               workers=getattr(cfg.milter, "commit_threads", 2))
+                               workers=getattr(cfg.milter, "commit_threads", 2),
+                               layout=cfg.s3.effective_layout(
+                                   sealed=bool(cfg.storage.master_key)))
+    # The return path key signs VERP addresses: outcome tracking is on in the
+    # stack's configuration, and the service refuses (451) without it.
     svc = CaptureService(cfg.milter, committer,
-                         Directory(db, cfg.milter.directory_cache_seconds))
+                         Directory(db, cfg.milter.directory_cache_seconds),
+                         return_path_key=cfg.return_path.key_bytes(), tags=cfg.tags)
     return svc, committer.close
 
 

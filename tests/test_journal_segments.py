@@ -177,6 +177,21 @@ def test_a_failed_write_is_cut_off_and_later_records_go_to_a_new_segment(
     assert list(spool.quarantine_dir.iterdir()) == []
 
 
+def test_a_record_cut_short_by_a_kill_is_dropped_from_a_segment_left_open(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    writer = JournalWriter(spool, clock=Clock())
+    blobs = {m.id: b for m, b in (_append(writer, n) for n in range(3))}
+    seg = writer._segment
+    assert seg is not None
+    os.write(seg.fd, seg.path.read_bytes()[9:9 + 500])  # an append the kill cut
+    os.close(seg.fd)
+    with caplog.at_level(logging.WARNING, logger="postkeep.spool"):
+        _drained_exactly(spool, blobs)
+    assert list(spool.quarantine_dir.iterdir()) == [] and spool.segments() == []
+    assert any("never answered" in r.getMessage() and str(seg.path) in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.parametrize("damage", ["torn tail", "flipped record"])
 def test_damage_is_quarantined_and_every_whole_record_drained(
         spool: Spool, damage: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -40,6 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from prometheus_client import Counter
+
 from postkeep.ids import uuid7
 from postkeep.storage.content.spool import (
     OPEN_SUFFIX,
@@ -51,6 +53,14 @@ from postkeep.storage.content.spool import (
 from postkeep.storage.metadata.messages import CapturedMessage
 
 log = logging.getLogger("postkeep.spool")
+
+RECORDS = Counter("postkeep_journal_records_total",
+                  "Messages appended to journal segments (accept_after = journal).")
+SYNCS = Counter("postkeep_journal_fdatasyncs_total",
+                "fdatasync calls on journal segments; records per call is the group"
+                " commit's sharing.")
+SEGMENTS = Counter("postkeep_journal_segments_total",
+                   "Journal segments closed and handed to the drain.")
 
 ROTATE_SECONDS = 0.5
 SEGMENT_MAX_BYTES = 8 << 20
@@ -85,6 +95,7 @@ class _Segment:
                 target = self.written
                 self._cv.release()
                 try:
+                    SYNCS.inc()
                     os.fdatasync(self.fd)
                 except OSError as exc:
                     failed: OSError | None = exc
@@ -106,6 +117,7 @@ class _Segment:
                 self._cv.wait()
             if self.failed is None:
                 try:
+                    SYNCS.inc()
                     os.fdatasync(self.fd)
                     self.durable = self.written
                 except OSError as exc:
@@ -179,6 +191,7 @@ class JournalWriter:
                 raise
             seg.written += len(record)
             seg.records += 1
+            RECORDS.inc()
             end = seg.written
         seg.wait_durable(end)
         return seg.path
@@ -231,6 +244,7 @@ class JournalWriter:
             seg.sync_all()
             os.rename(seg.path, seg.path.with_name(
                 seg.path.name.removesuffix(OPEN_SUFFIX) + SEGMENT_SUFFIX))
+            SEGMENTS.inc()
         finally:
             os.close(seg.fd)  # releases the flock: a .jopen left is drained as one
 

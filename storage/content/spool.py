@@ -80,8 +80,10 @@ Format, integers big-endian:
 The drain takes a segment's records as one batch; records whose rows
 PostgreSQL refuses are written out as entry files (`<id>.spool`, the same
 bytes), a record that does not open and anything after the last whole
-record (a write torn by a crash: never answered) go to `quarantine/`, and
-then the segment is unlinked.
+record go to `quarantine/`, and then the segment is unlinked.  The one
+exception: a segment left `.jopen` by a killed milter that ends in one
+record cut short.  That record was never whole on disk, so no fdatasync
+covered it and its session was never answered; it is dropped, logged.
 
 A file that does not parse to its end with a matching checksum is moved to
 `quarantine/` with an error line naming it; it is never deleted and never
@@ -272,8 +274,10 @@ class SpoolEntry:
     object_offset: int  # in the file; in the sealed stream's plaintext if sealed
     object_length: int
     key: bytes | None = field(default=None, repr=False)  # a sealed entry's data key
-    # A journal segment's record: the entry's bytes (PATH is the segment).
+    # A journal segment's record: the entry's bytes (PATH is the segment), and
+    # its object's, read once (a record's object is at most 1 MiB).
     data: bytes | None = field(default=None, repr=False)
+    plain: bytes | None = field(default=None, repr=False)
 
 
 class _Slice(io.RawIOBase):
@@ -373,8 +377,10 @@ def _open_plain(path: Path, fh: BinaryIO, size: int) -> SpoolEntry:
     return SpoolEntry(path, message, spooled_at, reason, offset, obj_len)
 
 
-def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID) -> SpoolEntry:
-    """A format 2 entry of MESSAGE_ID, every segment authenticated (read to its end once)."""
+def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID, keep: bool = False
+                 ) -> SpoolEntry:
+    """A format 2 entry of MESSAGE_ID, every segment authenticated (read to its end
+    once); with KEEP, its object's plaintext kept in the entry (`plain`)."""
     head = fh.read(_SEALED_HEAD)
     if len(head) != _SEALED_HEAD:
         raise SpoolFormatError(f"truncated in the sealed header ({len(head)} bytes)")
@@ -397,11 +403,14 @@ def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID) -> SpoolEntry:
     meta = b""
     meta_len = obj_len = -1
     seen = 0  # object bytes
+    kept: list[bytes] = []
     try:
         for chunk in sealed_stream.open_stream(key, _binding(message_id),
                                                iter(lambda: fh.read(1 << 20), b""), str(path)):
             if obj_len >= 0:
                 seen += len(chunk)
+                if keep:
+                    kept.append(chunk)
                 continue
             got += chunk
             if meta_len < 0 and len(got) >= _LEN.size:
@@ -413,6 +422,8 @@ def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID) -> SpoolEntry:
                 (obj_len,) = _LEN.unpack(bytes(got[_LEN.size + meta_len:
                                                    2 * _LEN.size + meta_len]))
                 seen = len(got) - 2 * _LEN.size - meta_len
+                if keep:
+                    kept.append(bytes(got[2 * _LEN.size + meta_len:]))
                 got.clear()
     except sealing.SealError as exc:
         raise SpoolFormatError(str(exc)) from None
@@ -422,7 +433,7 @@ def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID) -> SpoolEntry:
         raise SpoolFormatError(f"sealed object is {seen} bytes, its length says {obj_len}")
     message, spooled_at, reason = decode_metadata(meta)
     return SpoolEntry(path, message, spooled_at, reason, 2 * _LEN.size + meta_len, obj_len,
-                      key)
+                      key, plain=b"".join(kept) if keep else None)
 
 
 def _id_of(path: Path) -> uuid.UUID:
@@ -493,6 +504,9 @@ class SegmentScan:
     entries: list[SpoolEntry]  # whole, intact records, in order
     damaged: list[tuple[int, bytes, str]]  # (offset, record bytes, why): whole, will not open
     tail: tuple[int, bytes, str] | None  # what follows the last whole record, if anything
+    # The tail is one record cut short (an intact head, or less than a head):
+    # what a writer killed in the middle of an append leaves.
+    cut_short: bool = False
 
 
 def read_segment(path: Path) -> SegmentScan:
@@ -509,19 +523,26 @@ def read_segment(path: Path) -> SegmentScan:
     while pos < len(data):
         head = _record_head(data[pos:pos + RECORD_HEAD_BYTES])
         if head is None:
-            scan.tail = (pos, data[pos:], "record head torn or damaged (crc32)")
+            short = len(data) - pos < RECORD_HEAD_BYTES
+            scan.tail = (pos, data[pos:], "record head cut short" if short
+                         else "record head damaged (crc32)")
+            scan.cut_short = short
             break
         length, mid = head
         end = pos + RECORD_HEAD_BYTES + length
         if end > len(data):
             scan.tail = (pos, data[pos:], f"record of {length} bytes cut short at"
                                           f" {len(data) - pos - RECORD_HEAD_BYTES}")
+            scan.cut_short = True
             break
         body = data[pos + RECORD_HEAD_BYTES:end]
         try:
             with io.BytesIO(body) as fh:
-                entry = (_open_sealed(path, fh, mid) if body.startswith(MAGIC_SEALED)
-                         else _open_plain(path, fh, len(body)))
+                entry = (_open_sealed(path, fh, mid, keep=True)
+                         if body.startswith(MAGIC_SEALED) else _open_plain(path, fh, len(body)))
+            if entry.plain is None:
+                entry = replace(entry, plain=body[entry.object_offset:
+                                                  entry.object_offset + entry.object_length])
             if entry.message.id != mid:
                 raise SpoolFormatError(f"record head says {mid}, its entry {entry.message.id}")
             if entry.message.compressed_size != entry.object_length:
@@ -746,6 +767,8 @@ class Spool:
 
     def object_stream(self, entry: SpoolEntry) -> BinaryIO:
         """The entry's object bytes as a stream (close it when done)."""
+        if entry.plain is not None:
+            return io.BytesIO(entry.plain)
         fh: BinaryIO = (io.BytesIO(entry.data) if entry.data is not None
                         else open(entry.path, "rb"))  # noqa: SIM115 - closed with the stream
         if entry.key is None:
@@ -1047,7 +1070,17 @@ def _drain_segment(spool: Spool, objects: ObjectStore, record: RecordRows, path:
     for e in scan.entries:
         if e.message.id not in stored and e.data is not None:
             spool.write_bytes(e.message.id, e.data)  # kept, as an entry file
-    for offset, data, why in [*scan.damaged, *([scan.tail] if scan.tail else [])]:
+    tail = [scan.tail] if scan.tail else []
+    if scan.tail and scan.cut_short and path.name.endswith(OPEN_SUFFIX):
+        # A writer killed in the middle of an append: the record was never
+        # whole, so never fdatasync'd, so never answered (Postfix got no 250
+        # and sends the message again).  Nothing to keep.
+        offset, data, why = scan.tail
+        log.warning("spool journal segment left by a killed milter ends in a record never"
+                    " answered: %d bytes dropped file=%s offset=%d (%s)", len(data), path,
+                    offset, why)
+        tail = []
+    for offset, data, why in [*scan.damaged, *tail]:
         spool.quarantine_bytes(path, offset, data, why)
         result.quarantined += 1
     return recorded
