@@ -694,28 +694,21 @@ class Spool:
 
         Sealed (format 2) when a master key is installed, unless SEALED says
         otherwise (tests write format 1 entries with a key installed)."""
-        final = self.dir / f"{message.id}{SUFFIX}"
-        tmp = self.tmp / f"{message.id}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(tmp, "xb") as fh:
-                write_entry(fh, message, content, reason, now=now, sealed=sealed)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        self.sync()
-        return final
+        return self._durably(message.id, lambda fh: write_entry(
+            fh, message, content, reason, now=now, sealed=sealed))
 
     def write_bytes(self, message_id: uuid.UUID, data: bytes) -> Path:
         """An entry file holding DATA (a journal record's entry, as it was), durably."""
+        return self._durably(message_id, lambda fh: fh.write(data))
+
+    def _durably(self, message_id: uuid.UUID, fill: Callable[[BinaryIO], object]) -> Path:
+        """`<MESSAGE_ID>.spool` as FILL writes it: in tmp/, fsync'd, renamed in,
+        the directory fsync'd.  OSError if it could not be (nothing is left)."""
         final = self.dir / f"{message_id}{SUFFIX}"
         tmp = self.tmp / f"{message_id}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "xb") as fh:
-                fh.write(data)
+                fill(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, final)
