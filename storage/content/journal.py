@@ -231,7 +231,11 @@ class JournalWriter:
         """Make the open segment whole on disk and hand it to the drain (.journal).
 
         An empty one is removed.  With an fdatasync that failed, it is renamed
-        all the same: its answered records were covered by earlier ones."""
+        all the same: its answered records were covered by earlier ones.  The
+        records of the sessions that failure refused (451) are in it too and
+        are stored by the drain; Postfix's retry of such a message is then
+        stored a second time, under another id (a disk that fails fdatasync
+        is the operator's alert, not a normal path)."""
         seg, self._segment = self._segment, None
         if seg is None or seg.closed:
             return
