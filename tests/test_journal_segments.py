@@ -308,3 +308,23 @@ def test_records_are_sealed_when_a_master_key_is_installed(spool: Spool) -> None
         result = drain(spool, MemoryObjectStore(), list[CapturedMessage]().extend)
         assert result.stopped is not None and result.drained == 0
         assert len(spool.entries()) == 1
+
+
+def test_records_a_failed_fdatasync_refused_are_cut_off_not_drained(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = JournalWriter(spool, clock=Clock())
+    blobs = {m.id: b for m, b in (_append(writer, n) for n in range(2))}
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(journal_mod.os, "fdatasync", failing)
+    with pytest.raises(OSError, match="fdatasync failed"):
+        _append(writer, 2)  # refused: Postfix will send it again
+    monkeypatch.setattr(journal_mod.os, "fdatasync", real)
+    blobs.update({m.id: b for m, b in (_append(writer, n) for n in range(3, 5))})
+    writer.close()
+    assert len(spool.entries()) == 2  # the failed segment was closed, a new one began
+    _drained_exactly(spool, blobs)  # the refused message is not among them
+    assert list(spool.quarantine_dir.iterdir()) == []

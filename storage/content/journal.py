@@ -230,12 +230,10 @@ class JournalWriter:
     def _close_segment(self) -> None:
         """Make the open segment whole on disk and hand it to the drain (.journal).
 
-        An empty one is removed.  With an fdatasync that failed, it is renamed
-        all the same: its answered records were covered by earlier ones.  The
-        records of the sessions that failure refused (451) are in it too and
-        are stored by the drain; Postfix's retry of such a message is then
-        stored a second time, under another id (a disk that fails fdatasync
-        is the operator's alert, not a normal path)."""
+        An empty one is removed.  After an fdatasync that failed it is cut
+        back to what the last good one covered: every record past that was
+        refused (451) to its session, and Postfix sends those messages again;
+        left in, the drain would store them twice."""
         seg, self._segment = self._segment, None
         if seg is None or seg.closed:
             return
@@ -246,6 +244,10 @@ class JournalWriter:
                     seg.path.unlink()
                 return
             seg.sync_all()
+            if seg.failed is not None:
+                os.ftruncate(seg.fd, max(seg.durable, len(SEGMENT_MAGIC)))
+                with contextlib.suppress(OSError):
+                    os.fdatasync(seg.fd)
             os.rename(seg.path, seg.path.with_name(
                 seg.path.name.removesuffix(OPEN_SUFFIX) + SEGMENT_SUFFIX))
             SEGMENTS.inc()
