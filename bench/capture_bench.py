@@ -509,10 +509,9 @@ class Bench:
             run.captured = int(after.get(key, 0) - before.get(key, 0))
             run.packs = int(after.get("postkeep_milter_packs_total", 0)
                             - before.get("postkeep_milter_packs_total", 0))
-            if journaled:  # how many records each journal fdatasync covered
+            if journaled:  # fdatasyncs in the milter; the drain's PUTs, in postkeep-storage
                 run.syncs = int(after.get("postkeep_journal_fdatasyncs_total", 0)
                                 - before.get("postkeep_journal_fdatasyncs_total", 0))
-            if journaled:  # the drain's PUTs, in postkeep-storage
                 stored = scrape(storage_url)
                 run.packs = int(stored.get("postkeep_spool_packs_total", 0)
                                 - lag_before.get("postkeep_spool_packs_total", 0))
@@ -829,6 +828,16 @@ def categorise(stack: list[str]) -> str:
     return "other"
 
 
+def _interrupt(proc: subprocess.Popen[str], timeout: float) -> None:
+    """SIGINT a profiler (py-spy, perf: it writes its output and exits); killed
+    if it has not within TIMEOUT seconds."""
+    proc.send_signal(2)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _summarise_pyspy(raw: Path) -> tuple[Counter[str], Counter[str], int]:
     """(samples by category, by innermost frame, total) of a py-spy raw file."""
     cats: Counter[str] = Counter()
@@ -867,11 +876,7 @@ def pyspy_profile(bench: Bench, pyspy: str, n: int, out: Path, config: str = "C"
         bench.drain_spool()
     lines: list[str] = []
     for name, raw, spy in spies:
-        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-        try:
-            spy.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+        _interrupt(spy, 30)
         if not raw.exists():
             err = spy.stderr.read() if spy.stderr else ""
             lines += ["", f"py-spy produced no profile of {name}: {err[-300:]}"]
@@ -946,11 +951,7 @@ def perf_profile(bench: Bench, perf: str, n: int, out: Path, configs: str) -> li
         if config in "JK":
             bench.drain_spool()
         cpu = cpu_seconds(pid) - cpu0
-        rec.send_signal(2)
-        try:
-            rec.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            rec.kill()
+        _interrupt(rec, 60)
         if not data.exists():
             err = rec.stderr.read() if rec.stderr else ""
             lines.append(f"perf produced no profile for {config}: {err[-300:]}")

@@ -347,6 +347,7 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     from postkeep.milter.keys import KeyRingRefresher
     from postkeep.milter.service import CaptureService
     from postkeep.milter.spool import OutageSpooler
+    from postkeep.storage.content.journal import JournalWriter
     from postkeep.storage.content.objects import S3ObjectStore
     from postkeep.storage.content.spool import Spool
     from postkeep.storage.metadata.db import BackendError, Database
@@ -366,14 +367,12 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     check_at_start(objects, log)
     db.open()
     spooler = None
+    journal: JournalWriter | None = None
     if mcfg.outage_spool:
         # The spool's gauges are served by its drain (postkeep-storage), not here too:
         # a sum() over every target would count each entry twice.
         spool = Spool(mcfg.outage_spool_directory)
-        journal = None
         if mcfg.accept_after == "journal":
-            from postkeep.storage.content.journal import JournalWriter
-
             journal = JournalWriter(spool)
             journal.start()
         spooler = OutageSpooler(spool, mcfg.outage_spool_max_fill_percent, journal=journal)
@@ -454,8 +453,8 @@ def _run(cfg: Any, config_path: str | None, networks: Any, system: Any,
     finally:
         stop.set()
         committer.close()
-        if spooler is not None and spooler.journal_writer is not None:
-            spooler.journal_writer.close()  # its open segment handed to the drain
+        if journal is not None:
+            journal.close()  # its open segment handed to the drain
         if keyring is not None:
             keyring.close()
         lookups.shutdown(wait=True)

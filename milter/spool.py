@@ -82,8 +82,8 @@ class OutageSpooler:
                  journal: JournalWriter | None = None) -> None:
         self.spool = spool
         # accept_after = "journal": messages appended to segments, group-fsync'd
-        # (storage/content/journal.py); outages still write entry files.
-        self.journal_writer = journal
+        # (storage/content/journal.py); outages always write entry files.
+        self._journal_write = journal.append if journal is not None else spool.write
         self.max_fill_percent = max_fill_percent
         self._fill = fill or (lambda path, extra: fill_percent(path, extra))
 
@@ -93,7 +93,8 @@ class OutageSpooler:
 
         Callers pass only outages (EXC.backend in SPOOLABLE_BACKENDS).
         """
-        why = self._write(message, content, f"{exc.backend}: {exc.reason}")
+        why = self._write(message, content, f"{exc.backend}: {exc.reason}",
+                          self.spool.write)
         if why is not None:
             metrics.SPOOL_REFUSED.inc()
             log.error("spool refused pk_id=%s queue_id=%s backend=%s reason=%r", message.id.hex,
@@ -107,15 +108,15 @@ class OutageSpooler:
         """`accept_after = 'journal'`: write MESSAGE into the spool whatever the
         backends do; None once it is durable, else the tempfail reply (the
         service logs the one line per message either way)."""
-        why = self._write(message, content, JOURNAL_REASON, journal=True)
+        why = self._write(message, content, JOURNAL_REASON, self._journal_write)
         if why is None:
             return None
         metrics.SPOOL_REFUSED.inc()
         return journal_refused_reply(why)
 
     def _write(self, message: CapturedMessage, content: StoredContent, reason: str,
-               journal: bool = False) -> str | None:
-        """Write MESSAGE durably; None once it is, else why it was not."""
+               write: Callable[[CapturedMessage, BinaryIO, str], object]) -> str | None:
+        """Write MESSAGE durably with WRITE; None once it is, else why it was not."""
         started = time.perf_counter()
         try:
             used = self._fill(str(self.spool.dir), content.compressed_size)
@@ -125,10 +126,7 @@ class OutageSpooler:
             return (f"spool filesystem {used:.1f}% full, limit"
                     f" milter.outage_spool_max_fill_percent = {self.max_fill_percent:g}")
         try:
-            if journal and self.journal_writer is not None:
-                self.journal_writer.append(message, _rewound(content), reason)
-            else:
-                self.spool.write(message, _rewound(content), reason)
+            write(message, _rewound(content), reason)
         except OSError as err:
             return f"spool write failed: {err}"
         metrics.SPOOL_WRITE_SECONDS.observe(time.perf_counter() - started)

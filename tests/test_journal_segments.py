@@ -31,6 +31,7 @@ from postkeep.storage.content.spool import (
     segment_ids,
     waiting,
 )
+from postkeep.storage.metadata.db import BackendError
 from postkeep.storage.metadata.messages import CapturedMessage
 
 pytestmark = pytest.mark.unit
@@ -245,7 +246,6 @@ def test_a_backend_down_keeps_the_segment_whole(spool: Spool) -> None:
     blobs = {m.id: b for m, b in (_append(writer, n) for n in range(3))}
     writer.close()
     rows = FakeRows()
-    from postkeep.storage.metadata.db import BackendError
     rows.fail = BackendError("postgres", "connection refused")
     result = drain(spool, MemoryObjectStore(), rows)
     assert result.stopped is not None and result.remaining == 3

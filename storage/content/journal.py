@@ -76,9 +76,7 @@ class _Segment:
         self.created = created
         self.written = len(SEGMENT_MAGIC)  # bytes whole in the file
         self.durable = 0  # bytes an fdatasync covered
-        self.records = 0
         self.failed: OSError | None = None
-        self.closed = False
         self._syncing = False
         self._cv = threading.Condition()
 
@@ -162,7 +160,7 @@ class JournalWriter:
         while not self._stop.wait(min(self.rotate_seconds, 1.0) / 2):
             with self._lock:
                 seg = self._segment
-                if seg is not None and self._clock() - seg.created >= self.rotate_seconds:
+                if seg is not None and self._old(seg):
                     try:
                         self._close_segment()
                     except OSError as exc:
@@ -190,7 +188,6 @@ class JournalWriter:
                     self._close_segment()
                 raise
             seg.written += len(record)
-            seg.records += 1
             RECORDS.inc()
             end = seg.written
         seg.wait_durable(end)
@@ -201,12 +198,16 @@ class JournalWriter:
         seg = self._segment
         if seg is not None and (seg.failed is not None
                                 or seg.written + size > self.segment_max_bytes
-                                or self._clock() - seg.created >= self.rotate_seconds):
+                                or self._old(seg)):
             self._close_segment()
             seg = None
         if seg is None:
             seg = self._segment = self._open_segment()
         return seg
+
+    def _old(self, seg: _Segment) -> bool:
+        """Is SEG due to be handed to the drain (ROTATE_SECONDS old)?"""
+        return self._clock() - seg.created >= self.rotate_seconds
 
     def _open_segment(self) -> _Segment:
         """A new segment: made and locked in tmp/, then renamed in, durably."""
@@ -235,11 +236,10 @@ class JournalWriter:
         refused (451) to its session, and Postfix sends those messages again;
         left in, the drain would store them twice."""
         seg, self._segment = self._segment, None
-        if seg is None or seg.closed:
+        if seg is None:
             return
-        seg.closed = True
         try:
-            if seg.records == 0:
+            if seg.written == len(SEGMENT_MAGIC):  # no record in it
                 with contextlib.suppress(FileNotFoundError):
                     seg.path.unlink()
                 return

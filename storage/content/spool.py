@@ -436,6 +436,13 @@ def _open_sealed(path: Path, fh: BinaryIO, message_id: uuid.UUID, keep: bool = F
                       key, plain=b"".join(kept) if keep else None)
 
 
+def _check_object_length(entry: SpoolEntry) -> None:
+    """SpoolFormatError unless ENTRY's object is as long as its metadata says."""
+    if entry.message.compressed_size != entry.object_length:
+        raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
+                               f"{entry.message.compressed_size}")
+
+
 def _id_of(path: Path) -> uuid.UUID:
     """The message id a sealed entry's name says (its key and stream are bound to it)."""
     try:
@@ -540,15 +547,12 @@ def read_segment(path: Path) -> SegmentScan:
             with io.BytesIO(body) as fh:
                 entry = (_open_sealed(path, fh, mid, keep=True)
                          if body.startswith(MAGIC_SEALED) else _open_plain(path, fh, len(body)))
-            if entry.plain is None:
-                entry = replace(entry, plain=body[entry.object_offset:
-                                                  entry.object_offset + entry.object_length])
+            _check_object_length(entry)
             if entry.message.id != mid:
                 raise SpoolFormatError(f"record head says {mid}, its entry {entry.message.id}")
-            if entry.message.compressed_size != entry.object_length:
-                raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
-                                       f"{entry.message.compressed_size}")
-            scan.entries.append(replace(entry, data=body))
+            plain = entry.plain if entry.plain is not None else body[
+                entry.object_offset:entry.object_offset + entry.object_length]
+            scan.entries.append(replace(entry, data=body, plain=plain))
         except SpoolFormatError as exc:
             scan.damaged.append((pos, data[pos:end], str(exc)))
         pos = end
@@ -731,13 +735,15 @@ class Spool:
     def entries(self) -> list[Path]:
         """What the drain can take, oldest first: every complete entry file and
         every journal segment no running milter still appends to."""
+        return sorted([*self.files(), *self.segments(live=False)], key=lambda p: p.name)
+
+    def files(self) -> list[Path]:
+        """Every complete entry file (`<message id>.spool`), in no order."""
         try:
-            names = [e.name for e in os.scandir(self.dir)
-                     if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
+            return [self.dir / e.name for e in os.scandir(self.dir)
+                    if e.name.endswith(SUFFIX) and e.is_file(follow_symlinks=False)]
         except FileNotFoundError:
             return []
-        files = [self.dir / n for n in names]
-        return sorted([*files, *self.segments(live=False)], key=lambda p: p.name)
 
     def open_entry(self, path: Path) -> SpoolEntry:
         """Read and verify PATH; SpoolFormatError if it is not intact.
@@ -751,19 +757,16 @@ class Spool:
             fh.seek(0)
             entry = (_open_sealed(path, fh, _id_of(path)) if head == MAGIC_SEALED
                      else _open_plain(path, fh, os.fstat(fh.fileno()).st_size))
-        if entry.message.compressed_size != entry.object_length:
-            raise SpoolFormatError(f"object is {entry.object_length} bytes, metadata says "
-                                   f"{entry.message.compressed_size}")
+        _check_object_length(entry)
         if path.name != f"{entry.message.id}{SUFFIX}":
             raise SpoolFormatError(f"file name does not match message id {entry.message.id}")
         return entry
 
     def object_stream(self, entry: SpoolEntry) -> BinaryIO:
         """The entry's object bytes as a stream (close it when done)."""
-        if entry.plain is not None:
+        if entry.plain is not None:  # a journal record's, read with its record
             return io.BytesIO(entry.plain)
-        fh: BinaryIO = (io.BytesIO(entry.data) if entry.data is not None
-                        else open(entry.path, "rb"))  # noqa: SIM115 - closed with the stream
+        fh = open(entry.path, "rb")  # noqa: SIM115 - closed with the returned stream
         if entry.key is None:
             return io.BufferedReader(_Slice(fh, entry.object_offset, entry.object_length))
         fh.seek(_SEALED_HEAD)
@@ -975,16 +978,13 @@ def drain(spool: Spool, objects: ObjectStore, record: RecordRows, *, batch_size:
         for i, batch in _batches(paths, batch_size):
             if stop is not None and stop.is_set():
                 break
+            segment = None if batch[0].name.endswith(SUFFIX) else batch[0]
             try:
-                if batch[0].name.endswith(SUFFIX):
-                    recorded = _drain_batch(spool, objects, record, batch, pool, result,
-                                            packing)
-                    removals.append(remover.submit(_remove_drained, spool, recorded))
-                else:  # one journal segment
-                    recorded = _drain_segment(spool, objects, record, batch[0], pool, result,
-                                              packing)
-                    removals.append(remover.submit(_remove_drained, spool, recorded,
-                                                   batch[0]))
+                recorded = (_drain_batch(spool, objects, record, batch, pool, result, packing)
+                            if segment is None else
+                            _drain_segment(spool, objects, record, segment, pool, result,
+                                           packing))
+                removals.append(remover.submit(_remove_drained, spool, recorded, segment))
             except BackendError as exc:
                 result.stopped = exc
                 DRAIN_FAILURES.labels(exc.backend).inc()
@@ -1030,11 +1030,9 @@ def _remove_drained(spool: Spool, recorded: list[SpoolEntry], segment: Path | No
                     ) -> None:
     """Unlink entries (or the journal SEGMENT they were records of) whose object
     and rows are durable; one log line each."""
-    if segment is not None:
-        spool.remove(segment)
+    for path in [segment] if segment is not None else [e.path for e in recorded]:
+        spool.remove(path)
     for e in recorded:
-        if segment is None:
-            spool.remove(e.path)
         log.info("spool drained pk_id=%s queue_id=%s key=%s spooled_at=%s", e.message.id.hex,
                  e.message.queue_id, e.message.object_key, e.spooled_at.isoformat())
     DRAINED.inc(len(recorded))
@@ -1286,8 +1284,7 @@ def waiting_entries(spool: Spool) -> list[SpoolEntry]:
     entry drained meanwhile or that does not open (the drain quarantines it)
     is not."""
     found = []
-    files = [p for p in spool.entries() if p.name.endswith(SUFFIX)]
-    for path in sorted([*files, *spool.segments(live=True)], key=lambda p: p.name):
+    for path in sorted([*spool.files(), *spool.segments(live=True)], key=lambda p: p.name):
         try:
             if path.name.endswith(SUFFIX):
                 found.append(spool.open_entry(path))
